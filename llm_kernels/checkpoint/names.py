@@ -1,0 +1,127 @@
+"""Hugging Face / DeepSeek release weight names of ``DeepseekV4ForCausalLM``.
+
+Canonical names are DeepSeek's release naming, which transformers 5.x reads (through its
+``conversion_mapping``) and which real checkpoints use::
+
+    embed.weight, head.weight, norm.weight, hc_head_fn, hc_head_base, hc_head_scale,
+    layers.{i}.attn.wq_a.weight, layers.{i}.attn.compressor.ape, layers.{i}.ffn.experts.{e}.w1.weight, ...
+
+``transformers``' ``save_pretrained`` writes the same per-layer names under a ``model.``
+prefix and three renamed globals (``model.embed_tokens.weight``, ``model.norm.weight``,
+``model.hc_head.hc_fn``/``hc_base``/``hc_scale``); :func:`canonical_name` maps those back.
+Multi-token-prediction weights (``mtp.*``) are not used by the main model and are ignored.
+
+Shapes follow ``shared/design/deepseek_v4_architecture.md`` §3, §6-§10 (weights stored
+``[out, in]`` as in ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import CSA, SLIDING, DeepSeekV4Config
+
+__all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP32_TENSOR_SUFFIXES"]
+
+# Tensors DeepSeek keeps in FP32 in the release / transformers keeps in fp32 at bf16 load.
+FP32_TENSOR_SUFFIXES = (
+    "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
+    "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias",
+)
+
+_GLOBAL_RENAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "model.hc_head.hc_fn": "hc_head_fn",
+    "model.hc_head.hc_base": "hc_head_base",
+    "model.hc_head.hc_scale": "hc_head_scale",
+    "lm_head.weight": "head.weight",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Expected shape and kind ("float" or "int") of one checkpoint tensor."""
+
+    shape: tuple[int, ...]
+    kind: str = "float"
+
+
+def canonical_name(name: str) -> str:
+    """Map a transformers ``save_pretrained`` name to the release name (identity otherwise)."""
+    if name in _GLOBAL_RENAMES:
+        return _GLOBAL_RENAMES[name]
+    if name.startswith("model.layers."):
+        return name[len("model."):]
+    return name
+
+
+def is_ignored(name: str) -> bool:
+    """True for tensors the main model does not use (MTP block)."""
+    return name.startswith("mtp.") or name.startswith("model.mtp.")
+
+
+def expected_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
+    """Every tensor a ``DeepseekV4ForCausalLM`` checkpoint must hold for ``cfg``, by
+    canonical name, with its shape. Raises nothing; pure function of the config."""
+    D, H, HD, QL = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    G, OL, HC, MIX = cfg.o_groups, cfg.o_lora_rank, cfg.hc_mult, cfg.mix_hc
+    E, K, I, V = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size
+    IH, IHD = cfg.index_n_heads, cfg.index_head_dim
+    t: dict[str, TensorInfo] = {
+        "embed.weight": TensorInfo((V, D)),
+        "head.weight": TensorInfo((V, D)),
+        "norm.weight": TensorInfo((D,)),
+        "hc_head_fn": TensorInfo((HC, HC * D)),
+        "hc_head_base": TensorInfo((HC,)),
+        "hc_head_scale": TensorInfo((1,)),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        t[p + "attn_norm.weight"] = TensorInfo((D,))
+        t[p + "ffn_norm.weight"] = TensorInfo((D,))
+        for sub in ("attn", "ffn"):
+            t[p + f"hc_{sub}_fn"] = TensorInfo((MIX, HC * D))
+            t[p + f"hc_{sub}_base"] = TensorInfo((MIX,))
+            t[p + f"hc_{sub}_scale"] = TensorInfo((3,))
+        a = p + "attn."
+        t[a + "wq_a.weight"] = TensorInfo((QL, D))
+        t[a + "q_norm.weight"] = TensorInfo((QL,))
+        t[a + "wq_b.weight"] = TensorInfo((H * HD, QL))
+        t[a + "wkv.weight"] = TensorInfo((HD, D))
+        t[a + "norm.weight"] = TensorInfo((HD,))
+        t[a + "wo_a.weight"] = TensorInfo((G * OL, H * HD // G))
+        t[a + "wo_b.weight"] = TensorInfo((D, G * OL))
+        t[a + "attn_sink"] = TensorInfo((H,))
+        lt = cfg.layer_types[i]
+        if lt != SLIDING:
+            ratio = cfg.compress_ratio(i)
+            coff = 2 if lt == CSA else 1
+            c = a + "compressor."
+            t[c + "wkv.weight"] = TensorInfo((coff * HD, D))
+            t[c + "wgate.weight"] = TensorInfo((coff * HD, D))
+            t[c + "ape"] = TensorInfo((ratio, coff * HD))
+            t[c + "norm.weight"] = TensorInfo((HD,))
+        if lt == CSA:
+            ratio = cfg.compress_ratio(i)
+            x = a + "indexer."
+            t[x + "wq_b.weight"] = TensorInfo((IH * IHD, QL))
+            t[x + "weights_proj.weight"] = TensorInfo((IH, D))
+            t[x + "compressor.wkv.weight"] = TensorInfo((2 * IHD, D))
+            t[x + "compressor.wgate.weight"] = TensorInfo((2 * IHD, D))
+            t[x + "compressor.ape"] = TensorInfo((ratio, 2 * IHD))
+            t[x + "compressor.norm.weight"] = TensorInfo((IHD,))
+        f = p + "ffn."
+        t[f + "gate.weight"] = TensorInfo((E, D))
+        if cfg.is_hash_layer(i):
+            t[f + "gate.tid2eid"] = TensorInfo((V, K), kind="int")
+        else:
+            t[f + "gate.bias"] = TensorInfo((E,))
+        for e in range(E):
+            t[f + f"experts.{e}.w1.weight"] = TensorInfo((I, D))
+            t[f + f"experts.{e}.w3.weight"] = TensorInfo((I, D))
+            t[f + f"experts.{e}.w2.weight"] = TensorInfo((D, I))
+        t[f + "shared_experts.w1.weight"] = TensorInfo((I, D))
+        t[f + "shared_experts.w3.weight"] = TensorInfo((I, D))
+        t[f + "shared_experts.w2.weight"] = TensorInfo((D, I))
+    return t

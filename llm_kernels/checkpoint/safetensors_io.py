@@ -1,0 +1,630 @@
+"""Reading and writing DeepSeek-V4 checkpoints (Hugging Face directory layout, safetensors only).
+
+A checkpoint directory holds ``config.json`` plus either ``model.safetensors`` or sharded
+``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``. Tensor names
+are DeepSeek's release names (see :mod:`llm_kernels.checkpoint.names`); the ``model.``-prefixed
+names written by ``transformers``' ``save_pretrained`` are accepted too and mapped to the
+release names. Pickle checkpoints (``*.bin``, ``*.pt``) are refused: they can run code.
+
+:func:`load_checkpoint` validates every tensor against :func:`~.names.expected_tensors` before
+returning (presence, extras, shapes, dtype kinds, hash-routing table, NaN/Inf) and raises
+:class:`CheckpointError` naming the tensor. :func:`write_random_checkpoint` writes a seeded,
+deterministic random checkpoint whose activations stay O(1) through the whole model.
+
+See ``docs/checkpoints.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from ..config import DeepSeekV4Config
+from .names import FP32_TENSOR_SUFFIXES, TensorInfo, canonical_name, expected_tensors, is_ignored
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "write_random_checkpoint",
+    "checkpoint_nbytes",
+    "DEFAULT_MAX_BYTES",
+    "SINGLE_FILE_NAME",
+    "INDEX_FILE_NAME",
+    "shard_file_name",
+    "is_fp32_tensor",
+]
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_BYTES = 8 * 2**30
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# safetensors dtype strings -> (torch dtype, kind)
+_ST_DTYPES: dict[str, tuple[torch.dtype | None, str]] = {
+    "F16": (torch.float16, "float"),
+    "BF16": (torch.bfloat16, "float"),
+    "F32": (torch.float32, "float"),
+    "F64": (torch.float64, "float64"),
+    "I8": (torch.int8, "int"),
+    "I16": (torch.int16, "int"),
+    "I32": (torch.int32, "int"),
+    "I64": (torch.int64, "int"),
+    "U8": (torch.uint8, "int"),
+    "U16": (None, "int"),
+    "U32": (None, "int"),
+    "U64": (None, "int"),
+    "BOOL": (torch.bool, "bool"),
+}
+_FLOAT_OK = ("F16", "BF16", "F32")
+_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FINITE_CHUNK = 1 << 24  # elements per NaN/Inf check chunk
+_MAX_LISTED = 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, malformed or fails validation.
+
+    The message names the tensor (canonical name, plus the name stored in the file when it
+    differs, and the file) and the expected vs actual value.
+    """
+
+
+# ====================================================================== helpers
+def is_fp32_tensor(name: str) -> bool:
+    """True when canonical ``name`` is one of the tensors always kept in float32
+    (a :data:`~.names.FP32_TENSOR_SUFFIXES` suffix at a name-component boundary)."""
+    return any(name == s or name.endswith("." + s) for s in FP32_TENSOR_SUFFIXES)
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """``model-0000{index}-of-0000{count}.safetensors`` (1-based ``index``)."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _listing(names: Iterable[str], limit: int = _MAX_LISTED) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
+    return shown
+
+
+class _Source:
+    """Where one canonical tensor lives: file path and the name stored in that file."""
+
+    __slots__ = ("file", "stored")
+
+    def __init__(self, file: Path, stored: str) -> None:
+        self.file = file
+        self.stored = stored
+
+
+def _label(canon: str, src: _Source | None = None) -> str:
+    """``'layers.0.attn.wq_a.weight'`` or ``'layers.0.attn.wq_a.weight' (stored as 'model.…' in x.safetensors)``."""
+    if src is None:
+        return repr(canon)
+    stored = f"stored as {src.stored!r} in " if src.stored != canon else "in "
+    return f"{canon!r} ({stored}{src.file.name})"
+
+
+# ====================================================================== discovery
+def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files to read and, for a sharded checkpoint, the index's weight_map
+    (stored name -> file name). Raises CheckpointError for pickle-only / empty / broken layouts."""
+    index_path = root / INDEX_FILE_NAME
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path} is not valid JSON: {e}") from e
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise CheckpointError(f"{index_path} has no 'weight_map' (expected "
+                                  "{\"weight_map\": {tensor name: shard file}})")
+        by_file: dict[str, list[str]] = {}
+        for name, fname in wmap.items():
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(f"{index_path}: tensor {name!r} maps to {fname!r}; expected a "
+                                      "file name in the checkpoint directory")
+            by_file.setdefault(fname, []).append(name)
+        missing = [f for f in sorted(by_file) if not (root / f).is_file()]
+        if missing:
+            f = missing[0]
+            raise CheckpointError(
+                f"shard {f!r} listed in {INDEX_FILE_NAME} is missing from {root} "
+                f"(it holds {len(by_file[f])} tensors, e.g. {_listing(by_file[f], 3)}); "
+                f"missing shards: {_listing(missing)}")
+        return [root / f for f in sorted(by_file)], dict(wmap)
+    single = root / SINGLE_FILE_NAME
+    if single.is_file():
+        return [single], None
+    st_files = sorted(p.name for p in root.glob("*.safetensors"))
+    if st_files:
+        raise CheckpointError(f"{root} has safetensors files ({_listing(st_files, 5)}) but neither "
+                              f"{SINGLE_FILE_NAME} nor {INDEX_FILE_NAME}")
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{root} holds only pickle checkpoint files ({_listing(pickles, 5)}); "
+                              "pickle checkpoints are refused (they can execute code). Convert them to "
+                              "safetensors first.")
+    raise CheckpointError(f"no {SINGLE_FILE_NAME} or {INDEX_FILE_NAME} in {root}")
+
+
+def _diagnose(file: Path) -> str:
+    """Best-effort explanation of an unreadable safetensors file: header problems, or the
+    tensors whose data lies past the end of a truncated file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return f" (file is {size} bytes: truncated inside the 8-byte header length)"
+            (hlen,) = struct.unpack("<Q", raw)
+            if 8 + hlen > size:
+                return (f" (header declares {hlen} bytes but the file has {size}: truncated or "
+                        "not a safetensors file)")
+            header = json.loads(fh.read(hlen))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return " (corrupt header)"
+    if not isinstance(header, dict):
+        return " (corrupt header)"
+    avail = size - 8 - hlen
+    need = 0
+    cut: list[str] = []
+    for k, v in header.items():
+        if k == "__metadata__" or not isinstance(v, dict):
+            continue
+        try:
+            end = int(v["data_offsets"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return f" (corrupt header entry for tensor {k!r})"
+        need = max(need, end)
+        if end > avail:
+            c = canonical_name(k)
+            cut.append(repr(k) if c == k else f"{c!r} (stored as {k!r})")
+    if cut:
+        return (f" (file truncated: data section is {avail} bytes, header needs {need}; tensors cut "
+                f"off: {_listing(cut)})")
+    return " (truncated or corrupt?)"
+
+
+def _check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...], what: str) -> None:
+    if dtype is not None and dtype not in allowed:
+        raise ValueError(f"{what} must be one of {[str(d) for d in allowed]}, got {dtype!r}")
+
+
+# ====================================================================== loading
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+    progress: bool = True,
+) -> tuple[DeepSeekV4Config, dict[str, torch.Tensor]]:
+    """Load and validate a DeepSeek-V4 checkpoint directory.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` or sharded
+            ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` (the index's
+            ``weight_map`` decides which shard each tensor is read from).
+        dtype: ``None`` returns tensors as stored. ``torch.float32`` / ``torch.bfloat16`` cast
+            every float tensor to it, except the :data:`~.names.FP32_TENSOR_SUFFIXES` tensors
+            (hc mixing params, ``attn_sink``, compressor ``ape``, ``gate.bias``), which are
+            always returned float32. ``gate.tid2eid`` is returned int64 whenever ``dtype`` is set.
+        check_finite: scan every float tensor for NaN/Inf (chunked).
+        progress: show a tqdm bar (bytes read); tqdm hides it when stderr is not a terminal.
+
+    Returns:
+        ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
+        the names of :func:`~.names.expected_tensors` (same order), with its shapes: weights
+        ``[out, in]``, norms ``[dim]``, ``tid2eid`` ``[vocab_size, num_experts_per_tok]``.
+        ``model.``-prefixed transformers names are mapped with :func:`~.names.canonical_name`;
+        ``mtp.*`` tensors are skipped.
+
+    Raises:
+        ConfigError: ``config.json`` missing or invalid.
+        CheckpointError: pickle-only directory; missing index shard; unreadable / truncated
+            safetensors file (names the file and, when reading a tensor fails, the tensor);
+            two stored names mapping to one canonical name; missing tensors (all listed, up to
+            20 names plus a count); unexpected extra tensors; wrong shape; float tensor not
+            float16/bfloat16/float32; non-integer ``tid2eid``; ``tid2eid`` entry outside
+            ``[0, n_routed_experts)`` or a row with a repeated expert (first bad row named);
+            NaN/Inf values (tensor and counts named).
+        ValueError: ``dtype`` not None / float32 / bfloat16.
+    """
+    _check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint path {root} is not a directory")
+    files, wmap = _weight_files(root)
+    cfg = DeepSeekV4Config.from_json(root)
+    expected = expected_tensors(cfg)
+
+    # ---- 1. Read headers: names, shapes, dtypes (no tensor data yet).
+    sources: dict[str, _Source] = {}
+    meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+    problems: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+                headers = {}
+                for k in keys:
+                    sl = f.get_slice(k)
+                    headers[k] = (sl.get_dtype(), tuple(int(s) for s in sl.get_shape()))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file)}") from e
+        for k in keys:
+            if is_ignored(k):
+                continue
+            if wmap is not None and wmap.get(k) != file.name:
+                if k in wmap:
+                    continue  # a copy in another shard; the index decides where it is read from
+                raise CheckpointError(f"tensor {k!r} ({canonical_name(k)!r}) found in {file.name} but "
+                                      f"it is not listed in {INDEX_FILE_NAME}")
+            canon = canonical_name(k)
+            if canon in sources:
+                prev = sources[canon]
+                raise CheckpointError(
+                    f"duplicate tensor {canon!r}: stored as {prev.stored!r} in {prev.file.name} and as "
+                    f"{k!r} in {file.name}")
+            sources[canon] = _Source(file, k)
+            meta[canon] = headers[k]
+    if wmap is not None:
+        absent = [k for k, fname in wmap.items()
+                  if not is_ignored(k) and canonical_name(k) not in sources]
+        if absent:
+            k = absent[0]
+            raise CheckpointError(f"tensor {k!r} is listed in {INDEX_FILE_NAME} under {wmap[k]!r} but "
+                                  f"that file does not contain it ({len(absent)} such tensors: "
+                                  f"{_listing(absent)})")
+
+    # ---- 2. Presence / extras.
+    missing = [n for n in expected if n not in sources]
+    if missing:
+        raise CheckpointError(f"checkpoint {root} is missing {len(missing)} of {len(expected)} expected "
+                              f"tensors for {cfg.summary()}: {_listing(missing)}")
+    extra = [n for n in sources if n not in expected]
+    if extra:
+        labels = [_label(n, sources[n]) for n in extra]
+        raise CheckpointError(f"checkpoint {root} has {len(extra)} unexpected tensors (not used by "
+                              f"{cfg.summary()}): {_listing(labels)}")
+
+    # ---- 3. Shapes and dtype kinds (from headers).
+    for name, info in expected.items():
+        st_dtype, shape = meta[name]
+        lab = _label(name, sources[name])
+        if shape != info.shape:
+            problems.append(f"tensor {lab}: expected shape {list(info.shape)}, got {list(shape)}")
+        kind = _ST_DTYPES.get(st_dtype, (None, "unknown"))[1]
+        if info.kind == "int":
+            if kind != "int":
+                problems.append(f"tensor {lab}: expected an integer dtype, got {st_dtype}")
+            elif _ST_DTYPES[st_dtype][0] is None:
+                problems.append(f"tensor {lab}: integer dtype {st_dtype} is not supported by torch "
+                                "here; expected I32 or I64")
+        elif st_dtype not in _FLOAT_OK:
+            hint = " (FP8/quantized checkpoints must be dequantized first)" if st_dtype.startswith("F8") else ""
+            problems.append(f"tensor {lab}: expected dtype F16, BF16 or F32, got {st_dtype}{hint}")
+    if problems:
+        raise CheckpointError(f"checkpoint {root}: {len(problems)} tensor(s) fail validation:\n  "
+                              + "\n  ".join(problems[:_MAX_LISTED])
+                              + (f"\n  ... ({len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""))
+
+    # ---- 4. Read data, check values, cast.
+    total = sum(math.prod(meta[n][1]) * _itemsize(meta[n][0]) for n in expected)
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(sources[name].file, []).append(name)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"Loading {root.name}", disable=None if progress else True) as bar:
+        for file, names in by_file.items():
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file)}") from e
+            with handle as f:
+                for name in names:
+                    src = sources[name]
+                    try:
+                        t = f.get_tensor(src.stored)
+                    except Exception as e:  # truncated body, I/O error, ...
+                        raise CheckpointError(f"cannot read tensor {_label(name, src)} from {file}: {e} "
+                                              "(truncated or corrupt file?)") from e
+                    info = expected[name]
+                    if info.kind == "int":
+                        _check_tid2eid(name, src, t, cfg)
+                        if dtype is not None:
+                            t = t.to(torch.int64)
+                    else:
+                        if check_finite:
+                            _check_finite(name, src, t)
+                        if dtype is not None:
+                            want = torch.float32 if is_fp32_tensor(name) else dtype
+                            if t.dtype != want:
+                                t = t.to(want)
+                    out[name] = t
+                    bar.update(t.numel() * _itemsize(meta[name][0]))
+    return cfg, out
+
+
+_ST_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,
+                "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
+
+
+def _itemsize(st_dtype: str) -> int:
+    return _ST_ITEMSIZE.get(st_dtype, 1)
+
+
+def _check_finite(name: str, src: _Source, t: torch.Tensor) -> None:
+    """Raise CheckpointError if ``t`` holds NaN/Inf (checked in chunks of 16M elements)."""
+    flat = t.reshape(-1)
+    n_nan = n_inf = 0
+    first = -1
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if bool(torch.isfinite(chunk).all()):
+            continue
+        nan = torch.isnan(chunk)
+        n_nan += int(nan.sum())
+        n_inf += int(torch.isinf(chunk).sum())
+        if first < 0:
+            first = start + int((~torch.isfinite(chunk)).nonzero()[0, 0])
+    if n_nan or n_inf:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(t.shape))) if t.dim() else ()
+        raise CheckpointError(f"tensor {_label(name, src)}: expected finite values, found {n_nan} NaN and "
+                              f"{n_inf} Inf of {t.numel()} (first at index {list(idx)})")
+
+
+def _check_tid2eid(name: str, src: _Source, t: torch.Tensor, cfg: DeepSeekV4Config) -> None:
+    """Every entry in [0, n_routed_experts) and every row K distinct experts."""
+    E = cfg.n_routed_experts
+    ti = t.to(torch.int64)
+    bad = ((ti < 0) | (ti >= E)).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        vals = ti[row].tolist()
+        offending = [v for v in vals if not 0 <= v < E]
+        raise CheckpointError(
+            f"tensor {_label(name, src)}: expected expert ids in [0, {E}), got {offending[0]} in row {row} "
+            f"(token id {row}: {vals}); {int(bad.sum())} bad rows")
+    if ti.shape[1] > 1:
+        s = ti.sort(dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            row = int(dup.nonzero()[0, 0])
+            raise CheckpointError(
+                f"tensor {_label(name, src)}: expected {ti.shape[1]} distinct experts per row, row {row} "
+                f"(token id {row}) repeats an expert: {ti[row].tolist()}; {int(dup.sum())} bad rows")
+
+
+# ====================================================================== writing
+def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    if info.kind == "int":
+        return torch.int64
+    return torch.float32 if is_fp32_tensor(name) else dtype
+
+
+def checkpoint_nbytes(cfg: DeepSeekV4Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of tensor data :func:`write_random_checkpoint` writes for ``cfg`` with storage
+    ``dtype`` (FP32-suffix tensors count 4 bytes/element, ``tid2eid`` 8). The safetensors
+    headers and ``config.json`` add a few KiB on top. Pure function of the config."""
+    total = 0
+    for name, info in expected_tensors(cfg).items():
+        total += math.prod(info.shape) * _storage_dtype(name, info, dtype).itemsize
+    return total
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """Stable 63-bit per-tensor seed from (seed, canonical name)."""
+    h = hashlib.blake2b(f"{int(seed)}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _random_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, seed: int,
+                   weight_scale: float) -> torch.Tensor:
+    """The float32 (int64 for tid2eid) random init of one tensor; see docs/checkpoints.md."""
+    g = torch.Generator().manual_seed(_seed_for(seed, name))
+    shape = info.shape
+    D, HC = cfg.hidden_size, cfg.hc_mult
+    leaf = name.rsplit(".", 1)[-1]
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        t.mul_(std)
+        if mean:
+            t.add_(mean)
+        return t
+
+    if info.kind == "int":  # gate.tid2eid: K distinct experts per token, uniform
+        K = shape[1]
+        r = torch.rand((shape[0], cfg.n_routed_experts), generator=g)
+        return r.argsort(dim=1)[:, :K].contiguous().to(torch.int64)
+    if name == "embed.weight":
+        return normal(1.0)
+    if name == "head.weight":
+        return normal(1.0 / math.sqrt(D))
+    if re.search(r"(^|\.)hc_(attn|ffn|head)_fn$", name):
+        return normal(1.0 / math.sqrt(HC * D))
+    if re.search(r"hc_(attn|ffn|head)_base$", name):
+        return normal(0.5)
+    if re.search(r"hc_(attn|ffn|head)_scale$", name):
+        return torch.rand(shape, generator=g, dtype=torch.float32).add_(0.5)
+    if leaf == "attn_sink":
+        return normal(1.0)
+    if leaf == "ape":
+        return normal(0.5)
+    if name.endswith("gate.bias"):
+        return normal(0.1)
+    if name.endswith("ffn.gate.weight"):
+        return normal(1.0 / math.sqrt(D))
+    if name.endswith("norm.weight"):
+        return normal(0.1, mean=1.0)
+    if name.endswith(".weight") and len(shape) == 2:  # nn.Linear [out, in]
+        return normal(weight_scale / math.sqrt(shape[1]))
+    raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
+
+
+def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """safetensors header bytes (8-byte length + JSON padded to 8 bytes) and data size."""
+    hdr: dict[str, object] = {"__metadata__": metadata}
+    off = 0
+    for name, dt, shape in entries:
+        n = math.prod(shape) * dt.itemsize
+        hdr[name] = {"dtype": _TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    js = json.dumps(hdr, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js, off
+
+
+def _write_tensor_bytes(fh, t: torch.Tensor) -> None:
+    t = t.contiguous()
+    if t.numel():
+        fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+def write_random_checkpoint(
+    cfg: DeepSeekV4Config,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    weight_scale: float = 1.0,
+    shard_size_bytes: int | None = None,
+    progress: bool = True,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Path:
+    """Write a random, deterministic DeepSeek-V4 checkpoint that :func:`load_checkpoint` and
+    ``transformers.DeepseekV4ForCausalLM.from_pretrained`` both read.
+
+    Writes ``out_dir/config.json`` (``cfg.to_hf_dict()`` plus ``"dtype"``) and the tensors of
+    :func:`~.names.expected_tensors` under their canonical (release) names, metadata
+    ``{"format": "pt"}``. Storage dtypes: ``dtype`` for matrices and norm weights, float32 for
+    :data:`~.names.FP32_TENSOR_SUFFIXES` tensors, int64 for ``tid2eid``. Values come from a
+    per-tensor ``torch.Generator`` seeded from ``(seed, name)``, so a tensor's values do not
+    depend on the other tensors of the config (adding experts or layers leaves the rest
+    unchanged) and files are byte-identical across runs. Init scales (activations O(1)):
+    Linear ``[out, in]`` ~ N(0, weight_scale/sqrt(in)); RMSNorm weights ~ 1 + N(0, 0.1);
+    ``embed`` ~ N(0, 1); ``head`` and ``ffn.gate.weight`` ~ N(0, 1/sqrt(D)); ``hc_*_fn`` ~
+    N(0, 1/sqrt(hc_mult*D)); ``hc_*_base`` ~ N(0, 0.5); ``hc_*_scale`` ~ U(0.5, 1.5);
+    ``attn_sink`` ~ N(0, 1); compressor ``ape`` ~ N(0, 0.5); ``gate.bias`` ~ N(0, 0.1);
+    ``tid2eid`` rows are K distinct expert ids drawn uniformly.
+
+    Args:
+        shard_size_bytes: None writes one ``model.safetensors``. Otherwise tensors (in
+            :func:`expected_tensors` order) are packed greedily into shards of at most this many
+            data bytes (a larger tensor gets a shard of its own) named
+            ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``; if
+            everything fits in one shard, a single ``model.safetensors`` is written (as
+            transformers does).
+        max_bytes: refuse (ValueError, nothing written) when :func:`checkpoint_nbytes` exceeds
+            it; None disables the limit. Also refused when the disk lacks the space.
+        progress: tqdm bar over tensors.
+
+    Files are written to a temporary name and renamed. Weight files of an earlier checkpoint
+    in ``out_dir`` (``model.safetensors``, ``model-*-of-*.safetensors``, the index) that the
+    new checkpoint does not use are removed, so the directory always holds one checkpoint.
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Raises:
+        ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes``, or the
+            checkpoint would exceed ``max_bytes`` / the free disk space.
+    """
+    _check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
+    if shard_size_bytes is not None and shard_size_bytes <= 0:
+        raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+    out = Path(out_dir)
+    expected = expected_tensors(cfg)
+    nbytes = checkpoint_nbytes(cfg, dtype)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ValueError(
+            f"refusing to write a {_fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
+            f"(max_bytes = {_fmt_bytes(max_bytes)}); use fewer layers / experts, e.g. "
+            "preset('flash', num_hidden_layers=1, n_routed_experts=4), or raise max_bytes")
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if nbytes + (1 << 20) > free:
+        raise ValueError(f"refusing to write a {_fmt_bytes(nbytes)} checkpoint to {out}: only "
+                         f"{_fmt_bytes(free)} free on that disk")
+
+    # Plan shards.
+    entries = [(n, _storage_dtype(n, info, dtype), info.shape) for n, info in expected.items()]
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for e in entries:
+        n = math.prod(e[2]) * e[1].itemsize
+        if shard_size_bytes is not None and shards[-1] and size + n > shard_size_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    names = [SINGLE_FILE_NAME] if len(shards) == 1 else [shard_file_name(i + 1, len(shards))
+                                                         for i in range(len(shards))]
+
+    tmp_paths: list[Path] = []
+    try:
+        with tqdm(total=len(entries), unit="tensor", desc=f"Writing {out.name}",
+                  disable=None if progress else True) as bar:
+            for fname, shard in zip(names, shards):
+                header, _ = _st_header(shard, {"format": "pt"})
+                tmp = out / f".{fname}.tmp-{os.getpid()}"
+                tmp_paths.append(tmp)
+                with open(tmp, "wb") as fh:
+                    fh.write(header)
+                    for name, dt, shape in shard:
+                        t = _random_tensor(name, expected[name], cfg, seed, weight_scale).to(dt)
+                        assert tuple(t.shape) == tuple(shape)
+                        _write_tensor_bytes(fh, t)
+                        del t
+                        bar.update(1)
+        for fname, tmp in zip(names, tmp_paths):
+            os.replace(tmp, out / fname)
+        tmp_paths = []
+        written = set(names)
+        if len(shards) > 1:
+            wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+            _atomic_write_text(out / INDEX_FILE_NAME,
+                               json.dumps({"metadata": {"total_size": nbytes}, "weight_map": wmap}, indent=2))
+            written.add(INDEX_FILE_NAME)
+        for p in out.iterdir():  # stale weights of an earlier checkpoint
+            if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or _SHARD_RE.match(p.name)):
+                p.unlink()
+        hf = cfg.to_hf_dict()
+        hf["dtype"] = _DTYPE_NAMES[dtype]
+        _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")
+    finally:
+        for tmp in tmp_paths:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,65 @@
+"""Sparse attention over a gathered KV set, with attention sinks, inverse RoPE on the
+output and the grouped low-rank output projection (``sparse_attn``).
+
+One shared 512-d KV row per attended entry serves as key and value (MQA, K = V). Each
+query token attends to its own list of rows of a KV pool (sliding-window rows plus
+compressed entries), so SWA, CSA and HCA layers differ only in the lists they pass.
+
+Spec: ``shared/design/deepseek_v4_architecture.md`` §9.1-§9.3 (paper §2.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import apply_rope, matmul, rnd
+
+__all__ = ["sparse_attn", "grouped_output_proj"]
+
+
+def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, *, o_groups: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Grouped low-rank output projection (spec §9.3).
+
+    o [T, H, HD] -> groups of H/G consecutive heads [T, G, (H/G)·HD]; group g is projected
+    by rows ``g·OL:(g+1)·OL`` of wo_a [G·OL, (H/G)·HD] to [T, G, OL]; the concatenation
+    [T, G·OL] is projected by wo_b [D, G·OL] to [T, D]. Rounded to ``dtype`` after each
+    projection."""
+    T = o.shape[0]
+    og = o.float().reshape(T, o_groups, -1)
+    wa = wo_a.float().view(o_groups, -1, og.shape[-1])
+    r = matmul(og.transpose(0, 1), wa.transpose(1, 2), dtype).transpose(0, 1)   # [T, G, OL]
+    return matmul(r.reshape(T, -1), wo_b.float().T, dtype)
+
+
+def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, *,
+                o_groups: int, softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Attention of each query over its own rows of a KV pool, then output projection.
+
+    Args:
+        q: [T, H, HD] roped queries.
+        kv_pool: [N, HD] KV rows (raw window rows and compressed entries).
+        indices: [T, W] int rows of ``kv_pool`` each query attends, -1 = padding.
+        attn_sink: [H] float32 per-head sink logit (joins the softmax denominator, no value).
+        cos, sin: [T, RD/2] at the query positions (layer profile), for the inverse RoPE.
+        wo_a: [G·OL, (H/G)·HD]; wo_b: [D, G·OL].
+    Returns:
+        [T, D] attention output, float32 holding ``dtype``-rounded values.
+    Math: ``s_j = q·kv_j · scale``; ``o = Σ_j softmax([s, sink])_j · kv_j``; the output's
+    rope lanes are rotated by -pos; a query with no valid row outputs 0.
+    """
+    T, H, _ = q.shape
+    valid = indices >= 0
+    rows = kv_pool.float()[indices.clamp(min=0)]                           # [T, W, HD]
+    s = matmul(q.float(), rows.transpose(1, 2), dtype)                     # [T, H, W]
+    s = rnd(s * softmax_scale, dtype)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    sink = attn_sink.float().view(1, H, 1).expand(T, H, 1)
+    logits = torch.cat([s, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    p = torch.softmax(logits, dim=-1)[..., :-1]
+    p = rnd(p, dtype)
+    o = matmul(p, rows, dtype)                                             # [T, H, HD]
+    o = apply_rope(o, cos[:, None, :], sin[:, None, :], dtype, inverse=True)
+    return grouped_output_proj(o, wo_a, wo_b, o_groups=o_groups, dtype=dtype)

@@ -408,7 +408,7 @@ def _check_tid2eid(name: str, src: _Source, t: torch.Tensor, cfg: DeepSeekV4Conf
         offending = [v for v in vals if not 0 <= v < E]
         raise CheckpointError(
             f"tensor {_label(name, src)}: expected expert ids in [0, {E}), got {offending[0]} in row {row} "
-            f"(token id {row}: {vals}); {int(bad.sum())} bad rows")
+            f"(token id {row}: {vals}); {int(bad.sum())} bad row(s) in total")
     if ti.shape[1] > 1:
         s = ti.sort(dim=1).values
         dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
@@ -416,7 +416,7 @@ def _check_tid2eid(name: str, src: _Source, t: torch.Tensor, cfg: DeepSeekV4Conf
             row = int(dup.nonzero()[0, 0])
             raise CheckpointError(
                 f"tensor {_label(name, src)}: expected {ti.shape[1]} distinct experts per row, row {row} "
-                f"(token id {row}) repeats an expert: {ti[row].tolist()}; {int(dup.sum())} bad rows")
+                f"(token id {row}) repeats an expert: {ti[row].tolist()}; {int(dup.sum())} bad row(s) in total")
 
 
 # ====================================================================== writing

@@ -50,16 +50,23 @@ def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, a
     rope lanes are rotated by -pos; a query with no valid row outputs 0.
     """
     T, H, _ = q.shape
-    valid = indices >= 0
-    rows = kv_pool.float()[indices.clamp(min=0)]                           # [T, W, HD]
-    s = matmul(q.float(), rows.transpose(1, 2), dtype)                     # [T, H, W]
+    N = kv_pool.shape[0]
+    if indices.numel() and int(indices.max()) >= N:
+        raise IndexError(f"indices reference row {int(indices.max())} but kv_pool has {N} rows")
+    # Dense-over-pool form: a [T, N] mask from the index lists, then [H, T, HD] @ [HD, N].
+    # Same math as gathering the rows; this GEMM layout is the one bf16 inference
+    # (transformers' eager attention) runs, which keeps the bf16 path bit-comparable.
+    allowed = torch.zeros(T, N + 1, dtype=torch.bool)
+    allowed.scatter_(1, torch.where(indices >= 0, indices, torch.full_like(indices, N)).long(), True)
+    allowed = allowed[:, :N]
+    pool = kv_pool.float()
+    s = matmul(q.float().transpose(0, 1), pool.T, dtype)                   # [H, T, N]
     s = rnd(s * softmax_scale, dtype)
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    sink = attn_sink.float().view(1, H, 1).expand(T, H, 1)
+    s = s.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+    sink = attn_sink.float().view(H, 1, 1).expand(H, T, 1)
     logits = torch.cat([s, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
-    p = torch.softmax(logits, dim=-1)[..., :-1]
-    p = rnd(p, dtype)
-    o = matmul(p, rows, dtype)                                             # [T, H, HD]
+    p = rnd(torch.softmax(logits, dim=-1)[..., :-1], dtype)
+    o = matmul(p, pool, dtype).transpose(0, 1)                             # [T, H, HD]
     o = apply_rope(o, cos[:, None, :], sin[:, None, :], dtype, inverse=True)
     return grouped_output_proj(o, wo_a, wo_b, o_groups=o_groups, dtype=dtype)

@@ -23,10 +23,13 @@ from ..config import CSA, SLIDING, DeepSeekV4Config
 
 __all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP32_TENSOR_SUFFIXES"]
 
-# Tensors DeepSeek keeps in FP32 in the release / transformers keeps in fp32 at bf16 load.
+# Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,
+# sinks, compressor ape, router bias) and every RMSNorm weight, which transformers keeps in
+# fp32 at bf16 load (``_keep_in_fp32_modules_strict``) and multiplies in fp32.
 FP32_TENSOR_SUFFIXES = (
     "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
     "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias",
+    "norm.weight", "attn_norm.weight", "ffn_norm.weight", "q_norm.weight",
 )
 
 _GLOBAL_RENAMES = {

@@ -1,0 +1,149 @@
+"""Explicit per-sequence, per-layer decode state of DeepSeek-V4.
+
+* ``WindowKV``: the last ``sliding_window - 1`` raw KV rows (all layers). Older rows are
+  never read again (the window of a query at p is p-W+1 … p, and p's own row is new).
+* ``CompressorState``: the partial window of per-token ``(kv, score)`` rows not yet
+  compressed, the front halves of the last complete window (ratio-4 overlap), and the
+  compressed entries emitted so far (capacity ``max_seq_len // ratio``). Used for the
+  main CSA/HCA compressor and for the indexer's compressor (whose entries are the
+  indexer keys).
+
+Nothing is silently dropped: appending past a capacity raises :class:`CacheOverflowError`.
+Spec: ``shared/design/deepseek_v4_architecture.md`` §7.2-§7.3, §11.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import CSA, SLIDING, DeepSeekV4Config
+
+__all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache"]
+
+
+class CacheOverflowError(RuntimeError):
+    """A sequence would grow past the capacity its cache was created with."""
+
+
+@dataclass
+class WindowKV:
+    """Rolling raw-KV rows [n <= size, HD] (float32 holding storage-dtype values) of the
+    positions ``end - n … end - 1``."""
+
+    size: int
+    head_dim: int
+    rows: torch.Tensor = None  # type: ignore[assignment]
+    end: int = 0  # number of positions seen
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = torch.zeros(0, self.head_dim)
+
+    @property
+    def start(self) -> int:
+        """Position of ``rows[0]``."""
+        return self.end - self.rows.shape[0]
+
+    def append(self, kv: torch.Tensor) -> None:
+        """Add rows [n, HD] for positions ``end … end+n-1``, keep the newest ``size``."""
+        if kv.shape[-1] != self.head_dim:
+            raise ValueError(f"window KV rows must have {self.head_dim} lanes, got {tuple(kv.shape)}")
+        full = torch.cat([self.rows, kv.float()], dim=0)
+        self.rows = full[max(0, full.shape[0] - self.size):].clone()
+        self.end += kv.shape[0]
+
+
+@dataclass
+class CompressorState:
+    """State of one compressor (ratio ``ratio``, entry width ``head_dim``, overlap iff CSA).
+
+    ``buf_kv``/``buf_score`` [n < ratio, coff·d] hold the rows of the open window;
+    ``prev_kv``/``prev_score`` [ratio, d] the front halves of the last closed window
+    (overlap only); ``entries`` [capacity, d] the compressed entries, ``n_entries`` used.
+    """
+
+    ratio: int
+    head_dim: int
+    overlap: bool
+    capacity: int
+    buf_kv: torch.Tensor = None  # type: ignore[assignment]
+    buf_score: torch.Tensor = None  # type: ignore[assignment]
+    prev_kv: torch.Tensor | None = None
+    prev_score: torch.Tensor | None = None
+    entries: torch.Tensor = None  # type: ignore[assignment]
+    n_entries: int = 0
+
+    def __post_init__(self) -> None:
+        w = (2 if self.overlap else 1) * self.head_dim
+        if self.buf_kv is None:
+            self.buf_kv = torch.zeros(0, w)
+            self.buf_score = torch.zeros(0, w)
+        if self.entries is None:
+            self.entries = torch.zeros(self.capacity, self.head_dim)
+
+    @property
+    def next_window_start(self) -> int:
+        """Absolute position of the first token of the open window."""
+        return self.n_entries * self.ratio
+
+    def valid_entries(self) -> torch.Tensor:
+        """[n_entries, d] view of the emitted entries."""
+        return self.entries[: self.n_entries]
+
+    def push_entries(self, new: torch.Tensor) -> None:
+        """Append compressed entries [m, d]; raises CacheOverflowError past capacity."""
+        m = new.shape[0]
+        if self.n_entries + m > self.capacity:
+            raise CacheOverflowError(
+                f"compressor (ratio {self.ratio}) would hold {self.n_entries + m} entries, capacity "
+                f"is {self.capacity} (max_seq_len // ratio)")
+        self.entries[self.n_entries: self.n_entries + m] = new
+        self.n_entries += m
+
+
+@dataclass
+class LayerCache:
+    """All state of one layer for one sequence."""
+
+    window: WindowKV
+    compressor: CompressorState | None = None
+    indexer: CompressorState | None = None
+
+
+@dataclass
+class SequenceCache:
+    """Per-layer caches of one sequence; ``length`` = tokens consumed so far."""
+
+    layers: list[LayerCache]
+    max_seq_len: int
+    length: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, cfg: DeepSeekV4Config, max_seq_len: int) -> "SequenceCache":
+        """Empty caches for ``cfg`` sized for ``max_seq_len`` tokens.
+        Raises ValueError if max_seq_len exceeds cfg.max_position_embeddings."""
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        layers = []
+        for i, lt in enumerate(cfg.layer_types):
+            lc = LayerCache(WindowKV(cfg.sliding_window - 1, cfg.head_dim))
+            if lt != SLIDING:
+                r = cfg.compress_ratio(i)
+                lc.compressor = CompressorState(r, cfg.head_dim, lt == CSA, max_seq_len // r)
+                if lt == CSA:
+                    lc.indexer = CompressorState(r, cfg.index_head_dim, True, max_seq_len // r)
+            layers.append(lc)
+        return cls(layers, max_seq_len)
+
+    def check_room(self, n_new: int) -> None:
+        """Raise CacheOverflowError if ``n_new`` more tokens would exceed ``max_seq_len``."""
+        if self.length + n_new > self.max_seq_len:
+            raise CacheOverflowError(
+                f"sequence of {self.length} tokens cannot take {n_new} more: cache capacity is "
+                f"max_seq_len={self.max_seq_len}")

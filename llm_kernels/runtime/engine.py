@@ -1,0 +1,246 @@
+"""Prefill / decode step driver for DeepSeek-V4 over explicit caches, for a batch of
+sequences of different lengths.
+
+Tokens of all sequences in a step are packed into one [ΣT] axis for the per-token stages
+(hc_pre/hc_post, norms, qkv_proj_rope, gate, experts, lm_head); attention runs per
+sequence over a KV pool laid out as ``[window rows | this step's rows | compressed
+entries]``. The stage functions come from an ``ops`` namespace (default: the torch
+reference, :mod:`llm_kernels.reference.deepseek_v4`), so fast kernels can be swapped in
+stage by stage.
+
+Spec: ``shared/design/deepseek_v4_architecture.md`` §2, §7.3, §9.1, §11.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+
+from ..config import CSA, HCA, SLIDING, DeepSeekV4Config
+from ..reference.deepseek_v4 import compressor as _cmp
+from ..reference.deepseek_v4 import hc as _hc
+from ..reference.deepseek_v4 import indexer as _idx
+from ..reference.deepseek_v4 import model as _model
+from ..reference.deepseek_v4 import moe as _moe
+from ..reference.deepseek_v4 import qkv_proj_rope as _qkv
+from ..reference.deepseek_v4 import sparse_attn as _attn
+from ..reference.deepseek_v4.common import linear, rms_norm, rope_cos_sin
+from .cache import CacheOverflowError, CompressorState, SequenceCache
+from .timing import StageTimer
+
+__all__ = ["REFERENCE_OPS", "DeepSeekV4Engine", "CacheOverflowError"]
+
+REFERENCE_OPS = SimpleNamespace(
+    embed=_model.embed, hc_pre=_hc.hc_pre, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
+    linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
+    compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
+    indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
+    sparse_attn=_attn.sparse_attn, gate=_moe.gate, moe=_moe.moe,
+)
+
+
+class DeepSeekV4Engine:
+    """Runs DeepSeek-V4 incrementally over per-sequence caches.
+
+    Args:
+        weights: canonical-name tensors (``llm_kernels.checkpoint.load_checkpoint``).
+        cfg: the model config.
+        dtype: activation storage dtype, ``torch.float32`` or ``torch.bfloat16``.
+        max_seq_len: cache capacity per sequence (tokens); exceeding it raises
+            :class:`CacheOverflowError`.
+        ops: stage implementations (default :data:`REFERENCE_OPS`).
+        timer: optional :class:`StageTimer` collecting per-stage seconds.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
+                 dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
+                 ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.w, self.cfg, self.dtype, self.max_seq_len = weights, cfg, dtype, max_seq_len
+        self.ops = ops
+        self.timer = timer or StageTimer(enabled=False)
+        self.seqs: dict[int, SequenceCache] = {}
+        self._next_id = 0
+        SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
+
+    # ------------------------------------------------------------------ sequences
+    def add_sequence(self) -> int:
+        """Create an empty sequence cache and return its id."""
+        sid = self._next_id
+        self._next_id += 1
+        self.seqs[sid] = SequenceCache.create(self.cfg, self.max_seq_len)
+        return sid
+
+    def release(self, seq_id: int) -> None:
+        """Drop a sequence's cache."""
+        self.seqs.pop(seq_id)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
+        """New sequences from ``prompts``; returns (seq_ids, logits [len(prompt), V] each)."""
+        ids = [self.add_sequence() for _ in prompts]
+        return ids, self.step(ids, prompts)
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int | Sequence[int]]) -> list[torch.Tensor]:
+        """Feed one token (or a few) per sequence; returns logits [n, V] per sequence."""
+        toks = [[t] if isinstance(t, int) else list(t) for t in tokens]
+        return self.step(seq_ids, toks)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]],
+             logits_rows: str = "all") -> list[torch.Tensor]:
+        """Append ``tokens[b]`` to sequence ``seq_ids[b]`` for every b and return the
+        float32 logits of the new tokens, [len(tokens[b]), V] each (``logits_rows="last"``:
+        only the last row, [1, V]).
+
+        Raises KeyError for an unknown sequence id, ValueError for an empty token list, a
+        repeated sequence or an out-of-vocabulary id, CacheOverflowError when a sequence
+        would exceed ``max_seq_len``. On error no cache is modified."""
+        cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
+        if len(seq_ids) != len(tokens):
+            raise ValueError(f"{len(seq_ids)} sequence ids but {len(tokens)} token lists")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"a sequence may appear once per step, got {list(seq_ids)}")
+        caches = [self.seqs[s] for s in seq_ids]
+        lens = [len(t) for t in tokens]
+        for s, n, c in zip(seq_ids, lens, caches):
+            if n == 0:
+                raise ValueError(f"sequence {s}: empty token list")
+            c.check_room(n)
+        ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lens)])
+        offs = [0]
+        for n in lens:
+            offs.append(offs[-1] + n)
+        with tm("embed"):
+            x_hc = ops.embed(self.w, cfg, ids, dt)
+        for layer in range(cfg.num_hidden_layers):
+            lw = _model.LayerWeights(self.w, layer)
+            x_hc = self._attention(lw, layer, x_hc, positions, caches, offs)
+            x_hc = self._moe(lw, layer, x_hc, ids)
+        if logits_rows == "last":
+            sel = torch.tensor([o - 1 for o in offs[1:]])
+            x_hc = x_hc[sel]
+            offs = list(range(len(lens) + 1))
+        with tm("lm_head"):
+            y = ops.hc_head(x_hc, self.w["hc_head_fn"], self.w["hc_head_scale"], self.w["hc_head_base"],
+                            hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+            y = ops.rms_norm(y, self.w["norm.weight"], cfg.rms_norm_eps, dt)
+            logits = ops.linear(y, self.w["head.weight"], dt)
+        for c, ts in zip(caches, tokens):
+            c.length += len(ts)
+            c.token_ids.extend(int(t) for t in ts)
+        return [logits[offs[b]:offs[b + 1]] for b in range(len(lens))]
+
+    # ------------------------------------------------------------------ sublayers
+    def _attention(self, lw, layer, x_hc, positions, caches, offs):
+        cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
+        lt = cfg.layer_types[layer]
+        with tm("hc_pre"):
+            x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
+                                             hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
+                                             hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+        with tm("qkv_proj_rope"):
+            xn = ops.rms_norm(x_mixed, lw["attn_norm.weight"], cfg.rms_norm_eps, dt)
+            cos, sin = ops.rope_cos_sin(cfg.rope_for_layer(layer), cfg.qk_rope_head_dim, positions, dt)
+            q, kv, q_res = ops.qkv_proj_rope(xn, lw["attn.wq_a.weight"], lw["attn.q_norm.weight"],
+                                             lw["attn.wq_b.weight"], lw["attn.wkv.weight"],
+                                             lw["attn.norm.weight"], cos, sin,
+                                             num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+                                             eps=cfg.rms_norm_eps, dtype=dt)
+        outs = []
+        W = cfg.sliding_window
+        for b, c in enumerate(caches):
+            sl = slice(offs[b], offs[b + 1])
+            lc = c.layers[layer]
+            pos = positions[sl]
+            win = lc.window
+            pool = torch.cat([win.rows, kv[sl]], dim=0)
+            # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
+            wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
+            idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))
+            if lt != SLIDING:
+                ratio = cfg.compress_ratio(layer)
+                with tm("compressor"):
+                    self._compress(lc.compressor, lw, "attn.compressor.", xn[sl], pos)
+                entries = lc.compressor.valid_entries()
+                base = pool.shape[0]
+                pool = torch.cat([pool, entries], dim=0)
+                n = entries.shape[0]
+                if lt == HCA:
+                    cidx = torch.arange(n).view(1, -1).expand(pos.shape[0], -1)
+                    comp = torch.where(cidx < ((pos + 1) // ratio).view(-1, 1), cidx + base,
+                                       torch.full_like(cidx, -1))
+                else:
+                    with tm("indexer"):
+                        self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos)
+                        icos, isin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, pos, dt)
+                        qi, wi = ops.indexer_query(q_res[sl], xn[sl], lw["attn.indexer.wq_b.weight"],
+                                                   lw["attn.indexer.weights_proj.weight"], icos, isin,
+                                                   n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim,
+                                                   dtype=dt)
+                        scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
+                        top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
+                    comp = torch.where(top >= 0, top + base, top)
+                idx = torch.cat([idx, comp], dim=1)
+            with tm("sparse_attn"):
+                outs.append(ops.sparse_attn(q[sl], pool, idx, lw["attn.attn_sink"], cos[sl], sin[sl],
+                                            lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
+                                            o_groups=cfg.o_groups, softmax_scale=cfg.softmax_scale, dtype=dt))
+            win.append(kv[sl])
+        with tm("hc_post"):
+            return ops.hc_post(torch.cat(outs, dim=0), x_hc, post, comb, dt)
+
+    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """Project this step's rows, close every complete window, append its entries."""
+        cfg, dt, ops = self.cfg, self.dtype, self.ops
+        expected = st.next_window_start + st.buf_kv.shape[0]
+        if int(pos[0]) != expected:
+            raise RuntimeError(f"compressor state expects position {expected}, got {int(pos[0])}")
+        kv, score = ops.compressor_project(x, lw[prefix + "wkv.weight"], lw[prefix + "wgate.weight"],
+                                           lw[prefix + "ape"], pos, dt)
+        all_kv = torch.cat([st.buf_kv, kv], dim=0)
+        all_score = torch.cat([st.buf_score, score], dim=0)
+        r, d = st.ratio, st.head_dim
+        n = all_kv.shape[0] // r
+        if n:
+            kvw = all_kv[: n * r].view(n, r, all_kv.shape[-1])
+            sw = all_score[: n * r].view(n, r, all_score.shape[-1])
+            prev_kv = prev_score = None
+            if st.overlap:
+                first_kv = st.prev_kv if st.prev_kv is not None else torch.zeros(r, d)
+                first_sc = st.prev_score if st.prev_score is not None else torch.full((r, d), float("-inf"))
+                prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
+                prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
+            wpos = (st.n_entries + torch.arange(n)) * r
+            cos, sin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, wpos, dt)
+            new = ops.compress_windows(kvw, sw, prev_kv, prev_score, lw[prefix + "norm.weight"], cos, sin,
+                                       overlap=st.overlap, eps=cfg.rms_norm_eps, dtype=dt)
+            st.push_entries(new)
+            if st.overlap:
+                st.prev_kv, st.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
+        st.buf_kv, st.buf_score = all_kv[n * r:].clone(), all_score[n * r:].clone()
+
+    def _moe(self, lw, layer, x_hc, ids):
+        cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
+        with tm("hc_pre"):
+            x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],
+                                             hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
+                                             hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+        hash_layer = cfg.is_hash_layer(layer)
+        with tm("gate"):
+            xn = ops.rms_norm(x_mixed, lw["ffn_norm.weight"], cfg.rms_norm_eps, dt)
+            w, idx = ops.gate(xn, lw["ffn.gate.weight"], None if hash_layer else lw["ffn.gate.bias"],
+                              lw["ffn.gate.tid2eid"] if hash_layer else None, ids,
+                              top_k=cfg.num_experts_per_tok, scoring_func=cfg.scoring_func,
+                              norm_topk_prob=cfg.norm_topk_prob,
+                              routed_scaling_factor=cfg.routed_scaling_factor, dtype=dt)
+        with tm("moe"):
+            shared = (lw["ffn.shared_experts.w1.weight"], lw["ffn.shared_experts.w3.weight"],
+                      lw["ffn.shared_experts.w2.weight"])
+            y = ops.moe(xn, w, idx, lw.experts(cfg.n_routed_experts), shared, swiglu_limit=cfg.swiglu_limit,
+                        dtype=dt)
+        with tm("hc_post"):
+            return ops.hc_post(y, x_hc, post, comb, dt)

@@ -1,0 +1,214 @@
+"""Command line: ``python -m llm_kernels {generate,logits,make-checkpoint} ...``.
+
+* ``generate``: greedy generation with the cached runtime; with no ``--checkpoint`` it uses
+  the embedded default, the ``mini`` preset written once (seed 0) into a cache directory
+  (``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``). Prints the ids, prefill and decode
+  tokens/s and the time per stage.
+* ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
+  by outside tools. Its options and output format are kept stable.
+* ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "default_checkpoint"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPT = "1,2,3,4,5,6,7,8"
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return ids
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LLM_KERNELS_CACHE", Path.home() / ".cache" / "llm_kernels"))
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    """Path of the embedded default checkpoint (``mini`` preset, seed 0, bf16), writing it
+    on first use."""
+    from .checkpoint import write_random_checkpoint
+    from .config import preset
+
+    out = _cache_root() / "mini-seed0"
+    if not (out / "config.json").exists():
+        print(f"writing the default mini checkpoint to {out}", file=sys.stderr)
+        write_random_checkpoint(preset("mini"), out, seed=0, dtype=torch.bfloat16, progress=progress)
+    return out
+
+
+def _load(path: Path | None, dtype: torch.dtype):
+    from .checkpoint import load_checkpoint
+
+    ckpt = path if path is not None else default_checkpoint()
+    return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True)
+
+
+def _check_ids(ids: list[int], vocab: int, what: str) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise SystemExit(f"error: {what} must lie in [0, {vocab}), got {bad[:5]}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .runtime.engine import DeepSeekV4Engine
+    from .runtime.timing import StageTimer
+
+    dtype = _DTYPES[args.dtype]
+    torch.set_num_threads(args.threads) if args.threads else None
+    ckpt, cfg, weights = _load(args.checkpoint, dtype)
+    prompt = args.prompt_ids
+    if not prompt:
+        raise SystemExit("error: --prompt-ids is empty")
+    _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
+    max_len = len(prompt) + args.max_new_tokens
+    timer = StageTimer()
+    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max(max_len, 1), timer=timer)
+    print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, threads: {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    (sid,), (logits,) = engine.prefill([prompt])
+    t_prefill = time.perf_counter() - t0
+    prefill_stages = dict(timer.seconds)
+    timer.reset()
+    out: list[int] = []
+    nxt = int(logits[-1].argmax())
+    t1 = time.perf_counter()
+    for _ in tqdm(range(args.max_new_tokens), desc="decode", unit="tok", disable=args.max_new_tokens == 0):
+        out.append(nxt)
+        if len(out) == args.max_new_tokens:
+            break
+        (lg,) = engine.decode([sid], [nxt])
+        nxt = int(lg[-1].argmax())
+    t_decode = time.perf_counter() - t1
+    n_dec = max(len(out) - 1, 0)  # the first new token comes from the prefill logits
+    print(f"prompt ids:    {','.join(map(str, prompt))}")
+    print(f"generated ids: {','.join(map(str, out))}")
+    print(f"prefill: {len(prompt)} tokens in {t_prefill * 1e3:.1f} ms = {len(prompt) / t_prefill:.1f} tok/s")
+    if n_dec:
+        print(f"decode:  {n_dec} steps in {t_decode * 1e3:.1f} ms = {n_dec / t_decode:.1f} tok/s "
+              f"({t_decode / n_dec * 1e3:.2f} ms/token)")
+    print("time per stage (prefill ms | decode ms per step | decode share):")
+    total = sum(timer.seconds.values()) or 1.0
+    for stage, sec, calls, share in timer.table():
+        print(f"  {stage:14s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
+              f"{sec / max(n_dec, 1) * 1e3:9.3f} | {sec / total:6.1%}")
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .runtime.engine import DeepSeekV4Engine
+
+    dtype = _DTYPES[args.dtype]
+    inputs: list[list[int]] = args.input_ids
+    decodes: list[list[int]] = args.decode_ids or []
+    if any(len(x) == 0 for x in inputs):
+        raise SystemExit("error: every --input-ids needs at least one id")
+    if decodes and len(decodes) != len(inputs):
+        raise SystemExit(f"error: {len(inputs)} --input-ids but {len(decodes)} --decode-ids; give one "
+                         "--decode-ids per --input-ids (or none)")
+    decodes = decodes or [[] for _ in inputs]
+    _, cfg, weights = _load(args.checkpoint, dtype)
+    for x in inputs:
+        _check_ids(x, cfg.vocab_size, "--input-ids")
+    for x in decodes:
+        _check_ids(x, cfg.vocab_size, "--decode-ids")
+    max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
+    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_len)
+    sids, prefill = engine.prefill(inputs)
+    dec: list[list[torch.Tensor]] = [[] for _ in inputs]
+    steps = max(len(d) for d in decodes)
+    for i in tqdm(range(steps), desc="decode", unit="step", disable=steps == 0):
+        live = [b for b in range(len(inputs)) if i < len(decodes[b])]
+        outs = engine.decode([sids[b] for b in live], [decodes[b][i] for b in live])
+        for b, o in zip(live, outs):
+            dec[b].append(o)
+    tensors = {}
+    for b in range(len(inputs)):
+        suffix = "" if len(inputs) == 1 else f".{b}"
+        tensors["prefill_logits" + suffix] = prefill[b].float().contiguous()
+        tensors["decode_logits" + suffix] = (torch.cat(dec[b]) if dec[b] else
+                                             torch.zeros(0, cfg.vocab_size)).float().contiguous()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(args.out), metadata={"format": "pt", "dtype": args.dtype})
+    for k, v in tensors.items():
+        print(f"{k}: {list(v.shape)}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint import write_random_checkpoint
+    from .config import preset
+
+    cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
+    out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
+                                  weight_scale=args.weight_scale, progress=True)
+    print(f"{cfg.summary()}\nwrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="greedy generation with timings")
+    g.add_argument("--checkpoint", type=Path, default=None,
+                   help="HF checkpoint directory (default: the embedded mini checkpoint)")
+    g.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    g.set_defaults(func=cmd_generate)
+
+    lg = sub.add_parser("logits", help="write prefill/decode logits to a safetensors file")
+    lg.add_argument("--checkpoint", type=Path, required=True)
+    lg.add_argument("--input-ids", type=_ids, action="append", required=True,
+                    help="prompt ids; repeat for a batch")
+    lg.add_argument("--decode-ids", type=_ids, action="append", default=None,
+                    help="ids fed one per decode step; repeat once per --input-ids")
+    lg.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    lg.add_argument("--out", type=Path, required=True)
+    lg.set_defaults(func=cmd_logits)
+
+    mk = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint of a preset")
+    mk.add_argument("--preset", choices=["mini", "flash", "pro"], required=True)
+    mk.add_argument("--layers", type=int, default=None, help="keep the first N layers")
+    mk.add_argument("--experts", type=int, default=None, help="number of routed experts")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    mk.add_argument("--weight-scale", type=float, default=1.0)
+    mk.add_argument("--out", type=Path, required=True)
+    mk.set_defaults(func=cmd_make_checkpoint)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .runtime.cache import CacheOverflowError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, CacheOverflowError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -7,6 +7,7 @@
 * ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
+* ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
 """
 
 from __future__ import annotations
@@ -197,11 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--weight-scale", type=float, default=1.0)
     mk.add_argument("--out", type=Path, required=True)
     mk.set_defaults(func=cmd_make_checkpoint)
+    gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "
+                        "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
+    gd.add_argument("harness_args", nargs=argparse.REMAINDER)
+    gd.set_defaults(func=lambda a: __import__("llm_kernels.harness.cases_deepseek_v4", fromlist=["main"])
+                    .main(a.harness_args))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["golden"]:  # the harness parses its own flags
+        from .harness.cases_deepseek_v4 import main as golden_main
+
+        return golden_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError

@@ -81,7 +81,12 @@ class DeepSeekV4Engine:
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
         """New sequences from ``prompts``; returns (seq_ids, logits [len(prompt), V] each)."""
         ids = [self.add_sequence() for _ in prompts]
-        return ids, self.step(ids, prompts)
+        try:
+            return ids, self.step(ids, prompts)
+        except Exception:
+            for sid in ids:  # a failed prefill registers nothing
+                self.seqs.pop(sid, None)
+            raise
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int | Sequence[int]]) -> list[torch.Tensor]:
         """Feed one token (or a few) per sequence; returns logits [n, V] per sequence."""

@@ -76,14 +76,17 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
         x: [T, D] ffn-normed input; weights/indices: [T, K] from :func:`gate`;
         experts: per expert (w1, w3, w2); shared: (w1, w3, w2).
     Returns:
-        [T, D] = shared(x) + Σ_k weights[t,k] · expert_{indices[t,k]}(x[t]); routed
-        contributions are accumulated in ascending expert order, rounded to ``dtype``.
+        [T, D] = shared(x) + Σ_k weights[t,k] · expert_{indices[t,k]}(x[t]). Each weighted
+        routed output is rounded to ``dtype``; the K of a token are summed in float32 and
+        rounded once (as transformers' default grouped experts backend and spec §10.2), then
+        the shared output is added.
     """
-    routed = torch.zeros_like(x, dtype=torch.float32)
+    T, K = indices.shape
+    per_slot = torch.zeros(T, K, x.shape[-1])
     for e in torch.unique(indices).tolist():
         tok, slot = torch.where(indices == e)
         y = expert_swiglu(x[tok], *experts[e], swiglu_limit=swiglu_limit, dtype=dtype)
-        y = rnd(y * weights[tok, slot].unsqueeze(-1), dtype)
-        routed = rnd(routed.index_add(0, tok, y), dtype)
+        per_slot[tok, slot] = rnd(y * weights[tok, slot].unsqueeze(-1), dtype)
+    routed = rnd(per_slot.sum(dim=1), dtype)
     sh = expert_swiglu(x, *shared, swiglu_limit=swiglu_limit, dtype=dtype)
     return rnd(routed + sh, dtype)

@@ -4,11 +4,10 @@ from .names import FP32_TENSOR_SUFFIXES, TensorInfo, canonical_name, expected_te
 from .safetensors_io import (
     DEFAULT_MAX_BYTES,
     CheckpointError,
-    checkpoint_nbytes,
     is_fp32_tensor,
     load_checkpoint,
-    write_random_checkpoint,
 )
+from .writer import checkpoint_nbytes, write_random_checkpoint
 
 __all__ = [
     "TensorInfo",

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import CSA, HCA, SLIDING, DeepSeekV4Config
+from ..config import HCA, SLIDING, DeepSeekV4Config
 from ..reference.deepseek_v4 import compressor as _cmp
 from ..reference.deepseek_v4 import hc as _hc
 from ..reference.deepseek_v4 import indexer as _idx

@@ -181,8 +181,6 @@ def forward(weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config, input_ids: 
 
     ``weights`` is a canonical-name dict (``llm_kernels.checkpoint.load_checkpoint``);
     ``dtype`` is the activation storage dtype (float32 or bfloat16)."""
-    T = input_ids.shape[0]
-    positions = torch.arange(T)
     x_hc = embed(weights, cfg, input_ids, dtype)
     for layer in range(cfg.num_hidden_layers):
         lw = LayerWeights(weights, layer)

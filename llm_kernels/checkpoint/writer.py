@@ -1,0 +1,247 @@
+"""Writing seeded random DeepSeek-V4 checkpoints in the Hugging Face layout.
+
+:func:`write_random_checkpoint` writes ``config.json`` and safetensors (DeepSeek's release
+names, which transformers loads) with deterministic random weights at scales that keep
+activations O(1) through the whole model. See ``docs/checkpoints.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DeepSeekV4Config
+from .names import TensorInfo, expected_tensors
+from .safetensors_io import (
+    _DTYPE_NAMES,
+    _SHARD_RE,
+    _TORCH_TO_ST,
+    DEFAULT_MAX_BYTES,
+    INDEX_FILE_NAME,
+    SINGLE_FILE_NAME,
+    _check_dtype_arg,
+    _fmt_bytes,
+    is_fp32_tensor,
+    shard_file_name,
+)
+
+__all__ = ["write_random_checkpoint", "checkpoint_nbytes"]
+
+
+def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    if info.kind == "int":
+        return torch.int64
+    return torch.float32 if is_fp32_tensor(name) else dtype
+
+
+def checkpoint_nbytes(cfg: DeepSeekV4Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of tensor data :func:`write_random_checkpoint` writes for ``cfg`` with storage
+    ``dtype`` (FP32-suffix tensors count 4 bytes/element, ``tid2eid`` 8). The safetensors
+    headers and ``config.json`` add a few KiB on top. Pure function of the config."""
+    total = 0
+    for name, info in expected_tensors(cfg).items():
+        total += math.prod(info.shape) * _storage_dtype(name, info, dtype).itemsize
+    return total
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """Stable 63-bit per-tensor seed from (seed, canonical name)."""
+    h = hashlib.blake2b(f"{int(seed)}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _random_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, seed: int,
+                   weight_scale: float) -> torch.Tensor:
+    """The float32 (int64 for tid2eid) random init of one tensor; see docs/checkpoints.md."""
+    g = torch.Generator().manual_seed(_seed_for(seed, name))
+    shape = info.shape
+    D, HC = cfg.hidden_size, cfg.hc_mult
+    leaf = name.rsplit(".", 1)[-1]
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        t.mul_(std)
+        if mean:
+            t.add_(mean)
+        return t
+
+    if info.kind == "int":  # gate.tid2eid: K distinct experts per token, uniform
+        K = shape[1]
+        r = torch.rand((shape[0], cfg.n_routed_experts), generator=g)
+        return r.argsort(dim=1)[:, :K].contiguous().to(torch.int64)
+    if name == "embed.weight":
+        return normal(1.0)
+    if name == "head.weight":
+        return normal(1.0 / math.sqrt(D))
+    if re.search(r"(^|\.)hc_(attn|ffn|head)_fn$", name):
+        return normal(1.0 / math.sqrt(HC * D))
+    if re.search(r"hc_(attn|ffn|head)_base$", name):
+        return normal(0.5)
+    if re.search(r"hc_(attn|ffn|head)_scale$", name):
+        return torch.rand(shape, generator=g, dtype=torch.float32).add_(0.5)
+    if leaf == "attn_sink":
+        return normal(1.0)
+    if leaf == "ape":
+        return normal(0.5)
+    if name.endswith("gate.bias"):
+        return normal(0.1)
+    if name.endswith("ffn.gate.weight"):
+        return normal(1.0 / math.sqrt(D))
+    if name.endswith("norm.weight"):
+        return normal(0.1, mean=1.0)
+    if name.endswith(".weight") and len(shape) == 2:  # nn.Linear [out, in]
+        return normal(weight_scale / math.sqrt(shape[1]))
+    raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
+
+
+def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """safetensors header bytes (8-byte length + JSON padded to 8 bytes) and data size."""
+    hdr: dict[str, object] = {"__metadata__": metadata}
+    off = 0
+    for name, dt, shape in entries:
+        n = math.prod(shape) * dt.itemsize
+        hdr[name] = {"dtype": _TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    js = json.dumps(hdr, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js, off
+
+
+def _write_tensor_bytes(fh, t: torch.Tensor) -> None:
+    t = t.contiguous()
+    if t.numel():
+        fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+def write_random_checkpoint(
+    cfg: DeepSeekV4Config,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    weight_scale: float = 1.0,
+    shard_size_bytes: int | None = None,
+    progress: bool = True,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Path:
+    """Write a random, deterministic DeepSeek-V4 checkpoint that :func:`load_checkpoint` and
+    ``transformers.DeepseekV4ForCausalLM.from_pretrained`` both read.
+
+    Writes ``out_dir/config.json`` (``cfg.to_hf_dict()`` plus ``"dtype"``) and the tensors of
+    :func:`~.names.expected_tensors` under their canonical (release) names, metadata
+    ``{"format": "pt"}``. Storage dtypes: ``dtype`` for matrices and norm weights, float32 for
+    :data:`~.names.FP32_TENSOR_SUFFIXES` tensors, int64 for ``tid2eid``. Values come from a
+    per-tensor ``torch.Generator`` seeded from ``(seed, name)``, so a tensor's values do not
+    depend on the other tensors of the config (adding experts or layers leaves the rest
+    unchanged) and files are byte-identical across runs. Init scales (activations O(1)):
+    Linear ``[out, in]`` ~ N(0, weight_scale/sqrt(in)); RMSNorm weights ~ 1 + N(0, 0.1);
+    ``embed`` ~ N(0, 1); ``head`` and ``ffn.gate.weight`` ~ N(0, 1/sqrt(D)); ``hc_*_fn`` ~
+    N(0, 1/sqrt(hc_mult*D)); ``hc_*_base`` ~ N(0, 0.5); ``hc_*_scale`` ~ U(0.5, 1.5);
+    ``attn_sink`` ~ N(0, 1); compressor ``ape`` ~ N(0, 0.5); ``gate.bias`` ~ N(0, 0.1);
+    ``tid2eid`` rows are K distinct expert ids drawn uniformly.
+
+    Args:
+        shard_size_bytes: None writes one ``model.safetensors``. Otherwise tensors (in
+            :func:`expected_tensors` order) are packed greedily into shards of at most this many
+            data bytes (a larger tensor gets a shard of its own) named
+            ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``; if
+            everything fits in one shard, a single ``model.safetensors`` is written (as
+            transformers does).
+        max_bytes: refuse (ValueError, nothing written) when :func:`checkpoint_nbytes` exceeds
+            it; None disables the limit. Also refused when the disk lacks the space.
+        progress: tqdm bar over tensors.
+
+    Files are written to a temporary name and renamed. Weight files of an earlier checkpoint
+    in ``out_dir`` (``model.safetensors``, ``model-*-of-*.safetensors``, the index) that the
+    new checkpoint does not use are removed, so the directory always holds one checkpoint.
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Raises:
+        ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes``, or the
+            checkpoint would exceed ``max_bytes`` / the free disk space.
+    """
+    _check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
+    if shard_size_bytes is not None and shard_size_bytes <= 0:
+        raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+    out = Path(out_dir)
+    expected = expected_tensors(cfg)
+    nbytes = checkpoint_nbytes(cfg, dtype)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ValueError(
+            f"refusing to write a {_fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
+            f"(max_bytes = {_fmt_bytes(max_bytes)}); use fewer layers / experts, e.g. "
+            "preset('flash', num_hidden_layers=1, n_routed_experts=4), or raise max_bytes")
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if nbytes + (1 << 20) > free:
+        raise ValueError(f"refusing to write a {_fmt_bytes(nbytes)} checkpoint to {out}: only "
+                         f"{_fmt_bytes(free)} free on that disk")
+
+    # Plan shards.
+    entries = [(n, _storage_dtype(n, info, dtype), info.shape) for n, info in expected.items()]
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for e in entries:
+        n = math.prod(e[2]) * e[1].itemsize
+        if shard_size_bytes is not None and shards[-1] and size + n > shard_size_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    names = [SINGLE_FILE_NAME] if len(shards) == 1 else [shard_file_name(i + 1, len(shards))
+                                                         for i in range(len(shards))]
+
+    tmp_paths: list[Path] = []
+    try:
+        with tqdm(total=len(entries), unit="tensor", desc=f"Writing {out.name}",
+                  disable=None if progress else True) as bar:
+            for fname, shard in zip(names, shards):
+                header, _ = _st_header(shard, {"format": "pt"})
+                tmp = out / f".{fname}.tmp-{os.getpid()}"
+                tmp_paths.append(tmp)
+                with open(tmp, "wb") as fh:
+                    fh.write(header)
+                    for name, dt, shape in shard:
+                        t = _random_tensor(name, expected[name], cfg, seed, weight_scale).to(dt)
+                        assert tuple(t.shape) == tuple(shape)
+                        _write_tensor_bytes(fh, t)
+                        del t
+                        bar.update(1)
+        for fname, tmp in zip(names, tmp_paths):
+            os.replace(tmp, out / fname)
+        tmp_paths = []
+        written = set(names)
+        if len(shards) > 1:
+            wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+            _atomic_write_text(out / INDEX_FILE_NAME,
+                               json.dumps({"metadata": {"total_size": nbytes}, "weight_map": wmap}, indent=2))
+            written.add(INDEX_FILE_NAME)
+        for p in out.iterdir():  # stale weights of an earlier checkpoint
+            if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or _SHARD_RE.match(p.name)):
+                p.unlink()
+        hf = cfg.to_hf_dict()
+        hf["dtype"] = _DTYPE_NAMES[dtype]
+        _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")
+    finally:
+        for tmp in tmp_paths:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

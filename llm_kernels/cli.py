@@ -71,7 +71,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.timing import StageTimer
 
     dtype = _DTYPES[args.dtype]
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt, cfg, weights = _load(args.checkpoint, dtype)
     prompt = args.prompt_ids
     if not prompt:

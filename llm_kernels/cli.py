@@ -7,6 +7,7 @@
 * ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
+* ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
 * ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
 """
 
@@ -51,11 +52,24 @@ def default_checkpoint(progress: bool = True) -> Path:
     return out
 
 
-def _load(path: Path | None, dtype: torch.dtype):
+def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
     from .checkpoint import load_checkpoint
 
     ckpt = path if path is not None else default_checkpoint()
-    return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True)
+    return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True, quant=quant)
+
+
+def _ops(backend: str):
+    """The stage implementations of a backend: ``reference`` (torch) or ``fused`` (kernels)."""
+    from .runtime.engine import REFERENCE_OPS
+
+    if backend == "reference":
+        return REFERENCE_OPS
+    try:
+        from .kernels.deepseek_v4 import FUSED_OPS
+    except ImportError as e:
+        raise SystemExit(f"error: the fused backend is not available: {e}") from e
+    return FUSED_OPS
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -73,15 +87,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt, cfg, weights = _load(args.checkpoint, dtype)
+    ckpt, cfg, weights = _load(args.checkpoint, dtype, args.quant)
     prompt = args.prompt_ids
     if not prompt:
         raise SystemExit("error: --prompt-ids is empty")
     _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
     max_len = len(prompt) + args.max_new_tokens
     timer = StageTimer()
-    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max(max_len, 1), timer=timer)
-    print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, threads: {torch.get_num_threads()}")
+    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max(max_len, 1), timer=timer,
+                              ops=_ops(args.backend))
+    print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
+          f"backend: {args.backend}, threads: {torch.get_num_threads()}")
     t0 = time.perf_counter()
     (sid,), (logits,) = engine.prefill([prompt])
     t_prefill = time.perf_counter() - t0
@@ -127,13 +143,13 @@ def cmd_logits(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {len(inputs)} --input-ids but {len(decodes)} --decode-ids; give one "
                          "--decode-ids per --input-ids (or none)")
     decodes = decodes or [[] for _ in inputs]
-    _, cfg, weights = _load(args.checkpoint, dtype)
+    _, cfg, weights = _load(args.checkpoint, dtype, args.quant)
     for x in inputs:
         _check_ids(x, cfg.vocab_size, "--input-ids")
     for x in decodes:
         _check_ids(x, cfg.vocab_size, "--decode-ids")
     max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
-    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_len)
+    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_len, ops=_ops(args.backend))
     sids, prefill = engine.prefill(inputs)
     dec: list[list[torch.Tensor]] = [[] for _ in inputs]
     steps = max(len(d) for d in decodes)
@@ -156,6 +172,14 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint.quantized import quantize_checkpoint
+
+    out = quantize_checkpoint(args.checkpoint, args.out, progress=True)
+    print(f"wrote W8A8 checkpoint {out}")
+    return 0
+
+
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import write_random_checkpoint
     from .config import preset
@@ -165,6 +189,14 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
                                   weight_scale=args.weight_scale, progress=True)
     print(f"{cfg.summary()}\nwrote {out}")
     return 0
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["reference", "fused"], default="reference",
+                   help="stage implementations: torch reference or fused kernels")
+    p.add_argument("--quant", choices=["none", "w8a8"], default=None,
+                   help="weights: none = float, w8a8 = INT8 (quantized on load if the checkpoint is "
+                        "float); default: as stored")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    _backend_args(g)
     g.set_defaults(func=cmd_generate)
 
     lg = sub.add_parser("logits", help="write prefill/decode logits to a safetensors file")
@@ -188,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ids fed one per decode step; repeat once per --input-ids")
     lg.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     lg.add_argument("--out", type=Path, required=True)
+    _backend_args(lg)
     lg.set_defaults(func=cmd_logits)
+
+    qz = sub.add_parser("quantize", help="convert a float checkpoint to the W8A8 INT8 format")
+    qz.add_argument("--checkpoint", type=Path, required=True)
+    qz.add_argument("--out", type=Path, required=True)
+    qz.set_defaults(func=cmd_quantize)
 
     mk = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint of a preset")
     mk.add_argument("--preset", choices=["mini", "flash", "pro"], required=True)

@@ -21,7 +21,23 @@ from dataclasses import dataclass
 
 from ..config import CSA, SLIDING, DeepSeekV4Config
 
-__all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP32_TENSOR_SUFFIXES"]
+__all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP32_TENSOR_SUFFIXES",
+           "W8A8_WEIGHT_RE", "is_w8a8_weight", "QUANT_METHOD_W8A8"]
+
+import re
+
+# Weights stored INT8 (per-output-channel, ``.weight`` int8 + ``.weight_scale`` fp32 [out]) in
+# the W8A8 format (spec §0.3 "Storage dtypes"): wq_b, wo_b, indexer wq_b, shared and routed
+# expert w1/w2/w3. Everything else stays float.
+W8A8_WEIGHT_RE = re.compile(
+    r"^layers\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
+    r"ffn\.experts\.\d+\.w[123])\.weight$")
+QUANT_METHOD_W8A8 = "llm_kernels_w8a8"
+
+
+def is_w8a8_weight(name: str) -> bool:
+    """True for the canonical ``*.weight`` names stored INT8 in the W8A8 format."""
+    return W8A8_WEIGHT_RE.match(name) is not None
 
 # Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,
 # sinks, compressor ape, router bias) and every RMSNorm weight, which transformers keeps in
@@ -29,7 +45,7 @@ __all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP
 FP32_TENSOR_SUFFIXES = (
     "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
     "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias",
-    "norm.weight", "attn_norm.weight", "ffn_norm.weight", "q_norm.weight",
+    "norm.weight", "attn_norm.weight", "ffn_norm.weight", "q_norm.weight", "weight_scale",
 )
 
 _GLOBAL_RENAMES = {
@@ -64,9 +80,26 @@ def is_ignored(name: str) -> bool:
     return name.startswith("mtp.") or name.startswith("model.mtp.")
 
 
-def expected_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
+def expected_tensors(cfg: DeepSeekV4Config, quant: str | None = None) -> dict[str, TensorInfo]:
     """Every tensor a ``DeepseekV4ForCausalLM`` checkpoint must hold for ``cfg``, by
-    canonical name, with its shape. Raises nothing; pure function of the config."""
+    canonical name, with its shape. ``quant="w8a8"``: the :func:`is_w8a8_weight` tensors are
+    kind ``"int8"`` and each has a ``<name>_scale`` ([out] float32) companion."""
+    if quant not in (None, "w8a8"):
+        raise ValueError(f"quant must be None or 'w8a8', got {quant!r}")
+    t = _expected_float(cfg)
+    if quant is None:
+        return t
+    out: dict[str, TensorInfo] = {}
+    for name, info in t.items():
+        if is_w8a8_weight(name):
+            out[name] = TensorInfo(info.shape, kind="int8")
+            out[name + "_scale"] = TensorInfo((info.shape[0],))
+        else:
+            out[name] = info
+    return out
+
+
+def _expected_float(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
     D, H, HD, QL = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
     G, OL, HC, MIX = cfg.o_groups, cfg.o_lora_rank, cfg.hc_mult, cfg.mix_hc
     E, K, I, V = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size

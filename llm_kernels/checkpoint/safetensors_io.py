@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import DeepSeekV4Config
-from .names import FP32_TENSOR_SUFFIXES, canonical_name, expected_tensors, is_ignored
+from .names import QUANT_METHOD_W8A8, FP32_TENSOR_SUFFIXES, canonical_name, expected_tensors, is_ignored
 
 __all__ = [
     "CheckpointError",
@@ -211,11 +211,30 @@ def _check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...]
 
 
 # ====================================================================== loading
+def checkpoint_quant(path: str | os.PathLike) -> str | None:
+    """``"w8a8"`` if ``config.json`` declares this project's W8A8 format
+    (``quantization_config.quant_method == "llm_kernels_w8a8"``), else None. Raises
+    CheckpointError for another quantization method (e.g. DeepSeek's FP8 release)."""
+    p = Path(path) / "config.json"
+    try:
+        qc = json.loads(p.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None  # from_json reports the problem
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == QUANT_METHOD_W8A8:
+        return "w8a8"
+    raise CheckpointError(f"{p}: quantization_config.quant_method {method!r} is not supported (only "
+                          f"{QUANT_METHOD_W8A8!r}; FP8/FP4 checkpoints must be dequantized first)")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
     progress: bool = True,
+    quant: str | None = None,
 ) -> tuple[DeepSeekV4Config, dict[str, torch.Tensor]]:
     """Load and validate a DeepSeek-V4 checkpoint directory.
 
@@ -229,6 +248,12 @@ def load_checkpoint(
             always returned float32. ``gate.tid2eid`` is returned int64 whenever ``dtype`` is set.
         check_finite: scan every float tensor for NaN/Inf (chunked).
         progress: show a tqdm bar (bytes read); tqdm hides it when stderr is not a terminal.
+        quant: ``None``: as stored. ``"w8a8"``: INT8 weights are returned as
+            :class:`~llm_kernels.reference.deepseek_v4.quant.QuantWeight` under their
+            ``*.weight`` name (a float checkpoint is quantized on load; a W8A8 checkpoint's
+            ``*.weight`` int8 + ``*.weight_scale`` pairs are assembled). ``"none"``: the
+            checkpoint must be float. A W8A8 checkpoint loaded with ``quant=None`` is
+            returned as W8A8.
 
     Returns:
         ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
@@ -249,12 +274,17 @@ def load_checkpoint(
         ValueError: ``dtype`` not None / float32 / bfloat16.
     """
     _check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
+    if quant not in (None, "none", "w8a8"):
+        raise ValueError(f"quant must be None, 'none' or 'w8a8', got {quant!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
     files, wmap = _weight_files(root)
     cfg = DeepSeekV4Config.from_json(root)
-    expected = expected_tensors(cfg)
+    stored_quant = checkpoint_quant(root)
+    if quant == "none" and stored_quant is not None:
+        raise CheckpointError(f"checkpoint {root} is W8A8 (INT8 weights); it cannot be loaded as float")
+    expected = expected_tensors(cfg, stored_quant)
 
     # ---- 1. Read headers: names, shapes, dtypes (no tensor data yet).
     sources: dict[str, _Source] = {}
@@ -313,7 +343,10 @@ def load_checkpoint(
         if shape != info.shape:
             problems.append(f"tensor {lab}: expected shape {list(info.shape)}, got {list(shape)}")
         kind = _ST_DTYPES.get(st_dtype, (None, "unknown"))[1]
-        if info.kind == "int":
+        if info.kind == "int8":
+            if st_dtype != "I8":
+                problems.append(f"tensor {lab}: expected dtype I8 (W8A8 weight), got {st_dtype}")
+        elif info.kind == "int":
             if kind != "int":
                 problems.append(f"tensor {lab}: expected an integer dtype, got {st_dtype}")
             elif _ST_DTYPES[st_dtype][0] is None:
@@ -349,7 +382,9 @@ def load_checkpoint(
                         raise CheckpointError(f"cannot read tensor {_label(name, src)} from {file}: {e} "
                                               "(truncated or corrupt file?)") from e
                     info = expected[name]
-                    if info.kind == "int":
+                    if info.kind == "int8":
+                        pass
+                    elif info.kind == "int":
                         _check_tid2eid(name, src, t, cfg)
                         if dtype is not None:
                             t = t.to(torch.int64)
@@ -362,7 +397,31 @@ def load_checkpoint(
                                 t = t.to(want)
                     out[name] = t
                     bar.update(t.numel() * _itemsize(meta[name][0]))
+    if stored_quant == "w8a8":
+        out = _assemble_w8a8(out, root)
+    elif quant == "w8a8":
+        from .quantized import quantize_weights
+
+        out = quantize_weights(out)
     return cfg, out
+
+
+def _assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
+    """Replace each ``X.weight`` int8 + ``X.weight_scale`` pair by a QuantWeight."""
+    from ..reference.deepseek_v4.quant import QuantWeight
+
+    out: dict = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        if t.dtype == torch.int8:
+            scale = tensors[name + "_scale"].float()
+            if not bool((scale > 0).all()):
+                raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")
+            out[name] = QuantWeight(t, scale)
+        else:
+            out[name] = t
+    return out
 
 
 _ST_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,

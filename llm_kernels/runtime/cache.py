@@ -74,6 +74,8 @@ class CompressorState:
     prev_score: torch.Tensor | None = None
     entries: torch.Tensor = None  # type: ignore[assignment]
     n_entries: int = 0
+    keys_i8: torch.Tensor | None = None      # W8A8 indexer: INT8 keys [capacity, d]
+    keys_scale: torch.Tensor | None = None   # and their dequant scales [capacity, 1]
 
     def __post_init__(self) -> None:
         w = (2 if self.overlap else 1) * self.head_dim
@@ -101,6 +103,22 @@ class CompressorState:
                 f"is {self.capacity} (max_seq_len // ratio)")
         self.entries[self.n_entries: self.n_entries + m] = new
         self.n_entries += m
+
+    def store_int8_keys(self, k_i8: torch.Tensor, k_scale: torch.Tensor) -> None:
+        """Store INT8 keys [m, d] + scales [m, 1] of the ``m`` entries pushed last (W8A8
+        indexer key cache)."""
+        if self.keys_i8 is None:
+            self.keys_i8 = torch.zeros(self.capacity, self.head_dim, dtype=torch.int8)
+            self.keys_scale = torch.zeros(self.capacity, 1)
+        m = k_i8.shape[0]
+        self.keys_i8[self.n_entries - m: self.n_entries] = k_i8
+        self.keys_scale[self.n_entries - m: self.n_entries] = k_scale
+
+    def valid_int8_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n_entries, d] int8, [n_entries, 1] float32) views of the INT8 keys."""
+        if self.keys_i8 is None:
+            return torch.zeros(0, self.head_dim, dtype=torch.int8), torch.zeros(0, 1)
+        return self.keys_i8[: self.n_entries], self.keys_scale[: self.n_entries]
 
 
 @dataclass

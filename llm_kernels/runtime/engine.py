@@ -27,6 +27,7 @@ from ..reference.deepseek_v4 import moe as _moe
 from ..reference.deepseek_v4 import qkv_proj_rope as _qkv
 from ..reference.deepseek_v4 import sparse_attn as _attn
 from ..reference.deepseek_v4.common import linear, rms_norm, rope_cos_sin
+from ..reference.deepseek_v4.quant import QuantWeight
 from .cache import CacheOverflowError, CompressorState, SequenceCache
 from .timing import StageTimer
 
@@ -37,6 +38,8 @@ REFERENCE_OPS = SimpleNamespace(
     linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
     compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
     indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
+    indexer_query_int8=_idx.indexer_query_int8, indexer_keys_int8=_idx.indexer_keys_int8,
+    indexer_scores_int8=_idx.indexer_scores_int8,
     sparse_attn=_attn.sparse_attn, gate=_moe.gate, moe=_moe.moe,
 )
 
@@ -180,13 +183,19 @@ class DeepSeekV4Engine:
                                        torch.full_like(cidx, -1))
                 else:
                     with tm("indexer"):
-                        self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos)
+                        new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos)
                         icos, isin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, pos, dt)
-                        qi, wi = ops.indexer_query(q_res[sl], xn[sl], lw["attn.indexer.wq_b.weight"],
-                                                   lw["attn.indexer.weights_proj.weight"], icos, isin,
-                                                   n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim,
-                                                   dtype=dt)
-                        scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
+                        wq_b = lw["attn.indexer.wq_b.weight"]
+                        args = (q_res[sl], xn[sl], wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
+                        kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
+                        if isinstance(wq_b, QuantWeight):  # W8A8: INT8 keys cached, INT8 scores
+                            if new is not None:
+                                lc.indexer.store_int8_keys(*ops.indexer_keys_int8(new))
+                            qi8, qs, wi = ops.indexer_query_int8(*args, **kw)
+                            scores = ops.indexer_scores_int8(qi8, qs, wi, *lc.indexer.valid_int8_keys())
+                        else:
+                            qi, wi = ops.indexer_query(*args, **kw)
+                            scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
                         top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
                     comp = torch.where(top >= 0, top + base, top)
                 idx = torch.cat([idx, comp], dim=1)
@@ -198,8 +207,10 @@ class DeepSeekV4Engine:
         with tm("hc_post"):
             return ops.hc_post(torch.cat(outs, dim=0), x_hc, post, comb, dt)
 
-    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor) -> None:
-        """Project this step's rows, close every complete window, append its entries."""
+    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor | None:
+        """Project this step's rows, close every complete window, append its entries;
+        returns the new entries [m, d] (None if no window closed)."""
         cfg, dt, ops = self.cfg, self.dtype, self.ops
         expected = st.next_window_start + st.buf_kv.shape[0]
         if int(pos[0]) != expected:
@@ -210,6 +221,7 @@ class DeepSeekV4Engine:
         all_score = torch.cat([st.buf_score, score], dim=0)
         r, d = st.ratio, st.head_dim
         n = all_kv.shape[0] // r
+        new = None
         if n:
             kvw = all_kv[: n * r].view(n, r, all_kv.shape[-1])
             sw = all_score[: n * r].view(n, r, all_score.shape[-1])
@@ -227,6 +239,7 @@ class DeepSeekV4Engine:
             if st.overlap:
                 st.prev_kv, st.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
         st.buf_kv, st.buf_score = all_kv[n * r:].clone(), all_score[n * r:].clone()
+        return new
 
     def _moe(self, lw, layer, x_hc, ids):
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import RopeParameters
+from .quant import QuantWeight, w8a8_linear
 
 __all__ = ["rnd", "linear", "matmul", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
 
@@ -29,10 +30,14 @@ def rnd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).float()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     """``y = x @ wᵀ``: x [..., in], w [out, in] (``nn.Linear`` layout) -> [..., out] float32
     holding ``dtype`` values. Float32: fp32 GEMM. Bfloat16: torch's bf16 GEMM (fp32
-    accumulation inside, one rounding), i.e. the operation bf16 inference runs."""
+    accumulation inside, one rounding), i.e. the operation bf16 inference runs.
+    ``w`` a :class:`~.quant.QuantWeight`: W8A8 (per-row INT8 quant of x, exact INT32 GEMM,
+    fp32 dequant, spec §0.3), rounded to ``dtype``."""
+    if isinstance(w, QuantWeight):
+        return rnd(w8a8_linear(x, w), dtype)
     if dtype == torch.float32:
         return F.linear(x.float(), w.float())
     return F.linear(x.to(dtype), w.to(dtype)).float()

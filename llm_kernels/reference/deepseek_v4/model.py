@@ -14,7 +14,9 @@ from ...config import CSA, HCA, SLIDING, DeepSeekV4Config
 from .common import linear, rms_norm, rnd, rope_cos_sin
 from .compressor import compress_windows, compressor_project
 from .hc import hc_head, hc_post, hc_pre
-from .indexer import indexer_query, indexer_scores, indexer_topk
+from .indexer import (indexer_keys_int8, indexer_query, indexer_query_int8, indexer_scores,
+                      indexer_scores_int8, indexer_topk)
+from .quant import QuantWeight
 from .moe import gate, moe
 from .qkv_proj_rope import qkv_proj_rope
 from .sparse_attn import sparse_attn
@@ -163,10 +165,16 @@ def attention_sublayer(lw: LayerWeights, cfg: DeepSeekV4Config, layer: int, x_hc
             keys = _compress_all(lambda n_: lw[n_], cfg, xn, positions, layer, True, dtype,
                                  "attn.indexer.compressor.")
             icos, isin = rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, positions, dtype)
-            qi, wi = indexer_query(q_res, xn, lw["attn.indexer.wq_b.weight"],
-                                   lw["attn.indexer.weights_proj.weight"], icos, isin,
-                                   n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dtype)
-            top = indexer_topk(indexer_scores(qi, wi, keys), positions, ratio, cfg.index_topk)
+            wq_b = lw["attn.indexer.wq_b.weight"]
+            args = (q_res, xn, wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
+            kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dtype)
+            if isinstance(wq_b, QuantWeight):  # W8A8: Hadamard + INT8 indexer (spec §8)
+                qi8, qs, wi = indexer_query_int8(*args, **kw)
+                scores = indexer_scores_int8(qi8, qs, wi, *indexer_keys_int8(keys))
+            else:
+                qi, wi = indexer_query(*args, **kw)
+                scores = indexer_scores(qi, wi, keys)
+            top = indexer_topk(scores, positions, ratio, cfg.index_topk)
             comp = torch.where(top >= 0, top + T, top)
         idx = torch.cat([idx, comp], dim=1)
     out = sparse_attn(q, pool, idx, lw["attn.attn_sink"], cos, sin, lw["attn.wo_a.weight"],

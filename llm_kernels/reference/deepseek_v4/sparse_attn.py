@@ -13,22 +13,32 @@ from __future__ import annotations
 import torch
 
 from .common import apply_rope, matmul, rnd
+from .quant import QuantWeight, int8_matmul, quant_per_row
 
 __all__ = ["sparse_attn", "grouped_output_proj"]
 
 
-def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, *, o_groups: int,
+def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """Grouped low-rank output projection (spec §9.3).
 
     o [T, H, HD] -> groups of H/G consecutive heads [T, G, (H/G)·HD]; group g is projected
     by rows ``g·OL:(g+1)·OL`` of wo_a [G·OL, (H/G)·HD] to [T, G, OL]; the concatenation
     [T, G·OL] is projected by wo_b [D, G·OL] to [T, D]. Rounded to ``dtype`` after each
-    projection."""
+    projection. W8A8 (``wo_b`` a QuantWeight, spec §9.3): each (token, group) row of OL is
+    quantised on its own, ``out = s_w ⊙ Σ_g s[t,g] · (r_i8[t,g] @ wo_b[:, g]ᵀ)``."""
     T = o.shape[0]
     og = o.float().reshape(T, o_groups, -1)
     wa = wo_a.float().view(o_groups, -1, og.shape[-1])
     r = matmul(og.transpose(0, 1), wa.transpose(1, 2), dtype).transpose(0, 1)   # [T, G, OL]
+    if isinstance(wo_b, QuantWeight):
+        q, s = quant_per_row(r)                                               # [T, G, OL], [T, G, 1]
+        ol = r.shape[-1]
+        wq = wo_b.qweight.view(wo_b.shape[0], o_groups, ol)
+        out = torch.zeros(T, wo_b.shape[0])
+        for g in range(o_groups):
+            out += int8_matmul(q[:, g], wq[:, g]).float() * s[:, g]
+        return rnd(out * wo_b.scale.float(), dtype)
     return matmul(r.reshape(T, -1), wo_b.float().T, dtype)
 
 

@@ -96,7 +96,7 @@ def test_round_trip_as_stored(ckpt):
 
 
 def test_fp32_suffixes_cover_expected_names():
-    names = [n for n in expected_tensors(_cfg()) if is_fp32_tensor(n)]
+    names = [n for n in expected_tensors(_cfg(), quant="w8a8") if is_fp32_tensor(n)]
     for suffix in FP32_TENSOR_SUFFIXES:
         assert any(n.endswith(suffix) for n in names), suffix
     assert not is_fp32_tensor("layers.0.attn.wq_a.weight")

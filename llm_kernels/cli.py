@@ -61,15 +61,9 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
 
 def _ops(backend: str):
     """The stage implementations of a backend: ``reference`` (torch) or ``fused`` (kernels)."""
-    from .runtime.engine import REFERENCE_OPS
+    from .runtime.backends import get_ops
 
-    if backend == "reference":
-        return REFERENCE_OPS
-    try:
-        from .kernels.deepseek_v4 import FUSED_OPS
-    except ImportError as e:
-        raise SystemExit(f"error: the fused backend is not available: {e}") from e
-    return FUSED_OPS
+    return get_ops(backend)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:

@@ -1,0 +1,157 @@
+"""Fused hyper-connection kernels: ``hc_pre`` (RMS + mix GEMV + sigmoid + Sinkhorn +
+collapse in one pass), ``hc_post`` (expand + stream mix) and ``hc_head``.
+
+Same signatures and semantics as :mod:`llm_kernels.reference.deepseek_v4.hc` (spec §3);
+inputs/outputs are float32 torch tensors (bf16-rounded values when ``dtype`` is bf16).
+Each output element is owned by one loop iteration (no parallel float reductions), so
+results are bitwise reproducible for any thread count.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+from numba import prange
+
+from ..common.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
+from ..common.jit import njit_kernel
+
+__all__ = ["hc_pre", "hc_post", "hc_head"]
+
+
+@njit_kernel
+def _round(v, to_bf16):
+    if to_bf16:
+        return bf16_bits_to_f32(f32_to_bf16_bits(np.float32(v)))
+    return np.float32(v)
+
+
+@njit_kernel(parallel=True, fastmath=True)
+def _mix(xf, fn, eps, out):
+    """out[t, m] = rsqrt(mean(xf[t]²) + eps) · (xf[t] · fn[m]); xf [T, K], fn [M, K]."""
+    T, K = xf.shape
+    M = fn.shape[0]
+    for t in range(T):
+        ss = np.float32(0.0)
+        row = xf[t]
+        for k in range(K):
+            ss += row[k] * row[k]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(K) + np.float32(eps))
+        for m in prange(M):  # one output per iteration: deterministic for any thread count
+            acc = np.float32(0.0)
+            w = fn[m]
+            for k in range(K):
+                acc += row[k] * w[k]
+            out[t, m] = acc * r
+
+
+@njit_kernel
+def _weights(m, scale, base, hc, iters, hc_eps, pre, post, comb):
+    """pre/post/comb of every token from its mix logits m [T, (2+hc)·hc] (spec §3.1)."""
+    T = m.shape[0]
+    for t in range(T):
+        for h in range(hc):
+            pre[t, h] = np.float32(1.0) / (np.float32(1.0) + np.exp(-(m[t, h] * scale[0] + base[h]))) + hc_eps
+            post[t, h] = np.float32(2.0) / (np.float32(1.0) + np.exp(-(m[t, hc + h] * scale[1] + base[hc + h])))
+        c = comb[t]
+        for i in range(hc):
+            mx = np.float32(-np.inf)
+            for j in range(hc):
+                v = m[t, 2 * hc + i * hc + j] * scale[2] + base[2 * hc + i * hc + j]
+                c[i, j] = v
+                mx = max(mx, v)
+            s = np.float32(0.0)
+            for j in range(hc):
+                c[i, j] = np.exp(c[i, j] - mx)
+                s += c[i, j]
+            for j in range(hc):
+                c[i, j] = c[i, j] / s + hc_eps
+        for it in range(iters):
+            if it > 0:  # row normalisation (the first round starts with the columns)
+                for i in range(hc):
+                    s = np.float32(0.0)
+                    for j in range(hc):
+                        s += c[i, j]
+                    for j in range(hc):
+                        c[i, j] = c[i, j] / (s + hc_eps)
+            for j in range(hc):
+                s = np.float32(0.0)
+                for i in range(hc):
+                    s += c[i, j]
+                for i in range(hc):
+                    c[i, j] = c[i, j] / (s + hc_eps)
+
+
+@njit_kernel(parallel=True)
+def _collapse(x, pre, to_bf16, out):
+    """out[t, d] = Σ_h pre[t,h] · x[t,h,d], rounded."""
+    T, HC, D = x.shape
+    for i in prange(T * D):
+        t, d = i // D, i % D
+        acc = np.float32(0.0)
+        for h in range(HC):
+            acc += pre[t, h] * x[t, h, d]
+        out[t, d] = _round(acc, to_bf16)
+
+
+@njit_kernel(parallel=True)
+def _post(x, res, post, comb, to_bf16, out):
+    """out[t,j,d] = rnd(rnd(rnd(post[t,j])·x[t,d]) + rnd(Σ_i rnd(comb[t,i,j])·res[t,i,d]))."""
+    T, HC, D = res.shape
+    for n in prange(T * HC):
+        t, j = n // HC, n % HC
+        p = _round(post[t, j], to_bf16)
+        for d in range(D):
+            acc = np.float32(0.0)
+            for i in range(HC):
+                acc += _round(comb[t, i, j], to_bf16) * res[t, i, d]
+            out[t, j, d] = _round(_round(p * x[t, d], to_bf16) + _round(acc, to_bf16), to_bf16)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,
+           hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``hc_pre`` (spec §3.1): x_hc [T, HC, D] -> x_mixed [T, D], post [T, HC],
+    comb [T, HC, HC], float32. Same contract as the reference."""
+    T, HC, D = x_hc.shape
+    x = _np(x_hc)
+    M = hc_fn.shape[0]
+    m = np.empty((T, M), np.float32)
+    _mix(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
+    pre = np.empty((T, HC), np.float32)
+    post = np.empty((T, HC), np.float32)
+    comb = np.empty((T, HC, HC), np.float32)
+    _weights(m, _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters, np.float32(hc_eps), pre, post, comb)
+    out = np.empty((T, D), np.float32)
+    _collapse(x, pre, dtype == torch.bfloat16, out)
+    return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
+
+
+def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Fused ``hc_post`` (spec §3.2): [T, D], [T, HC, D], [T, HC], [T, HC, HC] -> [T, HC, D]."""
+    res = _np(residual)
+    out = np.empty_like(res)
+    _post(_np(x), res, _np(post), _np(comb), dtype == torch.bfloat16, out)
+    return torch.from_numpy(out)
+
+
+def hc_head(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,
+            hc_eps: float, rms_eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Fused ``hc_head`` (spec §3.3): x_hc [T, HC, D] -> [T, D]."""
+    T, HC, D = x_hc.shape
+    x = _np(x_hc)
+    m = np.empty((T, HC), np.float32)
+    _mix(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
+    s, b = float(hc_scale.reshape(-1)[0]), _np(hc_base)
+    pre = (1.0 / (1.0 + np.exp(-(m * np.float32(s) + b)))).astype(np.float32) + np.float32(hc_eps)
+    out = np.empty((T, D), np.float32)
+    _collapse(x, pre, dtype == torch.bfloat16, out)
+    return torch.from_numpy(out)
+
+

@@ -1,0 +1,61 @@
+"""Fused hc_pre / hc_post / hc_head vs the torch reference (golden harness)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_kernels.harness import AllClose, GoldenCase, Normal, TensorSpec, Uniform, run_case
+from llm_kernels.kernels.deepseek_v4 import hc as K
+from llm_kernels.reference.deepseek_v4 import hc as R
+
+KW = dict(hc_mult=4, sinkhorn_iters=20, hc_eps=1e-6, rms_eps=1e-6)
+
+
+def _specs(T, D, dtype, seed):
+    return [TensorSpec("x_hc", (T, 4, D), dtype, Normal(std=1.0, seed=seed)),
+            TensorSpec("hc_fn", (24, 4 * D), torch.float32, Normal(std=(4 * D) ** -0.5, seed=seed + 1)),
+            TensorSpec("hc_scale", (3,), torch.float32, Uniform(0.5, 1.5, seed=seed + 2)),
+            TensorSpec("hc_base", (24,), torch.float32, Normal(std=0.5, seed=seed + 3)),
+            TensorSpec("x", (T, D), dtype, Normal(std=1.0, seed=seed + 4))]
+
+
+# Tolerances: fp32 mixing differs from the reference only in summation order (K = 4·D
+# terms): a few fp32 ulps on O(1) values -> 1e-5. bf16 outputs: one bf16 ulp of the
+# value (rtol 2^-7), from a different rounding decision of an fp32 value on a tie edge.
+@pytest.mark.parametrize("T,D,dtype", [(1, 7168, torch.bfloat16), (8, 4096, torch.bfloat16),
+                                       (3, 100, torch.float32), (5, 128, torch.float32)])
+def test_hc_kernels_match_reference(T, D, dtype):
+    bf = dtype == torch.bfloat16
+    out_cmp = AllClose(rtol=2 ** -7 if bf else 1e-5, atol=1e-5)
+    w_cmp = AllClose(rtol=1e-5, atol=1e-6)
+
+    def run(m):
+        def f(v):
+            x = v["x_hc"].float()
+            xm, post, comb = m.hc_pre(x, v["hc_fn"], v["hc_scale"], v["hc_base"], dtype=dtype, **KW)
+            y = m.hc_post(v["x"].float(), x, post, comb, dtype)
+            head = m.hc_head(x, v["hc_fn"][:4], v["hc_scale"][:1], v["hc_base"][:4], hc_eps=1e-6,
+                             rms_eps=1e-6, dtype=dtype)
+            return {"x_mixed": xm, "post": post, "comb": comb, "hc_post": y, "hc_head": head}
+        return f
+
+    case = GoldenCase(f"hc/T{T}_D{D}_{dtype}", _specs(T, D, dtype, seed=T * 7 + D), run(R), run(K),
+                      {"x_mixed": out_cmp, "post": w_cmp, "comb": w_cmp, "hc_post": out_cmp, "hc_head": out_cmp})
+    assert run_case(case).passed
+
+
+def test_hc_pre_deterministic_across_threads():
+    import numba
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 4096, generator=g)
+    fn = torch.randn(24, 4 * 4096, generator=g) / 128
+    sc, b = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+    outs = []
+    for n in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(n)
+        outs.append(K.hc_pre(x, fn, sc, b, dtype=torch.bfloat16, **KW))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)

@@ -1,0 +1,34 @@
+"""Numba kernel foundation shared by all model kernels (see ``docs/kernels.md``).
+
+Import order matters: :mod:`.jit` is imported first so that ``NUMBA_CACHE_DIR`` (keyed on
+a hash of every kernel source) and the OpenMP threading layer are configured before any
+kernel is compiled. Model kernels should decorate with :func:`jit.njit_kernel`.
+
+Modules:
+
+* :mod:`.jit` — CPU feature dispatch (``HAS_VNNI``, ``LLM_KERNELS_FORCE_FALLBACK``),
+  cache keying, ``njit_kernel``.
+* :mod:`.bf16` — bf16 <-> fp32 bridges (RNE), zero-copy torch views.
+* :mod:`.quant` — per-row dynamic INT8 quantisation (bit-exact golden).
+* :mod:`.gemm` — W8A8 GEMM (VNNI intrinsic kernels + plain fallback), ``W8A8Linear``.
+* :mod:`.norm_rope` — fused RMSNorm + interleaved RoPE.
+* :mod:`.topk` — stable top-k indices with -inf masking.
+* :mod:`.x86` — llvmlite intrinsics (``vpdpbusd`` register tiles).
+"""
+
+from . import jit  # noqa: F401  (first: configures numba before anything compiles)
+from .jit import HAS_AVX512BF16, HAS_VNNI, FORCE_FALLBACK, dispatch_info, dispatch_path, njit_kernel
+from .bf16 import bf16_to_f32, f32_to_bf16, torch_bf16_as_u16, u16_as_torch_bf16
+from .quant import quant_rows
+from .gemm import (PackedW8A8, W8A8Linear, pack_w8a8, w8a8_gemm, w8a8_gemm_fallback,
+                   w8a8_gemm_i32, w8a8_gemm_i32_fallback, w8a8_gemm_i32_vnni, w8a8_gemm_vnni)
+from .norm_rope import apply_rope, rms_norm, rms_norm_rope
+from .topk import topk_indices
+
+__all__ = [
+    "HAS_VNNI", "HAS_AVX512BF16", "FORCE_FALLBACK", "dispatch_path", "dispatch_info",
+    "njit_kernel", "bf16_to_f32", "f32_to_bf16", "torch_bf16_as_u16", "u16_as_torch_bf16",
+    "quant_rows", "PackedW8A8", "W8A8Linear", "pack_w8a8", "w8a8_gemm", "w8a8_gemm_i32",
+    "w8a8_gemm_vnni", "w8a8_gemm_i32_vnni", "w8a8_gemm_fallback", "w8a8_gemm_i32_fallback",
+    "rms_norm_rope", "rms_norm", "apply_rope", "topk_indices",
+]

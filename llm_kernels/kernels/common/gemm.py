@@ -1,0 +1,638 @@
+"""W8A8 INT8 GEMM for decode: per-token INT8 activations x per-channel INT8 weights.
+
+Numerics (golden: ``llm_kernels/reference/deepseek_v4/quant.py::w8a8_linear`` /
+``int8_matmul``)::
+
+    acc[t, n] = Σ_k q_x[t, k] * q_w[n, k]                  exact int32
+    y[t, n]   = fl(fl(float32(acc[t, n]) * s_x[t]) * s_w[n])
+
+(torch evaluates ``acc.float() * s * w.scale`` left to right in float32, so this order is
+reproduced and every output is bitwise equal to the golden given the same quantised
+inputs.) No fastmath anywhere in this module's arithmetic on floats.
+
+Two kernel families, both exact:
+
+* **VNNI** (``layout="vnni"``, the default when :data:`jit.USE_VNNI`): ``vpdpbusd``
+  multiplies *unsigned* by signed bytes, so activations are stored as ``u8 = q + 128`` and
+  the zero point is removed in the epilogue with the per-row weight sums precomputed at
+  pack time: ``Σ (q+128)·w = acc + 128·Σ_k w[n, k]``.
+
+  Layouts ("broadcast" form, as in fbgemm/TVM): weights pre-packed once into
+  ``[Np/16][Kp/4][16][4]`` int8 (one 64-byte zmm = 4 consecutive k of 16 output channels),
+  activations packed per call into ``[Kp/4][TP][4]`` u8; ``Kp`` = K rounded up to 4 (zero
+  weights), ``Np`` = N rounded up to 64 (zero rows), ``TP`` = T padded to a compiled tile
+  height (:func:`padded_tokens`, q = 0 rows). A register tile holds ``TT x NB`` zmm
+  accumulators (TT tokens x NB blocks of 16 channels): per k-group each weight vector
+  feeds TT ``vpdpbusd`` and each 4-byte activation broadcast feeds NB, and results come
+  out in output order (no horizontal reductions).
+
+  Schedule: ``prange`` over 64-column chunks (static split, no reductions). For
+  ``T <= 16`` one tile covers all tokens and the chunk's weights are streamed from DRAM
+  exactly once ("row streaming"; NB = 4 for T <= 6, 2 for T <= 12, 1 for T <= 16, with a
+  software prefetch 2-8 KiB ahead for T >= 3, see :func:`_prefetch_for`). For ``T > 16``
+  (prefill) the tokens are split into tiles of 16 over K-blocks of ``K_CHUNK`` so the
+  chunk's weights are re-read from L2 by every token tile. Measured on this machine vs
+  the lab's row-dot kernels on the plain ``[N, K]`` layout (``4x4`` register tiles with
+  horizontal reductions): equal at T=1, 1.3-1.5x faster at T=4, ~2x at T=16.
+  int32 accumulators cannot overflow while ``K <= 66_000`` (255·127·K < 2^31); larger K
+  raises.
+* **Fallback** (``layout="nk"``): plain auto-vectorised Numba on the unpacked ``[N, K]``
+  int8 weight, one output per inner loop, accumulator kept in int32 with explicit
+  ``np.int32`` wraps (otherwise Numba promotes to int64 and LLVM emits slow ``vpmuldq``;
+  with the wraps it emits ``vpmaddwd``). Exact for ``K <= 133_000``.
+
+Determinism: each output element is computed by exactly one ``prange`` iteration (the
+split is over output columns only) and integer accumulation is exact, so results are
+bitwise identical across calls and thread counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import prange
+
+from . import jit
+from .bf16 import as_kernel_input, load_f32
+from .jit import njit_kernel
+from .quant import quant_row_f32, quant_rows
+from .x86 import VNNI_NB, vnni_bcast_tile
+
+__all__ = [
+    "PackedW8A8", "pack_w8a8", "w8a8_gemm", "w8a8_gemm_i32", "w8a8_gemm_fallback",
+    "w8a8_gemm_i32_fallback", "w8a8_gemm_vnni", "w8a8_gemm_i32_vnni", "W8A8Linear",
+    "CHUNK_N", "MAX_TILE_T", "K_CHUNK", "TILE_HEIGHTS", "padded_tokens",
+]
+
+#: Output columns per parallel work item of the VNNI kernel (4 zmm blocks of 16).
+CHUNK_N = 16 * VNNI_NB
+#: Largest token tile: TT x NB register tiles with NB = 4 (TT <= 6), 2 (TT <= 12) or
+#: 1 (TT <= 16) blocks of 16 channels, i.e. at most 24 zmm accumulators.
+MAX_TILE_T = 16
+#: K elements per cache block when T > MAX_TILE_T (weights of one chunk and K-block:
+#: 64*K_CHUNK bytes, L2-resident while every token tile passes over them).
+K_CHUNK = 1024
+_KG_CHUNK = K_CHUNK // 4
+_MAX_K_VNNI = 66_000
+_MAX_K_PLAIN = 133_000
+
+
+def _nb_for(tt: int) -> int:
+    """Weight blocks (of 16 channels) per register tile with ``tt`` tokens."""
+    return 4 if tt <= 6 else (2 if tt <= 12 else 1)
+
+
+def _prefetch_for(tt: int) -> int:
+    """Software-prefetch distance (bytes ahead in each weight stream) per tile height.
+
+    Measured on the 2-core Zen 5 guest with weights streaming from DRAM (see
+    ``benchmarks/bench_gemm.py``): the hardware prefetcher alone keeps up while the tile
+    does little work per weight byte (T <= 6: within +-5 %), but not when it does a lot:
+    T=8 +30 % with 4 KiB, T=16 +50-80 % with 8 KiB (1.1 -> 1.65-2.0 TOP/s)."""
+    return 0 if tt <= 2 else (2048 if tt <= 6 else (4096 if tt <= 12 else 8192))
+
+
+#: Compiled register-tile heights. Other token counts are padded up to the next height
+#: with q = 0 rows (at most 3 wasted rows; T <= 16 is memory-bound, so padding is free
+#: while it keeps the weights streaming in a single pass). Fewer variants = faster cold
+#: compiles of the one core kernel.
+TILE_HEIGHTS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
+(_T1, _T2, _T3, _T4, _T5, _T6, _T8, _T12, _T16) = [
+    vnni_bcast_tile(tt, _nb_for(tt), _prefetch_for(tt)) for tt in TILE_HEIGHTS]
+
+
+def padded_tokens(T: int) -> int:
+    """Rows of the packed activation buffer for ``T`` tokens: tiles of 16 plus one
+    remainder tile padded up to the next entry of :data:`TILE_HEIGHTS`."""
+    n16, r = divmod(int(T), MAX_TILE_T)
+    if r == 0:
+        return T
+    return n16 * MAX_TILE_T + next(h for h in TILE_HEIGHTS if h >= r)
+
+
+def _aligned_empty(n: int, dtype: Any, align: int = 64) -> np.ndarray:
+    """1-D uninitialised array of ``n`` elements whose data pointer is ``align``-aligned."""
+    dt = np.dtype(dtype)
+    raw = np.empty(n * dt.itemsize + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n * dt.itemsize].view(dt)
+
+
+# --------------------------------------------------------------------------- packing kernels
+@njit_kernel(parallel=True)
+def _pack_w_bcast(wq, wp, KG, NBLK):
+    N, K = wq.shape
+    for blk in prange(NBLK):
+        for kg in range(KG):
+            base = (blk * KG + kg) * 64
+            for l in range(16):
+                n = blk * 16 + l
+                for b in range(4):
+                    k = kg * 4 + b
+                    v = np.int8(0)
+                    if n < N and k < K:
+                        v = wq[n, k]
+                    wp[base + 4 * l + b] = v
+
+
+@njit_kernel(parallel=True)
+def _pack_w_bcast32(w32, wp32, KG, NBLK):
+    """Fast path of :func:`_pack_w_bcast` for K % 4 == 0: moves 4-byte k-groups as uint32
+    (``w32`` = the weight viewed as uint32 [N, K/4]); rows >= N are zero."""
+    N = w32.shape[0]
+    for blk in prange(NBLK):
+        base = blk * KG * 16
+        for l in range(16):
+            n = blk * 16 + l
+            if n < N:
+                row = w32[n]
+                for kg in range(KG):
+                    wp32[base + kg * 16 + l] = row[kg]
+            else:
+                for kg in range(KG):
+                    wp32[base + kg * 16 + l] = np.uint32(0)
+
+
+@njit_kernel(parallel=True)
+def _row_sums(wq, out):
+    K = wq.shape[1]
+    for n in prange(wq.shape[0]):
+        wr = wq[n]
+        s = np.int32(0)
+        for k in range(K):
+            s = np.int32(s + np.int32(wr[k]))
+        out[n] = s
+
+
+# --------------------------------------------------------------------------- packed weight
+class PackedW8A8:
+    """A W8 weight prepared for :func:`w8a8_gemm`.
+
+    Attributes:
+        n, k: logical shape ``[N, K]`` of the weight.
+        layout: ``"vnni"`` (broadcast-packed, ``data`` int8 1-D ``Np*Kp``) or ``"nk"``
+            (``data`` = the C-contiguous ``[N, K]`` int8 weight).
+        scale: float32 ``[N]`` per-output-channel scales.
+        wsum: int32 ``[N]`` row sums ``Σ_k q_w[n, k]`` (zero-point correction of the VNNI
+            path: the kernel subtracts ``128 * wsum``).
+        kp, np_: padded K (multiple of 4) and N (multiple of 64) of the VNNI layout.
+    """
+
+    __slots__ = ("n", "k", "layout", "data", "scale", "wsum", "wsum128", "kp", "np_")
+
+    def __init__(self, n, k, layout, data, scale, wsum, kp, np_):
+        self.n, self.k, self.layout, self.data = n, k, layout, data
+        self.scale, self.wsum, self.kp, self.np_ = scale, wsum, kp, np_
+        self.wsum128 = np.zeros(np_, np.int32)
+        self.wsum128[:n] = wsum * np.int32(128)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight payload (excluding scales/sums)."""
+        return int(self.data.nbytes)
+
+    def __repr__(self) -> str:
+        return f"PackedW8A8(N={self.n}, K={self.k}, layout={self.layout!r})"
+
+
+def _to_numpy(a: Any, name: str) -> np.ndarray:
+    try:
+        import torch
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                raise TypeError(f"{name}: expected a CPU tensor, got {a.device}")
+            return a.detach().contiguous().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(a).__name__}")
+    return a
+
+
+def _check_qweight(qweight: Any, scale: Any) -> tuple[np.ndarray, np.ndarray]:
+    w = _to_numpy(qweight, "qweight")
+    s = _to_numpy(scale, "scale")
+    if w.dtype != np.int8 or w.ndim != 2:
+        raise TypeError(f"qweight must be 2-D int8 [N, K], got {w.dtype} {w.shape}")
+    if s.shape != (w.shape[0],) or s.dtype != np.float32:
+        raise ValueError(f"scale must be float32 [N={w.shape[0]}], got {s.dtype} {s.shape}")
+    return np.ascontiguousarray(w), np.ascontiguousarray(s)
+
+
+def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8:
+    """Prepare an INT8 weight for :func:`w8a8_gemm`.
+
+    Args:
+        qweight: int8 ``[N, K]`` (``nn.Linear`` layout; numpy or CPU torch), e.g.
+            ``QuantWeight.qweight`` of the golden ``quantize_weight``.
+        scale: float32 ``[N]`` per-output-channel scales.
+        layout: ``"vnni"`` (broadcast-packed for the VNNI kernel), ``"nk"`` (plain, for the
+            fallback kernel) or ``None`` = the active dispatch path (:func:`jit.dispatch_path`).
+
+    Returns:
+        :class:`PackedW8A8` (the ``"vnni"`` layout copies the weight; ``"nk"`` keeps a
+        contiguous view/copy of it).
+
+    Raises:
+        TypeError/ValueError: bad dtypes/shapes; ValueError for ``layout="vnni"`` with
+        K > 66000, for ``"nk"`` with K > 133000, or an unknown layout;
+        RuntimeError for ``layout="vnni"`` on a CPU without AVX512-VNNI.
+    """
+    w, s = _check_qweight(qweight, scale)
+    N, K = w.shape
+    layout = jit.dispatch_path() if layout is None else layout
+    if layout == "fallback":
+        layout = "nk"
+    wsum = np.empty(N, np.int32)
+    if N:
+        _row_sums(w, wsum)
+    if layout == "vnni":
+        if not jit.HAS_VNNI:
+            raise RuntimeError("layout='vnni' needs a CPU with AVX512-VNNI")
+        if K > _MAX_K_VNNI:
+            raise ValueError(f"K={K} too large for exact int32 accumulation of u8*s8 (max {_MAX_K_VNNI})")
+        kp = max(4, -(-K // 4) * 4)
+        np_ = max(CHUNK_N, -(-N // CHUNK_N) * CHUNK_N)
+        wp = _aligned_empty(np_ * kp, np.int8)
+        if K % 4 == 0 and K:
+            _pack_w_bcast32(w.view(np.uint32), wp.view(np.uint32), kp // 4, np_ // 16)
+        else:
+            _pack_w_bcast(w, wp, kp // 4, np_ // 16)
+        return PackedW8A8(N, K, "vnni", wp, s, wsum, kp, np_)
+    if layout == "nk":
+        if K > _MAX_K_PLAIN:
+            raise ValueError(f"K={K} too large for exact int32 accumulation (max {_MAX_K_PLAIN})")
+        return PackedW8A8(N, K, "nk", w, s, wsum, K, N)
+    raise ValueError(f"unknown layout {layout!r} (expected 'vnni', 'nk' or None)")
+
+
+# --------------------------------------------------------------------------- VNNI kernels
+@njit_kernel
+def _tile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum):
+    """One ``tt x 64`` output tile (``tt`` in TILE_HEIGHTS) = ``4/NB`` register-tile passes."""
+    if tt == 1:
+        _T1(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 2:
+        _T2(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 3:
+        _T3(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 4:
+        _T4(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 5:
+        _T5(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 6:
+        _T6(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
+    elif tt == 8:
+        for j in range(2):
+            _T8(xp, x_off, xks, wp, w_off + j * 2 * wbs, wbs, nkg, acc, a_off + j * 32, ats,
+                  accum)
+    elif tt == 12:
+        for j in range(2):
+            _T12(xp, x_off, xks, wp, w_off + j * 2 * wbs, wbs, nkg, acc, a_off + j * 32, ats,
+                  accum)
+    else:
+        for j in range(4):
+            _T16(xp, x_off, xks, wp, w_off + j * 1 * wbs, wbs, nkg, acc, a_off + j * 16, ats,
+                  accum)
+
+
+@njit_kernel
+def _chunk_acc(c, xp, T, KG, wp, acc):
+    """u8*s8 int32 accumulators (no zero-point correction) of output columns
+    [64c, 64c+64) for all T (padded) tokens into the chunk-local ``acc[t*64 + j]``."""
+    wbs = KG * 64
+    xks = T * 4
+    w_off = c * VNNI_NB * wbs
+    if T <= MAX_TILE_T:  # T is a tile height: one pass streams the weights once
+        _tile(T, xp, 0, xks, wp, w_off, wbs, KG, acc, 0, CHUNK_N, False)
+        return
+    # several token tiles: K-blocked so the chunk's weights are re-read from L1/L2
+    for kc in range(0, KG, _KG_CHUNK):
+        nk = min(_KG_CHUNK, KG - kc)
+        t0 = 0
+        while t0 < T:
+            tt = min(MAX_TILE_T, T - t0)
+            _tile(tt, xp, kc * xks + t0 * 4, xks, wp, w_off + kc * 64, wbs, nk, acc,
+                  t0 * CHUNK_N, CHUNK_N, kc > 0)
+            t0 += tt
+
+
+@njit_kernel
+def _epilogue_f32(acc, wsum128, sx, sw, out, T, n0, n1):
+    """out[t, n] = fl(fl(f32(acc - 128*wsum) * sx[t]) * sw[n]) for n in [n0, n1), from the
+    chunk-local ``acc`` [TP, 64]. Written over slices (not ``range(n0, min(..))``) so that
+    LLVM vectorises it: a scalar epilogue between streaming tiles cost ~15 % at T=16."""
+    ws = wsum128[n0:n1]
+    s_w = sw[n0:n1]
+    m = n1 - n0
+    for t in range(T):
+        a = acc[t * CHUNK_N:t * CHUNK_N + m]
+        o = out[t, n0:n1]
+        s = sx[t]
+        for i in range(m):
+            o[i] = np.float32(np.float32(np.float32(np.int32(a[i] - ws[i])) * s) * s_w[i])
+
+
+@njit_kernel
+def _epilogue_i32(acc, wsum128, out, T, n0, n1):
+    ws = wsum128[n0:n1]
+    m = n1 - n0
+    for t in range(T):
+        a = acc[t * CHUNK_N:t * CHUNK_N + m]
+        o = out[t, n0:n1]
+        for i in range(m):
+            o[i] = np.int32(a[i] - ws[i])
+
+
+@njit_kernel(parallel=True)
+def _vnni_core(xp, T, TP, KG, wp, NP, N, wsum128, sx, sw, want_f32, out_i32, out_f32):
+    """The one VNNI GEMM kernel (a single compiled signature serves every entry point).
+
+    ``xp``: packed activations ``[KG][TP][4]`` u8 (``TP = padded_tokens(T)``); ``wp``:
+    packed weights; writes either the exact int32 result into ``out_i32`` [T, N] or the
+    dequantised float32 into ``out_f32`` [T, N] (``want_f32``). Each 64-column chunk is
+    one prange iteration: register tiles into a chunk-local int32 buffer (L1), then the
+    epilogue of that chunk."""
+    for c in prange(NP // CHUNK_N):
+        acc = np.empty(TP * CHUNK_N, np.int32)
+        _chunk_acc(c, xp, TP, KG, wp, acc)
+        n0 = c * CHUNK_N
+        n1 = min(N, n0 + CHUNK_N)
+        if want_f32:
+            _epilogue_f32(acc, wsum128, sx, sw, out_f32, T, n0, n1)
+        else:
+            _epilogue_i32(acc, wsum128, out_i32, T, n0, n1)
+
+
+@njit_kernel
+def _pack_x_row(q, xp32, t, TP):
+    """Scatter one int8 row ``q`` [KG*4] (K padding already 0) into the ``[KG][TP][4]`` u8
+    layout as ``q + 128``: one 32-bit word per k-group; ``q + 128`` of a two's-complement
+    byte is ``q ^ 0x80``."""
+    qw = q.view(np.uint32)
+    for kg in range(qw.size):
+        xp32[kg * TP + t] = qw[kg] ^ np.uint32(0x80808080)
+
+
+@njit_kernel
+def _pack_x_pad(xp32, T, TP, KG):
+    """Padding token rows T..TP-1: q = 0 (u8 128)."""
+    for kg in range(KG):
+        for t in range(T, TP):
+            xp32[kg * TP + t] = np.uint32(0x80808080)
+
+
+@njit_kernel(parallel=True)
+def _pack_x_i8(xq, xp, TP, KG):
+    T, K = xq.shape
+    xp32 = xp.view(np.uint32)
+    for t in prange(T):
+        q = np.zeros(KG * 4, np.int8)
+        q[:K] = xq[t]
+        _pack_x_row(q, xp32, t, TP)
+    _pack_x_pad(xp32, T, TP, KG)
+
+
+@njit_kernel(parallel=True)
+def _quant_pack_x(x, xp, sx, TP, KG):
+    """Per-row quantisation (bit-exact golden) of float32/bf16 ``x`` [T, K] straight into
+    the packed u8 activation layout ``[KG][TP][4]``; scales into ``sx`` [T]."""
+    T, K = x.shape
+    xp32 = xp.view(np.uint32)
+    for t in prange(T):
+        buf = np.empty(K, np.float32)
+        q = np.zeros(KG * 4, np.int8)
+        xr = x[t]
+        for k in range(K):
+            buf[k] = load_f32(xr[k])
+        sx[t] = quant_row_f32(buf, q[:K])
+        _pack_x_row(q, xp32, t, TP)
+    _pack_x_pad(xp32, T, TP, KG)
+
+
+_DUMMY_I32 = np.zeros((1, 1), np.int32)
+_DUMMY_F32 = np.zeros((1, 1), np.float32)
+
+
+# --------------------------------------------------------------------------- fallback kernels
+@njit_kernel
+def _dot_i8(a, b):
+    s = np.int32(0)
+    for k in range(a.size):
+        s = np.int32(s + np.int32(a[k]) * np.int32(b[k]))
+    return s
+
+
+@njit_kernel(parallel=True)
+def _plain_core(xq, sx, wq, sw, want_f32, out_i32, out_f32):
+    """The one fallback kernel: prange over output channels n (weight row in L1, reused
+    by every token); exact int32 dot products; optional float32 dequant."""
+    T = xq.shape[0]
+    for n in prange(wq.shape[0]):
+        wr = wq[n]
+        s_w = sw[n]
+        for t in range(T):
+            acc = _dot_i8(xq[t], wr)
+            if want_f32:
+                out_f32[t, n] = np.float32(np.float32(np.float32(acc) * sx[t]) * s_w)
+            else:
+                out_i32[t, n] = acc
+
+
+# --------------------------------------------------------------------------- public API
+def _check_x(xq: Any, sx: Any | None, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    x = _to_numpy(xq, "xq")
+    if x.dtype != np.int8 or x.ndim != 2:
+        raise TypeError(f"xq must be 2-D int8 [T, K], got {x.dtype} {x.shape}")
+    if x.shape[1] != k:
+        raise ValueError(f"xq has K={x.shape[1]}, weight has K={k}")
+    x = np.ascontiguousarray(x)
+    if sx is None:
+        return x, None
+    s = _to_numpy(sx, "sx")
+    if s.dtype != np.float32 or s.size != x.shape[0] or s.ndim not in (1, 2):
+        raise ValueError(f"sx must be float32 [T] or [T, 1] with T={x.shape[0]}, got {s.dtype} {s.shape}")
+    return x, np.ascontiguousarray(s.reshape(-1))
+
+
+def _require_vnni(w: PackedW8A8) -> None:
+    if w.layout != "vnni":
+        raise ValueError(f"weight layout is {w.layout!r}, the VNNI kernel needs 'vnni'")
+    if not jit.HAS_VNNI:  # pragma: no cover - a vnni-packed weight cannot exist then
+        raise RuntimeError("the VNNI kernel needs a CPU with AVX512-VNNI")
+
+
+def w8a8_gemm_i32_vnni(xq: Any, w: PackedW8A8) -> np.ndarray:
+    """Exact int32 ``xq @ q_wᵀ`` with the VNNI kernel.
+
+    Args: ``xq`` int8 ``[T, K]``; ``w`` packed with ``layout="vnni"``.
+    Returns: int32 ``[T, N]``, equal to the golden ``int8_matmul``.
+    Raises: TypeError/ValueError on dtype/shape/layout mismatch."""
+    _require_vnni(w)
+    x, _ = _check_x(xq, None, w.k)
+    T = x.shape[0]
+    out = np.empty((T, w.n), np.int32)
+    if T and w.n:
+        TP = padded_tokens(T)
+        xp = np.empty(w.kp * TP, np.uint8)
+        _pack_x_i8(x, xp, TP, w.kp // 4)
+        _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, _DUMMY_F32[0],
+                   w.scale, False, out, _DUMMY_F32)
+    return out
+
+
+def w8a8_gemm_vnni(xq: Any, sx: Any, w: PackedW8A8) -> np.ndarray:
+    """``y = fl(fl(acc * sx[t]) * s_w[n])`` with the VNNI kernel (see module docstring).
+
+    Args: ``xq`` int8 ``[T, K]``, ``sx`` float32 ``[T]`` (or ``[T, 1]``), ``w`` packed with
+    ``layout="vnni"``. Returns float32 ``[T, N]``, bitwise equal to the golden
+    ``w8a8_linear`` for the same quantised inputs. Raises TypeError/ValueError."""
+    _require_vnni(w)
+    x, s = _check_x(xq, sx, w.k)
+    T = x.shape[0]
+    out = np.empty((T, w.n), np.float32)
+    if T and w.n:
+        TP = padded_tokens(T)
+        xp = np.empty(w.kp * TP, np.uint8)
+        _pack_x_i8(x, xp, TP, w.kp // 4)
+        _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, s, w.scale, True,
+                   _DUMMY_I32, out)
+    return out
+
+
+def _plain_weight(qweight: Any, scale: Any | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(qweight, PackedW8A8):
+        if qweight.layout != "nk":
+            raise ValueError("the fallback kernel needs an unpacked [N, K] weight (layout='nk')")
+        return qweight.data, qweight.scale
+    w = _to_numpy(qweight, "qweight")
+    if w.dtype != np.int8 or w.ndim != 2:
+        raise TypeError(f"qweight must be 2-D int8 [N, K], got {w.dtype} {w.shape}")
+    if w.shape[1] > _MAX_K_PLAIN:
+        raise ValueError(f"K={w.shape[1]} too large for exact int32 accumulation")
+    s = None
+    if scale is not None:
+        s = _to_numpy(scale, "scale")
+        if s.shape != (w.shape[0],) or s.dtype != np.float32:
+            raise ValueError(f"scale must be float32 [N={w.shape[0]}], got {s.dtype} {s.shape}")
+        s = np.ascontiguousarray(s)
+    return np.ascontiguousarray(w), s
+
+
+def w8a8_gemm_i32_fallback(xq: Any, qweight: Any) -> np.ndarray:
+    """Exact int32 ``xq @ qweightᵀ`` with the plain (non-intrinsic) kernel.
+
+    Args: ``xq`` int8 ``[T, K]``; ``qweight`` int8 ``[N, K]`` or a ``layout="nk"``
+    :class:`PackedW8A8`. Returns int32 ``[T, N]``. Raises TypeError/ValueError."""
+    w, _ = _plain_weight(qweight)
+    x, _ = _check_x(xq, None, w.shape[1])
+    out = np.empty((x.shape[0], w.shape[0]), np.int32)
+    if out.size:
+        _plain_core(x, _DUMMY_F32[0], w, _DUMMY_F32[0], False, out, _DUMMY_F32)
+    return out
+
+
+def w8a8_gemm_fallback(xq: Any, sx: Any, qweight: Any, scale: Any | None = None) -> np.ndarray:
+    """W8A8 GEMM + dequant with the plain kernel; same contract as :func:`w8a8_gemm_vnni`.
+
+    Args: ``xq`` int8 ``[T, K]``, ``sx`` float32 ``[T]``/``[T, 1]``; ``qweight`` int8
+    ``[N, K]`` with ``scale`` float32 ``[N]``, or a ``layout="nk"`` :class:`PackedW8A8`
+    (then ``scale`` is ignored). Returns float32 ``[T, N]``. Raises TypeError/ValueError."""
+    w, s_w = _plain_weight(qweight, scale)
+    if s_w is None:
+        raise ValueError("scale is required with a raw int8 weight")
+    x, s = _check_x(xq, sx, w.shape[1])
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    if out.size:
+        _plain_core(x, s, w, s_w, True, _DUMMY_I32, out)
+    return out
+
+
+def w8a8_gemm_i32(xq: Any, w: PackedW8A8) -> np.ndarray:
+    """Exact int32 accumulators ``[T, N]`` with the kernel matching ``w.layout``."""
+    if w.layout == "vnni":
+        return w8a8_gemm_i32_vnni(xq, w)
+    return w8a8_gemm_i32_fallback(xq, w)
+
+
+def w8a8_gemm(xq: Any, sx: Any, w: PackedW8A8) -> np.ndarray:
+    """W8A8 GEMM + dequant ``[T, N]`` float32 with the kernel matching ``w.layout``
+    (quantised activations in: ``xq`` int8 ``[T, K]``, ``sx`` float32 ``[T]``)."""
+    if w.layout == "vnni":
+        return w8a8_gemm_vnni(xq, sx, w)
+    return w8a8_gemm_fallback(xq, sx, w)
+
+
+class W8A8Linear:
+    """A W8A8 linear layer ``y = x @ Wᵀ`` holding a pre-packed INT8 weight.
+
+    ``__call__(x)`` fuses per-token quantisation (bit-exact ``quant_per_row``), packing,
+    the INT8 GEMM and the dequant epilogue in one Numba call; the result is bitwise equal
+    to the golden ``w8a8_linear(x, QuantWeight(qweight, scale))``.
+
+    Args:
+        qweight: int8 ``[N, K]``; scale: float32 ``[N]``.
+        layout: ``"vnni"``, ``"nk"`` or ``None`` (active dispatch path).
+    """
+
+    def __init__(self, qweight: Any, scale: Any, layout: str | None = None) -> None:
+        self.packed = pack_w8a8(qweight, scale, layout)
+
+    @classmethod
+    def from_quant_weight(cls, qw: Any, layout: str | None = None) -> "W8A8Linear":
+        """From the golden's ``QuantWeight`` (``.qweight`` int8, ``.scale`` float32)."""
+        return cls(qw.qweight, qw.scale, layout)
+
+    @classmethod
+    def from_float(cls, w: Any, layout: str | None = None) -> "W8A8Linear":
+        """Quantise a float weight ``[N, K]`` per output channel with the golden recipe
+        (``reference.deepseek_v4.quant.quantize_weight``) and pack it."""
+        from ...reference.deepseek_v4.quant import quantize_weight
+
+        return cls.from_quant_weight(quantize_weight(w), layout)
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.k
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.n
+
+    @property
+    def layout(self) -> str:
+        return self.packed.layout
+
+    def __repr__(self) -> str:
+        return f"W8A8Linear(in={self.packed.k}, out={self.packed.n}, layout={self.packed.layout!r})"
+
+    def __call__(self, x: Any) -> Any:
+        """``x`` ``[..., K]`` float32 or bfloat16 (torch CPU tensor, numpy float32, or numpy
+        uint16 bf16 bits) -> float32 ``[..., N]`` (a torch tensor for torch input, else
+        numpy). Raises TypeError/ValueError on a bad dtype or K."""
+        a, _ = as_kernel_input(x)
+        w = self.packed
+        if a.ndim == 0 or a.shape[-1] != w.k:
+            raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
+        lead = a.shape[:-1]
+        a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), w.k)
+        out = np.empty((a2.shape[0], w.n), np.float32)
+        if out.size:
+            if w.layout == "vnni":
+                T = a2.shape[0]
+                TP = padded_tokens(T)
+                xp = np.empty(w.kp * TP, np.uint8)
+                sx = np.empty(T, np.float32)
+                _quant_pack_x(a2, xp, sx, TP, w.kp // 4)
+                _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, sx, w.scale,
+                           True, _DUMMY_I32, out)
+            else:
+                xq, sx = quant_rows(a2)
+                _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)
+        out = out.reshape(*lead, w.n)
+        if not isinstance(x, np.ndarray):
+            import torch
+
+            return torch.from_numpy(out)
+        return out

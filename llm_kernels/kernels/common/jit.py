@@ -1,0 +1,198 @@
+"""Numba infrastructure shared by every kernel: CPU dispatch, cache keying, ``njit_kernel``.
+
+Import this module before anything compiles a kernel (``llm_kernels.kernels.common``
+imports it first). On import it:
+
+1. **Keys the Numba cache on all kernel sources.** Numba's on-disk cache (``cache=True``)
+   checks only the timestamp/size of the file that holds the jitted function. Editing an
+   ``@njit`` helper (or an ``@intrinsic``) in *another* module does not invalidate the
+   functions that call it, so a stale machine-code kernel keeps running (reproduced in
+   ``shared/design/cpu_kernel_lab.md`` §6: after changing a helper from ``x+1`` to
+   ``x+2`` the caller still returned the old result). We therefore point
+   ``NUMBA_CACHE_DIR`` at ``~/.cache/llm_kernels/numba/<h>`` where ``h`` is the first 16
+   hex digits of the SHA-256 of every ``llm_kernels/kernels/**/*.py`` (relative path +
+   contents, sorted by path). Any edit to any kernel source selects a fresh directory, so
+   nothing stale can be loaded. A user-set ``NUMBA_CACHE_DIR`` is respected untouched
+   (then the user owns invalidation). ``$LLM_KERNELS_CACHE`` moves the root like it does
+   for the rest of the project (``$LLM_KERNELS_CACHE/numba/<h>``).
+2. **Pins the threading layer to OpenMP** (``NUMBA_THREADING_LAYER=omp``) unless the user
+   chose one: an empty ``prange`` launch costs ~1.4 µs with ``omp`` vs 25-87 µs with
+   ``workqueue``, which matters for decode-sized ops (lab notes §6). If the OpenMP layer
+   cannot be loaded the choice is left to Numba.
+3. **Detects CPU features** with ``llvmlite.binding.get_host_cpu_features()``: the VNNI
+   (``vpdpbusd``) kernels are only *compiled and called* when ``HAS_VNNI`` is true —
+   compiling the intrinsic for a CPU without AVX512-VNNI fails inside LLVM, running it
+   would SIGILL. ``LLM_KERNELS_FORCE_FALLBACK=1`` (read once, at import) forces the plain
+   auto-vectorised kernels everywhere; :func:`dispatch_path` reports the active path.
+
+Determinism rule for all kernels: every output element is produced by exactly one
+``prange`` iteration in a fixed order, and no ``prange`` loop carries a floating-point
+reduction, so results are bitwise identical across calls and across thread counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "HAS_AVX512F", "HAS_AVX512BW", "HAS_VNNI", "HAS_AVX512BF16", "FORCE_FALLBACK", "USE_VNNI",
+    "CPU_FEATURES", "FORCE_FALLBACK_ENV", "kernel_source_hash", "kernel_cache_dir",
+    "dispatch_path", "dispatch_info", "njit_kernel", "prune_stale_caches",
+]
+
+FORCE_FALLBACK_ENV = "LLM_KERNELS_FORCE_FALLBACK"
+_KERNELS_ROOT = Path(__file__).resolve().parent.parent  # llm_kernels/kernels
+
+
+# --------------------------------------------------------------------------- cache keying
+def kernel_source_hash(root: Path | None = None) -> str:
+    """SHA-256 (hex, first 16 digits) of every ``*.py`` under ``llm_kernels/kernels``.
+
+    Each file contributes its path relative to ``root`` and its bytes (sorted by path), so
+    adding, removing, renaming or editing any kernel module changes the hash."""
+    root = _KERNELS_ROOT if root is None else Path(root)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py"), key=lambda q: q.relative_to(root).as_posix()):
+        if "__pycache__" in p.parts:
+            continue
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _default_cache_root() -> Path:
+    base = os.environ.get("LLM_KERNELS_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "llm_kernels"
+    return root / "numba"
+
+
+SOURCE_HASH = kernel_source_hash()
+_USER_CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or None
+if _USER_CACHE_DIR is None:
+    os.environ["NUMBA_CACHE_DIR"] = str(_default_cache_root() / SOURCE_HASH)
+_USER_THREADING = os.environ.get("NUMBA_THREADING_LAYER") or None
+if _USER_THREADING is None:
+    os.environ["NUMBA_THREADING_LAYER"] = "omp"
+
+import numba  # noqa: E402  (after the environment is set)
+from numba.core import config as _nb_config  # noqa: E402
+
+# numba may have been imported before us (its config is read once at numba import); the
+# cache locator and the threading-layer launcher read these attributes lazily, so setting
+# them here is effective as long as nothing has been compiled/launched yet.
+if _USER_CACHE_DIR is None:
+    _nb_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+if _USER_THREADING is None:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+        _nb_config.THREADING_LAYER = "omp"
+    except ImportError:  # no OpenMP runtime: let numba pick (tbb / workqueue)
+        os.environ.pop("NUMBA_THREADING_LAYER", None)
+        _nb_config.THREADING_LAYER = "default"
+
+
+def kernel_cache_dir() -> str:
+    """The Numba cache directory in effect (``numba.config.CACHE_DIR``)."""
+    return str(_nb_config.CACHE_DIR)
+
+
+def prune_stale_caches(dry_run: bool = False) -> list[str]:
+    """Delete cache directories of *other* source hashes under the default cache root.
+
+    Does nothing (returns ``[]``) when the user set ``NUMBA_CACHE_DIR``. Returns the
+    removed (or, with ``dry_run``, the removable) directories."""
+    if _USER_CACHE_DIR is not None:
+        return []
+    import shutil
+
+    root = _default_cache_root()
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name != SOURCE_HASH
+             and len(p.name) == 16 and all(c in "0123456789abcdef" for c in p.name)]
+    if not dry_run:
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+    return [str(p) for p in stale]
+
+
+# --------------------------------------------------------------------------- CPU features
+def _features() -> dict[str, bool]:
+    """Features of the CPU that Numba compiles for: the host's, unless the user overrode
+    the target with ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` (then those flags count)."""
+    import llvmlite.binding as llb
+
+    if _nb_config.CPU_FEATURES:
+        out: dict[str, bool] = {}
+        for f in str(_nb_config.CPU_FEATURES).split(","):
+            f = f.strip()
+            if len(f) > 1 and f[0] in "+-":
+                out[f[1:]] = f[0] == "+"
+        return out
+    if _nb_config.CPU_NAME and _nb_config.CPU_NAME != "host":
+        return {}  # e.g. NUMBA_CPU_NAME=generic: assume no AVX-512 extensions
+    return {k: bool(v) for k, v in dict(llb.get_host_cpu_features()).items()}
+
+
+CPU_FEATURES: dict[str, bool] = _features()
+HAS_AVX512F: bool = CPU_FEATURES.get("avx512f", False)
+HAS_AVX512BW: bool = HAS_AVX512F and CPU_FEATURES.get("avx512bw", False)
+#: ``vpdpbusd`` on zmm registers (AVX512-VNNI; needs AVX512F/BW for the loads/shuffles).
+HAS_VNNI: bool = HAS_AVX512BW and CPU_FEATURES.get("avx512vnni", False)
+#: ``vdpbf16ps`` / ``vcvtne2ps2bf16`` (AVX512_BF16).
+HAS_AVX512BF16: bool = HAS_AVX512F and CPU_FEATURES.get("avx512bf16", False)
+#: ``LLM_KERNELS_FORCE_FALLBACK`` set to anything but ''/0/false/no/off (read at import).
+FORCE_FALLBACK: bool = os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() not in (
+    "", "0", "false", "no", "off")
+#: The VNNI kernels are in use.
+USE_VNNI: bool = HAS_VNNI and not FORCE_FALLBACK
+
+
+def dispatch_path() -> str:
+    """Active kernel family: ``"vnni"`` (AVX512-VNNI intrinsic kernels) or ``"fallback"``
+    (plain auto-vectorised Numba, used when the CPU lacks VNNI or when
+    ``LLM_KERNELS_FORCE_FALLBACK=1`` was set at import)."""
+    return "vnni" if USE_VNNI else "fallback"
+
+
+def dispatch_info() -> dict[str, Any]:
+    """Everything that decides which code runs: features, env override, path, cache dir,
+    threading layer, source hash (for logs and bug reports)."""
+    return {
+        "path": dispatch_path(),
+        "has_avx512f": HAS_AVX512F, "has_avx512bw": HAS_AVX512BW,
+        "has_vnni": HAS_VNNI, "has_avx512bf16": HAS_AVX512BF16,
+        "force_fallback": FORCE_FALLBACK,
+        "numba_cache_dir": kernel_cache_dir(),
+        "cache_dir_from_user": _USER_CACHE_DIR is not None,
+        "threading_layer_config": str(_nb_config.THREADING_LAYER),
+        "source_hash": SOURCE_HASH,
+        "numba": numba.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- decorator
+def njit_kernel(fn: Callable | None = None, *, parallel: bool = False, fastmath: Any = False,
+                cache: bool = True, **kw: Any) -> Any:
+    """``numba.njit`` with the project defaults; use it for every kernel.
+
+    ``@njit_kernel`` or ``@njit_kernel(parallel=True, fastmath=...)``. Defaults:
+    ``cache=True`` (into the source-hash keyed directory above), ``fastmath=False``
+    (bit-exact kernels must not let LLVM reassociate; opt in per kernel only where the
+    result does not depend on operation order, e.g. a max), ``error_model="numpy"`` (no
+    ZeroDivisionError branches), ``boundscheck=False``, ``nogil=True``. Extra keyword
+    arguments go to ``numba.njit``.
+    """
+    opts = dict(cache=cache, parallel=parallel, fastmath=fastmath, error_model="numpy",
+                boundscheck=False, nogil=True)
+    opts.update(kw)
+
+    def deco(f: Callable) -> Any:
+        return numba.njit(**opts)(f)
+
+    return deco(fn) if fn is not None else deco

@@ -17,18 +17,53 @@ Modules:
 """
 
 from . import jit  # noqa: F401  (first: configures numba before anything compiles)
-from .jit import HAS_AVX512BF16, HAS_VNNI, FORCE_FALLBACK, dispatch_info, dispatch_path, njit_kernel
 from .bf16 import bf16_to_f32, f32_to_bf16, torch_bf16_as_u16, u16_as_torch_bf16
-from .quant import quant_rows
-from .gemm import (PackedW8A8, W8A8Linear, pack_w8a8, w8a8_gemm, w8a8_gemm_fallback,
-                   w8a8_gemm_i32, w8a8_gemm_i32_fallback, w8a8_gemm_i32_vnni, w8a8_gemm_vnni)
+from .gemm import (
+                   PackedW8A8,
+                   W8A8Linear,
+                   pack_w8a8,
+                   w8a8_gemm,
+                   w8a8_gemm_fallback,
+                   w8a8_gemm_i32,
+                   w8a8_gemm_i32_fallback,
+                   w8a8_gemm_i32_vnni,
+                   w8a8_gemm_vnni,
+)
+from .jit import (
+                   FORCE_FALLBACK,
+                   HAS_AVX512BF16,
+                   HAS_VNNI,
+                   dispatch_info,
+                   dispatch_path,
+                   njit_kernel,
+)
 from .norm_rope import apply_rope, rms_norm, rms_norm_rope
+from .quant import quant_rows
 from .topk import topk_indices
 
 __all__ = [
-    "HAS_VNNI", "HAS_AVX512BF16", "FORCE_FALLBACK", "dispatch_path", "dispatch_info",
-    "njit_kernel", "bf16_to_f32", "f32_to_bf16", "torch_bf16_as_u16", "u16_as_torch_bf16",
-    "quant_rows", "PackedW8A8", "W8A8Linear", "pack_w8a8", "w8a8_gemm", "w8a8_gemm_i32",
-    "w8a8_gemm_vnni", "w8a8_gemm_i32_vnni", "w8a8_gemm_fallback", "w8a8_gemm_i32_fallback",
-    "rms_norm_rope", "rms_norm", "apply_rope", "topk_indices",
+                   "FORCE_FALLBACK",
+                   "HAS_AVX512BF16",
+                   "HAS_VNNI",
+                   "PackedW8A8",
+                   "W8A8Linear",
+                   "apply_rope",
+                   "bf16_to_f32",
+                   "dispatch_info",
+                   "dispatch_path",
+                   "f32_to_bf16",
+                   "njit_kernel",
+                   "pack_w8a8",
+                   "quant_rows",
+                   "rms_norm",
+                   "rms_norm_rope",
+                   "topk_indices",
+                   "torch_bf16_as_u16",
+                   "u16_as_torch_bf16",
+                   "w8a8_gemm",
+                   "w8a8_gemm_fallback",
+                   "w8a8_gemm_i32",
+                   "w8a8_gemm_i32_fallback",
+                   "w8a8_gemm_i32_vnni",
+                   "w8a8_gemm_vnni",
 ]

@@ -26,16 +26,25 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-from llvmlite import ir
 
 from .jit import njit_kernel
 
 __all__ = [
-    "f32_bits", "f32_from_bits", "bf16_bits_to_f32", "f32_to_bf16_bits",
-    "bf16_to_f32", "f32_to_bf16", "bf16_to_f32_nb", "f32_to_bf16_nb",
-    "torch_bf16_as_u16", "u16_as_torch_bf16", "as_kernel_input", "load_f32",
+    "as_kernel_input",
+    "bf16_bits_to_f32",
+    "bf16_to_f32",
+    "bf16_to_f32_nb",
+    "f32_bits",
+    "f32_from_bits",
+    "f32_to_bf16",
+    "f32_to_bf16_bits",
+    "f32_to_bf16_nb",
+    "load_f32",
+    "torch_bf16_as_u16",
+    "u16_as_torch_bf16",
 ]
 
 
@@ -204,7 +213,7 @@ def load_f32(v):  # pragma: no cover - replaced by the Numba overload below
     raise NotImplementedError("load_f32 is only callable from Numba kernels")
 
 
-from numba.extending import overload  # noqa: E402
+from numba.extending import overload
 
 
 @overload(load_f32, jit_options={"cache": True})

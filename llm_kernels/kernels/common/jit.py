@@ -34,13 +34,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = [
-    "HAS_AVX512F", "HAS_AVX512BW", "HAS_VNNI", "HAS_AVX512BF16", "FORCE_FALLBACK", "USE_VNNI",
-    "CPU_FEATURES", "FORCE_FALLBACK_ENV", "kernel_source_hash", "kernel_cache_dir",
-    "dispatch_path", "dispatch_info", "njit_kernel", "prune_stale_caches",
+    "CPU_FEATURES",
+    "FORCE_FALLBACK",
+    "FORCE_FALLBACK_ENV",
+    "HAS_AVX512BF16",
+    "HAS_AVX512BW",
+    "HAS_AVX512F",
+    "HAS_VNNI",
+    "USE_VNNI",
+    "dispatch_info",
+    "dispatch_path",
+    "kernel_cache_dir",
+    "kernel_source_hash",
+    "njit_kernel",
+    "prune_stale_caches",
 ]
 
 FORCE_FALLBACK_ENV = "LLM_KERNELS_FORCE_FALLBACK"
@@ -79,8 +91,8 @@ _USER_THREADING = os.environ.get("NUMBA_THREADING_LAYER") or None
 if _USER_THREADING is None:
     os.environ["NUMBA_THREADING_LAYER"] = "omp"
 
-import numba  # noqa: E402  (after the environment is set)
-from numba.core import config as _nb_config  # noqa: E402
+import numba
+from numba.core import config as _nb_config
 
 # numba may have been imported before us (its config is read once at numba import); the
 # cache locator and the threading-layer launcher read these attributes lazily, so setting
@@ -188,8 +200,8 @@ def njit_kernel(fn: Callable | None = None, *, parallel: bool = False, fastmath:
     ZeroDivisionError branches), ``boundscheck=False``, ``nogil=True``. Extra keyword
     arguments go to ``numba.njit``.
     """
-    opts = dict(cache=cache, parallel=parallel, fastmath=fastmath, error_model="numpy",
-                boundscheck=False, nogil=True)
+    opts = {"cache": cache, "parallel": parallel, "fastmath": fastmath,
+            "error_model": "numpy", "boundscheck": False, "nogil": True}
     opts.update(kw)
 
     def deco(f: Callable) -> Any:

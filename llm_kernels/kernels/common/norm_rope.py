@@ -32,7 +32,7 @@ from numba import prange
 from .bf16 import as_kernel_input, f32_to_bf16_bits, load_f32, u16_as_torch_bf16
 from .jit import njit_kernel
 
-__all__ = ["rms_norm_rope", "rms_norm", "apply_rope"]
+__all__ = ["apply_rope", "rms_norm", "rms_norm_rope"]
 
 _ONE = np.float32(1.0)
 

@@ -26,27 +26,30 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from .bf16 import as_kernel_input, bf16_bits_to_f32
+from .bf16 import as_kernel_input, bf16_bits_to_f32, f32_bits, f32_from_bits
 from .jit import njit_kernel
 
-__all__ = ["AMAX_EPS", "quant_rows", "quant_row_f32", "row_absmax_f32"]
+__all__ = ["AMAX_EPS", "quant_row_f32", "quant_rows", "row_absmax_f32"]
 
 AMAX_EPS = np.float32(1e-4)
 _I127 = np.float32(127.0)
 _ONE = np.float32(1.0)
 
 
-@njit_kernel(fastmath=True)
+@njit_kernel
 def row_absmax_f32(x):
     """``max |x[i]|`` of a 1-D float32 array (0 for an empty row). Numba-callable.
 
-    Compiled with fastmath so the max reduction vectorises; a max does not depend on the
-    evaluation order, so the result is exact for finite inputs."""
-    m = np.float32(0.0)
+    Computed as an unsigned-integer max of the bit patterns with the sign bit cleared:
+    for non-negative IEEE floats the integer order is the value order (+inf above every
+    finite value, NaN patterns above +inf, so a NaN row gives NaN like torch's ``amax``).
+    Exact, and LLVM vectorises an integer max reduction (a float ``max`` reduction needs
+    fastmath and stayed scalar: 2.2 us vs 0.3 us per 4096 values)."""
+    m = np.uint32(0)
     for i in range(x.size):
-        v = abs(x[i])
-        m = v if v > m else m
-    return m
+        v = f32_bits(x[i]) & np.uint32(0x7FFFFFFF)
+        m = max(m, v)
+    return f32_from_bits(m)
 
 
 @njit_kernel
@@ -54,8 +57,7 @@ def quant_scale_inv(amax):
     """``(s, inv)`` from a row's abs-max, in the golden's fp32 order: amax clamped at
     1e-4, ``inv = fl(fl(1/amax)*127)``, ``s = amax/127``. Numba-callable."""
     a = np.float32(amax)
-    if a < AMAX_EPS:
-        a = AMAX_EPS
+    a = max(a, AMAX_EPS)
     inv = np.float32(np.float32(_ONE / a) * _I127)
     return np.float32(a / _I127), inv
 

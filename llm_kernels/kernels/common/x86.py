@@ -26,14 +26,14 @@ Broadcast tile (``vnni_bcast_tile``), the "fbgemm/TVM" layout:
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["vnni_bcast_tile", "VNNI_NB"]
+__all__ = ["VNNI_NB", "vnni_bcast_tile"]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -76,7 +76,7 @@ def _bcast32(builder: ir.IRBuilder, base: ir.Value, byte_off: ir.Value) -> ir.Va
     return builder.shuffle_vector(v, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
 
 
-@lru_cache(maxsize=None)
+@cache
 def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: bool = False,
                     pf_locality: int = 3):
     """Build the ``tt x nb`` broadcast-layout VNNI tile intrinsic.

@@ -11,8 +11,12 @@ from llm_kernels.harness import AllClose, GoldenCase, Normal, TensorSpec, run_ca
 from llm_kernels.kernels.common import gemm as G
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.common.quant import quant_rows
-from llm_kernels.reference.deepseek_v4.quant import (int8_matmul, quant_per_row, quantize_weight,
-                                                     w8a8_linear)
+from llm_kernels.reference.deepseek_v4.quant import (
+    int8_matmul,
+    quant_per_row,
+    quantize_weight,
+    w8a8_linear,
+)
 
 SHAPES = [(128, 64), (100, 37), (7168, 64), (4096, 33)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16]
@@ -39,7 +43,7 @@ def _gemm_case(T, K, N, path):
     pw = packs[path]
 
     def golden(v):
-        q, s = quant_per_row(v["x"])
+        q, _ = quant_per_row(v["x"])
         return {"acc": int8_matmul(q, qw.qweight), "y": w8a8_linear(v["x"], qw)}
 
     def impl(v):
@@ -124,7 +128,7 @@ def test_extreme_values_exact():
 
 
 def test_determinism_repeat_and_threads():
-    qw, packs = _qweight(4096, 33)
+    qw, _ = _qweight(4096, 33)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(16, 4096, generator=g)
     layouts = ["nk"] + (["vnni"] if jit.HAS_VNNI else [])

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from llm_kernels.harness import AllClose, GoldenCase, Normal, TensorSpec, Uniform, run_case
+from llm_kernels.harness import (
+    AllClose,
+    GoldenCase,
+    Normal,
+    TensorSpec,
+    Uniform,
+    run_case,
+)
 from llm_kernels.kernels.common.norm_rope import apply_rope, rms_norm, rms_norm_rope
 from llm_kernels.reference.deepseek_v4 import common as ref
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_kernels.harness import AllClose, GoldenCase, Normal, TensorSpec, run_case
+from llm_kernels.harness import AllClose, GoldenCase, TensorSpec, run_case
 from llm_kernels.kernels.common.quant import quant_rows
 from llm_kernels.reference.deepseek_v4.quant import quant_per_row
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_kernels.harness import GoldenCase, RandInt, TensorSpec, TopKTieAware, run_case
+from llm_kernels.harness import GoldenCase, TensorSpec, TopKTieAware, run_case
 from llm_kernels.kernels.common.topk import topk_indices
 
 

@@ -143,20 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ============================================================================ backends
 def resolve_backend(name: str) -> tuple[SimpleNamespace | None, Any, str | None]:
     """(ops, module, None) or (None, None, reason). ``reference``: the runtime's
-    REFERENCE_OPS. ``fused``: ``llm_kernels.kernels.deepseek_v4.FUSED_OPS`` merged over the
-    reference ops (a partial namespace replaces only the stages it defines)."""
+    REFERENCE_OPS. ``fused``: ``llm_kernels.runtime.backends.get_ops("fused")`` (Numba kernels
+    for every stage that has one, reference for the rest)."""
     if name == "reference":
         return REFERENCE_OPS, None, None
     if name == "fused":
         try:
-            mod = importlib.import_module(FUSED_MODULE)
+            from llm_kernels.runtime.backends import get_ops
+
+            return get_ops("fused"), None, None
         except Exception as e:  # noqa: BLE001
-            return None, None, f"cannot import {FUSED_MODULE}: {type(e).__name__}: {e}"
-        ops = getattr(mod, "FUSED_OPS", None)
-        if ops is None:
-            return None, None, f"{FUSED_MODULE}.FUSED_OPS does not exist (fused backend not built yet)"
-        merged = SimpleNamespace(**{**vars(REFERENCE_OPS), **vars(ops)})
-        return merged, mod, None
+            return None, None, f"fused backend unavailable: {type(e).__name__}: {e}"
     return None, None, f"unknown backend {name!r} (choose reference, fused)"
 
 

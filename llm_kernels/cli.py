@@ -8,6 +8,7 @@
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
 * ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
+* ``bench``: decode benchmark per stage and layer at real dims (``benchmarks/bench_layer.py``).
 * ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
 """
 
@@ -193,6 +194,22 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                         "float); default: as stored")
 
 
+def _bench_main(argv: list[str]) -> int:
+    """``python -m llm_kernels bench ...`` -> ``benchmarks/bench_layer.py`` (a repository file,
+    so the command runs from a source checkout)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_layer.py"
+    if not path.exists():
+        print(f"error: {path} not found: 'bench' runs from a source checkout", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("llm_kernels_bench_layer", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return int(mod.main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--weight-scale", type=float, default=1.0)
     mk.add_argument("--out", type=Path, required=True)
     mk.set_defaults(func=cmd_make_checkpoint)
+    sub.add_parser("bench", help="per-stage / per-layer decode benchmark at real dims with %% of roofline "
+                   "(flags: see 'bench --help')")
     gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "
                         "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
     gd.add_argument("harness_args", nargs=argparse.REMAINDER)
@@ -243,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # benchmarks/bench_layer.py parses its own flags
+        return _bench_main(argv[1:])
     if argv[:1] == ["golden"]:  # the harness parses its own flags
         from .harness.cases_deepseek_v4 import main as golden_main
 

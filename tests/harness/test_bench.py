@@ -268,11 +268,13 @@ def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
               "context", "tokens", "preset"):
         assert k in d, k
     assert d["preset"] == "mini" and d["context"] == 256 and d["tokens"] == [1]
-    assert d["backends"]["reference"] == "ok" and d["backends"]["fused"].startswith("unavailable")
+    assert d["backends"]["reference"] == "ok" and d["backends"]["fused"] == "ok"
     assert d["machine"]["dram_bandwidth_gbs"] == d["bandwidth_gbs"] > 0
     assert {r["layer_type"] for r in d["results"]} == {"swa", "csa", "hca"}
+    assert len(d["results"]) == 6
+    assert {r["backend"] for r in d["results"]} == {"reference", "fused"}
     for r in d["results"]:
-        assert r["backend"] == "reference" and r["quant"] == "none" and r["T"] == 1
+        assert r["quant"] == "none" and r["T"] == 1
         assert len(r["total"]["runs"]) == 2 and r["total"]["median_s"] > 0
         assert r["layer_bytes"] > 0 and r["roofline_pct"] > 0
         assert r["experts_created_during_timing"] == 0 and r["experts_routed"] >= 1
@@ -286,7 +288,7 @@ def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
     assert len(d["transformers"]) == 3
     for h in d["transformers"]:  # same weights and cache state: bf16 outputs agree with transformers
         assert h["vs_reference_none"]["cosine"] > 0.9999, h
-    assert len(d["speedups"]) == 3 and all(s["speedup"] > 0 for s in d["speedups"])
+    assert len(d["speedups"]) >= 3 and all(s["speedup"] > 0 for s in d["speedups"])
     assert d["lm_head"] and d["lm_head"][0]["bytes"] > 0
     assert "LAYER TOTAL" in text and "% roofline" in text and "fused" in text
 
@@ -296,10 +298,8 @@ def test_bench_layer_rejects_bad_arguments(capsys):
     assert bl.main(["--preset", "mini", "--layer-types", "full", "--bandwidth", "30"]) == 2
     assert bl.main(["--preset", "mini", "--tokens", "3", "--rows-per-seq", "2", "--bandwidth", "30"]) == 2
     assert bl.main(["--preset", "mini", "--quant", "fp8", "--bandwidth", "30"]) == 2
-    assert bl.main(["--preset", "mini", "--backends", "fused", "--bandwidth", "30"]) == 2
-    ops, _, why = bl.resolve_backend("fused")
-    if ops is None:  # until llm_kernels.kernels.deepseek_v4 defines FUSED_OPS
-        assert "FUSED_OPS" in why or "cannot import" in why
+    assert bl.main(["--preset", "mini", "--backends", "xyz", "--bandwidth", "30"]) == 2
+    assert bl.resolve_backend("fused")[0] is not None
     assert bl.resolve_backend("reference")[0] is not None and bl.resolve_backend("xyz")[0] is None
     capsys.readouterr()
 

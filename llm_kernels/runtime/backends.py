@@ -25,7 +25,7 @@ _FUSED_MODULES = {
     "compressor_project": "compressor", "compress_windows": "compressor",
     "indexer_query": "indexer", "indexer_scores": "indexer", "indexer_topk": "indexer",
     "indexer_query_int8": "indexer", "indexer_keys_int8": "indexer", "indexer_scores_int8": "indexer",
-    "sparse_attn": "sparse_attn",
+    "sparse_attn": "sparse_attn", "sparse_attn_core": "sparse_attn", "grouped_output_proj": "sparse_attn",
     "gate": "moe", "moe": "moe",
     "rms_norm": "norm", "linear": "linear",
 }

@@ -40,7 +40,8 @@ REFERENCE_OPS = SimpleNamespace(
     indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
     indexer_query_int8=_idx.indexer_query_int8, indexer_keys_int8=_idx.indexer_keys_int8,
     indexer_scores_int8=_idx.indexer_scores_int8,
-    sparse_attn=_attn.sparse_attn, gate=_moe.gate, moe=_moe.moe,
+    sparse_attn=_attn.sparse_attn, sparse_attn_core=_attn.sparse_attn_core,
+    grouped_output_proj=_attn.grouped_output_proj, gate=_moe.gate, moe=_moe.moe,
 )
 
 
@@ -199,13 +200,15 @@ class DeepSeekV4Engine:
                         top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
                     comp = torch.where(top >= 0, top + base, top)
                 idx = torch.cat([idx, comp], dim=1)
-            with tm("sparse_attn"):
-                outs.append(ops.sparse_attn(q[sl], pool, idx, lw["attn.attn_sink"], cos[sl], sin[sl],
-                                            lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
-                                            o_groups=cfg.o_groups, softmax_scale=cfg.softmax_scale, dtype=dt))
+            with tm("sparse_attn"):  # per sequence: its own KV pool
+                outs.append(ops.sparse_attn_core(q[sl], pool, idx, lw["attn.attn_sink"], cos[sl], sin[sl],
+                                                 softmax_scale=cfg.softmax_scale, dtype=dt))
             win.append(kv[sl])
+        with tm("sparse_attn"):  # the output projection streams wo_a/wo_b once for all sequences
+            out = ops.grouped_output_proj(torch.cat(outs, dim=0), lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
+                                          o_groups=cfg.o_groups, dtype=dt)
         with tm("hc_post"):
-            return ops.hc_post(torch.cat(outs, dim=0), x_hc, post, comb, dt)
+            return ops.hc_post(out, x_hc, post, comb, dt)
 
     def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor,
                   pos: torch.Tensor) -> torch.Tensor | None:

@@ -744,6 +744,16 @@ def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, a
     q [T, H, HD] roped queries; kv_pool [N, HD]; indices [T, W] (-1 = padding);
     attn_sink [H]; cos, sin [T, RD/2]; wo_a [G·OL, (H/G)·HD]; wo_b [D, G·OL] or QuantWeight.
     Returns [T, D] float32 holding ``dtype``-rounded values."""
+    o = sparse_attn_core(q, kv_pool, indices, attn_sink, cos, sin, softmax_scale=softmax_scale, dtype=dtype)
+    return grouped_output_proj(o, wo_a, wo_b, o_groups=o_groups, dtype=dtype)
+
+
+def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, *, softmax_scale: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The attention part of :func:`sparse_attn` (gather, scores, softmax with sink, PV,
+    inverse RoPE): returns o [T, H, HD] float32 holding ``dtype``-rounded values, the input
+    of :func:`grouped_output_proj`. Same contract as the reference ``sparse_attn_core``."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     to_bf16 = dtype == torch.bfloat16
@@ -791,6 +801,4 @@ def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, a
     if T:
         _rope_inv_round(_kernel_view(o), _np_f32(cos).reshape(T, -1), _np_f32(sin).reshape(T, -1),
                         to_bf16, x)
-    # 6./7. grouped output projection
-    r = _wo_a_project(x.reshape(T, o_groups, H * HD // o_groups), wo_a, o_groups, dtype)
-    return _wo_b_project(r, wo_b, o_groups, dtype)
+    return torch.from_numpy(x).view(T, H, HD)

@@ -15,7 +15,7 @@ import torch
 from .common import apply_rope, matmul, rnd
 from .quant import QuantWeight, int8_matmul, quant_per_row
 
-__all__ = ["sparse_attn", "grouped_output_proj"]
+__all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj"]
 
 
 def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: int,
@@ -59,6 +59,16 @@ def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, a
     Math: ``s_j = q·kv_j · scale``; ``o = Σ_j softmax([s, sink])_j · kv_j``; the output's
     rope lanes are rotated by -pos; a query with no valid row outputs 0.
     """
+    o = sparse_attn_core(q, kv_pool, indices, attn_sink, cos, sin, softmax_scale=softmax_scale, dtype=dtype)
+    return grouped_output_proj(o, wo_a, wo_b, o_groups=o_groups, dtype=dtype)
+
+
+def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, attn_sink: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, *, softmax_scale: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The attention part of :func:`sparse_attn` (scores, softmax with sinks, PV, inverse RoPE
+    on the rope lanes): returns o [T, H, HD] float32 holding ``dtype``-rounded values, the
+    input of :func:`grouped_output_proj`. Arguments as in :func:`sparse_attn`."""
     T, H, _ = q.shape
     N = kv_pool.shape[0]
     if indices.numel() and int(indices.max()) >= N:
@@ -79,4 +89,4 @@ def sparse_attn(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tensor, a
     p = rnd(torch.softmax(logits, dim=-1)[..., :-1], dtype)
     o = matmul(p, pool, dtype).transpose(0, 1)                             # [T, H, HD]
     o = apply_rope(o, cos[:, None, :], sin[:, None, :], dtype, inverse=True)
-    return grouped_output_proj(o, wo_a, wo_b, o_groups=o_groups, dtype=dtype)
+    return o

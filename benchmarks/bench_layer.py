@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--json", type=Path, default=None, help="result file (default "
                    "benchmarks/results/bench_<preset>.json)")
-    p.add_argument("--backends", type=_csv, default=["reference"], help="reference[,fused] (default reference)")
-    p.add_argument("--quant", type=_csv, default=["none"], help="none (bf16 weights) and/or w8a8 "
-                   "(INT8 per spec §14 kernel ABI); default none")
+    p.add_argument("--backends", type=_csv, default=["reference", "fused"],
+                   help="reference and/or fused (default reference,fused)")
+    p.add_argument("--quant", type=_csv, default=["w8a8"], help="none (bf16 weights) and/or w8a8 "
+                   "(INT8 per spec §14 kernel ABI); default w8a8, the fast path")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the transformers DeepseekV4DecoderLayer comparison")
     p.add_argument("--hf-context", type=int, default=None, help="context for the transformers run "

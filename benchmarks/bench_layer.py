@@ -138,7 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="print only the tables")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="also write a PNG: per-stage "
+                   "time and %% of roofline per layer type and T (needs matplotlib: pip install -e '.[plot]')")
+    p.add_argument("--from-json", type=Path, default=None, metavar="RESULT.json", help="do not benchmark: "
+                   "read this result file (use with --plot)")
+    p.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="do not benchmark: paired comparison of two result files (median A, median B, "
+                   "B/A, per-run pair ratios); docs/performance.md")
+    p.add_argument("--variants", type=_csv, default=None, help="with --compare: only these backend/quant "
+                   "variants, e.g. fused/w8a8")
+    p.add_argument("--no-stages", dest="stages", action="store_false", help="with --compare: layer totals only")
     return p
+
+
+def _offline(args) -> int | None:
+    """--compare / --from-json modes (no benchmark). None when a benchmark should run."""
+    from llm_kernels.harness import compare_runs as cr
+
+    if args.compare is None and args.from_json is None:
+        return None
+    try:
+        if args.compare is not None:
+            a, b = (cr.load_results(p) for p in args.compare)
+            cmp = cr.compare_results(a, b, variants=args.variants)
+            print(cr.format_comparison(cmp, str(args.compare[0]), str(args.compare[1]), stages=args.stages))
+        if args.from_json is not None:
+            if args.plot is None:
+                print("error: --from-json needs --plot FILE.png", file=sys.stderr)
+                return 2
+            print(f"wrote {cr.plot_results(cr.load_results(args.from_json), args.plot)}")
+        elif args.plot is not None:
+            print("error: --plot with --compare needs --from-json (which result to plot)", file=sys.stderr)
+            return 2
+    except (cr.CompareError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ============================================================================ backends
@@ -557,6 +592,16 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 # ============================================================================ main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rc = _offline(args)
+    if rc is not None:
+        return rc
+    if args.plot is not None:  # fail before a long benchmark, not after it
+        from llm_kernels.harness.compare_runs import require_matplotlib
+        try:
+            require_matplotlib()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     try:
         lts = [rf.layer_type_name(t) for t in args.layer_types]
@@ -738,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
                         st = _stats(secs)
                         nbytes = bd[sname].total
                         gbs, pct = _roof(nbytes, st["median_s"], bw)
-                        stages[sname] = {**st, "bytes": nbytes, "weight_bytes": bd[sname].weights,
+                        stages[sname] = {**st, "runs": secs, "bytes": nbytes, "weight_bytes": bd[sname].weights,
                                          "cache_bytes": bd[sname].cache, "activation_bytes": bd[sname].activations,
                                          "gbs": gbs, "roofline_pct": pct,
                                          "roofline_s": rf.roofline_seconds(nbytes, bw)}
@@ -747,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                     other = [res.runs[i] - sum(r.values()) for i, r in enumerate(runs)] if len(runs) == len(
                         res.runs) else []
                     if other:
-                        stages["other"] = _stats(other)
+                        stages["other"] = {**_stats(other), "runs": other}
                         stage_rows.append([SHORT[lt], key, T, "other", stages["other"]["median_s"] * 1e3, "-",
                                            None, None])
                     lbytes = sum(v.total for v in bd.values())
@@ -843,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_results(json_path, data, machine=machine_info(bw, bw_src))
     log(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
+    if args.plot is not None:
+        from llm_kernels.harness.compare_runs import plot_results
+        log(f"wrote {plot_results(data, args.plot)}")
     return 0 if not errors else 1
 
 

@@ -10,6 +10,8 @@
 * ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
 * ``bench``: decode benchmark per stage and layer at real dims (``benchmarks/bench_layer.py``).
 * ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
+* ``profile``: prefill + N decode steps traced per step / layer / stage into a Chrome /
+  Perfetto trace-event JSON (``llm_kernels.harness.trace``).
 """
 
 from __future__ import annotations
@@ -186,6 +188,93 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .harness.trace import (build_trace, measure_disabled_overhead, roofline_quant, step_summaries,
+                                validate_trace)
+    from .runtime.engine import DeepSeekV4Engine
+    from .runtime.timing import StageTimer
+
+    if args.checkpoint is not None and args.preset is not None:
+        raise SystemExit("error: give --checkpoint or --preset, not both")
+    if args.preset not in (None, "mini"):
+        raise SystemExit(f"error: --preset {args.preset}: only 'mini' is supported (write a checkpoint "
+                         "with 'make-checkpoint' and pass --checkpoint)")
+    if args.steps < 0:
+        raise SystemExit("error: --steps must be >= 0")
+    dtype = _DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt, cfg, weights = _load(args.checkpoint, dtype, args.quant)
+    prompt = args.prompt_ids
+    if not prompt:
+        raise SystemExit("error: --prompt-ids is empty")
+    _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
+    from .reference.deepseek_v4.quant import QuantWeight
+
+    quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))
+    bw = args.bandwidth
+    if bw is None:
+        from .harness.bench import measure_dram_bandwidth
+
+        bw = measure_dram_bandwidth(256 * 2 ** 20, repeats=3)
+    timer = StageTimer(trace=True)
+    extra = 2 * args.overhead_steps * args.overhead_rounds
+    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=len(prompt) + args.steps + extra + 1,
+                              timer=timer, ops=_ops(args.backend))
+    print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant} "
+          f"(roofline: {quant}), backend: {args.backend}, threads: {torch.get_num_threads()}, "
+          f"DRAM bandwidth: {bw:.1f} GB/s{' (given)' if args.bandwidth else ' (measured)'}")
+    with timer.scope("prefill", "step", T=len(prompt), L=0, rows_per_seq=len(prompt)):
+        (sid,), (logits,) = engine.prefill([prompt])
+    nxt = int(logits[-1].argmax())
+    L = len(prompt)
+    for i in range(args.steps):
+        with timer.scope(f"decode {i}", "step", T=1, L=L, rows_per_seq=1):
+            (lg,) = engine.decode([sid], [nxt])
+        nxt = int(lg[-1].argmax())
+        L += 1
+    events = list(timer.events)
+    overhead = None
+    if args.overhead_steps:
+        overhead = measure_disabled_overhead(engine, sid, nxt, steps=args.overhead_steps,
+                                             rounds=args.overhead_rounds)
+    meta = {"checkpoint": str(ckpt), "model": cfg.summary(), "dtype": args.dtype, "quant": args.quant,
+            "backend": args.backend, "prompt_ids": prompt, "steps": args.steps,
+            "disabled_timer_overhead": overhead}
+    trace = build_trace(events, cfg=cfg, quant=quant, bandwidth_gbs=bw, metadata=meta)
+    validate_trace(trace)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(trace))
+    rows = step_summaries(trace)
+    ok = True
+    print(f"wrote {args.out} ({len(trace['traceEvents'])} events; open in https://ui.perfetto.dev)")
+    print("step coverage (leaf stage slices / step wall time; the rest is driver overhead = other):")
+    for r in rows:
+        good = abs(1 - r["coverage"]) <= 0.05
+        ok &= good
+        print(f"  {r['name']:10s} {r['ms']:9.3f} ms  stages {r['leaf_ms']:9.3f} ms  "
+              f"{r['coverage']:6.1%}  other {r['other']:6.1%}  {'ok' if good else 'OUTSIDE 5%'}")
+    one = rows[-1]
+    print(f"one-step summary ({one['name']}, T={one['args'].get('T')}, L={one['args'].get('L')}):")
+    print(f"  {'stage':14s} {'ms':>9s} {'% step':>7s}")
+    for stage, ms in sorted(one["stages_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:14s} {ms:9.3f} {ms / one['ms']:7.1%}")
+    print(f"  {'other':14s} {one['ms'] - one['leaf_ms']:9.3f} {one['other']:7.1%}")
+    print(f"  {'step':14s} {one['ms']:9.3f} {1:7.1%}")
+    if overhead:
+        print(f"disabled-timer overhead: paired A/B over {args.overhead_rounds}x{args.overhead_steps} decode "
+              f"steps: disabled {overhead['disabled_ms']:.3f} ms/step vs no-op timer {overhead['noop_ms']:.3f} "
+              f"ms/step, median rel diff {overhead['ab_rel_median']:+.2%} (range "
+              f"{overhead['ab_rel_min']:+.2%}..{overhead['ab_rel_max']:+.2%}); micro: "
+              f"{overhead['per_call_ns']:.0f} ns/call x {overhead['calls_per_step']} calls/step = "
+              f"{overhead['est_overhead_rel']:.3%} of a step")
+    if not ok:
+        print("warning: stage slices do not cover a step to within 5%", file=sys.stderr)
+    return 0
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["reference", "fused"], default="reference",
                    help="stage implementations: torch reference or fused kernels")
@@ -249,6 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--weight-scale", type=float, default=1.0)
     mk.add_argument("--out", type=Path, required=True)
     mk.set_defaults(func=cmd_make_checkpoint)
+    pf = sub.add_parser("profile", help="trace prefill + N decode steps into a Chrome/Perfetto JSON")
+    pf.add_argument("--checkpoint", type=Path, default=None,
+                    help="HF checkpoint directory (default: the embedded mini checkpoint)")
+    pf.add_argument("--preset", default=None, help="random checkpoint of a preset (only 'mini')")
+    pf.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
+    pf.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
+    pf.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    pf.add_argument("--bandwidth", type=float, default=None,
+                    help="DRAM bandwidth in GB/s for %% of roofline (default: measured, 256 MiB)")
+    pf.add_argument("--overhead-steps", type=int, default=0,
+                    help="also measure the disabled-timer overhead: paired A/B over N decode steps per arm")
+    pf.add_argument("--overhead-rounds", type=int, default=5)
+    pf.add_argument("--out", type=Path, required=True)
+    _backend_args(pf)
+    pf.set_defaults(func=cmd_profile)
     sub.add_parser("bench", help="per-stage / per-layer decode benchmark at real dims with %% of roofline "
                    "(flags: see 'bench --help')")
     gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "

@@ -126,9 +126,10 @@ class DeepSeekV4Engine:
         with tm("embed"):
             x_hc = ops.embed(self.w, cfg, ids, dt)
         for layer in range(cfg.num_hidden_layers):
-            lw = _model.LayerWeights(self.w, layer)
-            x_hc = self._attention(lw, layer, x_hc, positions, caches, offs)
-            x_hc = self._moe(lw, layer, x_hc, ids)
+            with tm.layer(layer, cfg.layer_types[layer]):  # a trace scope; no-op unless tracing
+                lw = _model.LayerWeights(self.w, layer)
+                x_hc = self._attention(lw, layer, x_hc, positions, caches, offs)
+                x_hc = self._moe(lw, layer, x_hc, ids)
         if logits_rows == "last":
             sel = torch.tensor([o - 1 for o in offs[1:]])
             x_hc = x_hc[sel]
@@ -166,22 +167,25 @@ class DeepSeekV4Engine:
             lc = c.layers[layer]
             pos = positions[sl]
             win = lc.window
-            pool = torch.cat([win.rows, kv[sl]], dim=0)
-            # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
-            wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
-            idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))
+            with tm("kv_cache"):  # KV pool and index lists of this sequence
+                pool = torch.cat([win.rows, kv[sl]], dim=0)
+                # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
+                wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
+                idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):
                     self._compress(lc.compressor, lw, "attn.compressor.", xn[sl], pos)
-                entries = lc.compressor.valid_entries()
-                base = pool.shape[0]
-                pool = torch.cat([pool, entries], dim=0)
-                n = entries.shape[0]
+                with tm("kv_cache"):
+                    entries = lc.compressor.valid_entries()
+                    base = pool.shape[0]
+                    pool = torch.cat([pool, entries], dim=0)
+                    n = entries.shape[0]
                 if lt == HCA:
-                    cidx = torch.arange(n).view(1, -1).expand(pos.shape[0], -1)
-                    comp = torch.where(cidx < ((pos + 1) // ratio).view(-1, 1), cidx + base,
-                                       torch.full_like(cidx, -1))
+                    with tm("kv_cache"):
+                        cidx = torch.arange(n).view(1, -1).expand(pos.shape[0], -1)
+                        comp = torch.where(cidx < ((pos + 1) // ratio).view(-1, 1), cidx + base,
+                                           torch.full_like(cidx, -1))
                 else:
                     with tm("indexer"):
                         new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos)
@@ -198,12 +202,15 @@ class DeepSeekV4Engine:
                             qi, wi = ops.indexer_query(*args, **kw)
                             scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
                         top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
-                    comp = torch.where(top >= 0, top + base, top)
-                idx = torch.cat([idx, comp], dim=1)
+                    with tm("kv_cache"):
+                        comp = torch.where(top >= 0, top + base, top)
+                with tm("kv_cache"):
+                    idx = torch.cat([idx, comp], dim=1)
             with tm("sparse_attn"):  # per sequence: its own KV pool
                 outs.append(ops.sparse_attn_core(q[sl], pool, idx, lw["attn.attn_sink"], cos[sl], sin[sl],
                                                  softmax_scale=cfg.softmax_scale, dtype=dt))
-            win.append(kv[sl])
+            with tm("kv_cache"):
+                win.append(kv[sl])
         with tm("sparse_attn"):  # the output projection streams wo_a/wo_b once for all sequences
             out = ops.grouped_output_proj(torch.cat(outs, dim=0), lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
                                           o_groups=cfg.o_groups, dtype=dt)

@@ -1,39 +1,100 @@
-"""Per-stage wall-time accounting for the step drivers."""
+"""Per-stage wall-time accounting for the step drivers, with an optional trace recorder.
+
+``with timer("sparse_attn"): ...`` accumulates seconds and calls per stage. A timer built
+with ``trace=True`` also records one :class:`TraceEvent` per stage call and per scope
+(``timer.scope("decode 0", T=1, L=8)``, ``timer.layer(3, "compressed_sparse_attention")``),
+with start/end in ``time.perf_counter_ns`` and the nesting depth; ``llm_kernels.harness.trace``
+turns them into a Chrome / Perfetto trace. Scopes never enter :attr:`StageTimer.seconds`.
+
+Disabled paths cost one attribute check and return a shared no-op context manager.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator, NamedTuple
 
-__all__ = ["StageTimer"]
+__all__ = ["StageTimer", "TraceEvent", "LAYER_TYPE_SHORT"]
+
+_NULL = nullcontext()
+LAYER_TYPE_SHORT = {"sliding_attention": "swa", "compressed_sparse_attention": "csa",
+                    "heavily_compressed_attention": "hca"}
+
+
+class TraceEvent(NamedTuple):
+    """One recorded interval: ``kind`` is ``"stage"`` (a timed stage: a leaf) or the kind of
+    a scope (``"step"``, ``"layer"``, ...); ``depth`` counts the enclosing open intervals;
+    ``args`` are the scope's own args, or for a stage the merged args of its enclosing scopes."""
+    name: str
+    t0_ns: int
+    t1_ns: int
+    depth: int
+    kind: str
+    args: dict
 
 
 class StageTimer:
     """Accumulates seconds and call counts per stage name. ``with timer("sparse_attn"): ...``.
-    Disabled timers cost one attribute check."""
+    Disabled timers cost one attribute check. ``trace=True`` (implies enabled) also records
+    :attr:`events`."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, trace: bool = False):
+        self.enabled = enabled or trace
+        self.tracing = trace
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.events: list[TraceEvent] = []
+        self._scopes: list[dict] = []  # merged args of the open scopes (tracing only)
+
+    def __call__(self, stage: str) -> ContextManager[None]:
+        if not self.enabled:
+            return _NULL
+        return self._stage(stage)
 
     @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        t0 = time.perf_counter()
+    def _stage(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter_ns()
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - t0
+            t1 = time.perf_counter_ns()
+            self.seconds[stage] += (t1 - t0) * 1e-9
             self.calls[stage] += 1
+            if self.tracing:  # args: the merged args of the open scopes (shared, not copied)
+                sc = self._scopes
+                self.events.append(TraceEvent(stage, t0, t1, len(sc), "stage", sc[-1] if sc else {}))
+
+    def scope(self, name: str, kind: str = "scope", **args: Any) -> ContextManager[None]:
+        """A named trace interval enclosing stages (a step, a layer); no-op unless tracing."""
+        if not self.tracing:
+            return _NULL
+        return self._scope(name, kind, args)
+
+    def layer(self, layer: int, layer_type: str) -> ContextManager[None]:
+        """Scope ``"layer {i} {swa|csa|hca}"`` around one decoder layer; no-op unless tracing."""
+        if not self.tracing:
+            return _NULL
+        return self._scope(f"layer {layer} {LAYER_TYPE_SHORT.get(layer_type, layer_type)}", "layer",
+                           {"layer": layer, "layer_type": layer_type})
+
+    @contextmanager
+    def _scope(self, name: str, kind: str, args: dict) -> Iterator[None]:
+        depth = len(self._scopes)
+        self._scopes.append({**self._scopes[-1], **args} if self._scopes else dict(args))
+        t0 = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            t1 = time.perf_counter_ns()
+            self._scopes.pop()
+            self.events.append(TraceEvent(name, t0, t1, depth, kind, dict(args)))
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+        self.events.clear()
 
     def table(self) -> list[tuple[str, float, int, float]]:
         """Rows (stage, seconds, calls, share of total), slowest first."""

@@ -29,7 +29,14 @@ import torch
 from numba import prange
 
 from ..common.jit import njit_kernel
-from .qkv_proj_rope import column_sums, f32_np, linear_pair, norm_weighted, rnd, rope
+from .stage_shared import (
+    column_sums,
+    f32_np,
+    linear_pair,
+    norm_weighted,
+    rnd,
+    rope,
+)
 
 __all__ = ["compressor_project", "compress_windows"]
 

@@ -41,24 +41,26 @@ from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.topk import topk_indices
 from ..common.x86 import vnni_bcast_tile
-from .qkv_proj_rope import (
+from .stage_shared import (
+    column_sums,
+    f32_np,
+    fwht,
+    hadamard_scale,
+    linear_pair,
+    packed_w8a8,
+    rnd,
+)
+from .w8a8_heads import (
     _NO_F,
     _NO_Q,
     _NO_S,
     MODE_ROPE,
     MODE_ROPE_HAD_Q8,
     check_quant_weight,
-    column_sums,
     dot_i8,
-    f32_np,
-    fwht,
-    hadamard_scale,
     heads_float,
-    linear_pair,
     pack_row,
-    packed_w8a8,
     quantize_activations,
-    rnd,
     run_heads_w8a8,
 )
 

@@ -1,0 +1,410 @@
+"""Helpers shared by the fused ``qkv_proj_rope``, ``compressor`` and ``indexer`` kernels:
+a per-weight packed-weight cache, the single-token bf16/fp32 GEMV (``linear_pair``),
+scalar epilogue pieces in the reference's operation order (torch-order ``Σx²``, weighted /
+unweighted RMSNorm, interleaved RoPE, fast Walsh-Hadamard), and the W8A8 column-range
+accumulation / per-head epilogue drivers built on ``kernels/common``'s VNNI tile.
+
+Numerics and determinism rules: see :mod:`.qkv_proj_rope`.
+"""
+
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import prange
+
+from ...reference.deepseek_v4.quant import QuantWeight
+from ..common import jit
+from ..common.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, load_f32
+from ..common.gemm import PackedW8A8, pack_w8a8
+from ..common.jit import njit_kernel
+
+
+
+# --------------------------------------------------------------------------- host helpers
+
+
+def f32_np(t: Any) -> np.ndarray:
+    """C-contiguous float32 numpy view (copy only when needed) of a CPU tensor."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32)
+    return t.detach().float().contiguous().numpy()
+
+
+class _StrongRef:
+    """Callable like a weak reference, but holding the object."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+class WeightCache:
+    """Per-weight-object cache of derived data (packed layouts, converted copies).
+
+    Keyed by ``id(weight)`` and validated through a weak reference, so an id reused by a
+    new object after the old one died never returns stale data; the entry is dropped when
+    the weight is garbage collected (no leak, no strong reference held)."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[int, Any], tuple[Any, Any]] = {}
+
+    def get(self, w: Any, tag: Any, build: Callable[[Any], Any]) -> Any:
+        key = (id(w), tag)
+        ent = self._d.get(key)
+        if ent is not None and ent[0]() is w:
+            return ent[1]
+        val = build(w)
+        try:
+            ref = weakref.ref(w)
+            weakref.finalize(w, self._d.pop, key, None)
+        except TypeError:  # not weak-referenceable: keep it alive with the entry
+            ref = _StrongRef(w)
+        self._d[key] = (ref, val)
+        return val
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+WEIGHTS = WeightCache()
+
+
+def packed_w8a8(qw: QuantWeight, plain: bool = False) -> PackedW8A8:
+    """The packed form of a :class:`QuantWeight` for the active kernel family (``vnni``
+    broadcast layout when :data:`jit.USE_VNNI`, else the plain ``[N, K]`` layout; ``plain``
+    forces the latter), cached per weight object."""
+    layout = "nk" if (plain or not jit.USE_VNNI) else "vnni"
+    return WEIGHTS.get(qw, layout, lambda w: pack_w8a8(w.qweight, w.scale.float(), layout))
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference ``linear`` for a float weight (torch GEMM, one rounding to ``dtype``)."""
+    if dtype == torch.float32:
+        return F.linear(x.float(), w.float())
+    return F.linear(x.to(dtype), w.to(dtype)).float()
+
+
+#: Token counts up to which the Numba GEMV replaces torch for float weights. Measured on
+#: the 2-core Zen 4 box (bf16 weights streamed from DRAM): one token, Flash wq_a + wkv
+#: (12 MiB) 0.19-0.29 ms vs torch 0.51-0.67 ms, wq_b (64 MiB) 1.8 vs 2.6 ms (37 vs 26 GB/s);
+#: a 2-4-token variant sharing each weight load lost to torch at T=2 (0.77 vs 0.68 ms)
+#: and T=8 (1.05 vs 0.62): oneDNN's AVX512_BF16 kernel wins once the GEMM is not purely
+#: bandwidth bound.
+GEMV_MAX_T = 1
+
+
+def _gemv_weight(w: Any, dtype: torch.dtype) -> np.ndarray | None:
+    """Zero-copy numpy view of a float weight for :func:`_gemv_pair` (bf16 as uint16 bits),
+    or None when the reference would convert it (a float32 weight in a bf16 run is rounded
+    to bf16 by the reference's ``w.to(dtype)``) or it is not a plain CPU tensor."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type != "cpu" or w.requires_grad:
+        return None
+    if w.dtype == torch.bfloat16:
+        return w.contiguous().view(torch.int16).numpy().view(np.uint16)
+    if w.dtype == torch.float32 and dtype == torch.float32:
+        return w.contiguous().numpy()
+    return None
+
+
+_NO_APE = np.zeros((1, 1), np.float32)
+_NO_SLOTS = np.zeros(1, np.int64)
+
+
+def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtype: torch.dtype,
+                ape: np.ndarray | None = None, slots: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rnd(x @ w1ᵀ)`` and ``rnd(x @ w2ᵀ) (+ ape[slots])`` (float weights, same K) as
+    float32 numpy arrays: one Numba GEMV call for ``T <= GEMV_MAX_T`` (both weights in
+    one parallel loop, bf16 widened in registers), else torch (the reference's GEMM)."""
+    T = x.shape[0]
+    a1 = _gemv_weight(w1, dtype) if T <= GEMV_MAX_T else None
+    a2 = None
+    if a1 is not None and w2 is not None:
+        a2 = _gemv_weight(w2, dtype)
+        if a2 is None or a2.dtype != a1.dtype or a2.shape[1] != a1.shape[1]:
+            a1 = None
+    if a1 is not None and T > 0:
+        xr = x.to(dtype).float() if dtype == torch.bfloat16 else x.float()
+        xn = xr.contiguous().numpy()
+        if a2 is None:
+            a2 = a1[:0]
+        o1 = np.empty((T, a1.shape[0]), np.float32)
+        o2 = np.empty((T, a2.shape[0]), np.float32)
+        add = ape is not None
+        _gemv_pair(xn, a1, a2, dtype == torch.bfloat16, o1, o2, ape if add else _NO_APE,
+                   slots if add else _NO_SLOTS, add)
+        return o1, (o2 if w2 is not None else None)
+    y1 = f32_np(float_linear(x, w1, dtype))
+    if w2 is None:
+        return y1, None
+    y2 = f32_np(float_linear(x, w2, dtype))  # a fresh tensor's buffer: ape added in place
+    if ape is not None and T:
+        add_ape(y2, ape, slots)
+    return y1, y2
+
+
+@njit_kernel
+def add_ape(score, ape, slots):
+    """``score[t, :] += ape[slots[t], :]`` in place (one token row per iteration)."""
+    T, C = score.shape
+    for t in range(T):
+        a = ape[slots[t]]
+        for i in range(C):
+            score[t, i] = np.float32(score[t, i] + a[i])
+
+
+@njit_kernel(fastmath={"reassoc", "nsz", "contract"})
+def _dot_w(xr, wr):
+    """fp32 dot product of an activation row with a float32 / bf16-bits weight row
+    (``reassoc``/``contract``: the compiler vectorises the reduction with FMAs, in an
+    order fixed at compile time)."""
+    acc = np.float32(0.0)
+    for k in range(wr.size):
+        acc += xr[k] * load_f32(wr[k])
+    return acc
+
+
+@njit_kernel(parallel=True)
+def _gemv_pair(x, w1, w2, to_bf16, out1, out2, ape, slots, with_ape):
+    """``out1 = rnd(x @ w1ᵀ)``, ``out2 = rnd(x @ w2ᵀ) (+ ape[slots[t]])`` for a single (or
+    a few) tokens: one output channel per ``prange`` iteration over both weights (one
+    launch, one pass over each weight row); fp32 accumulation in a fixed order,
+    identical for every thread count. Weights: float32 or bf16 bits (uint16)."""
+    T = x.shape[0]
+    N1 = w1.shape[0]
+    N = N1 + w2.shape[0]
+    for n in prange(N):
+        if n < N1:
+            wr = w1[n]
+            for t in range(T):
+                out1[t, n] = rnd(_dot_w(x[t], wr), to_bf16)
+        else:
+            m = n - N1
+            wr = w2[m]
+            for t in range(T):
+                v = rnd(_dot_w(x[t], wr), to_bf16)
+                if with_ape:
+                    v = np.float32(v + ape[slots[t], m])
+                out2[t, m] = v
+
+
+TILE_HEIGHTS = (1, 2, 4, 8, 16)
+
+
+def padded_rows(T: int) -> int:
+    """Rows of the packed activation buffer: tiles of 16 tokens plus one remainder tile
+    padded to the next entry of :data:`TILE_HEIGHTS`."""
+    n16, r = divmod(int(T), 16)
+    if r == 0:
+        return int(T)
+    return n16 * 16 + next(h for h in TILE_HEIGHTS if h >= r)
+
+
+# --------------------------------------------------------------------------- scalar helpers
+_ONE = np.float32(1.0)
+_LANES = 8   # torch's AVX-512 float sum kernel: 8-lane vectors ...
+_ILP = 4     # ... 4-way ILP ...
+_LEVELS = 4  # ... 4-level cascade
+
+
+@njit_kernel
+def rnd(v, to_bf16):
+    """float32 ``v`` rounded to bf16 (RNE) when ``to_bf16``, as float32."""
+    if to_bf16:
+        return bf16_bits_to_f32(f32_to_bf16_bits(np.float32(v)))
+    return np.float32(v)
+
+
+@njit_kernel
+def _ceil_log2(x):
+    if x <= 2:
+        return 1
+    n = 0
+    v = x - 1
+    while v > 0:
+        v >>= 1
+        n += 1
+    return n
+
+
+@njit_kernel
+def sumsq(buf):
+    """``Σ buf[i]²`` (squares rounded first) in the order of torch's CPU ``sum`` over a
+    contiguous row (ATen ``SumKernel.cpp``: ``vectorized_inner_sum`` -> 4-way ILP ``row_sum``
+    -> 4-level ``multi_row_sum`` cascade over 8-lane vectors, scalar tail, lanes left to
+    right), so ``x.pow(2).mean(-1)`` is bitwise reproduced. Private copy of the algorithm
+    in ``kernels/common/norm_rope.py`` (only exposed there as a private helper)."""
+    D = buf.size
+    L = _LANES
+    if D < L:
+        p = np.zeros(_ILP, np.float32)
+        n4 = D // _ILP
+        for i in range(n4):
+            for k in range(_ILP):
+                v = buf[i * _ILP + k]
+                p[k] += np.float32(v * v)
+        for i in range(n4 * _ILP, D):
+            v = buf[i]
+            p[0] += np.float32(v * v)
+        s = p[0]
+        for k in range(1, _ILP):
+            s += p[k]
+        return np.float32(np.float32(0.0) + s)
+    vec_num = D // L
+    size_ilp = vec_num // _ILP
+    lp = max(4, _ceil_log2(size_ilp) // _LEVELS)
+    step = 1 << lp
+    lmask = step - 1
+    acc = np.zeros((_LEVELS, _ILP, L), np.float32)
+    i = 0
+    while i + step <= size_ilp:
+        for _ in range(step):
+            for k in range(_ILP):
+                b = (i * _ILP + k) * L
+                for l in range(L):
+                    v = buf[b + l]
+                    acc[0, k, l] += np.float32(v * v)
+            i += 1
+        for j in range(1, _LEVELS):
+            for k in range(_ILP):
+                for l in range(L):
+                    acc[j, k, l] += acc[j - 1, k, l]
+                    acc[j - 1, k, l] = np.float32(0.0)
+            if (i & (lmask << (j * lp))) != 0:
+                break
+    while i < size_ilp:
+        for k in range(_ILP):
+            b = (i * _ILP + k) * L
+            for l in range(L):
+                v = buf[b + l]
+                acc[0, k, l] += np.float32(v * v)
+        i += 1
+    for j in range(1, _LEVELS):
+        for k in range(_ILP):
+            for l in range(L):
+                acc[0, k, l] += acc[j, k, l]
+    for r in range(size_ilp * _ILP, vec_num):
+        for l in range(L):
+            v = buf[r * L + l]
+            acc[0, 0, l] += np.float32(v * v)
+    for k in range(1, _ILP):
+        for l in range(L):
+            acc[0, 0, l] += acc[0, k, l]
+    s = np.float32(0.0)
+    for i2 in range(vec_num * L, D):
+        v = buf[i2]
+        s += np.float32(v * v)
+    for l in range(L):
+        s += acc[0, 0, l]
+    return s
+
+
+@njit_kernel
+def rms_factor(buf, eps):
+    """``rsqrt(mean(buf²) + eps)`` as torch computes it (sum / D, then 1/sqrt)."""
+    ms = np.float32(sumsq(buf) / np.float32(buf.size))
+    return np.float32(_ONE / np.float32(np.sqrt(np.float32(ms + eps))))
+
+
+@njit_kernel
+def norm_weighted(buf, w, eps, to_bf16):
+    """In place: ``rnd(w · (x · r))`` (reference ``rms_norm`` with a weight)."""
+    r = rms_factor(buf, eps)
+    for i in range(buf.size):
+        buf[i] = rnd(np.float32(w[i] * np.float32(buf[i] * r)), to_bf16)
+
+
+@njit_kernel
+def norm_unweighted(buf, eps, to_bf16):
+    """In place: ``rnd(x · rnd(r))`` (reference ``rms_norm`` with ``weight=None``)."""
+    rr = rnd(rms_factor(buf, eps), to_bf16)
+    for i in range(buf.size):
+        buf[i] = rnd(np.float32(buf[i] * rr), to_bf16)
+
+
+@njit_kernel
+def rope(buf, c, s, to_bf16):
+    """In place: interleaved RoPE on the trailing ``2·len(c)`` lanes, rounded (the
+    reference ``apply_rope``: ``fl(fl(e·c) − fl(o·s))``, ``fl(fl(o·c) + fl(e·s))``). The
+    leading "nope" lanes are left alone: callers pass rows already rounded to the output
+    dtype (the reference's re-rounding of them is then a no-op)."""
+    half = c.size
+    nope = buf.size - 2 * half
+    for i in range(half):
+        e = buf[nope + 2 * i]
+        o = buf[nope + 2 * i + 1]
+        ci = c[i]
+        si = s[i]
+        buf[nope + 2 * i] = rnd(np.float32(np.float32(e * ci) - np.float32(o * si)), to_bf16)
+        buf[nope + 2 * i + 1] = rnd(np.float32(np.float32(o * ci) + np.float32(e * si)), to_bf16)
+
+
+@njit_kernel
+def fwht(buf, scale):
+    """In place: ``buf @ H_n`` · ``scale`` for the Sylvester Hadamard ``H_n`` (natural
+    order butterflies, n = buf.size a power of two), O(n log n). With
+    ``scale = fl(1/fl(sqrt n))`` this is the reference ``x @ hadamard(n)`` up to the
+    summation order (a few fp32 ulps)."""
+    n = buf.size
+    h = 1
+    while h < n:
+        for i in range(0, n, 2 * h):
+            for j in range(i, i + h):
+                a = buf[j]
+                b = buf[j + h]
+                buf[j] = np.float32(a + b)
+                buf[j + h] = np.float32(a - b)
+        h *= 2
+    for i in range(n):
+        buf[i] = np.float32(buf[i] * scale)
+
+
+def hadamard_scale(n: int) -> np.float32:
+    """The entry magnitude of the reference ``hadamard(n)``: ``fl32(1 / fl32(sqrt n))``."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    return np.float32(np.float32(1.0) / np.float32(n ** 0.5))
+
+
+@njit_kernel
+def column_sums(p, out):
+    """``out[j] = Σ_r p[r, j]`` in the order of torch's ``sum`` over a non-innermost dim
+    (ATen ``SumKernel.cpp`` ``row_sum``: rows added sequentially in chunks of
+    ``2^max(4, ceil_log2(n)/4)`` into a 4-level cascade; sequential for n <= 16)."""
+    n, nk = p.shape
+    lp = max(4, _ceil_log2(n) // 4)
+    step = 1 << lp
+    lmask = step - 1
+    acc = np.zeros((4, nk), np.float32)
+    i = 0
+    while i + step <= n:
+        for _ in range(step):
+            for j in range(nk):
+                acc[0, j] += p[i, j]
+            i += 1
+        for lv in range(1, 4):
+            for j in range(nk):
+                acc[lv, j] += acc[lv - 1, j]
+                acc[lv - 1, j] = np.float32(0.0)
+            if (i & (lmask << (lv * lp))) != 0:
+                break
+    while i < n:
+        for j in range(nk):
+            acc[0, j] += p[i, j]
+        i += 1
+    for lv in range(1, 4):
+        for j in range(nk):
+            acc[0, j] += acc[lv, j]
+    for j in range(nk):
+        out[j] = acc[0, j]

@@ -75,12 +75,9 @@ def _check_ids(ids: list[int], vocab: int, what: str) -> None:
         raise SystemExit(f"error: {what} must lie in [0, {vocab}), got {bad[:5]}")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .runtime.engine import DeepSeekV4Engine
-    from .runtime.timing import StageTimer
-
+def _setup_run(args: argparse.Namespace):
+    """Shared by generate/profile: threads, checkpoint load, prompt validation.
+    Returns (dtype, checkpoint path, config, weights, prompt ids)."""
     dtype = _DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +86,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise SystemExit("error: --prompt-ids is empty")
     _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
+    return dtype, ckpt, cfg, weights, prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .runtime.engine import DeepSeekV4Engine
+    from .runtime.timing import StageTimer
+
+    dtype, ckpt, cfg, weights, prompt = _setup_run(args)
     max_len = len(prompt) + args.max_new_tokens
     timer = StageTimer()
     engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max(max_len, 1), timer=timer,
@@ -203,14 +210,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          "with 'make-checkpoint' and pass --checkpoint)")
     if args.steps < 0:
         raise SystemExit("error: --steps must be >= 0")
-    dtype = _DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ckpt, cfg, weights = _load(args.checkpoint, dtype, args.quant)
-    prompt = args.prompt_ids
-    if not prompt:
-        raise SystemExit("error: --prompt-ids is empty")
-    _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
+    dtype, ckpt, cfg, weights, prompt = _setup_run(args)
     from .reference.deepseek_v4.quant import QuantWeight
 
     quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 __all__ = ["TraceError", "build_trace", "validate_trace", "thread_info", "step_summaries",
            "roofline_quant", "measure_disabled_overhead"]

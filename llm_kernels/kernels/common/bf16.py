@@ -223,3 +223,12 @@ def _load_f32_ov(v):
     if v == types.float32:
         return lambda v: v
     return None
+
+
+@njit_kernel
+def round_f32(v, to_bf16):
+    """Numba-callable: float32 ``v`` rounded to bf16 (round-to-nearest-even) and widened back
+    when ``to_bf16``, else ``v`` as float32. The storage rounding of every kernel epilogue."""
+    if to_bf16:
+        return bf16_bits_to_f32(f32_to_bf16_bits(np.float32(v)))
+    return np.float32(v)

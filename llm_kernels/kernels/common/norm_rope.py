@@ -14,7 +14,7 @@ Golden: ``llm_kernels/reference/deepseek_v4/common.py`` — ``rms_norm`` then ``
 identity for float32, so a bf16 run reproduces every rounding point of the reference. All
 arithmetic is float32 with the reference's operation order (products rounded before the
 subtraction; no FMA contraction; ``rsqrt`` as ``1/sqrt``), and ``Σ x²`` is accumulated in
-the exact order of torch's AVX-512 CPU sum kernel (see ``_sumsq``), so on this torch build
+the exact order of torch's AVX-512 CPU sum kernel (see ``sumsq_torch_order``), so on this torch build
 the result is normally bitwise equal to the reference. The contract is looser (float32:
 a few ulp of the row's magnitude; bf16: at most 1 bf16 ulp), so a torch change of its
 reduction order only costs rounding-level differences.
@@ -55,7 +55,7 @@ def _ceil_log2(x):
 
 
 @njit_kernel
-def _sumsq(buf, acc):
+def sumsq_torch_order(buf, acc):
     """``Σ buf[i]²`` (squares rounded to fp32 first) in exactly the order of torch's CPU
     ``sum`` over a contiguous last dim (ATen ``SumKernel.cpp``: ``vectorized_inner_sum`` ->
     ``row_sum`` with 4-way ILP -> ``multi_row_sum`` 4-level cascade over 8-lane vectors,
@@ -162,7 +162,7 @@ def _norm_rope_row(xr, w, has_w, cos, sin, t, eps, do_norm, do_rope, inverse, to
     for i in range(D):
         buf[i] = load_f32(xr[i])
     if do_norm:
-        ms = np.float32(_sumsq(buf, acc) / np.float32(D))
+        ms = np.float32(sumsq_torch_order(buf, acc) / np.float32(D))
         rs = np.float32(_ONE / np.float32(np.sqrt(np.float32(ms + eps))))
         if has_w:
             if to_bf16:

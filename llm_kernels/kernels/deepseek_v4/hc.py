@@ -14,17 +14,10 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
+from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel
 
 __all__ = ["hc_pre", "hc_post", "hc_head"]
-
-
-@njit_kernel
-def _round(v, to_bf16):
-    if to_bf16:
-        return bf16_bits_to_f32(f32_to_bf16_bits(np.float32(v)))
-    return np.float32(v)
 
 
 @njit_kernel(parallel=True, fastmath=True)

@@ -63,8 +63,9 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import f32_to_bf16_bits, load_f32
+from ..common.bf16 import load_f32
 from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
+from ..common.bf16 import round_f32 as _rnd
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32, quant_rows
 from ...reference.deepseek_v4.common import linear as _ref_linear
@@ -77,13 +78,6 @@ _SCORE_IDS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 
 
 # --------------------------------------------------------------------------- helpers
-@njit_kernel
-def _rnd(v, to_bf16):
-    if to_bf16:
-        return load_f32(f32_to_bf16_bits(np.float32(v)))
-    return np.float32(v)
-
-
 @njit_kernel
 def _softplus(x):
     """``log1p(exp(x))`` (torch threshold 20: x itself above), float64 inside, rounded once."""

@@ -76,6 +76,7 @@ from numba.extending import intrinsic
 from ..common.bf16 import f32_from_bits, f32_to_bf16_bits, load_f32, torch_bf16_as_u16, u16_as_torch_bf16
 from ..common.gemm import pack_w8a8, w8a8_gemm_i32
 from ..common import jit as _jit
+from ..common.bf16 import round_f32 as _rnd
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ...reference.deepseek_v4.quant import QuantWeight
@@ -97,14 +98,6 @@ _DUMMY_F32 = np.zeros(1, np.float32)
 
 
 # --------------------------------------------------------------------------- scalar helpers
-@njit_kernel
-def _rnd(v, to_bf16):
-    """float32 ``v`` rounded to bf16 (RNE) and back when ``to_bf16``."""
-    if to_bf16:
-        return load_f32(f32_to_bf16_bits(np.float32(v)))
-    return np.float32(v)
-
-
 @intrinsic
 def _fma32(typingctx, a, b, c):
     """Fused multiply-add ``a·b + c`` with one rounding (``llvm.fma.f32``; vectorisable)."""

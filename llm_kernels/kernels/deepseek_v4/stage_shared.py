@@ -21,9 +21,11 @@ from numba import prange
 
 from ...reference.deepseek_v4.quant import QuantWeight
 from ..common import jit
-from ..common.bf16 import bf16_bits_to_f32, f32_to_bf16_bits, load_f32
+from ..common.bf16 import load_f32
 from ..common.gemm import PackedW8A8, pack_w8a8
+from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
+from ..common.norm_rope import sumsq_torch_order
 
 
 
@@ -213,17 +215,6 @@ def padded_rows(T: int) -> int:
 
 # --------------------------------------------------------------------------- scalar helpers
 _ONE = np.float32(1.0)
-_LANES = 8   # torch's AVX-512 float sum kernel: 8-lane vectors ...
-_ILP = 4     # ... 4-way ILP ...
-_LEVELS = 4  # ... 4-level cascade
-
-
-@njit_kernel
-def rnd(v, to_bf16):
-    """float32 ``v`` rounded to bf16 (RNE) when ``to_bf16``, as float32."""
-    if to_bf16:
-        return bf16_bits_to_f32(f32_to_bf16_bits(np.float32(v)))
-    return np.float32(v)
 
 
 @njit_kernel
@@ -240,74 +231,9 @@ def _ceil_log2(x):
 
 @njit_kernel
 def sumsq(buf):
-    """``Σ buf[i]²`` (squares rounded first) in the order of torch's CPU ``sum`` over a
-    contiguous row (ATen ``SumKernel.cpp``: ``vectorized_inner_sum`` -> 4-way ILP ``row_sum``
-    -> 4-level ``multi_row_sum`` cascade over 8-lane vectors, scalar tail, lanes left to
-    right), so ``x.pow(2).mean(-1)`` is bitwise reproduced. Private copy of the algorithm
-    in ``kernels/common/norm_rope.py`` (only exposed there as a private helper)."""
-    D = buf.size
-    L = _LANES
-    if D < L:
-        p = np.zeros(_ILP, np.float32)
-        n4 = D // _ILP
-        for i in range(n4):
-            for k in range(_ILP):
-                v = buf[i * _ILP + k]
-                p[k] += np.float32(v * v)
-        for i in range(n4 * _ILP, D):
-            v = buf[i]
-            p[0] += np.float32(v * v)
-        s = p[0]
-        for k in range(1, _ILP):
-            s += p[k]
-        return np.float32(np.float32(0.0) + s)
-    vec_num = D // L
-    size_ilp = vec_num // _ILP
-    lp = max(4, _ceil_log2(size_ilp) // _LEVELS)
-    step = 1 << lp
-    lmask = step - 1
-    acc = np.zeros((_LEVELS, _ILP, L), np.float32)
-    i = 0
-    while i + step <= size_ilp:
-        for _ in range(step):
-            for k in range(_ILP):
-                b = (i * _ILP + k) * L
-                for l in range(L):
-                    v = buf[b + l]
-                    acc[0, k, l] += np.float32(v * v)
-            i += 1
-        for j in range(1, _LEVELS):
-            for k in range(_ILP):
-                for l in range(L):
-                    acc[j, k, l] += acc[j - 1, k, l]
-                    acc[j - 1, k, l] = np.float32(0.0)
-            if (i & (lmask << (j * lp))) != 0:
-                break
-    while i < size_ilp:
-        for k in range(_ILP):
-            b = (i * _ILP + k) * L
-            for l in range(L):
-                v = buf[b + l]
-                acc[0, k, l] += np.float32(v * v)
-        i += 1
-    for j in range(1, _LEVELS):
-        for k in range(_ILP):
-            for l in range(L):
-                acc[0, k, l] += acc[j, k, l]
-    for r in range(size_ilp * _ILP, vec_num):
-        for l in range(L):
-            v = buf[r * L + l]
-            acc[0, 0, l] += np.float32(v * v)
-    for k in range(1, _ILP):
-        for l in range(L):
-            acc[0, 0, l] += acc[0, k, l]
-    s = np.float32(0.0)
-    for i2 in range(vec_num * L, D):
-        v = buf[i2]
-        s += np.float32(v * v)
-    for l in range(L):
-        s += acc[0, 0, l]
-    return s
+    """``Σ buf[i]²`` in torch's CPU ``sum`` order (bitwise ``x.pow(2).sum(-1)``): the common
+    kernel :func:`~llm_kernels.kernels.common.norm_rope.sumsq_torch_order` with its scratch."""
+    return sumsq_torch_order(buf, np.empty((4, 32), np.float32))
 
 
 @njit_kernel

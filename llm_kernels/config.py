@@ -26,6 +26,9 @@ __all__ = [
     "MLP_LAYER_TYPES",
     "PRESETS",
     "preset",
+    "Qwen3Config",
+    "load_config",
+    "ModelConfig",
 ]
 
 
@@ -472,11 +475,16 @@ PRESETS = {"mini": _mini, "flash": _flash, "pro": _pro}
 
 def preset(name: str, num_hidden_layers: int | None = None,
            n_routed_experts: int | None = None) -> DeepSeekV4Config:
-    """A preset config (``mini``, ``flash``, ``pro``), optionally truncated to the first
+    """A preset config (``mini``, ``flash``, ``pro``; ``qwen3-mini``, ``qwen3-32b`` return a
+    :class:`Qwen3Config`), optionally truncated to the first
     ``num_hidden_layers`` layers (keeping their schedule) and/or ``n_routed_experts``
     experts (top-k is capped at the expert count). Raises ConfigError for an unknown name."""
+    if name in QWEN3_PRESETS:
+        if n_routed_experts is not None:
+            raise ConfigError(f"preset {name!r} is a dense model: --experts does not apply")
+        return qwen3_preset(name, num_hidden_layers)
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + sorted(QWEN3_PRESETS)}")
     cfg = PRESETS[name]()
     changes: dict[str, Any] = {}
     if num_hidden_layers is not None:
@@ -495,3 +503,31 @@ def preset(name: str, num_hidden_layers: int | None = None,
     return cfg.replace(**changes) if changes else cfg
 
 
+
+
+# ---------------------------------------------------------------------- model dispatch
+from .config_qwen3 import QWEN3_PRESETS, Qwen3Config, qwen3_preset  # noqa: E402  (needs ConfigError)
+
+ModelConfig = DeepSeekV4Config | Qwen3Config
+_BY_MODEL_TYPE = {"deepseek_v4": DeepSeekV4Config, "qwen3": Qwen3Config}
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read ``config.json`` (or a directory holding it) and return the config class its
+    ``model_type`` names (``deepseek_v4`` -> :class:`DeepSeekV4Config`, ``qwen3`` ->
+    :class:`Qwen3Config`; a missing model_type reads as ``deepseek_v4``, the project's
+    original format). Raises ConfigError for a missing file, bad JSON or an unsupported
+    model_type (the message lists the supported ones)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ConfigError(f"no config.json at {p}")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is not valid JSON: {e}") from e
+    mt = d.get("model_type", "deepseek_v4")
+    if mt not in _BY_MODEL_TYPE:
+        raise ConfigError(f"{p}: model_type {mt!r} is not supported; expected one of {sorted(_BY_MODEL_TYPE)}")
+    return _BY_MODEL_TYPE[mt].from_hf_dict(d)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import CSA, SLIDING, DeepSeekV4Config
+from ..config import CSA, SLIDING, DeepSeekV4Config, Qwen3Config
+from .qwen3_names import QWEN3_W8A8_WEIGHT_RE, expected_float_qwen3
 
 __all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "FP32_TENSOR_SUFFIXES",
            "W8A8_WEIGHT_RE", "is_w8a8_weight", "QUANT_METHOD_W8A8"]
@@ -36,8 +37,9 @@ QUANT_METHOD_W8A8 = "llm_kernels_w8a8"
 
 
 def is_w8a8_weight(name: str) -> bool:
-    """True for the canonical ``*.weight`` names stored INT8 in the W8A8 format."""
-    return W8A8_WEIGHT_RE.match(name) is not None
+    """True for the canonical ``*.weight`` names stored INT8 in the W8A8 format (DeepSeek-V4
+    release names, or Qwen3's projection names; the two namings do not overlap)."""
+    return W8A8_WEIGHT_RE.match(name) is not None or QWEN3_W8A8_WEIGHT_RE.match(name) is not None
 
 # Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,
 # sinks, compressor ape, router bias) and every RMSNorm weight, which transformers keeps in
@@ -66,8 +68,11 @@ class TensorInfo:
     kind: str = "float"
 
 
-def canonical_name(name: str) -> str:
-    """Map a transformers ``save_pretrained`` name to the release name (identity otherwise)."""
+def canonical_name(name: str, cfg=None) -> str:
+    """Map a transformers ``save_pretrained`` name to the release name (identity otherwise).
+    For a :class:`Qwen3Config` the transformers names are canonical (identity)."""
+    if isinstance(cfg, Qwen3Config):
+        return name
     if name in _GLOBAL_RENAMES:
         return _GLOBAL_RENAMES[name]
     if name.startswith("model.layers."):
@@ -75,18 +80,23 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def is_ignored(name: str) -> bool:
-    """True for tensors the main model does not use (MTP block)."""
+def is_ignored(name: str, cfg=None) -> bool:
+    """True for tensors the main model does not use (DeepSeek-V4's MTP block; nothing for Qwen3)."""
+    if isinstance(cfg, Qwen3Config):
+        return False
     return name.startswith("mtp.") or name.startswith("model.mtp.")
 
 
-def expected_tensors(cfg: DeepSeekV4Config, quant: str | None = None) -> dict[str, TensorInfo]:
-    """Every tensor a ``DeepseekV4ForCausalLM`` checkpoint must hold for ``cfg``, by
-    canonical name, with its shape. ``quant="w8a8"``: the :func:`is_w8a8_weight` tensors are
+def expected_tensors(cfg: DeepSeekV4Config | Qwen3Config, quant: str | None = None) -> dict[str, TensorInfo]:
+    """Every tensor a ``DeepseekV4ForCausalLM`` (or, for a :class:`Qwen3Config`,
+    ``Qwen3ForCausalLM``) checkpoint must hold for ``cfg``, by canonical name, with its shape. ``quant="w8a8"``: the :func:`is_w8a8_weight` tensors are
     kind ``"int8"`` and each has a ``<name>_scale`` ([out] float32) companion."""
     if quant not in (None, "w8a8"):
         raise ValueError(f"quant must be None or 'w8a8', got {quant!r}")
-    t = _expected_float(cfg)
+    if isinstance(cfg, Qwen3Config):
+        t = {n: TensorInfo(shape) for n, shape in expected_float_qwen3(cfg).items()}
+    else:
+        t = _expected_float(cfg)
     if quant is None:
         return t
     out: dict[str, TensorInfo] = {}

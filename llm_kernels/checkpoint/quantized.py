@@ -66,6 +66,9 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     conf = json.loads((Path(src) / "config.json").read_text())
-    conf["quantization_config"] = QUANTIZATION_CONFIG
+    qc = dict(QUANTIZATION_CONFIG)
+    if conf.get("model_type") == "qwen3":
+        qc["modules"] = ["self_attn.q_proj/k_proj/v_proj/o_proj", "mlp.gate_proj/up_proj/down_proj"]
+    conf["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..config import DeepSeekV4Config
+from ..config import DeepSeekV4Config, Qwen3Config, load_config
 from .names import QUANT_METHOD_W8A8, FP32_TENSOR_SUFFIXES, canonical_name, expected_tensors, is_ignored
 
 __all__ = [
@@ -79,9 +79,14 @@ class CheckpointError(ValueError):
 
 
 # ====================================================================== helpers
-def is_fp32_tensor(name: str) -> bool:
+def is_fp32_tensor(name: str, cfg=None) -> bool:
     """True when canonical ``name`` is one of the tensors always kept in float32
-    (a :data:`~.names.FP32_TENSOR_SUFFIXES` suffix at a name-component boundary)."""
+    (a :data:`~.names.FP32_TENSOR_SUFFIXES` suffix at a name-component boundary). For a
+    :class:`~llm_kernels.config.Qwen3Config` only W8A8 ``weight_scale`` tensors are: Qwen3's
+    norm weights live in the model dtype (transformers ``Qwen3RMSNorm`` multiplies by a
+    ``dtype`` weight)."""
+    if isinstance(cfg, Qwen3Config):
+        return name.endswith("weight_scale")
     return any(name == s or name.endswith("." + s) for s in FP32_TENSOR_SUFFIXES)
 
 
@@ -235,8 +240,10 @@ def load_checkpoint(
     check_finite: bool = True,
     progress: bool = True,
     quant: str | None = None,
-) -> tuple[DeepSeekV4Config, dict[str, torch.Tensor]]:
-    """Load and validate a DeepSeek-V4 checkpoint directory.
+) -> tuple[DeepSeekV4Config | Qwen3Config, dict[str, torch.Tensor]]:
+    """Load and validate a DeepSeek-V4 or Qwen3 checkpoint directory (``config.json``'s
+    ``model_type`` decides, see :func:`llm_kernels.config.load_config`; Qwen3 tensors keep
+    transformers' names and every float tensor, norms included, is cast to ``dtype``).
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or sharded
@@ -280,7 +287,7 @@ def load_checkpoint(
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
     files, wmap = _weight_files(root)
-    cfg = DeepSeekV4Config.from_json(root)
+    cfg = load_config(root)
     stored_quant = checkpoint_quant(root)
     if quant == "none" and stored_quant is not None:
         raise CheckpointError(f"checkpoint {root} is W8A8 (INT8 weights); it cannot be loaded as float")
@@ -301,14 +308,14 @@ def load_checkpoint(
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file)}") from e
         for k in keys:
-            if is_ignored(k):
+            if is_ignored(k, cfg):
                 continue
             if wmap is not None and wmap.get(k) != file.name:
                 if k in wmap:
                     continue  # a copy in another shard; the index decides where it is read from
-                raise CheckpointError(f"tensor {k!r} ({canonical_name(k)!r}) found in {file.name} but "
+                raise CheckpointError(f"tensor {k!r} ({canonical_name(k, cfg)!r}) found in {file.name} but "
                                       f"it is not listed in {INDEX_FILE_NAME}")
-            canon = canonical_name(k)
+            canon = canonical_name(k, cfg)
             if canon in sources:
                 prev = sources[canon]
                 raise CheckpointError(
@@ -318,7 +325,7 @@ def load_checkpoint(
             meta[canon] = headers[k]
     if wmap is not None:
         absent = [k for k, fname in wmap.items()
-                  if not is_ignored(k) and canonical_name(k) not in sources]
+                  if not is_ignored(k, cfg) and canonical_name(k, cfg) not in sources]
         if absent:
             k = absent[0]
             raise CheckpointError(f"tensor {k!r} is listed in {INDEX_FILE_NAME} under {wmap[k]!r} but "
@@ -392,7 +399,7 @@ def load_checkpoint(
                         if check_finite:
                             _check_finite(name, src, t)
                         if dtype is not None:
-                            want = torch.float32 if is_fp32_tensor(name) else dtype
+                            want = torch.float32 if is_fp32_tensor(name, cfg) else dtype
                             if t.dtype != want:
                                 t = t.to(want)
                     out[name] = t

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DeepSeekV4Config
+from ..config import DeepSeekV4Config, Qwen3Config
 from .names import TensorInfo, expected_tensors
 from .safetensors_io import (
     _DTYPE_NAMES,
@@ -37,19 +37,19 @@ from .safetensors_io import (
 __all__ = ["write_random_checkpoint", "checkpoint_nbytes"]
 
 
-def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg=None) -> torch.dtype:
     if info.kind == "int":
         return torch.int64
-    return torch.float32 if is_fp32_tensor(name) else dtype
+    return torch.float32 if is_fp32_tensor(name, cfg) else dtype
 
 
-def checkpoint_nbytes(cfg: DeepSeekV4Config, dtype: torch.dtype = torch.bfloat16) -> int:
+def checkpoint_nbytes(cfg: DeepSeekV4Config | Qwen3Config, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of tensor data :func:`write_random_checkpoint` writes for ``cfg`` with storage
     ``dtype`` (FP32-suffix tensors count 4 bytes/element, ``tid2eid`` 8). The safetensors
     headers and ``config.json`` add a few KiB on top. Pure function of the config."""
     total = 0
     for name, info in expected_tensors(cfg).items():
-        total += math.prod(info.shape) * _storage_dtype(name, info, dtype).itemsize
+        total += math.prod(info.shape) * _storage_dtype(name, info, dtype, cfg).itemsize
     return total
 
 
@@ -64,7 +64,7 @@ def _random_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, seed: int
     """The float32 (int64 for tid2eid) random init of one tensor; see docs/checkpoints.md."""
     g = torch.Generator().manual_seed(_seed_for(seed, name))
     shape = info.shape
-    D, HC = cfg.hidden_size, cfg.hc_mult
+    D = cfg.hidden_size
     leaf = name.rsplit(".", 1)[-1]
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
@@ -73,6 +73,19 @@ def _random_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, seed: int
         if mean:
             t.add_(mean)
         return t
+
+    if isinstance(cfg, Qwen3Config):
+        if name == "model.embed_tokens.weight":
+            # O(1) embeddings; when tied this is also the head (logits then scale with sqrt(D)).
+            return normal(1.0)
+        if name == "lm_head.weight":
+            return normal(1.0 / math.sqrt(D))
+        if name.endswith("norm.weight"):
+            return normal(0.1, mean=1.0)
+        if len(shape) == 2:
+            return normal(weight_scale / math.sqrt(shape[1]))
+        raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
+    HC = cfg.hc_mult
 
     if info.kind == "int":  # gate.tid2eid: K distinct experts per token, uniform
         K = shape[1]
@@ -123,7 +136,7 @@ def _write_tensor_bytes(fh, t: torch.Tensor) -> None:
 
 
 def write_random_checkpoint(
-    cfg: DeepSeekV4Config,
+    cfg: DeepSeekV4Config | Qwen3Config,
     out_dir: str | os.PathLike,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
@@ -132,8 +145,10 @@ def write_random_checkpoint(
     progress: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Path:
-    """Write a random, deterministic DeepSeek-V4 checkpoint that :func:`load_checkpoint` and
-    ``transformers.DeepseekV4ForCausalLM.from_pretrained`` both read.
+    """Write a random, deterministic DeepSeek-V4 (or Qwen3, for a :class:`Qwen3Config`)
+    checkpoint that :func:`load_checkpoint` and ``transformers``' ``from_pretrained`` both read.
+    Qwen3 init: Linear ~ N(0, weight_scale/sqrt(in)), norms (incl. q/k norm) ~ 1 + N(0, 0.1),
+    embed ~ N(0, 1), lm_head ~ N(0, 1/sqrt(D)); every tensor is stored in ``dtype``.
 
     Writes ``out_dir/config.json`` (``cfg.to_hf_dict()`` plus ``"dtype"``) and the tensors of
     :func:`~.names.expected_tensors` under their canonical (release) names, metadata
@@ -188,7 +203,7 @@ def write_random_checkpoint(
                          f"{_fmt_bytes(free)} free on that disk")
 
     # Plan shards.
-    entries = [(n, _storage_dtype(n, info, dtype), info.shape) for n, info in expected.items()]
+    entries = [(n, _storage_dtype(n, info, dtype, cfg), info.shape) for n, info in expected.items()]
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for e in entries:

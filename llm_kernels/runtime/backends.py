@@ -1,8 +1,10 @@
-"""Stage-implementation namespaces ("backends") the engine composes.
+"""Stage-implementation namespaces ("backends") the engines compose, per model.
 
-* ``reference``: the torch reference (:mod:`llm_kernels.reference.deepseek_v4`).
-* ``fused``: the Numba kernels of :mod:`llm_kernels.kernels.deepseek_v4` for every stage
-  that has one; the other stages use the reference. :func:`backend_stages` says which.
+* ``reference``: the torch reference (:mod:`llm_kernels.reference.deepseek_v4`, or
+  :mod:`llm_kernels.reference.qwen3` for ``model="qwen3"``).
+* ``fused``: the Numba kernels of :mod:`llm_kernels.kernels.deepseek_v4` (``.qwen3``) for
+  every stage that has one; the other stages use the reference. :func:`backend_stages`
+  says which.
 
 Both share the engine, its cache layout and its stage signatures.
 """
@@ -29,17 +31,31 @@ _FUSED_MODULES = {
     "gate": "moe", "moe": "moe",
     "rms_norm": "norm", "linear": "linear",
 }
+_FUSED_MODULES_QWEN3 = {
+    "input_norm_qkv": "qkv_proj", "qk_norm_rope_cache": "qk_norm_rope", "paged_attention": "attention",
+    "o_proj_residual_norm": "o_proj", "gate_up_swiglu": "mlp", "down_residual": "mlp",
+}
+MODELS = ("deepseek_v4", "qwen3")
 _cache: dict[str, SimpleNamespace] = {}
 
 
-def _fused() -> tuple[SimpleNamespace, dict[str, str]]:
-    ops = dict(vars(REFERENCE_OPS))
+def _reference(model: str) -> SimpleNamespace:
+    if model == "qwen3":
+        from .qwen3_engine import REFERENCE_OPS as q3
+
+        return q3
+    return REFERENCE_OPS
+
+
+def _fused(model: str = "deepseek_v4") -> tuple[SimpleNamespace, dict[str, str]]:
+    ops = dict(vars(_reference(model)))
     where = {k: "reference" for k in ops}
-    for stage, mod in _FUSED_MODULES.items():
+    modules = _FUSED_MODULES_QWEN3 if model == "qwen3" else _FUSED_MODULES
+    for stage, mod in modules.items():
         try:
-            m = importlib.import_module(f"llm_kernels.kernels.deepseek_v4.{mod}")
+            m = importlib.import_module(f"llm_kernels.kernels.{model}.{mod}")
         except ModuleNotFoundError as e:
-            if e.name != f"llm_kernels.kernels.deepseek_v4.{mod}":
+            if e.name != f"llm_kernels.kernels.{model}.{mod}":
                 raise
             continue
         fn = getattr(m, stage, None)
@@ -49,20 +65,24 @@ def _fused() -> tuple[SimpleNamespace, dict[str, str]]:
     return SimpleNamespace(**ops), where
 
 
-def get_ops(backend: str) -> SimpleNamespace:
-    """The ops namespace of ``backend`` ("reference" or "fused"). Raises ValueError otherwise."""
+def get_ops(backend: str, model: str = "deepseek_v4") -> SimpleNamespace:
+    """The ops namespace of ``backend`` ("reference" or "fused") for ``model``
+    ("deepseek_v4" or "qwen3"). Raises ValueError otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if backend == "reference":
-        return REFERENCE_OPS
-    if "fused" not in _cache:
-        _cache["fused"], _cache["fused_where"] = _fused()
-    return _cache["fused"]
+        return _reference(model)
+    key = f"fused:{model}"
+    if key not in _cache:
+        _cache[key], _cache[key + ":where"] = _fused(model)
+    return _cache[key]
 
 
-def backend_stages(backend: str) -> dict[str, str]:
+def backend_stages(backend: str, model: str = "deepseek_v4") -> dict[str, str]:
     """{stage: "fused" | "reference"}: which implementation each stage of ``backend`` uses."""
     if backend == "reference":
-        return {k: "reference" for k in vars(REFERENCE_OPS)}
-    get_ops("fused")
-    return dict(_cache["fused_where"])
+        return {k: "reference" for k in vars(_reference(model))}
+    get_ops("fused", model)
+    return dict(_cache[f"fused:{model}:where"])

@@ -55,7 +55,7 @@ def _fused(model: str = "deepseek_v4") -> tuple[SimpleNamespace, dict[str, str]]
         try:
             m = importlib.import_module(f"llm_kernels.kernels.{model}.{mod}")
         except ModuleNotFoundError as e:
-            if e.name != f"llm_kernels.kernels.{model}.{mod}":
+            if e.name not in (f"llm_kernels.kernels.{model}.{mod}", f"llm_kernels.kernels.{model}"):
                 raise
             continue
         fn = getattr(m, stage, None)

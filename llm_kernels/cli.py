@@ -1,5 +1,7 @@
 """Command line: ``python -m llm_kernels {generate,logits,make-checkpoint} ...``.
 
+* Every command that takes ``--checkpoint`` dispatches on its ``config.json`` ``model_type``
+  (``deepseek_v4`` or ``qwen3``).
 * ``generate``: greedy generation with the cached runtime; with no ``--checkpoint`` it uses
   the embedded default, the ``mini`` preset written once (seed 0) into a cache directory
   (``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``). Prints the ids, prefill and decode
@@ -8,7 +10,8 @@
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
 * ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
-* ``bench``: decode benchmark per stage and layer at real dims (``benchmarks/bench_layer.py``).
+* ``bench``: decode benchmark per stage and layer at real dims (``benchmarks/bench_layer.py``;
+  ``--preset qwen3-32b``: ``benchmarks/bench_qwen3_layer.py``).
 * ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
 * ``profile``: prefill + N decode steps traced per step / layer / stage into a Chrome /
   Perfetto trace-event JSON (``llm_kernels.harness.trace``).
@@ -62,11 +65,35 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
     return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True, quant=quant)
 
 
-def _ops(backend: str):
-    """The stage implementations of a backend: ``reference`` (torch) or ``fused`` (kernels)."""
+def _ops(backend: str, cfg=None):
+    """The stage implementations of a backend: ``reference`` (torch) or ``fused`` (kernels),
+    for the model of ``cfg`` (DeepSeek-V4 when None)."""
     from .runtime.backends import get_ops
 
-    return get_ops(backend)
+    return get_ops(backend, _model_type(cfg))
+
+
+def _model_type(cfg) -> str:
+    from .config import Qwen3Config
+
+    return "qwen3" if isinstance(cfg, Qwen3Config) else "deepseek_v4"
+
+
+def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1):
+    """The runtime engine for ``cfg``'s model: :class:`DeepSeekV4Engine` or :class:`Qwen3Engine`
+    (paged KV cache sized for ``batch`` sequences of ``max_seq_len`` tokens)."""
+    ops = _ops(backend, cfg)
+    if _model_type(cfg) == "qwen3":
+        from .runtime.qwen3_engine import Qwen3Engine
+
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"{max_seq_len} tokens exceed the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        return Qwen3Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, max_batch=batch,
+                           ops=ops, timer=timer)
+    from .runtime.engine import DeepSeekV4Engine
+
+    return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=ops, timer=timer)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -92,14 +119,12 @@ def _setup_run(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .runtime.engine import DeepSeekV4Engine
     from .runtime.timing import StageTimer
 
     dtype, ckpt, cfg, weights, prompt = _setup_run(args)
     max_len = len(prompt) + args.max_new_tokens
     timer = StageTimer()
-    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max(max_len, 1), timer=timer,
-                              ops=_ops(args.backend))
+    engine = _engine(weights, cfg, dtype, max(max_len, 1), args.backend, timer)
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
           f"backend: {args.backend}, threads: {torch.get_num_threads()}")
     t0 = time.perf_counter()
@@ -127,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print("time per stage (prefill ms | decode ms per step | decode share):")
     total = sum(timer.seconds.values()) or 1.0
     for stage, sec, calls, share in timer.table():
-        print(f"  {stage:14s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
+        print(f"  {stage:20s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
               f"{sec / max(n_dec, 1) * 1e3:9.3f} | {sec / total:6.1%}")
     return 0
 
@@ -135,8 +160,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_logits(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
     from tqdm import tqdm
-
-    from .runtime.engine import DeepSeekV4Engine
 
     dtype = _DTYPES[args.dtype]
     inputs: list[list[int]] = args.input_ids
@@ -153,7 +176,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
     for x in decodes:
         _check_ids(x, cfg.vocab_size, "--decode-ids")
     max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
-    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_len, ops=_ops(args.backend))
+    engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs))
     sids, prefill = engine.prefill(inputs)
     dec: list[list[torch.Tensor]] = [[] for _ in inputs]
     steps = max(len(d) for d in decodes)
@@ -211,6 +234,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise SystemExit("error: --steps must be >= 0")
     dtype, ckpt, cfg, weights, prompt = _setup_run(args)
+    if _model_type(cfg) != "deepseek_v4":
+        raise SystemExit("error: profile traces DeepSeek-V4 checkpoints only (its roofline model); use "
+                         "'generate' for per-stage times of a Qwen3 checkpoint")
     from .reference.deepseek_v4.quant import QuantWeight
 
     quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))
@@ -222,7 +248,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     timer = StageTimer(trace=True)
     extra = 2 * args.overhead_steps * args.overhead_rounds
     engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=len(prompt) + args.steps + extra + 1,
-                              timer=timer, ops=_ops(args.backend))
+                              timer=timer, ops=_ops(args.backend, cfg))
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant} "
           f"(roofline: {quant}), backend: {args.backend}, threads: {torch.get_num_threads()}, "
           f"DRAM bandwidth: {bw:.1f} GB/s{' (given)' if args.bandwidth else ' (measured)'}")
@@ -283,16 +309,27 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                         "float); default: as stored")
 
 
+def _bench_script(argv: list[str]) -> str:
+    """``bench_qwen3_layer.py`` when ``--preset`` names a Qwen3 preset, else ``bench_layer.py``."""
+    for i, a in enumerate(argv):
+        val = a.split("=", 1)[1] if a.startswith("--preset=") else (
+            argv[i + 1] if a == "--preset" and i + 1 < len(argv) else None)
+        if val is not None and val.startswith("qwen3"):
+            return "bench_qwen3_layer.py"
+    return "bench_layer.py"
+
+
 def _bench_main(argv: list[str]) -> int:
-    """``python -m llm_kernels bench ...`` -> ``benchmarks/bench_layer.py`` (a repository file,
-    so the command runs from a source checkout)."""
+    """``python -m llm_kernels bench ...`` -> ``benchmarks/bench_layer.py`` (DeepSeek-V4) or
+    ``benchmarks/bench_qwen3_layer.py`` (``--preset qwen3-*``); repository files, so the
+    command runs from a source checkout."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_layer.py"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / _bench_script(argv)
     if not path.exists():
         print(f"error: {path} not found: 'bench' runs from a source checkout", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("llm_kernels_bench_layer", path)
+    spec = importlib.util.spec_from_file_location("llm_kernels_" + path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -330,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.set_defaults(func=cmd_quantize)
 
     mk = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint of a preset")
-    mk.add_argument("--preset", choices=["mini", "flash", "pro"], required=True)
+    mk.add_argument("--preset", choices=["mini", "flash", "pro", "qwen3-mini", "qwen3-32b"], required=True)
     mk.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     mk.add_argument("--experts", type=int, default=None, help="number of routed experts")
     mk.add_argument("--seed", type=int, default=0)

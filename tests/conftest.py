@@ -75,3 +75,51 @@ class ModelZoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> ModelZoo:
     return ModelZoo(tmp_path_factory)
+
+
+class Qwen3Zoo:
+    """Lazily written checkpoints (float32 storage) and loaded models of
+    :data:`qwen3_helpers.Q3_CASES`: ours per dtype/quant, transformers per dtype/attention."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self._tmp = tmp_path_factory
+        self._dirs: dict[str, Path] = {}
+        self._ours: dict[tuple, tuple] = {}
+        self._hf: dict[tuple, torch.nn.Module] = {}
+
+    def case(self, name: str):
+        from qwen3_helpers import Q3_CASES
+
+        return Q3_CASES[name]
+
+    def checkpoint(self, name: str) -> Path:
+        if name not in self._dirs:
+            from llm_kernels.checkpoint import write_random_checkpoint
+
+            c = self.case(name)
+            d = self._tmp.mktemp(f"qwen3_{name}")
+            write_random_checkpoint(c.cfg, d, seed=c.seed, dtype=torch.float32, weight_scale=c.weight_scale,
+                                    progress=False)
+            self._dirs[name] = d
+        return self._dirs[name]
+
+    def ours(self, name: str, dtype: torch.dtype, quant: str | None = None):
+        key = (name, dtype, quant)
+        if key not in self._ours:
+            from llm_kernels.checkpoint import load_checkpoint
+
+            self._ours[key] = load_checkpoint(self.checkpoint(name), dtype=dtype, progress=False, quant=quant)
+        return self._ours[key]
+
+    def hf(self, name: str, dtype: torch.dtype, attn: str = "eager"):
+        key = (name, dtype, attn)
+        if key not in self._hf:
+            m = transformers.Qwen3ForCausalLM.from_pretrained(self.checkpoint(name), dtype=dtype,
+                                                              attn_implementation=attn)
+            self._hf[key] = m.eval()
+        return self._hf[key]
+
+
+@pytest.fixture(scope="session")
+def qwen3_zoo(tmp_path_factory):
+    return Qwen3Zoo(tmp_path_factory)

@@ -336,6 +336,19 @@ def _bench_main(argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
+def _golden_main(argv: list[str]) -> int:
+    """``golden``: the DeepSeek-V4 cases (``harness.cases_deepseek_v4``) and the Qwen3 cases
+    (``harness.cases_qwen3``; ``-k qwen3`` selects them). Checkpoints: the embedded defaults,
+    or ``$LLM_KERNELS_GOLDEN_CHECKPOINT`` / ``$LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT``."""
+    from .harness import cases_deepseek_v4, cases_qwen3
+    from .harness.runner import main as run_main
+
+    ds = os.environ.get("LLM_KERNELS_GOLDEN_CHECKPOINT")
+    q3 = os.environ.get("LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT")
+    cases = cases_deepseek_v4.build_cases(Path(ds) if ds else None) + cases_qwen3.build_cases(Path(q3) if q3 else None)
+    return run_main(cases, argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -396,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "
                         "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
     gd.add_argument("harness_args", nargs=argparse.REMAINDER)
-    gd.set_defaults(func=lambda a: __import__("llm_kernels.harness.cases_deepseek_v4", fromlist=["main"])
-                    .main(a.harness_args))
+    gd.set_defaults(func=lambda a: _golden_main(a.harness_args))
     return p
 
 
@@ -407,9 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # benchmarks/bench_layer.py parses its own flags
         return _bench_main(argv[1:])
     if argv[:1] == ["golden"]:  # the harness parses its own flags
-        from .harness.cases_deepseek_v4 import main as golden_main
-
-        return golden_main(argv[1:])
+        return _golden_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError

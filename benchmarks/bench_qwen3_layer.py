@@ -1,0 +1,603 @@
+"""Decode-step benchmark of ONE Qwen3 decoder layer at real (Qwen3-32B) dimensions.
+
+    python benchmarks/bench_qwen3_layer.py --preset qwen3-32b --batch 1,4,16 --context 4096
+    python -m llm_kernels bench --preset qwen3-32b ...          (same flags)
+
+One decoder layer of the preset (hidden 5120, 64 q heads, 8 kv heads, head_dim 128,
+intermediate 25600 for Qwen3-32B) with seeded random bf16 weights built in memory at the
+init scales of ``write_random_checkpoint`` (Linear ~ N(0, 1/sqrt(in)), norms ~ 1 + N(0, 0.1));
+``--quant w8a8`` quantises the 7 projections with ``quantize_weight`` (per-output-channel
+INT8 + FP32 scale; norms stay bf16). ``B`` sequences each already hold ``--context`` tokens:
+the paged KV cache is filled with random bf16 K/V ~ N(0, 1) (K after q/k-norm + RoPE and V
+both have O(1) entries at these init scales) instead of a prefill. Each run reserves one
+slot per sequence, runs :meth:`Qwen3Engine.forward_rows` on a random bf16-valued
+``x [B, hidden]`` (the embedding is bypassed) and is rolled back untimed, so every run sees
+the same context. Per-stage times come from the engine's :class:`StageTimer`
+(``qwen3_engine.STAGES``; ``other`` = total − Σ stages: RoPE tables, block tables, glue).
+
+Every "% roofline" uses the DRAM bandwidth measured at the start of the same run (measured
+again at the end to show drift); bytes per stage from :mod:`llm_kernels.harness.roofline_qwen3`.
+The attention stage also reports its % of the KV-read roofline alone.
+
+Baseline: transformers' ``Qwen3DecoderLayer`` whose parameters ARE the bf16 tensors (no copy;
+``load_state_dict(assign=True)``), a ``DynamicCache`` holding the same K/V (K post-norm/RoPE,
+V raw, as ours), RoPE from ``Qwen3RotaryEmbedding`` at position = context, no attention
+mask (one new token per sequence, equal lengths: nothing to pad). Its cache is reset after
+each run (untimed). Its output is the cross-check: cosine of each variant vs transformers.
+Variants and transformers are timed round-robin (``interleaved``) after warm-up runs
+(Numba compiles in the first one).
+
+Reference W8A8 (``reference/w8a8``): the torch reference does its exact INT8 GEMM in
+float64, converting the INT8 weight to float64 on every call (~1 GB transient for
+gate/up/down at 32B dims) — it is a golden, not a speed baseline. It is therefore run only
+when asked (``--reference-w8a8``); the fused W8A8 path is compared with transformers bf16
+and with ``reference/none``. The JSON notes say so.
+
+A fused backend with no Qwen3 stage fused yet (``backend_stages('fused', 'qwen3')``) is the
+reference under another name: it is skipped and reported as such. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm_kernels.config import ConfigError, Qwen3Config, qwen3_preset
+from llm_kernels.harness import roofline_qwen3 as rq
+from llm_kernels.harness.bench import (
+    BenchResult,
+    fmt_bytes,
+    interleaved,
+    machine_info,
+    measure_dram_bandwidth,
+    print_table,
+    write_results,
+)
+from llm_kernels.reference.deepseek_v4.quant import quantize_weight
+from llm_kernels.runtime.backends import backend_stages, get_ops
+from llm_kernels.runtime.paged_cache import PagedKVCache
+from llm_kernels.runtime.qwen3_engine import STAGES, Qwen3Engine
+from llm_kernels.runtime.timing import StageTimer
+
+__all__ = ["KVState", "build_hf_layer", "build_parser", "build_weights", "main"]
+
+BF16 = torch.bfloat16
+QUANT_TO_ROOFLINE = {"none": "bf16", "w8a8": "w8a8"}
+# engine stage -> ops attribute (backend_stages reports ops attributes)
+STAGE_OPS = {"input_norm_qkv": "input_norm_qkv", "qk_norm_rope": "qk_norm_rope_cache",
+             "attention": "paged_attention", "o_proj_residual_norm": "o_proj_residual_norm",
+             "gate_up_swiglu": "gate_up_swiglu", "down_residual": "down_residual"}
+PREFIX = "model.layers.0."
+
+
+# ============================================================================ arguments
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        v = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not v or any(x <= 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI of :func:`main` (also ``python -m llm_kernels bench --preset qwen3-*``)."""
+    p = argparse.ArgumentParser(prog="bench_qwen3_layer", description="Time one Qwen3 decoder layer's decode "
+                                "step per stage vs its memory roofline and vs transformers (docs/benchmarks.md).")
+    p.add_argument("--preset", default="qwen3-32b", choices=["qwen3-32b", "qwen3-mini"])
+    p.add_argument("--batch", type=_ints, default=[1, 4, 16], help="sequences B per step, one new token each "
+                   "(default 1,4,16)")
+    p.add_argument("--context", type=int, default=4096, help="tokens already cached per sequence (default 4096)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs, median reported (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2; Numba compiles)")
+    p.add_argument("--block-size", type=int, default=16, help="KV page size in tokens (default 16)")
+    p.add_argument("--backends", type=_csv, default=["reference", "fused"], help="reference and/or fused")
+    p.add_argument("--quant", type=_csv, default=["none", "w8a8"], help="none (bf16) and/or w8a8")
+    p.add_argument("--reference-w8a8", action="store_true", help="also time reference/w8a8 (float64 INT8 "
+                   "GEMM golden: slow, ~1 GB transient; off by default)")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="transformers attention implementation (default sdpa, its CPU default)")
+    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/bench_<preset "
+                   "with _>.json, e.g. bench_qwen3_32b.json")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="stacked per-stage bars")
+    p.add_argument("--bandwidth", type=float, default=None, help="GB/s to use instead of measuring")
+    p.add_argument("--bw-bytes", type=int, default=int(1.5 * 2 ** 30), help="bandwidth array bytes (1.5 GiB)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    for flag, field in (("--hidden", "hidden_size"), ("--intermediate", "intermediate_size"),
+                        ("--heads", "num_attention_heads"), ("--kv-heads", "num_key_value_heads"),
+                        ("--head-dim", "head_dim")):  # dimension overrides (tests)
+        p.add_argument(flag, dest=field, type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _seed(seed: int, *parts: Any) -> int:
+    h = hashlib.blake2b("\0".join(str(p) for p in (seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+# ============================================================================ weights
+def build_weights(cfg: Qwen3Config, seed: int, log: Callable[..., None] = print) -> dict[str, torch.Tensor]:
+    """Layer-0 tensors ``model.layers.0.*`` (transformers names), bf16, seeded per name:
+    2-D [out, in] ~ N(0, 1/sqrt(in)); norm vectors [n] ~ 1 + N(0, 0.1) (writer.py's Qwen3 rules)."""
+    w: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    table = rq.weight_table(cfg, "bf16")
+    total = sum(t.nbytes for t in table)
+    done = 0
+    for i, t in enumerate(table):
+        g = torch.Generator().manual_seed(_seed(seed, t.name, t.shape))
+        x = torch.empty(t.shape, dtype=BF16)
+        if len(t.shape) == 2:
+            x.normal_(0.0, 1.0 / math.sqrt(t.shape[1]), generator=g)
+        else:
+            x.normal_(1.0, 0.1, generator=g)
+        w[PREFIX + t.name] = x
+        done += t.nbytes
+        if t.nbytes >= 2 ** 20:
+            log(f"  weights [{i + 1}/{len(table)}] {t.name} {tuple(t.shape)}: {fmt_bytes(done)} of "
+                f"{fmt_bytes(total)} ({time.perf_counter() - t0:.1f} s)")
+    return w
+
+
+def quantize_layer(w: dict[str, torch.Tensor], log: Callable[..., None] = print) -> dict[str, Any]:
+    """The same dict with the 7 projections (``roofline_qwen3.PROJECTIONS``) as QuantWeight."""
+    out: dict[str, Any] = dict(w)
+    t0 = time.perf_counter()
+    for i, name in enumerate(rq.PROJECTIONS):
+        out[PREFIX + name] = quantize_weight(w[PREFIX + name])
+        log(f"  quantise [{i + 1}/{len(rq.PROJECTIONS)}] {name} ({time.perf_counter() - t0:.1f} s)")
+    return out
+
+
+# ============================================================================ transformers
+def build_hf_layer(cfg: Qwen3Config, w: dict[str, torch.Tensor], attn: str):
+    """transformers ``Qwen3DecoderLayer`` (layer 0) whose parameters are the tensors of
+    ``w`` (bf16, no copy), plus its config and rotary embedding. Returns (layer, hf_cfg, rotary)."""
+    import transformers
+    import transformers.models.qwen3.modeling_qwen3 as M
+
+    h = transformers.Qwen3Config(**cfg.to_hf_dict())
+    h._attn_implementation = attn
+    with torch.device("meta"):
+        layer = M.Qwen3DecoderLayer(h, 0)
+    sd = {k[len(PREFIX):]: v for k, v in w.items() if k.startswith(PREFIX)}
+    layer.load_state_dict(sd, strict=True, assign=True)
+    layer.eval()
+    return layer, h, M.Qwen3RotaryEmbedding(h)
+
+
+# ============================================================================ cache state
+class KVState:
+    """B sequences at context L: our shared :class:`PagedKVCache` (one layer) and the dense
+    ``[B, nkv, L, d]`` K/V of transformers' cache, holding the same random bf16 rows.
+    :meth:`reserve` / :meth:`reset` give every run the same starting state."""
+
+    def __init__(self, cfg: Qwen3Config, B: int, L: int, block_size: int, seed: int, hf: bool):
+        self.B, self.L = B, L
+        nkv, d = cfg.num_key_value_heads, cfg.head_dim
+        nb = math.ceil((L + 1) / block_size)
+        self.cache = PagedKVCache(cfg, B * nb, block_size, BF16, max_seq_len=L + 1, num_layers=1)
+        self.seq_ids = list(range(B))
+        self.hf_k: torch.Tensor | None = torch.empty(B, nkv, L, d, dtype=BF16) if hf else None
+        self.hf_v: torch.Tensor | None = torch.empty(B, nkv, L, d, dtype=BF16) if hf else None
+        nbl = math.ceil(L / block_size)
+        for b in self.seq_ids:
+            self.cache.add_sequence(b)
+            if L:
+                self.cache.reserve([b], [L])
+            g = torch.Generator().manual_seed(_seed(seed, "kv", b, L))
+            blocks = torch.tensor(self.cache.tables[b], dtype=torch.int64)
+            for name, pages in (("k", self.cache.k[0]), ("v", self.cache.v[0])):
+                dense = torch.zeros(nkv, nbl * block_size, d, dtype=BF16)
+                dense[:, :L].normal_(0.0, 1.0, generator=g)
+                if L:
+                    pages[blocks] = dense.view(nkv, nbl, block_size, d).permute(1, 0, 2, 3)
+                if hf:
+                    (self.hf_k if name == "k" else self.hf_v)[b] = dense[:, :L]
+        self.pending = False
+        self.slots: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Undo the pending one-token reservation (if any)."""
+        if self.pending:
+            self.cache.rollback(self.seq_ids, [1] * self.B)
+            self.pending = False
+
+    def reserve(self) -> None:
+        """Back to context L, then reserve one slot per sequence (``self.slots``)."""
+        self.reset()
+        self.slots = self.cache.reserve(self.seq_ids, [1] * self.B)
+        self.pending = True
+
+    def hf_cache(self, hf_cfg):
+        """(DynamicCache holding the K/V, restore()) — restore drops the row a run appended."""
+        from transformers.cache_utils import DynamicCache
+
+        dc = DynamicCache(config=hf_cfg)
+        layer = dc.layers[0]
+        layer.lazy_initialization(self.hf_k, self.hf_v)
+
+        def restore():
+            layer.keys, layer.values = self.hf_k, self.hf_v
+        restore()
+        return dc, restore
+
+
+# ============================================================================ helpers
+def _stats(vals: list[float]) -> dict[str, float]:
+    r = BenchResult.from_runs(vals)
+    return {"median_s": r.median_s, "min_s": r.min_s, "max_s": r.max_s}
+
+
+def _compare(ref: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    a, b = ref.double().flatten(), x.double().flatten()
+    return {"cosine": (a @ b / (a.norm() * b.norm())).item(), "max_abs_diff": (a - b).abs().max().item(),
+            "max_abs_ref": a.abs().max().item()}
+
+
+def _cos(cmp: dict[str, float] | None) -> str:
+    return "-" if not cmp else f"{cmp['cosine']:.6f}"
+
+
+def _gbs(nbytes: float, s: float) -> float | None:
+    return nbytes / s / 1e9 if s > 0 else None
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _make_config(args) -> Qwen3Config:
+    cfg = qwen3_preset(args.preset, num_hidden_layers=1)
+    over = {k: getattr(args, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads", "head_dim") if getattr(args, k) is not None}
+    return cfg.replace(**over) if over else cfg
+
+
+def _plot(data: dict[str, Any], path: Path) -> Path:
+    """One panel per batch size: stacked per-stage median ms per variant (+ transformers)."""
+    from llm_kernels.harness.compare_runs import require_matplotlib
+
+    plt = require_matplotlib()
+    batches = data["batch"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches) + 1, 5), squeeze=False)
+    names = list(STAGES) + ["other"]
+    cmap = plt.get_cmap("tab10")
+    for ax, B in zip(axes[0], batches):
+        rows = [r for r in data["results"] if r["batch"] == B]
+        labels = []
+        for j, r in enumerate(rows):
+            bottom = 0.0
+            for k, s in enumerate(names):
+                ms = max(r["stages"].get(s, {}).get("median_s", 0.0), 0.0) * 1e3
+                ax.bar(j, ms, 0.6, bottom=bottom, color=cmap(k), label=s if j == 0 else None)
+                bottom += ms
+            labels.append(f"{r['backend']}\n{r['quant']}\n{r.get('roofline_pct') or 0:.0f}%")
+        hf = [h for h in data["transformers"] if h["batch"] == B]
+        for h in hf:
+            ax.bar(len(labels), h["total"]["median_s"] * 1e3, 0.6, color="0.6", hatch="//")
+            labels.append(f"transformers\nbf16\n{h.get('roofline_pct') or 0:.0f}%")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"B={B}, context {data['context']}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{data['preset']} decode layer per stage, DRAM {data['bandwidth_gbs']:.1f} GB/s "
+                 "(% = layer roofline)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================ main
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 0, 1 (a variant failed; the rest is reported), 2 (bad
+    arguments / nothing to run) or 3 (not enough memory)."""
+    args = build_parser().parse_args(argv)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    bad = [q for q in args.quant if q not in QUANT_TO_ROOFLINE]
+    if bad or not args.quant:
+        print(f"error: --quant must be a list of none, w8a8; got {args.quant}", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.warmup < 0 or args.context < 0 or args.block_size < 1:
+        print("error: --repeats >= 1, --warmup >= 0, --context >= 0, --block-size >= 1 required", file=sys.stderr)
+        return 2
+    try:
+        cfg = _make_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    L = args.context
+    if L + 1 > cfg.max_position_embeddings:
+        print(f"error: --context {L} + 1 exceeds max_position_embeddings {cfg.max_position_embeddings}",
+              file=sys.stderr)
+        return 2
+    if args.plot is not None:
+        from llm_kernels.harness.compare_runs import require_matplotlib
+        try:
+            require_matplotlib()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    json_path = args.json or Path(__file__).resolve().parent / "results" / f"bench_{args.preset.replace('-', '_')}.json"
+
+    # ---------------------------------------------------------------- variants
+    backend_status: dict[str, str] = {}
+    fused_where: dict[str, dict[str, str]] = {}
+    variants: list[tuple[str, str]] = []
+    notes: list[str] = []
+    for b in args.backends:
+        try:
+            get_ops(b, "qwen3")
+            where = backend_stages(b, "qwen3")
+        except Exception as e:  # noqa: BLE001
+            backend_status[b] = f"unavailable: {type(e).__name__}: {e}"
+            continue
+        impl = {s: where.get(op, "reference") for s, op in STAGE_OPS.items()}
+        fused_where[b] = impl
+        if b == "fused" and "fused" not in impl.values():
+            backend_status[b] = "skipped: no Qwen3 stage is fused yet (backend_stages('fused', 'qwen3'))"
+            continue
+        backend_status[b] = "ok" + (f" (fused: {[s for s, v in impl.items() if v == 'fused']})" if b == "fused" else "")
+        for q in args.quant:
+            if b == "reference" and q == "w8a8" and not args.reference_w8a8:
+                notes.append("reference/w8a8 not timed (pass --reference-w8a8): the reference INT8 GEMM runs in "
+                             "float64 and converts every INT8 weight to float64 per call (~1 GB transient for "
+                             "gate/up/down at 32B dims); a golden, not a speed baseline.")
+                continue
+            variants.append((b, q))
+    for b, s in backend_status.items():
+        log(f"backend {b}: {s}")
+    if not variants and not args.transformers:
+        print("error: nothing to run (no usable backend/quant variant)", file=sys.stderr)
+        return 2
+    quants_needed = sorted({q for _, q in variants})
+
+    # ---------------------------------------------------------------- memory check
+    wb = rq.layer_weight_bytes(cfg, "bf16")
+    Bmax = max(args.batch)
+    kv = 2 * Bmax * (L + 1 + args.block_size) * cfg.kv_size * 2
+    est = wb + (rq.layer_weight_bytes(cfg, "w8a8") if "w8a8" in quants_needed else 0) + kv * (3 if args.transformers else 1)
+    big = max(cfg.intermediate_size, cfg.q_size) * cfg.hidden_size
+    est += big * (8 if ("reference", "w8a8") in variants else 12)  # float64 copy / quantise temporaries
+    avail = _mem_available()
+    log(f"{cfg.summary()}; context {L}, batch {args.batch}, variants {[f'{b}/{q}' for b, q in variants]}; "
+        f"estimated peak {fmt_bytes(est)}" + (f" (available {fmt_bytes(avail)})" if avail else ""))
+    if avail is not None and est > 0.9 * avail:
+        print(f"error: needs about {fmt_bytes(est)}, only {fmt_bytes(avail)} available", file=sys.stderr)
+        return 3
+
+    t0 = time.perf_counter()
+    load_before = _loadavg()
+    if load_before is not None and load_before > 0.5:
+        log(f"warning: 1-minute load average {load_before:.2f}: other processes compete for the cores")
+    if args.bandwidth:
+        bw, bw_src = float(args.bandwidth), "given (--bandwidth)"
+    else:
+        bw = measure_dram_bandwidth(args.bw_bytes)
+        bw_src = f"measured: median of 5 x torch.sum over a {fmt_bytes(args.bw_bytes)} float32 array"
+    log(f"DRAM read bandwidth at the start {bw:.1f} GB/s; torch threads {torch.get_num_threads()}")
+
+    log("building weights ...")
+    w_bf16 = build_weights(cfg, args.seed, log)
+    weights = {"none": w_bf16}
+    if "w8a8" in quants_needed:
+        weights["w8a8"] = quantize_layer(w_bf16, log)
+    hf = None
+    errors: list[str] = []
+    if args.transformers:
+        try:
+            hf = build_hf_layer(cfg, w_bf16, args.hf_attn)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"transformers layer: {type(e).__name__}: {e}")
+            log(f"  transformers layer unavailable: {e}")
+    log(f"weights ready ({time.perf_counter() - t0:.1f} s)")
+
+    results: list[dict[str, Any]] = []
+    hf_results: list[dict[str, Any]] = []
+    stage_rows: list[list[Any]] = []
+    total_rows: list[list[Any]] = []
+    with torch.inference_mode():
+        for B in args.batch:
+            tb = time.perf_counter()
+            st = KVState(cfg, B, L, args.block_size, args.seed, hf is not None)
+            g = torch.Generator().manual_seed(_seed(args.seed, "x", B))
+            x = torch.randn(B, cfg.hidden_size, generator=g).to(BF16).float()
+            log(f"[B={B}] KV cache filled: {fmt_bytes(st.cache.nbytes())} ({time.perf_counter() - tb:.1f} s)")
+            fns: dict[str, Callable] = {}
+            setups: dict[str, Callable] = {}
+            stage_log: dict[str, list[dict[str, float]]] = {}
+            outs: dict[str, torch.Tensor] = {}
+            for b, q in variants:
+                key = f"{b}/{q}"
+                timer = StageTimer(enabled=True)
+                eng = Qwen3Engine(weights[q], cfg, dtype=BF16, max_seq_len=L + 1, max_batch=1,
+                                  block_size=args.block_size, num_blocks=1, ops=get_ops(b, "qwen3"),
+                                  timer=timer, num_layers=1)
+                eng.cache = st.cache  # every variant runs on the same filled cache
+                runs: list[dict[str, float]] = []
+
+                def fn(eng=eng, timer=timer, runs=runs, key=key, st=st, outs=outs, x=x, B=B):
+                    timer.reset()
+                    outs[key] = eng.forward_rows(None, st.seq_ids, [L] * B, [1] * B, st.slots, x=x)
+                    runs.append(dict(timer.seconds))
+                fns[key], setups[key], stage_log[key] = fn, st.reserve, runs
+            if hf is not None:
+                layer, hcfg, rotary = hf
+                dc, restore = st.hf_cache(hcfg)
+                xh = x.to(BF16).view(B, 1, cfg.hidden_size)
+                pos = torch.full((B, 1), L, dtype=torch.long)
+
+                def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, outs=outs):
+                    pe = rotary(xh, position_ids=pos)
+                    outs["transformers"] = layer(xh, attention_mask=None, position_ids=pos, past_key_values=dc,
+                                                 use_cache=True, position_embeddings=pe)
+                fns["transformers"], setups["transformers"] = hf_fn, restore
+            for key in list(fns):  # first run alone: compiles, and a failing variant is dropped
+                try:
+                    ta = time.perf_counter()
+                    setups[key]()
+                    fns[key]()
+                    log(f"[B={B}] {key}: first run {time.perf_counter() - ta:.2f} s")
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"B={B} {key}: {type(e).__name__}: {e}")
+                    log(f"  {key} failed: {type(e).__name__}: {e}")
+                    del fns[key]
+            timed = interleaved(fns, repeats=args.repeats, warmup=max(args.warmup - 1, 0), setups=setups) if fns else {}
+            st.reset()
+            hf_out = outs["transformers"].float().reshape(B, cfg.hidden_size) if "transformers" in timed else None
+            ref_out = outs.get("reference/none")
+            hf_res = timed.get("transformers")
+            for key, res in timed.items():
+                if key == "transformers":
+                    continue
+                b, q = key.split("/")
+                bd = rq.layer_breakdown(cfg, B, L, QUANT_TO_ROOFLINE[q])
+                runs = stage_log[key][-args.repeats:]
+                stages: dict[str, Any] = {}
+                for s in STAGES:
+                    secs = [r.get(s, 0.0) for r in runs]
+                    sm = _stats(secs)
+                    nb = bd[s].total
+                    e = {**sm, "runs": secs, "bytes": nb, "weight_bytes": bd[s].weights, "cache_bytes": bd[s].cache,
+                         "activation_bytes": bd[s].activations, "gbs": _gbs(nb, sm["median_s"]),
+                         "roofline_pct": rq.roofline_pct(nb, sm["median_s"], bw), "impl": fused_where[b][s]}
+                    kvp = None
+                    if s == "attention":
+                        kvb = rq.kv_read_bytes(cfg, B, L)
+                        kvp = rq.roofline_pct(kvb, sm["median_s"], bw)
+                        e.update(kv_read_bytes=kvb, kv_roofline_pct=kvp)
+                    stages[s] = e
+                    stage_rows.append([key, B, s, e["impl"], sm["median_s"] * 1e3, fmt_bytes(nb), e["gbs"],
+                                       e["roofline_pct"], kvp])
+                other = [t - sum(r.get(s, 0.0) for s in STAGES) for t, r in zip(res.runs, runs)]
+                stages["other"] = {**_stats(other), "runs": other}
+                stage_rows.append([key, B, "other", "-", stages["other"]["median_s"] * 1e3, "-", None, None, None])
+                lb = sum(v.total for v in bd.values())
+                pct = rq.roofline_pct(lb, res.median_s, bw)
+                stage_rows.append([key, B, "LAYER TOTAL", "", res.median_s * 1e3, fmt_bytes(lb),
+                                   _gbs(lb, res.median_s), pct, None])
+                entry = {"layer_type": "full", "T": B, "batch": B, "sequences": B, "rows_per_seq": 1, "context": L,
+                         "backend": b, "quant": q, "total": res.to_dict(), "layer_bytes": lb,
+                         "gbs": _gbs(lb, res.median_s), "roofline_pct": pct,
+                         "roofline_s": rq.roofline_seconds(lb, bw), "stages": stages}
+                if hf_out is not None:
+                    entry["vs_transformers"] = _compare(hf_out, outs[key])
+                    entry["speedup_vs_transformers"] = hf_res.median_s / res.median_s
+                if ref_out is not None and key != "reference/none":
+                    entry["vs_reference_none"] = _compare(ref_out, outs[key])
+                rr = timed.get(f"reference/{q}")
+                if rr is not None and b != "reference":
+                    entry["speedup_vs_reference"] = rr.median_s / res.median_s
+                rn = timed.get("reference/none")
+                if rn is not None and key != "reference/none":
+                    entry["speedup_vs_reference_none"] = rn.median_s / res.median_s
+                results.append(entry)
+                total_rows.append([key, B, res.median_s * 1e3, fmt_bytes(lb), entry["gbs"], pct,
+                                   entry.get("speedup_vs_reference"), entry.get("speedup_vs_reference_none"),
+                                   entry.get("speedup_vs_transformers"),
+                                   _cos(entry.get("vs_transformers"))])
+            if hf_res is not None:
+                lb = rq.layer_bytes(cfg, B, L, "bf16")
+                hentry = {"batch": B, "context": L, "dtype": "bf16", "attn_implementation": args.hf_attn,
+                          "total": hf_res.to_dict(), "layer_bytes": lb, "gbs": _gbs(lb, hf_res.median_s),
+                          "roofline_pct": rq.roofline_pct(lb, hf_res.median_s, bw)}
+                if ref_out is not None:
+                    hentry["vs_reference_none"] = _compare(ref_out, hf_out)
+                hf_results.append(hentry)
+                total_rows.append([f"transformers/bf16 ({args.hf_attn})", B, hf_res.median_s * 1e3, fmt_bytes(lb),
+                                   hentry["gbs"], hentry["roofline_pct"], None, None, 1.0, "-"])
+            log(f"[B={B}] " + ", ".join(f"{k} {v.median_s * 1e3:.1f} ms" for k, v in timed.items())
+                + f" ({time.perf_counter() - tb:.1f} s)")
+            del st, fns, setups, outs, timed
+            gc.collect()
+
+    print()
+    print_table(stage_rows, ["variant", "B", "stage", "impl", "ms (median)", "bytes", "GB/s", "% roofline",
+                             "% KV-read roofline"],
+                title=f"Per-stage decode step, {args.preset} layer, context {L}, DRAM {bw:.1f} GB/s, "
+                      f"median of {args.repeats}")
+    print()
+    print_table(total_rows, ["variant", "B", "ms (median)", "bytes", "GB/s", "% roofline", "x vs ref (same quant)",
+                             "x vs ref/none", "x vs transformers", "cosine vs transformers"], title="Layer totals")
+    bw_end = None if args.bandwidth else measure_dram_bandwidth(args.bw_bytes)
+    log(f"\nDRAM read bandwidth: start {bw:.1f} GB/s, end " + (f"{bw_end:.1f}" if bw_end else "-")
+        + " GB/s (% roofline uses the start)")
+    for b, s in backend_status.items():
+        if s != "ok":
+            print(f"backend {b}: {s}")
+    for n in notes:
+        print(f"note: {n}")
+    for e in errors:
+        print(f"error: {e}")
+    notes += [
+        ("B sequences x 1 new token, every sequence at context L (position L); KV cache pre-filled with random "
+         "bf16 N(0,1) K/V (no prefill)."),
+        ("per-stage times from the engine StageTimer; 'other' = total - sum of stages (RoPE tables, block tables, "
+         "glue)."),
+        ("roofline bytes: llm_kernels.harness.roofline_qwen3 (weights once + KV read B*(L+1)*2*nkv*d*2 + KV write "
+         "+ bf16 activations); % roofline at the bandwidth measured at the start of this run."),
+        ("transformers: Qwen3DecoderLayer on the same bf16 weights (also the baseline of the w8a8 variants), "
+         "DynamicCache with the same K/V, no mask; cosine = ours vs transformers output."),
+    ]
+    data = {
+        "benchmark": "bench_qwen3_layer", "argv": list(argv) if argv is not None else sys.argv[1:],
+        "preset": args.preset,
+        "config": {"summary": cfg.summary(), "hidden_size": cfg.hidden_size,
+                   "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+                   "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim},
+        "batch": args.batch, "tokens": args.batch, "context": L, "rows_per_seq": 1, "block_size": args.block_size,
+        "quant": args.quant, "variants": [f"{b}/{q}" for b, q in variants], "repeats": args.repeats,
+        "warmup": args.warmup, "bandwidth_gbs": bw, "bandwidth_source": bw_src, "bandwidth_gbs_end": bw_end,
+        "backends": backend_status, "stage_impl": fused_where, "notes": notes, "errors": errors,
+        "results": results, "transformers": hf_results, "wall_s": time.perf_counter() - t0,
+        "loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
+    }
+    path = write_results(json_path, data, machine=machine_info(bw, bw_src))
+    log(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+    if args.plot is not None:
+        log(f"wrote {_plot(data, args.plot)}")
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,6 +59,7 @@ from llm_kernels.config import ConfigError, Qwen3Config, qwen3_preset
 from llm_kernels.harness import roofline_qwen3 as rq
 from llm_kernels.harness.bench import (
     BenchResult,
+    _mem_available,
     fmt_bytes,
     interleaved,
     machine_info,
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transformers", dest="transformers", action="store_false")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
                    help="transformers attention implementation (default sdpa, its CPU default)")
+    p.add_argument("--hf-cache", type=_csv, default=["dynamic"], help="transformers cache(s): dynamic "
+                   "(DynamicCache, generate()'s default: torch.cat of the whole K/V per step) and/or static "
+                   "(StaticCache, in place); speed-ups are vs the first (default dynamic)")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/bench_<preset "
                    "with _>.json, e.g. bench_qwen3_32b.json")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="stacked per-stage bars")
@@ -230,16 +234,30 @@ class KVState:
         self.slots = self.cache.reserve(self.seq_ids, [1] * self.B)
         self.pending = True
 
-    def hf_cache(self, hf_cfg):
-        """(DynamicCache holding the K/V, restore()) — restore drops the row a run appended."""
-        from transformers.cache_utils import DynamicCache
+    def hf_cache(self, hf_cfg, kind: str = "dynamic"):
+        """(transformers cache holding the K/V, restore()); restore undoes a run's new row.
+        ``dynamic``: DynamicCache over the dense K/V (a run concatenates a new tensor);
+        ``static``: StaticCache of L+1 rows, the first L filled (a run writes row L in place)."""
+        from transformers.cache_utils import DynamicCache, StaticCache
 
-        dc = DynamicCache(config=hf_cfg)
-        layer = dc.layers[0]
-        layer.lazy_initialization(self.hf_k, self.hf_v)
+        if kind == "dynamic":
+            dc = DynamicCache(config=hf_cfg)
+            layer = dc.layers[0]
+            layer.lazy_initialization(self.hf_k, self.hf_v)
 
-        def restore():
-            layer.keys, layer.values = self.hf_k, self.hf_v
+            def restore():
+                layer.keys, layer.values = self.hf_k, self.hf_v
+        elif kind == "static":
+            dc = StaticCache(config=hf_cfg, max_cache_len=self.L + 1)
+            layer = dc.layers[0]
+            layer.lazy_initialization(self.hf_k[:, :, :1], self.hf_v[:, :, :1])
+            layer.keys[:, :, :self.L] = self.hf_k
+            layer.values[:, :, :self.L] = self.hf_v
+
+            def restore():
+                layer.cumulative_length.fill_(self.L)
+        else:
+            raise ValueError(f"transformers cache must be dynamic or static, got {kind!r}")
         restore()
         return dc, restore
 
@@ -262,16 +280,6 @@ def _cos(cmp: dict[str, float] | None) -> str:
 
 def _gbs(nbytes: float, s: float) -> float | None:
     return nbytes / s / 1e9 if s > 0 else None
-
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _loadavg() -> float | None:
@@ -310,7 +318,7 @@ def _plot(data: dict[str, Any], path: Path) -> Path:
         hf = [h for h in data["transformers"] if h["batch"] == B]
         for h in hf:
             ax.bar(len(labels), h["total"]["median_s"] * 1e3, 0.6, color="0.6", hatch="//")
-            labels.append(f"transformers\nbf16\n{h.get('roofline_pct') or 0:.0f}%")
+            labels.append(f"transformers\n{h.get('cache', 'dynamic')}\n{h.get('roofline_pct') or 0:.0f}%")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("ms (median)")
@@ -387,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((b, q))
     for b, s in backend_status.items():
         log(f"backend {b}: {s}")
+    if any(c not in ("dynamic", "static") for c in args.hf_cache) or not args.hf_cache:
+        print(f"error: --hf-cache must be a list of dynamic, static; got {args.hf_cache}", file=sys.stderr)
+        return 2
     if not variants and not args.transformers:
         print("error: nothing to run (no usable backend/quant variant)", file=sys.stderr)
         return 2
@@ -396,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     wb = rq.layer_weight_bytes(cfg, "bf16")
     Bmax = max(args.batch)
     kv = 2 * Bmax * (L + 1 + args.block_size) * cfg.kv_size * 2
-    est = wb + (rq.layer_weight_bytes(cfg, "w8a8") if "w8a8" in quants_needed else 0) + kv * (3 if args.transformers else 1)
+    est = wb + (rq.layer_weight_bytes(cfg, "w8a8") if "w8a8" in quants_needed else 0) + kv * (2 + len(args.hf_cache) if args.transformers else 1)
     big = max(cfg.intermediate_size, cfg.q_size) * cfg.hidden_size
     est += big * (8 if ("reference", "w8a8") in variants else 12)  # float64 copy / quantise temporaries
     avail = _mem_available()
@@ -461,17 +472,18 @@ def main(argv: list[str] | None = None) -> int:
                     outs[key] = eng.forward_rows(None, st.seq_ids, [L] * B, [1] * B, st.slots, x=x)
                     runs.append(dict(timer.seconds))
                 fns[key], setups[key], stage_log[key] = fn, st.reserve, runs
-            if hf is not None:
+            hf_keys = [f"transformers/{c}" for c in args.hf_cache] if hf is not None else []
+            for hkey in hf_keys:
                 layer, hcfg, rotary = hf
-                dc, restore = st.hf_cache(hcfg)
+                dc, restore = st.hf_cache(hcfg, hkey.split("/")[1])
                 xh = x.to(BF16).view(B, 1, cfg.hidden_size)
                 pos = torch.full((B, 1), L, dtype=torch.long)
 
-                def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, outs=outs):
+                def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, outs=outs, hkey=hkey):
                     pe = rotary(xh, position_ids=pos)
-                    outs["transformers"] = layer(xh, attention_mask=None, position_ids=pos, past_key_values=dc,
-                                                 use_cache=True, position_embeddings=pe)
-                fns["transformers"], setups["transformers"] = hf_fn, restore
+                    outs[hkey] = layer(xh, attention_mask=None, position_ids=pos, past_key_values=dc,
+                                       use_cache=True, position_embeddings=pe)
+                fns[hkey], setups[hkey] = hf_fn, restore
             for key in list(fns):  # first run alone: compiles, and a failing variant is dropped
                 try:
                     ta = time.perf_counter()
@@ -484,11 +496,12 @@ def main(argv: list[str] | None = None) -> int:
                     del fns[key]
             timed = interleaved(fns, repeats=args.repeats, warmup=max(args.warmup - 1, 0), setups=setups) if fns else {}
             st.reset()
-            hf_out = outs["transformers"].float().reshape(B, cfg.hidden_size) if "transformers" in timed else None
+            hf_first = next((k for k in hf_keys if k in timed), None)   # the speed-up / cross-check baseline
+            hf_out = outs[hf_first].float().reshape(B, cfg.hidden_size) if hf_first else None
             ref_out = outs.get("reference/none")
-            hf_res = timed.get("transformers")
+            hf_res = timed.get(hf_first) if hf_first else None
             for key, res in timed.items():
-                if key == "transformers":
+                if key.startswith("transformers"):
                     continue
                 b, q = key.split("/")
                 bd = rq.layer_breakdown(cfg, B, L, QUANT_TO_ROOFLINE[q])
@@ -523,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                 if hf_out is not None:
                     entry["vs_transformers"] = _compare(hf_out, outs[key])
                     entry["speedup_vs_transformers"] = hf_res.median_s / res.median_s
+                    entry["transformers_baseline"] = hf_first
+                    entry["speedup_vs"] = {k: timed[k].median_s / res.median_s for k in hf_keys if k in timed}
                 if ref_out is not None and key != "reference/none":
                     entry["vs_reference_none"] = _compare(ref_out, outs[key])
                 rr = timed.get(f"reference/{q}")
@@ -536,32 +551,40 @@ def main(argv: list[str] | None = None) -> int:
                                    entry.get("speedup_vs_reference"), entry.get("speedup_vs_reference_none"),
                                    entry.get("speedup_vs_transformers"),
                                    _cos(entry.get("vs_transformers"))])
-            if hf_res is not None:
-                lb = rq.layer_bytes(cfg, B, L, "bf16")
+            for hkey in hf_keys:
+                if hkey not in timed:
+                    continue
+                hr, lb = timed[hkey], rq.layer_bytes(cfg, B, L, "bf16")
                 hentry = {"batch": B, "context": L, "dtype": "bf16", "attn_implementation": args.hf_attn,
-                          "total": hf_res.to_dict(), "layer_bytes": lb, "gbs": _gbs(lb, hf_res.median_s),
-                          "roofline_pct": rq.roofline_pct(lb, hf_res.median_s, bw)}
+                          "cache": hkey.split("/")[1], "total": hr.to_dict(), "layer_bytes": lb,
+                          "gbs": _gbs(lb, hr.median_s), "roofline_pct": rq.roofline_pct(lb, hr.median_s, bw)}
                 if ref_out is not None:
-                    hentry["vs_reference_none"] = _compare(ref_out, hf_out)
+                    hentry["vs_reference_none"] = _compare(ref_out, outs[hkey].float().reshape(B, cfg.hidden_size))
                 hf_results.append(hentry)
-                total_rows.append([f"transformers/bf16 ({args.hf_attn})", B, hf_res.median_s * 1e3, fmt_bytes(lb),
-                                   hentry["gbs"], hentry["roofline_pct"], None, None, 1.0, "-"])
+                total_rows.append([f"transformers/bf16 ({args.hf_attn}, {hentry['cache']})", B, hr.median_s * 1e3,
+                                   fmt_bytes(lb), hentry["gbs"], hentry["roofline_pct"], None, None,
+                                   hf_res.median_s / hr.median_s, "-"])
             log(f"[B={B}] " + ", ".join(f"{k} {v.median_s * 1e3:.1f} ms" for k, v in timed.items())
                 + f" ({time.perf_counter() - tb:.1f} s)")
             del st, fns, setups, outs, timed
             gc.collect()
 
+    bw_end = None if args.bandwidth else measure_dram_bandwidth(args.bw_bytes)
+    for row in total_rows:  # the layer % again at the end-of-run bandwidth (drift range)
+        row.insert(6, row[5] * bw / bw_end if row[5] is not None and bw_end else None)
+    for e in results + hf_results:
+        e["roofline_pct_end_bw"] = e["roofline_pct"] * bw / bw_end if e["roofline_pct"] and bw_end else None
     print()
     print_table(stage_rows, ["variant", "B", "stage", "impl", "ms (median)", "bytes", "GB/s", "% roofline",
                              "% KV-read roofline"],
                 title=f"Per-stage decode step, {args.preset} layer, context {L}, DRAM {bw:.1f} GB/s, "
                       f"median of {args.repeats}")
     print()
-    print_table(total_rows, ["variant", "B", "ms (median)", "bytes", "GB/s", "% roofline", "x vs ref (same quant)",
-                             "x vs ref/none", "x vs transformers", "cosine vs transformers"], title="Layer totals")
-    bw_end = None if args.bandwidth else measure_dram_bandwidth(args.bw_bytes)
+    print_table(total_rows, ["variant", "B", "ms (median)", "bytes", "GB/s", "% roofline", "% at end bw",
+                             "x vs ref (same quant)", "x vs ref/none", f"x vs transformers ({args.hf_cache[0]})", "cosine vs transformers"],
+                title="Layer totals")
     log(f"\nDRAM read bandwidth: start {bw:.1f} GB/s, end " + (f"{bw_end:.1f}" if bw_end else "-")
-        + " GB/s (% roofline uses the start)")
+        + " GB/s (% roofline uses the start; '% at end bw' the end)")
     for b, s in backend_status.items():
         if s != "ok":
             print(f"backend {b}: {s}")
@@ -577,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         ("roofline bytes: llm_kernels.harness.roofline_qwen3 (weights once + KV read B*(L+1)*2*nkv*d*2 + KV write "
          "+ bf16 activations); % roofline at the bandwidth measured at the start of this run."),
         ("transformers: Qwen3DecoderLayer on the same bf16 weights (also the baseline of the w8a8 variants), "
-         "DynamicCache with the same K/V, no mask; cosine = ours vs transformers output."),
+         f"{args.hf_cache} cache(s) with the same K/V, no mask; speed-up and cosine vs the first."),
     ]
     data = {
         "benchmark": "bench_qwen3_layer", "argv": list(argv) if argv is not None else sys.argv[1:],

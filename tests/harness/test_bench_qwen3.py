@@ -101,13 +101,15 @@ def test_roofline_rejects_bad_input():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny run: B=1,2, context 37 (pages of 16: a partial last page), reference and
-    fused (if any stage is fused), bf16 and W8A8 (reference W8A8 included), eager transformers."""
+    fused (if any stage is fused), bf16 and W8A8 (reference W8A8 included), eager transformers
+    with a DynamicCache and a StaticCache."""
     bench = _bench()
     tmp = tmp_path_factory.mktemp("bq3")
     out = tmp / "r.json"
     png = tmp / "r.png"
     argv = TINY + ["--batch", "1,2", "--context", "37", "--repeats", "1", "--warmup", "1", "--json", str(out),
-                   "--quant", "none,w8a8", "--reference-w8a8", "--hf-attn", "eager", "--bw-bytes", str(64 * 2 ** 20),
+                   "--quant", "none,w8a8", "--reference-w8a8", "--hf-attn", "eager", "--hf-cache", "dynamic,static",
+            "--bw-bytes", str(64 * 2 ** 20),
                    "--quiet"]
     try:
         import matplotlib  # noqa: F401
@@ -143,8 +145,12 @@ def test_run_json_has_every_stage(run):
         assert r["layer_bytes"] == rq.layer_bytes(cfg, r["batch"], 37, q)
         assert r["stages"]["attention"]["kv_read_bytes"] == rq.kv_read_bytes(cfg, r["batch"], 37)
         assert math.isfinite(r["stages"]["attention"]["kv_roofline_pct"])
-        assert "speedup_vs_transformers" in r
-    assert len(d["transformers"]) == 2 and all(h["total"]["median_s"] > 0 for h in d["transformers"])
+        assert math.isfinite(r["roofline_pct_end_bw"])
+        assert set(r["speedup_vs"]) == {"transformers/dynamic", "transformers/static"}
+        assert r["speedup_vs_transformers"] == r["speedup_vs"]["transformers/dynamic"] > 0
+    assert sorted((h["batch"], h["cache"]) for h in d["transformers"]) == [
+        (1, "dynamic"), (1, "static"), (2, "dynamic"), (2, "static")]
+    assert all(h["total"]["median_s"] > 0 for h in d["transformers"])
     if png is not None:
         assert png.stat().st_size > 1000
 
@@ -163,8 +169,8 @@ def test_run_cross_check_vs_transformers(run):
         assert c >= 0.999, (r["backend"], r["quant"], r["batch"], c)
         if (r["backend"], r["quant"]) == ("reference", "none"):
             assert r["vs_transformers"]["max_abs_diff"] == 0.0   # eager transformers: bit-identical
-    for h in d["transformers"]:
-        assert h["vs_reference_none"]["cosine"] >= 0.999
+    for h in d["transformers"]:  # DynamicCache and StaticCache give the same output
+        assert h["vs_reference_none"]["max_abs_diff"] == 0.0
 
 
 def test_speedups_and_no_fused(monkeypatch, tmp_path):
@@ -181,4 +187,5 @@ def test_speedups_and_no_fused(monkeypatch, tmp_path):
     assert any("reference/w8a8 not timed" in n for n in d["notes"])
     assert bench.main(TINY + ["--quant", "w8a8", "--backends", "reference", "--no-transformers", "--quiet"]) == 2
     assert bench.main(TINY + ["--quant", "fp8", "--quiet"]) == 2
+    assert bench.main(TINY + ["--hf-cache", "paged", "--quiet"]) == 2
     assert bench.main(TINY + ["--context", "5000", "--quiet"]) == 2      # > max_position_embeddings of the mini preset

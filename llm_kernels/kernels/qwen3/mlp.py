@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .proj_common import MODE_RES, MODE_SWIGLU, act2d, check_dtype, clear_cache, run_stage, weight_kind
+from . import proj_common as PC
+from .proj_common import clear_cache
 
 __all__ = ["gate_up_swiglu", "down_residual", "clear_cache"]
 
@@ -40,15 +41,18 @@ def gate_up_swiglu(x: torch.Tensor, w_gate, w_up, dtype: torch.dtype) -> torch.T
         TypeError: non-floating / non-CPU x; a weight of another type, or one QuantWeight
         and one float weight.
     """
-    check_dtype(dtype)
-    kind = weight_kind((w_gate, w_up), ("w_gate", "w_up"), None)
-    if tuple(w_gate.shape) != tuple(w_up.shape):
-        raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
-    if kind == "mixed":
-        raise TypeError("w_gate, w_up: both must be QuantWeight or both float tensors")
-    xa, lead = act2d(x, "x", w_gate.shape[1])
-    (out,) = run_stage(xa, (w_gate, w_up), MODE_SWIGLU, dtype, kind=kind)
-    return torch.from_numpy(out).reshape(*lead, out.shape[1])
+    def build() -> PC.Plan:
+        PC.check_dtype(dtype)
+        kind = PC.weight_kind((w_gate, w_up), ("w_gate", "w_up"), None)
+        if tuple(w_gate.shape) != tuple(w_up.shape):
+            raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
+        if kind == "mixed":
+            raise TypeError("w_gate, w_up: both must be QuantWeight or both float tensors")
+        return PC.Plan((w_gate, w_up), PC.MODE_SWIGLU, dtype, kind, None, 0.0)
+
+    p = PC.get_plan((w_gate, w_up), ("gate_up", dtype), build)
+    xa, lead = PC.rows(x, "x", p.k)
+    return PC.wrap(p(xa)[0], lead)
 
 
 def down_residual(act: torch.Tensor, w_down, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,13 +71,15 @@ def down_residual(act: torch.Tensor, w_down, residual: torch.Tensor, dtype: torc
         ValueError: bad ``dtype``; act's last dim != w_down's in-dim; residual's shape !=
         ``[..., hidden]``. TypeError: non-floating / non-CPU tensors; a bad weight type.
     """
-    check_dtype(dtype)
-    kind = weight_kind((w_down,), ("w_down",), None)
-    N = w_down.shape[0]
-    xa, lead = act2d(act, "act", w_down.shape[1])
-    ra, rlead = act2d(residual, "residual", N)
-    if rlead != lead:
+    def build() -> PC.Plan:
+        PC.check_dtype(dtype)
+        kind = PC.weight_kind((w_down,), ("w_down",), None)
+        return PC.Plan((w_down,), PC.MODE_RES, dtype, kind, None, 0.0)
+
+    p = PC.get_plan((w_down,), ("down", dtype), build)
+    xa, lead = PC.rows(act, "act", p.k)
+    ra, rlead = PC.rows(residual, "residual", p.n_out[0])
+    if not PC.same_rows(xa, lead, ra, rlead):
         raise ValueError(f"residual: shape {tuple(residual.shape)} does not match act's rows "
-                         f"{lead} x hidden {N}")
-    (out,) = run_stage(xa, (w_down,), MODE_RES, dtype, res=ra, kind=kind)
-    return torch.from_numpy(out).reshape(*lead, N)
+                         f"{tuple(act.shape[:-1])} x hidden {p.n_out[0]}")
+    return PC.wrap(p(xa, ra)[0], lead)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .proj_common import MODE_RES, act2d, check_dtype, clear_cache, run_stage, vec_f32, weight_kind
+from . import proj_common as PC
+from .proj_common import clear_cache
 
 __all__ = ["o_proj_residual_norm", "clear_cache"]
 
@@ -40,14 +41,17 @@ def o_proj_residual_norm(attn: torch.Tensor, wo, residual: torch.Tensor, post_no
         ``[..., hidden]``; post_norm_w's length != hidden. TypeError: non-floating /
         non-CPU tensors; ``wo`` neither a QuantWeight nor a 2-D float tensor.
     """
-    check_dtype(dtype)
-    kind = weight_kind((wo,), ("wo",), None)
-    N = wo.shape[0]
-    xa, lead = act2d(attn, "attn", wo.shape[1])
-    ra, rlead = act2d(residual, "residual", N)
-    if rlead != lead:
+    def build() -> PC.Plan:
+        PC.check_dtype(dtype)
+        kind = PC.weight_kind((wo,), ("wo",), None)
+        nw = PC.vec_f32(post_norm_w, "post_norm_w", wo.shape[0])
+        return PC.Plan((wo,), PC.MODE_RES, dtype, kind, nw, eps, post=True)
+
+    p = PC.get_plan((wo, post_norm_w), ("o", dtype, eps), build)
+    xa, lead = PC.rows(attn, "attn", p.k)
+    ra, rlead = PC.rows(residual, "residual", p.n_out[0])
+    if not PC.same_rows(xa, lead, ra, rlead):
         raise ValueError(f"residual: shape {tuple(residual.shape)} does not match attn's rows "
-                         f"{lead} x hidden {N}")
-    nw = vec_f32(post_norm_w, "post_norm_w", N)
-    h, hn = run_stage(xa, (wo,), MODE_RES, dtype, nw=nw, eps=eps, post=True, res=ra, kind=kind)
-    return torch.from_numpy(h).reshape(*lead, N), torch.from_numpy(hn).reshape(*lead, N)
+                         f"{tuple(attn.shape[:-1])} x hidden {p.n_out[0]}")
+    h, hn = p(xa, ra)
+    return PC.wrap(h, lead), PC.wrap(hn, lead)

@@ -29,18 +29,24 @@ Stage = ``prologue -> GEMM over a concatenated weight -> per-tile epilogue -> po
 
 Numerics: the W8A8 path reproduces every rounding of the reference (same normalised row,
 same quantised inputs, exact int32 GEMM, same dequant and epilogue order), so it is
-bitwise equal to ``reference.qwen3`` (SiLU: SLEEF ``expf`` = torch's vectorised path; torch's
-scalar tail of fewer than 32 elements per thread chunk uses libm ``expf``, which could differ
-by 1 fp32 ulp; never observed in the tests). The torch-GEMM path is bitwise too. The bf16
-GEMV differs from oneDNN only in the fp32 summation order of exact bf16 products: outputs
-within 1 bf16 ulp (2^-8 relative) plus ``2^-20·Σ|x||w|`` absolute (cancellation).
+bitwise equal to ``reference.qwen3``. SiLU is bitwise too: torch's fp32 ``silu`` runs SLEEF's
+``expf`` in its vectorised loop but libm's ``expf`` on the last ``len % 32`` elements of each
+``at::parallel_for`` chunk; :func:`torch_tails` computes those ranges (they depend on
+``torch.get_num_threads()``) and the epilogue uses libm there (the two ``expf`` differ in
+~5 % of the tail elements). The torch-GEMM path is bitwise as well. The bf16 GEMV differs
+from oneDNN only in the fp32 summation order of exact bf16 products: a projection output
+is within 1 bf16 ulp of the reference, one more rounded op (SwiGLU, the norm of h) makes
+it 2 (an fp32 summation difference of ~K·2^-24·Σ|x·w| can exceed that only under heavy
+cancellation, i.e. for outputs near 0: tested with a 1e-6 absolute slack).
 
 Determinism: every output element belongs to one ``prange`` iteration with a fixed order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import threading
 from typing import Any
 
@@ -59,8 +65,8 @@ from ..common.norm_rope import sumsq_torch_order
 from ..common.quant import quant_row_f32
 from ..deepseek_v4.sparse_attn import _bf16_dot_tile, _sleef_expf
 
-__all__ = ["MODE_SPLIT", "MODE_RES", "MODE_SWIGLU", "BF16_GEMV_MAX_T", "ProjW8A8", "clear_cache",
-           "proj_w8a8", "check_dtype", "act2d", "vec_f32", "weight_kind", "run_stage"]
+__all__ = ["MODE_SPLIT", "MODE_RES", "MODE_SWIGLU", "BF16_GEMV_MAX_T", "Plan", "ProjW8A8", "check_dtype", "clear_cache", "get_plan", "proj_w8a8", "rows", "same_rows", "torch_tails",
+           "vec_f32", "weight_kind", "wrap"]
 
 MODE_SPLIT, MODE_RES, MODE_SWIGLU = 0, 1, 2
 _HALF = CHUNK_N // 2
@@ -81,29 +87,13 @@ def check_dtype(dtype: Any) -> bool:
     return dtype == torch.bfloat16
 
 
-def act2d(x: Any, name: str, k: int | None = None) -> tuple[np.ndarray, tuple]:
-    """``x [..., K]`` (CPU floating torch tensor) -> (C-contiguous float32 ``[T, K]`` numpy,
-    leading shape). Raises TypeError (not a floating CPU tensor) / ValueError (0-d, wrong K)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point or x.device.type != "cpu":
-        raise TypeError(f"{name}: expected a floating CPU tensor, got {x.dtype} on {x.device}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: expected shape [..., K], got a 0-d tensor")
-    if k is not None and x.shape[-1] != k:
-        raise ValueError(f"{name}: last dim is {x.shape[-1]}, expected {k}")
-    lead = tuple(x.shape[:-1])
-    a = x.detach().float().contiguous().numpy()
-    return a.reshape(-1, x.shape[-1]), lead
-
-
 def vec_f32(w: Any, name: str, n: int) -> np.ndarray:
-    """A ``[n]`` float vector (norm weight) as float32 numpy (cached per tensor object)."""
+    """A ``[n]`` float vector (norm gain) as float32 numpy. Raises TypeError/ValueError."""
     if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating torch.Tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if tuple(w.shape) != (n,):
         raise ValueError(f"{name}: expected shape ({n},), got {tuple(w.shape)}")
-    return _cached((w,), "vec", lambda: w.detach().float().contiguous().numpy())
+    return w.detach().float().contiguous().numpy()
 
 
 def weight_kind(ws: tuple, names: tuple, k: int | None) -> str:
@@ -133,13 +123,13 @@ _LOCK = threading.Lock()
 def _cached(objs: tuple, tag: str, build) -> Any:
     """Derived data of ``objs`` keyed by their ids; the entry holds ``objs`` (so an id
     cannot be reused while it lives) and is rebuilt if any object differs."""
-    key = (tag,) + tuple(id(o) for o in objs)
+    key = (tag,) + tuple(map(id, objs))
     ent = _CACHE.get(key)
-    if ent is not None and all(a is b for a, b in zip(ent[0], objs)):
+    if ent is not None and all(map(operator.is_, ent[0], objs)):
         return ent[1]
     with _LOCK:
         ent = _CACHE.get(key)
-        if ent is None or not all(a is b for a, b in zip(ent[0], objs)):
+        if ent is None or not all(map(operator.is_, ent[0], objs)):
             ent = (objs, build())
             _CACHE[key] = ent
     return ent[1]
@@ -149,6 +139,7 @@ def clear_cache() -> None:
     """Drop every packed / converted weight (and the references keeping the sources alive)."""
     with _LOCK:
         _CACHE.clear()
+        _PLANS.clear()
 
 
 # --------------------------------------------------------------------------- W8A8 packing
@@ -170,41 +161,31 @@ def _layout() -> str:
     return FORCE_LAYOUT or ("vnni" if jit.USE_VNNI else "nk")
 
 
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    return a if a.shape[0] == n else np.concatenate([a, np.zeros((n - a.shape[0],) + a.shape[1:], a.dtype)])
+
+
 def _build_w8a8(qws: tuple, mode: int, layout: str) -> ProjW8A8:
     K = qws[0].shape[1]
     q = [w.qweight.detach().contiguous().numpy() for w in qws]
     s = [w.scale.detach().float().contiguous().numpy() for w in qws]
+    n_out = tuple(a.shape[0] for a in q)
     seg = np.zeros(6, np.int64)
-    if mode == MODE_SWIGLU:
-        I = q[0].shape[0]
-        nc = -(-I // _HALF)
-        wq = np.zeros((nc, CHUNK_N, K), np.int8)
-        sc = np.zeros((nc, CHUNK_N), np.float32)
-        nf = I // _HALF
-        for j in range(2):  # 32 gate rows, then the same 32 up rows, per chunk
-            lo = j * _HALF
-            wq[:nf, lo:lo + _HALF] = q[j][:nf * _HALF].reshape(nf, _HALF, K)
-            sc[:nf, lo:lo + _HALF] = s[j][:nf * _HALF].reshape(nf, _HALF)
-            r = I - nf * _HALF
-            if r:
-                wq[nf, lo:lo + r] = q[j][nf * _HALF:]
-                sc[nf, lo:lo + r] = s[j][nf * _HALF:]
-        seg[1] = I
-        wq, sc, n_out = wq.reshape(nc * CHUNK_N, K), sc.reshape(-1), (I,)
-    elif len(q) == 1:
-        wq, sc, n_out = q[0], s[0], (q[0].shape[0],)
-        seg[1] = q[0].shape[0]
-    else:
-        pads = [-(-a.shape[0] // CHUNK_N) * CHUNK_N for a in q]
-        wq = np.zeros((sum(pads), K), np.int8)
-        sc = np.zeros(sum(pads), np.float32)
-        off = 0
-        for i, (a, b, p) in enumerate(zip(q, s, pads)):
-            wq[off:off + a.shape[0]] = a
-            sc[off:off + a.shape[0]] = b
-            seg[2 * i], seg[2 * i + 1] = off, a.shape[0]
-            off += p
-        n_out = tuple(a.shape[0] for a in q)
+    if mode == MODE_SWIGLU:  # per 64-row chunk: 32 gate rows, then the same 32 up rows
+        n_out = n_out[:1]
+        nc = -(-n_out[0] // _HALF)
+        wq = np.empty((nc, 2, _HALF, K), np.int8)
+        sc = np.empty((nc, 2, _HALF), np.float32)
+        for j in range(2):
+            wq[:, j] = _pad_rows(q[j], nc * _HALF).reshape(nc, _HALF, K)
+            sc[:, j] = _pad_rows(s[j], nc * _HALF).reshape(nc, _HALF)
+        wq, sc, seg[1] = wq.reshape(-1, K), sc.reshape(-1), n_out[0]
+    else:  # segments padded to whole 64-row chunks, so that no chunk straddles two outputs
+        pads = [-(-n // CHUNK_N) * CHUNK_N for n in n_out] if len(q) > 1 else list(n_out)
+        wq = np.concatenate([_pad_rows(a, p) for a, p in zip(q, pads)]) if len(q) > 1 else q[0]
+        sc = np.concatenate([_pad_rows(a, p) for a, p in zip(s, pads)]) if len(q) > 1 else s[0]
+        seg[0:2 * len(q):2] = np.cumsum([0] + pads[:-1])
+        seg[1:2 * len(q):2] = n_out
     return ProjW8A8(pack_w8a8(wq, sc, layout), seg, n_out, K)
 
 
@@ -217,26 +198,12 @@ def proj_w8a8(qws: tuple, mode: int) -> ProjW8A8:
 
 # --------------------------------------------------------------------------- scalar pieces
 @njit_kernel
-def _silu(g):
-    """torch's fp32 ``silu``: ``x / (1 + exp(-x))`` with the SLEEF ``exp``."""
-    return np.float32(g / np.float32(_ONE + _sleef_expf(-g)))
-
-
-@njit_kernel
-def _silu_libm(g):
-    """torch's scalar ``silu`` (the tail of its vectorised loop): libm ``expf``."""
-    return np.float32(g / np.float32(_ONE + np.float32(math.exp(-g))))
-
-
-@njit_kernel
-def _swiglu(g, u, to_bf16):
-    """``rnd(rnd(silu(g))·u)`` for rounded g, u (reference ``gate_up_swiglu``)."""
-    return rnd(np.float32(rnd(_silu(g), to_bf16) * u), to_bf16)
-
-
-@njit_kernel
-def _swiglu_libm(g, u, to_bf16):
-    return rnd(np.float32(rnd(_silu_libm(g), to_bf16) * u), to_bf16)
+def _swiglu(g, u, to_bf16, libm):
+    """``rnd(rnd(silu(g))·u)`` for rounded g, u (reference ``gate_up_swiglu``) with torch's
+    fp32 ``silu`` = ``x/(1+exp(-x))``: SLEEF ``expf`` (its vectorised loop) or, ``libm``,
+    the C library's ``expf`` (its scalar tail, see :func:`torch_tails`)."""
+    e = np.float32(math.exp(-g)) if libm else _sleef_expf(-g)
+    return rnd(np.float32(rnd(np.float32(g / np.float32(_ONE + e)), to_bf16) * u), to_bf16)
 
 
 @njit_kernel
@@ -254,12 +221,16 @@ def torch_tails(numel: int) -> np.ndarray:
     op: TensorIterator splits ``[0, numel)`` into ``at::parallel_for`` chunks (grain 32768,
     ``torch.get_num_threads()``), and each chunk's vectorised loop (blocks of 2 vectors: 32
     floats on AVX-512, 16 on AVX2) leaves its last ``len % block`` elements to the scalar op.
-    Without a SLEEF build (other capabilities) every element is scalar."""
+    Without a SLEEF build (other capabilities) every element is scalar. Cached."""
+    return _torch_tails(numel, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _torch_tails(numel: int, nt: int) -> np.ndarray:
     cap = str(torch.backends.cpu.get_cpu_capability())
     blk = 32 if cap.startswith("AVX512") else (16 if cap == "AVX2" else 0)
     if blk == 0:
         return np.array([[0, numel]], np.int64)
-    nt = torch.get_num_threads()
     if numel < _GRAIN or nt == 1:
         chunks = [(0, numel)]
     else:
@@ -286,16 +257,24 @@ def _norm_row(src, w, eps, to_bf16, acc, out):
         out[i] = rnd(np.float32(w[i] * rnd(np.float32(src[i] * r), to_bf16)), to_bf16)
 
 
-@njit_kernel
-def _prologue_row(x, t, nw, eps, do_norm, to_bf16, q, sx):
-    """Row t: (norm) + bit-exact INT8 quantisation into ``q[t, :K]`` and ``sx[t]``."""
-    K = x.shape[1]
-    buf = np.empty(K, np.float32)
-    if do_norm:
-        _norm_row(x[t], nw, eps, to_bf16, np.empty((4, 32), np.float32), buf)
-    else:
-        buf[:] = x[t]
-    sx[t] = quant_row_f32(buf, q[t, :K])
+@njit_kernel(parallel=True)
+def _prologue(x, nw, eps, do_norm, to_bf16, q, sx):
+    """Per row t: (norm) + bit-exact INT8 quantisation into ``q[t, :K]`` and ``sx[t]``."""
+    T, K = x.shape
+    for t in prange(T):
+        buf = np.empty(K, np.float32)
+        if do_norm:
+            _norm_row(x[t], nw, eps, to_bf16, np.empty((4, 32), np.float32), buf)
+        else:
+            buf[:] = x[t]
+        sx[t] = quant_row_f32(buf, q[t, :K])
+
+
+@njit_kernel(parallel=True)
+def _norm_kernel(x, w, eps, to_bf16, out):
+    """``out[t] = rms_norm(x[t])`` for every row (``prange`` over rows)."""
+    for t in prange(x.shape[0]):
+        _norm_row(x[t], w, eps, to_bf16, np.empty((4, 32), np.float32), out[t])
 
 
 @njit_kernel
@@ -316,13 +295,13 @@ def _epilogue(mode, acc, n0, T, ws, sw, sx, to_bf16, seg, tails, res, o0, o1, o2
             for i in range(m):
                 g = rnd(_deq(a[i], wg[i], s, sg[i]), to_bf16)
                 u = rnd(_deq(b[i], wu[i], s, su[i]), to_bf16)
-                o[i] = _swiglu(g, u, to_bf16)
+                o[i] = _swiglu(g, u, to_bf16, False)
             base = t * seg[1] + j0
             for k in range(tails.shape[0]):
                 for i in range(max(tails[k, 0], base) - base, min(tails[k, 1], base + m) - base):
                     g = rnd(_deq(a[i], wg[i], s, sg[i]), to_bf16)
                     u = rnd(_deq(b[i], wu[i], s, su[i]), to_bf16)
-                    o[i] = _swiglu_libm(g, u, to_bf16)
+                    o[i] = _swiglu(g, u, to_bf16, True)
         return
     si = 0
     for j in range(1, 3):
@@ -356,8 +335,7 @@ def _stage_vnni(x, nw, eps, do_norm, post, to_bf16, KG, TP, wp, NP, ws128, sw, m
     T = x.shape[0]
     q = np.zeros((T, KG * 4), np.int8)
     sx = np.empty(T, np.float32)
-    for t in prange(T):
-        _prologue_row(x, t, nw, eps, do_norm, to_bf16, q, sx)
+    _prologue(x, nw, eps, do_norm, to_bf16, q, sx)
     xp = np.empty(KG * 4 * TP, np.uint8)
     _pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
     for c in prange(NP // CHUNK_N):
@@ -365,8 +343,7 @@ def _stage_vnni(x, nw, eps, do_norm, post, to_bf16, KG, TP, wp, NP, ws128, sw, m
         _chunk_acc(c, xp, TP, KG, wp, acc)
         _epilogue(mode, acc, c * CHUNK_N, T, ws128, sw, sx, to_bf16, seg, tails, res, o0, o1, o2)
     if post:
-        for t in prange(T):
-            _norm_row(o0[t], nw, eps, to_bf16, np.empty((4, 32), np.float32), o1[t])
+        _norm_kernel(o0, nw, eps, to_bf16, o1)
 
 
 @njit_kernel(parallel=True)
@@ -375,8 +352,7 @@ def _stage_plain(x, nw, eps, do_norm, post, to_bf16, wq, zeros, sw, mode, seg, t
     T, K = x.shape
     q = np.zeros((T, K), np.int8)
     sx = np.empty(T, np.float32)
-    for t in prange(T):
-        _prologue_row(x, t, nw, eps, do_norm, to_bf16, q, sx)
+    _prologue(x, nw, eps, do_norm, to_bf16, q, sx)
     N = wq.shape[0]
     for c in prange((N + CHUNK_N - 1) // CHUNK_N):
         acc = np.zeros(T * CHUNK_N, np.int32)
@@ -387,34 +363,15 @@ def _stage_plain(x, nw, eps, do_norm, post, to_bf16, wq, zeros, sw, mode, seg, t
                 acc[t * CHUNK_N + n - n0] = _dot_i8(q[t], wr)
         _epilogue(mode, acc, n0, T, zeros, sw, sx, to_bf16, seg, tails, res, o0, o1, o2)
     if post:
-        for t in prange(T):
-            _norm_row(o0[t], nw, eps, to_bf16, np.empty((4, 32), np.float32), o1[t])
+        _norm_kernel(o0, nw, eps, to_bf16, o1)
 
 
 # --------------------------------------------------------------------------- bf16 GEMV
-#: vdpbf16ps row-dot tiles: token-tile height -> weight rows per tile (plus 1-row tiles for
-#: the remainder rows of a weight).
+#: vdpbf16ps row-dot tiles: token-tile height -> weight rows per tile; a 1x1 tile for the
+#: remainder rows at the end of a weight.
 _BF_NR = {1: 8, 2: 8, 4: 5}
 _B18, _B28, _B45 = (_bf16_dot_tile(t, r) for t, r in _BF_NR.items())
-_B11, _B21, _B41 = (_bf16_dot_tile(t, 1) for t in _BF_NR)
-
-
-@njit_kernel
-def _bf_dots(tp, full, xf, x_off, K, wf, w_off, nk, out):
-    """``tp`` tokens x (``_BF_NR[tp]`` rows if ``full`` else 1 row) bf16 dot products."""
-    if full:
-        if tp == 1:
-            _B18(xf, x_off, K, wf, w_off, K, nk, out, 0)
-        elif tp == 2:
-            _B28(xf, x_off, K, wf, w_off, K, nk, out, 0)
-        else:
-            _B45(xf, x_off, K, wf, w_off, K, nk, out, 0)
-    elif tp == 1:
-        _B11(xf, x_off, K, wf, w_off, K, nk, out, 0)
-    elif tp == 2:
-        _B21(xf, x_off, K, wf, w_off, K, nk, out, 0)
-    else:
-        _B41(xf, x_off, K, wf, w_off, K, nk, out, 0)
+_B11 = _bf16_dot_tile(1, 1)
 
 
 @njit_kernel
@@ -424,14 +381,16 @@ def _bf_block(w, r0, rows, nr, tp, t0, T, xb, xr, nk, sc):
     K = w.shape[1]
     wf = w.reshape(-1)
     xf = xb.reshape(-1)
-    if rows == nr:
-        _bf_dots(tp, True, xf, t0 * K, K, wf, r0 * K, nk, sc)
-    else:
-        one = np.empty(tp, np.float32)
+    if rows < nr:
         for r in range(rows):
-            _bf_dots(tp, False, xf, t0 * K, K, wf, (r0 + r) * K, nk, one)
             for t in range(tp):
-                sc[t * nr + r] = one[t]
+                _B11(xf, (t0 + t) * K, K, wf, (r0 + r) * K, K, nk, sc, t * nr + r)
+    elif tp == 1:
+        _B18(xf, t0 * K, K, wf, r0 * K, K, nk, sc, 0)
+    elif tp == 2:
+        _B28(xf, t0 * K, K, wf, r0 * K, K, nk, sc, 0)
+    else:
+        _B45(xf, t0 * K, K, wf, r0 * K, K, nk, sc, 0)
     for t in range(min(tp, T - t0)):
         xrow = xr[t0 + t]
         for r in range(rows):
@@ -479,16 +438,12 @@ def _stage_bf16(x, nw, eps, do_norm, post, tp, nr, w0, w1, w2, mode, tails, res,
                 for r in range(rows):
                     y = rnd(sc[j + r], True)
                     if mode == MODE_SWIGLU:
-                        if _in_tail(t * w0.shape[0] + r0 + r, tails):
-                            y = _swiglu_libm(y, rnd(sc2[j + r], True), True)
-                        else:
-                            y = _swiglu(y, rnd(sc2[j + r], True), True)
+                        y = _swiglu(y, rnd(sc2[j + r], True), True, _in_tail(t * w0.shape[0] + r0 + r, tails))
                     elif mode == MODE_RES:
                         y = rnd(np.float32(res[t, r0 + r] + y), True)
                     dst[t, r0 + r] = y
     if post:
-        for t in prange(T):
-            _norm_row(o0[t], nw, eps, True, np.empty((4, 32), np.float32), o1[t])
+        _norm_kernel(o0, nw, eps, True, o1)
 
 
 # --------------------------------------------------------------------------- torch-GEMM epilogue
@@ -505,15 +460,11 @@ def _epi_float(mode, y0, y1, tails, res, to_bf16, nw, eps, post, o0, o1):
         for c in range(c0, min(N, c0 + 2048)):
             g = rnd(y0[t, c], to_bf16)
             if mode == MODE_SWIGLU:
-                if _in_tail(t * N + c, tails):
-                    o0[t, c] = _swiglu_libm(g, rnd(y1[t, c], to_bf16), to_bf16)
-                else:
-                    o0[t, c] = _swiglu(g, rnd(y1[t, c], to_bf16), to_bf16)
+                o0[t, c] = _swiglu(g, rnd(y1[t, c], to_bf16), to_bf16, _in_tail(t * N + c, tails))
             else:
                 o0[t, c] = rnd(np.float32(res[t, c] + g), to_bf16)
     if post:
-        for t in prange(T):
-            _norm_row(o0[t], nw, eps, to_bf16, np.empty((4, 32), np.float32), o1[t])
+        _norm_kernel(o0, nw, eps, to_bf16, o1)
 
 
 def _float_linear(x: np.ndarray, w: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -530,78 +481,131 @@ def _bf16_view(w: torch.Tensor) -> np.ndarray:
     return _cached((w,), "u16", lambda: torch_bf16_as_u16(w.detach().contiguous()))
 
 
-def _bf16_tile(T: int) -> tuple[int, int]:
-    tp = 1 if T <= 1 else (2 if T <= 2 else 4)
-    return tp, _BF_NR[tp]
-
-
 _F0 = np.zeros((1, 1), np.float32)
 _W0 = np.zeros((0, 32), np.uint16)
 _NO_TAILS = np.zeros((0, 2), np.int64)
+_TPS = [padded_tokens(t) for t in range(65)]
 
 
-def run_stage(x: np.ndarray, ws: tuple, mode: int, dtype: torch.dtype, *, nw: np.ndarray | None = None,
-              eps: float = 0.0, post: bool = False, res: np.ndarray | None = None,
-              kind: str = "float") -> list[np.ndarray]:
-    """Run one fused projection stage on float32 rows ``x [T, K]`` (host dispatcher).
+class Plan:
+    """One stage bound to its weights: validated shapes and every constant kernel argument
+    (packed / viewed weights, float32 norm gain, eps), built once per (weights, norm gain,
+    dtype, eps) by :func:`get_plan`; ``plan(x, res)`` runs the stage on float32 rows
+    ``x [T, k]`` (``res [T, n_out[0]]`` for the residual mode) and returns the float32
+    outputs: one per weight (split), ``[out]``, or ``[h, rms_norm(h)]`` (``post``).
 
     ``ws``: the stage's weights (split: 1-3; residual: 1; SwiGLU: (gate, up)), all of
-    ``kind`` ("w8a8"/"float"; "mixed" runs each weight separately after the prologue).
-    ``nw``: float32 ``[K]`` input-norm weight (``post=False``) or ``[N]`` post-norm weight
-    (``post=True``, residual mode) or None; ``res``: residual ``[T, N]`` (residual mode).
-    Returns the float32 outputs: one per weight (split), ``[out]`` or ``[h, rms_norm(h)]``."""
-    to_bf16 = dtype == torch.bfloat16
-    T = x.shape[0]
-    do_norm = nw is not None and not post
-    nwa = nw if nw is not None else _F0[0]
-    e32 = np.float32(eps)
-    resa = res if res is not None else _F0
-    if kind == "mixed":
-        xn = _norm_rows(x, nw, e32, to_bf16) if do_norm else x
-        return [run_stage(xn, (w,), MODE_SPLIT, dtype, kind=weight_kind((w,), ("w",), None))[0] for w in ws]
-    if kind == "w8a8":
-        pw = proj_w8a8(ws, mode)
-        n_out = list(pw.n_out)
-    elif mode == MODE_SPLIT:
-        n_out = [w.shape[0] for w in ws]
-    else:
-        n_out = [ws[0].shape[0]]
-    if post:
-        n_out.append(n_out[0])
-    outs = [np.empty((T, n), np.float32) for n in n_out]
-    o = outs + [_F0] * (3 - len(outs))
-    if T == 0:
+    ``kind`` ("w8a8" / "float"; "mixed" = split stage whose weights run one by one after
+    the prologue). ``nw``: float32 gain of the input norm (``post=False``) or of the post
+    norm (``post=True``) or None."""
+
+    __slots__ = ("mode", "kind", "dtype", "to_bf16", "k", "n_out", "ws", "nw", "e32", "do_norm", "post",
+                 "pw", "wa", "cols", "subs", "kw")
+
+    def __init__(self, ws: tuple, mode: int, dtype: torch.dtype, kind: str, nw: np.ndarray | None,
+                 eps: float, post: bool = False) -> None:
+        self.mode, self.kind, self.dtype, self.ws, self.post = mode, kind, dtype, ws, post
+        self.to_bf16 = dtype == torch.bfloat16
+        self.k = ws[0].shape[1]
+        self.n_out = [w.shape[0] for w in ws] if mode == MODE_SPLIT else [ws[0].shape[0]]
+        self.cols = self.n_out + ([self.n_out[0]] if post else [])
+        self.do_norm = nw is not None and not post
+        self.nw = nw if nw is not None else _F0[0]
+        self.e32 = np.float32(eps)
+        self.pw = self.wa = self.subs = self.kw = None
+        if kind == "w8a8":
+            self.pw = proj_w8a8(ws, mode)
+            pk = self.pw.pk
+            self.kw = ((pk.kp // 4, pk.data, pk.np_, pk.wsum128, pk.scale) if pk.layout == "vnni"
+                       else (pk.data, self.pw.zeros, pk.scale))
+        elif kind == "mixed":
+            self.subs = [Plan((w,), MODE_SPLIT, dtype, weight_kind((w,), ("w",), None), None, 0.0) for w in ws]
+        elif self.to_bf16 and USE_BF16_GEMV and all(w.dtype == torch.bfloat16 for w in ws):
+            self.wa = [_bf16_view(w) for w in ws] + [_W0] * (3 - len(ws))
+
+    def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> list[np.ndarray]:
+        T = x.shape[0]
+        if self.subs is not None:
+            xn = _norm_rows(x, self.nw, self.e32, self.to_bf16) if self.do_norm else x
+            return [sp(xn)[0] for sp in self.subs]
+        outs = [np.empty((T, n), np.float32) for n in self.cols]
+        if T == 0:
+            return outs
+        o = outs + [_F0] * (3 - len(outs))
+        resa = _F0 if res is None else res
+        tails = torch_tails(T * self.n_out[0]) if self.mode == MODE_SWIGLU else _NO_TAILS
+        kw = self.kw
+        if kw is not None:
+            seg = self.pw.seg
+            if len(kw) == 5:
+                _stage_vnni(x, self.nw, self.e32, self.do_norm, self.post, self.to_bf16, kw[0],
+                            _TPS[T] if T < 65 else padded_tokens(T), kw[1], kw[2], kw[3], kw[4], self.mode,
+                            seg, tails, resa, o[0], o[1], o[2])
+            else:
+                _stage_plain(x, self.nw, self.e32, self.do_norm, self.post, self.to_bf16, kw[0], kw[1], kw[2],
+                             self.mode, seg, tails, resa, o[0], o[1], o[2])
+            return outs
+        wa = self.wa
+        if wa is not None and T <= BF16_GEMV_MAX_T:
+            tp = 1 if T <= 1 else (2 if T <= 2 else 4)
+            _stage_bf16(x, self.nw, self.e32, self.do_norm, self.post, tp, _BF_NR[tp], wa[0], wa[1], wa[2],
+                        self.mode, tails, resa, o[0], o[1], o[2])
+            return outs
+        xn = _norm_rows(x, self.nw, self.e32, self.to_bf16) if self.do_norm else x
+        ys = [_float_linear(xn, w, self.dtype) for w in self.ws]
+        if self.mode == MODE_SPLIT:
+            return ys
+        _epi_float(self.mode, ys[0], ys[-1], tails, resa, self.to_bf16, self.nw, self.e32, self.post, o[0], o[1])
         return outs
-    tails = torch_tails(T * n_out[0]) if mode == MODE_SWIGLU else _NO_TAILS
-    if kind == "w8a8":
-        pk = pw.pk
-        if pk.layout == "vnni":
-            _stage_vnni(x, nwa, e32, do_norm, post, to_bf16, pk.kp // 4, padded_tokens(T), pk.data, pk.np_,
-                        pk.wsum128, pk.scale, mode, pw.seg, tails, resa, o[0], o[1], o[2])
-        else:
-            _stage_plain(x, nwa, e32, do_norm, post, to_bf16, pk.data, pw.zeros, pk.scale, mode, pw.seg,
-                         tails, resa, o[0], o[1], o[2])
-        return outs
-    if (to_bf16 and USE_BF16_GEMV and T <= BF16_GEMV_MAX_T
-            and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" for w in ws)):
-        wa = [_bf16_view(w) for w in ws]
-        wa = wa + [_W0] * (3 - len(wa))
-        tp, nr = _bf16_tile(T)
-        _stage_bf16(x, nwa, e32, do_norm, post, tp, nr, wa[0], wa[1], wa[2], mode, tails, resa, o[0], o[1],
-                    o[2])
-        return outs
-    xn = _norm_rows(x, nw, e32, to_bf16) if do_norm else x
-    ys = [_float_linear(xn, w, dtype) for w in ws]
-    if mode == MODE_SPLIT:
-        return ys
-    _epi_float(mode, ys[0], ys[-1], tails, resa, to_bf16, nwa, e32, post, o[0], o[1])
-    return outs
 
 
-@njit_kernel(parallel=True)
-def _norm_kernel(x, w, eps, to_bf16, out):
-    for t in prange(x.shape[0]):
-        _norm_row(x[t], w, eps, to_bf16, np.empty((4, 32), np.float32), out[t])
+_PLANS: dict[tuple, tuple[tuple, Plan]] = {}
+
+
+def get_plan(objs: tuple, extra: tuple, build) -> Plan:
+    """The cached :class:`Plan` for the argument objects ``objs`` (weights and norm gain,
+    compared by identity and kept referenced) and ``extra`` (stage tag, dtype, eps);
+    ``build()`` validates the arguments and makes the plan on a miss."""
+    key = extra + tuple(map(id, objs))
+    ent = _PLANS.get(key)
+    if ent is not None and all(map(operator.is_, ent[0], objs)):
+        return ent[1]
+    p = build()
+    with _LOCK:
+        _PLANS[key] = (objs, p)
+    return p
+
+
+def rows(x: Any, name: str, k: int) -> tuple[np.ndarray, tuple | None]:
+    """``x [..., k]`` (CPU floating torch tensor) -> (C-contiguous float32 ``[T, k]`` numpy,
+    leading shape, or None for a 2-D float32 contiguous tensor: the zero-copy fast path).
+    Raises TypeError (not a floating CPU tensor) / ValueError (0-d, last dim != k), naming
+    ``name``."""
+    if type(x) is torch.Tensor:
+        try:
+            a = x.numpy()
+        except (RuntimeError, TypeError):
+            a = None
+        if a is not None and a.ndim == 2 and a.dtype == np.float32 and a.shape[1] == k and a.flags.c_contiguous:
+            return a, None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point or x.device.type != "cpu":
+        raise TypeError(f"{name}: expected a floating CPU tensor, got {x.dtype} on {x.device}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"{name}: expected shape [..., {k}], got {tuple(x.shape)}")
+    return x.detach().float().contiguous().numpy().reshape(-1, k), tuple(x.shape[:-1])
+
+
+def same_rows(a: np.ndarray, la: tuple | None, b: np.ndarray, lb: tuple | None) -> bool:
+    """Whether two :func:`rows` results have the same leading shape."""
+    return (la if la is not None else a.shape[:1]) == (lb if lb is not None else b.shape[:1])
+
+
+def wrap(o: np.ndarray, lead: tuple | None) -> torch.Tensor:
+    """float32 numpy ``[T, n]`` -> torch tensor of shape ``[*lead, n]`` (zero-copy)."""
+    t = torch.from_numpy(o)
+    return t if lead is None else t.reshape(*lead, o.shape[1])
 
 
 def _norm_rows(x: np.ndarray, w: np.ndarray, eps: np.float32, to_bf16: bool) -> np.ndarray:

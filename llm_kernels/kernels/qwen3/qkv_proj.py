@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .proj_common import MODE_SPLIT, act2d, check_dtype, clear_cache, run_stage, vec_f32, weight_kind
+from . import proj_common as PC
+from .proj_common import clear_cache
 
 __all__ = ["input_norm_qkv", "clear_cache"]
 
@@ -46,9 +47,15 @@ def input_norm_qkv(x: torch.Tensor, norm_w: torch.Tensor, wq, wk, wv, eps: float
         differs from x's last dim. TypeError: x not a floating CPU tensor; a weight neither
         a QuantWeight nor a 2-D float tensor.
     """
-    check_dtype(dtype)
-    kind = weight_kind((wq, wk, wv), ("wq", "wk", "wv"), None)
-    xa, lead = act2d(x, "x", wq.shape[1])
-    nw = vec_f32(norm_w, "norm_w", xa.shape[1])
-    outs = run_stage(xa, (wq, wk, wv), MODE_SPLIT, dtype, nw=nw, eps=eps, kind=kind)
-    return tuple(torch.from_numpy(o).reshape(*lead, o.shape[1]) for o in outs)
+    ws = (wq, wk, wv)
+
+    def build() -> PC.Plan:
+        PC.check_dtype(dtype)
+        kind = PC.weight_kind(ws, ("wq", "wk", "wv"), None)
+        nw = PC.vec_f32(norm_w, "norm_w", wq.shape[1])
+        return PC.Plan(ws, PC.MODE_SPLIT, dtype, kind, nw, eps)
+
+    p = PC.get_plan((wq, wk, wv, norm_w), ("qkv", dtype, eps), build)
+    xa, lead = PC.rows(x, "x", p.k)
+    q, k, v = p(xa)
+    return PC.wrap(q, lead), PC.wrap(k, lead), PC.wrap(v, lead)

@@ -16,21 +16,28 @@ bf16 ``F.linear`` + the Numba prologue/epilogue forced): the measurement behind
 ``proj_common.BF16_GEMV_MAX_T``; ``reference`` (``llm_kernels.reference.qwen3``: torch; its
 W8A8 GEMM is the float64 golden, so its ratio says little about speed).
 
-Method: per (stage, mode) block and round: wait until other processes are idle (they share
-the 2 cores; a busy neighbour stretches 2-thread OpenMP regions by up to 100x), measure the
-DRAM read bandwidth (Numba sums over a 1.5 GiB array of distinct values, best method,
-median of 5 runs each, ``bench_gemm.Bandwidth``; "blkBW") and the same read over the
-block's own weight copies ("same pages"), then time every (T, impl): 2 untimed calls, then
-``--reps`` timed calls, each right after a paired bandwidth probe (a 128 MiB streaming read
-of the same array, 4x L3), then measure the block bandwidths again (the larger of the two
-measurements is the block's). The read bandwidth of this VM jumps between ~35, ~55 and
-~85 GB/s within seconds, so "% roof" is the median over the timed calls of
-``bytes / t_i / probe_i`` and "BW" the median probe; "%blk" uses the block figure. Weights rotate over >= 2 copies totalling >= 512 MB (16x the 32 MiB L3): with
-a single 131 MB copy the L3 kept part of the weights between calls (down_residual read at
-128 % of the measured bandwidth), so every copy is revisited only after >= 512 MB of others. A block during which other processes used > 5 % of the
-CPUs is repeated (``--max-retries``). Bytes per stage: ``harness.roofline_qwen3``
-(weights incl. scales and norm gains, activations at 4 B: the tensors are float32);
-% roofline = ``bytes / t / bandwidth``. Not a test: exits 0 unless something crashed.
+Method, per (stage, mode) block and round: wait until other processes are idle (they share
+the 2 cores; a busy neighbour stretches 2-thread OpenMP regions by up to 100x); build >= 2
+weight copies totalling >= 512 MB (16x the 32 MiB L3: with a single 131 MB copy the L3 kept
+part of the weights between calls and down_residual "read" at 128 % of the bandwidth), and
+time every (T, impl): 2 untimed calls, then ``--reps`` timed calls walking through the
+copies, each right after a bandwidth probe. The read bandwidth of this VM jumps between ~35,
+~55 and ~85 GB/s within seconds AND depends on where an allocation landed (copies of one
+weight built one after the other streamed at 80 vs 44 GB/s), so two rooflines are reported:
+
+* "BW" / "%roof": the probe, a 128 MiB 4-stream Numba sum over the next slice of a 1.5 GiB
+  array of distinct values (4x L3) right before the call; "%roof" is the median over the
+  timed calls of ``bytes / t_i / probe_i`` (the large streaming read measured in the run);
+* "pgBW" / "%pages": the same read over the very pages the call streams (the packed INT8
+  weight, or the bf16 weights in place), per copy, median of 3 reads with the copies read in
+  turn, before and after the timed calls (the larger); "%pages" is the median over the calls
+  of ``bytes / t_i / pgBW(copy_i)``.
+
+The block bandwidth (best of three Numba sums over the whole 1.5 GiB array, median of 5
+runs each, ``bench_gemm.Bandwidth``, before and after) is printed per round and saved. A
+round during which other processes used > 5 % of the CPUs is repeated (``--max-retries``).
+Bytes per stage: ``harness.roofline_qwen3`` (weights incl. fp32 scales and bf16 norm gains,
+activations at 4 B: the tensors are float32). Not a test: exits 0 unless something crashed.
 """
 
 from __future__ import annotations
@@ -91,12 +98,33 @@ def _weight(shape, mode: str, rng: np.random.Generator):
     return torch.randn(n, k, generator=g, dtype=BF16) * (1.0 / math.sqrt(k))
 
 
-def _raw_arrays(ws) -> list[np.ndarray]:
-    out = []
-    for w in ws:
-        t = w.qweight if isinstance(w, QuantWeight) else w.view(torch.int16)
-        out.append(t.numpy())
-    return out
+def _kernel_pages(ws: tuple, stage: str) -> list[np.ndarray]:
+    """The arrays the fused stage streams for one weight copy: the packed INT8 weight
+    (W8A8) or the bf16 weights themselves (natural layout, read in place)."""
+    if isinstance(ws[0], QuantWeight):
+        mode = {"qkv": PC.MODE_SPLIT, "o": PC.MODE_RES, "gate_up": PC.MODE_SWIGLU, "down": PC.MODE_RES}[stage]
+        return [PC.proj_w8a8(ws, mode).pk.data]
+    return [w.view(torch.int16).numpy() for w in ws]
+
+
+def _copy_bw(arrays: list[np.ndarray], parts: np.ndarray) -> float:
+    """GB/s of one 4-stream Numba sum over the arrays (one weight copy's pages)."""
+    views = [a.reshape(-1).view(np.uint8) for a in arrays]
+    views = [v[: v.size - v.size % 1024].view(np.float32) for v in views]
+    t0 = time.perf_counter()
+    for v in views:
+        BG._sum_f32_4s(v, parts)
+    return sum(v.nbytes for v in views) / (time.perf_counter() - t0) / 1e9
+
+
+def _copies_bw(pages: list[list[np.ndarray]], parts: np.ndarray, reps: int = 3) -> list[float]:
+    """Per weight copy: median GB/s of ``reps`` reads of its pages, the copies read in turn
+    (each re-read only after all the others: no L3 reuse)."""
+    runs = [[] for _ in pages]
+    for _ in range(reps):
+        for i, pg in enumerate(pages):
+            runs[i].append(_copy_bw(pg, parts))
+    return [statistics.median(r) for r in runs]
 
 
 def _inputs(stage: str, cfg, T: int, seed: int) -> dict:
@@ -159,9 +187,10 @@ class _Probe:
         return v.nbytes / (time.perf_counter() - t0) / 1e9
 
 
-def _time_impl(stage, impl, copies, v, nw, reps: int, probe: _Probe) -> list[tuple[float, float]]:
-    """(seconds, probe GB/s right before) of ``reps`` timed calls after 2 untimed ones; the
-    calls walk through the weight copies (each timed call uses the least recently used)."""
+def _time_impl(stage, impl, copies, v, nw, reps: int, probe: _Probe) -> list[tuple[float, float, int]]:
+    """(seconds, probe GB/s right before, weight copy) of ``reps`` timed calls after 2
+    untimed ones; the calls walk through the weight copies (each timed call uses the least
+    recently used)."""
     calls = [_call(stage, impl, ws, v, nw) for ws in copies]
     with _GemvPolicy(impl):
         for i in range(2):
@@ -172,7 +201,7 @@ def _time_impl(stage, impl, copies, v, nw, reps: int, probe: _Probe) -> list[tup
             b = probe()
             t0 = time.perf_counter()
             f()
-            out.append((time.perf_counter() - t0, b))
+            out.append((time.perf_counter() - t0, b, i % len(calls)))
     return out
 
 
@@ -199,7 +228,8 @@ def run_block(stage, mode, cfg, Ts, reps, rounds, max_retries, wait_s, with_ref,
         for T in Ts:
             _call(stage, "fused", ws, ins[T], nw)()
     log(f"{stage}/{mode}: {ncopy} copies x {wbytes / 1e6:.0f} MB weights, built+packed in {time.time() - t0:.0f} s")
-    pages = _raw_arrays([w for ws in copies for w in ws])
+    pages = [_kernel_pages(ws, stage) for ws in copies]
+    parts = np.empty(256, np.float32)
     probe = _Probe(bw)
     raw = []
     r = clean = 0
@@ -207,18 +237,21 @@ def run_block(stage, mode, cfg, Ts, reps, rounds, max_retries, wait_s, with_ref,
         BG.wait_quiet(wait_s)
         with BG.Contention() as c:
             b = bw.measure(5)
-            sp = bw.same_pages(pages, 5)
+            cbw = _copies_bw(pages, parts)
             res = {(T, im): _time_impl(stage, im, copies, ins[T], nw, reps, probe) for T in Ts for im in impls}
             b2 = bw.measure(5)
-            sp = max(sp, bw.same_pages(pages, 5))
+            cbw = [max(a, b_) for a, b_ in zip(cbw, _copies_bw(pages, parts))]
+            sp = statistics.median(cbw)
             b = dict(b, bw_before=b["bw"], bw_after=b2["bw"], bw=max(b["bw"], b2["bw"]))
         ok = c.foreign <= BG.CONTENTION_LIMIT
         clean += ok
-        log(f"  round {r}: BW {b['bw']:.1f} GB/s, same pages {sp:.1f}, other processes {100 * c.foreign:.0f}% CPU"
+        log(f"  round {r}: BW {b['bw']:.1f} GB/s, weight copies {min(cbw):.1f}-{max(cbw):.1f}, "
+            f"other processes {100 * c.foreign:.0f}% CPU"
             + ("" if ok else " -> contended, repeated"))
-        raw.append({"round": r, "bw": b, "same_pages": sp, "foreign_cpu": c.foreign, "clean": ok,
-                    "runs_s": {f"{T}/{im}": [t for t, _ in ts] for (T, im), ts in res.items()},
-                    "probe_gbs": {f"{T}/{im}": [b for _, b in ts] for (T, im), ts in res.items()}})
+        raw.append({"round": r, "bw": b, "same_pages": sp, "copies_gbs": cbw, "foreign_cpu": c.foreign,
+                    "clean": ok, "runs_s": {f"{T}/{im}": [t for t, _, _ in ts] for (T, im), ts in res.items()},
+                    "probe_gbs": {f"{T}/{im}": [b for _, b, _ in ts] for (T, im), ts in res.items()},
+                    "copy": {f"{T}/{im}": [c for _, _, c in ts] for (T, im), ts in res.items()}})
         r += 1
     use = [x for x in raw if x["clean"]] or raw
     rows = []
@@ -228,15 +261,15 @@ def run_block(stage, mode, cfg, Ts, reps, rounds, max_retries, wait_s, with_ref,
             key = f"{T}/{im}"
             runs = [t for x in use for t in x["runs_s"][key]]
             probes = [b for x in use for b in x["probe_gbs"][key]]
+            own = [x["copies_gbs"][c] for x in use for c in x["copy"][key]]
             t = statistics.median(runs)
             rows.append({
                 "stage": STAGES[stage], "mode": mode, "T": T, "impl": im, "ms": 1e3 * t,
                 "runs_ms": [1e3 * v for v in runs], "bytes": nbytes, "GBps": nbytes / t / 1e9,
-                "bw_GBps": statistics.median(probes),
+                "bw_GBps": statistics.median(probes), "pages_GBps": statistics.median(own),
                 "bw_block_GBps": statistics.median(x["bw"]["bw"] for x in use),
-                "same_pages_GBps": statistics.median(x["same_pages"] for x in use),
                 "pct_roofline": 100 * statistics.median(nbytes / r / 1e9 / b for r, b in zip(runs, probes)),
-                "pct_block_bw": 100 * nbytes / t / 1e9 / statistics.median(x["bw"]["bw"] for x in use),
+                "pct_pages": 100 * statistics.median(nbytes / r / 1e9 / b for r, b in zip(runs, own)),
                 "rounds_used": len(use)})
         ref = next((x["ms"] for x in rows if x["T"] == T and x["impl"] == "reference"), None)
         for x in rows:
@@ -289,12 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             PC.clear_cache()
             gc.collect()
     hdr = (f"{'stage':<22}{'mode':<6}{'T':>3}  {'impl':<13}{'ms':>9}{'GB/s':>7}{'BW':>6}{'%roof':>7}"
-           f"{'blkBW':>7}{'%blk':>6}{'vs ref':>9}")
+           f"{'pgBW':>6}{'%pages':>8}{'vs ref':>9}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for x in rows:
         sp = f"x{x['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in x and x["impl"] != "reference" else "-"
         print(f"{x['stage']:<22}{x['mode']:<6}{x['T']:>3}  {x['impl']:<13}{x['ms']:>9.3f}{x['GBps']:>7.1f}"
-              f"{x['bw_GBps']:>6.0f}{x['pct_roofline']:>6.0f}%{x['bw_block_GBps']:>7.0f}{x['pct_block_bw']:>5.0f}%"
+              f"{x['bw_GBps']:>6.0f}{x['pct_roofline']:>6.0f}%{x['pages_GBps']:>6.0f}{x['pct_pages']:>7.0f}%"
               f"{sp:>9}")
     if a.json:
         out = {"benchmark": "bench_qwen3_proj", "preset": a.preset, "Ts": Ts, "reps": a.reps,

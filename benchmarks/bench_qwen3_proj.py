@@ -59,20 +59,20 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import numba  # noqa: E402
+import bench_gemm as BG
+import numba
 
-import bench_gemm as BG  # noqa: E402  (bandwidth kernels, contention probes)
-from llm_kernels.config import qwen3_preset  # noqa: E402
-from llm_kernels.harness import roofline_qwen3 as RQ  # noqa: E402
-from llm_kernels.kernels.common import jit  # noqa: E402
-from llm_kernels.kernels.qwen3 import mlp as KM  # noqa: E402
-from llm_kernels.kernels.qwen3 import o_proj as KO  # noqa: E402
-from llm_kernels.kernels.qwen3 import proj_common as PC  # noqa: E402
-from llm_kernels.kernels.qwen3 import qkv_proj as KQ  # noqa: E402
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight  # noqa: E402
-from llm_kernels.reference.qwen3 import mlp as RM  # noqa: E402
-from llm_kernels.reference.qwen3 import o_proj as RO  # noqa: E402
-from llm_kernels.reference.qwen3 import qkv_proj as RQK  # noqa: E402
+from llm_kernels.config import qwen3_preset
+from llm_kernels.harness import roofline_qwen3 as RQ
+from llm_kernels.kernels.common import jit
+from llm_kernels.kernels.qwen3 import mlp as KM
+from llm_kernels.kernels.qwen3 import o_proj as KO
+from llm_kernels.kernels.qwen3 import proj_common as PC
+from llm_kernels.kernels.qwen3 import qkv_proj as KQ
+from llm_kernels.reference.deepseek_v4.quant import QuantWeight
+from llm_kernels.reference.qwen3 import mlp as RM
+from llm_kernels.reference.qwen3 import o_proj as RO
+from llm_kernels.reference.qwen3 import qkv_proj as RQK
 
 STAGES = {"qkv": "input_norm_qkv", "o": "o_proj_residual_norm", "gate_up": "gate_up_swiglu",
           "down": "down_residual"}

@@ -21,7 +21,7 @@ import torch
 from . import proj_common as PC
 from .proj_common import clear_cache
 
-__all__ = ["gate_up_swiglu", "down_residual", "clear_cache"]
+__all__ = ["clear_cache", "down_residual", "gate_up_swiglu"]
 
 
 def gate_up_swiglu(x: torch.Tensor, w_gate, w_up, dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from . import proj_common as PC
 from .proj_common import clear_cache
 
-__all__ = ["o_proj_residual_norm", "clear_cache"]
+__all__ = ["clear_cache", "o_proj_residual_norm"]
 
 
 def o_proj_residual_norm(attn: torch.Tensor, wo, residual: torch.Tensor, post_norm_w: torch.Tensor,

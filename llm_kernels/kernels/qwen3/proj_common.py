@@ -65,14 +65,37 @@ from ...reference.deepseek_v4.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as rnd
-from ..common.gemm import CHUNK_N, _chunk_acc, _dot_i8, _pack_q32, pack_w8a8, padded_tokens
+from ..common.gemm import (
+    CHUNK_N,
+    _chunk_acc,
+    _dot_i8,
+    _pack_q32,
+    pack_w8a8,
+    padded_tokens,
+)
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
 from ..common.quant import quant_row_f32
 from ..deepseek_v4.sparse_attn import _bf16_dot_tile, _sleef_expf
 
-__all__ = ["MODE_SPLIT", "MODE_RES", "MODE_SWIGLU", "BF16_GEMV_MAX_T", "Plan", "ProjW8A8", "check_dtype", "clear_cache", "get_plan", "proj_w8a8", "rows", "same_rows", "torch_tails",
-           "vec_f32", "weight_kind", "wrap"]
+__all__ = [
+    "BF16_GEMV_MAX_T",
+    "MODE_RES",
+    "MODE_SPLIT",
+    "MODE_SWIGLU",
+    "Plan",
+    "ProjW8A8",
+    "check_dtype",
+    "clear_cache",
+    "get_plan",
+    "proj_w8a8",
+    "rows",
+    "same_rows",
+    "torch_tails",
+    "vec_f32",
+    "weight_kind",
+    "wrap",
+]
 
 MODE_SPLIT, MODE_RES, MODE_SWIGLU = 0, 1, 2
 _HALF = CHUNK_N // 2
@@ -159,7 +182,7 @@ class ProjW8A8:
     ``[6]`` = (start, rows) of up to 3 segments in the padded row space (SwiGLU: ``(0, I)``);
     ``n_out``: output widths; ``zeros``: int32 ``[Np]`` (zero-point term of the plain path)."""
 
-    __slots__ = ("pk", "seg", "n_out", "k", "zeros")
+    __slots__ = ("k", "n_out", "pk", "seg", "zeros")
 
     def __init__(self, pk, seg, n_out, k):
         self.pk, self.seg, self.n_out, self.k = pk, seg, n_out, k
@@ -508,8 +531,24 @@ class Plan:
     the prologue). ``nw``: float32 gain of the input norm (``post=False``) or of the post
     norm (``post=True``) or None."""
 
-    __slots__ = ("mode", "kind", "dtype", "to_bf16", "k", "n_out", "ws", "nw", "e32", "do_norm", "post",
-                 "pw", "wa", "cols", "subs", "kw")
+    __slots__ = (
+        "cols",
+        "do_norm",
+        "dtype",
+        "e32",
+        "k",
+        "kind",
+        "kw",
+        "mode",
+        "n_out",
+        "nw",
+        "post",
+        "pw",
+        "subs",
+        "to_bf16",
+        "wa",
+        "ws",
+    )
 
     def __init__(self, ws: tuple, mode: int, dtype: torch.dtype, kind: str, nw: np.ndarray | None,
                  eps: float, post: bool = False) -> None:

@@ -25,7 +25,7 @@ import torch
 from . import proj_common as PC
 from .proj_common import clear_cache
 
-__all__ = ["input_norm_qkv", "clear_cache"]
+__all__ = ["clear_cache", "input_norm_qkv"]
 
 
 def input_norm_qkv(x: torch.Tensor, norm_w: torch.Tensor, wq, wk, wv, eps: float,

@@ -78,24 +78,9 @@ from ..common.norm_rope import sumsq_torch_order
 from ..common.quant import quant_row_f32
 from ..deepseek_v4.sparse_attn import _bf16_dot_tile, _sleef_expf
 
-__all__ = [
-    "BF16_GEMV_MAX_T",
-    "MODE_RES",
-    "MODE_SPLIT",
-    "MODE_SWIGLU",
-    "Plan",
-    "ProjW8A8",
-    "check_dtype",
-    "clear_cache",
-    "get_plan",
-    "proj_w8a8",
-    "rows",
-    "same_rows",
-    "torch_tails",
-    "vec_f32",
-    "weight_kind",
-    "wrap",
-]
+__all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "ProjW8A8", "check_dtype",
+           "clear_cache", "get_plan", "proj_w8a8", "rows", "same_rows", "torch_tails", "vec_f32",
+           "weight_kind", "wrap"]
 
 MODE_SPLIT, MODE_RES, MODE_SWIGLU = 0, 1, 2
 _HALF = CHUNK_N // 2
@@ -531,24 +516,8 @@ class Plan:
     the prologue). ``nw``: float32 gain of the input norm (``post=False``) or of the post
     norm (``post=True``) or None."""
 
-    __slots__ = (
-        "cols",
-        "do_norm",
-        "dtype",
-        "e32",
-        "k",
-        "kind",
-        "kw",
-        "mode",
-        "n_out",
-        "nw",
-        "post",
-        "pw",
-        "subs",
-        "to_bf16",
-        "wa",
-        "ws",
-    )
+    __slots__ = ("cols", "do_norm", "dtype", "e32", "k", "kind", "kw", "mode", "n_out", "nw", "post", "pw",
+                 "subs", "to_bf16", "wa", "ws")
 
     def __init__(self, ws: tuple, mode: int, dtype: torch.dtype, kind: str, nw: np.ndarray | None,
                  eps: float, post: bool = False) -> None:

@@ -61,6 +61,7 @@ USE_BF16_DOT = _jit.HAS_AVX512BF16 and not _jit.FORCE_FALLBACK
 
 _PF_LOC = 3  # llvm.prefetch locality (3: prefetcht0)
 _PF_UNITS = 2  # software prefetch distance in (chunk, kv head) units
+_PV_NEAR = 1
 _CHUNK = 32  # tokens per online-softmax step (scores scratch 32 x 16 floats per head tile)
 _TARGET_ITEMS = 8  # work items aimed at per call (>= 2 per core; fewer = less partial-result traffic)
 _MIN_SPLIT = 128  # shortest context split, tokens (amortises the per-item setup and combine)
@@ -165,7 +166,7 @@ def _merge_plan(gt: int) -> list[list[tuple[list[int], list[int]]]]:
 
 
 @lru_cache(maxsize=None)
-def _qk16(gt: int):
+def _qk16(gt: int, dconst: int = 0):
     """Scores of 16 tokens x ``gt`` heads with ``vdpbf16ps`` (AVX512_BF16 only).
 
     ``qk(qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off)``: ``qp`` uint16
@@ -177,7 +178,11 @@ def _qk16(gt: int):
     Each step also prefetches E cache lines of K and E of V of the 16 rows at
     ``koff[pk0 + 0..15]`` (line ``l = iE + e``: row ``l % 16``, line ``l // 16``), so the
     ``D/2`` lines of each cache for those rows are requested evenly over the ``D/(2E)``
-    steps, interleaved with the dot products."""
+    steps, interleaved with the dot products.
+
+    ``dconst > 0``: the 16 rows (and the 16 prefetch rows) are consecutive rows of one
+    block with head dim ``dconst`` (``koff[k0 + c] = koff[k0] + c·dconst``), so one base
+    pointer with constant displacements replaces the 16 row pointers."""
     E = 16 // gt
     plan = _merge_plan(gt)
 
@@ -191,9 +196,14 @@ def _qk16(gt: int):
         pff = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0i8")
         rows = []
-        for c in range(16):
-            off = builder.load(builder.gep(kop, [builder.add(k0, _c64(c))]))
-            rows.append(builder.gep(kbase, [builder.mul(off, _c64(2))]))
+        if dconst:
+            base0 = builder.gep(kbase, [builder.mul(builder.load(builder.gep(kop, [k0])), _c64(2))])
+            pbase0 = builder.gep(kbase, [builder.mul(builder.load(builder.gep(kop, [pk0])), _c64(2))])
+            rows = [builder.gep(base0, [_c64(2 * dconst * c)]) for c in range(16)]
+        else:
+            for c in range(16):
+                off = builder.load(builder.gep(kop, [builder.add(k0, _c64(c))]))
+                rows.append(builder.gep(kbase, [builder.mul(off, _c64(2))]))
         dp = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]), "llvm.x86.avx512bf16.dpbf16ps.512")
         zero = ir.Constant(_V16F, [0.0] * 16)
@@ -211,10 +221,16 @@ def _qk16(gt: int):
             accs.append(ph)
         for e in range(E):  # prefetch line l = iE + e: row l & 15, line l >> 4 (64 B = 32 elements)
             li = builder.add(builder.mul(i, _c64(E)), _c64(e))
-            row = builder.add(pk0, builder.and_(li, _c64(15)))
-            eo = builder.add(builder.load(builder.gep(kop, [row])), builder.mul(builder.lshr(li, _c64(4)), _c64(32)))
-            builder.call(pff, [builder.gep(kbase, [builder.mul(eo, _c64(2))]), ir.Constant(_I32, 0),
-                               ir.Constant(_I32, _PF_LOC), ir.Constant(_I32, 1)])
+            if dconst:
+                bo = builder.add(builder.mul(builder.and_(li, _c64(15)), _c64(2 * dconst)),
+                                 builder.mul(builder.lshr(li, _c64(4)), _c64(64)))
+                pptr = builder.gep(pbase0, [bo])
+            else:
+                row = builder.add(pk0, builder.and_(li, _c64(15)))
+                eo = builder.add(builder.load(builder.gep(kop, [row])),
+                                 builder.mul(builder.lshr(li, _c64(4)), _c64(32)))
+                pptr = builder.gep(kbase, [builder.mul(eo, _c64(2))])
+            builder.call(pff, [pptr, ir.Constant(_I32, 0), ir.Constant(_I32, _PF_LOC), ir.Constant(_I32, 1)])
         qv = builder.load(_at(builder, qbase, builder.mul(i, _c64(64)), _V32BF), align=2)
         kb = builder.mul(i, _c64(4 * E))
         new = []
@@ -429,6 +445,9 @@ def _pv32(hp: int):
         builder.call(pff, [builder.gep(vbase, [builder.mul(po, _c64(2))]), ir.Constant(_I32, 0), ir.Constant(_I32, _PF_LOC),
                            ir.Constant(_I32, 1)])
         vo = builder.add(builder.load(builder.gep(vop, [c])), col0)
+        if _PV_NEAR:
+            builder.call(pff, [builder.gep(vbase, [builder.mul(builder.add(vo, _c64(32)), _c64(2))]),
+                               ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         raw = builder.load(_at(builder, vbase, builder.mul(vo, _c64(2)), _V16I), align=2)
         # word i = (v[2i], v[2i+1]): even columns = word << 16, odd = word & 0xFFFF0000
         halves = [builder.bitcast(builder.shl(raw, ir.Constant(_V16I, [16] * 16)), _V16F),
@@ -490,6 +509,7 @@ def _pf(typingctx, arr, off):
 
 
 _QK1, _QK2, _QK4, _QK8, _QK16 = (_qk16(g) for g in (1, 2, 4, 8, 16))
+_QK8C = _qk16(8, 128)  # Qwen3: g = 8, D = 128, 16 consecutive rows of a block
 _PV1, _PV2, _PV4, _PV8 = (_pv32(h) for h in (1, 2, 4, 8))
 _SM1, _SM2, _SM4, _SM8, _SM16 = (_softmax16(g) for g in (1, 2, 4, 8, 16))
 
@@ -509,8 +529,10 @@ def _sm_call(gt, S, s_off, n, st, st_off):
 
 
 @njit_kernel
-def _qk_call(gt, qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off):
-    if gt == 8:
+def _qk_call(gt, contig, qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off):
+    if contig:
+        _QK8C(qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off)
+    elif gt == 8:
         _QK8(qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off)
     elif gt == 16:
         _QK16(qp, q_off, kc, vc, koff, k0, pk0, nsteps, scale, out, out_off)
@@ -632,13 +654,14 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
     nsteps = D // (2 * E)
     C = _CHUNK
     qpf = qpk.reshape(-1)
+    contig = gt == 8 and D == 128 and BS % 16 == 0  # 16-token groups are 16 rows of one block
     for it in prange(NI):
         t = items[it, 0]
         s0 = items[it, 1]
         nt = items[it, 2] - s0
         ntp = (nt + 15) // 16 * 16 + C + 16
         koff = _row_offsets(bt, seq[t], s0, nt, nkv, BS, D, ntp)
-        S = np.empty(ntile * C * 16, np.float32)
+        S = np.empty(nkv * ntile * C * 16, np.float32)  # scores / probabilities per (kv head, tile)
         st = np.empty(nkv * ntile * 48, np.float32)  # per (kv head, tile): m, l, alpha x 16 lanes
         for u in range(nkv * ntile):
             st[u * 48:u * 48 + 16] = _NEG_INF
@@ -648,24 +671,27 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
         for c0 in range(0, nt, C):
             n = min(C, nt - c0)
             npad = (n + 15) // 16 * 16
-            for kvh in range(nkv):
-                kb = kvh * ntp + c0
-                u2 = kvh + _PF_UNITS  # prefetch target: the (chunk, head) unit _PF_UNITS ahead
-                c2 = c0 + (u2 // nkv) * C
-                pb = (u2 % nkv) * ntp + c2 if c2 < nt else kb
-                qo = (t * nkv + kvh) * g * D
-                for ti in range(ntile):
-                    So = ti * C * 16
-                    u = (kvh * ntile + ti) * 48
-                    for c16 in range(0, npad, 16):
-                        _qk_call(gt, qpf, qo + ti * gt * D, kc, vc, koff, kb + c16, pb + c16, nsteps, scale, S,
-                                 So + c16 * gt)
-                    _sm_call(gt, S, So, n, st, u)
-                    h0 = kvh * g + ti * gt
-                    for hb in range(0, gt, hp):
-                        for dc in range(0, D, 32):
-                            _pv_call(hp, acc, (h0 + hb) * D + dc, D, st, u + 32 + hb, S, So + hb, gt, 1, vc,
-                                     koff, kb, pb, n, dc)
+            for phase in range(2):  # K phase (q·k + softmax, all kv heads), then V phase (p·v)
+                for kvh in range(nkv):
+                    kb = kvh * ntp + c0
+                    u2 = kvh + _PF_UNITS  # prefetch target: the (chunk, head) unit _PF_UNITS ahead
+                    c2 = c0 + (u2 // nkv) * C
+                    pb = (u2 % nkv) * ntp + c2 if c2 < nt else kb
+                    for ti in range(ntile):
+                        So = (kvh * ntile + ti) * C * 16
+                        u = (kvh * ntile + ti) * 48
+                        if phase == 0:
+                            qo = (t * nkv + kvh) * g * D + ti * gt * D
+                            for c16 in range(0, npad, 16):
+                                _qk_call(gt, contig and c16 + 16 <= n, qpf, qo, kc, vc, koff, kb + c16, pb + c16,
+                                         nsteps, scale, S, So + c16 * gt)
+                            _sm_call(gt, S, So, n, st, u)
+                        else:
+                            h0 = kvh * g + ti * gt
+                            for hb in range(0, gt, hp):
+                                for dc in range(0, D, 32):
+                                    _pv_call(hp, acc, (h0 + hb) * D + dc, D, st, u + 32 + hb, S, So + hb, gt, 1,
+                                             vc, koff, kb, pb, n, dc)
         for kvh in range(nkv):
             for ti in range(ntile):
                 u = (kvh * ntile + ti) * 48

@@ -3,38 +3,30 @@
     python benchmarks/bench_qwen3_layer.py --preset qwen3-32b --batch 1,4,16 --context 4096
     python -m llm_kernels bench --preset qwen3-32b ...          (same flags)
 
-One decoder layer of the preset (hidden 5120, 64 q heads, 8 kv heads, head_dim 128,
-intermediate 25600 for Qwen3-32B) with seeded random bf16 weights built in memory at the
-init scales of ``write_random_checkpoint`` (Linear ~ N(0, 1/sqrt(in)), norms ~ 1 + N(0, 0.1));
-``--quant w8a8`` quantises the 7 projections with ``quantize_weight`` (per-output-channel
-INT8 + FP32 scale; norms stay bf16). ``B`` sequences each already hold ``--context`` tokens:
-the paged KV cache is filled with random bf16 K/V ~ N(0, 1) (K after q/k-norm + RoPE and V
-both have O(1) entries at these init scales) instead of a prefill. Each run reserves one
-slot per sequence, runs :meth:`Qwen3Engine.forward_rows` on a random bf16-valued
-``x [B, hidden]`` (the embedding is bypassed) and is rolled back untimed, so every run sees
-the same context. Per-stage times come from the engine's :class:`StageTimer`
-(``qwen3_engine.STAGES``; ``other`` = total − Σ stages: RoPE tables, block tables, glue).
+Seeded random bf16 weights built in memory at ``write_random_checkpoint``'s Qwen3 scales
+(``--quant w8a8``: the 7 projections per-channel INT8 via ``quantize_weight``). ``B``
+sequences already hold ``--context`` tokens: the paged KV cache is filled with random bf16
+K/V ~ N(0, 1) (K after q/k-norm + RoPE and V are O(1) at these scales), no prefill. Each
+run reserves one slot per sequence, runs :meth:`Qwen3Engine.forward_rows` on a random
+bf16-valued ``x [B, hidden]`` and is rolled back untimed. Per-stage times from the engine's
+:class:`StageTimer` (``other`` = total − Σ stages: RoPE tables, block tables, glue).
 
-Every "% roofline" uses the DRAM bandwidth measured at the start of the same run (measured
-again at the end to show drift); bytes per stage from :mod:`llm_kernels.harness.roofline_qwen3`.
-The attention stage also reports its % of the KV-read roofline alone.
+% roofline: bytes from :mod:`llm_kernels.harness.roofline_qwen3` over the DRAM bandwidth of
+a ``torch.sum`` probe (the ``measure_dram_bandwidth`` method) timed round-robin with the
+variants of each batch — this VM's bandwidth moves 35-80 GB/s within a run; the layer % at
+the start / end-of-run bandwidths is printed too. Attention also gets its % of the KV-read
+roofline alone.
 
-Baseline: transformers' ``Qwen3DecoderLayer`` whose parameters ARE the bf16 tensors (no copy;
-``load_state_dict(assign=True)``), a ``DynamicCache`` holding the same K/V (K post-norm/RoPE,
-V raw, as ours), RoPE from ``Qwen3RotaryEmbedding`` at position = context, no attention
-mask (one new token per sequence, equal lengths: nothing to pad). Its cache is reset after
-each run (untimed). Its output is the cross-check: cosine of each variant vs transformers.
-Variants and transformers are timed round-robin (``interleaved``) after warm-up runs
-(Numba compiles in the first one).
+Baseline and cross-check: transformers' ``Qwen3DecoderLayer`` whose parameters ARE the bf16
+tensors (``load_state_dict(assign=True)``), a ``DynamicCache`` (and/or ``StaticCache``,
+``--hf-cache``) holding the same K/V, RoPE at position = context, no mask (one token per
+sequence, equal lengths), its cache reset after each run. All variants are timed
+round-robin (``interleaved``) after warm-up runs (Numba compiles in the first).
 
-Reference W8A8 (``reference/w8a8``): the torch reference does its exact INT8 GEMM in
-float64, converting the INT8 weight to float64 on every call (~1 GB transient for
-gate/up/down at 32B dims) — it is a golden, not a speed baseline. It is therefore run only
-when asked (``--reference-w8a8``); the fused W8A8 path is compared with transformers bf16
-and with ``reference/none``. The JSON notes say so.
-
-A fused backend with no Qwen3 stage fused yet (``backend_stages('fused', 'qwen3')``) is the
-reference under another name: it is skipped and reported as such. See docs/benchmarks.md.
+``reference/w8a8`` is opt-in (``--reference-w8a8``): the reference INT8 GEMM runs in float64,
+converting each INT8 weight to float64 per call (~1 GB transient for gate/up at 32B dims):
+a golden, not a speed baseline (1.9 s per step at B=1). A fused backend with no Qwen3 stage
+fused (``backend_stages('fused', 'qwen3')``) is skipped and reported. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -104,24 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_qwen3_layer", description="Time one Qwen3 decoder layer's decode "
                                 "step per stage vs its memory roofline and vs transformers (docs/benchmarks.md).")
     p.add_argument("--preset", default="qwen3-32b", choices=["qwen3-32b", "qwen3-mini"])
-    p.add_argument("--batch", type=_ints, default=[1, 4, 16], help="sequences B per step, one new token each "
-                   "(default 1,4,16)")
+    p.add_argument("--batch", type=_ints, default=[1, 4, 16], help="sequences B, one new token each (1,4,16)")
     p.add_argument("--context", type=int, default=4096, help="tokens already cached per sequence (default 4096)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs, median reported (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2; Numba compiles)")
     p.add_argument("--block-size", type=int, default=16, help="KV page size in tokens (default 16)")
     p.add_argument("--backends", type=_csv, default=["reference", "fused"], help="reference and/or fused")
     p.add_argument("--quant", type=_csv, default=["none", "w8a8"], help="none (bf16) and/or w8a8")
-    p.add_argument("--reference-w8a8", action="store_true", help="also time reference/w8a8 (float64 INT8 "
-                   "GEMM golden: slow, ~1 GB transient; off by default)")
+    p.add_argument("--reference-w8a8", action="store_true", help="also time reference/w8a8 (float64 golden, slow)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false")
-    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
-                   help="transformers attention implementation (default sdpa, its CPU default)")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention (sdpa)")
     p.add_argument("--hf-cache", type=_csv, default=["dynamic"], help="transformers cache(s): dynamic "
                    "(DynamicCache, generate()'s default: torch.cat of the whole K/V per step) and/or static "
                    "(StaticCache, in place); speed-ups are vs the first (default dynamic)")
-    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/bench_<preset "
-                   "with _>.json, e.g. bench_qwen3_32b.json")
+    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/bench_<preset>.json")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="stacked per-stage bars")
     p.add_argument("--bandwidth", type=float, default=None, help="GB/s to use instead of measuring")
     p.add_argument("--bw-bytes", type=int, default=int(1.5 * 2 ** 30), help="bandwidth array bytes (1.5 GiB)")
@@ -274,19 +262,8 @@ def _compare(ref: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
             "max_abs_ref": a.abs().max().item()}
 
 
-def _cos(cmp: dict[str, float] | None) -> str:
-    return "-" if not cmp else f"{cmp['cosine']:.6f}"
-
-
 def _gbs(nbytes: float, s: float) -> float | None:
     return nbytes / s / 1e9 if s > 0 else None
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def _make_config(args) -> Qwen3Config:
@@ -294,6 +271,50 @@ def _make_config(args) -> Qwen3Config:
     over = {k: getattr(args, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                           "num_key_value_heads", "head_dim") if getattr(args, k) is not None}
     return cfg.replace(**over) if over else cfg
+
+
+def _variant_entry(cfg, key, res, runs, B, L, bw, impl, stage_rows) -> dict[str, Any]:
+    """JSON entry of one variant at batch B: per-stage stats (``runs``: the timed runs' StageTimer
+    seconds) with bytes, GB/s, % roofline at ``bw`` GB/s; appends the printed rows to ``stage_rows``."""
+    b, q = key.split("/")
+    bd = rq.layer_breakdown(cfg, B, L, QUANT_TO_ROOFLINE[q])
+    stages: dict[str, Any] = {}
+    for s in STAGES:
+        secs = [r.get(s, 0.0) for r in runs]
+        sm, nb = _stats(secs), bd[s].total
+        e = stages[s] = {**sm, "runs": secs, "bytes": nb, "weight_bytes": bd[s].weights, "cache_bytes": bd[s].cache,
+                         "activation_bytes": bd[s].activations, "gbs": _gbs(nb, sm["median_s"]),
+                         "roofline_pct": rq.roofline_pct(nb, sm["median_s"], bw), "impl": impl[s]}
+        if s == "attention":
+            e["kv_read_bytes"] = rq.kv_read_bytes(cfg, B, L)
+            e["kv_roofline_pct"] = rq.roofline_pct(e["kv_read_bytes"], sm["median_s"], bw)
+        stage_rows.append([key, B, s, impl[s], sm["median_s"] * 1e3, fmt_bytes(nb), e["gbs"], e["roofline_pct"],
+                           e.get("kv_roofline_pct")])
+    other = [t - sum(r.get(s, 0.0) for s in STAGES) for t, r in zip(res.runs, runs)]
+    stages["other"] = {**_stats(other), "runs": other}
+    stage_rows.append([key, B, "other", "-", stages["other"]["median_s"] * 1e3, "-", None, None, None])
+    lb = sum(v.total for v in bd.values())
+    pct = rq.roofline_pct(lb, res.median_s, bw)
+    stage_rows.append([key, B, "LAYER TOTAL", "", res.median_s * 1e3, fmt_bytes(lb), _gbs(lb, res.median_s), pct, None])
+    return {"layer_type": "full", "T": B, "batch": B, "sequences": B, "rows_per_seq": 1, "context": L, "backend": b,
+            "quant": q, "total": res.to_dict(), "layer_bytes": lb, "gbs": _gbs(lb, res.median_s), "roofline_pct": pct,
+            "roofline_s": rq.roofline_seconds(lb, bw), "bandwidth_gbs": bw, "stages": stages}
+
+
+def _cross_check(entry, key, timed, outs, hf_keys, hf_first, hf_out) -> None:
+    """Speed-ups (vs the same-quant reference, reference/none, each transformers cache) and output
+    comparisons (vs the first transformers cache, vs reference/none) of one variant, into ``entry``."""
+    res, q = timed[key], key.split("/")[1]
+    if hf_out is not None:
+        entry["vs_transformers"] = _compare(hf_out, outs[key])
+        entry["speedup_vs_transformers"] = timed[hf_first].median_s / res.median_s
+        entry["transformers_baseline"] = hf_first
+        entry["speedup_vs"] = {k: timed[k].median_s / res.median_s for k in hf_keys if k in timed}
+    if key != "reference/none" and "reference/none" in timed:
+        entry["vs_reference_none"] = _compare(outs["reference/none"], outs[key])
+        entry["speedup_vs_reference_none"] = timed["reference/none"].median_s / res.median_s
+    if not key.startswith("reference/") and f"reference/{q}" in timed:
+        entry["speedup_vs_reference"] = timed[f"reference/{q}"].median_s / res.median_s
 
 
 def _plot(data: dict[str, Any], path: Path) -> Path:
@@ -322,11 +343,13 @@ def _plot(data: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("ms (median)")
-        ax.set_title(f"B={B}, context {data['context']}")
+        bwB = (data.get("bandwidth_gbs_per_batch") or {}).get(str(B)) or (data.get(
+            "bandwidth_gbs_per_batch") or {}).get(B) or data["bandwidth_gbs"]
+        ax.set_title(f"B={B}, DRAM {bwB:.1f} GB/s")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{data['preset']} decode layer per stage, DRAM {data['bandwidth_gbs']:.1f} GB/s "
-                 "(% = layer roofline)")
+    fig.suptitle(f"{data['preset']} decode layer per stage, context {data['context']} "
+                 "(% = layer roofline at the DRAM bandwidth probed during the batch)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -340,35 +363,31 @@ def main(argv: list[str] | None = None) -> int:
     arguments / nothing to run) or 3 (not enough memory)."""
     args = build_parser().parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    bad = [q for q in args.quant if q not in QUANT_TO_ROOFLINE]
-    if bad or not args.quant:
-        print(f"error: --quant must be a list of none, w8a8; got {args.quant}", file=sys.stderr)
-        return 2
-    if args.repeats < 1 or args.warmup < 0 or args.context < 0 or args.block_size < 1:
-        print("error: --repeats >= 1, --warmup >= 0, --context >= 0, --block-size >= 1 required", file=sys.stderr)
-        return 2
-    try:
-        cfg = _make_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    err = None
+    if not args.quant or any(q not in QUANT_TO_ROOFLINE for q in args.quant):
+        err = f"--quant must be a list of none, w8a8; got {args.quant}"
+    elif not args.hf_cache or any(c not in ("dynamic", "static") for c in args.hf_cache):
+        err = f"--hf-cache must be a list of dynamic, static; got {args.hf_cache}"
+    elif args.repeats < 1 or args.warmup < 0 or args.context < 0 or args.block_size < 1:
+        err = "--repeats >= 1, --warmup >= 0, --context >= 0, --block-size >= 1 required"
+    else:
+        try:
+            cfg = _make_config(args)
+            if args.context + 1 > cfg.max_position_embeddings:
+                err = f"--context {args.context} + 1 exceeds max_position_embeddings {cfg.max_position_embeddings}"
+            if args.plot is not None:
+                from llm_kernels.harness.compare_runs import require_matplotlib
+                require_matplotlib()
+        except (ConfigError, RuntimeError) as e:
+            err = str(e)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     L = args.context
-    if L + 1 > cfg.max_position_embeddings:
-        print(f"error: --context {L} + 1 exceeds max_position_embeddings {cfg.max_position_embeddings}",
-              file=sys.stderr)
-        return 2
-    if args.plot is not None:
-        from llm_kernels.harness.compare_runs import require_matplotlib
-        try:
-            require_matplotlib()
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     json_path = args.json or Path(__file__).resolve().parent / "results" / f"bench_{args.preset.replace('-', '_')}.json"
 
-    # ---------------------------------------------------------------- variants
     backend_status: dict[str, str] = {}
     fused_where: dict[str, dict[str, str]] = {}
     variants: list[tuple[str, str]] = []
@@ -395,21 +414,15 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((b, q))
     for b, s in backend_status.items():
         log(f"backend {b}: {s}")
-    if any(c not in ("dynamic", "static") for c in args.hf_cache) or not args.hf_cache:
-        print(f"error: --hf-cache must be a list of dynamic, static; got {args.hf_cache}", file=sys.stderr)
-        return 2
     if not variants and not args.transformers:
         print("error: nothing to run (no usable backend/quant variant)", file=sys.stderr)
         return 2
     quants_needed = sorted({q for _, q in variants})
 
-    # ---------------------------------------------------------------- memory check
-    wb = rq.layer_weight_bytes(cfg, "bf16")
-    Bmax = max(args.batch)
-    kv = 2 * Bmax * (L + 1 + args.block_size) * cfg.kv_size * 2
-    est = wb + (rq.layer_weight_bytes(cfg, "w8a8") if "w8a8" in quants_needed else 0) + kv * (2 + len(args.hf_cache) if args.transformers else 1)
-    big = max(cfg.intermediate_size, cfg.q_size) * cfg.hidden_size
-    est += big * (8 if ("reference", "w8a8") in variants else 12)  # float64 copy / quantise temporaries
+    kv = 2 * max(args.batch) * (L + 1 + args.block_size) * cfg.kv_size * 2   # one paged / dense K+V copy
+    est = (rq.layer_weight_bytes(cfg, "bf16") + rq.layer_weight_bytes(cfg, "w8a8") * ("w8a8" in quants_needed)
+           + kv * (2 + len(args.hf_cache) if args.transformers else 1) + (0 if args.bandwidth else args.bw_bytes)
+           + max(cfg.intermediate_size, cfg.q_size) * cfg.hidden_size * 12)  # float64 copy / quantise temporaries
     avail = _mem_available()
     log(f"{cfg.summary()}; context {L}, batch {args.batch}, variants {[f'{b}/{q}' for b, q in variants]}; "
         f"estimated peak {fmt_bytes(est)}" + (f" (available {fmt_bytes(avail)})" if avail else ""))
@@ -418,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
     t0 = time.perf_counter()
-    load_before = _loadavg()
-    if load_before is not None and load_before > 0.5:
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
         log(f"warning: 1-minute load average {load_before:.2f}: other processes compete for the cores")
     if args.bandwidth:
         bw, bw_src = float(args.bandwidth), "given (--bandwidth)"
@@ -442,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"transformers layer: {type(e).__name__}: {e}")
             log(f"  transformers layer unavailable: {e}")
     log(f"weights ready ({time.perf_counter() - t0:.1f} s)")
+    # bandwidth probe timed round-robin WITH the variants (same method as measure_dram_bandwidth:
+    # torch.sum over a float32 array of distinct values): the bandwidth of the same minutes
+    probe = None if args.bandwidth else torch.arange(max(args.bw_bytes, 2 ** 26) // 4, dtype=torch.float32)
+    bw_batch: dict[int, float] = {}
 
     results: list[dict[str, Any]] = []
     hf_results: list[dict[str, Any]] = []
@@ -494,97 +511,68 @@ def main(argv: list[str] | None = None) -> int:
                     errors.append(f"B={B} {key}: {type(e).__name__}: {e}")
                     log(f"  {key} failed: {type(e).__name__}: {e}")
                     del fns[key]
+            if fns and probe is not None:
+                fns["dram_probe"] = probe.sum
             timed = interleaved(fns, repeats=args.repeats, warmup=max(args.warmup - 1, 0), setups=setups) if fns else {}
             st.reset()
+            pr = timed.pop("dram_probe", None)
+            bwB = bw_batch[B] = probe.numel() * 4 / pr.median_s / 1e9 if pr is not None else bw
             hf_first = next((k for k in hf_keys if k in timed), None)   # the speed-up / cross-check baseline
             hf_out = outs[hf_first].float().reshape(B, cfg.hidden_size) if hf_first else None
             ref_out = outs.get("reference/none")
-            hf_res = timed.get(hf_first) if hf_first else None
             for key, res in timed.items():
-                if key.startswith("transformers"):
-                    continue
-                b, q = key.split("/")
-                bd = rq.layer_breakdown(cfg, B, L, QUANT_TO_ROOFLINE[q])
-                runs = stage_log[key][-args.repeats:]
-                stages: dict[str, Any] = {}
-                for s in STAGES:
-                    secs = [r.get(s, 0.0) for r in runs]
-                    sm = _stats(secs)
-                    nb = bd[s].total
-                    e = {**sm, "runs": secs, "bytes": nb, "weight_bytes": bd[s].weights, "cache_bytes": bd[s].cache,
-                         "activation_bytes": bd[s].activations, "gbs": _gbs(nb, sm["median_s"]),
-                         "roofline_pct": rq.roofline_pct(nb, sm["median_s"], bw), "impl": fused_where[b][s]}
-                    kvp = None
-                    if s == "attention":
-                        kvb = rq.kv_read_bytes(cfg, B, L)
-                        kvp = rq.roofline_pct(kvb, sm["median_s"], bw)
-                        e.update(kv_read_bytes=kvb, kv_roofline_pct=kvp)
-                    stages[s] = e
-                    stage_rows.append([key, B, s, e["impl"], sm["median_s"] * 1e3, fmt_bytes(nb), e["gbs"],
-                                       e["roofline_pct"], kvp])
-                other = [t - sum(r.get(s, 0.0) for s in STAGES) for t, r in zip(res.runs, runs)]
-                stages["other"] = {**_stats(other), "runs": other}
-                stage_rows.append([key, B, "other", "-", stages["other"]["median_s"] * 1e3, "-", None, None, None])
-                lb = sum(v.total for v in bd.values())
-                pct = rq.roofline_pct(lb, res.median_s, bw)
-                stage_rows.append([key, B, "LAYER TOTAL", "", res.median_s * 1e3, fmt_bytes(lb),
-                                   _gbs(lb, res.median_s), pct, None])
-                entry = {"layer_type": "full", "T": B, "batch": B, "sequences": B, "rows_per_seq": 1, "context": L,
-                         "backend": b, "quant": q, "total": res.to_dict(), "layer_bytes": lb,
-                         "gbs": _gbs(lb, res.median_s), "roofline_pct": pct,
-                         "roofline_s": rq.roofline_seconds(lb, bw), "stages": stages}
-                if hf_out is not None:
-                    entry["vs_transformers"] = _compare(hf_out, outs[key])
-                    entry["speedup_vs_transformers"] = hf_res.median_s / res.median_s
-                    entry["transformers_baseline"] = hf_first
-                    entry["speedup_vs"] = {k: timed[k].median_s / res.median_s for k in hf_keys if k in timed}
-                if ref_out is not None and key != "reference/none":
-                    entry["vs_reference_none"] = _compare(ref_out, outs[key])
-                rr = timed.get(f"reference/{q}")
-                if rr is not None and b != "reference":
-                    entry["speedup_vs_reference"] = rr.median_s / res.median_s
-                rn = timed.get("reference/none")
-                if rn is not None and key != "reference/none":
-                    entry["speedup_vs_reference_none"] = rn.median_s / res.median_s
-                results.append(entry)
-                total_rows.append([key, B, res.median_s * 1e3, fmt_bytes(lb), entry["gbs"], pct,
-                                   entry.get("speedup_vs_reference"), entry.get("speedup_vs_reference_none"),
-                                   entry.get("speedup_vs_transformers"),
-                                   _cos(entry.get("vs_transformers"))])
+                if not key.startswith("transformers"):
+                    entry = _variant_entry(cfg, key, res, stage_log[key][-args.repeats:], B, L, bwB,
+                                           fused_where[key.split("/")[0]], stage_rows)
+                    _cross_check(entry, key, timed, outs, hf_keys, hf_first, hf_out)
+                    results.append(entry)
+                    total_rows.append([key, B, res.median_s * 1e3, fmt_bytes(entry["layer_bytes"]), entry["gbs"],
+                                       entry["roofline_pct"], entry.get("speedup_vs_reference"),
+                                       entry.get("speedup_vs_reference_none"), entry.get("speedup_vs_transformers"),
+                                       f"{entry['vs_transformers']['cosine']:.6f}" if hf_out is not None else "-"])
             for hkey in hf_keys:
                 if hkey not in timed:
                     continue
                 hr, lb = timed[hkey], rq.layer_bytes(cfg, B, L, "bf16")
                 hentry = {"batch": B, "context": L, "dtype": "bf16", "attn_implementation": args.hf_attn,
                           "cache": hkey.split("/")[1], "total": hr.to_dict(), "layer_bytes": lb,
-                          "gbs": _gbs(lb, hr.median_s), "roofline_pct": rq.roofline_pct(lb, hr.median_s, bw)}
+                          "gbs": _gbs(lb, hr.median_s), "roofline_pct": rq.roofline_pct(lb, hr.median_s, bwB), "bandwidth_gbs": bwB}
                 if ref_out is not None:
                     hentry["vs_reference_none"] = _compare(ref_out, outs[hkey].float().reshape(B, cfg.hidden_size))
                 hf_results.append(hentry)
                 total_rows.append([f"transformers/bf16 ({args.hf_attn}, {hentry['cache']})", B, hr.median_s * 1e3,
                                    fmt_bytes(lb), hentry["gbs"], hentry["roofline_pct"], None, None,
-                                   hf_res.median_s / hr.median_s, "-"])
+                                   timed[hf_first].median_s / hr.median_s, "-"])
             log(f"[B={B}] " + ", ".join(f"{k} {v.median_s * 1e3:.1f} ms" for k, v in timed.items())
-                + f" ({time.perf_counter() - tb:.1f} s)")
+                + f"; DRAM {bwB:.1f} GB/s ({time.perf_counter() - tb:.1f} s)")
             del st, fns, setups, outs, timed
             gc.collect()
 
+    del probe
+    gc.collect()
     bw_end = None if args.bandwidth else measure_dram_bandwidth(args.bw_bytes)
-    for row in total_rows:  # the layer % again at the end-of-run bandwidth (drift range)
-        row.insert(6, row[5] * bw / bw_end if row[5] is not None and bw_end else None)
+    for row in total_rows:  # the layer % again at the start / end-of-run bandwidths (drift range)
+        bB = bw_batch.get(row[1], bw)
+        row[6:6] = [row[5] * bB / bw if row[5] is not None else None,
+                    row[5] * bB / bw_end if row[5] is not None and bw_end else None]
     for e in results + hf_results:
-        e["roofline_pct_end_bw"] = e["roofline_pct"] * bw / bw_end if e["roofline_pct"] and bw_end else None
+        p, bB = e["roofline_pct"], e["bandwidth_gbs"]
+        e["roofline_pct_start_bw"] = p * bB / bw if p else None
+        e["roofline_pct_end_bw"] = p * bB / bw_end if p and bw_end else None
     print()
     print_table(stage_rows, ["variant", "B", "stage", "impl", "ms (median)", "bytes", "GB/s", "% roofline",
                              "% KV-read roofline"],
-                title=f"Per-stage decode step, {args.preset} layer, context {L}, DRAM {bw:.1f} GB/s, "
-                      f"median of {args.repeats}")
+                title=f"Per-stage decode step, {args.preset} layer, context {L}, median of {args.repeats}; "
+                      "% of the DRAM bandwidth probed round-robin with the runs: " + ", ".join(
+                          f"B={k}: {v:.1f} GB/s" for k, v in bw_batch.items()))
     print()
-    print_table(total_rows, ["variant", "B", "ms (median)", "bytes", "GB/s", "% roofline", "% at end bw",
+    print_table(total_rows, ["variant", "B", "ms (median)", "bytes", "GB/s", "% roofline", "% at start bw",
+                             "% at end bw",
                              "x vs ref (same quant)", "x vs ref/none", f"x vs transformers ({args.hf_cache[0]})", "cosine vs transformers"],
                 title="Layer totals")
     log(f"\nDRAM read bandwidth: start {bw:.1f} GB/s, end " + (f"{bw_end:.1f}" if bw_end else "-")
-        + " GB/s (% roofline uses the start; '% at end bw' the end)")
+        + " GB/s; during the runs (interleaved probe) " + ", ".join(f"B={k}: {v:.1f}" for k, v in bw_batch.items())
+        + " GB/s ('% roofline' uses the probe of its batch)")
     for b, s in backend_status.items():
         if s != "ok":
             print(f"backend {b}: {s}")
@@ -598,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         ("per-stage times from the engine StageTimer; 'other' = total - sum of stages (RoPE tables, block tables, "
          "glue)."),
         ("roofline bytes: llm_kernels.harness.roofline_qwen3 (weights once + KV read B*(L+1)*2*nkv*d*2 + KV write "
-         "+ bf16 activations); % roofline at the bandwidth measured at the start of this run."),
+         "+ bf16 activations); % roofline at the DRAM bandwidth of a torch.sum probe timed round-robin with the "
+         "runs of the same batch (bandwidth_gbs_per_batch); also at the start / end-of-run bandwidths."),
         ("transformers: Qwen3DecoderLayer on the same bf16 weights (also the baseline of the w8a8 variants), "
          f"{args.hf_cache} cache(s) with the same K/V, no mask; speed-up and cosine vs the first."),
     ]
@@ -611,9 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch, "tokens": args.batch, "context": L, "rows_per_seq": 1, "block_size": args.block_size,
         "quant": args.quant, "variants": [f"{b}/{q}" for b, q in variants], "repeats": args.repeats,
         "warmup": args.warmup, "bandwidth_gbs": bw, "bandwidth_source": bw_src, "bandwidth_gbs_end": bw_end,
+        "bandwidth_gbs_per_batch": bw_batch,
         "backends": backend_status, "stage_impl": fused_where, "notes": notes, "errors": errors,
         "results": results, "transformers": hf_results, "wall_s": time.perf_counter() - t0,
-        "loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg(),
+        "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
     }
     path = write_results(json_path, data, machine=machine_info(bw, bw_src))
     log(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")

@@ -125,6 +125,7 @@ def test_run_json_has_every_stage(run):
     assert rc == 0, d["errors"]
     assert d["benchmark"] == "bench_qwen3_layer" and d["context"] == 37 and d["batch"] == [1, 2]
     assert d["bandwidth_gbs"] > 0 and d["bandwidth_gbs_end"] > 0
+    assert set(d["bandwidth_gbs_per_batch"]) == {"1", "2"} and min(d["bandwidth_gbs_per_batch"].values()) > 0
     assert set(d["backends"]) == {"reference", "fused"}
     got = {(r["backend"], r["quant"], r["batch"]) for r in d["results"]}
     assert {("reference", q, B) for q in ("none", "w8a8") for B in (1, 2)} <= got
@@ -145,7 +146,8 @@ def test_run_json_has_every_stage(run):
         assert r["layer_bytes"] == rq.layer_bytes(cfg, r["batch"], 37, q)
         assert r["stages"]["attention"]["kv_read_bytes"] == rq.kv_read_bytes(cfg, r["batch"], 37)
         assert math.isfinite(r["stages"]["attention"]["kv_roofline_pct"])
-        assert math.isfinite(r["roofline_pct_end_bw"])
+        assert r["bandwidth_gbs"] == d["bandwidth_gbs_per_batch"][str(r["batch"])]
+        assert math.isfinite(r["roofline_pct_end_bw"]) and math.isfinite(r["roofline_pct_start_bw"])
         assert set(r["speedup_vs"]) == {"transformers/dynamic", "transformers/static"}
         assert r["speedup_vs_transformers"] == r["speedup_vs"]["transformers/dynamic"] > 0
     assert sorted((h["batch"], h["cache"]) for h in d["transformers"]) == [

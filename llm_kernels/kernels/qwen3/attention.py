@@ -61,7 +61,7 @@ __all__ = ["paged_attention", "USE_BF16_DOT"]
 USE_BF16_DOT = _jit.HAS_AVX512BF16 and not _jit.FORCE_FALLBACK
 
 _CHUNK = 64  # tokens per online-softmax step
-_PF_UNITS = 2  # software-prefetch distance in (chunk, kv head) units
+_PF_UNITS = 4  # software-prefetch distance in (chunk, kv head) units
 _TARGET_ITEMS = 8  # work items aimed at per call (>= 2 per core; fewer = less partial traffic)
 _MIN_SPLIT = 128  # shortest context split in tokens (a multiple of _CHUNK)
 _FM = {"reassoc", "nsz", "contract", "arcp"}  # no nnan/ninf: -inf must stay exact
@@ -585,10 +585,30 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
                     pl[it, kvh * g + ti * gt + hl] = st[u + 16 + hl]
 
 
+@njit_kernel(fastmath=_FM)
+def _row_f32(cache, o, row):
+    for d in range(row.size):
+        row[d] = load_f32(cache[o + d])
+
+
+@njit_kernel(fastmath=_FM)
+def _dot(x, y):
+    s = _ZERO
+    for d in range(x.size):
+        s += x[d] * y[d]
+    return s
+
+
+@njit_kernel(fastmath=_FM)
+def _axpy(a, x, y):
+    for d in range(x.size):
+        y[d] += a * x[d]
+
+
 @njit_kernel(parallel=True, fastmath=_FM)
 def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
     """Plain-Numba path (any D, float32 or bf16-bits caches); same items and outputs as
-    :func:`_attn_bf16_dot`."""
+    :func:`_attn_bf16_dot` (natural column order), one kv head after the other."""
     NI = items.shape[0]
     nq, D = q.shape[1], q.shape[2]
     g = nq // nkv
@@ -599,7 +619,7 @@ def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
         nt = items[it, 2] - s0
         koff = _row_offsets(bt, seq[t], s0, nt, nkv, BS, D, nt)
         row = np.empty(D, np.float32)
-        S = np.empty((C, g), np.float32)
+        S = np.empty((g, C), np.float32)  # head-major: the softmax loops run over contiguous tokens
         acc = pacc[it]
         acc[:, :] = _ZERO
         for kvh in range(nkv):
@@ -610,36 +630,27 @@ def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
             for c0 in range(0, nt, C):
                 n = min(C, nt - c0)
                 for c in range(n):
-                    o = koff[kvh * nt + c0 + c]
-                    for d in range(D):
-                        row[d] = load_f32(kc[o + d])
+                    _row_f32(kc, koff[kvh * nt + c0 + c], row)
                     for h in range(g):
-                        sc = _ZERO
-                        for d in range(D):
-                            sc += qh[h, d] * row[d]
-                        S[c, h] = sc * scale
+                        S[h, c] = _dot(qh[h], row) * scale
                 for h in range(g):
+                    sh = S[h]
                     mnew = m[h]
                     for c in range(n):
-                        mnew = max(mnew, S[c, h])
+                        mnew = max(mnew, sh[c])
                     alpha = _exp_neg(m[h] - mnew)
                     m[h] = mnew
                     ls = _ZERO
                     for c in range(n):
-                        e = _exp_neg(S[c, h] - mnew)
-                        S[c, h] = e
-                        ls += e
+                        sh[c] = _exp_neg(sh[c] - mnew)
+                        ls += sh[c]
                     lsum[h] = lsum[h] * alpha + ls
                     for d in range(D):
                         ah[h, d] *= alpha
                 for c in range(n):
-                    o = koff[kvh * nt + c0 + c]
-                    for d in range(D):
-                        row[d] = load_f32(vc[o + d])
+                    _row_f32(vc, koff[kvh * nt + c0 + c], row)
                     for h in range(g):
-                        p = S[c, h]
-                        for d in range(D):
-                            ah[h, d] += p * row[d]
+                        _axpy(S[h, c], row, ah[h])
             for h in range(g):
                 pm[it, kvh * g + h] = m[h]
                 pl[it, kvh * g + h] = lsum[h]

@@ -61,9 +61,10 @@ __all__ = ["paged_attention", "USE_BF16_DOT"]
 USE_BF16_DOT = _jit.HAS_AVX512BF16 and not _jit.FORCE_FALLBACK
 
 _CHUNK = 64  # tokens per online-softmax step
-_PF_UNITS = 4  # software-prefetch distance in (chunk, kv head) units
+_PF_UNITS = 2  # software-prefetch distance in (chunk, kv head) units
 _TARGET_ITEMS = 8  # work items aimed at per call (>= 2 per core; fewer = less partial traffic)
 _MIN_SPLIT = 128  # shortest context split in tokens (a multiple of _CHUNK)
+_MAX_SPLIT = 4096  # longest split: bounds an item's row-offset table (nkv x split x 8 B)
 _FM = {"reassoc", "nsz", "contract", "arcp"}  # no nnan/ninf: -inf must stay exact
 
 _LOG2E = np.float32(1.44269504088896341)
@@ -735,7 +736,7 @@ def _plan(bt, seq, ctx, BS, NB):
                 return 4, t, j, none, first, nsplit
         total += np.int64(ctx[t])
     W = (total + _TARGET_ITEMS - 1) // _TARGET_ITEMS
-    W = max(_MIN_SPLIT, (W + _CHUNK - 1) // _CHUNK * _CHUNK)
+    W = min(_MAX_SPLIT, max(_MIN_SPLIT, (W + _CHUNK - 1) // _CHUNK * _CHUNK))
     NI = 0
     for t in range(T):
         first[t] = NI

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from ..common.bf16 import f32_to_bf16_bits, round_f32
+from ..common.bf16 import f32_bits, f32_from_bits, f32_to_bf16_bits
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
 
@@ -43,6 +43,19 @@ __all__ = ["qk_norm_rope_cache"]
 
 _ONE = np.float32(1.0)
 _ROWS_PER_BLOCK = 8  # (token, head) rows per prange iteration (scratch reused within)
+
+
+@njit_kernel
+def _rnd(x, to_bf16):
+    """``x`` rounded to bf16 (nearest-even, like torch; NaN stays a quiet NaN) when
+    ``to_bf16``, else ``x``: ``common.bf16.round_f32`` written branch-free (a select for
+    NaN) so that the loops over D vectorise."""
+    if not to_bf16:
+        return np.float32(x)
+    b = f32_bits(np.float32(x))
+    r = np.uint32(np.uint32(b + np.uint32(0x7FFF)) + ((b >> np.uint32(16)) & np.uint32(1)))
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return f32_from_bits((b | np.uint32(0x00400000) if nan else r) & np.uint32(0xFFFF0000))
 
 
 @njit_kernel
@@ -87,17 +100,17 @@ def _qk_norm_rope_kernel(q, k, v, wq, wk, cos, sin, eps, to_bf16, kc, vc, slots,
             ms = np.float32(sumsq_torch_order(buf, acc) / np.float32(D))
             rs = np.float32(_ONE / np.float32(np.sqrt(np.float32(ms + eps))))
             for i in range(D):
-                nrm[i] = round_f32(np.float32(w[i] * round_f32(np.float32(buf[i] * rs), to_bf16)), to_bf16)
+                nrm[i] = _rnd(np.float32(w[i] * _rnd(np.float32(buf[i] * rs), to_bf16)), to_bf16)
             cr = cos[t]
             sr = sin[t]
             for i in range(half):
-                a = round_f32(np.float32(nrm[i] * cr[i]), to_bf16)
-                bb = round_f32(np.float32(-nrm[i + half] * sr[i]), to_bf16)
-                y[i] = round_f32(np.float32(a + bb), to_bf16)
+                a = _rnd(np.float32(nrm[i] * cr[i]), to_bf16)
+                bb = _rnd(np.float32(-nrm[i + half] * sr[i]), to_bf16)
+                y[i] = _rnd(np.float32(a + bb), to_bf16)
             for i in range(half, D):
-                a = round_f32(np.float32(nrm[i] * cr[i]), to_bf16)
-                bb = round_f32(np.float32(nrm[i - half] * sr[i]), to_bf16)
-                y[i] = round_f32(np.float32(a + bb), to_bf16)
+                a = _rnd(np.float32(nrm[i] * cr[i]), to_bf16)
+                bb = _rnd(np.float32(nrm[i - half] * sr[i]), to_bf16)
+                y[i] = _rnd(np.float32(a + bb), to_bf16)
             if j < nq:
                 for i in range(D):
                     qout[t, j, i] = y[i]
@@ -133,7 +146,7 @@ def _f32_2d(x: Any, name: str, shape: tuple[int, int]) -> np.ndarray:
                         f"got {getattr(x, 'dtype', type(x).__name__)}")
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-    a = x.detach().numpy()
+    a = (x.detach() if x.requires_grad else x).numpy()
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
@@ -144,7 +157,8 @@ def _weight(w: Any, name: str, D: int) -> np.ndarray:
         raise TypeError(f"{name} must be a floating torch tensor [D={D}], got {getattr(w, 'dtype', type(w).__name__)}")
     if tuple(w.shape) != (D,):
         raise ValueError(f"{name} must have shape [D={D}], got {list(w.shape)}")
-    return np.ascontiguousarray(w.detach().float().numpy())
+    w = w.detach()
+    return np.ascontiguousarray((w if w.dtype == torch.float32 else w.float()).numpy())
 
 
 def _cache(c: Any, name: str, dtype: Any, shape: tuple | None) -> np.ndarray:
@@ -221,7 +235,7 @@ def qk_norm_rope_cache(q: Any, k: Any, v: Any, q_norm_w: Any, k_norm_w: Any, cos
                         f"got {getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
     if tuple(slot_mapping.shape) != (T,):
         raise ValueError(f"slot_mapping must have shape [T={T}], got {list(slot_mapping.shape)}")
-    slots = slot_mapping.detach().numpy().astype(np.int64, copy=False)
+    slots = slot_mapping.numpy().astype(np.int64, copy=False)  # integer tensors never require grad
     code, bad = _check_slots(slots, NB * BS)
     if code == 1:
         raise ValueError(f"slot_mapping[{bad}]={int(slots[bad])} is outside the cache "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RopeParameters
+from .config_common import ConfigError, RopeParameters
 
 __all__ = ["Qwen3Config", "QWEN3_PRESETS", "qwen3_preset"]
 

@@ -51,11 +51,11 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import numba  # noqa: E402
+import numba
+from bench_gemm import Bandwidth, Contention, wait_quiet
 
-from bench_gemm import Bandwidth, Contention, wait_quiet  # noqa: E402
-from llm_kernels.kernels.common import jit  # noqa: E402
-from llm_kernels.kernels.qwen3 import attention as qattn  # noqa: E402
+from llm_kernels.kernels.common import jit
+from llm_kernels.kernels.qwen3 import attention as qattn
 
 
 def _ints(text: str) -> list[int]:

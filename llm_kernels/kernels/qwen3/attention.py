@@ -51,7 +51,7 @@ data in L2 (q·k ~5, p·v ~9.5: fp32 FMA p·v alone peaks at ~7.3), a ~60 GB/s c
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,7 @@ from ..common import jit as _jit
 from ..common.bf16 import f32_bits, f32_from_bits, load_f32
 from ..common.jit import njit_kernel
 
-__all__ = ["paged_attention", "USE_BF16_DOT"]
+__all__ = ["USE_BF16_DOT", "paged_attention"]
 
 #: bf16 caches with ``D % 32 == 0`` run the ``vdpbf16ps`` / fp32-FMA register tiles.
 USE_BF16_DOT = _jit.HAS_AVX512BF16 and not _jit.FORCE_FALLBACK
@@ -214,7 +214,7 @@ def _merge_plan(gt: int) -> list:
     return plan
 
 
-@lru_cache(maxsize=None)
+@cache
 def _qk16(gt: int, dconst: int = 0):
     """Scores of 16 tokens x ``gt`` heads with ``vdpbf16ps`` (AVX512_BF16 only).
 
@@ -234,7 +234,7 @@ def _qk16(gt: int, dconst: int = 0):
         qbase = _ptr(context, b, sig.args[0], qp, q_off)
         kbase = _ptr(context, b, sig.args[2], kc)
         kop = b.bitcast(_ptr(context, b, sig.args[3], koff), _I64.as_pointer())
-        row_ptr = lambda j: b.gep(kbase, [b.mul(b.load(b.gep(kop, [j])), _c64(2))])  # noqa: E731
+        row_ptr = lambda j: b.gep(kbase, [b.mul(b.load(b.gep(kop, [j])), _c64(2))])
         if dconst:
             base0 = row_ptr(k0)
             rows = [b.gep(base0, [_c64(2 * dconst * c)]) for c in range(16)]
@@ -298,7 +298,7 @@ def _vmax(b, x, y):
     return b.select(b.fcmp_ordered(">", x, y), x, y)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _softmax16(gt: int):
     """Online-softmax step over ``n`` tokens of ``gt`` heads, scores ``S[s_off + c·gt + hl]``
     (the :func:`_qk16` layout; tokens >= n ignored). ``sm(S, s_off, n, st, st_off)``: state
@@ -355,7 +355,7 @@ def _softmax16(gt: int):
     return sm
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pv32(hp: int):
     """``acc[h, 32 cols] = alpha[h]·acc[h, :] + Σ_c p[c, h]·v_c[col0:col0+32]`` for ``hp``
     heads, fp32 FMA. The 32 bf16 of V are read as 16 words ``(v[2i], v[2i+1])``: ``word <<
@@ -672,7 +672,7 @@ def _combine(pm, pl, pacc, first, nsplit, g, to_bf16, perm, out):
     """``out[t, h·D + d] = rnd(Σ_s e_s·acc_s[h, d] / Σ_s e_s·l_s[h])``, ``e_s = exp(m_s[h] -
     max_s m_s[h])`` over row t's splits in order; one prange iteration per (row, group of
     g heads). ``perm``: acc columns are in the :func:`_pv32` order (see there)."""
-    NI, nq, D = pacc.shape
+    _, nq, D = pacc.shape
     T = out.shape[0]
     ng = nq // g
     for tg in prange(T * ng):

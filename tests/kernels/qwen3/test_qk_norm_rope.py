@@ -34,8 +34,8 @@ def make(T, nq, nkv, D, BS, NB, dtype, seed=0, w_dtype=None, q_scale=3.0):
     kc = torch.full((NB, nkv, BS, D), 7.0, dtype=dtype)  # sentinel: untouched rows stay 7
     vc = torch.full_like(kc, 7.0)
     slots = torch.randperm(NB * BS, generator=g)[:T]
-    return dict(q=q, k=k, v=v, q_norm_w=wq, k_norm_w=wk, cos=cos, sin=sin, eps=1e-6, dtype=dtype,
-                k_cache=kc, v_cache=vc, slot_mapping=slots)
+    return {"q": q, "k": k, "v": v, "q_norm_w": wq, "k_norm_w": wk, "cos": cos, "sin": sin, "eps": 1e-6, "dtype": dtype,
+                "k_cache": kc, "v_cache": vc, "slot_mapping": slots}
 
 
 def run(a):
@@ -107,29 +107,29 @@ def _bad(**over):
 
 
 @pytest.mark.parametrize("over, exc, match", [
-    (dict(dtype=torch.float16), ValueError, "dtype must be"),
-    (dict(q=torch.zeros(3, 8 * 64 + 1)), ValueError, "q must have shape"),
-    (dict(q=torch.zeros(3, 8 * 64, dtype=torch.float64)), TypeError, "q must be a float32"),
-    (dict(k=torch.zeros(3, 3 * 64)), ValueError, r"k must have shape \[3, 128\]"),
-    (dict(k=torch.zeros(4, 2 * 64)), ValueError, r"k must have shape \[3, 128\]"),
-    (dict(v=torch.zeros(3, 2 * 64 + 2)), ValueError, r"v must have shape \[3, 128\]"),
-    (dict(cos=torch.zeros(3, 32)), ValueError, r"cos must have shape \[3, 64\]"),
-    (dict(sin=torch.zeros(2, 64)), ValueError, r"sin must have shape \[3, 64\]"),
-    (dict(k_norm_w=torch.ones(63)), ValueError, r"k_norm_w must have shape \[D=64\]"),
-    (dict(q_norm_w=torch.ones(63)), ValueError, "must be even"),
-    (dict(q_norm_w=torch.ones(2, 64)), ValueError, "q_norm_w must be a 1-D"),
-    (dict(k_cache=torch.zeros(4, 2, 4, 64)), TypeError, "k_cache dtype must be torch.bfloat16"),
-    (dict(v_cache=torch.zeros(4, 2, 4, 64)), TypeError, "v_cache dtype must be torch.bfloat16"),
-    (dict(v_cache=torch.zeros(5, 2, 4, 64, dtype=torch.bfloat16)), ValueError, "v_cache shape"),
-    (dict(k_cache=torch.zeros(4, 2, 4, 32, dtype=torch.bfloat16), v_cache=torch.zeros(4, 2, 4, 32, dtype=torch.bfloat16)),
+    ({"dtype": torch.float16}, ValueError, "dtype must be"),
+    ({"q": torch.zeros(3, 8 * 64 + 1)}, ValueError, "q must have shape"),
+    ({"q": torch.zeros(3, 8 * 64, dtype=torch.float64)}, TypeError, "q must be a float32"),
+    ({"k": torch.zeros(3, 3 * 64)}, ValueError, r"k must have shape \[3, 128\]"),
+    ({"k": torch.zeros(4, 2 * 64)}, ValueError, r"k must have shape \[3, 128\]"),
+    ({"v": torch.zeros(3, 2 * 64 + 2)}, ValueError, r"v must have shape \[3, 128\]"),
+    ({"cos": torch.zeros(3, 32)}, ValueError, r"cos must have shape \[3, 64\]"),
+    ({"sin": torch.zeros(2, 64)}, ValueError, r"sin must have shape \[3, 64\]"),
+    ({"k_norm_w": torch.ones(63)}, ValueError, r"k_norm_w must have shape \[D=64\]"),
+    ({"q_norm_w": torch.ones(63)}, ValueError, "must be even"),
+    ({"q_norm_w": torch.ones(2, 64)}, ValueError, "q_norm_w must be a 1-D"),
+    ({"k_cache": torch.zeros(4, 2, 4, 64)}, TypeError, "k_cache dtype must be torch.bfloat16"),
+    ({"v_cache": torch.zeros(4, 2, 4, 64)}, TypeError, "v_cache dtype must be torch.bfloat16"),
+    ({"v_cache": torch.zeros(5, 2, 4, 64, dtype=torch.bfloat16)}, ValueError, "v_cache shape"),
+    ({"k_cache": torch.zeros(4, 2, 4, 32, dtype=torch.bfloat16), "v_cache": torch.zeros(4, 2, 4, 32, dtype=torch.bfloat16)},
      ValueError, "head dim 32 must equal D=64"),
-    (dict(k_cache=torch.zeros(4, 2, 4, dtype=torch.bfloat16)), ValueError, "k_cache must be a 4-D"),
-    (dict(k_cache=torch.zeros(4, 2, 8, 64, dtype=torch.bfloat16)[:, :, ::2]), ValueError, "contiguous"),
-    (dict(slot_mapping=torch.tensor([0, 1, 16])), ValueError, r"slot_mapping\[2\]=16 is outside"),
-    (dict(slot_mapping=torch.tensor([0, -1, 2])), ValueError, r"slot_mapping\[1\]=-1 is outside"),
-    (dict(slot_mapping=torch.tensor([5, 1, 5])), ValueError, "repeats a slot"),
-    (dict(slot_mapping=torch.tensor([0.0, 1.0, 2.0])), TypeError, "slot_mapping must be an int64"),
-    (dict(slot_mapping=torch.tensor([0, 1])), ValueError, r"slot_mapping must have shape \[T=3\]"),
+    ({"k_cache": torch.zeros(4, 2, 4, dtype=torch.bfloat16)}, ValueError, "k_cache must be a 4-D"),
+    ({"k_cache": torch.zeros(4, 2, 8, 64, dtype=torch.bfloat16)[:, :, ::2]}, ValueError, "contiguous"),
+    ({"slot_mapping": torch.tensor([0, 1, 16])}, ValueError, r"slot_mapping\[2\]=16 is outside"),
+    ({"slot_mapping": torch.tensor([0, -1, 2])}, ValueError, r"slot_mapping\[1\]=-1 is outside"),
+    ({"slot_mapping": torch.tensor([5, 1, 5])}, ValueError, "repeats a slot"),
+    ({"slot_mapping": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "slot_mapping must be an int64"),
+    ({"slot_mapping": torch.tensor([0, 1])}, ValueError, r"slot_mapping must have shape \[T=3\]"),
 ])
 def test_errors(over, exc, match):
     a = _bad(**over)

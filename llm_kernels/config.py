@@ -13,12 +13,11 @@ Spec: ``shared/design/deepseek_v4_architecture.md`` §1 (presets, layer schedule
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_common import ConfigError, RopeParameters
+from .config_common import ConfigError, RopeParameters, read_config_json
 from .config_qwen3 import QWEN3_PRESETS, Qwen3Config, qwen3_preset
 
 __all__ = [
@@ -303,16 +302,7 @@ class DeepSeekV4Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "DeepSeekV4Config":
         """Read ``config.json`` (or a directory containing it)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise ConfigError(f"no config.json at {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_config_json(path)[1])
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5.x ``config.json`` dict for this config (loadable by
@@ -440,15 +430,7 @@ def load_config(path: str | Path) -> ModelConfig:
     :class:`Qwen3Config`; a missing model_type reads as ``deepseek_v4``, the project's
     original format). Raises ConfigError for a missing file, bad JSON or an unsupported
     model_type (the message lists the supported ones)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.exists():
-        raise ConfigError(f"no config.json at {p}")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p} is not valid JSON: {e}") from e
+    p, d = read_config_json(path)
     mt = d.get("model_type", "deepseek_v4")
     if mt not in _BY_MODEL_TYPE:
         raise ConfigError(f"{p}: model_type {mt!r} is not supported; expected one of {sorted(_BY_MODEL_TYPE)}")

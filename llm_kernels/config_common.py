@@ -6,10 +6,26 @@ cycle; ``llm_kernels.config`` re-exports both names.)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RopeParameters"]
+__all__ = ["ConfigError", "RopeParameters", "read_config_json"]
+
+
+def read_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(file, parsed dict)`` of ``config.json`` at ``path`` (the file, or a directory
+    holding it). Raises ConfigError when it is missing or not valid JSON."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ConfigError(f"no config.json at {p}")
+    try:
+        return p, json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is not valid JSON: {e}") from e
 
 
 class ConfigError(ValueError):

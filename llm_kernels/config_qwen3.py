@@ -15,13 +15,12 @@ the Qwen3-32B release ``config.json`` for the preset.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_common import ConfigError, RopeParameters
+from .config_common import ConfigError, RopeParameters, read_config_json
 
 __all__ = ["Qwen3Config", "QWEN3_PRESETS", "qwen3_preset"]
 
@@ -184,16 +183,7 @@ class Qwen3Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "Qwen3Config":
         """Read ``config.json`` (or a directory containing it)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise ConfigError(f"no config.json at {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_config_json(path)[1])
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5.x ``config.json`` dict (loadable by ``transformers.Qwen3Config``)."""

@@ -50,8 +50,6 @@ next to every call; it was ~54 GB/s in the W8A8 blocks of the reported run): W8A
 
 from __future__ import annotations
 
-import functools
-import math
 import operator
 import threading
 from typing import Any
@@ -76,7 +74,8 @@ from ..common.gemm import (
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
 from ..common.quant import quant_row_f32
-from ..deepseek_v4.sparse_attn import _bf16_dot_tile, _sleef_expf
+from ..deepseek_v4.sparse_attn import _bf16_dot_tile
+from .swiglu_torch import _in_tail, _swiglu, torch_tails
 
 __all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "ProjW8A8", "check_dtype",
            "clear_cache", "get_plan", "proj_w8a8", "rows", "same_rows", "torch_tails", "vec_f32",
@@ -85,7 +84,6 @@ __all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "
 MODE_SPLIT, MODE_RES, MODE_SWIGLU = 0, 1, 2
 _HALF = CHUNK_N // 2
 _ONE = np.float32(1.0)
-_GRAIN = 32768  # at::internal::GRAIN_SIZE
 #: Largest token count for the Numba bf16 GEMV (above: torch/oneDNN). Measured at Qwen3-32B
 #: dims (``benchmarks/bench_qwen3_proj.py``, fused/gemv vs fused/onednn): the GEMV is 2.7-3.4x
 #: faster at T=1, 1.5-1.9x at T=4, and at T=16 1.2-1.3x faster in 3 of 4 stages (~equal or
@@ -214,49 +212,6 @@ def proj_w8a8(qws: tuple, mode: int) -> ProjW8A8:
 
 
 # --------------------------------------------------------------------------- scalar pieces
-@njit_kernel
-def _swiglu(g, u, to_bf16, libm):
-    """``rnd(rnd(silu(g))·u)`` for rounded g, u (reference ``gate_up_swiglu``) with torch's
-    fp32 ``silu`` = ``x/(1+exp(-x))``: SLEEF ``expf`` (its vectorised loop) or, ``libm``,
-    the C library's ``expf`` (its scalar tail, see :func:`torch_tails`)."""
-    e = np.float32(math.exp(-g)) if libm else _sleef_expf(-g)
-    return rnd(np.float32(rnd(np.float32(g / np.float32(_ONE + e)), to_bf16) * u), to_bf16)
-
-
-@njit_kernel
-def _in_tail(f, tails):
-    """Whether flat element ``f`` of the SwiGLU output lies in one of torch's scalar tails."""
-    for k in range(tails.shape[0]):
-        if f >= tails[k, 0] and f < tails[k, 1]:
-            return True
-    return False
-
-
-def torch_tails(numel: int) -> np.ndarray:
-    """Flat ``[lo, hi)`` ranges (int64 ``[n, 2]``) where torch's fp32 ``silu`` on a contiguous
-    tensor of ``numel`` elements runs its scalar op (libm ``expf``) instead of the SLEEF vector
-    op: TensorIterator splits ``[0, numel)`` into ``at::parallel_for`` chunks (grain 32768,
-    ``torch.get_num_threads()``), and each chunk's vectorised loop (blocks of 2 vectors: 32
-    floats on AVX-512, 16 on AVX2) leaves its last ``len % block`` elements to the scalar op.
-    Without a SLEEF build (other capabilities) every element is scalar. Cached."""
-    return _torch_tails(numel, torch.get_num_threads())
-
-
-@functools.lru_cache(maxsize=256)
-def _torch_tails(numel: int, nt: int) -> np.ndarray:
-    cap = str(torch.backends.cpu.get_cpu_capability())
-    blk = 32 if cap.startswith("AVX512") else (16 if cap == "AVX2" else 0)
-    if blk == 0:
-        return np.array([[0, numel]], np.int64)
-    if numel < _GRAIN or nt == 1:
-        chunks = [(0, numel)]
-    else:
-        nt = min(nt, -(-numel // _GRAIN))
-        ch = -(-numel // nt)
-        chunks = [(c * ch, min(numel, (c + 1) * ch)) for c in range(nt) if c * ch < numel]
-    return np.array([[lo + (hi - lo) // blk * blk, hi] for lo, hi in chunks], np.int64).reshape(-1, 2)
-
-
 @njit_kernel
 def _deq(a, ws, sx, sw):
     """W8A8 dequant in the golden order: ``fl(fl(f32(acc)·s_x)·s_w)`` (``acc = a - ws``)."""

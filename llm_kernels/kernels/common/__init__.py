@@ -13,7 +13,8 @@ Modules:
 * :mod:`.gemm` — W8A8 GEMM (VNNI intrinsic kernels + plain fallback), ``W8A8Linear``.
 * :mod:`.norm_rope` — fused RMSNorm + interleaved RoPE.
 * :mod:`.topk` — stable top-k indices with -inf masking.
-* :mod:`.x86` — llvmlite intrinsics (``vpdpbusd`` register tiles).
+* :mod:`.x86` — llvmlite intrinsics (``vpdpbusd`` register tiles, ``vdpbf16ps`` dot tiles).
+* :mod:`.vecmath` — ``fma32``, SLEEF ``expf``, torch's 16-lane reduction order (bitwise torch).
 """
 
 from . import jit  # noqa: F401  (first: configures numba before anything compiles)

@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["VNNI_NB", "vnni_bcast_tile"]
+__all__ = ["VNNI_NB", "BFloatType", "bf16_dot_tile", "vnni_bcast_tile"]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -192,4 +192,126 @@ def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: boo
         return sig, codegen
 
     _tile.__name__ = f"vnni_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}{'_sx' if signed_x else ''}"
+    return _tile
+
+
+# --------------------------------------------------------------------------- vdpbf16ps (AVX512_BF16)
+# Only call from kernels that run when ``jit.HAS_AVX512BF16`` is true (same reason as above).
+class BFloatType(ir.Type):
+    """LLVM's ``bfloat`` scalar type (llvmlite has none)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, BFloatType)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_F32T = ir.FloatType()
+_V16F = ir.VectorType(_F32T, 16)
+_V32BF = ir.VectorType(BFloatType(), 32)
+_I64T = ir.IntType(64)
+
+
+def _hsum16(builder, v):
+    """Lane sum of a <16 x float> as a fixed shuffle tree ((0..7)+(8..15), then halves)."""
+    n = 16
+    while n > 1:
+        h = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h, n))))
+        v = builder.fadd(lo, hi)
+        n = h
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@cache
+def bf16_dot_tile(tt: int, nr: int):
+    """``tt`` tokens x ``nr`` weight rows of bf16 dot products with ``vdpbf16ps`` (AVX512_BF16).
+
+    Numba signature (offsets/strides in elements)::
+
+        tile(x, x_off, x_tstride, w, w_off, w_rstride, nk32, out, out_off)
+
+    ``x``/``w``: 1-D uint16 arrays of bf16 bits; ``out``: 1-D float32. For ``t < tt``,
+    ``r < nr``: ``out[out_off + t*nr + r] = Σ_{k < 32·nk32} x[x_off + t*x_tstride + k] ·
+    w[w_off + r*w_rstride + k]``: 16 fp32 lanes per (t, r), each accumulating pairs of
+    exact bf16 products in k order (``vdpbf16ps`` semantics, denormal inputs read as 0),
+    then a fixed shuffle-tree lane sum. Deterministic (no data-dependent order)."""
+    if not (1 <= tt and 1 <= nr and tt * nr + nr <= 30):
+        raise ValueError(f"bf16 tile {tt}x{nr} does not fit in the zmm registers")
+
+    def codegen(context, builder, sig, args):
+        (xa, x_off, x_ts, wa, w_off, w_rs, nk, oa, o_off) = args
+        i8p = ir.IntType(8).as_pointer()
+        xptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, xa).data, i8p)
+        wptr = builder.bitcast(context.make_array(sig.args[3])(context, builder, wa).data, i8p)
+        optr = builder.bitcast(context.make_array(sig.args[7])(context, builder, oa).data, i8p)
+        two = ir.Constant(_I64T, 2)
+        x_bases = [builder.gep(xptr, [builder.mul(two, builder.add(x_off, builder.mul(x_ts, ir.Constant(_I64T, t))))])
+                   for t in range(tt)]
+        w_bases = [builder.gep(wptr, [builder.mul(two, builder.add(w_off, builder.mul(w_rs, ir.Constant(_I64T, r))))])
+                   for r in range(nr)]
+        fnty = ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF])
+        dp = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512")
+        zero_v = ir.Constant(_V16F, [0.0] * 16)
+        entry = builder.basic_block
+        loop = builder.append_basic_block("bf16dot.loop")
+        done = builder.append_basic_block("bf16dot.done")
+        zero = ir.Constant(_I64T, 0)
+        builder.cbranch(builder.icmp_signed(">", nk, zero), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(_I64T, "k")
+        k.add_incoming(zero, entry)
+        accs = []
+        for t in range(tt):
+            row = []
+            for r in range(nr):
+                ph = builder.phi(_V16F)
+                ph.add_incoming(zero_v, entry)
+                row.append(ph)
+            accs.append(row)
+        kb = builder.mul(k, ir.Constant(_I64T, 64))
+
+        def vload(base):
+            p = builder.bitcast(builder.gep(base, [kb]), _V32BF.as_pointer())
+            return builder.load(p, align=1)
+
+        ws = [vload(w_bases[r]) for r in range(nr)]
+        new = []
+        for t in range(tt):
+            xv = vload(x_bases[t])
+            new.append([builder.call(dp, [accs[t][r], xv, ws[r]]) for r in range(nr)])
+        k_next = builder.add(k, ir.Constant(_I64T, 1))
+        k.add_incoming(k_next, loop)
+        for t in range(tt):
+            for r in range(nr):
+                accs[t][r].add_incoming(new[t][r], loop)
+        builder.cbranch(builder.icmp_signed("<", k_next, nk), loop, done)
+        builder.position_at_end(done)
+        finals = []
+        for t in range(tt):
+            for r in range(nr):
+                ph = builder.phi(_V16F)
+                ph.add_incoming(zero_v, entry)
+                ph.add_incoming(new[t][r], loop)
+                finals.append((t * nr + r, ph))
+        for j, ph in finals:
+            sval = _hsum16(builder, ph)
+            off = builder.mul(ir.Constant(_I64T, 4), builder.add(o_off, ir.Constant(_I64T, j)))
+            builder.store(sval, builder.bitcast(builder.gep(optr, [off]), _F32T.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _tile(typingctx, x, x_off, x_ts, w, w_off, w_rs, nk, out, out_off):
+        for a, dt in ((x, types.uint16), (w, types.uint16), (out, types.float32)):
+            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
+                return None
+        sig = types.void(x, types.intp, types.intp, w, types.intp, types.intp, types.intp, out, types.intp)
+        return sig, codegen
+
+    _tile.__name__ = f"bf16_dot_tile_{tt}x{nr}"
     return _tile

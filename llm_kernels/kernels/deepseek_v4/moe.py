@@ -70,7 +70,8 @@ from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32, quant_rows
 from ...reference.deepseek_v4.common import linear as _ref_linear
 from ...reference.deepseek_v4.quant import QuantWeight
-from .sparse_attn import _sleef_expf, _tree16
+from ..common.vecmath import sleef_expf as _sleef_expf
+from ..common.vecmath import tree16 as _tree16
 
 __all__ = ["gate", "moe", "clear_cache", "packed_expert"]
 

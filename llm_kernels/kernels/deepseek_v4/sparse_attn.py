@@ -63,22 +63,21 @@ mode's ``wo_b`` float GEMM is MKL sgemm, which is not for every row count (see t
 from __future__ import annotations
 
 import threading
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import prange
 
-from ..common.bf16 import f32_from_bits, f32_to_bf16_bits, load_f32, torch_bf16_as_u16, u16_as_torch_bf16
+from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16, u16_as_torch_bf16
 from ..common.gemm import pack_w8a8, w8a8_gemm_i32
 from ..common import jit as _jit
 from ..common.bf16 import round_f32 as _rnd
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
+from ..common.vecmath import sleef_expf as _sleef_expf
+from ..common.vecmath import tree16 as _tree16
+from ..common.x86 import bf16_dot_tile as _bf16_dot_tile
 from ...reference.deepseek_v4.quant import QuantWeight
 
 __all__ = ["sparse_attn", "grouped_output_proj", "clear_cache", "WO_A_NUMBA_MAX_T"]
@@ -95,75 +94,6 @@ _FM = {"reassoc", "nsz", "contract", "arcp"}
 
 _DUMMY_U16 = np.zeros(1, np.uint16)
 _DUMMY_F32 = np.zeros(1, np.float32)
-
-
-# --------------------------------------------------------------------------- scalar helpers
-@intrinsic
-def _fma32(typingctx, a, b, c):
-    """Fused multiply-add ``a·b + c`` with one rounding (``llvm.fma.f32``; vectorisable)."""
-    if not (a == types.float32 and b == types.float32 and c == types.float32):
-        return None
-    sig = types.float32(types.float32, types.float32, types.float32)
-
-    def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
-                                            "llvm.fma.f32")
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
-# SLEEF ``xexpf`` (u10) constants: what torch's AVX-512 ``Vectorized<float>::exp`` runs.
-_R_LN2F = np.float32(1.442695040888963407359924681001892137426645954152985934135449406931)
-_L2UF = np.float32(-0.693145751953125)
-_L2LF = np.float32(-1.428606765330187045e-06)
-_EXP_C = (np.float32(0.000198527617612853646278381), np.float32(0.00139304355252534151077271),
-          np.float32(0.00833336077630519866943359), np.float32(0.0416664853692054748535156),
-          np.float32(0.166666671633720397949219), np.float32(0.5))
-_EC0, _EC1, _EC2, _EC3, _EC4, _EC5 = _EXP_C
-
-
-@njit_kernel
-def _sleef_expf(d):
-    """float32 ``exp(d)`` bit-identical to SLEEF's ``xexpf`` with FMA (torch's vectorised
-    ``exp`` inside ``softmax`` on AVX-512): ``q = rint(d·(1/ln2))``, two-step Cody-Waite
-    reduction and the degree-6 polynomial by FMAs, ``u·2^(q>>1)·2^(q-(q>>1))``; ``d < -104``
-    (incl. -inf) -> 0, ``d > 100`` -> inf. Vectorisable (no libm call)."""
-    x = min(max(d, np.float32(-105.0)), np.float32(101.0))
-    qf = np.float32(np.rint(np.float32(x * _R_LN2F)))
-    q = np.int32(qf)
-    s = _fma32(qf, _L2UF, x)
-    s = _fma32(qf, _L2LF, s)
-    u = _EC0
-    u = _fma32(u, s, _EC1)
-    u = _fma32(u, s, _EC2)
-    u = _fma32(u, s, _EC3)
-    u = _fma32(u, s, _EC4)
-    u = _fma32(u, s, _EC5)
-    u = np.float32(np.float32(1.0) + _fma32(np.float32(s * s), u, s))
-    h = q >> np.int32(1)
-    u = np.float32(u * f32_from_bits(np.uint32(np.int32(h + np.int32(127)) << np.int32(23))))
-    u = np.float32(u * f32_from_bits(np.uint32(np.int32(q - h + np.int32(127)) << np.int32(23))))
-    if d < np.float32(-104.0):
-        return np.float32(0.0)
-    if d > np.float32(100.0):
-        return np.float32(np.inf)
-    return u
-
-
-@njit_kernel
-def _tree16(lanes):
-    """torch's AVX-512 ``vec_reduce_all`` of 16 lanes for ``+``: halves at distance 8, 4,
-    2, 1 (lane 0 of the shuffle reduction)."""
-    w = np.empty(8, np.float32)
-    for i in range(8):
-        w[i] = np.float32(lanes[i] + lanes[i + 8])
-    for i in range(4):
-        w[i] = np.float32(w[i] + w[i + 4])
-    for i in range(2):
-        w[i] = np.float32(w[i] + w[i + 2])
-    return np.float32(w[0] + w[1])
 
 
 # --------------------------------------------------------------------------- 1. indices
@@ -403,126 +333,6 @@ def _grouped_gemv(w, x, OL, to_bf16, out):
 
 
 # --------------------------------------------------------------------------- 6b. wo_a with vdpbf16ps
-class _BFloatType(ir.Type):
-    """LLVM's ``bfloat`` scalar type (llvmlite has none)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloatType)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_F32T = ir.FloatType()
-_V16F = ir.VectorType(_F32T, 16)
-_V32BF = ir.VectorType(_BFloatType(), 32)
-_I64T = ir.IntType(64)
-
-
-def _hsum16(builder, v):
-    """Lane sum of a <16 x float> as a fixed shuffle tree ((0..7)+(8..15), then halves)."""
-    n = 16
-    while n > 1:
-        h = n // 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h, n))))
-        v = builder.fadd(lo, hi)
-        n = h
-    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
-
-
-@lru_cache(maxsize=None)
-def _bf16_dot_tile(tt: int, nr: int):
-    """``tt`` tokens x ``nr`` weight rows of bf16 dot products with ``vdpbf16ps`` (AVX512_BF16).
-
-    Numba signature (offsets/strides in elements)::
-
-        tile(x, x_off, x_tstride, w, w_off, w_rstride, nk32, out, out_off)
-
-    ``x``/``w``: 1-D uint16 arrays of bf16 bits; ``out``: 1-D float32. For ``t < tt``,
-    ``r < nr``: ``out[out_off + t*nr + r] = Σ_{k < 32·nk32} x[x_off + t*x_tstride + k] ·
-    w[w_off + r*w_rstride + k]``: 16 fp32 lanes per (t, r), each accumulating pairs of
-    exact bf16 products in k order (``vdpbf16ps`` semantics, denormal inputs read as 0),
-    then a fixed shuffle-tree lane sum. Deterministic (no data-dependent order)."""
-    if not (1 <= tt and 1 <= nr and tt * nr + nr <= 30):
-        raise ValueError(f"bf16 tile {tt}x{nr} does not fit in the zmm registers")
-
-    def codegen(context, builder, sig, args):
-        (xa, x_off, x_ts, wa, w_off, w_rs, nk, oa, o_off) = args
-        i8p = ir.IntType(8).as_pointer()
-        xptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, xa).data, i8p)
-        wptr = builder.bitcast(context.make_array(sig.args[3])(context, builder, wa).data, i8p)
-        optr = builder.bitcast(context.make_array(sig.args[7])(context, builder, oa).data, i8p)
-        two = ir.Constant(_I64T, 2)
-        x_bases = [builder.gep(xptr, [builder.mul(two, builder.add(x_off, builder.mul(x_ts, ir.Constant(_I64T, t))))])
-                   for t in range(tt)]
-        w_bases = [builder.gep(wptr, [builder.mul(two, builder.add(w_off, builder.mul(w_rs, ir.Constant(_I64T, r))))])
-                   for r in range(nr)]
-        fnty = ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF])
-        dp = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512")
-        zero_v = ir.Constant(_V16F, [0.0] * 16)
-        entry = builder.basic_block
-        loop = builder.append_basic_block("bf16dot.loop")
-        done = builder.append_basic_block("bf16dot.done")
-        zero = ir.Constant(_I64T, 0)
-        builder.cbranch(builder.icmp_signed(">", nk, zero), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(_I64T, "k")
-        k.add_incoming(zero, entry)
-        accs = []
-        for t in range(tt):
-            row = []
-            for r in range(nr):
-                ph = builder.phi(_V16F)
-                ph.add_incoming(zero_v, entry)
-                row.append(ph)
-            accs.append(row)
-        kb = builder.mul(k, ir.Constant(_I64T, 64))
-
-        def vload(base):
-            p = builder.bitcast(builder.gep(base, [kb]), _V32BF.as_pointer())
-            return builder.load(p, align=1)
-
-        ws = [vload(w_bases[r]) for r in range(nr)]
-        new = []
-        for t in range(tt):
-            xv = vload(x_bases[t])
-            new.append([builder.call(dp, [accs[t][r], xv, ws[r]]) for r in range(nr)])
-        k_next = builder.add(k, ir.Constant(_I64T, 1))
-        k.add_incoming(k_next, loop)
-        for t in range(tt):
-            for r in range(nr):
-                accs[t][r].add_incoming(new[t][r], loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, nk), loop, done)
-        builder.position_at_end(done)
-        finals = []
-        for t in range(tt):
-            for r in range(nr):
-                ph = builder.phi(_V16F)
-                ph.add_incoming(zero_v, entry)
-                ph.add_incoming(new[t][r], loop)
-                finals.append((t * nr + r, ph))
-        for j, ph in finals:
-            sval = _hsum16(builder, ph)
-            off = builder.mul(ir.Constant(_I64T, 4), builder.add(o_off, ir.Constant(_I64T, j)))
-            builder.store(sval, builder.bitcast(builder.gep(optr, [off]), _F32T.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    @intrinsic
-    def _tile(typingctx, x, x_off, x_ts, w, w_off, w_rs, nk, out, out_off):
-        for a, dt in ((x, types.uint16), (w, types.uint16), (out, types.float32)):
-            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
-                return None
-        sig = types.void(x, types.intp, types.intp, w, types.intp, types.intp, types.intp, out, types.intp)
-        return sig, codegen
-
-    _tile.__name__ = f"bf16_dot_tile_{tt}x{nr}"
-    return _tile
-
-
 #: token-tile heights of the vdpbf16ps wo_a kernel and the weight rows per tile (measured
 #: at Flash dims, 64 MiB bf16 wo_a: 1x8 1.45 ms at T=1; for T=8 two 4x4 passes 2.0 ms vs
 #: one 8x2 pass 2.1-2.7 ms, torch bf16 bmm 2.3 ms; T=12: torch 2.6 ms beats every tiling)

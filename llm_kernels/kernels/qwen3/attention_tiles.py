@@ -25,6 +25,7 @@ from numba.extending import intrinsic
 
 from ..common.bf16 import f32_bits, f32_from_bits
 from ..common.jit import njit_kernel
+from ..common.x86 import BFloatType as _BFloatType
 
 _FM = {"reassoc", "nsz", "contract", "arcp"}  # no nnan/ninf: -inf must stay exact
 
@@ -45,19 +46,6 @@ _F32, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntT
 _I8P = ir.IntType(8).as_pointer()
 _V16F = ir.VectorType(_F32, 16)
 _V16I = ir.VectorType(_I32, 16)
-
-
-class _BFloatType(ir.Type):
-    """LLVM's ``bfloat`` scalar type (llvmlite has none)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloatType)
-
-    def __hash__(self):
-        return hash("bfloat")
 
 
 _V32BF = ir.VectorType(_BFloatType(), 32)

@@ -74,7 +74,7 @@ from ..common.gemm import (
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
 from ..common.quant import quant_row_f32
-from ..deepseek_v4.sparse_attn import _bf16_dot_tile
+from ..common.x86 import bf16_dot_tile as _bf16_dot_tile
 from .swiglu_torch import _in_tail, _swiglu, torch_tails
 
 __all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "ProjW8A8", "check_dtype",

@@ -16,7 +16,7 @@ import torch
 
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
-from ..deepseek_v4.sparse_attn import _sleef_expf
+from ..common.vecmath import sleef_expf as _sleef_expf
 
 __all__ = ["torch_tails"]
 

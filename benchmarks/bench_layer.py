@@ -46,7 +46,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from llm_kernels.checkpoint.names import expected_tensors  # noqa: E402
 from llm_kernels.checkpoint.safetensors_io import is_fp32_tensor  # noqa: E402
-from llm_kernels.config import CSA, HCA, SLIDING, DeepSeekV4Config, preset  # noqa: E402
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config  # noqa: E402
+from llm_kernels.models import preset  # noqa: E402
 from llm_kernels.harness import roofline as rf  # noqa: E402
 from llm_kernels.harness.bench import (  # noqa: E402
     L3_BYTES,
@@ -59,9 +60,10 @@ from llm_kernels.harness.bench import (  # noqa: E402
     write_results,
 )
 from llm_kernels.reference.deepseek_v4.model import LayerWeights  # noqa: E402
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight, quantize_weight  # noqa: E402
-from llm_kernels.runtime.cache import SequenceCache  # noqa: E402
-from llm_kernels.runtime.engine import REFERENCE_OPS, DeepSeekV4Engine  # noqa: E402
+from llm_kernels.numerics.quant import QuantWeight, quantize_weight  # noqa: E402
+from llm_kernels.runtime.deepseek_v4.cache import SequenceCache  # noqa: E402
+from llm_kernels.runtime.deepseek_v4.stages import REFERENCE_OPS  # noqa: E402
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine  # noqa: E402
 from llm_kernels.runtime.timing import StageTimer  # noqa: E402
 
 __all__ = ["main", "build_parser", "resolve_backend", "FUSED_MODULE"]

@@ -47,7 +47,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_kernels.config import ConfigError, Qwen3Config, qwen3_preset
+from llm_kernels.errors import ConfigError
+from llm_kernels.models.qwen3.config import Qwen3Config, qwen3_preset
 from llm_kernels.harness import roofline_qwen3 as rq
 from llm_kernels.harness.bench import (
     BenchResult,
@@ -59,10 +60,11 @@ from llm_kernels.harness.bench import (
     print_table,
     write_results,
 )
-from llm_kernels.reference.deepseek_v4.quant import quantize_weight
+from llm_kernels.numerics.quant import quantize_weight
 from llm_kernels.runtime.backends import backend_stages, get_ops
 from llm_kernels.runtime.paged_cache import PagedKVCache
-from llm_kernels.runtime.qwen3_engine import STAGES, Qwen3Engine
+from llm_kernels.runtime.qwen3.stages import STAGES
+from llm_kernels.runtime.qwen3.engine import Qwen3Engine
 from llm_kernels.runtime.timing import StageTimer
 
 __all__ = ["KVState", "build_hf_layer", "build_parser", "build_weights", "main"]

@@ -62,14 +62,14 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
 import bench_gemm as BG
 import numba
 
-from llm_kernels.config import qwen3_preset
+from llm_kernels.models.qwen3.config import qwen3_preset
 from llm_kernels.harness import roofline_qwen3 as RQ
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.qwen3 import mlp as KM
 from llm_kernels.kernels.qwen3 import o_proj as KO
 from llm_kernels.kernels.qwen3 import proj_common as PC
 from llm_kernels.kernels.qwen3 import qkv_proj as KQ
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight
+from llm_kernels.numerics.quant import QuantWeight
 from llm_kernels.reference.qwen3 import mlp as RM
 from llm_kernels.reference.qwen3 import o_proj as RO
 from llm_kernels.reference.qwen3 import qkv_proj as RQK

@@ -1,7 +1,7 @@
 """Command line: ``python -m llm_kernels {generate,logits,make-checkpoint} ...``.
 
-* Every command that takes ``--checkpoint`` dispatches on its ``config.json`` ``model_type``
-  (``deepseek_v4`` or ``qwen3``).
+* Every command that takes ``--checkpoint`` reads its ``config.json`` ``model_type`` and
+  works through that model's spec (:mod:`llm_kernels.models`); nothing here knows a model.
 * ``generate``: greedy generation with the cached runtime; with no ``--checkpoint`` it uses
   the embedded default, the ``mini`` preset written once (seed 0) into a cache directory
   (``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``). Prints the ids, prefill and decode
@@ -10,9 +10,8 @@
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
 * ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
-* ``bench``: decode benchmark per stage and layer at real dims (``benchmarks/bench_layer.py``;
-  ``--preset qwen3-32b``: ``benchmarks/bench_qwen3_layer.py``).
-* ``golden``: runs the golden harness cases (``llm_kernels.harness.cases_deepseek_v4``).
+* ``bench``: decode benchmark per stage and layer at real dims (:mod:`llm_kernels.bench`).
+* ``golden``: runs the golden harness cases of every registered model (``models/<name>/golden.py``).
 * ``profile``: prefill + N decode steps traced per step / layer / stage into a Chrome /
   Perfetto trace-event JSON (``llm_kernels.harness.trace``).
 """
@@ -20,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,21 +39,12 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LLM_KERNELS_CACHE", Path.home() / ".cache" / "llm_kernels"))
-
-
 def default_checkpoint(progress: bool = True) -> Path:
-    """Path of the embedded default checkpoint (``mini`` preset, seed 0, bf16), writing it
-    on first use."""
-    from .checkpoint import write_random_checkpoint
-    from .config import preset
+    """Path of the embedded default checkpoint (the default model's ``default_preset``,
+    ``mini``, seed 0, bf16), writing it on first use."""
+    from .checkpoint.defaults import default_checkpoint as _default
 
-    out = _cache_root() / "mini-seed0"
-    if not (out / "config.json").exists():
-        print(f"writing the default mini checkpoint to {out}", file=sys.stderr)
-        write_random_checkpoint(preset("mini"), out, seed=0, dtype=torch.bfloat16, progress=progress)
-    return out
+    return _default(progress=progress)
 
 
 def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
@@ -65,35 +54,13 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
     return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True, quant=quant)
 
 
-def _ops(backend: str, cfg=None):
-    """The stage implementations of a backend: ``reference`` (torch) or ``fused`` (kernels),
-    for the model of ``cfg`` (DeepSeek-V4 when None)."""
-    from .runtime.backends import get_ops
-
-    return get_ops(backend, _model_type(cfg))
-
-
-def _model_type(cfg) -> str:
-    from .config import Qwen3Config
-
-    return "qwen3" if isinstance(cfg, Qwen3Config) else "deepseek_v4"
-
-
 def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1):
-    """The runtime engine for ``cfg``'s model: :class:`DeepSeekV4Engine` or :class:`Qwen3Engine`
-    (paged KV cache sized for ``batch`` sequences of ``max_seq_len`` tokens)."""
-    ops = _ops(backend, cfg)
-    if _model_type(cfg) == "qwen3":
-        from .runtime.qwen3_engine import Qwen3Engine
+    """The runtime engine of ``cfg``'s model (its spec's ``make_engine``), sized for ``batch``
+    sequences of ``max_seq_len`` tokens."""
+    from . import models
 
-        if max_seq_len > cfg.max_position_embeddings:
-            raise ValueError(f"{max_seq_len} tokens exceed the model's max_position_embeddings "
-                             f"{cfg.max_position_embeddings}")
-        return Qwen3Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, max_batch=batch,
-                           ops=ops, timer=timer)
-    from .runtime.engine import DeepSeekV4Engine
-
-    return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=ops, timer=timer)
+    return models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
+                                                   backend=backend, timer=timer, max_batch=batch)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -209,7 +176,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import write_random_checkpoint
-    from .config import preset
+    from .models import preset
 
     cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
     out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
@@ -223,7 +190,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from .harness.trace import (build_trace, measure_disabled_overhead, roofline_quant, step_summaries,
                                 validate_trace)
-    from .runtime.engine import DeepSeekV4Engine
+    from . import models
     from .runtime.timing import StageTimer
 
     if args.checkpoint is not None and args.preset is not None:
@@ -234,10 +201,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise SystemExit("error: --steps must be >= 0")
     dtype, ckpt, cfg, weights, prompt = _setup_run(args)
-    if _model_type(cfg) != "deepseek_v4":
-        raise SystemExit("error: profile traces DeepSeek-V4 checkpoints only (its roofline model); use "
-                         "'generate' for per-stage times of a Qwen3 checkpoint")
-    from .reference.deepseek_v4.quant import QuantWeight
+    spec = models.spec_for_config(cfg)
+    if "trace_roofline" not in spec.extras:
+        raise SystemExit(f"error: profile needs a roofline byte model, which model_type {spec.model_type!r} "
+                         "does not have yet; use 'generate' for its per-stage times")
+    from .numerics.quant import QuantWeight
 
     quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))
     bw = args.bandwidth
@@ -247,8 +215,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         bw = measure_dram_bandwidth(256 * 2 ** 20, repeats=3)
     timer = StageTimer(trace=True)
     extra = 2 * args.overhead_steps * args.overhead_rounds
-    engine = DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=len(prompt) + args.steps + extra + 1,
-                              timer=timer, ops=_ops(args.backend, cfg))
+    engine = _engine(weights, cfg, dtype, len(prompt) + args.steps + extra + 1, args.backend, timer)
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant} "
           f"(roofline: {quant}), backend: {args.backend}, threads: {torch.get_num_threads()}, "
           f"DRAM bandwidth: {bw:.1f} GB/s{' (given)' if args.bandwidth else ' (measured)'}")
@@ -337,15 +304,17 @@ def _bench_main(argv: list[str]) -> int:
 
 
 def _golden_main(argv: list[str]) -> int:
-    """``golden``: the DeepSeek-V4 cases (``harness.cases_deepseek_v4``) and the Qwen3 cases
-    (``harness.cases_qwen3``; ``-k qwen3`` selects them). Checkpoints: the embedded defaults,
-    or ``$LLM_KERNELS_GOLDEN_CHECKPOINT`` / ``$LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT``."""
-    from .harness import cases_deepseek_v4, cases_qwen3
+    """``golden``: the cases of every registered model (``models/<name>/golden.py``; ``-k
+    qwen3`` selects by name). Checkpoints: the embedded defaults, or the model's environment
+    variable (``$LLM_KERNELS_GOLDEN_CHECKPOINT``, ``$LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT``)."""
+    from . import models
     from .harness.runner import main as run_main
 
-    ds = os.environ.get("LLM_KERNELS_GOLDEN_CHECKPOINT")
-    q3 = os.environ.get("LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT")
-    cases = cases_deepseek_v4.build_cases(Path(ds) if ds else None) + cases_qwen3.build_cases(Path(q3) if q3 else None)
+    cases = []
+    for mt in models.model_types():
+        spec = models.get(mt)
+        if spec.golden_cases is not None:
+            cases += spec.golden_cases(None)
     return run_main(cases, argv)
 
 
@@ -380,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.set_defaults(func=cmd_quantize)
 
     mk = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint of a preset")
-    mk.add_argument("--preset", choices=["mini", "flash", "pro", "qwen3-mini", "qwen3-32b"], required=True)
+    mk.add_argument("--preset", required=True,
+                    help="a registered preset (mini, flash, pro, qwen3-mini, qwen3-32b, ...)")
     mk.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     mk.add_argument("--experts", type=int, default=None, help="number of routed experts")
     mk.add_argument("--seed", type=int, default=0)
@@ -421,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["golden"]:  # the harness parses its own flags
         return _golden_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .runtime.cache import CacheOverflowError
+    from .errors import CacheOverflowError, CheckpointError, ConfigError
 
     try:
         return args.func(args)

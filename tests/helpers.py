@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_kernels.config import CSA, HCA, SLIDING, DeepSeekV4Config, RopeParameters, preset
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
+from llm_kernels.numerics.rope import RopeParameters
+from llm_kernels.models import preset
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.1920929e-07
 FP32_LOGIT_ULPS = 192

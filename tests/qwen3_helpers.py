@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_kernels.config import RopeParameters, preset
-from llm_kernels.config_qwen3 import Qwen3Config
+from llm_kernels.numerics.rope import RopeParameters
+from llm_kernels.models import preset
+from llm_kernels.models.qwen3.config import Qwen3Config
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from llm_kernels.config import CSA, HCA, SLIDING, ConfigError, DeepSeekV4Config, preset
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
+from llm_kernels.errors import ConfigError
+from llm_kernels.models import preset
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from llm_kernels.config import ConfigError, DeepSeekV4Config, Qwen3Config, load_config, preset
+from llm_kernels.errors import ConfigError
+from llm_kernels.models.deepseek_v4.config import DeepSeekV4Config
+from llm_kernels.models.qwen3.config import Qwen3Config
+from llm_kernels.models import load_config, preset
 
 # Qwen3-32B's release config.json (transformers 4.x layout: top-level rope_theta, rope_scaling null)
 QWEN3_32B_RELEASE = {
@@ -49,7 +52,7 @@ def test_yarn_attention_factor_inferred_like_transformers():
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from llm_kernels.reference.deepseek_v4.common import rope_inv_freq
+    from llm_kernels.numerics.rope import rope_inv_freq
 
     hf = transformers.Qwen3Config(**c.to_hf_dict())
     inv, af = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")

@@ -1,12 +1,9 @@
-"""Checkpoint naming, validation, loading and random-checkpoint writing for DeepSeek-V4."""
+"""Checkpoint naming, validation, loading, W8A8 conversion and random-checkpoint writing for
+every registered model (the per-model tables are in ``models/<name>/weights.py``)."""
 
-from .names import FP32_TENSOR_SUFFIXES, TensorInfo, canonical_name, expected_tensors, is_ignored
-from .safetensors_io import (
-    DEFAULT_MAX_BYTES,
-    CheckpointError,
-    is_fp32_tensor,
-    load_checkpoint,
-)
+from ..errors import CheckpointError
+from .names import TensorInfo, canonical_name, expected_tensors, is_fp32_tensor, is_ignored
+from .safetensors_io import DEFAULT_MAX_BYTES, load_checkpoint
 from .writer import checkpoint_nbytes, write_random_checkpoint
 
 __all__ = [
@@ -14,7 +11,6 @@ __all__ = [
     "expected_tensors",
     "canonical_name",
     "is_ignored",
-    "FP32_TENSOR_SUFFIXES",
     "CheckpointError",
     "load_checkpoint",
     "write_random_checkpoint",

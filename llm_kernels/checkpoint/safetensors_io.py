@@ -1,10 +1,9 @@
-"""Reading DeepSeek-V4 checkpoints (Hugging Face directory layout, safetensors only).
+"""Reading checkpoints of any registered model (Hugging Face directory layout, safetensors only).
 
 A checkpoint directory holds ``config.json`` plus either ``model.safetensors`` or sharded
-``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``. Tensor names
-are DeepSeek's release names (see :mod:`llm_kernels.checkpoint.names`); the ``model.``-prefixed
-names written by ``transformers``' ``save_pretrained`` are accepted too and mapped to the
-release names. Pickle checkpoints (``*.bin``, ``*.pt``) are refused: they can run code.
+``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``. The model's
+spec (``models/<name>/weights.py``) names the tensors and maps stored names to canonical ones
+(e.g. DeepSeek-V4's ``model.``-prefixed transformers names to its release names). Pickle checkpoints (``*.bin``, ``*.pt``) are refused: they can run code.
 
 :func:`load_checkpoint` validates every tensor against :func:`~.names.expected_tensors` before
 returning (presence, extras, shapes, dtype kinds, hash-routing table, NaN/Inf) and raises
@@ -28,8 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..config import DeepSeekV4Config, Qwen3Config, load_config
-from .names import QUANT_METHOD_W8A8, FP32_TENSOR_SUFFIXES, canonical_name, expected_tensors, is_ignored
+from .. import models
+from ..errors import CheckpointError
+from ..models import load_config
+from .names import QUANT_METHOD_W8A8, canonical_name, expected_tensors, is_fp32_tensor, is_ignored
 
 __all__ = [
     "CheckpointError",
@@ -70,26 +71,8 @@ _FINITE_CHUNK = 1 << 24  # elements per NaN/Inf check chunk
 _MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor is missing, malformed or fails validation.
-
-    The message names the tensor (canonical name, plus the name stored in the file when it
-    differs, and the file) and the expected vs actual value.
-    """
-
 
 # ====================================================================== helpers
-def is_fp32_tensor(name: str, cfg=None) -> bool:
-    """True when canonical ``name`` is one of the tensors always kept in float32
-    (a :data:`~.names.FP32_TENSOR_SUFFIXES` suffix at a name-component boundary). For a
-    :class:`~llm_kernels.config.Qwen3Config` only W8A8 ``weight_scale`` tensors are: Qwen3's
-    norm weights live in the model dtype (transformers ``Qwen3RMSNorm`` multiplies by a
-    ``dtype`` weight)."""
-    if isinstance(cfg, Qwen3Config):
-        return name.endswith("weight_scale")
-    return any(name == s or name.endswith("." + s) for s in FP32_TENSOR_SUFFIXES)
-
-
 def shard_file_name(index: int, count: int) -> str:
     """``model-0000{index}-of-0000{count}.safetensors`` (1-based ``index``)."""
     return f"model-{index:05d}-of-{count:05d}.safetensors"
@@ -172,7 +155,7 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise CheckpointError(f"no {SINGLE_FILE_NAME} or {INDEX_FILE_NAME} in {root}")
 
 
-def _diagnose(file: Path) -> str:
+def _diagnose(file: Path, cfg) -> str:
     """Best-effort explanation of an unreadable safetensors file: header problems, or the
     tensors whose data lies past the end of a truncated file."""
     try:
@@ -202,7 +185,7 @@ def _diagnose(file: Path) -> str:
             return f" (corrupt header entry for tensor {k!r})"
         need = max(need, end)
         if end > avail:
-            c = canonical_name(k)
+            c = canonical_name(k, cfg)
             cut.append(repr(k) if c == k else f"{c!r} (stored as {k!r})")
     if cut:
         return (f" (file truncated: data section is {avail} bytes, header needs {need}; tensors cut "
@@ -240,23 +223,22 @@ def load_checkpoint(
     check_finite: bool = True,
     progress: bool = True,
     quant: str | None = None,
-) -> tuple[DeepSeekV4Config | Qwen3Config, dict[str, torch.Tensor]]:
-    """Load and validate a DeepSeek-V4 or Qwen3 checkpoint directory (``config.json``'s
-    ``model_type`` decides, see :func:`llm_kernels.config.load_config`; Qwen3 tensors keep
-    transformers' names and every float tensor, norms included, is cast to ``dtype``).
+) -> tuple[object, dict[str, torch.Tensor]]:
+    """Load and validate a checkpoint directory of any registered model (``config.json``'s
+    ``model_type`` picks the spec, see :func:`llm_kernels.models.load_config`).
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or sharded
             ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` (the index's
             ``weight_map`` decides which shard each tensor is read from).
         dtype: ``None`` returns tensors as stored. ``torch.float32`` / ``torch.bfloat16`` cast
-            every float tensor to it, except the :data:`~.names.FP32_TENSOR_SUFFIXES` tensors
-            (hc mixing params, ``attn_sink``, compressor ``ape``, ``gate.bias``), which are
-            always returned float32. ``gate.tid2eid`` is returned int64 whenever ``dtype`` is set.
+            every float tensor to it, except the model's ``is_fp32_tensor`` tensors (DeepSeek-V4:
+            hc mixing params, ``attn_sink``, compressor ``ape``, ``gate.bias``, norms), which
+            are always returned float32. ``gate.tid2eid`` is returned int64 whenever ``dtype`` is set.
         check_finite: scan every float tensor for NaN/Inf (chunked).
         progress: show a tqdm bar (bytes read); tqdm hides it when stderr is not a terminal.
         quant: ``None``: as stored. ``"w8a8"``: INT8 weights are returned as
-            :class:`~llm_kernels.reference.deepseek_v4.quant.QuantWeight` under their
+            :class:`~llm_kernels.numerics.quant.QuantWeight` under their
             ``*.weight`` name (a float checkpoint is quantized on load; a W8A8 checkpoint's
             ``*.weight`` int8 + ``*.weight_scale`` pairs are assembled). ``"none"``: the
             checkpoint must be float. A W8A8 checkpoint loaded with ``quant=None`` is
@@ -306,7 +288,7 @@ def load_checkpoint(
                     sl = f.get_slice(k)
                     headers[k] = (sl.get_dtype(), tuple(int(s) for s in sl.get_shape()))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file)}") from e
+            raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file, cfg)}") from e
         for k in keys:
             if is_ignored(k, cfg):
                 continue
@@ -379,7 +361,7 @@ def load_checkpoint(
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file)}") from e
+                raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file, cfg)}") from e
             with handle as f:
                 for name in names:
                     src = sources[name]
@@ -392,7 +374,9 @@ def load_checkpoint(
                     if info.kind == "int8":
                         pass
                     elif info.kind == "int":
-                        _check_tid2eid(name, src, t, cfg)
+                        problem = models.spec_for_config(cfg).check_int_tensor(name, t, cfg)
+                        if problem:
+                            raise CheckpointError(f"tensor {_label(name, src)}: {problem}")
                         if dtype is not None:
                             t = t.to(torch.int64)
                     else:
@@ -409,13 +393,13 @@ def load_checkpoint(
     elif quant == "w8a8":
         from .quantized import quantize_weights
 
-        out = quantize_weights(out)
+        out = quantize_weights(out, cfg)
     return cfg, out
 
 
 def _assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
     """Replace each ``X.weight`` int8 + ``X.weight_scale`` pair by a QuantWeight."""
-    from ..reference.deepseek_v4.quant import QuantWeight
+    from ..numerics.quant import QuantWeight
 
     out: dict = {}
     for name, t in tensors.items():
@@ -457,28 +441,6 @@ def _check_finite(name: str, src: _Source, t: torch.Tensor) -> None:
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(t.shape))) if t.dim() else ()
         raise CheckpointError(f"tensor {_label(name, src)}: expected finite values, found {n_nan} NaN and "
                               f"{n_inf} Inf of {t.numel()} (first at index {list(idx)})")
-
-
-def _check_tid2eid(name: str, src: _Source, t: torch.Tensor, cfg: DeepSeekV4Config) -> None:
-    """Every entry in [0, n_routed_experts) and every row K distinct experts."""
-    E = cfg.n_routed_experts
-    ti = t.to(torch.int64)
-    bad = ((ti < 0) | (ti >= E)).any(dim=1)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        vals = ti[row].tolist()
-        offending = [v for v in vals if not 0 <= v < E]
-        raise CheckpointError(
-            f"tensor {_label(name, src)}: expected expert ids in [0, {E}), got {offending[0]} in row {row} "
-            f"(token id {row}: {vals}); {int(bad.sum())} bad row(s) in total")
-    if ti.shape[1] > 1:
-        s = ti.sort(dim=1).values
-        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
-        if bool(dup.any()):
-            row = int(dup.nonzero()[0, 0])
-            raise CheckpointError(
-                f"tensor {_label(name, src)}: expected {ti.shape[1]} distinct experts per row, row {row} "
-                f"(token id {row}) repeats an expert: {ti[row].tolist()}; {int(dup.sum())} bad row(s) in total")
 
 
 # ====================================================================== writing

@@ -19,31 +19,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DeepSeekV4Config, Qwen3Config
-from .names import TensorInfo, expected_tensors
-from .safetensors_io import (
-    _DTYPE_NAMES,
-    _SHARD_RE,
-    _TORCH_TO_ST,
-    DEFAULT_MAX_BYTES,
-    INDEX_FILE_NAME,
-    SINGLE_FILE_NAME,
-    _check_dtype_arg,
-    _fmt_bytes,
-    is_fp32_tensor,
-    shard_file_name,
-)
+from .. import models
+from .names import TensorInfo, expected_tensors, is_fp32_tensor
+from .safetensors_io import (_DTYPE_NAMES, _SHARD_RE, _TORCH_TO_ST, DEFAULT_MAX_BYTES, INDEX_FILE_NAME,
+                             SINGLE_FILE_NAME, _check_dtype_arg, _fmt_bytes, shard_file_name)
 
 __all__ = ["write_random_checkpoint", "checkpoint_nbytes"]
 
 
-def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg=None) -> torch.dtype:
+def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg) -> torch.dtype:
     if info.kind == "int":
         return torch.int64
     return torch.float32 if is_fp32_tensor(name, cfg) else dtype
 
 
-def checkpoint_nbytes(cfg: DeepSeekV4Config | Qwen3Config, dtype: torch.dtype = torch.bfloat16) -> int:
+def checkpoint_nbytes(cfg, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of tensor data :func:`write_random_checkpoint` writes for ``cfg`` with storage
     ``dtype`` (FP32-suffix tensors count 4 bytes/element, ``tid2eid`` 8). The safetensors
     headers and ``config.json`` add a few KiB on top. Pure function of the config."""
@@ -59,61 +49,11 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def _random_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, seed: int,
-                   weight_scale: float) -> torch.Tensor:
-    """The float32 (int64 for tid2eid) random init of one tensor; see docs/checkpoints.md."""
+def _random_tensor(name: str, info: TensorInfo, cfg, seed: int, weight_scale: float) -> torch.Tensor:
+    """The float32 (int64 for index tables) random init of one tensor by the model's
+    ``init_tensor`` rule, from a generator seeded by (seed, name); see docs/checkpoints.md."""
     g = torch.Generator().manual_seed(_seed_for(seed, name))
-    shape = info.shape
-    D = cfg.hidden_size
-    leaf = name.rsplit(".", 1)[-1]
-
-    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        t = torch.randn(shape, generator=g, dtype=torch.float32)
-        t.mul_(std)
-        if mean:
-            t.add_(mean)
-        return t
-
-    if isinstance(cfg, Qwen3Config):
-        if name == "model.embed_tokens.weight":
-            # O(1) embeddings; when tied this is also the head (logits then scale with sqrt(D)).
-            return normal(1.0)
-        if name == "lm_head.weight":
-            return normal(1.0 / math.sqrt(D))
-        if name.endswith("norm.weight"):
-            return normal(0.1, mean=1.0)
-        if len(shape) == 2:
-            return normal(weight_scale / math.sqrt(shape[1]))
-        raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
-    HC = cfg.hc_mult
-
-    if info.kind == "int":  # gate.tid2eid: K distinct experts per token, uniform
-        K = shape[1]
-        r = torch.rand((shape[0], cfg.n_routed_experts), generator=g)
-        return r.argsort(dim=1)[:, :K].contiguous().to(torch.int64)
-    if name == "embed.weight":
-        return normal(1.0)
-    if name == "head.weight":
-        return normal(1.0 / math.sqrt(D))
-    if re.search(r"(^|\.)hc_(attn|ffn|head)_fn$", name):
-        return normal(1.0 / math.sqrt(HC * D))
-    if re.search(r"hc_(attn|ffn|head)_base$", name):
-        return normal(0.5)
-    if re.search(r"hc_(attn|ffn|head)_scale$", name):
-        return torch.rand(shape, generator=g, dtype=torch.float32).add_(0.5)
-    if leaf == "attn_sink":
-        return normal(1.0)
-    if leaf == "ape":
-        return normal(0.5)
-    if name.endswith("gate.bias"):
-        return normal(0.1)
-    if name.endswith("ffn.gate.weight"):
-        return normal(1.0 / math.sqrt(D))
-    if name.endswith("norm.weight"):
-        return normal(0.1, mean=1.0)
-    if name.endswith(".weight") and len(shape) == 2:  # nn.Linear [out, in]
-        return normal(weight_scale / math.sqrt(shape[1]))
-    raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
+    return models.spec_for_config(cfg).init_tensor(name, info, cfg, g, weight_scale)
 
 
 def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
@@ -136,7 +76,7 @@ def _write_tensor_bytes(fh, t: torch.Tensor) -> None:
 
 
 def write_random_checkpoint(
-    cfg: DeepSeekV4Config | Qwen3Config,
+    cfg,
     out_dir: str | os.PathLike,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
@@ -145,18 +85,18 @@ def write_random_checkpoint(
     progress: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Path:
-    """Write a random, deterministic DeepSeek-V4 (or Qwen3, for a :class:`Qwen3Config`)
-    checkpoint that :func:`load_checkpoint` and ``transformers``' ``from_pretrained`` both read.
-    Qwen3 init: Linear ~ N(0, weight_scale/sqrt(in)), norms (incl. q/k norm) ~ 1 + N(0, 0.1),
-    embed ~ N(0, 1), lm_head ~ N(0, 1/sqrt(D)); every tensor is stored in ``dtype``.
+    """Write a random, deterministic checkpoint of ``cfg``'s model that :func:`load_checkpoint`
+    and ``transformers``' ``from_pretrained`` both read. Init rules per model:
+    ``models/<name>/weights.py`` ``init_tensor`` (Qwen3: Linear ~ N(0, weight_scale/sqrt(in)),
+    norms ~ 1 + N(0, 0.1), embed ~ N(0, 1), lm_head ~ N(0, 1/sqrt(D))).
 
     Writes ``out_dir/config.json`` (``cfg.to_hf_dict()`` plus ``"dtype"``) and the tensors of
     :func:`~.names.expected_tensors` under their canonical (release) names, metadata
     ``{"format": "pt"}``. Storage dtypes: ``dtype`` for matrices and norm weights, float32 for
-    :data:`~.names.FP32_TENSOR_SUFFIXES` tensors, int64 for ``tid2eid``. Values come from a
+    the model's ``is_fp32_tensor`` tensors, int64 for ``tid2eid``. Values come from a
     per-tensor ``torch.Generator`` seeded from ``(seed, name)``, so a tensor's values do not
     depend on the other tensors of the config (adding experts or layers leaves the rest
-    unchanged) and files are byte-identical across runs. Init scales (activations O(1)):
+    unchanged) and files are byte-identical across runs. DeepSeek-V4 init scales (activations O(1)):
     Linear ``[out, in]`` ~ N(0, weight_scale/sqrt(in)); RMSNorm weights ~ 1 + N(0, 0.1);
     ``embed`` ~ N(0, 1); ``head`` and ``ffn.gate.weight`` ~ N(0, 1/sqrt(D)); ``hc_*_fn`` ~
     N(0, 1/sqrt(hc_mult*D)); ``hc_*_base`` ~ N(0, 0.5); ``hc_*_scale`` ~ U(0.5, 1.5);

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import CSA, HCA, SLIDING, DeepSeekV4Config
+from ..models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
 
 __all__ = [
     "QUANT_MODES", "STAGES", "LAYER_STAGES", "LAYER_TYPE_ALIASES", "TensorBytes", "StageBytes",

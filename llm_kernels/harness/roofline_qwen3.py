@@ -15,7 +15,7 @@ Weights (read once per step whatever ``B``):
 * ``bf16``: 2 B per parameter for the 7 projections and the 4 norm vectors;
 * ``w8a8``: the 7 projections ``q,k,v,o,gate,up,down`` INT8 (1 B/param) plus one FP32
   scale per output channel (``4·out`` B); the norms stay bf16 (2 B/param)
-  (:mod:`llm_kernels.checkpoint.qwen3_names`: ``QWEN3_W8A8_WEIGHT_RE``).
+  (:mod:`llm_kernels.models.qwen3.weights`: ``W8A8_WEIGHT_RE``).
 
 Per stage (``B`` rows):
 
@@ -50,9 +50,7 @@ Source: the stage signatures of ``llm_kernels.runtime.qwen3_engine`` and the cac
 
 from __future__ import annotations
 
-from ..config import (
-    Qwen3Config,  # re-exported; importing config_qwen3 first is circular
-)
+from ..models.qwen3.config import Qwen3Config
 from .roofline import StageBytes, TensorBytes, roofline_seconds
 
 __all__ = [

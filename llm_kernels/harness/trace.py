@@ -63,17 +63,17 @@ def thread_info() -> dict[str, Any]:
 
 def _stage_roofline(cfg, name: str, args: dict, quant: str, bandwidth_gbs: float | None,
                     dur_s: float) -> dict[str, Any]:
-    from .roofline import STAGES, stage_bytes
-    from ..config import SLIDING
+    from .. import models
 
-    if cfg is None or name not in STAGES or "T" not in args:
+    if cfg is None or "T" not in args:
         return {}
-    lt = args.get("layer_type", SLIDING)
+    stage_bytes = models.spec_for_config(cfg).extras.get("trace_roofline")
+    if stage_bytes is None:
+        return {}
     T, L = int(args["T"]), int(args.get("L", 0))
-    try:
-        nbytes = stage_bytes(cfg, name, lt, T, L, quant, rows_per_seq=int(args.get("rows_per_seq", T)),
-                             hash_layer=bool(args.get("hash_layer", False)))
-    except ValueError:
+    nbytes = stage_bytes(cfg, name, args.get("layer_type"), T, L, quant,
+                         rows_per_seq=int(args.get("rows_per_seq", T)), hash_layer=bool(args.get("hash_layer", False)))
+    if nbytes is None:
         return {}
     out: dict[str, Any] = {"bytes": nbytes}
     if dur_s > 0:

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..config_qwen3 import Qwen3Config
-from .cache import CacheOverflowError
+from ..models.qwen3.config import Qwen3Config
+from ..errors import CacheOverflowError
 
 __all__ = ["PagedKVCache", "CacheOverflowError"]
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_kernels.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
+from llm_kernels.errors import CheckpointError
+from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
 from llm_kernels.checkpoint.quantized import quantize_checkpoint
-from llm_kernels.config import preset
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight
+from llm_kernels.models import preset
+from llm_kernels.numerics.quant import QuantWeight
 
 
 @pytest.fixture(scope="module")

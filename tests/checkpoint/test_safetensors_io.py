@@ -13,17 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llm_kernels.checkpoint import (
-    FP32_TENSOR_SUFFIXES,
-    CheckpointError,
-    canonical_name,
-    checkpoint_nbytes,
-    expected_tensors,
-    is_fp32_tensor,
-    load_checkpoint,
-    write_random_checkpoint,
-)
-from llm_kernels.config import ConfigError, DeepSeekV4Config, preset
+from llm_kernels.checkpoint import checkpoint_nbytes, expected_tensors, load_checkpoint, write_random_checkpoint
+from llm_kernels.models.deepseek_v4.weights import FP32_TENSOR_SUFFIXES, canonical_name, is_fp32_tensor
+from llm_kernels.errors import CheckpointError, ConfigError
+from llm_kernels.models.deepseek_v4.config import DeepSeekV4Config
+from llm_kernels.models import preset
 
 ST = "model.safetensors"
 INDEX = "model.safetensors.index.json"

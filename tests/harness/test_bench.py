@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_kernels.config import CSA, HCA, SLIDING, preset
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING
+from llm_kernels.models import preset
 from llm_kernels.harness import roofline as rf
 from llm_kernels.harness.bench import (
     COLD_BYTES,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_kernels.config import Qwen3Config, qwen3_preset
+from llm_kernels.models.qwen3.config import Qwen3Config, qwen3_preset
 from llm_kernels.harness import roofline_qwen3 as rq
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _cfg() -> Qwen3Config:
 
 # ============================================================ byte model
 def test_stage_names_match_engine():
-    from llm_kernels.runtime.qwen3_engine import STAGES
+    from llm_kernels.runtime.qwen3.stages import STAGES
 
     assert rq.STAGES == STAGES
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from llm_kernels.checkpoint import write_random_checkpoint
-from llm_kernels.config import preset
-from llm_kernels.harness import cases_deepseek_v4 as cases
+from llm_kernels.models import preset
+from llm_kernels.models.deepseek_v4 import golden as cases
 from llm_kernels.harness.runner import main
 
 

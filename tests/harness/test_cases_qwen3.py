@@ -8,8 +8,8 @@ import dataclasses
 import torch
 
 from llm_kernels.checkpoint import write_random_checkpoint
-from llm_kernels.config import preset
-from llm_kernels.harness import cases_qwen3
+from llm_kernels.models import preset
+from llm_kernels.models.qwen3 import golden as cases_qwen3
 from llm_kernels.harness.runner import main, run_case
 
 

@@ -41,9 +41,9 @@ from helpers import (
     max_abs,
     token_ids,
 )
-from llm_kernels.config import SLIDING
+from llm_kernels.models.deepseek_v4.config import SLIDING
 from llm_kernels.reference.deepseek_v4 import model
-from llm_kernels.runtime.engine import DeepSeekV4Engine
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
 T_PROMPT = 300
 

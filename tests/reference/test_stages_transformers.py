@@ -30,14 +30,16 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 )
 
 from helpers import CASE_NAMES, EPS32, max_abs, randn, token_ids
-from llm_kernels.config import CSA, HCA, SLIDING, preset
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING
+from llm_kernels.models import preset
 from llm_kernels.harness import TopKTieAware
 from llm_kernels.reference.deepseek_v4 import compressor as C
 from llm_kernels.reference.deepseek_v4 import hc as HC
 from llm_kernels.reference.deepseek_v4 import indexer as IX
 from llm_kernels.reference.deepseek_v4 import model
 from llm_kernels.reference.deepseek_v4 import moe as MOE
-from llm_kernels.reference.deepseek_v4.common import apply_rope, rope_cos_sin, rope_inv_freq
+from llm_kernels.reference.deepseek_v4.common import apply_rope, rope_cos_sin
+from llm_kernels.numerics.rope import rope_inv_freq
 from llm_kernels.reference.deepseek_v4.qkv_proj_rope import qkv_proj_rope
 
 F32, BF16 = torch.float32, torch.bfloat16

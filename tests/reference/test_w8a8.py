@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_kernels.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
+from llm_kernels.errors import CheckpointError
+from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
 from llm_kernels.checkpoint.quantized import quantize_checkpoint
-from llm_kernels.config import preset
+from llm_kernels.models import preset
 from llm_kernels.reference.deepseek_v4 import model
 from llm_kernels.reference.deepseek_v4.indexer import (indexer_keys_int8, indexer_query, indexer_query_int8,
                                                        indexer_scores, indexer_scores_int8)
-from llm_kernels.reference.deepseek_v4.quant import (QuantWeight, hadamard, int8_matmul, quant_per_row,
-                                                     quantize_weight, w8a8_linear)
+from llm_kernels.numerics.quant import QuantWeight, hadamard, int8_matmul, quant_per_row, quantize_weight, w8a8_linear
 from llm_kernels.reference.deepseek_v4.sparse_attn import grouped_output_proj
-from llm_kernels.runtime.engine import DeepSeekV4Engine
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
 G = torch.Generator().manual_seed(0)
 

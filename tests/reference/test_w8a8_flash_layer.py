@@ -10,7 +10,8 @@ import torch
 from llm_kernels.checkpoint.names import expected_tensors
 from llm_kernels.checkpoint.quantized import quantize_weights
 from llm_kernels.checkpoint.writer import _random_tensor
-from llm_kernels.config import CSA, HCA, SLIDING, preset
+from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING
+from llm_kernels.models import preset
 from llm_kernels.reference.deepseek_v4 import model
 
 BF = torch.bfloat16
@@ -30,7 +31,7 @@ def test_flash_dims_layer_w8a8_vs_bf16(layer_type):
             t = _random_tensor(name, info, cfg, seed=1, weight_scale=1.0)
             w[name] = t if t.dtype == torch.int64 or "hc_" in name or name.endswith(
                 ("ape", "attn_sink", "gate.bias", "norm.weight")) else t.to(BF)
-    wq = quantize_weights(w)
+    wq = quantize_weights(w, cfg)
     T = 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, 1, cfg.hidden_size, generator=g).to(BF).float().expand(T, cfg.hc_mult, -1).contiguous()

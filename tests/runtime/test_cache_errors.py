@@ -14,8 +14,8 @@ import torch
 
 from helpers import assert_close_fp32, token_ids
 from llm_kernels.reference.deepseek_v4 import model
-from llm_kernels.runtime.cache import CacheOverflowError
-from llm_kernels.runtime.engine import DeepSeekV4Engine
+from llm_kernels.errors import CacheOverflowError
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
 NAME = "mini"
 CAP = 136  # room for one ratio-128 entry; 136 = 34 ratio-4 windows

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_kernels.config import preset
-from llm_kernels.runtime.cache import CacheOverflowError
+from llm_kernels.models import preset
+from llm_kernels.errors import CacheOverflowError
 from llm_kernels.runtime.paged_cache import PagedKVCache
 
 CFG = preset("qwen3-mini", num_hidden_layers=1)

@@ -597,7 +597,7 @@ class W8A8Linear:
     def from_float(cls, w: Any, layout: str | None = None) -> W8A8Linear:
         """Quantise a float weight ``[N, K]`` per output channel with the golden recipe
         (``reference.deepseek_v4.quant.quantize_weight``) and pack it."""
-        from ...reference.deepseek_v4.quant import quantize_weight
+        from ...numerics.quant import quantize_weight
 
         return cls.from_quant_weight(quantize_weight(w), layout)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
@@ -73,7 +73,7 @@ def _head_weights(x: torch.Tensor, weights_proj: torch.Tensor, n_heads: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """``w = (x @ weights_projᵀ) · IH^-0.5`` (the reference's ``linear`` and scalar multiply)."""
     if isinstance(weights_proj, QuantWeight):  # not used by the engine; keep the reference's math
-        from ...reference.deepseek_v4.common import linear
+        from ...numerics.linear import linear
         return linear(x, weights_proj, dtype) * n_heads ** -0.5
     w, _ = linear_pair(x, weights_proj, None, dtype)
     return torch.from_numpy(w).mul_(n_heads ** -0.5)

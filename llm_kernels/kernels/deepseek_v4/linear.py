@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..common.gemm import W8A8Linear
-from ...reference.deepseek_v4.common import linear as _ref_linear
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.linear import linear as _ref_linear
+from ...numerics.quant import QuantWeight
 
 __all__ = ["linear", "packed_linear", "clear_cache"]
 

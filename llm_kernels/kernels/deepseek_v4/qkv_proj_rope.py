@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from ..common.jit import njit_kernel
 
 

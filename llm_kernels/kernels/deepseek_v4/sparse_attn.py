@@ -78,7 +78,7 @@ from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from ..common.x86 import bf16_dot_tile as _bf16_dot_tile
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 
 __all__ = ["sparse_attn", "grouped_output_proj", "clear_cache", "WO_A_NUMBA_MAX_T"]
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import load_f32
 from ..common.gemm import PackedW8A8, pack_w8a8

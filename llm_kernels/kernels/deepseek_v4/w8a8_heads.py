@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from ..common.gemm import PackedW8A8
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
-from ...reference.deepseek_v4.quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as rnd

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from ...config import CSA, HCA, SLIDING, DeepSeekV4Config
-from .common import linear, rms_norm, rnd, rope_cos_sin
+from ...models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
+from ...numerics.linear import linear
+from .common import rms_norm, rope_cos_sin
+from ...numerics.rounding import rnd
 from .compressor import compress_windows, compressor_project
 from .hc import hc_head, hc_post, hc_pre
 from .indexer import (indexer_keys_int8, indexer_query, indexer_query_int8, indexer_scores,
                       indexer_scores_int8, indexer_topk)
-from .quant import QuantWeight
+from ...numerics.quant import QuantWeight
 from .moe import gate, moe
 from .qkv_proj_rope import qkv_proj_rope
 from .sparse_attn import sparse_attn

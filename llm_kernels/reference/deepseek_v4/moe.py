@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import linear, rnd
+from ...numerics.linear import linear
+from ...numerics.rounding import rnd
 
 __all__ = ["score_fn", "gate", "expert_swiglu", "moe"]
 

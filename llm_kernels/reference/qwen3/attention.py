@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import matmul, rnd
+from ...numerics.linear import matmul
+from ...numerics.rounding import rnd
 
 __all__ = ["attention"]
 

@@ -1,4 +1,4 @@
-"""Shared Qwen3 reference math: rounding, linear, RMSNorm, rotate-half RoPE.
+"""Qwen3 reference math shared by its stages: RMSNorm, rotate-half RoPE.
 
 Source: transformers ``Qwen3RMSNorm``, ``Qwen3RotaryEmbedding``, ``rotate_half`` /
 ``apply_rotary_pos_emb`` (``models/qwen3/modeling_qwen3.py``); YaRN inverse frequencies
@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ...config import RopeParameters
-from ..deepseek_v4.common import linear, matmul, rnd, rope_inv_freq
+from ...numerics.rope import RopeParameters, rope_inv_freq
+from ...numerics.rounding import rnd
 
-__all__ = ["rnd", "linear", "matmul", "rms_norm", "rope_cos_sin", "apply_rope", "rotate_half", "check_dtype"]
-
-
-def check_dtype(dtype: torch.dtype) -> None:
-    """Raise ValueError unless ``dtype`` is float32 or bfloat16 (the two compute modes)."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+__all__ = ["rms_norm", "rope_cos_sin", "apply_rope", "rotate_half"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:

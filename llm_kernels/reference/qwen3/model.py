@@ -1,7 +1,7 @@
 """Qwen3 decoder: layer weights, one decoder layer, and a stateless full forward.
 
 Weight names are transformers' ``Qwen3ForCausalLM`` names (``model.layers.{i}.self_attn.q_proj.weight``
-...; see :mod:`llm_kernels.checkpoint.qwen3_names`). ``lm_head.weight`` is absent when
+...; see :mod:`llm_kernels.models.qwen3.weights`). ``lm_head.weight`` is absent when
 ``tie_word_embeddings`` is set (the head is ``model.embed_tokens.weight``).
 
 Source: transformers ``models/qwen3/modeling_qwen3.py`` (``Qwen3DecoderLayer``,
@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from ...config_qwen3 import Qwen3Config
+from ...models.qwen3.config import Qwen3Config
 from .attention import attention
-from .common import check_dtype, linear, rms_norm, rnd, rope_cos_sin
+from ...numerics.rounding import check_dtype, rnd
+from ...numerics.linear import linear
+from .common import rms_norm, rope_cos_sin
 from .mlp import down_residual, gate_up_swiglu
 from .o_proj import o_proj_residual_norm
 from .qk_norm_rope import qk_norm_rope

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import linear, rms_norm, rnd
+from ...numerics.linear import linear
+from .common import rms_norm
+from ...numerics.rounding import rnd
 
 __all__ = ["o_proj_residual_norm"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import linear, rms_norm
+from ...numerics.linear import linear
+from .common import rms_norm
 
 __all__ = ["input_norm_qkv"]
 

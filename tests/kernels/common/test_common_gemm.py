@@ -11,12 +11,7 @@ from llm_kernels.harness import AllClose, GoldenCase, Normal, TensorSpec, run_ca
 from llm_kernels.kernels.common import gemm as G
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.common.quant import quant_rows
-from llm_kernels.reference.deepseek_v4.quant import (
-    int8_matmul,
-    quant_per_row,
-    quantize_weight,
-    w8a8_linear,
-)
+from llm_kernels.numerics.quant import int8_matmul, quant_per_row, quantize_weight, w8a8_linear
 
 SHAPES = [(128, 64), (100, 37), (7168, 64), (4096, 33)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16]

@@ -80,7 +80,7 @@ def test_force_fallback_env_in_subprocess():
     code = textwrap.dedent("""
         import torch
         from llm_kernels.kernels.common import jit, W8A8Linear
-        from llm_kernels.reference.deepseek_v4.quant import quantize_weight, w8a8_linear
+        from llm_kernels.numerics.quant import quantize_weight, w8a8_linear
         assert jit.FORCE_FALLBACK and not jit.USE_VNNI, jit.dispatch_info()
         assert jit.dispatch_path() == "fallback"
         g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 
 from llm_kernels.harness import AllClose, GoldenCase, TensorSpec, run_case
 from llm_kernels.kernels.common.quant import quant_rows
-from llm_kernels.reference.deepseek_v4.quant import quant_per_row
+from llm_kernels.numerics.quant import quant_per_row
 
 
 def _row_scaled(std_exp: float, seed: int):

@@ -29,7 +29,7 @@ Tolerances (observed values in brackets, Flash dims, this machine):
 
 Also: edge cases (duplicate / padding-only index rows, out-of-range index), bitwise
 determinism for 1 vs 2 Numba threads (and 1 vs 2 torch threads, which the bmm/linear calls
-inside the kernels use), and an end-to-end check of ``DeepSeekV4Engine(ops=get_ops("fused"))``
+inside the kernels use), and an end-to-end check of ``DeepSeekV4Engine(ops=FUSED_OPS)``
 against the reference backend on a random mini checkpoint.
 
 ``python tests/kernels/deepseek_v4/test_attn_moe.py bench`` (or ``pytest -m slow -k bench
@@ -46,7 +46,7 @@ import numba
 import pytest
 import torch
 
-from llm_kernels.config import preset
+from llm_kernels.models import preset
 from llm_kernels.harness import (AllClose, Comparator, GoldenCase, Normal, RandInt, RatioAllClose, TensorSpec,
                                  TopKTieAware, run_case)
 from llm_kernels.kernels.deepseek_v4 import linear as KL
@@ -55,10 +55,11 @@ from llm_kernels.kernels.deepseek_v4 import norm as KN
 from llm_kernels.kernels.deepseek_v4 import sparse_attn as KA
 from llm_kernels.reference.deepseek_v4 import moe as RM
 from llm_kernels.reference.deepseek_v4 import sparse_attn as RA
-from llm_kernels.reference.deepseek_v4.common import linear as r_linear
+from llm_kernels.numerics.linear import linear as r_linear
 from llm_kernels.reference.deepseek_v4.common import rms_norm as r_rms_norm
-from llm_kernels.reference.deepseek_v4.common import rnd, rope_cos_sin
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight, quantize_weight
+from llm_kernels.numerics.rounding import rnd
+from llm_kernels.reference.deepseek_v4.common import rope_cos_sin
+from llm_kernels.numerics.quant import QuantWeight, quantize_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -437,8 +438,8 @@ def mini_checkpoint(tmp_path_factory):
 
 def _engine_logits(ckpt, dtype, quant, backend, ids, prefill=40):
     from llm_kernels.checkpoint import load_checkpoint
-    from llm_kernels.runtime.backends import get_ops
-    from llm_kernels.runtime.engine import DeepSeekV4Engine
+    from llm_kernels.runtime.deepseek_v4.stages import stages as get_ops
+    from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
     cfg, w = load_checkpoint(ckpt, dtype=dtype, quant=quant, progress=False)
     eng = DeepSeekV4Engine(w, cfg, dtype=dtype, max_seq_len=len(ids) + 8, ops=get_ops(backend))

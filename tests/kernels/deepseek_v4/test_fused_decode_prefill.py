@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
-from llm_kernels.config import preset
-from llm_kernels.runtime.backends import get_ops
-from llm_kernels.runtime.engine import DeepSeekV4Engine
+from llm_kernels.models import preset
+from llm_kernels.runtime.deepseek_v4.stages import FUSED_OPS
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def ckpt(tmp_path_factory):
 
 def _run(ckpt, dtype, quant):
     cfg, w = load_checkpoint(ckpt, dtype=dtype, progress=False, quant=quant)
-    ops = get_ops("fused")
+    ops = FUSED_OPS
     ids = [(11 * i + 5) % cfg.vocab_size for i in range(150)]  # crosses position 127 (HCA emits)
     e = DeepSeekV4Engine(w, cfg, dtype, max_seq_len=150, ops=ops)
     _, (full,) = e.prefill([ids])

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from llm_kernels.checkpoint import write_random_checkpoint
-from llm_kernels.config import preset
+from llm_kernels.models import preset
 
 SCRIPT = r"""
 import sys, torch
 from safetensors.torch import save_file
 from llm_kernels.checkpoint import load_checkpoint
-from llm_kernels.runtime.backends import get_ops
-from llm_kernels.runtime.engine import DeepSeekV4Engine
+from llm_kernels.runtime.deepseek_v4.stages import FUSED_OPS
+from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 ckpt, out = sys.argv[1], sys.argv[2]
 cfg, w = load_checkpoint(ckpt, dtype=torch.bfloat16, progress=False, quant="w8a8")
-eng = DeepSeekV4Engine(w, cfg, torch.bfloat16, max_seq_len=64, ops=get_ops("fused"))
+eng = DeepSeekV4Engine(w, cfg, torch.bfloat16, max_seq_len=64, ops=FUSED_OPS)
 ids = [(7 * i + 3) % cfg.vocab_size for i in range(40)]
 (a, b), (la, lb) = eng.prefill([ids[:30], ids[:17]])
 rows = [la, lb]

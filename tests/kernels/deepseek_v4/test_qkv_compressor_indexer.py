@@ -32,7 +32,7 @@ import numba
 import pytest
 import torch
 
-from llm_kernels.config import preset
+from llm_kernels.models import preset
 from llm_kernels.harness import (
     AllClose,
     GoldenCase,
@@ -50,7 +50,7 @@ from llm_kernels.reference.deepseek_v4 import compressor as RC
 from llm_kernels.reference.deepseek_v4 import indexer as RI
 from llm_kernels.reference.deepseek_v4 import qkv_proj_rope as RQ
 from llm_kernels.reference.deepseek_v4.common import rope_cos_sin
-from llm_kernels.reference.deepseek_v4.quant import quant_per_row, quantize_weight
+from llm_kernels.numerics.quant import quant_per_row, quantize_weight
 
 BF16, F32 = torch.bfloat16, torch.float32
 ROPE = preset("flash").rope_compress  # YaRN profile: the harder (scaled) frequencies
@@ -478,7 +478,7 @@ def mini_checkpoint(tmp_path_factory):
 
 
 def _run_engine(weights, cfg, dtype, ops):
-    from llm_kernels.runtime.engine import DeepSeekV4Engine
+    from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (40,), generator=g).tolist()
@@ -499,15 +499,15 @@ def test_engine_fused_backend_matches_reference(mini_checkpoint, quant):
     from types import SimpleNamespace
 
     from llm_kernels.checkpoint import load_checkpoint
-    from llm_kernels.runtime.backends import backend_stages, get_ops
-    from llm_kernels.runtime.engine import REFERENCE_OPS
+    from llm_kernels.runtime.deepseek_v4.stages import FUSED_OPS, backend_stages
+    from llm_kernels.runtime.deepseek_v4.stages import REFERENCE_OPS
 
     cfg, w = load_checkpoint(mini_checkpoint, dtype=F32, progress=False, quant=quant)
     mine = ("qkv_proj_rope", "compressor_project", "compress_windows", "indexer_query", "indexer_scores",
             "indexer_topk", "indexer_query_int8", "indexer_keys_int8", "indexer_scores_int8")
     stages = backend_stages("fused")
     assert all(stages[s] == "fused" for s in mine)
-    fused_ops = get_ops("fused")
+    fused_ops = FUSED_OPS
     assert all(getattr(fused_ops, s).__module__.startswith("llm_kernels.kernels.deepseek_v4.") for s in mine)
     ref = _run_engine(w, cfg, F32, REFERENCE_OPS)
     only_mine = SimpleNamespace(**{**vars(REFERENCE_OPS), **{s: getattr(fused_ops, s) for s in mine}})

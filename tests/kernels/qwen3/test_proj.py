@@ -29,7 +29,7 @@ from llm_kernels.kernels.qwen3 import mlp as KM
 from llm_kernels.kernels.qwen3 import o_proj as KO
 from llm_kernels.kernels.qwen3 import proj_common as PC
 from llm_kernels.kernels.qwen3 import qkv_proj as KQ
-from llm_kernels.reference.deepseek_v4.quant import QuantWeight, quantize_weight
+from llm_kernels.numerics.quant import QuantWeight, quantize_weight
 from llm_kernels.reference.qwen3 import mlp as RM
 from llm_kernels.reference.qwen3 import o_proj as RO
 from llm_kernels.reference.qwen3 import qkv_proj as RQ

@@ -12,9 +12,10 @@ import numba
 import pytest
 import torch
 
-from llm_kernels.config import RopeParameters
+from llm_kernels.numerics.rope import RopeParameters
 from llm_kernels.kernels.qwen3.qk_norm_rope import qk_norm_rope_cache
-from llm_kernels.reference.qwen3.common import rnd, rope_cos_sin
+from llm_kernels.numerics.rounding import rnd
+from llm_kernels.reference.qwen3.common import rope_cos_sin
 from llm_kernels.reference.qwen3.qk_norm_rope import qk_norm_rope
 
 DTYPES = [torch.float32, torch.bfloat16]

@@ -19,8 +19,8 @@ import torch
 from helpers import assert_close_fp32, cosine, hf_cached_run, hf_logits, max_abs
 from qwen3_helpers import Q3_CASE_NAMES, q3_ids
 from llm_kernels.reference.qwen3 import model
-from llm_kernels.runtime.backends import get_ops
-from llm_kernels.runtime.qwen3_engine import Qwen3Engine
+from llm_kernels.runtime.qwen3.stages import stages
+from llm_kernels.runtime.qwen3.engine import Qwen3Engine
 
 T_PROMPT = 160
 BF16_MIN_COSINE = 0.9999
@@ -53,7 +53,7 @@ def test_forward_bf16_matches_transformers(qwen3_zoo, name):
 def _engine(qwen3_zoo, name, dtype, backend="reference", quant=None, block_size=16, max_seq_len=512, **kw):
     cfg, w = qwen3_zoo.ours(name, dtype, quant)
     return Qwen3Engine(w, cfg, dtype=dtype, max_seq_len=max_seq_len, block_size=block_size,
-                       ops=get_ops(backend, "qwen3"), **kw)
+                       ops=stages(backend), **kw)
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
@@ -170,7 +170,7 @@ def test_w8a8_engine_matches_w8a8_golden(qwen3_zoo, backend):
 
 def test_engine_errors_leave_cache_unchanged(qwen3_zoo):
     """Capacity, unknown id, vocab and shape errors are raised before anything changes."""
-    from llm_kernels.runtime.cache import CacheOverflowError
+    from llm_kernels.errors import CacheOverflowError
 
     eng = _engine(qwen3_zoo, "mini", torch.float32, max_seq_len=20, block_size=8, num_blocks=5)
     (a,), _ = eng.prefill([list(range(15))])

@@ -19,9 +19,9 @@ import torch
 from transformers.models.qwen3 import modeling_qwen3 as hf
 
 from helpers import EPS32, max_abs
-from llm_kernels.config import preset
+from llm_kernels.models import preset
 from llm_kernels.reference.qwen3 import common, mlp, o_proj, qk_norm_rope, qkv_proj
-from llm_kernels.runtime.backends import get_ops
+from llm_kernels.runtime.qwen3.stages import stages
 
 CFG = preset("qwen3-mini")
 BACKENDS = ["reference", "fused"]
@@ -104,7 +104,7 @@ def _w(layer, name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_input_norm_qkv_matches_transformers(backend, dtype):
     layer = _layer(dtype)
-    ops = get_ops(backend, "qwen3")
+    ops = stages(backend)
     x = _x(5, CFG.hidden_size, seed=3, dtype=dtype)
     q, k, v = ops.input_norm_qkv(x, _w(layer, "input_layernorm.weight"), _w(layer, "self_attn.q_proj.weight"),
                                  _w(layer, "self_attn.k_proj.weight"), _w(layer, "self_attn.v_proj.weight"),
@@ -122,7 +122,7 @@ def test_qk_norm_rope_matches_transformers(backend, dtype):
     """q/k norm + RoPE (+ cache write for the paged op) vs transformers' q_norm/k_norm and
     ``apply_rotary_pos_emb`` at positions 0..40 and 3000 (large angles)."""
     layer = _layer(dtype, seed=1)
-    ops = get_ops(backend, "qwen3")
+    ops = stages(backend)
     T, nq, nkv, D = 6, CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
     q, k, v = (_x(T, n * D, seed=s, scale=2.0, dtype=dtype) for n, s in ((nq, 4), (nkv, 5), (nkv, 6)))
     pos = torch.tensor([0, 1, 17, 40, 3000, 3001])
@@ -149,7 +149,7 @@ def test_qk_norm_rope_matches_transformers(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_o_proj_and_mlp_match_transformers(backend, dtype):
     layer = _layer(dtype, seed=2)
-    ops = get_ops(backend, "qwen3")
+    ops = stages(backend)
     T = 3
     attn = _x(T, CFG.q_size, seed=7, scale=1.0, dtype=dtype)
     res = _x(T, CFG.hidden_size, seed=8, scale=1.0, dtype=dtype)

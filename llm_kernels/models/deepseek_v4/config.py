@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_common import ConfigError, RopeParameters, read_config_json
-from .config_qwen3 import QWEN3_PRESETS, Qwen3Config, qwen3_preset
+from ...errors import ConfigError
+from ...numerics.rope import RopeParameters
+from ..config_base import read_config_json, rope_from_hf
 
 __all__ = [
     "ConfigError",
@@ -28,9 +29,9 @@ __all__ = [
     "MLP_LAYER_TYPES",
     "PRESETS",
     "preset",
-    "Qwen3Config",
-    "load_config",
-    "ModelConfig",
+    "SLIDING",
+    "CSA",
+    "HCA",
 ]
 
 
@@ -274,14 +275,14 @@ class DeepSeekV4Config:
             extra = set(rp) - {"main", "compress"}
             if extra:
                 raise ConfigError(f"rope_parameters has unknown keys {sorted(extra)} next to main/compress")
-            main = RopeParameters.from_hf(rp["main"], rope_theta, "main")
-            comp = RopeParameters.from_hf(rp["compress"], compress_theta, "compress")
+            main = rope_from_hf(rp["main"], rope_theta, "main")
+            comp = rope_from_hf(rp["compress"], compress_theta, "compress")
         else:
             flat = dict(rp or d.get("rope_scaling") or {})
             flat.pop("rope_theta", None)
             main = RopeParameters("default", rope_theta)
             flat["rope_theta"] = compress_theta
-            comp = RopeParameters.from_hf(flat, compress_theta, "compress")
+            comp = rope_from_hf(flat, compress_theta, "compress")
         for label, rpd in (("main", main), ("compress", comp)):
             sub = rp.get(label) if isinstance(rp.get(label), dict) else None
             if sub and sub.get("partial_rotary_factor") is not None and \
@@ -388,16 +389,11 @@ PRESETS = {"mini": _mini, "flash": _flash, "pro": _pro}
 
 def preset(name: str, num_hidden_layers: int | None = None,
            n_routed_experts: int | None = None) -> DeepSeekV4Config:
-    """A preset config (``mini``, ``flash``, ``pro``; ``qwen3-mini``, ``qwen3-32b`` return a
-    :class:`Qwen3Config`), optionally truncated to the first
+    """A DeepSeek-V4 preset config (``mini``, ``flash``, ``pro``), optionally truncated to the first
     ``num_hidden_layers`` layers (keeping their schedule) and/or ``n_routed_experts``
     experts (top-k is capped at the expert count). Raises ConfigError for an unknown name."""
-    if name in QWEN3_PRESETS:
-        if n_routed_experts is not None:
-            raise ConfigError(f"preset {name!r} is a dense model: --experts does not apply")
-        return qwen3_preset(name, num_hidden_layers)
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + sorted(QWEN3_PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     changes: dict[str, Any] = {}
     if num_hidden_layers is not None:
@@ -414,24 +410,3 @@ def preset(name: str, num_hidden_layers: int | None = None,
         changes.update(n_routed_experts=n_routed_experts,
                        num_experts_per_tok=min(cfg.num_experts_per_tok, n_routed_experts))
     return cfg.replace(**changes) if changes else cfg
-
-
-
-
-# ---------------------------------------------------------------------- model dispatch
-
-ModelConfig = DeepSeekV4Config | Qwen3Config
-_BY_MODEL_TYPE = {"deepseek_v4": DeepSeekV4Config, "qwen3": Qwen3Config}
-
-
-def load_config(path: str | Path) -> ModelConfig:
-    """Read ``config.json`` (or a directory holding it) and return the config class its
-    ``model_type`` names (``deepseek_v4`` -> :class:`DeepSeekV4Config`, ``qwen3`` ->
-    :class:`Qwen3Config`; a missing model_type reads as ``deepseek_v4``, the project's
-    original format). Raises ConfigError for a missing file, bad JSON or an unsupported
-    model_type (the message lists the supported ones)."""
-    p, d = read_config_json(path)
-    mt = d.get("model_type", "deepseek_v4")
-    if mt not in _BY_MODEL_TYPE:
-        raise ConfigError(f"{p}: model_type {mt!r} is not supported; expected one of {sorted(_BY_MODEL_TYPE)}")
-    return _BY_MODEL_TYPE[mt].from_hf_dict(d)

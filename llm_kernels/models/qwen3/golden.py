@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import AllClose, CosineAtLeast
-from .runner import GoldenCase
-from .spec import Normal, RandInt, TensorSpec
+from ...harness.compare import AllClose, CosineAtLeast
+from ...harness.runner import GoldenCase
+from ...harness.spec import Normal, RandInt, TensorSpec
 
 __all__ = ["build_cases", "default_qwen3_checkpoint"]
 
@@ -32,26 +32,21 @@ _BF16_ONCE = AllClose(rtol=2.0 ** -8, atol=1e-5)
 
 def default_qwen3_checkpoint() -> Path:
     """``qwen3-mini`` (seed 0, float32) in the llm_kernels cache dir, written on first use."""
-    from ..checkpoint import write_random_checkpoint
-    from ..cli import _cache_root
-    from ..config import preset
+    from ...checkpoint.defaults import default_checkpoint
 
-    out = _cache_root() / "qwen3-mini-seed0"
-    if not (out / "config.json").exists():
-        write_random_checkpoint(preset("qwen3-mini"), out, seed=0, dtype=torch.float32, progress=False)
-    return out
+    return default_checkpoint("qwen3-mini", seed=0, dtype=torch.float32, progress=False)
 
 
 def _ops(backend: str):
-    from ..runtime.backends import get_ops
+    from ...runtime.qwen3.stages import stages
 
-    return get_ops(backend, "qwen3")
+    return stages(backend)
 
 
 def _stage_cases(tag: str, hidden: int, nq: int, nkv: int, D: int, inter: int, T: int) -> list[GoldenCase]:
-    from ..reference.deepseek_v4.quant import quantize_weight
-    from ..reference.qwen3.common import rope_cos_sin
-    from ..config import RopeParameters
+    from ...numerics.quant import quantize_weight
+    from ...reference.qwen3.common import rope_cos_sin
+    from ...numerics.rope import RopeParameters
 
     bf = torch.bfloat16
     cases = []
@@ -143,7 +138,7 @@ def build_cases(checkpoint: Path | None = None) -> list[GoldenCase]:
     cases += _stage_cases("odd", hidden=200, nq=5, nkv=1, D=40, inter=333, T=3)
 
     def load(dtype, quant=None):
-        from ..checkpoint import load_checkpoint
+        from ...checkpoint import load_checkpoint
 
         return load_checkpoint(checkpoint or default_qwen3_checkpoint(), dtype=dtype, progress=False, quant=quant)
 
@@ -152,13 +147,13 @@ def build_cases(checkpoint: Path | None = None) -> list[GoldenCase]:
         prompt, steps = 24, 40
 
         def golden(v, dtype=dtype, quant=quant):
-            from ..reference.qwen3.model import forward
+            from ...reference.qwen3.model import forward
 
             cfg, w = load(dtype, quant)
             return {"logits": forward(w, cfg, v["ids"], dtype)[prompt - 1:]}
 
         def impl(v, dtype=dtype, quant=quant):
-            from ..runtime.qwen3_engine import Qwen3Engine
+            from ...runtime.qwen3.engine import Qwen3Engine
 
             cfg, w = load(dtype, quant)
             eng = Qwen3Engine(w, cfg, dtype, max_seq_len=prompt + steps, block_size=16, ops=_ops("fused"))
@@ -176,7 +171,7 @@ def build_cases(checkpoint: Path | None = None) -> list[GoldenCase]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runner import main as run_main
+    from ...harness.runner import main as run_main
 
     ckpt = os.environ.get("LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT")
     return run_main(build_cases(Path(ckpt) if ckpt else None), argv)

@@ -4,9 +4,11 @@ sequences of different lengths.
 Tokens of all sequences in a step are packed into one [ΣT] axis for the per-token stages
 (hc_pre/hc_post, norms, qkv_proj_rope, gate, experts, lm_head); attention runs per
 sequence over a KV pool laid out as ``[window rows | this step's rows | compressed
-entries]``. The stage functions come from an ``ops`` namespace (default: the torch
-reference, :mod:`llm_kernels.reference.deepseek_v4`), so fast kernels can be swapped in
-stage by stage.
+entries]``. The stage functions come from an ``ops`` namespace (:mod:`.stages`:
+``REFERENCE_OPS``, the torch reference, or ``FUSED_OPS``, the kernels). Sequence
+bookkeeping, validation and logits rows are the shared :class:`EngineCore`'s; the
+per-layer sublayers :meth:`DeepSeekV4Engine.attention_block` and
+:meth:`DeepSeekV4Engine.ffn_block` are public so the layer benchmark can time them.
 
 Spec: ``shared/design/deepseek_v4_architecture.md`` §2, §7.3, §9.1, §11.
 """
@@ -18,34 +20,19 @@ from typing import Sequence
 
 import torch
 
-from ..config import HCA, SLIDING, DeepSeekV4Config
-from ..reference.deepseek_v4 import compressor as _cmp
-from ..reference.deepseek_v4 import hc as _hc
-from ..reference.deepseek_v4 import indexer as _idx
-from ..reference.deepseek_v4 import model as _model
-from ..reference.deepseek_v4 import moe as _moe
-from ..reference.deepseek_v4 import qkv_proj_rope as _qkv
-from ..reference.deepseek_v4 import sparse_attn as _attn
-from ..reference.deepseek_v4.common import linear, rms_norm, rope_cos_sin
-from ..reference.deepseek_v4.quant import QuantWeight
-from .cache import CacheOverflowError, CompressorState, SequenceCache
-from .timing import StageTimer
+from ...errors import CacheOverflowError
+from ...models.deepseek_v4.config import HCA, SLIDING, DeepSeekV4Config
+from ...numerics.quant import QuantWeight
+from ...reference.deepseek_v4 import model as _model
+from ..engine_core import EngineCore
+from ..timing import StageTimer
+from .cache import CompressorState, SequenceCache
+from .stages import REFERENCE_OPS
 
-__all__ = ["REFERENCE_OPS", "DeepSeekV4Engine", "CacheOverflowError"]
-
-REFERENCE_OPS = SimpleNamespace(
-    embed=_model.embed, hc_pre=_hc.hc_pre, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
-    linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
-    compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
-    indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
-    indexer_query_int8=_idx.indexer_query_int8, indexer_keys_int8=_idx.indexer_keys_int8,
-    indexer_scores_int8=_idx.indexer_scores_int8,
-    sparse_attn=_attn.sparse_attn, sparse_attn_core=_attn.sparse_attn_core,
-    grouped_output_proj=_attn.grouped_output_proj, gate=_moe.gate, moe=_moe.moe,
-)
+__all__ = ["DeepSeekV4Engine", "CacheOverflowError"]
 
 
-class DeepSeekV4Engine:
+class DeepSeekV4Engine(EngineCore):
     """Runs DeepSeek-V4 incrementally over per-sequence caches.
 
     Args:
@@ -54,98 +41,69 @@ class DeepSeekV4Engine:
         dtype: activation storage dtype, ``torch.float32`` or ``torch.bfloat16``.
         max_seq_len: cache capacity per sequence (tokens); exceeding it raises
             :class:`CacheOverflowError`.
-        ops: stage implementations (default :data:`REFERENCE_OPS`).
+        ops: stage implementations (default :data:`.stages.REFERENCE_OPS`).
         timer: optional :class:`StageTimer` collecting per-stage seconds.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
                  ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        self.w, self.cfg, self.dtype, self.max_seq_len = weights, cfg, dtype, max_seq_len
-        self.ops = ops
-        self.timer = timer or StageTimer(enabled=False)
+        super().__init__(cfg, dtype, timer)
+        self.w, self.max_seq_len, self.ops = weights, max_seq_len, ops
         self.seqs: dict[int, SequenceCache] = {}
-        self._next_id = 0
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
 
-    # ------------------------------------------------------------------ sequences
-    def add_sequence(self) -> int:
-        """Create an empty sequence cache and return its id."""
-        sid = self._next_id
-        self._next_id += 1
+    # ------------------------------------------------------------------ EngineCore hooks
+    def _new_sequence(self, sid: int) -> None:
         self.seqs[sid] = SequenceCache.create(self.cfg, self.max_seq_len)
-        return sid
 
-    def release(self, seq_id: int) -> None:
-        """Drop a sequence's cache."""
-        self.seqs.pop(seq_id)
+    def _drop_sequence(self, sid: int) -> None:
+        self.seqs.pop(sid)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
-        """New sequences from ``prompts``; returns (seq_ids, logits [len(prompt), V] each)."""
-        ids = [self.add_sequence() for _ in prompts]
-        try:
-            return ids, self.step(ids, prompts)
-        except Exception:
-            for sid in ids:  # a failed prefill registers nothing
-                self.seqs.pop(sid, None)
-            raise
+    def _length(self, sid: int) -> int:
+        return self.seqs[sid].length
 
-    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int | Sequence[int]]) -> list[torch.Tensor]:
-        """Feed one token (or a few) per sequence; returns logits [n, V] per sequence."""
-        toks = [[t] if isinstance(t, int) else list(t) for t in tokens]
-        return self.step(seq_ids, toks)
-
-    # ------------------------------------------------------------------ one step
-    def step(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]],
-             logits_rows: str = "all") -> list[torch.Tensor]:
-        """Append ``tokens[b]`` to sequence ``seq_ids[b]`` for every b and return the
-        float32 logits of the new tokens, [len(tokens[b]), V] each (``logits_rows="last"``:
-        only the last row, [1, V]).
-
-        Raises KeyError for an unknown sequence id, ValueError for an empty token list, a
-        repeated sequence or an out-of-vocabulary id, CacheOverflowError when a sequence
-        would exceed ``max_seq_len``. On error no cache is modified."""
-        cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
-        if len(seq_ids) != len(tokens):
-            raise ValueError(f"{len(seq_ids)} sequence ids but {len(tokens)} token lists")
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"a sequence may appear once per step, got {list(seq_ids)}")
+    def _reserve(self, seq_ids: Sequence[int], lens: Sequence[int]) -> list[SequenceCache]:
         caches = [self.seqs[s] for s in seq_ids]
-        lens = [len(t) for t in tokens]
-        for s, n, c in zip(seq_ids, lens, caches):
-            if n == 0:
-                raise ValueError(f"sequence {s}: empty token list")
+        for c, n in zip(caches, lens):
             c.check_room(n)
-        ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lens)])
+        return caches
+
+    def _commit(self, seq_ids, tokens, caches: list[SequenceCache]) -> None:
+        for c, ts in zip(caches, tokens):
+            c.length += len(ts)
+            c.token_ids.extend(int(t) for t in ts)
+
+    def _forward(self, ids: torch.Tensor, seq_ids, starts, lens, caches: list[SequenceCache]) -> torch.Tensor:
+        """Embedding and every decoder layer; returns the HC stream [ΣT, hc_mult, D]."""
+        cfg, ops, tm = self.cfg, self.ops, self.timer
+        positions = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)])
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)
         with tm("embed"):
-            x_hc = ops.embed(self.w, cfg, ids, dt)
+            x_hc = ops.embed(self.w, cfg, ids, self.dtype)
         for layer in range(cfg.num_hidden_layers):
             with tm.layer(layer, cfg.layer_types[layer]):  # a trace scope; no-op unless tracing
                 lw = _model.LayerWeights(self.w, layer)
-                x_hc = self._attention(lw, layer, x_hc, positions, caches, offs)
-                x_hc = self._moe(lw, layer, x_hc, ids)
-        if logits_rows == "last":
-            sel = torch.tensor([o - 1 for o in offs[1:]])
-            x_hc = x_hc[sel]
-            offs = list(range(len(lens) + 1))
-        with tm("lm_head"):
-            y = ops.hc_head(x_hc, self.w["hc_head_fn"], self.w["hc_head_scale"], self.w["hc_head_base"],
-                            hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
-            y = ops.rms_norm(y, self.w["norm.weight"], cfg.rms_norm_eps, dt)
-            logits = ops.linear(y, self.w["head.weight"], dt)
-        for c, ts in zip(caches, tokens):
-            c.length += len(ts)
-            c.token_ids.extend(int(t) for t in ts)
-        return [logits[offs[b]:offs[b + 1]] for b in range(len(lens))]
+                x_hc = self.attention_block(lw, layer, x_hc, positions, caches, offs)
+                x_hc = self.ffn_block(lw, layer, x_hc, ids)
+        return x_hc
+
+    def _lm_head(self, x_hc: torch.Tensor) -> torch.Tensor:
+        cfg, ops, dt = self.cfg, self.ops, self.dtype
+        y = ops.hc_head(x_hc, self.w["hc_head_fn"], self.w["hc_head_scale"], self.w["hc_head_base"],
+                        hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+        y = ops.rms_norm(y, self.w["norm.weight"], cfg.rms_norm_eps, dt)
+        return ops.linear(y, self.w["head.weight"], dt)
 
     # ------------------------------------------------------------------ sublayers
-    def _attention(self, lw, layer, x_hc, positions, caches, offs):
+    def attention_block(self, lw, layer: int, x_hc: torch.Tensor, positions: torch.Tensor,
+                        caches: list[SequenceCache], offs: list[int]) -> torch.Tensor:
+        """hc_pre -> qkv_proj_rope -> (compressor, indexer) -> sparse_attn per sequence ->
+        grouped output projection -> hc_post for layer ``layer``. ``x_hc`` [ΣT, hc, D];
+        ``offs`` the row offsets of each sequence (len(caches) + 1); the caches are advanced
+        (window rows, compressor state). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
         lt = cfg.layer_types[layer]
         with tm("hc_pre"):
@@ -251,7 +209,9 @@ class DeepSeekV4Engine:
         st.buf_kv, st.buf_score = all_kv[n * r:].clone(), all_score[n * r:].clone()
         return new
 
-    def _moe(self, lw, layer, x_hc, ids):
+    def ffn_block(self, lw, layer: int, x_hc: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hc_pre -> gate -> moe (routed + shared experts) -> hc_post for layer ``layer``.
+        ``ids`` [ΣT] token ids (hash routing). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
         with tm("hc_pre"):
             x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import AllClose, CosineAtLeast, TopKTieAware
-from .runner import GoldenCase
-from .spec import RandInt, TensorSpec
+from ...harness.compare import AllClose, CosineAtLeast, TopKTieAware
+from ...harness.runner import GoldenCase
+from ...harness.spec import RandInt, TensorSpec
 
 __all__ = ["build_cases"]
 
@@ -26,17 +26,17 @@ _FP32 = AllClose(rtol=0.0, atol=1e-4)
 
 
 def _weights(dtype: torch.dtype, checkpoint: Path | None):
-    from ..checkpoint import load_checkpoint
-    from ..cli import default_checkpoint
+    from ...checkpoint import load_checkpoint
+    from ...checkpoint.defaults import default_checkpoint
 
     return load_checkpoint(checkpoint or default_checkpoint(progress=False), dtype=dtype, progress=False)
 
 
 def build_cases(checkpoint: Path | None = None) -> list[GoldenCase]:
     """Cases over ``checkpoint`` (default: the embedded mini checkpoint)."""
-    from ..reference.deepseek_v4.indexer import indexer_topk
-    from ..reference.deepseek_v4.model import forward
-    from ..runtime.engine import DeepSeekV4Engine
+    from ...reference.deepseek_v4.indexer import indexer_topk
+    from ...reference.deepseek_v4.model import forward
+    from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 
     cases = []
     for prompt_len, steps, dtype in ((20, 140, torch.float32), (130, 12, torch.float32),
@@ -106,7 +106,7 @@ def build_cases(checkpoint: Path | None = None) -> list[GoldenCase]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (``python -m llm_kernels golden``): runs :func:`build_cases`."""
-    from .runner import main as run_main
+    from ...harness.runner import main as run_main
 
     ckpt = os.environ.get("LLM_KERNELS_GOLDEN_CHECKPOINT")
     return run_main(build_cases(Path(ckpt) if ckpt else None), argv)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_common import ConfigError, RopeParameters, read_config_json
+from ...errors import ConfigError
+from ...numerics.rope import RopeParameters
+from ..config_base import read_config_json, rope_from_hf
 
 __all__ = ["Qwen3Config", "QWEN3_PRESETS", "qwen3_preset"]
 
@@ -75,7 +77,7 @@ def _rope_from_hf(d: dict[str, Any], max_pos: int) -> RopeParameters:
                          "attention_factor", "beta_fast", "beta_slow", "truncate", "mscale", "mscale_all_dim"}
     if unknown:
         raise ConfigError(f"rope_parameters has unknown keys {sorted(unknown)}")
-    return RopeParameters.from_hf(sub, theta, "rope_parameters")
+    return rope_from_hf(sub, theta, "rope_parameters")
 
 
 @dataclass(frozen=True)

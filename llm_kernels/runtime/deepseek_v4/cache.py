@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import CSA, SLIDING, DeepSeekV4Config
+from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
+from ...errors import CacheOverflowError
 
 __all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache"]
-
-
-class CacheOverflowError(RuntimeError):
-    """A sequence would grow past the capacity its cache was created with."""
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""Embedded default checkpoints: a registered preset written once (seeded random weights)
+into the cache directory ``$LLM_KERNELS_CACHE`` (default ``~/.cache/llm_kernels``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import models
+from .writer import write_random_checkpoint
+
+__all__ = ["cache_root", "default_checkpoint"]
+
+
+def cache_root() -> Path:
+    """``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``."""
+    return Path(os.environ.get("LLM_KERNELS_CACHE", Path.home() / ".cache" / "llm_kernels"))
+
+
+def default_checkpoint(preset: str | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       progress: bool = True) -> Path:
+    """Directory ``<cache_root>/<preset>-seed<seed>`` holding the random checkpoint of
+    ``preset`` (default: the default model's ``default_preset``, ``mini``), written on first
+    use in ``dtype``. Raises ConfigError for an unknown preset."""
+    name = preset or models.get(models.DEFAULT_MODEL_TYPE).default_preset
+    out = cache_root() / f"{name}-seed{seed}"
+    if not (out / "config.json").exists():
+        if progress:
+            print(f"writing the default {name} checkpoint to {out}", file=sys.stderr)
+        write_random_checkpoint(models.preset(name), out, seed=seed, dtype=dtype, progress=progress)
+    return out

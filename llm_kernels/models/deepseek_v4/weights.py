@@ -1,0 +1,222 @@
+"""Hugging Face / DeepSeek release weight names of ``DeepseekV4ForCausalLM``.
+
+Canonical names are DeepSeek's release naming, which transformers 5.x reads (through its
+``conversion_mapping``) and which real checkpoints use::
+
+    embed.weight, head.weight, norm.weight, hc_head_fn, hc_head_base, hc_head_scale,
+    layers.{i}.attn.wq_a.weight, layers.{i}.attn.compressor.ape, layers.{i}.ffn.experts.{e}.w1.weight, ...
+
+``transformers``' ``save_pretrained`` writes the same per-layer names under a ``model.``
+prefix and three renamed globals (``model.embed_tokens.weight``, ``model.norm.weight``,
+``model.hc_head.hc_fn``/``hc_base``/``hc_scale``); :func:`canonical_name` maps those back.
+Multi-token-prediction weights (``mtp.*``) are not used by the main model and are ignored.
+
+Shapes follow ``shared/design/deepseek_v4_architecture.md`` §3, §6-§10 (weights stored
+``[out, in]`` as in ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ...checkpoint.tensor_info import TensorInfo
+from .config import CSA, SLIDING, DeepSeekV4Config
+
+__all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
+           "W8A8_WEIGHT_RE", "W8A8_MODULES", "FP32_TENSOR_SUFFIXES", "init_tensor", "check_int_tensor"]
+
+# Weights stored INT8 (per-output-channel, ``.weight`` int8 + ``.weight_scale`` fp32 [out]) in
+# the W8A8 format (spec §0.3 "Storage dtypes"): wq_b, wo_b, indexer wq_b, shared and routed
+# expert w1/w2/w3. Everything else stays float.
+W8A8_WEIGHT_RE = re.compile(
+    r"^layers\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
+    r"ffn\.experts\.\d+\.w[123])\.weight$")
+W8A8_MODULES = ["attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w1/w2/w3",
+                "ffn.experts.*.w1/w2/w3"]
+
+
+def is_w8a8_weight(name: str) -> bool:
+    """True for the release ``*.weight`` names stored INT8 in the W8A8 format."""
+    return W8A8_WEIGHT_RE.match(name) is not None
+
+
+# Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,
+# sinks, compressor ape, router bias) and every RMSNorm weight, which transformers keeps in
+# fp32 at bf16 load (``_keep_in_fp32_modules_strict``) and multiplies in fp32.
+FP32_TENSOR_SUFFIXES = (
+    "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
+    "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias",
+    "norm.weight", "attn_norm.weight", "ffn_norm.weight", "q_norm.weight", "weight_scale",
+)
+
+
+
+def is_fp32_tensor(name: str) -> bool:
+    """True when release ``name`` is one of the tensors always kept in float32 (a
+    :data:`FP32_TENSOR_SUFFIXES` suffix at a name-component boundary)."""
+    return any(name == s or name.endswith("." + s) for s in FP32_TENSOR_SUFFIXES)
+
+
+_GLOBAL_RENAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "model.hc_head.hc_fn": "hc_head_fn",
+    "model.hc_head.hc_base": "hc_head_base",
+    "model.hc_head.hc_scale": "hc_head_scale",
+    "lm_head.weight": "head.weight",
+}
+
+
+
+
+def canonical_name(name: str) -> str:
+    """Map a transformers ``save_pretrained`` name to the release name (identity otherwise)."""
+    if name in _GLOBAL_RENAMES:
+        return _GLOBAL_RENAMES[name]
+    if name.startswith("model.layers."):
+        return name[len("model."):]
+    return name
+
+
+def is_ignored(name: str) -> bool:
+    """True for tensors the main model does not use (the MTP block, ``mtp.*``)."""
+    return name.startswith("mtp.") or name.startswith("model.mtp.")
+
+
+def expected_float_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
+    """Every float (and ``tid2eid`` int) tensor of a ``DeepseekV4ForCausalLM`` checkpoint for
+    ``cfg``, by release name, with its ``[out, in]`` shape (spec §3, §6-§10)."""
+    D, H, HD, QL = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    G, OL, HC, MIX = cfg.o_groups, cfg.o_lora_rank, cfg.hc_mult, cfg.mix_hc
+    E, K, I, V = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size
+    IH, IHD = cfg.index_n_heads, cfg.index_head_dim
+    t: dict[str, TensorInfo] = {
+        "embed.weight": TensorInfo((V, D)),
+        "head.weight": TensorInfo((V, D)),
+        "norm.weight": TensorInfo((D,)),
+        "hc_head_fn": TensorInfo((HC, HC * D)),
+        "hc_head_base": TensorInfo((HC,)),
+        "hc_head_scale": TensorInfo((1,)),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        t[p + "attn_norm.weight"] = TensorInfo((D,))
+        t[p + "ffn_norm.weight"] = TensorInfo((D,))
+        for sub in ("attn", "ffn"):
+            t[p + f"hc_{sub}_fn"] = TensorInfo((MIX, HC * D))
+            t[p + f"hc_{sub}_base"] = TensorInfo((MIX,))
+            t[p + f"hc_{sub}_scale"] = TensorInfo((3,))
+        a = p + "attn."
+        t[a + "wq_a.weight"] = TensorInfo((QL, D))
+        t[a + "q_norm.weight"] = TensorInfo((QL,))
+        t[a + "wq_b.weight"] = TensorInfo((H * HD, QL))
+        t[a + "wkv.weight"] = TensorInfo((HD, D))
+        t[a + "norm.weight"] = TensorInfo((HD,))
+        t[a + "wo_a.weight"] = TensorInfo((G * OL, H * HD // G))
+        t[a + "wo_b.weight"] = TensorInfo((D, G * OL))
+        t[a + "attn_sink"] = TensorInfo((H,))
+        lt = cfg.layer_types[i]
+        if lt != SLIDING:
+            ratio = cfg.compress_ratio(i)
+            coff = 2 if lt == CSA else 1
+            c = a + "compressor."
+            t[c + "wkv.weight"] = TensorInfo((coff * HD, D))
+            t[c + "wgate.weight"] = TensorInfo((coff * HD, D))
+            t[c + "ape"] = TensorInfo((ratio, coff * HD))
+            t[c + "norm.weight"] = TensorInfo((HD,))
+        if lt == CSA:
+            ratio = cfg.compress_ratio(i)
+            x = a + "indexer."
+            t[x + "wq_b.weight"] = TensorInfo((IH * IHD, QL))
+            t[x + "weights_proj.weight"] = TensorInfo((IH, D))
+            t[x + "compressor.wkv.weight"] = TensorInfo((2 * IHD, D))
+            t[x + "compressor.wgate.weight"] = TensorInfo((2 * IHD, D))
+            t[x + "compressor.ape"] = TensorInfo((ratio, 2 * IHD))
+            t[x + "compressor.norm.weight"] = TensorInfo((IHD,))
+        f = p + "ffn."
+        t[f + "gate.weight"] = TensorInfo((E, D))
+        if cfg.is_hash_layer(i):
+            t[f + "gate.tid2eid"] = TensorInfo((V, K), kind="int")
+        else:
+            t[f + "gate.bias"] = TensorInfo((E,))
+        for e in range(E):
+            t[f + f"experts.{e}.w1.weight"] = TensorInfo((I, D))
+            t[f + f"experts.{e}.w3.weight"] = TensorInfo((I, D))
+            t[f + f"experts.{e}.w2.weight"] = TensorInfo((D, I))
+        t[f + "shared_experts.w1.weight"] = TensorInfo((I, D))
+        t[f + "shared_experts.w3.weight"] = TensorInfo((I, D))
+        t[f + "shared_experts.w2.weight"] = TensorInfo((D, I))
+    return t
+
+
+def init_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, g: torch.Generator,
+                weight_scale: float) -> torch.Tensor:
+    """The float32 (int64 for tid2eid) random init of one tensor (docs/checkpoints.md):
+    scales that keep activations O(1) through the random model."""
+    shape = info.shape
+    D = cfg.hidden_size
+    leaf = name.rsplit(".", 1)[-1]
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        t.mul_(std)
+        if mean:
+            t.add_(mean)
+        return t
+
+    HC = cfg.hc_mult
+
+    if info.kind == "int":  # gate.tid2eid: K distinct experts per token, uniform
+        K = shape[1]
+        r = torch.rand((shape[0], cfg.n_routed_experts), generator=g)
+        return r.argsort(dim=1)[:, :K].contiguous().to(torch.int64)
+    if name == "embed.weight":
+        return normal(1.0)
+    if name == "head.weight":
+        return normal(1.0 / math.sqrt(D))
+    if re.search(r"(^|\.)hc_(attn|ffn|head)_fn$", name):
+        return normal(1.0 / math.sqrt(HC * D))
+    if re.search(r"hc_(attn|ffn|head)_base$", name):
+        return normal(0.5)
+    if re.search(r"hc_(attn|ffn|head)_scale$", name):
+        return torch.rand(shape, generator=g, dtype=torch.float32).add_(0.5)
+    if leaf == "attn_sink":
+        return normal(1.0)
+    if leaf == "ape":
+        return normal(0.5)
+    if name.endswith("gate.bias"):
+        return normal(0.1)
+    if name.endswith("ffn.gate.weight"):
+        return normal(1.0 / math.sqrt(D))
+    if name.endswith("norm.weight"):
+        return normal(0.1, mean=1.0)
+    if name.endswith(".weight") and len(shape) == 2:  # nn.Linear [out, in]
+        return normal(weight_scale / math.sqrt(shape[1]))
+    raise AssertionError(f"no init rule for tensor {name!r} {shape}")  # pragma: no cover
+
+
+def check_int_tensor(name: str, t: torch.Tensor, cfg: DeepSeekV4Config) -> str | None:
+    """``gate.tid2eid`` [vocab, K]: every entry in [0, n_routed_experts) and every row K
+    distinct experts. Returns the problem (without the tensor label) or None."""
+    E = cfg.n_routed_experts
+    ti = t.to(torch.int64)
+    bad = ((ti < 0) | (ti >= E)).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        vals = ti[row].tolist()
+        offending = [v for v in vals if not 0 <= v < E]
+        return (
+            f"expected expert ids in [0, {E}), got {offending[0]} in row {row} "
+            f"(token id {row}: {vals}); {int(bad.sum())} bad row(s) in total")
+    if ti.shape[1] > 1:
+        s = ti.sort(dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            row = int(dup.nonzero()[0, 0])
+            return (
+                f"expected {ti.shape[1]} distinct experts per row, row {row} "
+                f"(token id {row}) repeats an expert: {ti[row].tolist()}; {int(dup.sum())} bad row(s) in total")
+    return None

@@ -1,0 +1,77 @@
+"""DeepSeek-V4 stage tables: the ops namespaces the engine composes.
+
+* :data:`REFERENCE_OPS`: the torch reference (:mod:`llm_kernels.reference.deepseek_v4`).
+* :data:`FUSED_OPS`: the Numba kernels (:mod:`llm_kernels.kernels.deepseek_v4`) for every
+  stage that has one, the reference for the rest (``embed``, ``rope_cos_sin``).
+  :data:`FUSED_STAGES` lists which; :func:`stages` / :func:`backend_stages` serve the
+  model spec.
+
+The kernels are imported by name here, so a missing stage is an ImportError when this
+module loads, never a silent fallback to the reference.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ...kernels.deepseek_v4 import compressor as k_cmp
+from ...kernels.deepseek_v4 import hc as k_hc
+from ...kernels.deepseek_v4 import indexer as k_idx
+from ...kernels.deepseek_v4 import linear as k_linear
+from ...kernels.deepseek_v4 import moe as k_moe
+from ...kernels.deepseek_v4 import norm as k_norm
+from ...kernels.deepseek_v4 import qkv_proj_rope as k_qkv
+from ...kernels.deepseek_v4 import sparse_attn as k_attn
+from ...numerics.linear import linear
+from ...reference.deepseek_v4 import compressor as _cmp
+from ...reference.deepseek_v4 import hc as _hc
+from ...reference.deepseek_v4 import indexer as _idx
+from ...reference.deepseek_v4 import model as _model
+from ...reference.deepseek_v4 import moe as _moe
+from ...reference.deepseek_v4 import qkv_proj_rope as _qkv
+from ...reference.deepseek_v4 import sparse_attn as _attn
+from ...reference.deepseek_v4.common import rms_norm, rope_cos_sin
+
+__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "BACKENDS", "stages", "backend_stages"]
+
+BACKENDS = ("reference", "fused")
+
+REFERENCE_OPS = SimpleNamespace(
+    embed=_model.embed, hc_pre=_hc.hc_pre, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
+    linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
+    compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
+    indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
+    indexer_query_int8=_idx.indexer_query_int8, indexer_keys_int8=_idx.indexer_keys_int8,
+    indexer_scores_int8=_idx.indexer_scores_int8,
+    sparse_attn=_attn.sparse_attn, sparse_attn_core=_attn.sparse_attn_core,
+    grouped_output_proj=_attn.grouped_output_proj, gate=_moe.gate, moe=_moe.moe,
+)
+
+_FUSED = dict(
+    hc_pre=k_hc.hc_pre, hc_post=k_hc.hc_post, hc_head=k_hc.hc_head,
+    qkv_proj_rope=k_qkv.qkv_proj_rope,
+    compressor_project=k_cmp.compressor_project, compress_windows=k_cmp.compress_windows,
+    indexer_query=k_idx.indexer_query, indexer_scores=k_idx.indexer_scores, indexer_topk=k_idx.indexer_topk,
+    indexer_query_int8=k_idx.indexer_query_int8, indexer_keys_int8=k_idx.indexer_keys_int8,
+    indexer_scores_int8=k_idx.indexer_scores_int8,
+    sparse_attn=k_attn.sparse_attn, sparse_attn_core=k_attn.sparse_attn_core,
+    grouped_output_proj=k_attn.grouped_output_proj,
+    gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
+)
+FUSED_STAGES = tuple(_FUSED)
+FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})
+
+
+def stages(backend: str) -> SimpleNamespace:
+    """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
+    if backend == "reference":
+        return REFERENCE_OPS
+    if backend == "fused":
+        return FUSED_OPS
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def backend_stages(backend: str) -> dict[str, str]:
+    """{stage: "fused" | "reference"}: which implementation each stage of ``backend`` uses."""
+    stages(backend)
+    return {k: "fused" if backend == "fused" and k in _FUSED else "reference" for k in vars(REFERENCE_OPS)}

@@ -1,0 +1,62 @@
+"""Qwen3 stage tables: the ops namespaces the engine composes.
+
+* :data:`REFERENCE_OPS`: the torch reference (:mod:`llm_kernels.reference.qwen3`).
+* :data:`FUSED_OPS`: the Numba kernels (:mod:`llm_kernels.kernels.qwen3`) for the six
+  layer stages (:data:`FUSED_STAGES`); embed, RoPE table and head stay torch.
+
+Kernels are imported by name: a missing stage is an ImportError, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ...kernels.qwen3 import attention as k_attn
+from ...kernels.qwen3 import mlp as k_mlp
+from ...kernels.qwen3 import o_proj as k_o
+from ...kernels.qwen3 import qk_norm_rope as k_qk
+from ...kernels.qwen3 import qkv_proj as k_qkv
+from ...reference.qwen3 import model as _model
+from ...reference.qwen3 import paged as _paged
+from ...reference.qwen3.common import rope_cos_sin
+from ...reference.qwen3.mlp import down_residual, gate_up_swiglu
+from ...reference.qwen3.o_proj import o_proj_residual_norm
+from ...reference.qwen3.qkv_proj import input_norm_qkv
+
+__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "STAGES", "BACKENDS", "stages", "backend_stages"]
+
+BACKENDS = ("reference", "fused")
+
+# timed stage names of one layer, in order (the benchmark's rows)
+STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
+          "down_residual")
+
+REFERENCE_OPS = SimpleNamespace(
+    embed=_model.embed, rope_cos_sin=rope_cos_sin, input_norm_qkv=input_norm_qkv,
+    qk_norm_rope_cache=_paged.qk_norm_rope_cache, paged_attention=_paged.paged_attention,
+    o_proj_residual_norm=o_proj_residual_norm, gate_up_swiglu=gate_up_swiglu,
+    down_residual=down_residual, logits_head=_model.logits_head,
+)
+
+_FUSED = dict(
+    input_norm_qkv=k_qkv.input_norm_qkv, qk_norm_rope_cache=k_qk.qk_norm_rope_cache,
+    paged_attention=k_attn.paged_attention, o_proj_residual_norm=k_o.o_proj_residual_norm,
+    gate_up_swiglu=k_mlp.gate_up_swiglu, down_residual=k_mlp.down_residual,
+)
+FUSED_STAGES = tuple(_FUSED)
+FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})
+
+
+def stages(backend: str) -> SimpleNamespace:
+    """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
+    if backend == "reference":
+        return REFERENCE_OPS
+    if backend == "fused":
+        return FUSED_OPS
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def backend_stages(backend: str) -> dict[str, str]:
+    """{stage: "fused" | "reference"}: which implementation each stage of ``backend`` uses."""
+    stages(backend)
+    return {k: "fused" if backend == "fused" and k in _FUSED else "reference" for k in vars(REFERENCE_OPS)}

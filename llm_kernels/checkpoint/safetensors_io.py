@@ -268,8 +268,8 @@ def load_checkpoint(
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
+    cfg = load_config(root)  # first: an unsupported model_type is the clearest error
     files, wmap = _weight_files(root)
-    cfg = load_config(root)
     stored_quant = checkpoint_quant(root)
     if quant == "none" and stored_quant is not None:
         raise CheckpointError(f"checkpoint {root} is W8A8 (INT8 weights); it cannot be loaded as float")

@@ -85,8 +85,11 @@ class EngineCore:
         self._drop_sequence(seq_id)
 
     def length(self, seq_id: int) -> int:
-        """Tokens in sequence ``seq_id``. KeyError for an unknown id."""
-        return self._length(seq_id)
+        """Tokens in sequence ``seq_id``. KeyError naming the id when it is unknown."""
+        try:
+            return self._length(seq_id)
+        except KeyError:
+            raise KeyError(f"unknown sequence id {seq_id!r}") from None
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
         """New sequences from ``prompts``, run as one batch step; returns (seq_ids, float32
@@ -121,7 +124,7 @@ class EngineCore:
             raise ValueError(f"{len(seq_ids)} sequence ids but {len(tokens)} token lists")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"a sequence may appear once per step, got {list(seq_ids)}")
-        starts = [self._length(s) for s in seq_ids]  # KeyError for an unknown id
+        starts = [self.length(s) for s in seq_ids]  # KeyError for an unknown id
         lens = [len(t) for t in tokens]
         for s, n in zip(seq_ids, lens):
             if n == 0:

@@ -2,7 +2,13 @@
 every registered model (the per-model tables are in ``models/<name>/weights.py``)."""
 
 from ..errors import CheckpointError
-from .names import TensorInfo, canonical_name, expected_tensors, is_fp32_tensor, is_ignored
+from .names import (
+    TensorInfo,
+    canonical_name,
+    expected_tensors,
+    is_fp32_tensor,
+    is_ignored,
+)
 from .safetensors_io import DEFAULT_MAX_BYTES, load_checkpoint
 from .writer import checkpoint_nbytes, write_random_checkpoint
 

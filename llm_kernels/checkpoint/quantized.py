@@ -11,19 +11,17 @@ Spec: ``shared/design/deepseek_v4_architecture.md`` §0.3 (recipe and storage ta
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..numerics.quant import QuantWeight, quantize_weight
 from .. import models
+from ..errors import CheckpointError
+from ..numerics.quant import QuantWeight, quantize_weight
 from .names import QUANT_METHOD_W8A8
 
-__all__ = ["quantize_weights", "quantize_checkpoint", "QUANTIZATION_CONFIG"]
+__all__ = ["quantize_weights", "assemble_w8a8", "QUANTIZATION_CONFIG"]
 
 QUANTIZATION_CONFIG = {
     "quant_method": QUANT_METHOD_W8A8,
@@ -43,32 +41,18 @@ def quantize_weights(weights: dict[str, torch.Tensor], cfg, progress: bool = Fal
     return out
 
 
-def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
-    """Convert a float HF checkpoint directory to the W8A8 format in ``out_dir``.
-
-    Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source, and
-    CheckpointError when the source is already W8A8."""
-    from ..errors import CheckpointError
-    from .safetensors_io import checkpoint_quant, load_checkpoint
-
-    if checkpoint_quant(src) is not None:
-        raise CheckpointError(f"{src} is already a W8A8 checkpoint")
-    cfg, weights = load_checkpoint(src, dtype=None, progress=progress)
-    q = quantize_weights(weights, cfg, progress=progress)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in q.items():
-        if isinstance(t, QuantWeight):
-            tensors[name] = t.qweight.contiguous()
-            tensors[name + "_scale"] = t.scale.float().contiguous()
+def assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
+    """Replace each stored ``X.weight`` int8 + ``X.weight_scale`` float32 pair of a W8A8
+    checkpoint by a :class:`QuantWeight`. Raises CheckpointError for a non-positive scale."""
+    out: dict = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        if t.dtype == torch.int8:
+            scale = tensors[name + "_scale"].float()
+            if not bool((scale > 0).all()):
+                raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")
+            out[name] = QuantWeight(t, scale)
         else:
-            tensors[name] = t.contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    conf = json.loads((Path(src) / "config.json").read_text())
-    qc = dict(QUANTIZATION_CONFIG, modules=list(models.spec_for_config(cfg).w8a8_modules))
-    conf["quantization_config"] = qc
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+            out[name] = t
     return out

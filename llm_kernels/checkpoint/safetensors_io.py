@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from .. import models
 from ..errors import CheckpointError
 from ..models import load_config
-from .names import QUANT_METHOD_W8A8, canonical_name, expected_tensors, is_fp32_tensor, is_ignored
+from .names import (
+    QUANT_METHOD_W8A8,
+    canonical_name,
+    expected_tensors,
+    is_fp32_tensor,
+    is_ignored,
+)
+from .quantized import assemble_w8a8, quantize_weights
 
 __all__ = [
     "CheckpointError",
@@ -389,30 +396,10 @@ def load_checkpoint(
                     out[name] = t
                     bar.update(t.numel() * _itemsize(meta[name][0]))
     if stored_quant == "w8a8":
-        out = _assemble_w8a8(out, root)
+        out = assemble_w8a8(out, root)
     elif quant == "w8a8":
-        from .quantized import quantize_weights
-
         out = quantize_weights(out, cfg)
     return cfg, out
-
-
-def _assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
-    """Replace each ``X.weight`` int8 + ``X.weight_scale`` pair by a QuantWeight."""
-    from ..numerics.quant import QuantWeight
-
-    out: dict = {}
-    for name, t in tensors.items():
-        if name.endswith(".weight_scale"):
-            continue
-        if t.dtype == torch.int8:
-            scale = tensors[name + "_scale"].float()
-            if not bool((scale > 0).all()):
-                raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")
-            out[name] = QuantWeight(t, scale)
-        else:
-            out[name] = t
-    return out
 
 
 _ST_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,

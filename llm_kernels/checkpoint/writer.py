@@ -11,20 +11,34 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import models
+from ..errors import CheckpointError
+from ..numerics.quant import QuantWeight
 from .names import TensorInfo, expected_tensors, is_fp32_tensor
-from .safetensors_io import (_DTYPE_NAMES, _SHARD_RE, _TORCH_TO_ST, DEFAULT_MAX_BYTES, INDEX_FILE_NAME,
-                             SINGLE_FILE_NAME, _check_dtype_arg, _fmt_bytes, shard_file_name)
+from .quantized import QUANTIZATION_CONFIG, quantize_weights
+from .safetensors_io import (
+    _DTYPE_NAMES,
+    _SHARD_RE,
+    _TORCH_TO_ST,
+    DEFAULT_MAX_BYTES,
+    INDEX_FILE_NAME,
+    SINGLE_FILE_NAME,
+    _check_dtype_arg,
+    _fmt_bytes,
+    checkpoint_quant,
+    load_checkpoint,
+    shard_file_name,
+)
 
-__all__ = ["write_random_checkpoint", "checkpoint_nbytes"]
+__all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint"]
 
 
 def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg) -> torch.dtype:
@@ -200,3 +214,31 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Convert a float HF checkpoint directory to the W8A8 format in ``out_dir``.
+
+    Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source, and
+    CheckpointError when the source is already W8A8."""
+    if checkpoint_quant(src) is not None:
+        raise CheckpointError(f"{src} is already a W8A8 checkpoint")
+    cfg, weights = load_checkpoint(src, dtype=None, progress=progress)
+    q = quantize_weights(weights, cfg, progress=progress)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in q.items():
+        if isinstance(t, QuantWeight):
+            tensors[name] = t.qweight.contiguous()
+            tensors[name + "_scale"] = t.scale.float().contiguous()
+        else:
+            tensors[name] = t.contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    conf = json.loads((Path(src) / "config.json").read_text())
+    qc = dict(QUANTIZATION_CONFIG, modules=list(models.spec_for_config(cfg).w8a8_modules))
+    conf["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return out

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_kernels.errors import CheckpointError
 from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
-from llm_kernels.checkpoint.quantized import quantize_checkpoint
+from llm_kernels.checkpoint.writer import quantize_checkpoint
 from llm_kernels.models import preset
 from llm_kernels.numerics.quant import QuantWeight
 

@@ -8,7 +8,7 @@ import torch
 
 from llm_kernels.errors import CheckpointError
 from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
-from llm_kernels.checkpoint.quantized import quantize_checkpoint
+from llm_kernels.checkpoint.writer import quantize_checkpoint
 from llm_kernels.models import preset
 from llm_kernels.reference.deepseek_v4 import model
 from llm_kernels.reference.deepseek_v4.indexer import (indexer_keys_int8, indexer_query, indexer_query_int8,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import ModelSpec
+from .. import ModelSpec, register
 from . import weights
 from .config import PRESETS, DeepSeekV4Config, preset
 
@@ -54,8 +54,8 @@ def _trace_roofline(cfg, stage: str, layer_type: str | None, T: int, L: int, qua
                     **kw) -> int | None:
     """Bytes one traced stage slice reads (roofline byte model), None for a stage the model
     does not count (embed, kv_cache, ...)."""
-    from ...harness.roofline import STAGES, stage_bytes
     from .config import SLIDING
+    from .roofline import STAGES, stage_bytes
 
     if stage not in STAGES:
         return None
@@ -63,6 +63,13 @@ def _trace_roofline(cfg, stage: str, layer_type: str | None, T: int, L: int, qua
         return stage_bytes(cfg, stage, layer_type or SLIDING, T, L, quant, **kw)
     except ValueError:
         return None
+
+
+def _bench_adapter():
+    """The layer-benchmark adapter (``python -m llm_kernels bench --preset flash``)."""
+    from ...bench.deepseek_v4 import ADAPTER
+
+    return ADAPTER
 
 
 SPEC = ModelSpec(
@@ -82,5 +89,6 @@ SPEC = ModelSpec(
     backend_stages=_backend_stages,
     make_engine=_make_engine,
     golden_cases=_golden_cases,
-    extras={"trace_roofline": _trace_roofline},
+    extras={"trace_roofline": _trace_roofline, "bench": _bench_adapter},
 )
+register(SPEC)

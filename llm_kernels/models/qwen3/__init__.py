@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ...errors import ConfigError
-from .. import ModelSpec
+from .. import ModelSpec, register
 from . import weights
 from .config import QWEN3_PRESETS, Qwen3Config, qwen3_preset
 
@@ -74,3 +74,4 @@ SPEC = ModelSpec(
     make_engine=_make_engine,
     golden_cases=_golden_cases,
 )
+register(SPEC)

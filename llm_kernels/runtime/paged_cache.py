@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..models.qwen3.config import Qwen3Config
 from ..errors import CacheOverflowError
+from ..models.qwen3.config import Qwen3Config
 
 __all__ = ["PagedKVCache", "CacheOverflowError"]
 

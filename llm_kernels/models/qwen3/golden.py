@@ -45,8 +45,8 @@ def _ops(backend: str):
 
 def _stage_cases(tag: str, hidden: int, nq: int, nkv: int, D: int, inter: int, T: int) -> list[GoldenCase]:
     from ...numerics.quant import quantize_weight
-    from ...reference.qwen3.common import rope_cos_sin
     from ...numerics.rope import RopeParameters
+    from ...reference.qwen3.common import rope_cos_sin
 
     bf = torch.bfloat16
     cases = []

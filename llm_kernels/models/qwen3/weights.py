@@ -13,9 +13,8 @@ format the seven projection matrices of each layer are INT8 (``<name>`` int8 +
 
 from __future__ import annotations
 
-import re
-
 import math
+import re
 
 import torch
 

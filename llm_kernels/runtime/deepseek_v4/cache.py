@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
 from ...errors import CacheOverflowError
+from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
 
 __all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache"]
 

@@ -3,7 +3,8 @@ of the package needed for the static rules):
 
 * ``reference/`` never imports ``kernels`` (the goldens must not depend on what they judge);
 * ``kernels/`` never imports a model's reference (``reference.deepseek_v4``/``reference.qwen3``);
-* no import cycle among module-level imports of the package;
+* no import cycle in the package, counting function-level imports too (a lazy import
+  that closes a cycle is still a cycle in the design);
 * the runtime's stage tables import their kernels directly (a missing stage is an import
   error, never a silent fallback to the reference), and nothing uses ``importlib``;
 * outside ``models/`` nothing branches on the model type (no ``isinstance`` against a model's
@@ -112,7 +113,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle():
-    graph = {m: {i for i in _imports(m, True) if i in MODULES and i != m} for m in MODULES}
+    graph = {m: {i for i in _imports(m, False) if i in MODULES and i != m} for m in MODULES}
     assert _find_cycle(graph) is None, f"import cycle: {' -> '.join(_find_cycle(graph))}"
 
 

@@ -9,7 +9,8 @@ of the package needed for the static rules):
   error, never a silent fallback to the reference), and nothing uses ``importlib``;
 * outside ``models/`` nothing branches on the model type (no ``isinstance`` against a model's
   config class, no comparison with a ``model_type`` string or a model's preset name);
-* no file over 600 lines in ``llm_kernels/`` or ``benchmarks/``.
+* no file over 600 lines in ``llm_kernels/`` or ``benchmarks/``;
+* no private name (``_x``) imported from another module of the package.
 """
 
 from __future__ import annotations
@@ -186,3 +187,16 @@ def test_no_file_over_600_lines(folder):
     long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / folder).rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > 600}
     assert long == {}
+
+
+def test_no_private_names_cross_modules():
+    """``from X import _name`` between package modules: a helper used by two modules is
+    public (and documented) in one of them."""
+    found = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = _resolve(node, name, path.name == "__init__.py")
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {mod}.{a.name}" for a in node.names
+                          if mod.startswith("llm_kernels") and a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

@@ -47,12 +47,17 @@ __all__ = [
     "INDEX_FILE_NAME",
     "shard_file_name",
     "is_fp32_tensor",
+    "SHARD_RE",
+    "TORCH_TO_ST",
+    "DTYPE_NAMES",
+    "check_dtype_arg",
+    "fmt_bytes",
 ]
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_BYTES = 8 * 2**30
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # safetensors dtype strings -> (torch dtype, kind)
@@ -72,8 +77,8 @@ _ST_DTYPES: dict[str, tuple[torch.dtype | None, str]] = {
     "BOOL": (torch.bool, "bool"),
 }
 _FLOAT_OK = ("F16", "BF16", "F32")
-_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _FINITE_CHUNK = 1 << 24  # elements per NaN/Inf check chunk
 _MAX_LISTED = 20
 
@@ -85,7 +90,7 @@ def shard_file_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -200,7 +205,7 @@ def _diagnose(file: Path, cfg) -> str:
     return " (truncated or corrupt?)"
 
 
-def _check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...], what: str) -> None:
+def check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...], what: str) -> None:
     if dtype is not None and dtype not in allowed:
         raise ValueError(f"{what} must be one of {[str(d) for d in allowed]}, got {dtype!r}")
 
@@ -269,7 +274,7 @@ def load_checkpoint(
             NaN/Inf values (tensor and counts named).
         ValueError: ``dtype`` not None / float32 / bfloat16.
     """
-    _check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
+    check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
     if quant not in (None, "none", "w8a8"):
         raise ValueError(f"quant must be None, 'none' or 'w8a8', got {quant!r}")
     root = Path(path)

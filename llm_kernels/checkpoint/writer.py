@@ -25,15 +25,15 @@ from ..numerics.quant import QuantWeight
 from .names import TensorInfo, expected_tensors, is_fp32_tensor
 from .quantized import QUANTIZATION_CONFIG, quantize_weights
 from .safetensors_io import (
-    _DTYPE_NAMES,
-    _SHARD_RE,
-    _TORCH_TO_ST,
     DEFAULT_MAX_BYTES,
+    DTYPE_NAMES,
     INDEX_FILE_NAME,
+    SHARD_RE,
     SINGLE_FILE_NAME,
-    _check_dtype_arg,
-    _fmt_bytes,
+    TORCH_TO_ST,
+    check_dtype_arg,
     checkpoint_quant,
+    fmt_bytes,
     load_checkpoint,
     shard_file_name,
 )
@@ -76,7 +76,7 @@ def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata
     off = 0
     for name, dt, shape in entries:
         n = math.prod(shape) * dt.itemsize
-        hdr[name] = {"dtype": _TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        hdr[name] = {"dtype": TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     js = json.dumps(hdr, separators=(",", ":")).encode()
     js += b" " * (-len(js) % 8)
@@ -139,7 +139,7 @@ def write_random_checkpoint(
         ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes``, or the
             checkpoint would exceed ``max_bytes`` / the free disk space.
     """
-    _check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
+    check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
     if shard_size_bytes is not None and shard_size_bytes <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
     out = Path(out_dir)
@@ -147,14 +147,14 @@ def write_random_checkpoint(
     nbytes = checkpoint_nbytes(cfg, dtype)
     if max_bytes is not None and nbytes > max_bytes:
         raise ValueError(
-            f"refusing to write a {_fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
-            f"(max_bytes = {_fmt_bytes(max_bytes)}); use fewer layers / experts, e.g. "
+            f"refusing to write a {fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
+            f"(max_bytes = {fmt_bytes(max_bytes)}); use fewer layers / experts, e.g. "
             "preset('flash', num_hidden_layers=1, n_routed_experts=4), or raise max_bytes")
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if nbytes + (1 << 20) > free:
-        raise ValueError(f"refusing to write a {_fmt_bytes(nbytes)} checkpoint to {out}: only "
-                         f"{_fmt_bytes(free)} free on that disk")
+        raise ValueError(f"refusing to write a {fmt_bytes(nbytes)} checkpoint to {out}: only "
+                         f"{fmt_bytes(free)} free on that disk")
 
     # Plan shards.
     entries = [(n, _storage_dtype(n, info, dtype, cfg), info.shape) for n, info in expected.items()]
@@ -196,10 +196,10 @@ def write_random_checkpoint(
                                json.dumps({"metadata": {"total_size": nbytes}, "weight_map": wmap}, indent=2))
             written.add(INDEX_FILE_NAME)
         for p in out.iterdir():  # stale weights of an earlier checkpoint
-            if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or _SHARD_RE.match(p.name)):
+            if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or SHARD_RE.match(p.name)):
                 p.unlink()
         hf = cfg.to_hf_dict()
-        hf["dtype"] = _DTYPE_NAMES[dtype]
+        hf["dtype"] = DTYPE_NAMES[dtype]
         _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")
     finally:
         for tmp in tmp_paths:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -72,7 +73,6 @@ def test_rope_tables_match_transformers_yarn():
     ({"num_key_value_heads": 4}, "num_key_value_heads"),
     ({"n_shared_experts": 2}, "n_shared_experts"),
     ({"qk_rope_head_dim": 15}, "qk_rope_head_dim"),
-    ({"some_new_field": 1}, "unknown"),
     ({"model_type": "qwen3"}, "model_type"),
     ({"hidden_size": 0}, "hidden_size"),
     ({"compress_rates": {"compressed_sparse_attention": 0, "heavily_compressed_attention": 128}},
@@ -86,6 +86,21 @@ def test_inconsistent_config_raises(change, needle):
     with pytest.raises(ConfigError, match=None) as ei:
         DeepSeekV4Config.from_hf_dict(d)
     assert needle in str(ei.value)
+
+
+def test_unknown_keys_warn_and_are_ignored():
+    """Like transformers, keys this reader does not know (a newer transformers field, a
+    checkpoint's own notes) are kept out of the config with a warning naming them."""
+    d = preset("mini").to_hf_dict()
+    d.update(some_new_field=1, _notes={"by": "me"})
+    with pytest.warns(UserWarning, match=r"unknown DeepSeek-V4 config keys \['_notes', 'some_new_field'\]"):
+        assert DeepSeekV4Config.from_hf_dict(d) == preset("mini")
+    # keys real checkpoints carry are known and do not warn
+    d = dict(preset("mini").to_hf_dict(), torch_dtype="bfloat16", transformers_version="5.25.0",
+             auto_map={"AutoConfig": "x.Y"}, architectures=["DeepseekV4ForCausalLM"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DeepSeekV4Config.from_hf_dict(d) == preset("mini")
 
 
 def test_missing_field_and_file(tmp_path):

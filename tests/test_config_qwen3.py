@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 
@@ -67,14 +68,36 @@ def test_yarn_attention_factor_inferred_like_transformers():
     ({"num_key_value_heads": 7}, "divisible"),
     ({"head_dim": 127}, "head_dim must be even"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
-    ({"frobnicate": 1}, "unknown Qwen3 config keys"),
+    ({"rope_scaling": {"rope_type": "yarn"}, "max_position_embeddings": 0}, "max_position_embeddings"),
     ({"vocab_size": 0}, "vocab_size must be a positive integer"),
     ({"layer_types": ["sliding_attention"] * 64}, "full_attention"),
 ])
 def test_bad_configs_name_the_field(change, match):
     with pytest.raises(ConfigError, match=match):
         Qwen3Config.from_hf_dict(dict(QWEN3_32B_RELEASE, **change))
+
+
+def test_unknown_keys_warn_and_are_ignored():
+    with pytest.warns(UserWarning, match=r"unknown Qwen3 config keys \['frobnicate'\]"):
+        assert Qwen3Config.from_hf_dict(dict(QWEN3_32B_RELEASE, frobnicate=1)) == preset("qwen3-32b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Qwen3Config.from_hf_dict(dict(QWEN3_32B_RELEASE, auto_map={"AutoModel": "m.M"}))
+
+
+def test_yarn_without_original_max_position_embeddings_like_transformers():
+    """transformers' ``standardize_rope_params`` fills ``original_max_position_embeddings``
+    with ``max_position_embeddings``; we read the same profile."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = dict(QWEN3_32B_RELEASE, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    c = Qwen3Config.from_hf_dict(d)
+    assert c.rope.original_max_position_embeddings == 40960 and c.rope.factor == 2.0
+    hf = transformers.Qwen3Config(**d)
+    _, af = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    assert hf.rope_parameters["original_max_position_embeddings"] == 40960
+    assert c.rope.attention_factor == pytest.approx(af)
 
 
 def test_missing_field_and_head_dim_default():

@@ -19,7 +19,13 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...numerics.rope import RopeParameters
-from ..config_base import read_config_json, rope_from_hf
+from ..config_base import (
+    HFFields,
+    read_config_json,
+    rope_from_hf,
+    typed_fields,
+    warn_unknown_keys,
+)
 
 __all__ = [
     "ConfigError",
@@ -204,56 +210,70 @@ class DeepSeekV4Config:
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "DeepSeekV4Config":
-        """Parse an HF ``config.json`` dict (modern or legacy V4 layout).
+        """Parse an HF ``config.json`` dict (modern or legacy V4 layout), read the way
+        transformers reads the same file.
 
-        Raises :class:`ConfigError` for a missing required field, an unknown key, or
-        inconsistent values (e.g. ``len(layer_types) != num_hidden_layers``).
+        Unknown keys are ignored with a warning (as transformers keeps them). Raises
+        :class:`ConfigError` naming the field for a missing required field, a value of the
+        wrong JSON type, or inconsistent values (e.g. ``len(layer_types) != num_hidden_layers``).
+
+        RoPE: ``rope_parameters`` with ``main``/``compress`` sub-dicts is read as given (a
+        sub-dict without ``rope_theta`` takes the top-level ``rope_theta``; a YaRN profile
+        without ``attention_factor`` gets YaRN's default ``0.1·ln(factor) + 1``, as
+        transformers computes it). The legacy flat form (``rope_scaling`` or a flat
+        ``rope_parameters``) is the compress profile with ``compress_rope_theta`` and
+        ``attention_factor`` 1.0 unless given (transformers injects 1.0 there: DeepSeek's
+        reference applies no YaRN mscale); the main profile is plain RoPE.
         """
-        d = dict(d)
-        mt = d.get("model_type", "deepseek_v4")
+        f = HFFields(d)
+        mt = f.str("model_type", "deepseek_v4")
         if mt != "deepseek_v4":
             raise ConfigError(f"model_type must be 'deepseek_v4', got {mt!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields - _IGNORED_KEYS
-        if unknown:
-            raise ConfigError(f"unknown DeepSeek-V4 config keys: {sorted(unknown)}")
-        if d.get("num_key_value_heads", 1) != 1:
+        fields = {fl.name for fl in dataclasses.fields(cls)}
+        warn_unknown_keys(set(d) - fields - _IGNORED_KEYS, "DeepSeek-V4")
+        if f.int("num_key_value_heads", 1) != 1:
             raise ConfigError(f"num_key_value_heads must be 1 (shared-KV MQA), got {d['num_key_value_heads']}")
-        if d.get("hidden_act", "silu") != "silu":
+        if f.str("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {d['hidden_act']!r}")
-        if d.get("attention_bias") or d.get("mlp_bias"):
+        if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
             raise ConfigError("attention_bias / mlp_bias are not part of DeepSeek-V4")
+        f.dict("quantization_config")  # read by the checkpoint loader; must be an object
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "moe_intermediate_size",
                     "n_routed_experts", "num_experts_per_tok")
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"config.json is missing required fields {missing}")
-        n = int(d["num_hidden_layers"])
-        head_dim = int(d["head_dim"])
+        special = ("layer_types", "mlp_layer_types", "compress_rates", "rope_main", "rope_compress",
+                   "qk_rope_head_dim")
+        kw = typed_fields(f, cls, skip=special, required=required)
+        n = kw["num_hidden_layers"]
+        head_dim = kw["head_dim"]
+        max_pos = kw.get("max_position_embeddings", 1048576)
 
         # rope dim: qk_rope_head_dim > partial_rotary_factor > nested rope parameters > default 64/512
-        if d.get("qk_rope_head_dim") is not None:
-            rd = int(d["qk_rope_head_dim"])
-        elif d.get("partial_rotary_factor") is not None:
-            rd = int(head_dim * float(d["partial_rotary_factor"]))
-        else:
-            rd = int(head_dim * 64 / 512)
-        if d.get("partial_rotary_factor") is not None and abs(rd - head_dim * float(d["partial_rotary_factor"])) > 1e-6:
+        prf = f.float("partial_rotary_factor", None)
+        rd = f.int("qk_rope_head_dim", None)
+        if rd is None:
+            rd = int(head_dim * prf) if prf is not None else int(head_dim * 64 / 512)
+        if prf is not None and abs(rd - head_dim * prf) > 1e-6:
             raise ConfigError(f"qk_rope_head_dim ({rd}) disagrees with partial_rotary_factor "
-                              f"({d['partial_rotary_factor']}) * head_dim ({head_dim})")
+                              f"({prf}) * head_dim ({head_dim})")
 
         # compress rates
-        rates = dict(d.get("compress_rates") or {CSA: 4, HCA: 128})
-        if d.get("compress_rate_csa") is not None:
-            rates[CSA] = int(d["compress_rate_csa"])
-        if d.get("compress_rate_hca") is not None:
-            rates[HCA] = int(d["compress_rate_hca"])
+        rates = dict(f.dict("compress_rates") or {CSA: 4, HCA: 128})
+        for lt, v in rates.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"field 'compress_rates.{lt}' must be an integer, got {type(v).__name__} {v!r}")
+        if f.int("compress_rate_csa", None) is not None:
+            rates[CSA] = d["compress_rate_csa"]
+        if f.int("compress_rate_hca", None) is not None:
+            rates[HCA] = d["compress_rate_hca"]
 
         # layer types
-        layer_types = d.get("layer_types")
-        if layer_types is None and d.get("compress_ratios") is not None:
-            ratios = list(d["compress_ratios"])
+        layer_types = f.list("layer_types", str, "string")
+        ratios = f.list("compress_ratios", int, "integer")
+        if layer_types is None and ratios is not None:
             if len(ratios) < n:
                 raise ConfigError(f"compress_ratios has {len(ratios)} entries, need >= num_hidden_layers ({n})")
             bad = [r for r in ratios if r not in _RATIO_TO_LAYER_TYPE]
@@ -262,48 +282,24 @@ class DeepSeekV4Config:
             layer_types = [_RATIO_TO_LAYER_TYPE[r] for r in ratios[:n]]  # extra entry = MTP layer
         if layer_types is None:
             layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
-        mlp_layer_types = d.get("mlp_layer_types")
+        mlp_layer_types = f.list("mlp_layer_types", str, "string")
+        nh = f.int("num_hash_layers", 3)
         if mlp_layer_types is None:
-            nh = int(d.get("num_hash_layers", 3))
             mlp_layer_types = ["hash_moe"] * min(n, nh) + ["moe"] * max(0, n - nh)
 
-        # rope profiles
-        rope_theta = float(d.get("rope_theta", 10000.0))
-        compress_theta = float(d.get("compress_rope_theta", 160000.0))
-        rp = d.get("rope_parameters") or {}
-        if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
-            extra = set(rp) - {"main", "compress"}
-            if extra:
-                raise ConfigError(f"rope_parameters has unknown keys {sorted(extra)} next to main/compress")
-            main = rope_from_hf(rp["main"], rope_theta, "main")
-            comp = rope_from_hf(rp["compress"], compress_theta, "compress")
-        else:
-            flat = dict(rp or d.get("rope_scaling") or {})
-            flat.pop("rope_theta", None)
-            main = RopeParameters("default", rope_theta)
-            flat["rope_theta"] = compress_theta
-            comp = rope_from_hf(flat, compress_theta, "compress")
-        for label, rpd in (("main", main), ("compress", comp)):
-            sub = rp.get(label) if isinstance(rp.get(label), dict) else None
-            if sub and sub.get("partial_rotary_factor") is not None and \
-                    abs(float(sub["partial_rotary_factor"]) * head_dim - rd) > 1e-6:
-                raise ConfigError(f"rope_parameters[{label!r}].partial_rotary_factor disagrees with "
-                                  f"qk_rope_head_dim={rd}")
-
-        kw = {k: d[k] for k in fields if k in d and k not in (
-            "layer_types", "mlp_layer_types", "compress_rates", "rope_main", "rope_compress",
-            "qk_rope_head_dim")}
-        eos = kw.get("eos_token_id")
-        if isinstance(eos, list):
-            kw["eos_token_id"] = eos[0] if eos else None
+        main, comp = _rope_profiles(f, head_dim, rd, max_pos)
         return cls(qk_rope_head_dim=rd, layer_types=tuple(layer_types),
                    mlp_layer_types=tuple(mlp_layer_types), compress_rates=tuple(sorted(rates.items())),
                    rope_main=main, rope_compress=comp, **kw)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "DeepSeekV4Config":
-        """Read ``config.json`` (or a directory containing it)."""
-        return cls.from_hf_dict(read_config_json(path)[1])
+        """Read ``config.json`` (or a directory containing it); errors name the file."""
+        p, d = read_config_json(path)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5.x ``config.json`` dict for this config (loadable by
@@ -338,6 +334,38 @@ class DeepSeekV4Config:
                 f"(SWA {kinds[SLIDING]}, CSA {kinds[CSA]}, HCA {kinds[HCA]}; "
                 f"hash {self.mlp_layer_types.count('hash_moe')}) H={self.num_attention_heads} "
                 f"HD={self.head_dim} E={self.n_routed_experts} top{self.num_experts_per_tok} V={self.vocab_size}")
+
+
+
+def _rope_profiles(f: HFFields, head_dim: int, rd: int, max_pos: int) -> tuple[RopeParameters, RopeParameters]:
+    """``(main, compress)`` RoPE profiles of a config.json, read as transformers'
+    ``DeepseekV4Config`` + ``DeepseekV4RotaryEmbedding`` read them (see ``from_hf_dict``)."""
+    rope_theta = f.float("rope_theta", 10000.0)
+    compress_theta = f.float("compress_rope_theta", 160000.0)
+    rp = f.dict("rope_parameters")
+    if rp is not None and ("main" in rp or "compress" in rp):
+        sub = HFFields(rp, "rope_parameters")
+        subs = {label: sub.dict(label) for label in ("main", "compress")}
+        for label, v in subs.items():
+            if v is None:
+                raise ConfigError(f"field 'rope_parameters.{label}' must be an object (rope_parameters "
+                                  f"has {'main' if label == 'compress' else 'compress'} but no {label})")
+        warn_unknown_keys(set(rp) - {"main", "compress"}, "DeepSeek-V4 rope_parameters (next to main/compress)")
+        main = rope_from_hf(subs["main"], rope_theta, "rope_parameters.main", max_position_embeddings=max_pos)
+        comp = rope_from_hf(subs["compress"], rope_theta, "rope_parameters.compress", max_position_embeddings=max_pos)
+        for label, sd in subs.items():
+            p = HFFields(sd, f"rope_parameters.{label}").float("partial_rotary_factor", None)
+            if p is not None and abs(p * head_dim - rd) > 1e-6:
+                raise ConfigError(f"rope_parameters[{label!r}].partial_rotary_factor disagrees with "
+                                  f"qk_rope_head_dim={rd}")
+        return main, comp
+    where = "rope_parameters" if rp is not None else "rope_scaling"
+    flat = dict(rp if rp is not None else (f.dict("rope_scaling") or {}))
+    flat["rope_theta"] = compress_theta
+    flat.pop("partial_rotary_factor", None)
+    comp = rope_from_hf(flat, compress_theta, where, max_position_embeddings=max_pos,
+                        default_attention_factor=1.0)
+    return RopeParameters("default", rope_theta), comp
 
 
 # ---------------------------------------------------------------------- presets

@@ -15,14 +15,19 @@ the Qwen3-32B release ``config.json`` for the preset.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
 from ...numerics.rope import RopeParameters
-from ..config_base import read_config_json, rope_from_hf
+from ..config_base import (
+    HFFields,
+    read_config_json,
+    rope_from_hf,
+    typed_fields,
+    warn_unknown_keys,
+)
 
 __all__ = ["Qwen3Config", "QWEN3_PRESETS", "qwen3_preset"]
 
@@ -33,51 +38,45 @@ _IGNORED_KEYS = {
     "problem_type", "_name_or_path", "output_attentions", "quantization_config", "layer_types",
     "max_window_layers", "sliding_window", "use_sliding_window", "rope_theta", "rope_scaling",
     "rope_parameters", "hidden_act", "attention_bias", "num_key_value_heads", "head_dim",
-    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "auto_map",
 }
 
 
-def _rope_from_hf(d: dict[str, Any], max_pos: int) -> RopeParameters:
-    """RopeParameters from ``rope_parameters`` / ``rope_scaling`` + ``rope_theta``."""
-    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
-    if rp.get("partial_rotary_factor", 1.0) in (None, 1, 1.0):
-        rp.pop("partial_rotary_factor", None)
-    else:
-        raise ConfigError(f"rope_parameters.partial_rotary_factor={rp['partial_rotary_factor']} is not "
-                          "supported by Qwen3 (full-width RoPE)")
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
+def _rope_from_hf(f: HFFields, max_pos: int) -> RopeParameters:
+    """RopeParameters from ``rope_parameters`` / ``rope_scaling`` + ``rope_theta``, read as
+    transformers reads them: a YaRN ``attention_factor`` absent is inferred from ``factor``
+    (and ``mscale``/``mscale_all_dim``), ``original_max_position_embeddings`` absent is
+    ``max_position_embeddings`` (``standardize_rope_params``), ``factor`` absent is
+    ``max_position_embeddings / original_max_position_embeddings``."""
+    where = "rope_parameters" if f.dict("rope_parameters") is not None else "rope_scaling"
+    rp = dict(f.dict("rope_parameters") or f.dict("rope_scaling") or {})
+    sub = HFFields(rp, where)
+    top_theta = f.float("rope_theta", 10000.0)
+    theta = sub.float("rope_theta", None)
+    if theta is None:
+        theta = top_theta
+    rp["rope_theta"] = theta
+    prf = sub.float("partial_rotary_factor", 1.0)
+    if prf != 1.0:
+        raise ConfigError(f"{where}.partial_rotary_factor={prf} is not supported by Qwen3 (full-width RoPE)")
+    rp.pop("partial_rotary_factor", None)
+    rope_type = sub.str("rope_type", None) or sub.str("type", "default")
     if rope_type == "default":
-        extra = set(rp) - {"rope_type", "type"}
+        extra = set(rp) - {"rope_type", "type", "rope_theta"}
         if extra:
-            raise ConfigError(f"rope_parameters has keys {sorted(extra)} that rope_type 'default' does not use")
+            raise ConfigError(f"{where} has keys {sorted(extra)} that rope_type 'default' does not use")
         return RopeParameters("default", theta)
     if rope_type != "yarn":
-        raise ConfigError(f"rope_parameters.rope_type {rope_type!r} is not supported for Qwen3 "
+        raise ConfigError(f"{where}.rope_type {rope_type!r} is not supported for Qwen3 "
                           "(expected 'default' or 'yarn')")
-    orig = rp.get("original_max_position_embeddings")
-    if orig is None:
-        raise ConfigError("rope_parameters (yarn) needs original_max_position_embeddings")
-    factor = rp.get("factor")
-    if factor is None:
-        factor = max_pos / float(orig)
-    factor = float(factor)
-    af = rp.get("attention_factor")
-    if af is None:  # transformers' get_mscale (modeling_rope_utils._compute_yarn_parameters)
-        def mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-        ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
-        af = mscale(factor, ms) / mscale(factor, msa) if (ms and msa) else mscale(factor)
-    sub = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
-           "original_max_position_embeddings": int(orig), "attention_factor": float(af)}
-    for k in ("beta_fast", "beta_slow", "truncate"):
-        if k in rp:
-            sub[k] = rp[k]
-    unknown = set(rp) - {"rope_type", "type", "factor", "original_max_position_embeddings",
-                         "attention_factor", "beta_fast", "beta_slow", "truncate", "mscale", "mscale_all_dim"}
-    if unknown:
-        raise ConfigError(f"rope_parameters has unknown keys {sorted(unknown)}")
-    return rope_from_hf(sub, theta, "rope_parameters")
+    orig = sub.int("original_max_position_embeddings", max_pos)
+    if orig <= 0:
+        raise ConfigError(f"{where}.original_max_position_embeddings (default: max_position_embeddings) "
+                          f"must be > 0, got {orig}")
+    rp["original_max_position_embeddings"] = orig
+    if sub.float("factor", None) is None:
+        rp["factor"] = max_pos / float(orig)
+    return rope_from_hf(rp, theta, where, max_position_embeddings=max_pos)
 
 
 @dataclass(frozen=True)
@@ -147,45 +146,53 @@ class Qwen3Config:
     def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen3Config":
         """Parse an HF ``config.json`` dict of ``model_type`` ``qwen3``.
 
-        Raises :class:`ConfigError` for a missing required field, an unknown key, or an
-        unsupported feature (sliding window, attention bias, activation other than silu)."""
-        d = dict(d)
-        mt = d.get("model_type", "qwen3")
+        Unknown keys are ignored with a warning (as transformers keeps them). Raises
+        :class:`ConfigError` naming the field for a missing required field, a value of the
+        wrong JSON type, or an unsupported feature (sliding window, attention bias,
+        activation other than silu)."""
+        f = HFFields(d)
+        mt = f.str("model_type", "qwen3")
         if mt != "qwen3":
             raise ConfigError(f"model_type must be 'qwen3', got {mt!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields - _IGNORED_KEYS
-        if unknown:
-            raise ConfigError(f"unknown Qwen3 config keys: {sorted(unknown)}")
+        fields = {fl.name for fl in dataclasses.fields(cls)}
+        warn_unknown_keys(set(d) - fields - _IGNORED_KEYS, "Qwen3")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"config.json is missing required fields {missing}")
-        if d.get("hidden_act", "silu") != "silu":
+        if f.str("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {d['hidden_act']!r}")
-        if d.get("attention_bias"):
+        if f.bool("attention_bias", False):
             raise ConfigError("attention_bias=True is not supported (Qwen3 releases have no q/k/v/o bias)")
-        if d.get("use_sliding_window"):
+        if f.bool("use_sliding_window", False):
             raise ConfigError("use_sliding_window=True is not supported (Qwen3 releases use full attention)")
-        lt = d.get("layer_types")
+        f.int("sliding_window", None)
+        f.int("max_window_layers", None)
+        f.dict("quantization_config")  # read by the checkpoint loader; must be an object
+        lt = f.list("layer_types", str, "string")
         if lt is not None and any(t != "full_attention" for t in lt):
             raise ConfigError(f"layer_types must all be 'full_attention', got {sorted(set(lt))}")
-        nh = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // nh
-        max_pos = int(d.get("max_position_embeddings", 40960))
-        kw = {k: d[k] for k in fields if k in d and k not in ("rope",)}
-        kw["head_dim"] = int(head_dim)
-        kw["num_key_value_heads"] = int(d.get("num_key_value_heads") or nh)
-        for k in ("bos_token_id", "eos_token_id"):
-            if isinstance(kw.get(k), list):
-                kw[k] = kw[k][0] if kw[k] else None
-        return cls(rope=_rope_from_hf(d, max_pos), **kw)
+        kw = typed_fields(f, cls, skip=("rope",), required=required)
+        nh = kw["num_attention_heads"]
+        head_dim = kw.get("head_dim")
+        if head_dim is None:
+            if nh <= 0:
+                raise ConfigError(f"num_attention_heads must be a positive integer, got {nh}")
+            head_dim = kw["hidden_size"] // nh
+        kw["head_dim"] = head_dim
+        kw.setdefault("num_key_value_heads", nh)
+        max_pos = kw.get("max_position_embeddings", 40960)
+        return cls(rope=_rope_from_hf(f, max_pos), **kw)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Qwen3Config":
-        """Read ``config.json`` (or a directory containing it)."""
-        return cls.from_hf_dict(read_config_json(path)[1])
+        """Read ``config.json`` (or a directory containing it); errors name the file."""
+        p, d = read_config_json(path)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5.x ``config.json`` dict (loadable by ``transformers.Qwen3Config``)."""

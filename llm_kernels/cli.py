@@ -13,7 +13,7 @@
 * ``bench``: decode benchmark per stage and layer at real dims (:mod:`llm_kernels.bench`).
 * ``golden``: runs the golden harness cases of every registered model (``models/<name>/golden.py``).
 * ``profile``: prefill + N decode steps traced per step / layer / stage into a Chrome /
-  Perfetto trace-event JSON (``llm_kernels.harness.trace``).
+  Perfetto trace-event JSON (``llm_kernels.bench.trace``).
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from .harness.trace import (build_trace, measure_disabled_overhead, roofline_quant, step_summaries,
-                                validate_trace)
+    from .bench.trace import (build_trace, measure_disabled_overhead, roofline_quant, step_summaries,
+                              validate_trace)
     from . import models
     from .runtime.timing import StageTimer
 
@@ -210,7 +210,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))
     bw = args.bandwidth
     if bw is None:
-        from .harness.bench import measure_dram_bandwidth
+        from .bench.core import measure_dram_bandwidth
 
         bw = measure_dram_bandwidth(256 * 2 ** 20, repeats=3)
     timer = StageTimer(trace=True)
@@ -276,31 +276,12 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                         "float); default: as stored")
 
 
-def _bench_script(argv: list[str]) -> str:
-    """``bench_qwen3_layer.py`` when ``--preset`` names a Qwen3 preset, else ``bench_layer.py``."""
-    for i, a in enumerate(argv):
-        val = a.split("=", 1)[1] if a.startswith("--preset=") else (
-            argv[i + 1] if a == "--preset" and i + 1 < len(argv) else None)
-        if val is not None and val.startswith("qwen3"):
-            return "bench_qwen3_layer.py"
-    return "bench_layer.py"
-
-
 def _bench_main(argv: list[str]) -> int:
-    """``python -m llm_kernels bench ...`` -> ``benchmarks/bench_layer.py`` (DeepSeek-V4) or
-    ``benchmarks/bench_qwen3_layer.py`` (``--preset qwen3-*``); repository files, so the
-    command runs from a source checkout."""
-    import importlib.util
+    """``python -m llm_kernels bench ...`` -> :func:`llm_kernels.bench.driver.main` (the model
+    comes from ``--preset`` / ``--checkpoint`` through the registry: ``spec.extras["bench"]``)."""
+    from .bench.driver import main as bench_main
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / _bench_script(argv)
-    if not path.exists():
-        print(f"error: {path} not found: 'bench' runs from a source checkout", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("llm_kernels_" + path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return int(mod.main(argv) or 0)
+    return int(bench_main(argv) or 0)
 
 
 def _golden_main(argv: list[str]) -> int:
@@ -386,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # benchmarks/bench_layer.py parses its own flags
+    if argv[:1] == ["bench"]:  # the bench driver parses its own flags
         return _bench_main(argv[1:])
     if argv[:1] == ["golden"]:  # the harness parses its own flags
         return _golden_main(argv[1:])

@@ -20,7 +20,7 @@ to ``bench_layer``; for older files the stage rows show the medians and their ra
 
 Two runs in two processes are never interleaved, so their ratio includes machine drift
 between them (bandwidth on this VM moves 35-80 GB/s): prefer one process with both variants
-(``--backends reference,fused``: timed round-robin by :func:`~llm_kernels.harness.bench.interleaved`)
+(``--backends reference,fused``: timed round-robin by :func:`~llm_kernels.bench.core.interleaved`)
 for a small effect, and check ``bandwidth_gbs`` / ``bandwidth_gbs_end`` of both files.
 """
 
@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from llm_kernels.harness.bench import format_table
+from .core import format_table
 
 __all__ = ["CompareError", "load_results", "compare_results", "format_comparison", "plot_results",
            "require_matplotlib", "pair_ratios"]

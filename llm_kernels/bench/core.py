@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
-    "measure_dram_bandwidth", "cold_copies", "Rotation", "machine_info", "write_results",
+    "measure_dram_bandwidth", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
     "read_results", "format_table", "print_table", "fmt_bytes",
 ]
 
@@ -178,7 +178,8 @@ def paired_ab(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int = 5
 
 
 # ---------------------------------------------------------------------------- bandwidth
-def _mem_available() -> int | None:
+def mem_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes, None when unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -206,7 +207,7 @@ def measure_dram_bandwidth(nbytes: int = int(1.5 * 2 ** 30), repeats: int = 5, *
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    avail = _mem_available()
+    avail = mem_available()
     if avail is not None:
         nbytes = min(nbytes, avail // 4)
     nbytes = max(int(nbytes), 2 * L3_BYTES)

@@ -4,7 +4,7 @@
 ``{"traceEvents": [...], "displayTimeUnit": "ms", "otherData": {...}}`` with ``"X"``
 (complete) events on the step-driver track (the Python thread) and ``"M"`` metadata events
 (process / thread names, thread counts). Stage slices get ``bytes``, ``GB/s`` and
-``% roofline`` args from :func:`llm_kernels.harness.roofline.stage_bytes` when a config and
+``% roofline`` args from the model's ``spec.extras["trace_roofline"]`` byte model when a config and
 a DRAM bandwidth are given. :func:`validate_trace` checks a trace's structure. Loads in
 https://ui.perfetto.dev and chrome://tracing.
 

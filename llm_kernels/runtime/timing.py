@@ -3,7 +3,7 @@
 ``with timer("sparse_attn"): ...`` accumulates seconds and calls per stage. A timer built
 with ``trace=True`` also records one :class:`TraceEvent` per stage call and per scope
 (``timer.scope("decode 0", T=1, L=8)``, ``timer.layer(3, "compressed_sparse_attention")``),
-with start/end in ``time.perf_counter_ns`` and the nesting depth; ``llm_kernels.harness.trace``
+with start/end in ``time.perf_counter_ns`` and the nesting depth; ``llm_kernels.bench.trace``
 turns them into a Chrome / Perfetto trace. Scopes never enter :attr:`StageTimer.seconds`.
 
 Disabled paths cost one attribute check and return a shared no-op context manager.

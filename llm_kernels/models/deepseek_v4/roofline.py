@@ -34,20 +34,27 @@ Cache model (spec §14.3-§14.4, BF16 KV rows of ``head_dim·2`` bytes):
   does not depend on whether it happens to close a window.
 
 Spec: ``shared/design/deepseek_v4_architecture.md`` §14 (tables checked in
-``tests/harness/test_bench.py``).
+``tests/bench/test_bench.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
+from ...bench.roofline import (
+    BF16,
+    FP32,
+    INT8,
+    StageBytes,
+    TensorBytes,
+    roofline_pct,
+    roofline_seconds,
+)
+from .config import CSA, HCA, SLIDING, DeepSeekV4Config
 
 __all__ = [
     "QUANT_MODES", "STAGES", "LAYER_STAGES", "LAYER_TYPE_ALIASES", "TensorBytes", "StageBytes",
     "layer_type_name", "weight_table", "weight_parts", "stage_breakdown", "stage_bytes",
     "layer_bytes", "layer_breakdown", "lm_head_bytes", "model_dense_weight_bytes",
-    "experts_active_default", "roofline_seconds",
+    "experts_active_default", "roofline_seconds", "roofline_pct",
 ]
 
 QUANT_MODES = ("bf16", "w8a8")
@@ -55,8 +62,6 @@ STAGES = ("hc_pre", "qkv_proj_rope", "compressor", "indexer", "sparse_attn", "hc
           "lm_head")
 LAYER_STAGES = STAGES[:-1]
 LAYER_TYPE_ALIASES = {"swa": SLIDING, "csa": CSA, "hca": HCA, SLIDING: SLIDING, CSA: CSA, HCA: HCA}
-
-FP32, BF16, INT8 = 4, 2, 1
 
 
 def layer_type_name(layer_type: str) -> str:
@@ -71,36 +76,6 @@ def layer_type_name(layer_type: str) -> str:
 def _check_quant(quant: str) -> None:
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
-
-
-@dataclass(frozen=True)
-class TensorBytes:
-    """One weight tensor as the decode kernels read it."""
-
-    name: str      # canonical checkpoint name without the ``layers.{i}.`` prefix
-    stage: str     # stage that reads it (one of :data:`STAGES`)
-    part: str      # spec §14 group: attention_common, csa_extra, hca_extra, moe_dense, routed_expert, lm_head
-    shape: tuple[int, ...]
-    dtype: str     # "fp32", "bf16", "int8+fp32 scale"
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class StageBytes:
-    """Bytes of one stage: weights, cache traffic (KV rows, indexer keys, compressor state)
-    and activations."""
-
-    weights: int
-    cache: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.cache + self.activations
-
-    def __add__(self, other: "StageBytes") -> "StageBytes":
-        return StageBytes(self.weights + other.weights, self.cache + other.cache,
-                          self.activations + other.activations)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -325,10 +300,3 @@ def model_dense_weight_bytes(cfg: DeepSeekV4Config, quant: str = "w8a8") -> int:
             cache[lt] = weight_parts(cfg, lt, quant)["dense_total"]
         total += cache[lt]
     return total
-
-
-def roofline_seconds(nbytes: float, bandwidth_gbs: float) -> float:
-    """Ideal time to move ``nbytes`` at ``bandwidth_gbs`` GB/s (10⁹ B/s)."""
-    if bandwidth_gbs <= 0:
-        raise ValueError(f"bandwidth must be > 0 GB/s, got {bandwidth_gbs}")
-    return nbytes / (bandwidth_gbs * 1e9)

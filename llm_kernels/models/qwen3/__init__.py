@@ -56,6 +56,13 @@ def _golden_cases(checkpoint: Path | None):
     return build_cases(checkpoint or (Path(env) if env else None))
 
 
+def _bench_adapter():
+    """The layer-benchmark adapter (``python -m llm_kernels bench --preset qwen3-32b``)."""
+    from ...bench.qwen3 import ADAPTER
+
+    return ADAPTER
+
+
 SPEC = ModelSpec(
     model_type="qwen3",
     config_class=Qwen3Config,
@@ -73,5 +80,6 @@ SPEC = ModelSpec(
     backend_stages=_backend_stages,
     make_engine=_make_engine,
     golden_cases=_golden_cases,
+    extras={"bench": _bench_adapter},
 )
 register(SPEC)

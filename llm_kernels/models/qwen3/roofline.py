@@ -45,13 +45,13 @@ reads ``4097·2·8·128·2 = 16.8 MB`` per sequence and layer, vs 0.97 GB (bf16)
 % of roofline (:func:`roofline_pct`) = ``100 · (bytes / bandwidth) / measured seconds``
 with the bandwidth measured in the same run (``measure_dram_bandwidth``).
 Source: the stage signatures of ``llm_kernels.runtime.qwen3_engine`` and the cache layout of
-``llm_kernels.runtime.paged_cache``; method as :mod:`llm_kernels.harness.roofline`.
+``llm_kernels.runtime.paged_cache``; method as :mod:`llm_kernels.models.deepseek_v4.roofline`.
 """
 
 from __future__ import annotations
 
-from ..models.qwen3.config import Qwen3Config
-from .roofline import StageBytes, TensorBytes, roofline_seconds
+from ...bench.roofline import StageBytes, TensorBytes, roofline_pct, roofline_seconds
+from .config import Qwen3Config
 
 __all__ = [
     "PROJECTIONS",
@@ -142,7 +142,7 @@ def kv_write_bytes(cfg: Qwen3Config, B: int, kv_itemsize: int = BF16) -> int:
 
 def stage_breakdown(cfg: Qwen3Config, stage: str, B: int, L: int, quant: str = "bf16", *,
                     kv_itemsize: int = BF16, act_itemsize: int = BF16) -> StageBytes:
-    """:class:`~llm_kernels.harness.roofline.StageBytes` (weights, cache, activations) of
+    """:class:`~llm_kernels.bench.roofline.StageBytes` (weights, cache, activations) of
     ``stage`` for one decode step of B sequences at context L (formulas in the module
     docstring). Raises ValueError for an unknown stage / quant or a bad B, L."""
     _check(quant, B, L)
@@ -184,13 +184,3 @@ def layer_bytes(cfg: Qwen3Config, B: int, L: int, quant: str = "bf16", **kw) -> 
     """Bytes of one layer's decode step: Σ over :data:`STAGES` (= weights of the layer +
     KV read + KV write + activations)."""
     return sum(b.total for b in layer_breakdown(cfg, B, L, quant, **kw).values())
-
-
-def roofline_pct(nbytes: float, seconds: float, bandwidth_gbs: float) -> float | None:
-    """% of the memory roofline: ``100 · (nbytes / (bandwidth_gbs·10⁹)) / seconds`` — 100 means
-    the bytes moved at the measured DRAM bandwidth. None when ``seconds <= 0``. Raises
-    ValueError for a bandwidth <= 0."""
-    t = roofline_seconds(nbytes, bandwidth_gbs)
-    if seconds <= 0:
-        return None
-    return 100.0 * t / seconds

@@ -521,7 +521,7 @@ def bench_main(repeats: int = 7) -> list[dict]:
     times) if other processes used > 10 % of the CPUs meanwhile ("busy" column)."""
     import time
 
-    from llm_kernels.harness.bench import interleaved, measure_dram_bandwidth, print_table
+    from llm_kernels.bench.core import interleaved, measure_dram_bandwidth, print_table
 
     torch.manual_seed(0)
     rows = []

@@ -566,7 +566,7 @@ def _wait_quiet(threshold: float = 0.15, need: int = 2, max_wait_s: float = 300.
 def bench(reps: int = 9, copies: int = 6) -> list[tuple]:
     """Fused vs reference at Flash dims, T = 1 and 8, bf16 activations; medians (ms) of
     ``reps`` interleaved runs; GEMM weights rotated over ``copies`` copies (pre-packed)."""
-    from llm_kernels.harness.bench import interleaved
+    from llm_kernels.bench.core import interleaved
 
     torch.set_num_threads(2)
     D, H, HD, RD, QL, IH, IHD = DIMS["flash"]

@@ -1,0 +1,7 @@
+"""DeepSeek-V4 adapter of the layer benchmark (``spec.extras["bench"]``): ``adapter.py``
+(flags, measurements, tables), ``layer.py`` (weights, lazily materialised experts, cache
+state), ``hf.py`` (transformers' decoder layer on the same tensors)."""
+
+from .adapter import ADAPTER, DeepSeekV4Bench
+
+__all__ = ["ADAPTER", "DeepSeekV4Bench"]

@@ -23,8 +23,9 @@ class RopeParameters:
 
     ``rope_type`` is ``"default"`` (plain RoPE) or ``"yarn"``. For YaRN the inverse
     frequencies are blended between ``1/theta^(2i/d)`` and that divided by ``factor`` with
-    the linear ramp of §5.2, and cos/sin are multiplied by ``attention_factor`` (1.0 in V4:
-    no mscale, spec §5.2).
+    the linear ramp of §5.2, and cos/sin are multiplied by ``attention_factor`` (1.0 in the
+    V4 release: no mscale, spec §5.2; a ``config.json`` that leaves it out is read as
+    transformers reads it, see ``models.config_base.rope_from_hf``).
     """
 
     rope_type: str = "default"

@@ -311,7 +311,8 @@ def make_runner(name: str, copies: list, x: np.ndarray):
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", nargs="?", default=str(ROOT / "benchmarks" / "results" / "bench_gemm.json"))
+    p.add_argument("out", nargs="?", default="bench_gemm.json",
+                   help="result JSON (default ./bench_gemm.json in the current folder)")
     p.add_argument("--K", type=int, default=4096)
     p.add_argument("--N", default="4096,14336")
     p.add_argument("--T", default="1,4,8,16")

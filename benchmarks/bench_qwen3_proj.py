@@ -36,7 +36,7 @@ weight built one after the other streamed at 80 vs 44 GB/s), so two rooflines ar
 The block bandwidth (best of three Numba sums over the whole 1.5 GiB array, median of 5
 runs each, ``bench_gemm.Bandwidth``, before and after) is printed per round and saved. A
 round during which other processes used > 5 % of the CPUs is repeated (``--max-retries``).
-Bytes per stage: ``harness.roofline_qwen3`` (weights incl. fp32 scales and bf16 norm gains,
+Bytes per stage: ``models.qwen3.roofline`` (weights incl. fp32 scales and bf16 norm gains,
 activations at 4 B: the tensors are float32). Not a test: exits 0 unless something crashed.
 """
 
@@ -63,7 +63,7 @@ import bench_gemm as BG
 import numba
 
 from llm_kernels.models.qwen3.config import qwen3_preset
-from llm_kernels.harness import roofline_qwen3 as RQ
+from llm_kernels.models.qwen3 import roofline as RQ
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.qwen3 import mlp as KM
 from llm_kernels.kernels.qwen3 import o_proj as KO

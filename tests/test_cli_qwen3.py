@@ -37,11 +37,11 @@ def _hf_cached(ckpt, prompt, decode):
     ids = torch.tensor([prompt + decode])
     with torch.no_grad():
         o = m(ids[:, :len(prompt)], use_cache=True)
-        pre, pkv, dec = o.logits[0], o.past_key_values, []
+        pre, pkv, dec = o.logits[0], o.cache, []
         for i in range(len(decode)):
-            o = m(ids[:, len(prompt) + i:len(prompt) + i + 1], past_key_values=pkv, use_cache=True)
+            o = m(ids[:, len(prompt) + i:len(prompt) + i + 1], cache=pkv, use_cache=True)
             dec.append(o.logits[0])
-            pkv = o.past_key_values
+            pkv = o.cache
     return pre, torch.cat(dec)
 
 
@@ -90,9 +90,13 @@ def test_errors_are_clear(q3_ckpt):
 
 
 def test_bench_routes_qwen3_presets():
-    from llm_kernels.cli import _bench_script
+    """``bench`` picks the model through the registry: a preset's spec and its bench adapter."""
+    from llm_kernels.bench.driver import adapter_for, select_model
 
-    assert _bench_script(["--preset", "qwen3-32b", "--batch", "1"]) == "bench_qwen3_layer.py"
-    assert _bench_script(["--preset=qwen3-mini"]) == "bench_qwen3_layer.py"
-    assert _bench_script(["--preset", "flash"]) == "bench_layer.py"
-    assert _bench_script([]) == "bench_layer.py"
+    def name(argv):
+        return adapter_for(select_model(argv, "flash")[0]).name
+
+    assert name(["--preset", "qwen3-32b", "--batch", "1"]) == "bench_qwen3_layer"
+    assert name(["--preset=qwen3-mini"]) == "bench_qwen3_layer"
+    assert name(["--preset", "flash"]) == "bench_layer"
+    assert name([]) == "bench_layer"

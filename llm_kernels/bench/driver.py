@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 from .core import BenchResult, mem_available, fmt_bytes, interleaved, machine_info, measure_dram_bandwidth, \
     write_results
 
-__all__ = ["main", "build_parser", "BenchContext", "Adapter", "adapter_for", "bench_specs", "resolve_backend",
+__all__ = ["main", "build_parser", "BenchContext", "Adapter", "adapter_for", "bench_specs", "select_model", "resolve_backend",
            "csv", "ints", "bytes_arg", "DEFAULT_PRESET", "QUANTS"]
 
 DEFAULT_PRESET = "flash"
@@ -104,7 +104,7 @@ def _bench_presets() -> list[str]:
     return sorted(p for s in bench_specs() for p in s.presets)
 
 
-def _select(argv: list[str], default_preset: str):
+def select_model(argv: list[str], default_preset: str):
     """(spec, base config, preset name or None, checkpoint or None) from --preset/--checkpoint;
     raises ValueError with a user message."""
     from .. import models
@@ -256,14 +256,16 @@ class BenchContext:
         return ROOFLINE_QUANT[quant]
 
     def measure(self, label: str, fns: dict[str, Callable], setups: dict[str, Callable] | None = None,
-                cell: Any = None) -> tuple[dict[str, BenchResult], float]:
+                cell: Any = None, after_first: Callable[[], Any] | None = None
+                ) -> tuple[dict[str, BenchResult], float]:
         """Time the variants ``fns`` of one measurement: each runs once alone first (the first
         warm-up run: compiles, materialises; a failing variant is reported in ``errors`` and
         dropped), then ``--warmup - 1`` untimed and ``--repeats`` timed round-robin rounds
         (:func:`~llm_kernels.bench.core.interleaved`; ``setups`` run untimed before each call)
         together with the DRAM probe (``torch.sum`` over the probe array) unless
         ``--bandwidth`` was given. Returns (timings by variant, GB/s of the probe, else the
-        start bandwidth); the bandwidth is also kept in ``bw_cells[cell or label]``."""
+        start bandwidth); the bandwidth is also kept in ``bw_cells[cell or label]``.
+        ``after_first()`` runs between the first runs and the timed rounds."""
         setups = dict(setups or {})
         fns = dict(fns)
         for key in list(fns):
@@ -277,6 +279,8 @@ class BenchContext:
                 self.errors.append(f"{label} {key}: {type(e).__name__}: {e}")
                 self.log(f"  {key} failed: {type(e).__name__}: {e}")
                 del fns[key]
+        if after_first is not None:
+            after_first()
         if not fns:
             return {}, self.bw
         if self.probe is not None:
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
     if rc is not None:
         return rc
     try:
-        spec, base_cfg, preset_name, ckpt = _select(argv, default_preset)
+        spec, base_cfg, preset_name, ckpt = select_model(argv, default_preset)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,22 +1,22 @@
 """Benchmark infrastructure: roofline byte model vs spec §14, timing statistics, paired
-A/B, JSON results, tables, and an end-to-end ``benchmarks/bench_layer.py`` run on the mini
-preset (reference backend, transformers comparison included)."""
+A/B, JSON results, tables, and an end-to-end ``python -m llm_kernels bench`` run (the
+package driver with the DeepSeek-V4 adapter) on the mini preset (reference + fused
+backends, transformers comparison included)."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from llm_kernels.models.deepseek_v4.config import CSA, HCA, SLIDING
 from llm_kernels.models import preset
-from llm_kernels.harness import roofline as rf
-from llm_kernels.harness.bench import (
+from llm_kernels.models.deepseek_v4 import roofline as rf
+from llm_kernels import models
+from llm_kernels.bench import driver
+from llm_kernels.bench.core import (
     COLD_BYTES,
     BenchResult,
     Rotation,
@@ -30,8 +30,6 @@ from llm_kernels.harness.bench import (
     read_results,
     write_results,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ============================================================ roofline vs spec §14
@@ -248,19 +246,10 @@ def test_format_table_alignment():
     assert s2.splitlines()[2].split() == ["x", "-"]
 
 
-# ============================================================ bench_layer end to end
-def _load_bench_layer():
-    spec = importlib.util.spec_from_file_location("bench_layer", ROOT / "benchmarks" / "bench_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_layer"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
+# ============================================================ bench driver end to end
 def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
-    bl = _load_bench_layer()
     out = tmp_path / "bench_mini.json"
-    rc = bl.main(["--preset", "mini", "--tokens", "1", "--context", "256", "--repeats", "2", "--warmup", "1",
+    rc = driver.main(["--preset", "mini", "--tokens", "1", "--context", "256", "--repeats", "2", "--warmup", "1",
                   "--backends", "reference,fused", "--quant", "none", "--bw-bytes", "64M", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -269,6 +258,8 @@ def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
               "context", "tokens", "preset"):
         assert k in d, k
     assert d["preset"] == "mini" and d["context"] == 256 and d["tokens"] == [1]
+    assert d["benchmark"] == "bench_layer" and d["model_type"] == "deepseek_v4"
+    assert d["bandwidth_gbs_end"] > 0 and set(d["bandwidth_gbs_per_cell"]) >= {"swa T=1", "csa T=1", "hca T=1"}
     assert d["backends"]["reference"] == "ok" and d["backends"]["fused"] == "ok"
     assert d["machine"]["dram_bandwidth_gbs"] == d["bandwidth_gbs"] > 0
     assert {r["layer_type"] for r in d["results"]} == {"swa", "csa", "hca"}
@@ -278,6 +269,7 @@ def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
         assert r["quant"] == "none" and r["T"] == 1
         assert len(r["total"]["runs"]) == 2 and r["total"]["median_s"] > 0
         assert r["layer_bytes"] > 0 and r["roofline_pct"] > 0
+        assert r["bandwidth_gbs"] == d["bandwidth_gbs_per_cell"][f"{r['layer_type']} T=1"] > 0
         assert r["experts_created_during_timing"] == 0 and r["experts_routed"] >= 1
         stages = set(r["stages"])
         assert {"hc_pre", "qkv_proj_rope", "sparse_attn", "hc_post", "gate", "moe"} <= stages
@@ -295,14 +287,68 @@ def test_bench_layer_main_mini_end_to_end(tmp_path, capsys):
 
 
 def test_bench_layer_rejects_bad_arguments(capsys):
-    bl = _load_bench_layer()
-    assert bl.main(["--preset", "mini", "--layer-types", "full", "--bandwidth", "30"]) == 2
-    assert bl.main(["--preset", "mini", "--tokens", "3", "--rows-per-seq", "2", "--bandwidth", "30"]) == 2
-    assert bl.main(["--preset", "mini", "--quant", "fp8", "--bandwidth", "30"]) == 2
-    assert bl.main(["--preset", "mini", "--backends", "xyz", "--bandwidth", "30"]) == 2
-    assert bl.resolve_backend("fused")[0] is not None
-    assert bl.resolve_backend("reference")[0] is not None and bl.resolve_backend("xyz")[0] is None
-    capsys.readouterr()
+    main = driver.main
+    assert main(["--preset", "mini", "--layer-types", "full", "--bandwidth", "30"]) == 2
+    assert main(["--preset", "mini", "--tokens", "3", "--rows-per-seq", "2", "--bandwidth", "30"]) == 2
+    assert main(["--preset", "mini", "--quant", "fp8", "--bandwidth", "30"]) == 2
+    assert main(["--preset", "mini", "--backends", "xyz", "--bandwidth", "30"]) == 2
+    assert main(["--preset", "nope", "--bandwidth", "30"]) == 2
+    assert main(["--preset", "mini", "--checkpoint", "/nonexistent", "--bandwidth", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "not both" in err and "nothing to run" in err
+    spec = models.get("deepseek_v4")
+    assert driver.resolve_backend(spec, "fused")[0] is not None
+    assert driver.resolve_backend(spec, "reference")[0] is not None and driver.resolve_backend(spec, "xyz")[0] is None
+
+
+def test_model_selection_through_the_registry(tmp_path):
+    """--preset NAME -> the spec owning NAME; --checkpoint DIR -> its config.json model_type;
+    every registered spec with a bench adapter exposes the driver's hooks."""
+    from llm_kernels.checkpoint import write_random_checkpoint
+
+    for name in models.preset_names():
+        spec, cfg, got, ckpt = driver.select_model(["--preset", name], "flash")
+        assert got == name and ckpt is None and spec is models.spec_for_config(cfg)
+    spec, _, got, _ = driver.select_model([], "flash")
+    assert got == "flash" and spec.model_type == "deepseek_v4"
+    spec, _, _, _ = driver.select_model(["--preset=qwen3-mini", "--batch", "1"], "flash")
+    assert spec.model_type == "qwen3"
+    d = tmp_path / "ck"
+    write_random_checkpoint(preset("qwen3-mini", num_hidden_layers=1), d, seed=0, progress=False)
+    spec, cfg, got, ckpt = driver.select_model(["--checkpoint", str(d)], "flash")
+    assert spec.model_type == "qwen3" and got is None and ckpt == d
+    specs = driver.bench_specs()
+    assert {s.model_type for s in specs} >= {"deepseek_v4", "qwen3"}
+    for s in specs:
+        a = driver.adapter_for(s)
+        for hook in ("add_arguments", "make_config", "validate", "variants", "estimate_bytes", "run", "report",
+                     "plot"):
+            assert callable(getattr(a, hook)), (s.model_type, hook)
+        assert a.name and a.roofline is not None
+
+
+def test_json_default_is_the_current_folder(tmp_path, monkeypatch, capsys):
+    """Without --json the result goes to ./bench_<preset>.json, never into the repository."""
+    monkeypatch.chdir(tmp_path)
+    rc = driver.main(["--preset", "mini", "--tokens", "1", "--context", "16", "--layer-types", "swa", "--repeats", "1",
+                      "--warmup", "0", "--backends", "reference", "--quant", "none", "--no-transformers",
+                      "--no-lm-head", "--bandwidth", "30", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    d = json.loads((tmp_path / "bench_mini.json").read_text())
+    assert d["bandwidth_source"] == "given (--bandwidth)" and d["bandwidth_gbs_end"] is None
+    assert [r["backend"] for r in d["results"]] == ["reference"]
+
+
+def test_bench_help_names_every_model(capsys):
+    with pytest.raises(SystemExit) as e:
+        driver.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--tokens" in out and "--layer-types" in out and "qwen3-32b" in out and "--compare" in out
+    with pytest.raises(SystemExit):
+        driver.main(["--preset", "qwen3-mini", "--help"])
+    out = capsys.readouterr().out
+    assert "--batch" in out and "--hf-cache" in out and "--tokens" not in out
 
 
 def test_layer_bytes_w8a8_below_bf16():

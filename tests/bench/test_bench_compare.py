@@ -1,23 +1,20 @@
-"""bench --compare / --plot (llm_kernels.harness.compare_runs, benchmarks/bench_layer.py)."""
+"""bench --compare / --plot (llm_kernels.bench.compare_runs through the bench driver)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from llm_kernels.harness import compare_runs as cr
+from llm_kernels.bench import compare_runs as cr
+from llm_kernels.bench import driver
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench_main():
-    spec = importlib.util.spec_from_file_location("bench_layer_under_test", ROOT / "benchmarks" / "bench_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return driver.main
 
 
 def _result(runs_total, runs_moe, preset="flash", backend="fused", repeats=None):

@@ -1,31 +1,21 @@
 """Qwen3 layer benchmark: roofline byte formulas vs a hand count, and an end-to-end
-``benchmarks/bench_qwen3_layer.py`` run at tiny dimensions (reference + whatever is fused,
-bf16 and W8A8, transformers cross-check)."""
+``python -m llm_kernels bench --preset qwen3-mini`` run (the package driver with the Qwen3
+adapter) at tiny dimensions (reference + whatever is fused, bf16 and W8A8, transformers
+cross-check)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from llm_kernels.bench import driver
+from llm_kernels.bench.qwen3.adapter import STAGE_OPS
+from llm_kernels.models.qwen3 import roofline as rq
 from llm_kernels.models.qwen3.config import Qwen3Config, qwen3_preset
-from llm_kernels.harness import roofline_qwen3 as rq
-
-ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "qwen3-mini", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2",
         "--head-dim", "16"]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_qwen3_layer", ROOT / "benchmarks" / "bench_qwen3_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_qwen3_layer", mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _cfg() -> Qwen3Config:
@@ -103,7 +93,6 @@ def run(tmp_path_factory):
     """One tiny run: B=1,2, context 37 (pages of 16: a partial last page), reference and
     fused (if any stage is fused), bf16 and W8A8 (reference W8A8 included), eager transformers
     with a DynamicCache and a StaticCache."""
-    bench = _bench()
     tmp = tmp_path_factory.mktemp("bq3")
     out = tmp / "r.json"
     png = tmp / "r.png"
@@ -116,7 +105,7 @@ def run(tmp_path_factory):
         argv += ["--plot", str(png)]
     except ImportError:
         png = None
-    rc = bench.main(argv)
+    rc = driver.main(argv)
     return rc, json.loads(out.read_text()), png
 
 
@@ -124,6 +113,7 @@ def test_run_json_has_every_stage(run):
     rc, d, png = run
     assert rc == 0, d["errors"]
     assert d["benchmark"] == "bench_qwen3_layer" and d["context"] == 37 and d["batch"] == [1, 2]
+    assert d["model_type"] == "qwen3" and d["preset"] == "qwen3-mini"
     assert d["bandwidth_gbs"] > 0 and d["bandwidth_gbs_end"] > 0
     assert set(d["bandwidth_gbs_per_batch"]) == {"1", "2"} and min(d["bandwidth_gbs_per_batch"].values()) > 0
     assert set(d["backends"]) == {"reference", "fused"}
@@ -177,17 +167,18 @@ def test_run_cross_check_vs_transformers(run):
 
 def test_speedups_and_no_fused(monkeypatch, tmp_path):
     """Without any fused stage the fused backend is skipped and reported; bad args give 2."""
-    bench = _bench()
-    monkeypatch.setattr(bench, "backend_stages", lambda b, m: {op: "reference" for op in bench.STAGE_OPS.values()})
+    monkeypatch.setattr(driver, "resolve_backend", lambda spec, b: (
+        spec.stages(b), {op: "reference" for op in STAGE_OPS.values()}, None))
     out = tmp_path / "r.json"
-    rc = bench.main(TINY + ["--batch", "1", "--context", "5", "--repeats", "1", "--warmup", "0", "--json", str(out),
+    main = driver.main
+    rc = main(TINY + ["--batch", "1", "--context", "5", "--repeats", "1", "--warmup", "0", "--json", str(out),
                             "--quant", "none,w8a8", "--no-transformers", "--bandwidth", "40", "--quiet"])
     d = json.loads(out.read_text())
     assert rc == 0
     assert d["backends"]["fused"].startswith("skipped")
     assert [(r["backend"], r["quant"]) for r in d["results"]] == [("reference", "none")]
     assert any("reference/w8a8 not timed" in n for n in d["notes"])
-    assert bench.main(TINY + ["--quant", "w8a8", "--backends", "reference", "--no-transformers", "--quiet"]) == 2
-    assert bench.main(TINY + ["--quant", "fp8", "--quiet"]) == 2
-    assert bench.main(TINY + ["--hf-cache", "paged", "--quiet"]) == 2
-    assert bench.main(TINY + ["--context", "5000", "--quiet"]) == 2      # > max_position_embeddings of the mini preset
+    assert main(TINY + ["--quant", "w8a8", "--backends", "reference", "--no-transformers", "--quiet"]) == 2
+    assert main(TINY + ["--quant", "fp8", "--quiet"]) == 2
+    assert main(TINY + ["--hf-cache", "paged", "--quiet"]) == 2
+    assert main(TINY + ["--context", "5000", "--quiet"]) == 2      # > max_position_embeddings of the mini preset

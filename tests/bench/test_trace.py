@@ -11,7 +11,7 @@ import torch
 from llm_kernels.checkpoint import write_random_checkpoint
 from llm_kernels.cli import main
 from llm_kernels.models import preset
-from llm_kernels.harness.trace import TraceError, step_summaries, validate_trace
+from llm_kernels.bench.trace import TraceError, step_summaries, validate_trace
 
 LAYER_STAGES = {"hc_pre", "qkv_proj_rope", "sparse_attn", "hc_post", "gate", "moe"}
 

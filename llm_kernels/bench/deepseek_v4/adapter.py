@@ -215,11 +215,12 @@ class DeepSeekV4Bench:
                 outs["transformers"] = layer(xh, position_embeddings=pe, position_ids=hpos,
                                              attention_mask=mask, input_ids=hids, past_key_values=dc)
             fns["transformers"], setups["transformers"] = hf_fn, restore
-        n_before = len(bank.experts.filled)
         label = f"{SHORT[lt]} T={T}"
         # the first run of each variant (in measure) materialises the routed experts
-        timed, bw = ctx.measure(label, fns, setups, cell=label)
-        fills_in_timed = len(bank.experts.filled) - n_before
+        n_before = []
+        timed, bw = ctx.measure(label, fns, setups, cell=label,
+                                after_first=lambda: n_before.append(len(bank.experts.filled)))
+        fills_in_timed = len(bank.experts.filled) - n_before[0]
         ref_out = outs.get("reference/none")
         for key, res in timed.items():
             if key == "transformers":

@@ -34,6 +34,7 @@ __all__ = ["main", "build_parser", "BenchContext", "Adapter", "adapter_for", "be
            "csv", "ints", "bytes_arg", "DEFAULT_PRESET", "QUANTS"]
 
 DEFAULT_PRESET = "flash"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]   # the llm_kernels package this driver runs from
 QUANTS = ("none", "w8a8")     # --quant values; the roofline modes are bf16 / w8a8
 ROOFLINE_QUANT = {"none": "bf16", "w8a8": "w8a8"}
 
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
         ctx.bw_src = f"measured: median of 5 x torch.sum over a {fmt_bytes(args.bw_bytes)} float32 array"
         # the probe timed round-robin WITH the variants: the bandwidth of the same minutes
         ctx.probe = torch.arange(max(args.bw_bytes, 2 ** 26) // 4, dtype=torch.float32)
+    log(f"llm_kernels: {PACKAGE_DIR}")
     log(f"DRAM read bandwidth at the start {ctx.bw:.1f} GB/s ({ctx.bw_src}); torch threads "
         f"{torch.get_num_threads()}")
     with torch.inference_mode():
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
     for e in ctx.errors:
         print(f"error: {e}")
     out = {"benchmark": adapter.name, "argv": argv, "preset": ctx.preset, "model_type": spec.model_type,
+           "llm_kernels": str(PACKAGE_DIR),
            **data,
            "context": args.context, "quant": args.quant, "variants": [f"{b}/{q}" for b, q in ctx.variants],
            "repeats": args.repeats, "warmup": args.warmup, "bandwidth_gbs": ctx.bw, "bandwidth_source": ctx.bw_src,

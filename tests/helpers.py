@@ -133,13 +133,13 @@ def hf_logits(m, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hf_cached_run(m, ids: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
     """transformers with its cache: the first chunk as a prefill, then every further
-    chunk fed with ``past_key_values`` (the decode path). Returns logits per chunk."""
+    chunk fed with ``cache=`` (the decode path). Returns logits per chunk."""
     out = []
     pkv = None
     pos = 0
     for n in chunks:
-        o = m(ids[None, pos:pos + n], past_key_values=pkv, use_cache=True)
-        pkv = o.past_key_values
+        o = m(ids[None, pos:pos + n], cache=pkv, use_cache=True)
+        pkv = o.cache
         out.append(o.logits[0].float())
         pos += n
     return out

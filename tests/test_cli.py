@@ -37,11 +37,11 @@ def _hf_logits(ckpt, prompt, decode, dtype):
     ids = torch.tensor([prompt + decode])
     with torch.no_grad():
         out = m(ids[:, : len(prompt)], use_cache=True)
-        pre, pkv, dec = out.logits[0].float(), out.past_key_values, []
+        pre, pkv, dec = out.logits[0].float(), out.cache, []
         for i in range(len(decode)):
-            o = m(ids[:, len(prompt) + i: len(prompt) + i + 1], past_key_values=pkv, use_cache=True)
+            o = m(ids[:, len(prompt) + i: len(prompt) + i + 1], cache=pkv, use_cache=True)
             dec.append(o.logits[0].float())
-            pkv = o.past_key_values
+            pkv = o.cache
     return pre, torch.cat(dec) if dec else torch.zeros(0, pre.shape[-1])
 
 

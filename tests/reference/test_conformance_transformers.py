@@ -124,7 +124,7 @@ def test_engine_300_decode_steps_match_transformers_cached_decode(zoo, name):
     """Prefill P=10, then 300 single-token decode steps (positions 10..309): the ratio-4
     compressors emit every 4 tokens, the ratio-128 compressor at positions 127 and 255,
     and the sliding window (128, or 32 for swa32) wraps. Every step's logits vs
-    transformers' cached decode ``m(ids[P+i:P+i+1], past_key_values=pkv)``.
+    transformers' cached decode ``m(ids[P+i:P+i+1], cache=pkv)``.
 
     Observed worst step (incl. prefill): mini 2.6e-6, wide 3.0e-6, scaled 4.4e-6 (14 eps·max|logit|),
     swa32 3.3e-6. Runtime ~3 s per config, so all four run by default."""

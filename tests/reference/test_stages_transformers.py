@@ -63,7 +63,7 @@ def assert_stage(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype=
 
 def _setup(zoo, name, dtype=F32, experts=None):
     cfg, w = zoo.ours(name, dtype)
-    return cfg, w, zoo.hf(name, dtype, experts)
+    return cfg, w, zoo.hf(name, dtype, experts=experts)
 
 
 def _hc_kw(cfg):
@@ -385,10 +385,10 @@ def test_gate_and_moe_match_sparse_moe_block(zoo, name, dtype, experts):
 def _hf_attention_sublayer(m, L, x, pos):
     """transformers' attention half of ``DeepseekV4DecoderLayer.forward`` (no cache)."""
     mask = create_sliding_window_causal_mask(config=m.config, inputs_embeds=x[None, :, 0], attention_mask=None,
-                                             past_key_values=None, position_ids=pos[None])
+                                             cache=None, position_ids=pos[None])
     post, comb, collapsed = L.attn_hc(x[None])
     out, _ = L.self_attn(L.input_layernorm(collapsed), position_embeddings=_positions_embeddings(m, x, pos),
-                         position_ids=pos[None], attention_mask=mask, past_key_values=None)
+                         position_ids=pos[None], attention_mask=mask, cache=None)
     return _hf_hc_post(post, comb, out, x[None], x.dtype)[0], mask
 
 

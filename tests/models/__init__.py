@@ -1,0 +1,1 @@
+"""Tests of llm_kernels.models (a package: the per-model folders share module basenames)."""

@@ -1,0 +1,1 @@
+"""Tests of llm_kernels.models.qwen3."""

@@ -11,6 +11,9 @@ Modules:
 * :mod:`.bf16` — bf16 <-> fp32 bridges (RNE), zero-copy torch views.
 * :mod:`.quant` — per-row dynamic INT8 quantisation (bit-exact golden).
 * :mod:`.gemm` — W8A8 GEMM (VNNI intrinsic kernels + plain fallback), ``W8A8Linear``.
+* :mod:`.gemm_pack` — W8A8 weight packing (``PackedW8A8``, ``pack_w8a8``, ``unpack_w8a8``).
+* :mod:`.prepared` — the load-time prepared-weight types (``PackedLinear``, ``PackedRows``,
+  ``PackedColumnGroups``: ``QuantWeight`` s holding only the packed layout).
 * :mod:`.norm_rope` — fused RMSNorm + interleaved RoPE.
 * :mod:`.topk` — stable top-k indices with -inf masking.
 * :mod:`.x86` — llvmlite intrinsics (``vpdpbusd`` register tiles, ``vdpbf16ps`` dot tiles).

@@ -41,6 +41,7 @@ __all__ = [
     "f32_from_bits",
     "f32_to_bf16",
     "f32_to_bf16_bits",
+    "torch_kernel_view",
     "f32_to_bf16_nb",
     "load_f32",
     "torch_bf16_as_u16",
@@ -167,6 +168,17 @@ def u16_as_torch_bf16(a: np.ndarray) -> Any:
     if not isinstance(a, np.ndarray) or a.dtype != np.uint16:
         raise TypeError(f"expected a uint16 numpy array, got {getattr(a, 'dtype', type(a))}")
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+
+
+def torch_kernel_view(t: Any) -> np.ndarray:
+    """float32 or bf16-bits (``uint16``) numpy view of a CPU tensor, the two element types
+    kernels read with :func:`load_f32` (other dtypes are converted to float32)."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return torch_bf16_as_u16(t.contiguous())
+    return t.float().contiguous().numpy()
 
 
 def _c_contig(a: np.ndarray) -> np.ndarray:

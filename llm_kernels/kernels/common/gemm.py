@@ -17,8 +17,8 @@ Two kernel families, both exact:
   the zero point is removed in the epilogue with the per-row weight sums precomputed at
   pack time: ``Σ (q+128)·w = acc + 128·Σ_k w[n, k]``.
 
-  Layouts ("broadcast" form, as in fbgemm/TVM): weights pre-packed once into
-  ``[Np/16][Kp/4][16][4]`` int8 (one 64-byte zmm = 4 consecutive k of 16 output channels),
+  Layouts ("broadcast" form, as in fbgemm/TVM): weights pre-packed once
+  (:mod:`.gemm_pack`) into ``[Np/16][Kp/4][16][4]`` int8 (one 64-byte zmm = 4 consecutive k of 16 output channels),
   activations packed per call into ``[Kp/4][TP][4]`` u8; ``Kp`` = K rounded up to 4 (zero
   weights), ``Np`` = N rounded up to 64 (zero rows), ``TP`` = T padded to a compiled tile
   height (:func:`padded_tokens`, q = 0 rows). A register tile holds ``TT x NB`` zmm
@@ -56,6 +56,7 @@ from numba import prange
 from . import jit
 from .bf16 import as_kernel_input, load_f32
 from .jit import njit_kernel
+from .gemm_pack import CHUNK_N, MAX_K_PLAIN, PackedW8A8, as_numpy, pack_w8a8, unpack_w8a8
 from .quant import quant_row_f32, quant_rows
 from .x86 import VNNI_NB, vnni_bcast_tile
 
@@ -66,8 +67,14 @@ __all__ = [
     "TILE_HEIGHTS",
     "PackedW8A8",
     "W8A8Linear",
+    "chunk_acc",
+    "dot_i8",
+    "pack_q32",
     "pack_w8a8",
+    "pad_to_tile",
     "padded_tokens",
+    "unpack_w8a8",
+    "w8a8_linear",
     "w8a8_gemm",
     "w8a8_gemm_fallback",
     "w8a8_gemm_i32",
@@ -76,8 +83,6 @@ __all__ = [
     "w8a8_gemm_vnni",
 ]
 
-#: Output columns per parallel work item of the VNNI kernel (4 zmm blocks of 16).
-CHUNK_N = 16 * VNNI_NB
 #: Largest token tile: TT x NB register tiles with NB = 4 (TT <= 6), 2 (TT <= 12) or
 #: 1 (TT <= 16) blocks of 16 channels, i.e. at most 24 zmm accumulators.
 MAX_TILE_T = 16
@@ -85,8 +90,6 @@ MAX_TILE_T = 16
 #: 64*K_CHUNK bytes, L2-resident while every token tile passes over them).
 K_CHUNK = 1024
 _KG_CHUNK = K_CHUNK // 4
-_MAX_K_VNNI = 66_000
-_MAX_K_PLAIN = 133_000
 
 
 def _nb_for(tt: int) -> int:
@@ -113,174 +116,26 @@ TILE_HEIGHTS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
     vnni_bcast_tile(tt, _nb_for(tt), _prefetch_for(tt)) for tt in TILE_HEIGHTS]
 
 
-def padded_tokens(T: int) -> int:
-    """Rows of the packed activation buffer for ``T`` tokens: tiles of 16 plus one
-    remainder tile padded up to the next entry of :data:`TILE_HEIGHTS`."""
-    n16, r = divmod(int(T), MAX_TILE_T)
+def pad_to_tile(T: int, heights: tuple) -> int:
+    """Rows of a packed activation buffer for ``T`` tokens with register tiles of the
+    given ``heights`` (ascending, the last one the full tile): whole full tiles plus one
+    remainder tile padded up to the next height."""
+    full = heights[-1]
+    n, r = divmod(int(T), full)
     if r == 0:
-        return T
-    return n16 * MAX_TILE_T + next(h for h in TILE_HEIGHTS if h >= r)
+        return int(T)
+    return n * full + next(h for h in heights if h >= r)
 
 
-def _aligned_empty(n: int, dtype: Any, align: int = 64) -> np.ndarray:
-    """1-D uninitialised array of ``n`` elements whose data pointer is ``align``-aligned."""
-    dt = np.dtype(dtype)
-    raw = np.empty(n * dt.itemsize + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + n * dt.itemsize].view(dt)
-
-
-# --------------------------------------------------------------------------- packing kernels
-@njit_kernel(parallel=True)
-def _pack_w_bcast(wq, wp, KG, NBLK):
-    N, K = wq.shape
-    for blk in prange(NBLK):
-        for kg in range(KG):
-            base = (blk * KG + kg) * 64
-            for l in range(16):
-                n = blk * 16 + l
-                for b in range(4):
-                    k = kg * 4 + b
-                    v = np.int8(0)
-                    if n < N and k < K:
-                        v = wq[n, k]
-                    wp[base + 4 * l + b] = v
-
-
-@njit_kernel(parallel=True)
-def _pack_w_bcast32(w32, wp32, KG, NBLK):
-    """Fast path of :func:`_pack_w_bcast` for K % 4 == 0: moves 4-byte k-groups as uint32
-    (``w32`` = the weight viewed as uint32 [N, K/4]); rows >= N are zero."""
-    N = w32.shape[0]
-    for blk in prange(NBLK):
-        base = blk * KG * 16
-        for l in range(16):
-            n = blk * 16 + l
-            if n < N:
-                row = w32[n]
-                for kg in range(KG):
-                    wp32[base + kg * 16 + l] = row[kg]
-            else:
-                for kg in range(KG):
-                    wp32[base + kg * 16 + l] = np.uint32(0)
-
-
-@njit_kernel(parallel=True)
-def _row_sums(wq, out):
-    K = wq.shape[1]
-    for n in prange(wq.shape[0]):
-        wr = wq[n]
-        s = np.int32(0)
-        for k in range(K):
-            s = np.int32(s + np.int32(wr[k]))
-        out[n] = s
-
-
-# --------------------------------------------------------------------------- packed weight
-class PackedW8A8:
-    """A W8 weight prepared for :func:`w8a8_gemm`.
-
-    Attributes:
-        n, k: logical shape ``[N, K]`` of the weight.
-        layout: ``"vnni"`` (broadcast-packed, ``data`` int8 1-D ``Np*Kp``) or ``"nk"``
-            (``data`` = the C-contiguous ``[N, K]`` int8 weight).
-        scale: float32 ``[N]`` per-output-channel scales.
-        wsum: int32 ``[N]`` row sums ``Σ_k q_w[n, k]`` (zero-point correction of the VNNI
-            path: the kernel subtracts ``128 * wsum``).
-        kp, np_: padded K (multiple of 4) and N (multiple of 64) of the VNNI layout.
-    """
-
-    __slots__ = ("data", "k", "kp", "layout", "n", "np_", "scale", "wsum", "wsum128")
-
-    def __init__(self, n, k, layout, data, scale, wsum, kp, np_):
-        self.n, self.k, self.layout, self.data = n, k, layout, data
-        self.scale, self.wsum, self.kp, self.np_ = scale, wsum, kp, np_
-        self.wsum128 = np.zeros(np_, np.int32)
-        self.wsum128[:n] = wsum * np.int32(128)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the weight payload (excluding scales/sums)."""
-        return int(self.data.nbytes)
-
-    def __repr__(self) -> str:
-        return f"PackedW8A8(N={self.n}, K={self.k}, layout={self.layout!r})"
-
-
-def _to_numpy(a: Any, name: str) -> np.ndarray:
-    try:
-        import torch
-        if isinstance(a, torch.Tensor):
-            if a.device.type != "cpu":
-                raise TypeError(f"{name}: expected a CPU tensor, got {a.device}")
-            return a.detach().contiguous().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(a).__name__}")
-    return a
-
-
-def _check_qweight(qweight: Any, scale: Any) -> tuple[np.ndarray, np.ndarray]:
-    w = _to_numpy(qweight, "qweight")
-    s = _to_numpy(scale, "scale")
-    if w.dtype != np.int8 or w.ndim != 2:
-        raise TypeError(f"qweight must be 2-D int8 [N, K], got {w.dtype} {w.shape}")
-    if s.shape != (w.shape[0],) or s.dtype != np.float32:
-        raise ValueError(f"scale must be float32 [N={w.shape[0]}], got {s.dtype} {s.shape}")
-    return np.ascontiguousarray(w), np.ascontiguousarray(s)
-
-
-def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8:
-    """Prepare an INT8 weight for :func:`w8a8_gemm`.
-
-    Args:
-        qweight: int8 ``[N, K]`` (``nn.Linear`` layout; numpy or CPU torch), e.g.
-            ``QuantWeight.qweight`` of the golden ``quantize_weight``.
-        scale: float32 ``[N]`` per-output-channel scales.
-        layout: ``"vnni"`` (broadcast-packed for the VNNI kernel), ``"nk"`` (plain, for the
-            fallback kernel) or ``None`` = the active dispatch path (:func:`jit.dispatch_path`).
-
-    Returns:
-        :class:`PackedW8A8` (the ``"vnni"`` layout copies the weight; ``"nk"`` keeps a
-        contiguous view/copy of it).
-
-    Raises:
-        TypeError/ValueError: bad dtypes/shapes; ValueError for ``layout="vnni"`` with
-        K > 66000, for ``"nk"`` with K > 133000, or an unknown layout;
-        RuntimeError for ``layout="vnni"`` on a CPU without AVX512-VNNI.
-    """
-    w, s = _check_qweight(qweight, scale)
-    N, K = w.shape
-    layout = jit.dispatch_path() if layout is None else layout
-    if layout == "fallback":
-        layout = "nk"
-    wsum = np.empty(N, np.int32)
-    if N:
-        _row_sums(w, wsum)
-    if layout == "vnni":
-        if not jit.HAS_VNNI:
-            raise RuntimeError("layout='vnni' needs a CPU with AVX512-VNNI")
-        if K > _MAX_K_VNNI:
-            raise ValueError(f"K={K} too large for exact int32 accumulation of u8*s8 (max {_MAX_K_VNNI})")
-        kp = max(4, -(-K // 4) * 4)
-        np_ = max(CHUNK_N, -(-N // CHUNK_N) * CHUNK_N)
-        wp = _aligned_empty(np_ * kp, np.int8)
-        if K % 4 == 0 and K:
-            _pack_w_bcast32(w.view(np.uint32), wp.view(np.uint32), kp // 4, np_ // 16)
-        else:
-            _pack_w_bcast(w, wp, kp // 4, np_ // 16)
-        return PackedW8A8(N, K, "vnni", wp, s, wsum, kp, np_)
-    if layout == "nk":
-        if K > _MAX_K_PLAIN:
-            raise ValueError(f"K={K} too large for exact int32 accumulation (max {_MAX_K_PLAIN})")
-        return PackedW8A8(N, K, "nk", w, s, wsum, K, N)
-    raise ValueError(f"unknown layout {layout!r} (expected 'vnni', 'nk' or None)")
+def padded_tokens(T: int) -> int:
+    """Rows of the packed activation buffer of the GEMM for ``T`` tokens: tiles of 16 plus
+    one remainder tile padded up to the next entry of :data:`TILE_HEIGHTS`."""
+    return pad_to_tile(T, TILE_HEIGHTS)
 
 
 # --------------------------------------------------------------------------- VNNI kernels
 @njit_kernel
-def _tile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum):
+def vnni_tile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum):
     """One ``tt x 64`` output tile (``tt`` in TILE_HEIGHTS) = ``4/NB`` register-tile passes."""
     if tt == 1:
         _T1(xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum)
@@ -309,14 +164,14 @@ def _tile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum):
 
 
 @njit_kernel
-def _chunk_acc(c, xp, T, KG, wp, acc):
+def chunk_acc(c, xp, T, KG, wp, acc):
     """u8*s8 int32 accumulators (no zero-point correction) of output columns
     [64c, 64c+64) for all T (padded) tokens into the chunk-local ``acc[t*64 + j]``."""
     wbs = KG * 64
     xks = T * 4
     w_off = c * VNNI_NB * wbs
     if T <= MAX_TILE_T:  # T is a tile height: one pass streams the weights once
-        _tile(T, xp, 0, xks, wp, w_off, wbs, KG, acc, 0, CHUNK_N, False)
+        vnni_tile(T, xp, 0, xks, wp, w_off, wbs, KG, acc, 0, CHUNK_N, False)
         return
     # several token tiles: K-blocked so the chunk's weights are re-read from L1/L2
     for kc in range(0, KG, _KG_CHUNK):
@@ -324,7 +179,7 @@ def _chunk_acc(c, xp, T, KG, wp, acc):
         t0 = 0
         while t0 < T:
             tt = min(MAX_TILE_T, T - t0)
-            _tile(tt, xp, kc * xks + t0 * 4, xks, wp, w_off + kc * 64, wbs, nk, acc,
+            vnni_tile(tt, xp, kc * xks + t0 * 4, xks, wp, w_off + kc * 64, wbs, nk, acc,
                   t0 * CHUNK_N, CHUNK_N, kc > 0)
             t0 += tt
 
@@ -367,7 +222,7 @@ def _vnni_core(xp, T, TP, KG, wp, NP, N, wsum128, sx, sw, want_f32, out_i32, out
     epilogue of that chunk."""
     for c in prange(NP // CHUNK_N):
         acc = np.empty(TP * CHUNK_N, np.int32)
-        _chunk_acc(c, xp, TP, KG, wp, acc)
+        chunk_acc(c, xp, TP, KG, wp, acc)
         n0 = c * CHUNK_N
         n1 = min(N, n0 + CHUNK_N)
         if want_f32:
@@ -377,7 +232,7 @@ def _vnni_core(xp, T, TP, KG, wp, NP, N, wsum128, sx, sw, want_f32, out_i32, out
 
 
 @njit_kernel
-def _pack_q32(q32, xp32, T, TP):
+def pack_q32(q32, xp32, T, TP):
     """Serial pack of row-major padded int8 rows (viewed as uint32 ``[T, KG]``, one word =
     4 consecutive k) into the ``[KG][TP][4]`` u8 layout as ``q + 128`` (``q + 128`` of a
     two's-complement byte is ``q ^ 0x80``); padding rows T..TP-1 get q = 0 (0x80).
@@ -401,7 +256,7 @@ def _pack_x_i8(xq, xp, TP, KG):
     q = np.zeros((T, KG * 4), np.int8)
     for t in prange(T):
         q[t, :K] = xq[t]
-    _pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
+    pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
 
 
 @njit_kernel(parallel=True)
@@ -417,7 +272,7 @@ def _quant_pack_x(x, xp, sx, TP, KG):
         for k in range(K):
             buf[k] = load_f32(xr[k])
         sx[t] = quant_row_f32(buf, q[t, :K])
-    _pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
+    pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
 
 
 _DUMMY_I32 = np.zeros((1, 1), np.int32)
@@ -426,7 +281,9 @@ _DUMMY_F32 = np.zeros((1, 1), np.float32)
 
 # --------------------------------------------------------------------------- fallback kernels
 @njit_kernel
-def _dot_i8(a, b):
+def dot_i8(a, b):
+    """Exact int32 dot product of two int8 vectors (the ``np.int32`` wraps keep LLVM on
+    ``vpmaddwd``; without them Numba promotes to int64)."""
     s = np.int32(0)
     for k in range(a.size):
         s = np.int32(s + np.int32(a[k]) * np.int32(b[k]))
@@ -442,7 +299,7 @@ def _plain_core(xq, sx, wq, sw, want_f32, out_i32, out_f32):
         wr = wq[n]
         s_w = sw[n]
         for t in range(T):
-            acc = _dot_i8(xq[t], wr)
+            acc = dot_i8(xq[t], wr)
             if want_f32:
                 out_f32[t, n] = np.float32(np.float32(np.float32(acc) * sx[t]) * s_w)
             else:
@@ -451,7 +308,7 @@ def _plain_core(xq, sx, wq, sw, want_f32, out_i32, out_f32):
 
 # --------------------------------------------------------------------------- public API
 def _check_x(xq: Any, sx: Any | None, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-    x = _to_numpy(xq, "xq")
+    x = as_numpy(xq, "xq")
     if x.dtype != np.int8 or x.ndim != 2:
         raise TypeError(f"xq must be 2-D int8 [T, K], got {x.dtype} {x.shape}")
     if x.shape[1] != k:
@@ -459,7 +316,7 @@ def _check_x(xq: Any, sx: Any | None, k: int) -> tuple[np.ndarray, np.ndarray | 
     x = np.ascontiguousarray(x)
     if sx is None:
         return x, None
-    s = _to_numpy(sx, "sx")
+    s = as_numpy(sx, "sx")
     if s.dtype != np.float32 or s.size != x.shape[0] or s.ndim not in (1, 2):
         raise ValueError(f"sx must be float32 [T] or [T, 1] with T={x.shape[0]}, got {s.dtype} {s.shape}")
     return x, np.ascontiguousarray(s.reshape(-1))
@@ -515,14 +372,14 @@ def _plain_weight(qweight: Any, scale: Any | None = None) -> tuple[np.ndarray, n
         if qweight.layout != "nk":
             raise ValueError("the fallback kernel needs an unpacked [N, K] weight (layout='nk')")
         return qweight.data, qweight.scale
-    w = _to_numpy(qweight, "qweight")
+    w = as_numpy(qweight, "qweight")
     if w.dtype != np.int8 or w.ndim != 2:
         raise TypeError(f"qweight must be 2-D int8 [N, K], got {w.dtype} {w.shape}")
-    if w.shape[1] > _MAX_K_PLAIN:
+    if w.shape[1] > MAX_K_PLAIN:
         raise ValueError(f"K={w.shape[1]} too large for exact int32 accumulation")
     s = None
     if scale is not None:
-        s = _to_numpy(scale, "scale")
+        s = as_numpy(scale, "scale")
         if s.shape != (w.shape[0],) or s.dtype != np.float32:
             raise ValueError(f"scale must be float32 [N={w.shape[0]}], got {s.dtype} {s.shape}")
         s = np.ascontiguousarray(s)
@@ -620,28 +477,36 @@ class W8A8Linear:
         """``x`` ``[..., K]`` float32 or bfloat16 (torch CPU tensor, numpy float32, or numpy
         uint16 bf16 bits) -> float32 ``[..., N]`` (a torch tensor for torch input, else
         numpy). Raises TypeError/ValueError on a bad dtype or K."""
-        a, _ = as_kernel_input(x)
-        w = self.packed
-        if a.ndim == 0 or a.shape[-1] != w.k:
-            raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
-        lead = a.shape[:-1]
-        a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), w.k)
-        out = np.empty((a2.shape[0], w.n), np.float32)
-        if out.size:
-            if w.layout == "vnni":
-                T = a2.shape[0]
-                TP = padded_tokens(T)
-                xp = np.empty(w.kp * TP, np.uint8)
-                sx = np.empty(T, np.float32)
-                _quant_pack_x(a2, xp, sx, TP, w.kp // 4)
-                _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, sx, w.scale,
-                           True, _DUMMY_I32, out)
-            else:
-                xq, sx = quant_rows(a2)
-                _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)
-        out = out.reshape(*lead, w.n)
-        if not isinstance(x, np.ndarray):
-            import torch
+        return w8a8_linear(x, self.packed)
 
-            return torch.from_numpy(out)
-        return out
+
+def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
+    """``y = x @ Wᵀ`` for a packed weight: per-token quantisation (bit-exact
+    ``quant_per_row``), packing, the INT8 GEMM and the dequant epilogue in one Numba call
+    (what :class:`W8A8Linear` runs). ``x`` ``[..., K]`` float32 or bfloat16 (torch CPU
+    tensor, numpy float32, or numpy uint16 bf16 bits) -> float32 ``[..., N]`` (a torch
+    tensor for torch input, else numpy). Raises TypeError/ValueError on a bad dtype or K."""
+    a, _ = as_kernel_input(x)
+    if a.ndim == 0 or a.shape[-1] != w.k:
+        raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
+    lead = a.shape[:-1]
+    a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), w.k)
+    out = np.empty((a2.shape[0], w.n), np.float32)
+    if out.size:
+        if w.layout == "vnni":
+            T = a2.shape[0]
+            TP = padded_tokens(T)
+            xp = np.empty(w.kp * TP, np.uint8)
+            sx = np.empty(T, np.float32)
+            _quant_pack_x(a2, xp, sx, TP, w.kp // 4)
+            _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, sx, w.scale,
+                       True, _DUMMY_I32, out)
+        else:
+            xq, sx = quant_rows(a2)
+            _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)
+    out = out.reshape(*lead, w.n)
+    if not isinstance(x, np.ndarray):
+        import torch
+
+        return torch.from_numpy(out)
+    return out

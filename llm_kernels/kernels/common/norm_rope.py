@@ -32,7 +32,7 @@ from numba import prange
 from .bf16 import as_kernel_input, f32_to_bf16_bits, load_f32, u16_as_torch_bf16
 from .jit import njit_kernel
 
-__all__ = ["apply_rope", "rms_norm", "rms_norm_rope"]
+__all__ = ["apply_rope", "ceil_log2", "rms_norm", "rms_norm_rope", "sumsq_torch_order"]
 
 _ONE = np.float32(1.0)
 
@@ -43,7 +43,9 @@ _LEVELS = 4
 
 
 @njit_kernel
-def _ceil_log2(x):
+def ceil_log2(x):
+    """``max(1, ceil(log2(x)))`` for a positive int (ATen's ``ceil_log2`` as used by the
+    cascade sums of ``SumKernel.cpp``)."""
     if x <= 2:
         return 1
     n = 0
@@ -88,7 +90,7 @@ def sumsq_torch_order(buf, acc):
         return np.float32(np.float32(0.0) + s)
     vec_num = D // L
     size_ilp = vec_num // _ILP
-    lp = max(4, _ceil_log2(size_ilp) // _LEVELS)
+    lp = max(4, ceil_log2(size_ilp) // _LEVELS)
     step = 1 << lp
     lmask = step - 1
     a0 = acc[0]

@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["VNNI_NB", "BFloatType", "bf16_dot_tile", "vnni_bcast_tile"]
+__all__ = ["VNNI_NB", "BFloatType", "acc_loop", "bf16_dot_tile", "vnni_bcast_tile"]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -74,6 +74,41 @@ def _bcast32(builder: ir.IRBuilder, base: ir.Value, byte_off: ir.Value) -> ir.Va
     s = builder.load(p, align=1)
     v = builder.insert_element(ir.Constant(_V16, None), s, ir.Constant(_I32, 0))
     return builder.shuffle_vector(v, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
+
+
+def acc_loop(b: ir.IRBuilder, n: ir.Value, inits: list, body, name: str) -> list:
+    """Emit ``for i in range(n)`` (``i``, ``n``: i64) carrying the SSA values ``inits`` (one
+    phi each); ``body(i, cur) -> new`` emits the loop body (it may add blocks) and returns
+    the updated values. Leaves the builder in the exit block and returns the final values
+    (the ``inits`` when ``n <= 0``). Shared by every register-tile intrinsic."""
+    entry = b.basic_block
+    loop = b.append_basic_block(name)
+    done = b.append_basic_block(name + ".done")
+    zero = ir.Constant(_I64, 0)
+    b.cbranch(b.icmp_signed(">", n, zero), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(_I64)
+    i.add_incoming(zero, entry)
+    cur = []
+    for v in inits:
+        ph = b.phi(v.type)
+        ph.add_incoming(v, entry)
+        cur.append(ph)
+    new = body(i, cur)
+    i_next = b.add(i, ir.Constant(_I64, 1))
+    i.add_incoming(i_next, b.basic_block)
+    for ph, v in zip(cur, new):
+        ph.add_incoming(v, b.basic_block)
+    tail = b.basic_block
+    b.cbranch(b.icmp_signed("<", i_next, n), loop, done)
+    b.position_at_end(done)
+    out = []
+    for v0, v in zip(inits, new):
+        ph = b.phi(v0.type)
+        ph.add_incoming(v0, entry)
+        ph.add_incoming(v, tail)
+        out.append(ph)
+    return out
 
 
 @cache
@@ -129,55 +164,28 @@ def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: boo
             init.append(row)
         dot = _vpdpbusd(builder)
         pf = _prefetch(builder) if prefetch else None
-        entry = builder.basic_block
-        loop = builder.append_basic_block("vnni.loop")
-        done = builder.append_basic_block("vnni.done")
-        zero = ir.Constant(_I64, 0)
-        builder.cbranch(builder.icmp_signed(">", nkg, zero), loop, done)
 
-        builder.position_at_end(loop)
-        kg = builder.phi(_I64, "kg")
-        kg.add_incoming(zero, entry)
-        accs = []
-        for t in range(tt):
-            row = []
-            for j in range(nb):
-                ph = builder.phi(_V16)
-                ph.add_incoming(init[t][j], entry)
-                row.append(ph)
-            accs.append(row)
-        wk = builder.mul(kg, c64)
-        ws = [_vload(builder, w_bases[j], wk) for j in range(nb)]
-        if pf is not None:
-            pk = builder.add(wk, ir.Constant(_I64, prefetch))
-            for j in range(nb):
-                builder.call(pf, [_ptr(builder, w_bases[j], pk), ir.Constant(_I32, 0),
-                                  ir.Constant(_I32, pf_locality), ir.Constant(_I32, 1)])
-        xk = builder.mul(kg, x_ks)
-        new = []
-        for t in range(tt):
-            xb = _bcast32(builder, x_base, builder.add(xk, ir.Constant(_I64, 4 * t)))
-            if signed_x:
-                new.append([builder.call(dot, [accs[t][j], ws[j], xb]) for j in range(nb)])
-            else:
-                new.append([builder.call(dot, [accs[t][j], xb, ws[j]]) for j in range(nb)])
-        kg_next = builder.add(kg, ir.Constant(_I64, 1))
-        kg.add_incoming(kg_next, loop)
-        for t in range(tt):
-            for j in range(nb):
-                accs[t][j].add_incoming(new[t][j], loop)
-        builder.cbranch(builder.icmp_signed("<", kg_next, nkg), loop, done)
+        def step(kg, flat):
+            wk = builder.mul(kg, c64)
+            ws = [_vload(builder, w_bases[j], wk) for j in range(nb)]
+            if pf is not None:
+                pk = builder.add(wk, ir.Constant(_I64, prefetch))
+                for j in range(nb):
+                    builder.call(pf, [_ptr(builder, w_bases[j], pk), ir.Constant(_I32, 0),
+                                      ir.Constant(_I32, pf_locality), ir.Constant(_I32, 1)])
+            xk = builder.mul(kg, x_ks)
+            new = []
+            for t in range(tt):
+                xb = _bcast32(builder, x_base, builder.add(xk, ir.Constant(_I64, 4 * t)))
+                for j in range(nb):
+                    acc = flat[t * nb + j]
+                    new.append(builder.call(dot, [acc, ws[j], xb] if signed_x else [acc, xb, ws[j]]))
+            return new
 
-        builder.position_at_end(done)
-        final = []
+        final = acc_loop(builder, nkg, [v for row in init for v in row], step, "vnni")
         for t in range(tt):
             for j in range(nb):
-                ph = builder.phi(_V16)
-                ph.add_incoming(init[t][j], entry)
-                ph.add_incoming(new[t][j], loop)
-                final.append((ph, a_offs[t][j]))
-        for ph, off in final:
-            _vstore(builder, ph, aptr, off)
+                _vstore(builder, final[t * nb + j], aptr, a_offs[t][j])
         return context.get_dummy_value()
 
     @intrinsic
@@ -258,48 +266,23 @@ def bf16_dot_tile(tt: int, nr: int):
         fnty = ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF])
         dp = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512")
         zero_v = ir.Constant(_V16F, [0.0] * 16)
-        entry = builder.basic_block
-        loop = builder.append_basic_block("bf16dot.loop")
-        done = builder.append_basic_block("bf16dot.done")
-        zero = ir.Constant(_I64T, 0)
-        builder.cbranch(builder.icmp_signed(">", nk, zero), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(_I64T, "k")
-        k.add_incoming(zero, entry)
-        accs = []
-        for t in range(tt):
-            row = []
-            for r in range(nr):
-                ph = builder.phi(_V16F)
-                ph.add_incoming(zero_v, entry)
-                row.append(ph)
-            accs.append(row)
-        kb = builder.mul(k, ir.Constant(_I64T, 64))
 
-        def vload(base):
-            p = builder.bitcast(builder.gep(base, [kb]), _V32BF.as_pointer())
-            return builder.load(p, align=1)
+        def step(k, flat):
+            kb = builder.mul(k, ir.Constant(_I64T, 64))
 
-        ws = [vload(w_bases[r]) for r in range(nr)]
-        new = []
-        for t in range(tt):
-            xv = vload(x_bases[t])
-            new.append([builder.call(dp, [accs[t][r], xv, ws[r]]) for r in range(nr)])
-        k_next = builder.add(k, ir.Constant(_I64T, 1))
-        k.add_incoming(k_next, loop)
-        for t in range(tt):
-            for r in range(nr):
-                accs[t][r].add_incoming(new[t][r], loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, nk), loop, done)
-        builder.position_at_end(done)
-        finals = []
-        for t in range(tt):
-            for r in range(nr):
-                ph = builder.phi(_V16F)
-                ph.add_incoming(zero_v, entry)
-                ph.add_incoming(new[t][r], loop)
-                finals.append((t * nr + r, ph))
-        for j, ph in finals:
+            def vload(base):
+                p = builder.bitcast(builder.gep(base, [kb]), _V32BF.as_pointer())
+                return builder.load(p, align=1)
+
+            ws = [vload(w_bases[r]) for r in range(nr)]
+            new = []
+            for t in range(tt):
+                xv = vload(x_bases[t])
+                new.extend(builder.call(dp, [flat[t * nr + r], xv, ws[r]]) for r in range(nr))
+            return new
+
+        final = acc_loop(builder, nk, [zero_v] * (tt * nr), step, "bf16dot")
+        for j, ph in enumerate(final):
             sval = _hsum16(builder, ph)
             off = builder.mul(ir.Constant(_I64T, 4), builder.add(o_off, ir.Constant(_I64T, j)))
             builder.store(sval, builder.bitcast(builder.gep(optr, [off]), _F32T.as_pointer()), align=1)

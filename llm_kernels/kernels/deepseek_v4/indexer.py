@@ -37,6 +37,7 @@ from numba import prange
 
 from ...numerics.quant import QuantWeight
 from ..common import jit
+from ..common.gemm import dot_i8
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.topk import topk_indices
@@ -47,17 +48,16 @@ from .stage_shared import (
     fwht,
     hadamard_scale,
     linear_pair,
-    packed_w8a8,
     rnd,
 )
 from .w8a8_heads import (
-    _NO_F,
-    _NO_Q,
-    _NO_S,
+    NO_F,
+    NO_Q,
+    NO_S,
     MODE_ROPE,
     MODE_ROPE_HAD_Q8,
     check_quant_weight,
-    dot_i8,
+    heads_weight,
     heads_float,
     pack_row,
     quantize_activations,
@@ -90,14 +90,14 @@ def _query(q_residual, wq_b, cos, sin, n_heads, head_dim, dtype, mode):
         raise ValueError(f"cos/sin must be [T={T}, RD/2 <= HD/2], got {c.shape} / {s.shape}")
     had = float(hadamard_scale(HD)) if mode == MODE_ROPE_HAD_Q8 else 1.0
     if mode == MODE_ROPE_HAD_Q8:
-        out_f, out_q, out_s = _NO_F, np.empty((T, H, HD), np.int8), np.empty((T, H), np.float32)
+        out_f, out_q, out_s = NO_F, np.empty((T, H, HD), np.int8), np.empty((T, H), np.float32)
     else:
-        out_f, out_q, out_s = np.empty((T, H, HD), np.float32), _NO_Q, _NO_S
+        out_f, out_q, out_s = np.empty((T, H, HD), np.float32), NO_Q, NO_S
     if T:
         if isinstance(wq_b, QuantWeight):
             qr = f32_np(q_residual)
             check_quant_weight(wq_b, H * HD, qr.shape[1], "wq_b")
-            pw = packed_w8a8(wq_b, plain=HD % 16 != 0)
+            pw = heads_weight(wq_b, HD)
             act = quantize_activations(qr, pw)
             run_heads_w8a8(act, pw, T, H, HD, mode, to_bf16, 0.0, c, s, had, out_f, out_q, out_s)
         else:

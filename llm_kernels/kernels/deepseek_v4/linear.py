@@ -1,13 +1,14 @@
 """Fused ``linear`` stage: ``y = x @ wᵀ`` with the reference's signature and numerics.
 
-Dispatch (same contract as :func:`llm_kernels.reference.deepseek_v4.common.linear`):
+Dispatch (same contract as :func:`llm_kernels.numerics.linear.linear`):
 
-* ``w`` a :class:`~llm_kernels.reference.deepseek_v4.quant.QuantWeight`: W8A8 through
-  :class:`llm_kernels.kernels.common.gemm.W8A8Linear` (per-token INT8 quantisation, exact
+* ``w`` a :class:`~llm_kernels.numerics.quant.QuantWeight`: W8A8 through
+  :func:`llm_kernels.kernels.common.gemm.w8a8_linear` (per-token INT8 quantisation, exact
   INT32 VNNI GEMM, fp32 dequant ``fl(fl(acc·s_x)·s_w)`` in one Numba call), bitwise equal to
-  the golden ``w8a8_linear``; the result is rounded to ``dtype``. The packed weight is
-  cached per weight object (:func:`packed_linear`, keyed by ``id(w)``; the cache keeps
-  the weight referenced so the id cannot be reused while the entry lives).
+  the golden ``w8a8_linear``; the result is rounded to ``dtype``. The packed weight is the
+  one prepared at load (:func:`prepare_linear`, a
+  :class:`~llm_kernels.kernels.common.prepared.PackedLinear`); an unprepared
+  ``QuantWeight`` is packed for the call.
 * float ``w``: torch, exactly as the reference does (fp32 GEMM, or torch's bf16 GEMM with
   fp32 accumulation for ``dtype=bfloat16``). torch bf16 GEMMs are oneDNN calls; the Numba
   kernels gain nothing there for a general linear (lm_head is 2 bytes/weight and torch
@@ -16,38 +17,21 @@ Dispatch (same contract as :func:`llm_kernels.reference.deepseek_v4.common.linea
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import torch
 
-from ..common.gemm import W8A8Linear
 from ...numerics.linear import linear as _ref_linear
 from ...numerics.quant import QuantWeight
+from ..common.gemm import pack_w8a8, w8a8_linear
+from ..common.prepared import PackedLinear
 
-__all__ = ["linear", "packed_linear", "clear_cache"]
-
-_CACHE: dict[int, tuple[Any, W8A8Linear]] = {}
-_LOCK = threading.Lock()
-
-
-def packed_linear(w: QuantWeight) -> W8A8Linear:
-    """The cached :class:`W8A8Linear` of ``w`` (packed on first use)."""
-    ent = _CACHE.get(id(w))
-    if ent is not None and ent[0] is w:
-        return ent[1]
-    with _LOCK:
-        ent = _CACHE.get(id(w))
-        if ent is None or ent[0] is not w:
-            ent = (w, W8A8Linear.from_quant_weight(w))
-            _CACHE[id(w)] = ent
-    return ent[1]
+__all__ = ["linear", "prepare_linear"]
 
 
-def clear_cache() -> None:
-    """Drop every packed weight (and the references that keep the source weights alive)."""
-    with _LOCK:
-        _CACHE.clear()
+def prepare_linear(w: QuantWeight) -> PackedLinear:
+    """Load-time form of a W8A8 ``linear`` weight: packed for the active kernel family."""
+    if isinstance(w, PackedLinear):
+        return w
+    return PackedLinear(pack_w8a8(w.qweight, w.scale.float()), w.scale)
 
 
 def _round(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,6 +44,6 @@ def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, QuantWeight):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"x has {x.shape[-1]} input features, weight has {w.shape[1]}")
-        y = packed_linear(w)(x.detach())
+        y = w8a8_linear(x.detach(), prepare_linear(w).packed)
         return _round(y, dtype)
     return _ref_linear(x, w, dtype)

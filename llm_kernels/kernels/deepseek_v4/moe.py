@@ -32,8 +32,9 @@ Same signatures, arguments and return types as
 
     the shared expert runs the same three steps on all rows, and a final Numba kernel
     combines ``rnd(Σ_k rnd(rnd(y_k)·w_k) (fp32, slot order) ) + rnd(shared)`` -> ``rnd``.
-    Packed weights are cached per expert weight object (``id``; the cache keeps the weights
-    referenced). Float experts use torch GEMMs exactly like the reference with the same
+    The packed experts are prepared at load (:func:`prepare_expert`, run by
+    :mod:`.prepare`); unprepared ``QuantWeight`` experts are packed for the call. Float
+    experts use torch GEMMs exactly like the reference with the same
     Numba SwiGLU/combine kernels.
 
 Measured (Flash dims, bf16, 2-core Zen 4 VM, DRAM ~80 GB/s by ``torch.sum``, common's
@@ -57,8 +58,6 @@ counts (observed for 5 rows) — a property of the reference's float32 path as w
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from numba import prange
@@ -67,13 +66,14 @@ from ..common.bf16 import load_f32
 from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.bf16 import round_f32 as _rnd
 from ..common.jit import njit_kernel
+from ..common.prepared import PackedRows, stage_group
 from ..common.quant import quant_row_f32, quant_rows
 from ...numerics.linear import linear as _ref_linear
 from ...numerics.quant import QuantWeight
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 
-__all__ = ["gate", "moe", "clear_cache", "packed_expert"]
+__all__ = ["ExpertPack", "expert_pack", "gate", "moe", "pack_expert", "prepare_expert"]
 
 _SCORE_IDS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 
@@ -170,15 +170,6 @@ def _gate_kernel(logits, score_id, bias, has_bias, hash_idx, use_hash, k, norm, 
             wr[j] = _rnd(np.float32(wr[j] * factor), to_bf16)
 
 
-def _kernel_view(t: torch.Tensor) -> np.ndarray:
-    from ..common.bf16 import torch_bf16_as_u16
-
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return torch_bf16_as_u16(t.contiguous())
-    return t.float().contiguous().numpy()
-
-
 def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
          input_ids: torch.Tensor, *, top_k: int, scoring_func: str, norm_topk_prob: bool,
          routed_scaling_factor: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,41 +255,44 @@ def _combine(y, w, ysh, to_bf16, out):
 
 
 # --------------------------------------------------------------------------- packed experts
-class _Packed:
-    __slots__ = ("refs", "p13", "p2", "inter")
+class ExpertPack:
+    """The packed form of one W8A8 SwiGLU expert: ``p13`` = ``[w1; w3]`` as one ``[2I, D]``
+    weight (one GEMM for the gate and up projections), ``p2`` = w2 ``[D, I]``."""
 
-    def __init__(self, refs, p13: PackedW8A8, p2: PackedW8A8, inter: int):
-        self.refs, self.p13, self.p2, self.inter = refs, p13, p2, inter
+    __slots__ = ("inter", "p13", "p2")
+    n_members = 3
 
-
-_LOCK = threading.Lock()
-_CACHE: dict[int, _Packed] = {}
-
-
-def clear_cache() -> None:
-    """Drop all packed expert weights (and the references keeping their sources alive)."""
-    with _LOCK:
-        _CACHE.clear()
+    def __init__(self, p13: PackedW8A8, p2: PackedW8A8, inter: int):
+        self.p13, self.p2, self.inter = p13, p2, inter
 
 
-def packed_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> _Packed:
-    """The cached packed form of one W8A8 expert: ``[w1; w3]`` as one [2I, D] weight (one
-    GEMM for gate and up projections) and w2 [D, I]. Keyed by ``id(w1)``; the entry keeps
-    w1/w3/w2 referenced and is rebuilt if the triple differs."""
-    ent = _CACHE.get(id(w1))
-    if ent is not None and ent.refs[0] is w1 and ent.refs[1] is w3 and ent.refs[2] is w2:
-        return ent
+def pack_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> ExpertPack:
+    """Pack one W8A8 expert (ValueError unless the shapes form a SwiGLU expert)."""
     I, D = w1.shape
-    if w3.shape != (I, D) or w2.shape != (D, I):
+    if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
         raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
                          "do not form a SwiGLU expert")
     q13 = torch.cat([w1.qweight, w3.qweight], 0)
     s13 = torch.cat([w1.scale.float(), w3.scale.float()], 0)
-    ent = _Packed((w1, w3, w2), pack_w8a8(q13, s13), pack_w8a8(w2.qweight, w2.scale.float()), I)
-    del q13
-    with _LOCK:
-        _CACHE[id(w1)] = ent
-    return ent
+    return ExpertPack(pack_w8a8(q13, s13), pack_w8a8(w2.qweight, w2.scale.float()), I)
+
+
+def prepare_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> tuple[PackedRows, PackedRows, PackedRows]:
+    """Load-time form of one W8A8 expert: three :class:`PackedRows` sharing one
+    :class:`ExpertPack` (w1 and w3 are rows ``[0, I)`` / ``[I, 2I)`` of ``p13``); the raw
+    int8 tensors are not referenced."""
+    if stage_group((w1, w3, w2), ExpertPack) is not None:
+        return w1, w3, w2
+    g = pack_expert(w1, w3, w2)
+    return (PackedRows(g, 0, g.p13, w1.scale, g.inter), PackedRows(g, 1, g.p13, w3.scale, g.inter, start=g.inter),
+            PackedRows(g, 2, g.p2, w2.scale, w2.shape[0]))
+
+
+def expert_pack(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> ExpertPack:
+    """The prepared :class:`ExpertPack` of an expert, or (unprepared weights) one packed
+    for this call."""
+    g = stage_group((w1, w3, w2), ExpertPack)
+    return g if g is not None else pack_expert(w1, w3, w2)
 
 
 def _is_quant(ws) -> bool:
@@ -314,7 +308,7 @@ def _expert_raw(x_rows: torch.Tensor, xq: np.ndarray | None, sx: np.ndarray | No
     float: the dtype-rounded linear output; ``_combine`` rounds either way)."""
     w1, w3, w2 = ws
     if isinstance(w1, QuantWeight):
-        pk = packed_expert(w1, w3, w2)
+        pk = expert_pack(w1, w3, w2)
         I = pk.inter
         gu = w8a8_gemm(xq, sx, pk.p13)
         n = gu.shape[0]

@@ -31,8 +31,9 @@ Determinism: every output element is owned by one ``prange`` iteration (output c
 in step 1, heads in step 3; step 2 is serial); no parallel float reductions -> bitwise
 identical for any thread count.
 
-Shared helpers (weight cache, GEMV, tile dispatch, epilogues, FWHT) live in
-:mod:`.stage_shared`.
+Shared helpers live in :mod:`.stage_shared` (GEMV, epilogues, FWHT) and
+:mod:`.w8a8_heads` (the per-head W8A8 kernels and the packed ``wq_b``: prepared at load by
+:mod:`.prepare`, or packed for the call when an unprepared ``QuantWeight`` is passed).
 """
 
 from __future__ import annotations
@@ -45,25 +46,20 @@ from ...numerics.quant import QuantWeight
 from ..common.jit import njit_kernel
 
 
-from .stage_shared import (
-    f32_np,
-    packed_w8a8,
-    linear_pair,
-    padded_rows,
-    norm_weighted,
-    rope,
-)
+from .stage_shared import f32_np, linear_pair, norm_weighted, rope
 from .w8a8_heads import (
-    pack_pad,
-    quant_into,
     MODE_QNORM_ROPE,
-    heads_float,
-    _NO_Q,
-    _NO_S,
-    _NO_U8,
-    _NO_I8,
-    run_heads_w8a8,
+    NO_I8,
+    NO_Q,
+    NO_S,
+    NO_U8,
     check_quant_weight,
+    heads_float,
+    heads_weight,
+    pack_pad,
+    padded_rows,
+    quant_into,
+    run_heads_w8a8,
 )
 
 __all__ = ["qkv_proj_rope"]
@@ -121,26 +117,26 @@ def qkv_proj_rope(x: torch.Tensor, wq_a: torch.Tensor, q_norm_w: torch.Tensor, w
     eps32 = np.float32(eps)
     if isinstance(wq_b, QuantWeight):
         check_quant_weight(wq_b, H * HD, QL, "wq_b")
-        pw = packed_w8a8(wq_b, plain=HD % 16 != 0)
+        pw = heads_weight(wq_b, HD)
         sx = np.empty(T, np.float32)
         if pw.layout == "vnni":
             TP = padded_rows(T)
             xp = np.empty(pw.kp * TP, np.uint8)
             _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 1, TP, pw.kp // 4, qres, kv, xp,
-                     _NO_I8, sx)
+                     NO_I8, sx)
             act = (xp, sx, TP)
         else:
             xq = np.empty((T, QL), np.int8)
-            _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 2, T, 1, qres, kv, _NO_U8, xq, sx)
+            _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 2, T, 1, qres, kv, NO_U8, xq, sx)
             act = (xq, sx, T)
         if T:
             run_heads_w8a8(act, pw, T, H, HD, MODE_QNORM_ROPE, to_bf16, eps, c, s, 1.0, q,
-                           _NO_Q, _NO_S)
+                           NO_Q, NO_S)
     else:
-        _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 0, T, 1, qres, kv, _NO_U8, _NO_I8,
+        _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 0, T, 1, qres, kv, NO_U8, NO_I8,
                  np.empty(1, np.float32))
         y, _ = linear_pair(torch.from_numpy(qres), wq_b, None, dtype)
         if T:
             heads_float(y, T, H, HD, MODE_QNORM_ROPE, to_bf16, eps32, c, s, np.float32(1.0), q,
-                        _NO_Q, _NO_S)
+                        NO_Q, NO_S)
     return torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(qres)

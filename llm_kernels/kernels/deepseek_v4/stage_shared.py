@@ -1,8 +1,8 @@
 """Helpers shared by the fused ``qkv_proj_rope``, ``compressor`` and ``indexer`` kernels:
-a per-weight packed-weight cache, the single-token bf16/fp32 GEMV (``linear_pair``),
-scalar epilogue pieces in the reference's operation order (torch-order ``Σx²``, weighted /
-unweighted RMSNorm, interleaved RoPE, fast Walsh-Hadamard), and the W8A8 column-range
-accumulation / per-head epilogue drivers built on ``kernels/common``'s VNNI tile.
+the single-token bf16/fp32 GEMV (``linear_pair``) and scalar epilogue pieces in the
+reference's operation order (torch-order ``Σx²``, weighted / unweighted RMSNorm,
+interleaved RoPE, fast Walsh-Hadamard, torch's column-sum order). The W8A8 per-head
+drivers are in :mod:`.w8a8_heads`.
 
 Numerics and determinism rules: see :mod:`.qkv_proj_rope`.
 """
@@ -10,8 +10,6 @@ Numerics and determinism rules: see :mod:`.qkv_proj_rope`.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,13 +17,10 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
-from ...numerics.quant import QuantWeight
-from ..common import jit
 from ..common.bf16 import load_f32
-from ..common.gemm import PackedW8A8, pack_w8a8
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
-from ..common.norm_rope import sumsq_torch_order
+from ..common.norm_rope import ceil_log2, sumsq_torch_order
 
 
 
@@ -37,57 +32,6 @@ def f32_np(t: Any) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
     return t.detach().float().contiguous().numpy()
-
-
-class _StrongRef:
-    """Callable like a weak reference, but holding the object."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __call__(self) -> Any:
-        return self.obj
-
-
-class WeightCache:
-    """Per-weight-object cache of derived data (packed layouts, converted copies).
-
-    Keyed by ``id(weight)`` and validated through a weak reference, so an id reused by a
-    new object after the old one died never returns stale data; the entry is dropped when
-    the weight is garbage collected (no leak, no strong reference held)."""
-
-    def __init__(self) -> None:
-        self._d: dict[tuple[int, Any], tuple[Any, Any]] = {}
-
-    def get(self, w: Any, tag: Any, build: Callable[[Any], Any]) -> Any:
-        key = (id(w), tag)
-        ent = self._d.get(key)
-        if ent is not None and ent[0]() is w:
-            return ent[1]
-        val = build(w)
-        try:
-            ref = weakref.ref(w)
-            weakref.finalize(w, self._d.pop, key, None)
-        except TypeError:  # not weak-referenceable: keep it alive with the entry
-            ref = _StrongRef(w)
-        self._d[key] = (ref, val)
-        return val
-
-    def clear(self) -> None:
-        self._d.clear()
-
-
-WEIGHTS = WeightCache()
-
-
-def packed_w8a8(qw: QuantWeight, plain: bool = False) -> PackedW8A8:
-    """The packed form of a :class:`QuantWeight` for the active kernel family (``vnni``
-    broadcast layout when :data:`jit.USE_VNNI`, else the plain ``[N, K]`` layout; ``plain``
-    forces the latter), cached per weight object."""
-    layout = "nk" if (plain or not jit.USE_VNNI) else "vnni"
-    return WEIGHTS.get(qw, layout, lambda w: pack_w8a8(w.qweight, w.scale.float(), layout))
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,32 +145,8 @@ def _gemv_pair(x, w1, w2, to_bf16, out1, out2, ape, slots, with_ape):
                 out2[t, m] = v
 
 
-TILE_HEIGHTS = (1, 2, 4, 8, 16)
-
-
-def padded_rows(T: int) -> int:
-    """Rows of the packed activation buffer: tiles of 16 tokens plus one remainder tile
-    padded to the next entry of :data:`TILE_HEIGHTS`."""
-    n16, r = divmod(int(T), 16)
-    if r == 0:
-        return int(T)
-    return n16 * 16 + next(h for h in TILE_HEIGHTS if h >= r)
-
-
 # --------------------------------------------------------------------------- scalar helpers
 _ONE = np.float32(1.0)
-
-
-@njit_kernel
-def _ceil_log2(x):
-    if x <= 2:
-        return 1
-    n = 0
-    v = x - 1
-    while v > 0:
-        v >>= 1
-        n += 1
-    return n
 
 
 @njit_kernel
@@ -309,7 +229,7 @@ def column_sums(p, out):
     (ATen ``SumKernel.cpp`` ``row_sum``: rows added sequentially in chunks of
     ``2^max(4, ceil_log2(n)/4)`` into a 4-level cascade; sequential for n <= 16)."""
     n, nk = p.shape
-    lp = max(4, _ceil_log2(n) // 4)
+    lp = max(4, ceil_log2(n) // 4)
     step = 1 << lp
     lmask = step - 1
     acc = np.zeros((4, nk), np.float32)

@@ -1,43 +1,62 @@
-"""W8A8 drivers shared by the fused ``qkv_proj_rope`` and ``indexer`` kernels: activation
+"""W8A8 drivers shared by the fused ``qkv_proj_rope`` and ``indexer`` kernels: the
+per-head packed weight (prepared at load, or packed for one call), activation
 quantisation into the packed VNNI layout, column-range INT32 accumulation on
 ``kernels/common``'s ``vnni_bcast_tile`` (plus a plain fallback), and the per-head
 dequant + norm + RoPE (+ Hadamard + INT8) epilogues run one head per ``prange`` iteration.
 """
 
-
-
 from __future__ import annotations
-
 
 import numpy as np
 from numba import prange
 
 from ...numerics.quant import QuantWeight
-from ..common.gemm import PackedW8A8
+from ..common import jit
+from ..common.gemm import PackedW8A8, dot_i8, pack_w8a8, pad_to_tile
 from ..common.jit import njit_kernel
+from ..common.prepared import PackedLinear
 from ..common.quant import quant_row_f32
 from ..common.x86 import vnni_bcast_tile
+from .stage_shared import fwht, norm_unweighted, rnd, rope
+
+# --------------------------------------------------------------------------- packed weight
+def heads_layout(head_dim: int) -> str:
+    """Packed layout of a per-head W8A8 weight: ``"vnni"`` when the VNNI kernels are active
+    and a head is whole 16-column blocks, else the plain ``"nk"``."""
+    return "vnni" if jit.USE_VNNI and head_dim % 16 == 0 else "nk"
 
 
+def prepare_heads(w: QuantWeight, head_dim: int) -> PackedLinear:
+    """Load-time form of a per-head W8A8 weight (``wq_b``, indexer ``wq_b``)."""
+    if isinstance(w, PackedLinear) and w.packed.layout == heads_layout(head_dim):
+        return w
+    return PackedLinear(pack_w8a8(w.qweight, w.scale.float(), heads_layout(head_dim)), w.scale)
 
-from .stage_shared import (
-    TILE_HEIGHTS,
-    padded_rows,
-    rnd,
-    norm_unweighted,
-    rope,
-    fwht,
-)
+
+def heads_weight(w: QuantWeight, head_dim: int) -> PackedW8A8:
+    """The packed weight the per-head kernels read: the prepared one, or (an unprepared
+    ``QuantWeight``) packed now for this call."""
+    return prepare_heads(w, head_dim).packed
+
 
 # --------------------------------------------------------------------------- W8A8 pieces
 #: Register-tile heights (tokens) of the per-head VNNI GEMM; one 16-column weight block per
 #: tile, so a head's packed weights ([HD/16][Kp/4][16][4], contiguous) stream sequentially.
+#: (The full-width GEMM of ``common.gemm`` uses other heights: 4 blocks of 16 per tile.)
+HEAD_TILE_HEIGHTS = (1, 2, 4, 8, 16)
 _PREFETCH = {1: 0, 2: 0, 4: 1024, 8: 2048, 16: 4096}
-(_V1, _V2, _V4, _V8, _V16) = [vnni_bcast_tile(tt, 1, _PREFETCH[tt]) for tt in TILE_HEIGHTS]
+(_V1, _V2, _V4, _V8, _V16) = [vnni_bcast_tile(tt, 1, _PREFETCH[tt]) for tt in HEAD_TILE_HEIGHTS]
+
+
+def padded_rows(T: int) -> int:
+    """Rows of the packed activation buffer: tiles of 16 tokens plus one remainder tile
+    padded to the next entry of :data:`HEAD_TILE_HEIGHTS`."""
+    return pad_to_tile(T, HEAD_TILE_HEIGHTS)
 
 
 @njit_kernel
-def _vtile(tt, xp, x_off, xks, wp, w_off, nkg, acc, a_off, ats):
+def head_tile(tt, xp, x_off, xks, wp, w_off, nkg, acc, a_off, ats):
+    """One ``tt x 16`` register tile (``tt`` in :data:`HEAD_TILE_HEIGHTS`)."""
     if tt == 1:
         _V1(xp, x_off, xks, wp, w_off, 0, nkg, acc, a_off, ats, False)
     elif tt == 2:
@@ -64,17 +83,8 @@ def acc_cols_vnni(xp, TP, KG, wp, b0, nblk, acc):
         t0 = 0
         while t0 < TP:
             tt = min(16, TP - t0)
-            _vtile(tt, xp, t0 * 4, xks, wp, w_off, KG, acc, t0 * ncols + j * 16, ncols)
+            head_tile(tt, xp, t0 * 4, xks, wp, w_off, KG, acc, t0 * ncols + j * 16, ncols)
             t0 += tt
-
-
-@njit_kernel
-def dot_i8(a, b):
-    """Exact int32 dot product of two int8 vectors (int32 wraps keep ``vpmaddwd``)."""
-    s = np.int32(0)
-    for k in range(a.size):
-        s = np.int32(s + np.int32(a[k]) * np.int32(b[k]))
-    return s
 
 
 @njit_kernel
@@ -209,17 +219,18 @@ def heads_generic(int8, y, xq, sx, wq, sw, T, H, HD, mode, to_bf16, eps, cos, si
 def heads_float(y: np.ndarray, T: int, H: int, HD: int, mode: int, to_bf16: bool, eps, cos, sin,
                 had_scale, out_f, out_q, out_s) -> None:
     """:func:`head_epilogue` over the rows of a float linear output ``y`` [T, H·HD]."""
-    heads_generic(False, y, _NO_I8, _NO_SX, _NO_I8, _NO_SX, T, H, HD, mode, to_bf16, np.float32(eps),
+    heads_generic(False, y, NO_I8, NO_SX, NO_I8, NO_SX, T, H, HD, mode, to_bf16, np.float32(eps),
                   cos, sin, np.float32(had_scale), out_f, out_q, out_s)
 
 
-_NO_F = np.zeros((1, 1, 1), np.float32)
-_NO_Q = np.zeros((1, 1, 1), np.int8)
-_NO_S = np.zeros((1, 1), np.float32)
-_NO_U8 = np.zeros(1, np.uint8)
-_NO_I8 = np.zeros((1, 1), np.int8)
-_NO_SX = np.zeros(1, np.float32)
-_NO_Y = np.zeros((1, 1), np.float32)
+#: Placeholder arrays for the unused outputs / operands of a kernel mode.
+NO_F = np.zeros((1, 1, 1), np.float32)
+NO_Q = np.zeros((1, 1, 1), np.int8)
+NO_S = np.zeros((1, 1), np.float32)
+NO_U8 = np.zeros(1, np.uint8)
+NO_I8 = np.zeros((1, 1), np.int8)
+NO_SX = np.zeros(1, np.float32)
+NO_Y = np.zeros((1, 1), np.float32)
 
 
 def quantize_activations(x: np.ndarray, pw: PackedW8A8) -> tuple:
@@ -230,10 +241,10 @@ def quantize_activations(x: np.ndarray, pw: PackedW8A8) -> tuple:
     if pw.layout == "vnni":
         TP = padded_rows(T)
         xp = np.empty(pw.kp * TP, np.uint8)
-        quant_act(x, 1, TP, pw.kp // 4, xp, _NO_I8, sx)
+        quant_act(x, 1, TP, pw.kp // 4, xp, NO_I8, sx)
         return xp, sx, TP
     xq = np.empty((T, K), np.int8)
-    quant_act(x, 2, T, 1, _NO_U8, xq, sx)
+    quant_act(x, 2, T, 1, NO_U8, xq, sx)
     return xq, sx, T
 
 
@@ -248,13 +259,11 @@ def run_heads_w8a8(act: tuple, pw: PackedW8A8, T: int, H: int, HD: int, mode: in
         heads_vnni(xa, TP, pw.kp // 4, pw.data, pw.wsum128, sx, pw.scale, T, H, HD, mode,
                    to_bf16, np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
     else:
-        heads_generic(True, _NO_Y, xa, sx, pw.data, pw.scale, T, H, HD, mode, to_bf16,
+        heads_generic(True, NO_Y, xa, sx, pw.data, pw.scale, T, H, HD, mode, to_bf16,
                       np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
 
 
 def check_quant_weight(w: QuantWeight, n_out: int, k_in: int, name: str) -> None:
-    if tuple(w.qweight.shape) != (n_out, k_in):
-        raise ValueError(f"{name}: expected [{n_out}, {k_in}], got {tuple(w.qweight.shape)}")
-
-
-# =========================================================================== qkv_proj_rope
+    """ValueError unless ``w`` is ``[n_out, k_in]`` (names the weight)."""
+    if tuple(w.shape) != (n_out, k_in):
+        raise ValueError(f"{name}: expected [{n_out}, {k_in}], got {tuple(w.shape)}")

@@ -72,7 +72,7 @@ _TARGET_ITEMS = 8  # work items aimed at per call (>= 2 per core; fewer = less p
 _MIN_SPLIT = 128  # shortest context split in tokens (a multiple of _CHUNK)
 _MAX_SPLIT = 4096  # longest split: bounds an item's row-offset table (nkv x split x 8 B)
 
-from .attention_tiles import _FM, _NEG_INF, _ONE, _ZERO, _bf16_rne, _exp_neg, _pv_call, _qk_call, _sm_call
+from .attention_tiles import FASTMATH, NEG_INF, ONE, ZERO, bf16_rne, exp_neg, pv_call, qk_call, sm_call
 
 
 @njit_kernel
@@ -119,12 +119,12 @@ def _pack_q(q, nkv, gt, qpk):
             ti = hh // gt
             o = th * g * D // 2 + ti * gt * D // 2 + (hh - ti * gt) * E
             for w in range(D // 2):  # pair w -> step w >> sh, lane hl·E + (w & (E-1))
-                lo = f32_bits(_bf16_rne(qf[src + 2 * w])) >> np.uint32(16)
-                hi = f32_bits(_bf16_rne(qf[src + 2 * w + 1])) & np.uint32(0xFFFF0000)
+                lo = f32_bits(bf16_rne(qf[src + 2 * w])) >> np.uint32(16)
+                hi = f32_bits(bf16_rne(qf[src + 2 * w + 1])) & np.uint32(0xFFFF0000)
                 dst[o + (w >> sh) * 16 + (w & (E - 1))] = hi | lo
 
 
-@njit_kernel(parallel=True, fastmath=_FM)
+@njit_kernel(parallel=True, fastmath=FASTMATH)
 def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, pacc):
     """bf16 fast path: one prange iteration per work item ``items[i] = (t, s0, s1)``
     (query row t, its tokens [s0, s1), all kv heads). Per chunk of ``_CHUNK`` tokens: K
@@ -151,10 +151,10 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
         S = np.empty(nkv * ntile * C * 16, np.float32)  # scores / probabilities per (kv head, tile)
         st = np.empty(nkv * ntile * 48, np.float32)  # per (kv head, tile): m, l, alpha x 16 lanes
         for u in range(nkv * ntile):
-            st[u * 48:u * 48 + 16] = _NEG_INF
-            st[u * 48 + 16:u * 48 + 32] = _ZERO
+            st[u * 48:u * 48 + 16] = NEG_INF
+            st[u * 48 + 16:u * 48 + 32] = ZERO
         acc = pacc[it].reshape(-1)
-        acc[:] = _ZERO
+        acc[:] = ZERO
         for c0 in range(0, nt, C):
             n = min(C, nt - c0)
             npad = (n + 15) // 16 * 16
@@ -170,14 +170,14 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
                         if phase == 0:
                             qo = (t * nkv + kvh) * g * D + ti * gt * D
                             for c16 in range(0, npad, 16):
-                                _qk_call(gt, contig and c16 + 16 <= n, qpf, qo, kc, koff, kb + c16, pb + c16,
+                                qk_call(gt, contig and c16 + 16 <= n, qpf, qo, kc, koff, kb + c16, pb + c16,
                                          nsteps, scale, S, So + c16 * gt)
-                            _sm_call(gt, S, So, n, st, u)
+                            sm_call(gt, S, So, n, st, u)
                         else:
                             h0 = kvh * g + ti * gt
                             for hb in range(0, gt, hp):
                                 for dc in range(0, D, 32):
-                                    _pv_call(hp, acc, (h0 + hb) * D + dc, D, st, u + 32 + hb, S, So + hb, gt, 1,
+                                    pv_call(hp, acc, (h0 + hb) * D + dc, D, st, u + 32 + hb, S, So + hb, gt, 1,
                                              vc, koff, kb, pb, n, dc)
         for kvh in range(nkv):
             for ti in range(ntile):
@@ -187,27 +187,27 @@ def _attn_bf16_dot(qpk, kc, vc, bt, seq, items, nkv, BS, gt, D, scale, pm, pl, p
                     pl[it, kvh * g + ti * gt + hl] = st[u + 16 + hl]
 
 
-@njit_kernel(fastmath=_FM)
+@njit_kernel(fastmath=FASTMATH)
 def _row_f32(cache, o, row):
     for d in range(row.size):
         row[d] = load_f32(cache[o + d])
 
 
-@njit_kernel(fastmath=_FM)
+@njit_kernel(fastmath=FASTMATH)
 def _dot(x, y):
-    s = _ZERO
+    s = ZERO
     for d in range(x.size):
         s += x[d] * y[d]
     return s
 
 
-@njit_kernel(fastmath=_FM)
+@njit_kernel(fastmath=FASTMATH)
 def _axpy(a, x, y):
     for d in range(x.size):
         y[d] += a * x[d]
 
 
-@njit_kernel(parallel=True, fastmath=_FM)
+@njit_kernel(parallel=True, fastmath=FASTMATH)
 def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
     """Plain-Numba path (any D, float32 or bf16-bits caches); same items and outputs as
     :func:`_attn_bf16_dot` (natural column order), one kv head after the other."""
@@ -223,10 +223,10 @@ def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
         row = np.empty(D, np.float32)
         S = np.empty((g, C), np.float32)  # head-major: the softmax loops run over contiguous tokens
         acc = pacc[it]
-        acc[:, :] = _ZERO
+        acc[:, :] = ZERO
         for kvh in range(nkv):
             qh = q[t, kvh * g:(kvh + 1) * g]
-            m = np.full(g, _NEG_INF, np.float32)
+            m = np.full(g, NEG_INF, np.float32)
             lsum = np.zeros(g, np.float32)
             ah = acc[kvh * g:(kvh + 1) * g]
             for c0 in range(0, nt, C):
@@ -240,11 +240,11 @@ def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
                     mnew = m[h]
                     for c in range(n):
                         mnew = max(mnew, sh[c])
-                    alpha = _exp_neg(m[h] - mnew)
+                    alpha = exp_neg(m[h] - mnew)
                     m[h] = mnew
-                    ls = _ZERO
+                    ls = ZERO
                     for c in range(n):
-                        sh[c] = _exp_neg(sh[c] - mnew)
+                        sh[c] = exp_neg(sh[c] - mnew)
                         ls += sh[c]
                     lsum[h] = lsum[h] * alpha + ls
                     for d in range(D):
@@ -258,7 +258,7 @@ def _attn_plain(q, kc, vc, bt, seq, items, nkv, BS, scale, pm, pl, pacc):
                 pl[it, kvh * g + h] = lsum[h]
 
 
-@njit_kernel(parallel=True, fastmath=_FM)
+@njit_kernel(parallel=True, fastmath=FASTMATH)
 def _combine(pm, pl, pacc, first, nsplit, g, to_bf16, perm, out):
     """``out[t, h·D + d] = rnd(Σ_s e_s·acc_s[h, d] / Σ_s e_s·l_s[h])``, ``e_s = exp(m_s[h] -
     max_s m_s[h])`` over row t's splits in order; one prange iteration per (row, group of
@@ -279,10 +279,10 @@ def _combine(pm, pl, pacc, first, nsplit, g, to_bf16, perm, out):
         inv = np.zeros(g, np.float32)
         for sp in range(ns):
             for h in range(g):
-                wl[sp, h] = _exp_neg(pm[i0 + sp, h0 + h] - mm[h])
+                wl[sp, h] = exp_neg(pm[i0 + sp, h0 + h] - mm[h])
                 inv[h] += wl[sp, h] * pl[i0 + sp, h0 + h]
         for h in range(g):
-            inv[h] = _ONE / inv[h]
+            inv[h] = ONE / inv[h]
         orow = np.empty(D, np.float32)
         for h in range(g):
             a0 = pacc[i0, h0 + h]
@@ -299,7 +299,7 @@ def _combine(pm, pl, pacc, first, nsplit, g, to_bf16, perm, out):
             for d in range(D):
                 orow[d] = orow[d] * iv
                 if to_bf16:
-                    orow[d] = _bf16_rne(orow[d])
+                    orow[d] = bf16_rne(orow[d])
             if perm:  # fast-path layout: per 32 columns, 16 even then 16 odd columns
                 for dc in range(0, D, 32):
                     for i in range(16):

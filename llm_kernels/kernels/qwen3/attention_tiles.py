@@ -9,7 +9,7 @@ llvmlite IR builders, cached per group shape, and the Numba intrinsics that call
 * ``_pv32``: ``acc = alpha·acc + Σ p·v`` in fp32 FMA, 8 heads x 32 columns, V widened
   from bf16 in registers; software prefetch issued from inside the tiles.
 
-Plus the scalar ``_exp_neg`` / ``_bf16_rne`` helpers the plain path shares. The schedule
+Plus the scalar ``exp_neg`` / ``bf16_rne`` helpers the plain path shares. The schedule
 and numerics are documented in :mod:`.attention`.
 """
 
@@ -26,8 +26,9 @@ from numba.extending import intrinsic
 from ..common.bf16 import f32_bits, f32_from_bits
 from ..common.jit import njit_kernel
 from ..common.x86 import BFloatType as _BFloatType
+from ..common.x86 import acc_loop
 
-_FM = {"reassoc", "nsz", "contract", "arcp"}  # no nnan/ninf: -inf must stay exact
+FASTMATH = {"reassoc", "nsz", "contract", "arcp"}  # no nnan/ninf: -inf must stay exact
 
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693145751953125)
@@ -37,9 +38,9 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in (
     0.0416664853692054748535156, 0.166666671633720397949219, 0.5))  # SLEEF xexpf
 _XMIN = np.float32(-87.0)
 _HALF = np.float32(0.5)
-_ONE = np.float32(1.0)
-_ZERO = np.float32(0.0)
-_NEG_INF = np.float32(-np.inf)
+ONE = np.float32(1.0)
+ZERO = np.float32(0.0)
+NEG_INF = np.float32(-np.inf)
 
 # --------------------------------------------------------------------------- IR helpers
 _F32, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -87,38 +88,6 @@ def _splat(b, x, vt=_V16F):
 def _prefetch(b, ptr):
     b.call(_fn(b, "llvm.prefetch.p0i8", ir.VoidType(), _I8P, _I32, _I32, _I32),
            [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-
-
-def _loop(b, n, inits, body, name):
-    """``for i in range(n)`` carrying the values ``inits``; ``body(i, cur) -> new``. Returns
-    the final values (the inits when ``n <= 0``)."""
-    entry = b.basic_block
-    loop = b.append_basic_block(name)
-    done = b.append_basic_block(name + ".done")
-    b.cbranch(b.icmp_signed(">", n, _c64(0)), loop, done)
-    b.position_at_end(loop)
-    i = b.phi(_I64)
-    i.add_incoming(_c64(0), entry)
-    cur = []
-    for v in inits:
-        ph = b.phi(v.type)
-        ph.add_incoming(v, entry)
-        cur.append(ph)
-    new = body(i, cur)
-    i_next = b.add(i, _c64(1))
-    i.add_incoming(i_next, b.basic_block)
-    for ph, v in zip(cur, new):
-        ph.add_incoming(v, b.basic_block)
-    tail = b.basic_block
-    b.cbranch(b.icmp_signed("<", i_next, n), loop, done)
-    b.position_at_end(done)
-    out = []
-    for v0, v in zip(inits, new):
-        ph = b.phi(v0.type)
-        ph.add_incoming(v0, entry)
-        ph.add_incoming(v, tail)
-        out.append(ph)
-    return out
 
 
 def _arrays_ok(*pairs):
@@ -197,7 +166,7 @@ def _qk16(gt: int, dconst: int = 0):
                 b.load(_at(b, rows[c], kb, vt), align=2), ir.Constant(vt, None), _mask([x % E for x in range(16)])),
                 _V32BF)]) for c in range(16)]
 
-        vecs = _loop(b, nsteps, [ir.Constant(_V16F, [0.0] * 16)] * 16, body, "qk")
+        vecs = acc_loop(b, nsteps, [ir.Constant(_V16F, [0.0] * 16)] * 16, body, "qk")
         for level in plan:
             vecs = [b.fadd(b.shuffle_vector(vecs[2 * j], vecs[2 * j + 1], _mask(mx)),
                            b.shuffle_vector(vecs[2 * j], vecs[2 * j + 1], _mask(my)))
@@ -219,7 +188,7 @@ def _qk16(gt: int, dconst: int = 0):
 
 
 def _ir_exp_neg(b, x):
-    """IR twin of :func:`_exp_neg` on ``<16 x float>`` (FMA polynomial)."""
+    """IR twin of :func:`exp_neg` on ``<16 x float>`` (FMA polynomial)."""
     fma = _fn(b, "llvm.fma.v16f32", _V16F, _V16F, _V16F, _V16F)
     lt = b.fcmp_ordered("<", x, _fconst(_XMIN))
     xc = b.select(lt, _fconst(_XMIN), x)
@@ -265,7 +234,7 @@ def _softmax16(gt: int):
             ptr, valid = lanes(v)
             return [_vmax(b, cur[0], b.select(valid, b.load(ptr, align=4), _fconst(-np.inf)))]
 
-        mx = _loop(b, nv, [_fconst(-np.inf)], body_max, "sm.max")[0]
+        mx = acc_loop(b, nv, [_fconst(-np.inf)], body_max, "sm.max")[0]
         for fm in folds:
             mx = _vmax(b, mx, b.shuffle_vector(mx, mx, fm))
         m_new = _vmax(b, m_old, mx)
@@ -277,7 +246,7 @@ def _softmax16(gt: int):
             b.store(p, ptr, align=4)
             return [b.fadd(cur[0], p)]
 
-        ls = _loop(b, nv, [_fconst(0.0)], body_exp, "sm.exp")[0]
+        ls = acc_loop(b, nv, [_fconst(0.0)], body_exp, "sm.exp")[0]
         for fm in folds:
             ls = b.fadd(ls, b.shuffle_vector(ls, ls, fm))
         b.store(m_new, pm, align=4)
@@ -338,7 +307,7 @@ def _pv32(hp: int):
                 new += [b.call(fma, [pb, halves[k], accs[2 * h + k]]) for k in range(2)]
             return new
 
-        for ptr, v in zip(ptrs, _loop(b, n, init, body, "pv")):
+        for ptr, v in zip(ptrs, acc_loop(b, n, init, body, "pv")):
             b.store(v, ptr, align=4)
         return context.get_dummy_value()
 
@@ -360,7 +329,7 @@ _PV1, _PV2, _PV4, _PV8 = (_pv32(h) for h in (1, 2, 4, 8))
 
 
 @njit_kernel
-def _qk_call(gt, contig, qp, q_off, kc, koff, k0, pk0, nsteps, scale, out, out_off):
+def qk_call(gt, contig, qp, q_off, kc, koff, k0, pk0, nsteps, scale, out, out_off):
     if contig:
         _QK8C(qp, q_off, kc, koff, k0, pk0, nsteps, scale, out, out_off)
     elif gt == 8:
@@ -374,7 +343,7 @@ def _qk_call(gt, contig, qp, q_off, kc, koff, k0, pk0, nsteps, scale, out, out_o
 
 
 @njit_kernel
-def _sm_call(gt, S, s_off, n, st, st_off):
+def sm_call(gt, S, s_off, n, st, st_off):
     if gt == 8:
         _SM8(S, s_off, n, st, st_off)
     elif gt == 4:
@@ -386,7 +355,7 @@ def _sm_call(gt, S, s_off, n, st, st_off):
 
 
 @njit_kernel
-def _pv_call(hp, acc, acc_off, acc_hs, alpha, a_off, p, p_off, p_cs, p_hs, vc, voff, v0, pv0, n, col0):
+def pv_call(hp, acc, acc_off, acc_hs, alpha, a_off, p, p_off, p_cs, p_hs, vc, voff, v0, pv0, n, col0):
     if hp == 8:
         _PV8(acc, acc_off, acc_hs, alpha, a_off, p, p_off, p_cs, p_hs, vc, voff, v0, pv0, n, col0)
     elif hp == 4:
@@ -398,8 +367,8 @@ def _pv_call(hp, acc, acc_off, acc_hs, alpha, a_off, p, p_off, p_cs, p_hs, vc, v
 
 
 # --------------------------------------------------------------------------- scalar helpers
-@njit_kernel(fastmath=_FM)
-def _exp_neg(x):
+@njit_kernel(fastmath=FASTMATH)
+def exp_neg(x):
     """``exp(x)`` for float32 ``x <= 0`` (``-inf`` and ``x < -87`` give 0): Cody-Waite
     reduction by ln 2, SLEEF's degree-6 polynomial, exponent by integer add; < 2 ulp.
     Branch-free and call-free so loops over it vectorise."""
@@ -407,13 +376,13 @@ def _exp_neg(x):
     k = np.floor(xc * _LOG2E + _HALF)
     r = (xc - k * _LN2_HI) - k * _LN2_LO
     u = ((((_C0 * r + _C1) * r + _C2) * r + _C3) * r + _C4) * r + _C5
-    u = u * r * r + r + _ONE
+    u = u * r * r + r + ONE
     y = np.float32(u * f32_from_bits(np.uint32((np.int32(k) + np.int32(127)) << np.int32(23))))
-    return y if x >= _XMIN else _ZERO
+    return y if x >= _XMIN else ZERO
 
 
 @njit_kernel
-def _bf16_rne(x):
+def bf16_rne(x):
     """float32 -> nearest-even bf16 value as float32 (``common.bf16`` rounding, NaN kept a
     quiet NaN by a select instead of a branch so that loops over it vectorise)."""
     b = f32_bits(np.float32(x))

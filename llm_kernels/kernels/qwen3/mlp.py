@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 
 from . import proj_common as PC
-from .proj_common import clear_cache
 
-__all__ = ["clear_cache", "down_residual", "gate_up_swiglu"]
+__all__ = ["down_residual", "gate_up_swiglu"]
 
 
 def gate_up_swiglu(x: torch.Tensor, w_gate, w_up, dtype: torch.dtype) -> torch.Tensor:
@@ -41,16 +40,13 @@ def gate_up_swiglu(x: torch.Tensor, w_gate, w_up, dtype: torch.dtype) -> torch.T
         TypeError: non-floating / non-CPU x; a weight of another type, or one QuantWeight
         and one float weight.
     """
-    def build() -> PC.Plan:
-        PC.check_dtype(dtype)
-        kind = PC.weight_kind((w_gate, w_up), ("w_gate", "w_up"), None)
-        if tuple(w_gate.shape) != tuple(w_up.shape):
-            raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
-        if kind == "mixed":
-            raise TypeError("w_gate, w_up: both must be QuantWeight or both float tensors")
-        return PC.Plan((w_gate, w_up), PC.MODE_SWIGLU, dtype, kind, None, 0.0)
-
-    p = PC.get_plan((w_gate, w_up), ("gate_up", dtype), build)
+    PC.check_dtype(dtype)
+    kind = PC.weight_kind((w_gate, w_up), ("w_gate", "w_up"), None)
+    if tuple(w_gate.shape) != tuple(w_up.shape):
+        raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
+    if kind == "mixed":
+        raise TypeError("w_gate, w_up: both must be QuantWeight or both float tensors")
+    p = PC.Plan((w_gate, w_up), PC.MODE_SWIGLU, dtype, kind, None, 0.0)
     xa, lead = PC.rows(x, "x", p.k)
     return PC.wrap(p(xa)[0], lead)
 
@@ -71,12 +67,9 @@ def down_residual(act: torch.Tensor, w_down, residual: torch.Tensor, dtype: torc
         ValueError: bad ``dtype``; act's last dim != w_down's in-dim; residual's shape !=
         ``[..., hidden]``. TypeError: non-floating / non-CPU tensors; a bad weight type.
     """
-    def build() -> PC.Plan:
-        PC.check_dtype(dtype)
-        kind = PC.weight_kind((w_down,), ("w_down",), None)
-        return PC.Plan((w_down,), PC.MODE_RES, dtype, kind, None, 0.0)
-
-    p = PC.get_plan((w_down,), ("down", dtype), build)
+    PC.check_dtype(dtype)
+    kind = PC.weight_kind((w_down,), ("w_down",), None)
+    p = PC.Plan((w_down,), PC.MODE_RES, dtype, kind, None, 0.0)
     xa, lead = PC.rows(act, "act", p.k)
     ra, rlead = PC.rows(residual, "residual", p.n_out[0])
     if not PC.same_rows(xa, lead, ra, rlead):

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import proj_common as PC
-from .proj_common import clear_cache
 
-__all__ = ["clear_cache", "o_proj_residual_norm"]
+__all__ = ["o_proj_residual_norm"]
 
 
 def o_proj_residual_norm(attn: torch.Tensor, wo, residual: torch.Tensor, post_norm_w: torch.Tensor,
@@ -41,13 +40,10 @@ def o_proj_residual_norm(attn: torch.Tensor, wo, residual: torch.Tensor, post_no
         ``[..., hidden]``; post_norm_w's length != hidden. TypeError: non-floating /
         non-CPU tensors; ``wo`` neither a QuantWeight nor a 2-D float tensor.
     """
-    def build() -> PC.Plan:
-        PC.check_dtype(dtype)
-        kind = PC.weight_kind((wo,), ("wo",), None)
-        nw = PC.vec_f32(post_norm_w, "post_norm_w", wo.shape[0])
-        return PC.Plan((wo,), PC.MODE_RES, dtype, kind, nw, eps, post=True)
-
-    p = PC.get_plan((wo, post_norm_w), ("o", dtype, eps), build)
+    PC.check_dtype(dtype)
+    kind = PC.weight_kind((wo,), ("wo",), None)
+    nw = PC.vec_f32(post_norm_w, "post_norm_w", wo.shape[0])
+    p = PC.Plan((wo,), PC.MODE_RES, dtype, kind, nw, eps, post=True)
     xa, lead = PC.rows(attn, "attn", p.k)
     ra, rlead = PC.rows(residual, "residual", p.n_out[0])
     if not PC.same_rows(xa, lead, ra, rlead):

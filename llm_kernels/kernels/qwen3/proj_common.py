@@ -11,13 +11,14 @@ Stage = ``prologue -> GEMM over a concatenated weight -> per-tile epilogue -> po
 * **GEMM**, one pass over the weights for all tokens:
 
   - W8A8 (``QuantWeight`` weights): the weights of a stage are concatenated once into one
-    INT8 matrix and packed with :func:`common.gemm.pack_w8a8` (cached per weight tuple by
-    object identity, references kept alive). Segments (q | k | v) start on 64-row chunk
+    INT8 matrix and packed with :func:`common.gemm.pack_w8a8` — at load time by
+    :func:`prepare_stage` (run by :mod:`.prepare`), or for the call when the stage is given
+    unprepared ``QuantWeight`` s. Segments (q | k | v) start on 64-row chunk
     boundaries (zero rows in between); gate/up are interleaved per chunk as 32 gate rows
     then the same 32 up rows, so every 64-column output tile holds matching g and u. Each
     ``prange`` iteration computes one chunk with common's VNNI register tiles
-    (``gemm._chunk_acc``) or, on the fallback path, exact int32 dot products
-    (``gemm._dot_i8``) and runs the epilogue on it right away.
+    (``gemm.chunk_acc``) or, on the fallback path, exact int32 dot products
+    (``gemm.dot_i8``) and runs the epilogue on it right away.
   - bf16 (bfloat16 weights, bf16 mode, AVX512_BF16, ``T <= BF16_GEMV_MAX_T``):
     ``vdpbf16ps`` row-dot tiles on the weights' natural ``[N, K]`` layout (no copy), one
     ``prange`` over row blocks of all the stage's weights. Otherwise torch's ``F.linear``
@@ -50,8 +51,6 @@ next to every call; it was ~54 GB/s in the W8A8 blocks of the reported run): W8A
 
 from __future__ import annotations
 
-import operator
-import threading
 from typing import Any
 
 import numpy as np
@@ -63,22 +62,16 @@ from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as rnd
-from ..common.gemm import (
-    CHUNK_N,
-    _chunk_acc,
-    _dot_i8,
-    _pack_q32,
-    pack_w8a8,
-    padded_tokens,
-)
+from ..common.gemm import CHUNK_N, chunk_acc, dot_i8, pack_q32, pack_w8a8, padded_tokens
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
+from ..common.prepared import PackedRows, stage_group
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile as _bf16_dot_tile
-from .swiglu_torch import _in_tail, _swiglu, torch_tails
+from .swiglu_torch import in_tail, swiglu_scalar, torch_tails
 
 __all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "ProjW8A8", "check_dtype",
-           "clear_cache", "get_plan", "proj_w8a8", "rows", "same_rows", "torch_tails", "vec_f32",
+           "pack_stage", "prepare_stage", "rows", "same_rows", "stage_w8a8", "torch_tails", "vec_f32",
            "weight_kind", "wrap"]
 
 MODE_SPLIT, MODE_RES, MODE_SWIGLU = 0, 1, 2
@@ -130,45 +123,20 @@ def weight_kind(ws: tuple, names: tuple, k: int | None) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-# --------------------------------------------------------------------------- weight cache
-_CACHE: dict[tuple, tuple[tuple, Any]] = {}
-_LOCK = threading.Lock()
-
-
-def _cached(objs: tuple, tag: str, build) -> Any:
-    """Derived data of ``objs`` keyed by their ids; the entry holds ``objs`` (so an id
-    cannot be reused while it lives) and is rebuilt if any object differs."""
-    key = (tag,) + tuple(map(id, objs))
-    ent = _CACHE.get(key)
-    if ent is not None and all(map(operator.is_, ent[0], objs)):
-        return ent[1]
-    with _LOCK:
-        ent = _CACHE.get(key)
-        if ent is None or not all(map(operator.is_, ent[0], objs)):
-            ent = (objs, build())
-            _CACHE[key] = ent
-    return ent[1]
-
-
-def clear_cache() -> None:
-    """Drop every packed / converted weight (and the references keeping the sources alive)."""
-    with _LOCK:
-        _CACHE.clear()
-        _PLANS.clear()
-
-
 # --------------------------------------------------------------------------- W8A8 packing
 class ProjW8A8:
-    """Concatenated, packed INT8 weight of one stage.
+    """Concatenated, packed INT8 weight of one stage (the ``group`` of its prepared weights).
 
     ``pk``: :class:`common.gemm.PackedW8A8` of the ``[Np, K]`` concatenation; ``seg``: int64
     ``[6]`` = (start, rows) of up to 3 segments in the padded row space (SwiGLU: ``(0, I)``);
-    ``n_out``: output widths; ``zeros``: int32 ``[Np]`` (zero-point term of the plain path)."""
+    ``n_out``: output widths; ``zeros``: int32 ``[Np]`` (zero-point term of the plain path);
+    ``mode``: the stage mode; ``n_members``: the number of weights packed together."""
 
-    __slots__ = ("k", "n_out", "pk", "seg", "zeros")
+    __slots__ = ("k", "mode", "n_members", "n_out", "pk", "seg", "zeros")
 
-    def __init__(self, pk, seg, n_out, k):
+    def __init__(self, pk, seg, n_out, k, mode, n_members):
         self.pk, self.seg, self.n_out, self.k = pk, seg, n_out, k
+        self.mode, self.n_members = mode, n_members
         self.zeros = np.zeros(pk.np_ if pk.layout == "vnni" else pk.n, np.int32)
 
 
@@ -201,14 +169,37 @@ def _build_w8a8(qws: tuple, mode: int, layout: str) -> ProjW8A8:
         sc = np.concatenate([_pad_rows(a, p) for a, p in zip(s, pads)]) if len(q) > 1 else s[0]
         seg[0:2 * len(q):2] = np.cumsum([0] + pads[:-1])
         seg[1:2 * len(q):2] = n_out
-    return ProjW8A8(pack_w8a8(wq, sc, layout), seg, n_out, K)
+    return ProjW8A8(pack_w8a8(wq, sc, layout), seg, n_out, K, mode, len(qws))
 
 
-def proj_w8a8(qws: tuple, mode: int) -> ProjW8A8:
-    """The cached :class:`ProjW8A8` of the QuantWeights ``qws`` (1-3 of them for split or
-    residual stages, (gate, up) for SwiGLU) in the active kernel layout."""
-    layout = _layout()
-    return _cached(tuple(qws), f"w8a8/{mode}/{layout}", lambda: _build_w8a8(tuple(qws), mode, layout))
+def pack_stage(qws: tuple, mode: int) -> ProjW8A8:
+    """Pack the QuantWeights ``qws`` of one stage (1-3 of them for split or residual stages,
+    (gate, up) for SwiGLU) into one :class:`ProjW8A8` in the active kernel layout."""
+    return _build_w8a8(tuple(qws), mode, _layout())
+
+
+def _prepared(qws: tuple, mode: int) -> ProjW8A8 | None:
+    g = stage_group(tuple(qws), ProjW8A8)
+    return g if g is not None and g.mode == mode and g.pk.layout == _layout() else None
+
+
+def prepare_stage(qws: tuple, mode: int) -> tuple[PackedRows, ...]:
+    """Load-time form of a stage's QuantWeights: one :class:`PackedRows` per weight, all
+    sharing the stage's :class:`ProjW8A8` (which no longer references the raw int8
+    tensors, except a single ``"nk"`` weight whose packed data is that tensor)."""
+    if _prepared(qws, mode) is not None:
+        return tuple(qws)
+    g = pack_stage(qws, mode)
+    if mode == MODE_SWIGLU:
+        return tuple(PackedRows(g, j, g.pk, w.scale, w.shape[0], interleave=j) for j, w in enumerate(qws))
+    return tuple(PackedRows(g, i, g.pk, w.scale, w.shape[0], start=int(g.seg[2 * i])) for i, w in enumerate(qws))
+
+
+def stage_w8a8(qws: tuple, mode: int) -> ProjW8A8:
+    """The :class:`ProjW8A8` a stage runs on: the prepared one (``qws`` made by
+    :func:`prepare_stage` for this mode and the active layout), else packed for this call."""
+    g = _prepared(qws, mode)
+    return g if g is not None else pack_stage(qws, mode)
 
 
 # --------------------------------------------------------------------------- scalar pieces
@@ -267,13 +258,13 @@ def _epilogue(mode, acc, n0, T, ws, sw, sx, to_bf16, seg, tails, res, o0, o1, o2
             for i in range(m):
                 g = rnd(_deq(a[i], wg[i], s, sg[i]), to_bf16)
                 u = rnd(_deq(b[i], wu[i], s, su[i]), to_bf16)
-                o[i] = _swiglu(g, u, to_bf16, False)
+                o[i] = swiglu_scalar(g, u, to_bf16, False)
             base = t * seg[1] + j0
             for k in range(tails.shape[0]):
                 for i in range(max(tails[k, 0], base) - base, min(tails[k, 1], base + m) - base):
                     g = rnd(_deq(a[i], wg[i], s, sg[i]), to_bf16)
                     u = rnd(_deq(b[i], wu[i], s, su[i]), to_bf16)
-                    o[i] = _swiglu(g, u, to_bf16, True)
+                    o[i] = swiglu_scalar(g, u, to_bf16, True)
         return
     si = 0
     for j in range(1, 3):
@@ -309,10 +300,10 @@ def _stage_vnni(x, nw, eps, do_norm, post, to_bf16, KG, TP, wp, NP, ws128, sw, m
     sx = np.empty(T, np.float32)
     _prologue(x, nw, eps, do_norm, to_bf16, q, sx)
     xp = np.empty(KG * 4 * TP, np.uint8)
-    _pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
+    pack_q32(q.view(np.uint32), xp.view(np.uint32), T, TP)
     for c in prange(NP // CHUNK_N):
         acc = np.empty(TP * CHUNK_N, np.int32)
-        _chunk_acc(c, xp, TP, KG, wp, acc)
+        chunk_acc(c, xp, TP, KG, wp, acc)
         _epilogue(mode, acc, c * CHUNK_N, T, ws128, sw, sx, to_bf16, seg, tails, res, o0, o1, o2)
     if post:
         _norm_kernel(o0, nw, eps, to_bf16, o1)
@@ -332,7 +323,7 @@ def _stage_plain(x, nw, eps, do_norm, post, to_bf16, wq, zeros, sw, mode, seg, t
         for n in range(n0, min(N, n0 + CHUNK_N)):
             wr = wq[n]
             for t in range(T):
-                acc[t * CHUNK_N + n - n0] = _dot_i8(q[t], wr)
+                acc[t * CHUNK_N + n - n0] = dot_i8(q[t], wr)
         _epilogue(mode, acc, n0, T, zeros, sw, sx, to_bf16, seg, tails, res, o0, o1, o2)
     if post:
         _norm_kernel(o0, nw, eps, to_bf16, o1)
@@ -410,7 +401,7 @@ def _stage_bf16(x, nw, eps, do_norm, post, tp, nr, w0, w1, w2, mode, tails, res,
                 for r in range(rows):
                     y = rnd(sc[j + r], True)
                     if mode == MODE_SWIGLU:
-                        y = _swiglu(y, rnd(sc2[j + r], True), True, _in_tail(t * w0.shape[0] + r0 + r, tails))
+                        y = swiglu_scalar(y, rnd(sc2[j + r], True), True, in_tail(t * w0.shape[0] + r0 + r, tails))
                     elif mode == MODE_RES:
                         y = rnd(np.float32(res[t, r0 + r] + y), True)
                     dst[t, r0 + r] = y
@@ -432,7 +423,7 @@ def _epi_float(mode, y0, y1, tails, res, to_bf16, nw, eps, post, o0, o1):
         for c in range(c0, min(N, c0 + 2048)):
             g = rnd(y0[t, c], to_bf16)
             if mode == MODE_SWIGLU:
-                o0[t, c] = _swiglu(g, rnd(y1[t, c], to_bf16), to_bf16, _in_tail(t * N + c, tails))
+                o0[t, c] = swiglu_scalar(g, rnd(y1[t, c], to_bf16), to_bf16, in_tail(t * N + c, tails))
             else:
                 o0[t, c] = rnd(np.float32(res[t, c] + g), to_bf16)
     if post:
@@ -450,7 +441,7 @@ def _float_linear(x: np.ndarray, w: torch.Tensor, dtype: torch.dtype) -> np.ndar
 
 
 def _bf16_view(w: torch.Tensor) -> np.ndarray:
-    return _cached((w,), "u16", lambda: torch_bf16_as_u16(w.detach().contiguous()))
+    return torch_bf16_as_u16(w.detach().contiguous())
 
 
 _F0 = np.zeros((1, 1), np.float32)
@@ -461,8 +452,9 @@ _TPS = [padded_tokens(t) for t in range(65)]
 
 class Plan:
     """One stage bound to its weights: validated shapes and every constant kernel argument
-    (packed / viewed weights, float32 norm gain, eps), built once per (weights, norm gain,
-    dtype, eps) by :func:`get_plan`; ``plan(x, res)`` runs the stage on float32 rows
+    (packed / viewed weights, float32 norm gain, eps), built per call by the stage
+    function (cheap: the weights are prepared at load, see :mod:`.prepare`);
+    ``plan(x, res)`` runs the stage on float32 rows
     ``x [T, k]`` (``res [T, n_out[0]]`` for the residual mode) and returns the float32
     outputs: one per weight (split), ``[out]``, or ``[h, rms_norm(h)]`` (``post``).
 
@@ -486,7 +478,7 @@ class Plan:
         self.e32 = np.float32(eps)
         self.pw = self.wa = self.subs = self.kw = None
         if kind == "w8a8":
-            self.pw = proj_w8a8(ws, mode)
+            self.pw = stage_w8a8(ws, mode)
             pk = self.pw.pk
             self.kw = ((pk.kp // 4, pk.data, pk.np_, pk.wsum128, pk.scale) if pk.layout == "vnni"
                        else (pk.data, self.pw.zeros, pk.scale))
@@ -529,23 +521,6 @@ class Plan:
             return ys
         _epi_float(self.mode, ys[0], ys[-1], tails, resa, self.to_bf16, self.nw, self.e32, self.post, o[0], o[1])
         return outs
-
-
-_PLANS: dict[tuple, tuple[tuple, Plan]] = {}
-
-
-def get_plan(objs: tuple, extra: tuple, build) -> Plan:
-    """The cached :class:`Plan` for the argument objects ``objs`` (weights and norm gain,
-    compared by identity and kept referenced) and ``extra`` (stage tag, dtype, eps);
-    ``build()`` validates the arguments and makes the plan on a miss."""
-    key = extra + tuple(map(id, objs))
-    ent = _PLANS.get(key)
-    if ent is not None and all(map(operator.is_, ent[0], objs)):
-        return ent[1]
-    p = build()
-    with _LOCK:
-        _PLANS[key] = (objs, p)
-    return p
 
 
 def rows(x: Any, name: str, k: int) -> tuple[np.ndarray, tuple | None]:

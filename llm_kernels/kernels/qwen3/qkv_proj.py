@@ -6,8 +6,8 @@ Same signature, arguments and return values as
 
 * W8A8 (all three weights ``QuantWeight``): the normalised row is computed once per token
   (reference roundings, torch-order ``Σx²``), quantised to INT8 and packed for the VNNI GEMM
-  in the same Numba call; then ONE GEMM over ``[wq; wk; wv]`` (concatenated and packed once,
-  cached per weight triple) with the dequant/rounding epilogue writing q, k and v directly.
+  in the same Numba call; then ONE GEMM over ``[wq; wk; wv]`` (concatenated and packed once at
+  load by :mod:`.prepare`) with the dequant/rounding epilogue writing q, k and v directly.
   Bitwise equal to the reference.
 * float weights: bf16 mode with bf16 weights and ``T <= BF16_GEMV_MAX_T``: the same
   prologue feeding one ``vdpbf16ps`` GEMV over the three weights (<= 1 bf16 ulp from
@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 
 from . import proj_common as PC
-from .proj_common import clear_cache
 
-__all__ = ["clear_cache", "input_norm_qkv"]
+__all__ = ["input_norm_qkv"]
 
 
 def input_norm_qkv(x: torch.Tensor, norm_w: torch.Tensor, wq, wk, wv, eps: float,
@@ -49,13 +48,10 @@ def input_norm_qkv(x: torch.Tensor, norm_w: torch.Tensor, wq, wk, wv, eps: float
     """
     ws = (wq, wk, wv)
 
-    def build() -> PC.Plan:
-        PC.check_dtype(dtype)
-        kind = PC.weight_kind(ws, ("wq", "wk", "wv"), None)
-        nw = PC.vec_f32(norm_w, "norm_w", wq.shape[1])
-        return PC.Plan(ws, PC.MODE_SPLIT, dtype, kind, nw, eps)
-
-    p = PC.get_plan((wq, wk, wv, norm_w), ("qkv", dtype, eps), build)
+    PC.check_dtype(dtype)
+    kind = PC.weight_kind(ws, ("wq", "wk", "wv"), None)
+    nw = PC.vec_f32(norm_w, "norm_w", wq.shape[1])
+    p = PC.Plan(ws, PC.MODE_SPLIT, dtype, kind, nw, eps)
     xa, lead = PC.rows(x, "x", p.k)
     q, k, v = p(xa)
     return PC.wrap(q, lead), PC.wrap(k, lead), PC.wrap(v, lead)

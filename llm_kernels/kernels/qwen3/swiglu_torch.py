@@ -18,14 +18,14 @@ from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.vecmath import sleef_expf as _sleef_expf
 
-__all__ = ["torch_tails"]
+__all__ = ["in_tail", "swiglu_scalar", "torch_tails"]
 
 _ONE = np.float32(1.0)
 _GRAIN = 32768  # at::internal::GRAIN_SIZE
 
 
 @njit_kernel
-def _swiglu(g, u, to_bf16, libm):
+def swiglu_scalar(g, u, to_bf16, libm):
     """``rnd(rnd(silu(g))·u)`` for rounded g, u (reference ``gate_up_swiglu``) with torch's
     fp32 ``silu`` = ``x/(1+exp(-x))``: SLEEF ``expf`` (its vectorised loop) or, ``libm``,
     the C library's ``expf`` (its scalar tail, see :func:`torch_tails`)."""
@@ -34,7 +34,7 @@ def _swiglu(g, u, to_bf16, libm):
 
 
 @njit_kernel
-def _in_tail(f, tails):
+def in_tail(f, tails):
     """Whether flat element ``f`` of the SwiGLU output lies in one of torch's scalar tails."""
     for k in range(tails.shape[0]):
         if f >= tails[k, 0] and f < tails[k, 1]:

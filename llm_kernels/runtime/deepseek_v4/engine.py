@@ -49,9 +49,10 @@ class DeepSeekV4Engine(EngineCore):
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
                  ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None):
         super().__init__(cfg, dtype, timer)
-        self.w, self.max_seq_len, self.ops = weights, max_seq_len, ops
+        self.max_seq_len, self.ops = max_seq_len, ops
         self.seqs: dict[int, SequenceCache] = {}
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
+        self.w = ops.prepare_weights(weights, cfg)  # load-time kernel form (packed W8A8 weights)
 
     # ------------------------------------------------------------------ EngineCore hooks
     def _new_sequence(self, sid: int) -> None:

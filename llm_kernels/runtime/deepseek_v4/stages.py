@@ -6,6 +6,10 @@
   :data:`FUSED_STAGES` lists which; :func:`stages` / :func:`backend_stages` serve the
   model spec.
 
+``prepare_weights(weights, cfg)`` runs once in the engine constructor: the kernels'
+load-time weight packing (:mod:`llm_kernels.kernels.deepseek_v4.prepare`) or, for the
+reference, the identity (:func:`reference_weights`).
+
 The kernels are imported by name here, so a missing stage is an ImportError when this
 module loads, never a silent fallback to the reference.
 """
@@ -20,6 +24,7 @@ from ...kernels.deepseek_v4 import indexer as k_idx
 from ...kernels.deepseek_v4 import linear as k_linear
 from ...kernels.deepseek_v4 import moe as k_moe
 from ...kernels.deepseek_v4 import norm as k_norm
+from ...kernels.deepseek_v4 import prepare as k_prep
 from ...kernels.deepseek_v4 import qkv_proj_rope as k_qkv
 from ...kernels.deepseek_v4 import sparse_attn as k_attn
 from ...numerics.linear import linear
@@ -32,9 +37,15 @@ from ...reference.deepseek_v4 import qkv_proj_rope as _qkv
 from ...reference.deepseek_v4 import sparse_attn as _attn
 from ...reference.deepseek_v4.common import rms_norm, rope_cos_sin
 
-__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "BACKENDS", "stages", "backend_stages"]
+__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "BACKENDS", "stages", "backend_stages", "reference_weights"]
 
 BACKENDS = ("reference", "fused")
+
+
+def reference_weights(weights: dict, cfg) -> dict:
+    """``prepare_weights`` of the reference backend: the weights as loaded (the identity)."""
+    return weights
+
 
 REFERENCE_OPS = SimpleNamespace(
     embed=_model.embed, hc_pre=_hc.hc_pre, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
@@ -45,6 +56,7 @@ REFERENCE_OPS = SimpleNamespace(
     indexer_scores_int8=_idx.indexer_scores_int8,
     sparse_attn=_attn.sparse_attn, sparse_attn_core=_attn.sparse_attn_core,
     grouped_output_proj=_attn.grouped_output_proj, gate=_moe.gate, moe=_moe.moe,
+    prepare_weights=reference_weights,
 )
 
 _FUSED = dict(
@@ -57,6 +69,7 @@ _FUSED = dict(
     sparse_attn=k_attn.sparse_attn, sparse_attn_core=k_attn.sparse_attn_core,
     grouped_output_proj=k_attn.grouped_output_proj,
     gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
+    prepare_weights=k_prep.prepare_weights,
 )
 FUSED_STAGES = tuple(_FUSED)
 FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})

@@ -56,12 +56,13 @@ class Qwen3Engine(EngineCore):
                  num_blocks: int | None = None, ops: SimpleNamespace = REFERENCE_OPS,
                  timer: StageTimer | None = None, num_layers: int | None = None):
         super().__init__(cfg, dtype, timer)
-        self.w, self.ops = weights, ops
+        self.ops = ops
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if num_blocks is None:
             num_blocks = max_batch * math.ceil(max_seq_len / block_size)
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, max_seq_len, self.num_layers)
-        self.layers = [_model.LayerWeights.from_weights(weights, i) for i in range(self.num_layers)]
+        self.w = ops.prepare_weights(weights, cfg)  # load-time kernel form (packed W8A8 weights)
+        self.layers = [_model.LayerWeights.from_weights(self.w, i) for i in range(self.num_layers)]
 
     @property
     def max_seq_len(self) -> int:

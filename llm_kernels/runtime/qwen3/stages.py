@@ -2,7 +2,12 @@
 
 * :data:`REFERENCE_OPS`: the torch reference (:mod:`llm_kernels.reference.qwen3`).
 * :data:`FUSED_OPS`: the Numba kernels (:mod:`llm_kernels.kernels.qwen3`) for the six
-  layer stages (:data:`FUSED_STAGES`); embed, RoPE table and head stay torch.
+  layer stages and ``prepare_weights`` (:data:`FUSED_STAGES`); embed, RoPE table and head
+  stay torch.
+
+``prepare_weights(weights, cfg)`` runs once in the engine constructor: the kernels'
+load-time weight packing (:mod:`llm_kernels.kernels.qwen3.prepare`) or, for the reference,
+the identity (:func:`reference_weights`).
 
 Kernels are imported by name: a missing stage is an ImportError, never a silent fallback.
 """
@@ -14,6 +19,7 @@ from types import SimpleNamespace
 from ...kernels.qwen3 import attention as k_attn
 from ...kernels.qwen3 import mlp as k_mlp
 from ...kernels.qwen3 import o_proj as k_o
+from ...kernels.qwen3 import prepare as k_prep
 from ...kernels.qwen3 import qk_norm_rope as k_qk
 from ...kernels.qwen3 import qkv_proj as k_qkv
 from ...reference.qwen3 import model as _model
@@ -23,7 +29,8 @@ from ...reference.qwen3.mlp import down_residual, gate_up_swiglu
 from ...reference.qwen3.o_proj import o_proj_residual_norm
 from ...reference.qwen3.qkv_proj import input_norm_qkv
 
-__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "STAGES", "BACKENDS", "stages", "backend_stages"]
+__all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "STAGES", "BACKENDS", "stages", "backend_stages",
+           "reference_weights"]
 
 BACKENDS = ("reference", "fused")
 
@@ -31,17 +38,24 @@ BACKENDS = ("reference", "fused")
 STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
           "down_residual")
 
+
+def reference_weights(weights: dict, cfg) -> dict:
+    """``prepare_weights`` of the reference backend: the weights as loaded (the identity)."""
+    return weights
+
+
 REFERENCE_OPS = SimpleNamespace(
     embed=_model.embed, rope_cos_sin=rope_cos_sin, input_norm_qkv=input_norm_qkv,
     qk_norm_rope_cache=_paged.qk_norm_rope_cache, paged_attention=_paged.paged_attention,
     o_proj_residual_norm=o_proj_residual_norm, gate_up_swiglu=gate_up_swiglu,
-    down_residual=down_residual, logits_head=_model.logits_head,
+    down_residual=down_residual, logits_head=_model.logits_head, prepare_weights=reference_weights,
 )
 
 _FUSED = dict(
     input_norm_qkv=k_qkv.input_norm_qkv, qk_norm_rope_cache=k_qk.qk_norm_rope_cache,
     paged_attention=k_attn.paged_attention, o_proj_residual_norm=k_o.o_proj_residual_norm,
     gate_up_swiglu=k_mlp.gate_up_swiglu, down_residual=k_mlp.down_residual,
+    prepare_weights=k_prep.prepare_weights,
 )
 FUSED_STAGES = tuple(_FUSED)
 FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})

@@ -49,6 +49,17 @@ def test_source_hash_changes_with_any_kernel_file(tmp_path):
     assert jit.kernel_source_hash(tmp_path) != h1
 
 
+def test_source_hash_covers_every_kernel_module():
+    """The hash walks ``llm_kernels/kernels/**/*.py``: split-out and new modules count."""
+    from pathlib import Path
+
+    root = Path(jit.__file__).resolve().parent.parent
+    mods = {p.relative_to(root).as_posix() for p in root.rglob("*.py")}
+    assert {"common/gemm_pack.py", "common/prepared.py", "deepseek_v4/prepare.py", "deepseek_v4/output_proj.py",
+            "qwen3/prepare.py"} <= mods
+    assert jit.kernel_source_hash(root) == jit.kernel_source_hash()
+
+
 def test_threading_layer_pinned_to_omp():
     if os.environ.get("NUMBA_THREADING_LAYER", "omp") == "omp":
         assert str(numba.config.THREADING_LAYER) in ("omp", "default")

@@ -97,13 +97,9 @@ def _cmp(dtype, quant):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _clear_kernel_caches():
-    """Packed-weight caches live for the module (the cached test weights are reused by
-    several tests); dropped at the end together with the weights."""
+def _clear_weight_caches():
+    """The cached test weights are reused by several tests; dropped at the end."""
     yield
-    KA.clear_cache()
-    KM.clear_cache()
-    KL.clear_cache()
     for f in (_base_weight, _quant_weight, _attn_weights, _moe_weights):
         f.cache_clear()
 
@@ -349,13 +345,39 @@ def test_rms_norm_and_linear_match_reference(dtype):
             assert torch.equal(KL.linear(x.view(T, 1, D), wq, dtype), r_linear(x.view(T, 1, D), wq, dtype))
 
 
-def test_linear_cache_keeps_weight_alive():
-    wq = quantize_weight(torch.randn(64, 32))
-    p = KL.packed_linear(wq)
-    assert KL.packed_linear(wq) is p
-    wid = id(wq)
-    del wq
-    assert KL._CACHE[wid][0] is not None   # still referenced: the id cannot be reused
+def test_prepared_weights_match_unprepared():
+    """Weights prepared at load (packed once, no raw int8 kept for the VNNI layout) give
+    bitwise the results of the same weights packed per call; a prepared weight is still a
+    QuantWeight whose qweight/scale/shape are the original ones."""
+    from llm_kernels.kernels.common.prepared import PackedColumnGroups, PackedLinear, PackedRows
+    from llm_kernels.kernels.deepseek_v4.output_proj import prepare_wo_b
+
+    g = _gen(72)
+    wq = quantize_weight(torch.randn(130, 96, generator=g))
+    pl = KL.prepare_linear(wq)
+    assert isinstance(pl, PackedLinear) and isinstance(pl, QuantWeight) and KL.prepare_linear(pl) is pl
+    assert pl.shape == wq.shape and torch.equal(pl.qweight, wq.qweight) and torch.equal(pl.scale, wq.scale)
+    x = rnd(torch.randn(3, 96, generator=g), BF16)
+    assert torch.equal(KL.linear(x, pl, BF16), KL.linear(x, wq, BF16))
+    # wo_b: one packed slice per group
+    H, HD, rd, G, OL, D = ATTN_DIMS["odd"]
+    wo_a, wo_b = _attn_weights("odd", BF16, True)
+    pw = prepare_wo_b(wo_b, G)
+    assert isinstance(pw, PackedColumnGroups) and len(pw.packs) == G and torch.equal(pw.qweight, wo_b.qweight)
+    o = rnd(torch.randn(2, H, HD, generator=g), BF16)
+    assert torch.equal(KA.grouped_output_proj(o, wo_a, pw, o_groups=G, dtype=BF16),
+                       KA.grouped_output_proj(o, wo_a, wo_b, o_groups=G, dtype=BF16))
+    # experts: [w1; w3] packed together, w2 alone
+    D, I, E, K = MOE_DIMS["odd"]
+    ws = tuple(quantize_weight(torch.randn(*s, generator=g) * 0.1) for s in ((I, D), (I, D), (D, I)))
+    pe = KM.prepare_expert(*ws)
+    assert all(isinstance(w, PackedRows) for w in pe) and pe[0].group is pe[1].group is pe[2].group
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(pe, ws)) and KM.prepare_expert(*pe) == pe
+    xe = rnd(torch.randn(4, D, generator=g), BF16)
+    wi = torch.rand(4, 1, generator=g)
+    ii = torch.zeros(4, 1, dtype=torch.long)
+    assert torch.equal(KM.moe(xe, wi, ii, [pe], pe, swiglu_limit=0.0, dtype=BF16),
+                       KM.moe(xe, wi, ii, [ws], ws, swiglu_limit=0.0, dtype=BF16))
 
 
 # --------------------------------------------------------------------------- determinism
@@ -553,6 +575,9 @@ def bench_main(repeats: int = 7) -> list[dict]:
     wo_b = _weight(D, G * OL, 12, BF16, True)
     cos_all, sin_all = rope_cos_sin(preset("mini").rope_main, rd, torch.arange(8) + 1000, BF16)
     proj_bytes = wo_a.numel() * 2 + wo_b.qweight.numel()
+    from llm_kernels.kernels.deepseek_v4.output_proj import prepare_wo_b
+
+    wo_b_p = prepare_wo_b(wo_b, G)            # the fused kernel reads the weight prepared at load
     for T in (1, 8):
         N, idx = _attn_layout(T, 128, 1024, 512, seed=T)
         q = rnd(torch.randn(T, H, HD), BF16)
@@ -560,17 +585,17 @@ def bench_main(repeats: int = 7) -> list[dict]:
         sink = torch.randn(H)
         cos, sin = cos_all[:T], sin_all[:T]
         args = (q, pool, idx, sink, cos, sin, wo_a, wo_b)
+        fargs = args[:-1] + (wo_b_p,)
         kw = dict(o_groups=G, softmax_scale=HD ** -0.5, dtype=BF16)
         add("sparse_attn bf16 W8A8 (W=640)", T, {"reference": lambda: RA.sparse_attn(*args, **kw),
-                                                 "fused": lambda: KA.sparse_attn(*args, **kw)}, proj_bytes)
+                                                 "fused": lambda: KA.sparse_attn(*fargs, **kw)}, proj_bytes)
         o = rnd(torch.randn(T, H, HD), BF16)
         add("  grouped_output_proj alone", T,
             {"reference": lambda: RA.grouped_output_proj(o, wo_a, wo_b, o_groups=G, dtype=BF16),
-             "fused": lambda: KA.grouped_output_proj(o, wo_a, wo_b, o_groups=G, dtype=BF16)}, proj_bytes)
+             "fused": lambda: KA.grouped_output_proj(o, wo_a, wo_b_p, o_groups=G, dtype=BF16)}, proj_bytes)
     _base_weight.cache_clear()
     _quant_weight.cache_clear()
-    KA.clear_cache()
-    wo_a = wo_b = None                        # free the attention weights
+    wo_a = wo_b = wo_b_p = None               # free the attention weights
 
     # gate (E=256) and moe (E=256 W8A8 experts + shared), bf16
     E, K, I = 256, 6, 2048
@@ -584,8 +609,8 @@ def bench_main(repeats: int = 7) -> list[dict]:
     experts = [(qexpert(I, D), qexpert(I, D), qexpert(D, I)) for _ in range(E)]
     shared = (qexpert(I, D), qexpert(I, D), qexpert(D, I))
     t0 = time.perf_counter()
-    for ws in experts + [shared]:
-        KM.packed_expert(*ws)                 # pre-pack all experts (weights pre-packed)
+    p_experts = [KM.prepare_expert(*ws) for ws in experts]    # prepared at load, like the engine
+    p_shared = KM.prepare_expert(*shared)
     print(f"packed {E + 1} experts in {time.perf_counter() - t0:.1f} s", flush=True)
     expert_bytes = 3 * I * D
     for T in (1, 8):
@@ -597,7 +622,7 @@ def bench_main(repeats: int = 7) -> list[dict]:
         n_act = int(torch.unique(i).numel()) + 1
         add(f"moe W8A8 E=256 bf16 ({n_act - 1}+1 experts)", T,
             {"reference": lambda: RM.moe(x, w, i, experts, shared, swiglu_limit=10.0, dtype=BF16),
-             "fused": lambda: KM.moe(x, w, i, experts, shared, swiglu_limit=10.0, dtype=BF16)},
+             "fused": lambda: KM.moe(x, w, i, p_experts, p_shared, swiglu_limit=10.0, dtype=BF16)},
             n_act * expert_bytes)
         y = rnd(torch.randn(T, D), BF16)
         gn = rnd(1 + 0.1 * torch.randn(D), BF16)
@@ -605,8 +630,7 @@ def bench_main(repeats: int = 7) -> list[dict]:
                                         "fused": lambda: KN.rms_norm(y, gn, 1e-6, BF16)}, 0)
         # linear W8A8 on rotating copies (8 x 64 MiB > 16x L3: streamed from DRAM)
         lins = [qexpert(16384, D) for _ in range(8)]
-        for lw in lins:
-            KL.packed_linear(lw)              # pre-packed
+        p_lins = [KL.prepare_linear(lw) for lw in lins]    # prepared at load
         j = [0, 0]
 
         def ref_lin():
@@ -615,13 +639,11 @@ def bench_main(repeats: int = 7) -> list[dict]:
 
         def fused_lin():
             j[1] = (j[1] + 1) % 8
-            return KL.linear(y, lins[j[1]], BF16)
+            return KL.linear(y, p_lins[j[1]], BF16)
 
         add("linear W8A8 16384x4096 bf16", T, {"reference": ref_lin, "fused": fused_lin}, 16384 * D)
-        lins = None
-        KL.clear_cache()
-    KM.clear_cache()
-    experts = None
+        lins = p_lins = None
+    experts = p_experts = p_shared = None
     _wait_quiet()
     bw2 = measure_dram_bandwidth()
     print(f"DRAM read bandwidth after the run: {bw2:.1f} GB/s")

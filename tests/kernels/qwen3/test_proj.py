@@ -196,21 +196,49 @@ def test_silu_tails_match_torch_threading():
         assert torch.equal(KM.gate_up_swiglu(x, wg, wu, dtype), RM.gate_up_swiglu(x, wg, wu, dtype))
 
 
-# --------------------------------------------------------------------------- cache
-def test_cache_repacks_for_a_new_weight_object():
-    PC.clear_cache()
+# --------------------------------------------------------------------------- prepared weights
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prepared_weights_bitwise_and_shared_per_stage(layout, monkeypatch):
+    """``prepare_weights`` packs each stage's W8A8 weights once into one shared
+    :class:`PC.ProjW8A8`; the stages run on it bitwise like on unprepared weights, and a
+    prepared weight keeps its QuantWeight identity (shape, scale, qweight rebuilt)."""
+    from llm_kernels.kernels.common.prepared import PackedRows
+    from llm_kernels.kernels.qwen3.prepare import prepare_weights
+
+    monkeypatch.setattr(PC, "FORCE_LAYOUT", layout)
     w = _weights("odd", "w8a8")
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "g": "mlp.gate_proj", "u": "mlp.up_proj", "d": "mlp.down_proj"}
+    raw = {f"model.layers.0.{n}.weight": w[k] for k, n in names.items()}
+    prep = prepare_weights(raw, None)
+    pw = {k: prep[f"model.layers.0.{n}.weight"] for k, n in names.items()}
+    assert all(isinstance(x, PackedRows) and isinstance(x, QuantWeight) for x in pw.values())
+    assert pw["q"].group is pw["k"].group is pw["v"].group and pw["g"].group is pw["u"].group
+    assert pw["q"].group.pk.layout == layout
+    assert prepare_weights(prep, None)["model.layers.0.mlp.up_proj.weight"] is pw["u"]  # idempotent
+    for k in names:
+        assert pw[k].shape == w[k].shape and torch.equal(pw[k].scale, w[k].scale)
+        assert torch.equal(pw[k].qweight, w[k].qweight), k
+    pw.update(nw=w["nw"], pnw=w["pnw"])
+    for dtype in (F32, BF16):
+        for T in (1, 17):
+            v = _inputs("odd", T, dtype)
+            _assert_equal(_fused(pw, v, dtype), _fused(w, v, dtype), f"prepared/{layout}/T{T}")
+
+
+def test_stage_falls_back_to_packing_for_unmatched_weights():
+    """A new weight object next to prepared ones (not one prepared group) is packed for the
+    call: results follow the weights actually passed."""
+    from llm_kernels.kernels.qwen3.prepare import prepare_weights
+
+    w = _weights("odd", "w8a8")
+    prep = prepare_weights({f"model.layers.0.self_attn.{n}_proj.weight": w[n] for n in "qkv"}, None)
+    pk, pv = (prep[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "kv")
     x = _inputs("odd", 3, F32)["x"]
-    q1, _, _ = KQ.input_norm_qkv(x, w["nw"], w["q"], w["k"], w["v"], EPS, F32)
-    p1 = PC.proj_w8a8((w["q"], w["k"], w["v"]), PC.MODE_SPLIT)
-    assert PC.proj_w8a8((w["q"], w["k"], w["v"]), PC.MODE_SPLIT) is p1  # cached
     wq2 = QuantWeight(w["q"].qweight.flip(0).contiguous(), w["q"].scale.flip(0).contiguous())
-    q2, k2, _ = KQ.input_norm_qkv(x, w["nw"], wq2, w["k"], w["v"], EPS, F32)
-    assert PC.proj_w8a8((wq2, w["k"], w["v"]), PC.MODE_SPLIT) is not p1
+    q2, k2, _ = KQ.input_norm_qkv(x, w["nw"], wq2, pk, pv, EPS, F32)
     rq2, rk2, _ = RQ.input_norm_qkv(x, w["nw"], wq2, w["k"], w["v"], EPS, F32)
-    assert torch.equal(q2, rq2) and torch.equal(k2, rk2) and not torch.equal(q1, q2)
-    PC.clear_cache()
-    assert PC.proj_w8a8((w["q"], w["k"], w["v"]), PC.MODE_SPLIT) is not p1
+    assert torch.equal(q2, rq2) and torch.equal(k2, rk2)
 
 
 # --------------------------------------------------------------------------- errors
@@ -262,7 +290,7 @@ sys.path.insert(0, sys.argv[1])
 from test_proj import _weights, _inputs, _fused
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.qwen3 import proj_common as PC
-assert not jit.USE_VNNI and PC.proj_w8a8((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "nk"
+assert not jit.USE_VNNI and PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "nk"
 out = {}
 for dtype in (torch.float32, torch.bfloat16):
     for T in (1, 17):

@@ -1,0 +1,131 @@
+"""Prepared weights: the form a fused kernel reads, built once when the engine is built.
+
+The engines call their backend's ``prepare_weights(weights, cfg)``
+(``kernels/deepseek_v4/prepare.py``, ``kernels/qwen3/prepare.py``; the reference backend's
+is the identity) and keep only the returned dict: every W8A8 weight a fused kernel reads is
+replaced by a :class:`PreparedQuantWeight` holding its packed INT8 layout
+(:class:`~.gemm_pack.PackedW8A8`, possibly shared by the weights of one stage that run as
+one GEMM), so the kernels do no per-call lookups and no packing (the ggml "repack at load"
+pattern). Float weights are kept as they are: the kernels read zero-copy views of them.
+
+A prepared weight **is a** :class:`~llm_kernels.numerics.quant.QuantWeight` (so
+``isinstance`` dispatch in the engines, references and kernels is unchanged) with the same
+``shape`` and ``scale``, but it does not hold the raw ``[N, K]`` int8 tensor when the kernel
+layout is a copy of it (``"vnni"``, and every concatenated stage weight): ``qweight`` is
+then rebuilt from the packed layout on each access (:func:`~.gemm_pack.unpack_w8a8`,
+bitwise the original) — fine for a reference or fallback path, slow for a hot loop. With
+the plain ``"nk"`` layout of a single weight the packed data *is* the raw tensor (a view),
+so nothing is duplicated either way.
+
+Kernels still accept unprepared weights (tests call them with plain ``QuantWeight``): they
+then pack on the fly for that call (no cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...numerics.quant import QuantWeight
+from .gemm_pack import CHUNK_N, PackedW8A8, unpack_w8a8
+
+__all__ = ["PackedColumnGroups", "PackedLinear", "PackedRows", "PreparedQuantWeight", "stage_group"]
+
+
+class PreparedQuantWeight(QuantWeight):
+    """Base of the prepared W8A8 weights: a :class:`QuantWeight` of logical shape
+    ``[n, k]`` and per-channel ``scale`` whose INT8 payload lives in a packed layout.
+    ``qweight`` is rebuilt on access (see the module docstring); ``nbytes`` counts the
+    packed payload this object references. Compared and hashed by identity."""
+
+    def __init__(self, scale: torch.Tensor, n: int, k: int) -> None:  # noqa: D107
+        object.__setattr__(self, "scale", scale.detach().float().contiguous())
+        object.__setattr__(self, "n", int(n))
+        object.__setattr__(self, "k", int(k))
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def qweight(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.from_numpy(self.unpack())
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.k))
+
+    def unpack(self) -> np.ndarray:
+        """The int8 ``[n, k]`` weight (a new array unless the layout is the raw one)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, k={self.k})"
+
+
+class PackedLinear(PreparedQuantWeight):
+    """A weight run as one GEMM of its own: ``packed`` is its :class:`PackedW8A8`."""
+
+    def __init__(self, packed: PackedW8A8, scale: torch.Tensor) -> None:
+        super().__init__(scale, packed.n, packed.k)
+        object.__setattr__(self, "packed", packed)
+
+    def unpack(self) -> np.ndarray:
+        return unpack_w8a8(self.packed)
+
+    def __repr__(self) -> str:
+        return f"PackedLinear(n={self.n}, k={self.k}, layout={self.packed.layout!r})"
+
+
+class PackedRows(PreparedQuantWeight):
+    """One weight of a stage whose weights are packed together as one GEMM.
+
+    ``group``: the stage's prepared object (kernel-specific; it holds the packed weight);
+    ``member``: this weight's position among the stage's weights; ``packed``: the
+    :class:`PackedW8A8` holding its rows. Rows ``start .. start + n`` of ``packed``, or
+    with ``interleave`` = j >= 0 the rows interleaved per :data:`CHUNK_N`-row chunk (chunk
+    c holds ``CHUNK_N/2`` rows of member 0, then the same rows of member 1)."""
+
+    def __init__(self, group: Any, member: int, packed: PackedW8A8, scale: torch.Tensor, n: int,
+                 start: int = 0, interleave: int = -1) -> None:
+        super().__init__(scale, n, packed.k)
+        for name, v in (("group", group), ("member", int(member)), ("packed", packed),
+                        ("start", int(start)), ("interleave", int(interleave))):
+            object.__setattr__(self, name, v)
+
+    def rows(self) -> np.ndarray:
+        """Row indices of this weight in ``packed``."""
+        r = np.arange(self.n)
+        if self.interleave < 0:
+            return self.start + r
+        half = CHUNK_N // 2
+        return (r // half) * CHUNK_N + self.interleave * half + r % half
+
+    def unpack(self) -> np.ndarray:
+        return np.ascontiguousarray(unpack_w8a8(self.packed)[self.rows()])
+
+
+class PackedColumnGroups(PreparedQuantWeight):
+    """A weight whose input columns are split into ``len(packs)`` equal groups, one packed
+    GEMM weight per group (DeepSeek's grouped ``wo_b``)."""
+
+    def __init__(self, packs: list[PackedW8A8], scale: torch.Tensor) -> None:
+        super().__init__(scale, packs[0].n, sum(p.k for p in packs))
+        object.__setattr__(self, "packs", list(packs))
+
+    def unpack(self) -> np.ndarray:
+        return np.concatenate([unpack_w8a8(p) for p in self.packs], axis=1)
+
+
+def stage_group(ws: tuple, group_type: type) -> Any:
+    """The shared group object when ``ws`` are exactly the members 0, 1, … of one prepared
+    group of ``group_type`` (:class:`PackedRows` made by a ``prepare_weights``; the group
+    has ``n_members`` of them), else None (then the kernel packs the weights itself)."""
+    g = getattr(ws[0], "group", None)
+    if not isinstance(g, group_type) or g.n_members != len(ws):
+        return None
+    for i, w in enumerate(ws):
+        if not isinstance(w, PackedRows) or w.group is not g or w.member != i:
+            return None
+    return g

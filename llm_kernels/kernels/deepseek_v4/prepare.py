@@ -1,0 +1,71 @@
+"""Load-time weight preparation for the fused DeepSeek-V4 kernels (``FUSED_OPS.prepare_weights``).
+
+:func:`prepare_weights` runs once when the engine is built and returns a new dict in which
+every W8A8 weight a fused kernel reads is replaced by its packed form
+(:mod:`llm_kernels.kernels.common.prepared`):
+
+* ``layers.*.attn.wq_b`` / ``layers.*.attn.indexer.wq_b`` -> :class:`PackedLinear` in the
+  per-head layout (:func:`.w8a8_heads.prepare_heads`; read by ``qkv_proj_rope`` /
+  ``indexer_query*``);
+* ``layers.*.attn.wo_b`` -> :class:`PackedColumnGroups`, one packed slice per output group
+  (:func:`.output_proj.prepare_wo_b`; ``grouped_output_proj``);
+* ``layers.*.ffn.shared_experts.w1/w3/w2`` and ``layers.*.ffn.experts.<e>.w1/w3/w2`` ->
+  three :class:`PackedRows` sharing one :class:`~.moe.ExpertPack` (``[w1; w3]`` as one
+  GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``);
+* ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`).
+
+Everything else (float weights, norms, HC parameters, ``tid2eid``) is passed through: the
+kernels read zero-copy views of float tensors. The prepared weights are still
+``QuantWeight`` instances (same ``shape`` and ``scale``), so the engine's dispatch is
+unchanged; they do not keep the raw int8 tensors unless the kernel layout is that tensor
+(plain ``"nk"`` layout of a single weight, e.g. without VNNI).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ...numerics.quant import QuantWeight
+from .linear import prepare_linear
+from .moe import prepare_expert
+from .output_proj import prepare_wo_b
+from .w8a8_heads import prepare_heads
+
+__all__ = ["prepare_weights"]
+
+_LAYER = re.compile(r"^(layers\.\d+\.)(.+)$")
+_EXPERT_W1 = re.compile(r"^(ffn\.(?:shared_experts|experts\.\d+)\.)w1\.weight$")
+
+
+def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """A new dict: ``weights`` with the W8A8 weights of the fused kernels packed (see the
+    module docstring). ``cfg`` supplies ``head_dim``, ``index_head_dim`` and ``o_groups``.
+    Idempotent; the input dict is not modified."""
+    out = dict(weights)
+    for name, w in weights.items():
+        if not isinstance(w, QuantWeight):
+            continue
+        if name == "head.weight":
+            out[name] = prepare_linear(w)
+            continue
+        m = _LAYER.match(name)
+        if m is None:
+            continue
+        layer, key = m.groups()
+        if key == "attn.wq_b.weight":
+            out[name] = prepare_heads(w, cfg.head_dim)
+        elif key == "attn.indexer.wq_b.weight":
+            out[name] = prepare_heads(w, cfg.index_head_dim)
+        elif key == "attn.wo_b.weight":
+            out[name] = prepare_wo_b(w, cfg.o_groups)
+        else:
+            e = _EXPERT_W1.match(key)
+            if e is None:
+                continue
+            names = [layer + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")]
+            ws = [weights.get(n) for n in names]
+            if all(isinstance(x, QuantWeight) for x in ws):
+                for n, p in zip(names, prepare_expert(*ws)):
+                    out[n] = p
+    return out

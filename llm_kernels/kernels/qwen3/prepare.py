@@ -1,0 +1,53 @@
+"""Load-time weight preparation for the fused Qwen3 kernels (``FUSED_OPS.prepare_weights``).
+
+:func:`prepare_weights` runs once when the engine is built. Each fused projection stage
+runs ONE GEMM over the concatenation of its weights, so the W8A8 weights of a layer are
+packed per stage (:func:`.proj_common.prepare_stage`) and every weight is replaced by a
+:class:`~llm_kernels.kernels.common.prepared.PackedRows` that points at its stage's shared
+:class:`~.proj_common.ProjW8A8`:
+
+* ``self_attn.q_proj/k_proj/v_proj`` -> ``input_norm_qkv`` (segments on 64-row chunks);
+* ``self_attn.o_proj`` -> ``o_proj_residual_norm``;
+* ``mlp.gate_proj/up_proj`` -> ``gate_up_swiglu`` (interleaved per 64-row chunk);
+* ``mlp.down_proj`` -> ``down_residual``.
+
+Float weights, norms, the embedding and the head are passed through (the bf16 GEMV reads
+zero-copy views). The stage functions recognise the prepared members and run on the shared
+pack; handed unprepared ``QuantWeight`` s they pack for the call.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ...numerics.quant import QuantWeight
+from .proj_common import MODE_RES, MODE_SPLIT, MODE_SWIGLU, prepare_stage
+
+__all__ = ["STAGE_WEIGHTS", "prepare_weights"]
+
+#: (weights of one stage, in the stage function's order; stage mode)
+STAGE_WEIGHTS = (
+    (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), MODE_SPLIT),
+    (("self_attn.o_proj.weight",), MODE_RES),
+    (("mlp.gate_proj.weight", "mlp.up_proj.weight"), MODE_SWIGLU),
+    (("mlp.down_proj.weight",), MODE_RES),
+)
+
+_LAYER = re.compile(r"^(model\.layers\.\d+\.)self_attn\.q_proj\.weight$")
+
+
+def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """A new dict: ``weights`` with each layer's W8A8 projection weights packed per stage
+    (see the module docstring); a stage whose weights are not all ``QuantWeight`` is left
+    as it is. Idempotent; the input dict is not modified. ``cfg`` is not needed (the
+    shapes come from the weights); it is the stage-table signature."""
+    out = dict(weights)
+    layers = [m.group(1) for m in map(_LAYER.match, weights) if m is not None]
+    for p in layers:
+        for names, mode in STAGE_WEIGHTS:
+            ws = tuple(weights.get(p + n) for n in names)
+            if all(isinstance(w, QuantWeight) for w in ws):
+                for n, w in zip(names, prepare_stage(ws, mode)):
+                    out[p + n] = w
+    return out

@@ -24,6 +24,7 @@ from ...kernels.deepseek_v4 import indexer as k_idx
 from ...kernels.deepseek_v4 import linear as k_linear
 from ...kernels.deepseek_v4 import moe as k_moe
 from ...kernels.deepseek_v4 import norm as k_norm
+from ...kernels.deepseek_v4 import output_proj as k_oproj
 from ...kernels.deepseek_v4 import prepare as k_prep
 from ...kernels.deepseek_v4 import qkv_proj_rope as k_qkv
 from ...kernels.deepseek_v4 import sparse_attn as k_attn
@@ -67,7 +68,7 @@ _FUSED = dict(
     indexer_query_int8=k_idx.indexer_query_int8, indexer_keys_int8=k_idx.indexer_keys_int8,
     indexer_scores_int8=k_idx.indexer_scores_int8,
     sparse_attn=k_attn.sparse_attn, sparse_attn_core=k_attn.sparse_attn_core,
-    grouped_output_proj=k_attn.grouped_output_proj,
+    grouped_output_proj=k_oproj.grouped_output_proj,
     gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
     prepare_weights=k_prep.prepare_weights,
 )

@@ -3,26 +3,26 @@
 :func:`.sparse_attn.sparse_attn`. Same contract as the reference function (spec §9.3).
 
 * **wo_a** (grouped low-rank projection, 64 MiB bf16 at Flash) as a Numba GEMV, each
-   work item a few rows of one group for all tokens:
+  work item a few rows of one group for all tokens:
 
-   * bf16 mode with AVX512_BF16: ``vdpbf16ps`` register tiles (private llvmlite intrinsic
-     :func:`_bf16_dot_tile`: 1x8, 2x4 or 4x4 tokens x rows, 16 fp32 lanes of exact bf16
-     products per output, fixed lane-sum tree) on the natural ``[R, K]`` layout (no packed
-     copy). [T=1 1.45 ms = 46 GB/s; T=8 2.0-2.2 ms; torch bmm 2.2 / 2.3-2.4 ms; the fp32
-     FMA kernel below 1.65 / 2.6 ms]
-   * otherwise (fp32 mode, odd K): 4 rows x 4 tokens fp32 FMA tiles, bf16 widened in
-     registers.
-   * ``T > WO_A_NUMBA_MAX_T``: torch's batched matmul (compute-bound; faster at T=12).
+  * bf16 mode with AVX512_BF16: ``vdpbf16ps`` register tiles (llvmlite intrinsic
+    :func:`common.x86.bf16_dot_tile`: 1x8, 2x4 or 4x4 tokens x rows, 16 fp32 lanes of exact bf16
+    products per output, fixed lane-sum tree) on the natural ``[R, K]`` layout (no packed
+    copy). [T=1 1.45 ms = 46 GB/s; T=8 2.0-2.2 ms; torch bmm 2.2 / 2.3-2.4 ms; the fp32
+    FMA kernel below 1.65 / 2.6 ms]
+  * otherwise (fp32 mode, odd K): 4 rows x 4 tokens fp32 FMA tiles, bf16 widened in
+    registers.
+  * ``T > WO_A_NUMBA_MAX_T``: torch's batched matmul (compute-bound; faster at T=12).
 
-   Products of bf16 values are exact in fp32, so only the summation order differs from
-   oneDNN; output rounded to ``dtype``.
+  Products of bf16 values are exact in fp32, so only the summation order differs from
+  oneDNN; output rounded to ``dtype``.
 * **wo_b**: W8A8 (``QuantWeight``): per-(token, group) INT8 quantisation of the OL rows
-   (bit-exact golden recipe, :func:`common.quant.quant_row_f32`), one exact INT32 VNNI
-   GEMM per group through :func:`common.gemm.w8a8_gemm_i32` on the group's pre-packed
-   weight slice (cached per ``wo_b`` object), and a Numba epilogue
-   ``out = Σ_g fl(acc_g·s_g)`` (fp32, group order, like the golden) ``-> rnd(out·s_w)``.
-   [32 MiB int8: T=1 0.5-0.65 ms, T=8 0.8-0.9 ms] Float ``wo_b``: torch GEMM exactly as
-   the reference.
+  (bit-exact golden recipe, :func:`common.quant.quant_row_f32`), one exact INT32 VNNI
+  GEMM per group through :func:`common.gemm.w8a8_gemm_i32` on the group's pre-packed
+  weight slice (prepared at load, see below), and a Numba epilogue
+  ``out = Σ_g fl(acc_g·s_g)`` (fp32, group order, like the golden) ``-> rnd(out·s_w)``.
+  [32 MiB int8: T=1 0.5-0.65 ms, T=8 0.8-0.9 ms] Float ``wo_b``: torch GEMM exactly as
+  the reference.
 
 Weights: ``wo_a`` is read in place (a zero-copy view of the bf16 / float32 tensor; a float32
 ``wo_a`` in bf16 mode is rounded to bf16 for the call, as the reference does). ``wo_b`` is

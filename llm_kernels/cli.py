@@ -167,7 +167,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint.quantized import quantize_checkpoint
+    from .checkpoint.writer import quantize_checkpoint
 
     out = quantize_checkpoint(args.checkpoint, args.out, progress=True)
     print(f"wrote W8A8 checkpoint {out}")
@@ -188,9 +188,14 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from .bench.trace import (build_trace, measure_disabled_overhead, roofline_quant, step_summaries,
-                              validate_trace)
     from . import models
+    from .bench.trace import (
+        build_trace,
+        measure_disabled_overhead,
+        roofline_quant,
+        step_summaries,
+        validate_trace,
+    )
     from .runtime.timing import StageTimer
 
     if args.checkpoint is not None and args.preset is not None:
@@ -293,9 +298,7 @@ def _golden_main(argv: list[str]) -> int:
 
     cases = []
     for mt in models.model_types():
-        spec = models.get(mt)
-        if spec.golden_cases is not None:
-            cases += spec.golden_cases(None)
+        cases += models.get(mt).golden_cases()
     return run_main(cases, argv)
 
 

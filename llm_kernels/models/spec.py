@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["ModelSpec"]
+__all__ = ["ModelSpec", "weight_fields", "WEIGHT_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,14 @@ class ModelSpec:
         written into ``quantization_config``; init_tensor(name, info, cfg, generator,
         weight_scale) -> float32/int64 tensor; check_int_tensor(name, t, cfg) -> problem or None.
     Runtime:
-        stages(backend) -> ops namespace (``"reference"`` torch, ``"fused"`` kernels);
-        backend_stages(backend) -> {stage: "reference" | "fused"};
+        stage_table() -> the model's :class:`~llm_kernels.runtime.stage_table.StageTable`
+            (a function, so reading a config does not import the kernels); the methods
+            :meth:`stages` / :meth:`backend_stages` look backends up in it;
         make_engine(weights, cfg, *, dtype, max_seq_len, backend, timer, max_batch) -> engine
             with ``prefill``/``decode``/``step`` (:class:`~llm_kernels.runtime.engine_core.EngineCore`).
     Harness, bench, profile (optional):
-        golden_cases(checkpoint or None) -> list of harness cases;
+        golden_builder(checkpoint or None) -> list of harness cases, and golden_env: the
+            environment variable naming the checkpoint to use (:meth:`golden_cases`);
         extras: model-specific hooks by name (``"bench"``, ``"roofline"``, ...).
     """
 
@@ -49,8 +52,38 @@ class ModelSpec:
     w8a8_modules: tuple[str, ...]
     init_tensor: Callable[..., Any]
     check_int_tensor: Callable[..., str | None]
-    stages: Callable[[str], Any]
-    backend_stages: Callable[[str], dict]
+    stage_table: Callable[[], Any]
     make_engine: Callable[..., Any]
-    golden_cases: Callable[[Path | None], list] | None = None
+    golden_builder: Callable[[Path | None], list] | None = None
+    golden_env: str | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def stages(self, backend: str) -> Any:
+        """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
+        return self.stage_table().stages(backend)
+
+    def backend_stages(self, backend: str) -> dict[str, str]:
+        """{stage: "fused" | "reference"} of ``backend``."""
+        return self.stage_table().backend_stages(backend)
+
+    def golden_cases(self, checkpoint: Path | None = None) -> list:
+        """The model's golden harness cases over ``checkpoint`` (default: ``$<golden_env>``,
+        else the builder's embedded default); [] for a model without cases."""
+        if self.golden_builder is None:
+            return []
+        env = os.environ.get(self.golden_env) if self.golden_env else None
+        return self.golden_builder(checkpoint or (Path(env) if env else None))
+
+
+# The ModelSpec fields a model's ``weights.py`` provides under the same names.
+WEIGHT_FIELDS = ("expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
+                 "init_tensor", "check_int_tensor")
+
+
+def weight_fields(weights_module: Any) -> dict[str, Any]:
+    """The weight-table fields of a :class:`ModelSpec` from a ``models/<name>/weights.py``
+    module that defines :data:`WEIGHT_FIELDS` and ``W8A8_MODULES``. Raises AttributeError
+    naming a missing one."""
+    out = {name: getattr(weights_module, name) for name in WEIGHT_FIELDS}
+    out["w8a8_modules"] = tuple(weights_module.W8A8_MODULES)
+    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from llm_kernels.errors import ConfigError
 from llm_kernels.numerics.linear import linear
 from llm_kernels.numerics.rounding import rnd
 from llm_kernels.runtime.engine_core import EngineCore
+from llm_kernels.runtime.stage_table import StageTable
 
 
 # ---------------------------------------------------------------- the toy model's folder
@@ -79,7 +79,8 @@ def _mlp_block(x, norm_w, up_w, down_w, eps, dtype):
     return rnd(x + linear(rnd(torch.nn.functional.silu(h), dtype), down_w, dtype), dtype)
 
 
-TOY_OPS = SimpleNamespace(rms_norm=_rms_norm, mlp_block=_mlp_block, linear=linear)
+TOY_STAGES = StageTable(reference=dict(rms_norm=_rms_norm, mlp_block=_mlp_block, linear=linear), fused={})
+TOY_OPS = TOY_STAGES.reference
 
 
 class ToyEngine(EngineCore):
@@ -124,9 +125,7 @@ class ToyEngine(EngineCore):
 
 
 def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1):
-    if backend != "reference":
-        raise ValueError(f"toy_mlp has only the reference backend, got {backend!r}")
-    return ToyEngine(weights, cfg, dtype, max_seq_len, timer=timer)
+    return ToyEngine(weights, cfg, dtype, max_seq_len, ops=TOY_STAGES.stages(backend), timer=timer)
 
 
 def _preset(num_hidden_layers=None, n_routed_experts=None):
@@ -141,7 +140,7 @@ TOY_SPEC = models.ModelSpec(
     expected_float_tensors=_tensors, canonical_name=lambda n: n, is_ignored=lambda n: False,
     is_fp32_tensor=lambda n: False, is_w8a8_weight=lambda n: n.endswith((".up.weight", ".down.weight")),
     w8a8_modules=("layers.*.up", "layers.*.down"), init_tensor=_init, check_int_tensor=lambda n, t, c: None,
-    stages=lambda backend: TOY_OPS, backend_stages=lambda backend: {"mlp_block": "reference"},
+    stage_table=lambda: TOY_STAGES,
     make_engine=_make_engine,
 )
 

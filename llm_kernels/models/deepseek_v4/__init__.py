@@ -8,11 +8,9 @@ kernels in ``kernels/deepseek_v4/``, the engine and stage tables in ``runtime/de
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from .. import ModelSpec, register
-from . import weights
+from ..spec import weight_fields
+from . import golden, weights
 from .config import PRESETS, DeepSeekV4Config, preset
 
 __all__ = ["SPEC"]
@@ -24,30 +22,17 @@ def _preset(name: str):
     return make
 
 
-def _stages(backend: str):
-    from ...runtime.deepseek_v4.stages import stages
+def _stage_table():
+    from ...runtime.deepseek_v4.stages import TABLE
 
-    return stages(backend)
-
-
-def _backend_stages(backend: str) -> dict:
-    from ...runtime.deepseek_v4.stages import backend_stages
-
-    return backend_stages(backend)
+    return TABLE
 
 
 def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1):
     from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 
-    return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=_stages(backend),
+    return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=_stage_table().stages(backend),
                             timer=timer)
-
-
-def _golden_cases(checkpoint: Path | None):
-    from .golden import build_cases
-
-    env = os.environ.get("LLM_KERNELS_GOLDEN_CHECKPOINT")
-    return build_cases(checkpoint or (Path(env) if env else None))
 
 
 def _trace_roofline(cfg, stage: str, layer_type: str | None, T: int, L: int, quant: str,
@@ -73,22 +58,10 @@ def _bench_adapter():
 
 
 SPEC = ModelSpec(
-    model_type="deepseek_v4",
-    config_class=DeepSeekV4Config,
-    presets={name: _preset(name) for name in PRESETS},
+    model_type="deepseek_v4", config_class=DeepSeekV4Config, presets={name: _preset(name) for name in PRESETS},
     default_preset="mini",
-    expected_float_tensors=weights.expected_float_tensors,
-    canonical_name=weights.canonical_name,
-    is_ignored=weights.is_ignored,
-    is_fp32_tensor=weights.is_fp32_tensor,
-    is_w8a8_weight=weights.is_w8a8_weight,
-    w8a8_modules=tuple(weights.W8A8_MODULES),
-    init_tensor=weights.init_tensor,
-    check_int_tensor=weights.check_int_tensor,
-    stages=_stages,
-    backend_stages=_backend_stages,
-    make_engine=_make_engine,
-    golden_cases=_golden_cases,
+    **weight_fields(weights), stage_table=_stage_table, make_engine=_make_engine,
+    golden_builder=golden.build_cases, golden_env="LLM_KERNELS_GOLDEN_CHECKPOINT",
     extras={"trace_roofline": _trace_roofline, "bench": _bench_adapter},
 )
 register(SPEC)

@@ -8,12 +8,10 @@ engine (paged KV cache) and stage tables in ``runtime/qwen3/``.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from ...errors import ConfigError
 from .. import ModelSpec, register
-from . import weights
+from ..spec import weight_fields
+from . import golden, weights
 from .config import QWEN3_PRESETS, Qwen3Config, qwen3_preset
 
 __all__ = ["SPEC"]
@@ -27,16 +25,10 @@ def _preset(name: str):
     return make
 
 
-def _stages(backend: str):
-    from ...runtime.qwen3.stages import stages
+def _stage_table():
+    from ...runtime.qwen3.stages import TABLE
 
-    return stages(backend)
-
-
-def _backend_stages(backend: str) -> dict:
-    from ...runtime.qwen3.stages import backend_stages
-
-    return backend_stages(backend)
+    return TABLE
 
 
 def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1):
@@ -46,14 +38,7 @@ def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer
         raise ValueError(f"{max_seq_len} tokens exceed the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
     return Qwen3Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                       ops=_stages(backend), timer=timer)
-
-
-def _golden_cases(checkpoint: Path | None):
-    from .golden import build_cases
-
-    env = os.environ.get("LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT")
-    return build_cases(checkpoint or (Path(env) if env else None))
+                       ops=_stage_table().stages(backend), timer=timer)
 
 
 def _bench_adapter():
@@ -64,22 +49,10 @@ def _bench_adapter():
 
 
 SPEC = ModelSpec(
-    model_type="qwen3",
-    config_class=Qwen3Config,
-    presets={name: _preset(name) for name in QWEN3_PRESETS},
+    model_type="qwen3", config_class=Qwen3Config, presets={name: _preset(name) for name in QWEN3_PRESETS},
     default_preset="qwen3-mini",
-    expected_float_tensors=weights.expected_float_tensors,
-    canonical_name=weights.canonical_name,
-    is_ignored=weights.is_ignored,
-    is_fp32_tensor=weights.is_fp32_tensor,
-    is_w8a8_weight=weights.is_w8a8_weight,
-    w8a8_modules=tuple(weights.W8A8_MODULES),
-    init_tensor=weights.init_tensor,
-    check_int_tensor=weights.check_int_tensor,
-    stages=_stages,
-    backend_stages=_backend_stages,
-    make_engine=_make_engine,
-    golden_cases=_golden_cases,
+    **weight_fields(weights), stage_table=_stage_table, make_engine=_make_engine,
+    golden_builder=golden.build_cases, golden_env="LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT",
     extras={"bench": _bench_adapter},
 )
 register(SPEC)

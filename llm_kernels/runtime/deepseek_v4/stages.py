@@ -16,8 +16,6 @@ module loads, never a silent fallback to the reference.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from ...kernels.deepseek_v4 import compressor as k_cmp
 from ...kernels.deepseek_v4 import hc as k_hc
 from ...kernels.deepseek_v4 import indexer as k_idx
@@ -37,10 +35,9 @@ from ...reference.deepseek_v4 import moe as _moe
 from ...reference.deepseek_v4 import qkv_proj_rope as _qkv
 from ...reference.deepseek_v4 import sparse_attn as _attn
 from ...reference.deepseek_v4.common import rms_norm, rope_cos_sin
+from ..stage_table import BACKENDS, StageTable
 
 __all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "BACKENDS", "stages", "backend_stages", "reference_weights"]
-
-BACKENDS = ("reference", "fused")
 
 
 def reference_weights(weights: dict, cfg) -> dict:
@@ -48,7 +45,7 @@ def reference_weights(weights: dict, cfg) -> dict:
     return weights
 
 
-REFERENCE_OPS = SimpleNamespace(
+_REFERENCE = dict(
     embed=_model.embed, hc_pre=_hc.hc_pre, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
     linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
     compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
@@ -72,20 +69,6 @@ _FUSED = dict(
     gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
     prepare_weights=k_prep.prepare_weights,
 )
-FUSED_STAGES = tuple(_FUSED)
-FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})
-
-
-def stages(backend: str) -> SimpleNamespace:
-    """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
-    if backend == "reference":
-        return REFERENCE_OPS
-    if backend == "fused":
-        return FUSED_OPS
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def backend_stages(backend: str) -> dict[str, str]:
-    """{stage: "fused" | "reference"}: which implementation each stage of ``backend`` uses."""
-    stages(backend)
-    return {k: "fused" if backend == "fused" and k in _FUSED else "reference" for k in vars(REFERENCE_OPS)}
+TABLE = StageTable(_REFERENCE, _FUSED)
+REFERENCE_OPS, FUSED_OPS, FUSED_STAGES = TABLE.reference, TABLE.fused, TABLE.fused_stages
+stages, backend_stages = TABLE.stages, TABLE.backend_stages

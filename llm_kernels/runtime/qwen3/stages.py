@@ -14,8 +14,6 @@ Kernels are imported by name: a missing stage is an ImportError, never a silent 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from ...kernels.qwen3 import attention as k_attn
 from ...kernels.qwen3 import mlp as k_mlp
 from ...kernels.qwen3 import o_proj as k_o
@@ -28,11 +26,10 @@ from ...reference.qwen3.common import rope_cos_sin
 from ...reference.qwen3.mlp import down_residual, gate_up_swiglu
 from ...reference.qwen3.o_proj import o_proj_residual_norm
 from ...reference.qwen3.qkv_proj import input_norm_qkv
+from ..stage_table import BACKENDS, StageTable
 
 __all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "STAGES", "BACKENDS", "stages", "backend_stages",
            "reference_weights"]
-
-BACKENDS = ("reference", "fused")
 
 # timed stage names of one layer, in order (the benchmark's rows)
 STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
@@ -44,7 +41,7 @@ def reference_weights(weights: dict, cfg) -> dict:
     return weights
 
 
-REFERENCE_OPS = SimpleNamespace(
+_REFERENCE = dict(
     embed=_model.embed, rope_cos_sin=rope_cos_sin, input_norm_qkv=input_norm_qkv,
     qk_norm_rope_cache=_paged.qk_norm_rope_cache, paged_attention=_paged.paged_attention,
     o_proj_residual_norm=o_proj_residual_norm, gate_up_swiglu=gate_up_swiglu,
@@ -57,20 +54,6 @@ _FUSED = dict(
     gate_up_swiglu=k_mlp.gate_up_swiglu, down_residual=k_mlp.down_residual,
     prepare_weights=k_prep.prepare_weights,
 )
-FUSED_STAGES = tuple(_FUSED)
-FUSED_OPS = SimpleNamespace(**{**vars(REFERENCE_OPS), **_FUSED})
-
-
-def stages(backend: str) -> SimpleNamespace:
-    """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
-    if backend == "reference":
-        return REFERENCE_OPS
-    if backend == "fused":
-        return FUSED_OPS
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def backend_stages(backend: str) -> dict[str, str]:
-    """{stage: "fused" | "reference"}: which implementation each stage of ``backend`` uses."""
-    stages(backend)
-    return {k: "fused" if backend == "fused" and k in _FUSED else "reference" for k in vars(REFERENCE_OPS)}
+TABLE = StageTable(_REFERENCE, _FUSED)
+REFERENCE_OPS, FUSED_OPS, FUSED_STAGES = TABLE.reference, TABLE.fused, TABLE.fused_stages
+stages, backend_stages = TABLE.stages, TABLE.backend_stages

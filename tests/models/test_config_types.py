@@ -160,7 +160,7 @@ _json = st.recursive(
 
 
 # CFG_HYP_EXAMPLES=5000 for a longer, randomised run (default: 400 examples, derandomised)
-@hypothesis.settings(max_examples=int(os.environ.get("CFG_HYP_EXAMPLES", 400)), deadline=None,
+@hypothesis.settings(max_examples=int(os.environ.get("CFG_HYP_EXAMPLES", "400")), deadline=None,
                      derandomize="CFG_HYP_EXAMPLES" not in os.environ, database=None)
 @hypothesis.given(model=st.sampled_from(list(BASES)), data=st.data())
 def test_random_values_give_config_or_config_error(model, data):

@@ -28,8 +28,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import assert_close_fp32, hf_logits, max_abs, token_ids
+
 from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
 from llm_kernels.models import preset
 from llm_kernels.models.deepseek_v4.config import SLIDING

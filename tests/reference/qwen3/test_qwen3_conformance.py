@@ -1,5 +1,5 @@
 """Qwen3 conformance against transformers' ``Qwen3ForCausalLM`` on five small random
-configs (``qwen3_helpers.Q3_CASES``: GQA, MHA + tied embeddings, MQA + YaRN, scaled
+configs (``zoo.Q3_CASES``: GQA, MHA + tied embeddings, MQA + YaRN, scaled
 weights, odd dims).
 
 * stateless reference ``forward`` vs transformers: fp32 (eager and sdpa) and bf16 (eager);
@@ -8,7 +8,7 @@ weights, odd dims).
   page boundaries, with steps where only some sequences advance; multi-token steps; decode
   == re-prefill; W8A8 engine vs the W8A8 stateless golden.
 
-Tolerances (see ``qwen3_helpers``): fp32 ``192 · eps32 · max|logit|``; bf16 cosine >= 0.9999.
+Tolerances (see ``helpers``): fp32 ``192 · eps32 · max|logit|``; bf16 cosine >= 0.9999.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close_fp32, cosine, hf_cached_run, hf_logits, max_abs
-from qwen3_helpers import Q3_CASE_NAMES, q3_ids
+from helpers import Q3_CASE_NAMES, assert_close_fp32, cosine, hf_cached_run, hf_logits, max_abs, q3_ids
 from llm_kernels.reference.qwen3 import model
 from llm_kernels.runtime.qwen3.stages import stages
 from llm_kernels.runtime.qwen3.engine import Qwen3Engine

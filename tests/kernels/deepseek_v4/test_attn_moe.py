@@ -357,6 +357,11 @@ def test_prepared_weights_match_unprepared():
     pl = KL.prepare_linear(wq)
     assert isinstance(pl, PackedLinear) and isinstance(pl, QuantWeight) and KL.prepare_linear(pl) is pl
     assert pl.shape == wq.shape and torch.equal(pl.qweight, wq.qweight) and torch.equal(pl.scale, wq.scale)
+    import numpy as np
+
+    # memory: the raw int8 tensor is not kept; the plain "nk" layout *is* the raw tensor (a view)
+    assert all(v is not wq.qweight for v in vars(pl).values())
+    assert np.shares_memory(pl.packed.data, wq.qweight.numpy()) == (pl.packed.layout == "nk")
     x = rnd(torch.randn(3, 96, generator=g), BF16)
     assert torch.equal(KL.linear(x, pl, BF16), KL.linear(x, wq, BF16))
     # wo_b: one packed slice per group

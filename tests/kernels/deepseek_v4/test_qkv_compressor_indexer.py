@@ -565,8 +565,10 @@ def _wait_quiet(threshold: float = 0.15, need: int = 2, max_wait_s: float = 300.
 
 def bench(reps: int = 9, copies: int = 6) -> list[tuple]:
     """Fused vs reference at Flash dims, T = 1 and 8, bf16 activations; medians (ms) of
-    ``reps`` interleaved runs; GEMM weights rotated over ``copies`` copies (pre-packed)."""
+    ``reps`` interleaved runs; GEMM weights rotated over ``copies`` copies (the fused side
+    gets W8A8 weights prepared at load, like the engine)."""
     from llm_kernels.bench.core import interleaved
+    from llm_kernels.kernels.deepseek_v4.w8a8_heads import prepare_heads
 
     torch.set_num_threads(2)
     D, H, HD, RD, QL, IH, IHD = DIMS["flash"]
@@ -576,11 +578,12 @@ def bench(reps: int = 9, copies: int = 6) -> list[tuple]:
     def W(o, i, s):
         return (torch.randn(o, i, generator=torch.Generator().manual_seed(s)) * i ** -0.5).to(dt)
 
-    def run(name, T, ref, fus, cps):
-        for c in cps:  # pre-pack / compile
+    def run(name, T, ref, fus, cps, fcps=None):
+        fcps = fcps or cps
+        for c in fcps:  # compile
             fus(*c)
         _wait_quiet()
-        its = {"ref": iter(cps * 10000), "fused": iter(cps * 10000)}
+        its = {"ref": iter(cps * 10000), "fused": iter(fcps * 10000)}
         res = interleaved({"ref": lambda: ref(*next(its["ref"])), "fused": lambda: fus(*next(its["fused"]))},
                           repeats=reps, warmup=2)
         r, f = res["ref"].median_s * 1e3, res["fused"].median_s * 1e3
@@ -601,9 +604,11 @@ def bench(reps: int = 9, copies: int = 6) -> list[tuple]:
                 cps.append((x, W(QL, D, 20 + i), torch.ones(QL, dtype=dt), quantize_weight(wqb) if quant else wqb,
                             W(HD, D, 30 + i), torch.ones(HD, dtype=dt), cos, sin))
             kw = dict(num_heads=H, head_dim=HD, eps=1e-6, dtype=dt)
+            fcps = [c[:3] + (prepare_heads(c[3], HD),) + c[4:] for c in cps] if quant else None
             run(f"qkv_proj_rope ({'W8A8' if quant else 'bf16'} wq_b)", T,
-                lambda *a, kw=kw: RQ.qkv_proj_rope(*a, **kw), lambda *a, kw=kw: KQ.qkv_proj_rope(*a, **kw), cps)
-            del cps
+                lambda *a, kw=kw: RQ.qkv_proj_rope(*a, **kw), lambda *a, kw=kw: KQ.qkv_proj_rope(*a, **kw), cps,
+                fcps)
+            del cps, fcps
         for nm, C, ratio in (("CSA main", 1024, 4), ("indexer", 256, 4), ("HCA", 512, 128)):
             cps = [(x, W(C, D, 40 + i), W(C, D, 50 + i), torch.randn(ratio, C, generator=g), pos, dt)
                    for i in range(copies)]
@@ -627,8 +632,9 @@ def bench(reps: int = 9, copies: int = 6) -> list[tuple]:
                 cps.append((qres, x, quantize_weight(wqb) if quant else wqb, W(IH, D, 70 + i), cos, sin))
             kw = dict(n_heads=IH, head_dim=IHD, dtype=dt)
             if quant:
+                fcps = [c[:2] + (prepare_heads(c[2], IHD),) + c[3:] for c in cps]
                 run("indexer_query_int8 (W8A8 wq_b)", T, lambda *a, kw=kw: RI.indexer_query_int8(*a, **kw),
-                    lambda *a, kw=kw: KI.indexer_query_int8(*a, **kw), cps)
+                    lambda *a, kw=kw: KI.indexer_query_int8(*a, **kw), cps, fcps)
             else:
                 run("indexer_query (bf16 wq_b)", T, lambda *a, kw=kw: RI.indexer_query(*a, **kw),
                     lambda *a, kw=kw: KI.indexer_query(*a, **kw), cps)

@@ -174,9 +174,8 @@ def rope_from_hf(d: Any, default_theta: float, where: str, *, max_position_embed
         "beta_fast", "beta_slow", "attention_factor", "partial_rotary_factor",
         "mscale", "mscale_all_dim", "truncate",
     }
-    unknown = set(d) - known
-    if unknown:
-        raise ConfigError(f"field {where!r} has unknown keys {sorted(unknown)}")
+    # transformers ignores unrecognized rope keys with a warning (_check_received_keys)
+    warn_unknown_keys(set(d) - known, "RoPE", where=f"field {where!r}")
     rope_type = f.str("rope_type", None)
     if rope_type is None:
         rope_type = f.str("type", "default")

@@ -178,3 +178,16 @@ def test_random_values_give_config_or_config_error(model, data):
             CLASSES[model].from_hf_dict(d)
         except ConfigError:
             pass
+
+
+def test_unknown_rope_keys_warn_like_transformers():
+    """transformers ignores unrecognized ``rope_parameters`` keys with a warning; so do we
+    (the profile read is the same)."""
+    d = preset("mini").to_hf_dict()
+    d["rope_parameters"]["compress"]["low_freq_factor"] = 1.0
+    with pytest.warns(UserWarning, match=r"rope_parameters\.compress.*\['low_freq_factor'\]"):
+        assert DeepSeekV4Config.from_hf_dict(d) == preset("mini")
+    q = dict(preset("qwen3-mini").to_hf_dict(), rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "factor": 4.0})
+    with pytest.warns(UserWarning, match=r"\['factor'\]"):
+        assert Qwen3Config.from_hf_dict(q) == preset("qwen3-mini")

@@ -6,7 +6,7 @@ accepted. RoPE scaling: ``default`` and ``yarn`` (Qwen3's long-context recipe; w
 ``attention_factor`` is absent it is ``0.1·ln(factor) + 1``, as transformers'
 ``_compute_yarn_parameters`` infers it). Sliding-window attention (``use_sliding_window``)
 and attention biases are not part of Qwen3 releases and are refused with a
-:class:`~llm_kernels.config.ConfigError` naming the field.
+:class:`~llm_kernels.errors.ConfigError` naming the field.
 
 Source: transformers ``models/qwen3/configuration_qwen3.py`` and ``modeling_rope_utils.py``;
 the Qwen3-32B release ``config.json`` for the preset.
@@ -62,9 +62,8 @@ def _rope_from_hf(f: HFFields, max_pos: int) -> RopeParameters:
     rp.pop("partial_rotary_factor", None)
     rope_type = sub.str("rope_type", None) or sub.str("type", "default")
     if rope_type == "default":
-        extra = set(rp) - {"rope_type", "type", "rope_theta"}
-        if extra:
-            raise ConfigError(f"{where} has keys {sorted(extra)} that rope_type 'default' does not use")
+        # transformers ignores them with a warning, and so do we
+        warn_unknown_keys(set(rp) - {"rope_type", "type", "rope_theta"}, "rope_type 'default'", where=where)
         return RopeParameters("default", theta)
     if rope_type != "yarn":
         raise ConfigError(f"{where}.rope_type {rope_type!r} is not supported for Qwen3 "

@@ -44,6 +44,7 @@ class PreparedQuantWeight(QuantWeight):
         object.__setattr__(self, "scale", scale.detach().float().contiguous())
         object.__setattr__(self, "n", int(n))
         object.__setattr__(self, "k", int(k))
+        object.__setattr__(self, "_shape", torch.Size((int(n), int(k))))
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
@@ -54,7 +55,7 @@ class PreparedQuantWeight(QuantWeight):
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.n, self.k))
+        return self._shape
 
     def unpack(self) -> np.ndarray:
         """The int8 ``[n, k]`` weight (a new array unless the layout is the raw one)."""

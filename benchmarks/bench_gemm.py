@@ -188,13 +188,13 @@ def vnni_peak(reps: int = 7, attempts: int = 3, wait_s: float = 20.0) -> dict:
 
 
 def _vnni_peak_once(reps: int) -> dict:
-    from llm_kernels.kernels.common.gemm import _nb_for
+    from llm_kernels.kernels.common.gemm import nb_for
     from llm_kernels.kernels.common.x86 import vnni_bcast_tile
 
     kg = 64  # 256 K values: weights NB*16 KiB, activations TT KiB -> L1
     out = {}
     for tt in (4, 6, 8, 16):
-        nb = _nb_for(tt)
+        nb = nb_for(tt)
         run = _peak_runner(vnni_bcast_tile(tt, nb), tt, nb, kg)
         xp = np.full(kg * 4 * tt, 3, np.uint8)
         wp = np.full(nb * kg * 64, 1, np.int8)

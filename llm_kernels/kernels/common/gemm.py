@@ -29,7 +29,7 @@ Two kernel families, both exact:
   Schedule: ``prange`` over 64-column chunks (static split, no reductions). For
   ``T <= 16`` one tile covers all tokens and the chunk's weights are streamed from DRAM
   exactly once ("row streaming"; NB = 4 for T <= 6, 2 for T <= 12, 1 for T <= 16, with a
-  software prefetch 2-8 KiB ahead for T >= 3, see :func:`_prefetch_for`). For ``T > 16``
+  software prefetch 2-8 KiB ahead for T >= 3, see :func:`prefetch_for`). For ``T > 16``
   (prefill) the tokens are split into tiles of 16 over K-blocks of ``K_CHUNK`` so the
   chunk's weights are re-read from L2 by every token tile. Measured on this machine vs
   the lab's row-dot kernels on the plain ``[N, K]`` layout (``4x4`` register tiles with
@@ -69,6 +69,8 @@ __all__ = [
     "W8A8Linear",
     "chunk_acc",
     "dot_i8",
+    "nb_for",
+    "prefetch_for",
     "pack_q32",
     "pack_w8a8",
     "pad_to_tile",
@@ -92,12 +94,12 @@ K_CHUNK = 1024
 _KG_CHUNK = K_CHUNK // 4
 
 
-def _nb_for(tt: int) -> int:
+def nb_for(tt: int) -> int:
     """Weight blocks (of 16 channels) per register tile with ``tt`` tokens."""
     return 4 if tt <= 6 else (2 if tt <= 12 else 1)
 
 
-def _prefetch_for(tt: int) -> int:
+def prefetch_for(tt: int) -> int:
     """Software-prefetch distance (bytes ahead in each weight stream) per tile height.
 
     Measured on the 2-core Zen 5 guest with weights streaming from DRAM (see
@@ -113,7 +115,7 @@ def _prefetch_for(tt: int) -> int:
 #: compiles of the one core kernel.
 TILE_HEIGHTS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 (_T1, _T2, _T3, _T4, _T5, _T6, _T8, _T12, _T16) = [
-    vnni_bcast_tile(tt, _nb_for(tt), _prefetch_for(tt)) for tt in TILE_HEIGHTS]
+    vnni_bcast_tile(tt, nb_for(tt), prefetch_for(tt)) for tt in TILE_HEIGHTS]
 
 
 def pad_to_tile(T: int, heights: tuple) -> int:

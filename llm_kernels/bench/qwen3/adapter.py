@@ -201,7 +201,7 @@ class Qwen3Bench:
                 eng.cache = st.cache  # every variant runs on the same filled cache
                 runs: list[dict[str, float]] = []
 
-                def fn(eng=eng, timer=timer, runs=runs, key=key, st=st, x=x, B=B):
+                def fn(eng=eng, timer=timer, runs=runs, key=key, st=st, x=x, B=B, outs=outs):
                     timer.reset()
                     outs[key] = eng.forward_rows(None, st.seq_ids, [L] * B, [1] * B, st.slots, x=x)
                     runs.append(dict(timer.seconds))
@@ -213,7 +213,7 @@ class Qwen3Bench:
                 xh = x.to(BF16).view(B, 1, cfg.hidden_size)
                 pos = torch.full((B, 1), L, dtype=torch.long)
 
-                def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, hkey=hkey):
+                def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, hkey=hkey, outs=outs):
                     pe = rotary(xh, position_ids=pos)
                     outs[hkey] = layer(xh, attention_mask=None, position_ids=pos, past_key_values=dc,
                                        use_cache=True, position_embeddings=pe)

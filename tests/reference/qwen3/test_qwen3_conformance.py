@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import Q3_CASE_NAMES, assert_close_fp32, cosine, hf_cached_run, hf_logits, max_abs, q3_ids
+from helpers import Q3_CASE_NAMES, assert_close_fp32, cosine, hf_cached_run, hf_logits, q3_ids
 from llm_kernels.reference.qwen3 import model
 from llm_kernels.runtime.qwen3.stages import stages
 from llm_kernels.runtime.qwen3.engine import Qwen3Engine

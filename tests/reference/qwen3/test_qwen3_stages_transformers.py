@@ -20,7 +20,7 @@ from transformers.models.qwen3 import modeling_qwen3 as hf
 
 from helpers import EPS32, max_abs
 from llm_kernels.models import preset
-from llm_kernels.reference.qwen3 import common, mlp, o_proj, qk_norm_rope, qkv_proj
+from llm_kernels.reference.qwen3 import common
 from llm_kernels.runtime.qwen3.stages import stages
 
 CFG = preset("qwen3-mini")

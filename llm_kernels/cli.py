@@ -92,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     max_len = len(prompt) + args.max_new_tokens
     timer = StageTimer()
     engine = _engine(weights, cfg, dtype, max(max_len, 1), args.backend, timer)
+    del weights  # the engine holds the prepared weights; the raw ones it replaced can go
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
           f"backend: {args.backend}, threads: {torch.get_num_threads()}")
     t0 = time.perf_counter()
@@ -144,6 +145,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
         _check_ids(x, cfg.vocab_size, "--decode-ids")
     max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
     engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs))
+    del weights  # the engine holds the prepared weights
     sids, prefill = engine.prefill(inputs)
     dec: list[list[torch.Tensor]] = [[] for _ in inputs]
     steps = max(len(d) for d in decodes)
@@ -221,6 +223,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     timer = StageTimer(trace=True)
     extra = 2 * args.overhead_steps * args.overhead_rounds
     engine = _engine(weights, cfg, dtype, len(prompt) + args.steps + extra + 1, args.backend, timer)
+    del weights  # the engine holds the prepared weights
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant} "
           f"(roofline: {quant}), backend: {args.backend}, threads: {torch.get_num_threads()}, "
           f"DRAM bandwidth: {bw:.1f} GB/s{' (given)' if args.bandwidth else ' (measured)'}")

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..numerics.rope import RopeParameters
 
-__all__ = ["ConfigError", "HFFields", "read_config_json", "rope_from_hf", "typed_fields", "warn_unknown_keys",
+__all__ = ["config_from_json", "ConfigError", "HFFields", "read_config_json", "rope_from_hf", "typed_fields", "warn_unknown_keys",
            "yarn_default_attention_factor"]
 
 _MISSING = object()
@@ -227,3 +227,13 @@ def typed_fields(f: HFFields, cls: type, skip: set[str] | tuple[str, ...] = (),
         if v is not skip_:
             out[fld.name] = v
     return out
+
+
+def config_from_json(cls: Any, path: str | Path) -> Any:
+    """``cls.from_hf_dict`` of the ``config.json`` at ``path`` (the file or its directory);
+    ConfigErrors name the file."""
+    p, d = read_config_json(path)
+    try:
+        return cls.from_hf_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e

@@ -23,6 +23,7 @@ import re
 import torch
 
 from ...checkpoint.tensor_info import TensorInfo
+from .. import random_init
 from .config import CSA, SLIDING, DeepSeekV4Config
 
 __all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
@@ -161,11 +162,7 @@ def init_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, g: torch.Gen
     leaf = name.rsplit(".", 1)[-1]
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        t = torch.randn(shape, generator=g, dtype=torch.float32)
-        t.mul_(std)
-        if mean:
-            t.add_(mean)
-        return t
+        return random_init.normal(shape, g, std, mean)
 
     HC = cfg.hc_mult
 

@@ -23,7 +23,7 @@ from ...errors import ConfigError
 from ...numerics.rope import RopeParameters
 from ..config_base import (
     HFFields,
-    read_config_json,
+    config_from_json,
     rope_from_hf,
     typed_fields,
     warn_unknown_keys,
@@ -187,11 +187,7 @@ class Qwen3Config:
     @classmethod
     def from_json(cls, path: str | Path) -> "Qwen3Config":
         """Read ``config.json`` (or a directory containing it); errors name the file."""
-        p, d = read_config_json(path)
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from e
+        return config_from_json(cls, path)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-5.x ``config.json`` dict (loadable by ``transformers.Qwen3Config``)."""

@@ -19,6 +19,7 @@ import re
 import torch
 
 from ...checkpoint.tensor_info import TensorInfo
+from .. import random_init
 from .config import Qwen3Config
 
 __all__ = ["W8A8_WEIGHT_RE", "W8A8_MODULES", "expected_float_tensors", "canonical_name", "is_ignored",
@@ -70,11 +71,7 @@ def init_tensor(name: str, info: TensorInfo, cfg: Qwen3Config, g: torch.Generato
     shape = info.shape
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        t = torch.randn(shape, generator=g, dtype=torch.float32)
-        t.mul_(std)
-        if mean:
-            t.add_(mean)
-        return t
+        return random_init.normal(shape, g, std, mean)
 
     if name == "model.embed_tokens.weight":
         # O(1) embeddings; when tied this is also the head (logits then scale with sqrt(D)).

@@ -236,7 +236,7 @@ class DeepSeekV4Bench:
             def hf_fn(layer=layer, rotary=rotary, dc=dc, hpos=hpos, xh=xh, mask=mask, hids=hids):
                 pe = {p: rotary(xh, position_ids=hpos, layer_type=p) for p in ("main", "compress")}
                 outs["transformers"] = layer(xh, position_embeddings=pe, position_ids=hpos,
-                                             attention_mask=mask, input_ids=hids, past_key_values=dc)
+                                             attention_mask=mask, input_ids=hids, cache=dc)
             fns["transformers"], setups["transformers"] = hf_fn, restore
         label = f"{SHORT[lt]} T={T}"
         # the first run of each variant (in measure) materialises the routed experts

@@ -215,7 +215,7 @@ class Qwen3Bench:
 
                 def hf_fn(layer=layer, rotary=rotary, dc=dc, xh=xh, pos=pos, hkey=hkey, outs=outs):
                     pe = rotary(xh, position_ids=pos)
-                    outs[hkey] = layer(xh, attention_mask=None, position_ids=pos, past_key_values=dc,
+                    outs[hkey] = layer(xh, attention_mask=None, position_ids=pos, cache=dc,
                                        use_cache=True, position_embeddings=pe)
                 fns[hkey], setups[hkey] = hf_fn, restore
             timed, bwB = ctx.measure(f"B={B}", fns, setups, cell=B)

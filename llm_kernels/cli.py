@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,12 +70,51 @@ def _check_ids(ids: list[int], vocab: int, what: str) -> None:
         raise SystemExit(f"error: {what} must lie in [0, {vocab}), got {bad[:5]}")
 
 
+def _set_threads(n: int) -> None:
+    """``--threads N``: torch's intra-op threads AND the Numba kernels' threads (N in
+    [1, number of CPUs]; SystemExit otherwise)."""
+    ncpu = os.cpu_count() or 1
+    if not 1 <= n <= ncpu:
+        raise SystemExit(f"error: --threads must be in [1, {ncpu}] (this machine's CPUs), got {n}")
+    torch.set_num_threads(n)
+    import numba
+
+    from .kernels.common import jit  # noqa: F401  (sets Numba's cache dir and threading layer first)
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _warm_up(engine, prompt: list[int], backend: str) -> float:
+    """Run the prompt's prefill shape and one decode step on a throwaway sequence so that
+    kernel compilation (or loading from the Numba cache) never enters a tok/s figure.
+    Says so when the kernel cache is cold. Returns the seconds it took."""
+    cold = False
+    if backend == "fused":
+        from .kernels.common import jit
+
+        cache = Path(jit.kernel_cache_dir())
+        cold = not (cache.is_dir() and any(cache.rglob("*.nbi")))
+        if cold:
+            print(f"compiling the kernels (once; cached in {cache})...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    sid = engine.add_sequence()
+    try:
+        engine.step([sid], [prompt], logits_rows="last")
+        engine.decode([sid], [prompt[0]])
+    finally:
+        engine.release(sid)
+    sec = time.perf_counter() - t0
+    if cold:
+        print(f"compiled the kernels in {sec:.1f} s; later runs load them from the cache", file=sys.stderr)
+    return sec
+
+
 def _setup_run(args: argparse.Namespace):
     """Shared by generate/profile: threads, checkpoint load, prompt validation.
     Returns (dtype, checkpoint path, config, weights, prompt ids)."""
     dtype = _DTYPES[args.dtype]
     if args.threads:
-        torch.set_num_threads(args.threads)
+        _set_threads(args.threads)
     ckpt, cfg, weights = _load(args.checkpoint, dtype, args.quant)
     prompt = args.prompt_ids
     if not prompt:
@@ -91,12 +131,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype, ckpt, cfg, weights, prompt = _setup_run(args)
     max_len = len(prompt) + args.max_new_tokens
     timer = StageTimer()
-    engine = _engine(weights, cfg, dtype, max(max_len, 1), args.backend, timer)
+    # two sequences: the warm-up's throwaway one and the real one
+    engine = _engine(weights, cfg, dtype, max(max_len, len(prompt) + 1), args.backend, timer, batch=2)
     del weights  # the engine holds the prepared weights; the raw ones it replaced can go
     print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
           f"backend: {args.backend}, threads: {torch.get_num_threads()}")
+    t_warm = _warm_up(engine, prompt, args.backend)
+    timer.reset()
     t0 = time.perf_counter()
-    (sid,), (logits,) = engine.prefill([prompt])
+    sid = engine.add_sequence()
+    (logits,) = engine.step([sid], [prompt], logits_rows="last")  # the head reads the last row only
     t_prefill = time.perf_counter() - t0
     prefill_stages = dict(timer.seconds)
     timer.reset()
@@ -111,6 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         nxt = int(lg[-1].argmax())
     t_decode = time.perf_counter() - t1
     n_dec = max(len(out) - 1, 0)  # the first new token comes from the prefill logits
+    print(f"warm-up (kernel compile/load, one prefill + one decode step; not in the figures below): "
+          f"{t_warm:.2f} s")
     print(f"prompt ids:    {','.join(map(str, prompt))}")
     print(f"generated ids: {','.join(map(str, out))}")
     print(f"prefill: {len(prompt)} tokens in {t_prefill * 1e3:.1f} ms = {len(prompt) / t_prefill:.1f} tok/s")
@@ -276,9 +322,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["reference", "fused"], default="reference",
-                   help="stage implementations: torch reference or fused kernels")
+def _backend_args(p: argparse.ArgumentParser, default_backend: str = "reference") -> None:
+    p.add_argument("--backend", choices=["reference", "fused"], default=default_backend,
+                   help=f"stage implementations: fused kernels or the torch reference (default {default_backend})")
     p.add_argument("--quant", choices=["none", "w8a8"], default=None,
                    help="weights: none = float, w8a8 = INT8 (quantized on load if the checkpoint is "
                         "float); default: as stored")
@@ -315,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    _backend_args(g)
+    g.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all CPUs)")
+    _backend_args(g, default_backend="fused")
     g.set_defaults(func=cmd_generate)
 
     lg = sub.add_parser("logits", help="write prefill/decode logits to a safetensors file")
@@ -352,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
     pf.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     pf.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    pf.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all CPUs)")
     pf.add_argument("--bandwidth", type=float, default=None,
                     help="DRAM bandwidth in GB/s for %% of roofline (default: measured, 256 MiB)")
     pf.add_argument("--overhead-steps", type=int, default=0,

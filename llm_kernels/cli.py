@@ -248,9 +248,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.checkpoint is not None and args.preset is not None:
         raise SystemExit("error: give --checkpoint or --preset, not both")
-    if args.preset not in (None, "mini"):
-        raise SystemExit(f"error: --preset {args.preset}: only 'mini' is supported (write a checkpoint "
-                         "with 'make-checkpoint' and pass --checkpoint)")
+    if args.preset is not None:  # the preset's embedded random checkpoint, written once
+        from .checkpoint.defaults import default_checkpoint as preset_checkpoint
+
+        args.checkpoint = preset_checkpoint(args.preset)
     if args.steps < 0:
         raise SystemExit("error: --steps must be >= 0")
     dtype, ckpt, cfg, weights, prompt = _setup_run(args)
@@ -394,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("profile", help="trace prefill + N decode steps into a Chrome/Perfetto JSON")
     pf.add_argument("--checkpoint", type=Path, default=None,
                     help="HF checkpoint directory (default: the embedded mini checkpoint)")
-    pf.add_argument("--preset", default=None, help="random checkpoint of a preset (only 'mini')")
+    pf.add_argument("--preset", default=None,
+                    help="a registered preset's random checkpoint (written once into the cache directory)")
     pf.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
     pf.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     pf.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")

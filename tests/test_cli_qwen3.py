@@ -100,3 +100,24 @@ def test_bench_routes_qwen3_presets():
     assert name(["--preset=qwen3-mini"]) == "bench_qwen3_layer"
     assert name(["--preset", "flash"]) == "bench_layer"
     assert name([]) == "bench_layer"
+
+
+def test_profile_traces_qwen3_with_its_roofline(q3_ckpt, tmp_path):
+    import json
+
+    out = tmp_path / "trace.json"
+    r = _run("profile", "--checkpoint", str(q3_ckpt), "--steps", "2", "--bandwidth", "40", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    events = json.loads(out.read_text())["traceEvents"]
+    attn = [e["args"] for e in events if e.get("name") == "attention" and e.get("ph") == "X"]
+    decode = [a for a in attn if a["rows_per_seq"] == 1]
+    prefill = [a for a in attn if a["rows_per_seq"] > 1]
+    assert len(decode) == 2 * len(prefill) > 0  # 2 decode steps, one slice per layer each
+    # decode slices carry the Qwen3 decode byte model (weights 0 for attention: the K/V read)
+    from llm_kernels import models
+    from llm_kernels.models.qwen3.roofline import stage_bytes
+
+    cfg = models.load_config(q3_ckpt)
+    assert [a["bytes"] for a in decode] == [stage_bytes(cfg, "attention", 1, a["L"], "bf16") for a in decode]
+    assert all("% roofline" in a for a in decode)
+    assert all("bytes" not in a for a in prefill)  # prefill is not modelled

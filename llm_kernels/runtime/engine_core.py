@@ -135,7 +135,8 @@ class EngineCore:
         if bad:
             raise ValueError(f"token ids must be in [0, {V}), got {bad[:5]}")
         ids = torch.tensor(flat, dtype=torch.long)
-        state = self._reserve(seq_ids, lens)
+        with self.timer("kv_cache"):  # capacity check / page allocation for the whole step
+            state = self._reserve(seq_ids, lens)
         try:
             x = self._forward(ids, seq_ids, starts, lens, state)
             offs = [0]

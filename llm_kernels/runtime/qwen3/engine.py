@@ -95,11 +95,12 @@ class Qwen3Engine(EngineCore):
         """The decoder layers for rows already reserved in the cache. ``x`` [ΣT, hidden]
         replaces the embedding of ``ids`` when given (layer benchmarks). Returns [ΣT, hidden]."""
         cfg, dt, ops, tm, cache = self.cfg, self.dtype, self.ops, self.timer, self.cache
-        positions = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)])
-        seq_idx = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32),
-                                          torch.tensor(lens))
-        ctx = (positions + 1).to(torch.int32)
-        tables = cache.block_table(seq_ids)
+        with tm("kv_cache"):  # row -> sequence / context / page tables of this step
+            positions = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)])
+            seq_idx = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32),
+                                              torch.tensor(lens))
+            ctx = (positions + 1).to(torch.int32)
+            tables = cache.block_table(seq_ids)
         if x is None:
             with tm("embed"):
                 x = ops.embed(self.w, ids, dt)

@@ -5,6 +5,7 @@
     python -m llm_kernels bench --checkpoint DIR ...        (the config of DIR, random weights)
     python -m llm_kernels bench --compare A.json B.json
     python -m llm_kernels bench --from-json A.json --plot A.png
+    python -m llm_kernels bench --checkpoint DIR -p 512 -n 128   (model-level mode: :mod:`.model`)
 
 The model comes from ``--preset`` (any registered preset -> its :class:`ModelSpec`) or from
 ``--checkpoint`` (its ``config.json`` ``model_type``); its adapter is
@@ -309,6 +310,10 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
     """Run the benchmark; returns 0, 1 (a variant failed; the rest is reported), 2 (bad
     arguments / nothing to run) or 3 (not enough memory)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import model as _model_bench
+
+    if _model_bench.wants_model_mode(argv):  # -p/-n/-d/-b/--model: the model-level (llama-bench) mode
+        return _model_bench.main(argv)
     rc = _offline(argv)
     if rc is not None:
         return rc

@@ -8,6 +8,11 @@
   ``<model_type>-<name>``), a :class:`zoo.ZooCase` bound to the session zoo.
 * ``zoo`` / ``qwen3_zoo``: the DeepSeek-V4 / Qwen3 views (``case(name)``,
   ``checkpoint(name)``, ``ours(name, dtype)``, ``hf(name, dtype, attn=..., experts=...)``).
+
+The report header names the kernel tier this run tests (``kernels/kernel_tiers.py``): e.g.
+``llm_kernels kernels: tier avx512-vnni-bf16 (AVX-512F/BW, VNNI, BF16), forced fallback: no,
+CPU: AMD EPYC``. The tier skip markers (``needs_cpu`` / ``needs_active``) live in
+``kernels/kernel_tiers.py`` too, so that every skip names the tier it needs and this CPU's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,29 @@ import transformers
 from zoo import ALL_CASE_IDS, ModelZoo, ModelZooView, ZooCase
 
 transformers.logging.set_verbosity_error()
+
+
+def pytest_report_header(config) -> str:
+    """``llm_kernels kernels: tier <tier> (<features>), forced fallback: yes|no, CPU: <model>``."""
+    return _kernel_tiers().header_line()
+
+
+def _kernel_tiers():
+    """``tests/kernels/kernel_tiers.py`` as module ``kernel_tiers`` (the same module object the
+    kernel tests import; loaded by path because ``tests/kernels`` is only on ``sys.path``
+    once its conftest is collected)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    mod = sys.modules.get("kernel_tiers")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            "kernel_tiers", Path(__file__).resolve().parent / "kernels" / "kernel_tiers.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["kernel_tiers"] = mod
+        spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

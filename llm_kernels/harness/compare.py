@@ -10,7 +10,8 @@ compared against fp32 goldens.
 Comparators:
 
 * :class:`AllClose` -- elementwise ``|a - e| <= atol + rtol * |e|`` everywhere.
-* :class:`RatioAllClose` -- the same per-point test, with an outlier budget.
+* :class:`RatioAllClose` -- the same per-point test, with an outlier budget and a cap
+  on how far an outlier may be.
 * :class:`CosineAtLeast` -- cosine similarity of the flattened tensors.
 * :class:`TopKTieAware` -- top-k index outputs; accepts legal tie swaps.
 
@@ -317,31 +318,54 @@ class AllClose(Comparator):
 
 
 class RatioAllClose(Comparator):
-    """Elementwise tolerance with an outlier budget.
+    """Elementwise tolerance with an outlier budget and a cap on how far an outlier may be.
 
     A point is an outlier when ``|a - e| > atol + rtol * |e|`` (as in
-    :class:`AllClose`).  Passes iff ``outliers / numel <= max_outlier_ratio`` and no
-    outlier involves a non-finite value (NaN/Inf mismatches always fail, whatever
-    the budget).  The message reports the outlier fraction and the worst point.
+    :class:`AllClose`).  Passes iff
+
+    * ``outliers / numel <= max_outlier_ratio``,
+    * every outlier has ``|a - e| <= max_outlier_error`` (an *absolute* cap, in the units
+      of the compared values: a single wildly wrong value fails however small the
+      outlier fraction), and
+    * no outlier involves a non-finite value (NaN/Inf mismatches always fail, whatever
+      the budget).
+
+    The cap is absolute rather than relative to ``|e|`` on purpose: the outliers this
+    comparator exists for are values that cancel to ~0 (where any relative measure
+    explodes) or INT8 steps (where the natural unit is one step); pick it from the scale
+    of the tensor and the mechanism that makes outliers (e.g. "one INT8 step", "one bf16
+    ulp at the row scale"), with margin over the worst observed outlier.  ``math.inf``
+    disables the cap (say why at the call site).  The message reports the outlier
+    fraction, the largest outlier error against the cap and the worst point.
 
     Args:
         rtol, atol: non-negative tolerances.
         max_outlier_ratio: allowed outlier fraction in ``[0, 1]``.
+        max_outlier_error: (keyword, required) the largest ``|a - e|`` an outlier may
+            have, ``>= 0`` (``math.inf`` allowed).
 
     Raises:
-        ValueError: negative tolerances or a ratio outside ``[0, 1]`` (at construction).
+        ValueError: negative tolerances or cap, or a ratio outside ``[0, 1]`` (at
+            construction).
     """
 
-    def __init__(self, rtol: float, atol: float, max_outlier_ratio: float) -> None:
+    def __init__(self, rtol: float, atol: float, max_outlier_ratio: float, *,
+                 max_outlier_error: float) -> None:
         _check_tol(rtol, atol)
         if not 0.0 <= max_outlier_ratio <= 1.0:
             raise ValueError(f"max_outlier_ratio must be in [0, 1], got {max_outlier_ratio!r}")
+        if (isinstance(max_outlier_error, bool) or not isinstance(max_outlier_error, (int, float))
+                or not max_outlier_error >= 0):
+            raise ValueError(f"max_outlier_error must be a number >= 0 (math.inf for no cap), "
+                             f"got {max_outlier_error!r}")
         self.rtol, self.atol = float(rtol), float(atol)
         self.max_outlier_ratio = float(max_outlier_ratio)
+        self.max_outlier_error = float(max_outlier_error)
 
     def describe(self) -> str:
         return (f"RatioAllClose(rtol={self.rtol:g}, atol={self.atol:g}, "
-                f"max_outlier_ratio={self.max_outlier_ratio:g})")
+                f"max_outlier_ratio={self.max_outlier_ratio:g}, "
+                f"max_outlier_error={self.max_outlier_error:g})")
 
     __repr__ = describe
 
@@ -356,10 +380,18 @@ class RatioAllClose(Comparator):
         n, total = int(bad.sum()), close.numel()
         ratio = n / total if total else 0.0
         n_nonfinite = int((bad & (~torch.isfinite(a) | ~torch.isfinite(e))).sum())
-        passed = ratio <= self.max_outlier_ratio and n_nonfinite == 0
+        out_err = float(diff[bad].max()) if n else 0.0  # NaN if a NaN outlier
+        far = bad & ~(diff <= self.max_outlier_error)  # NaN diffs count as far
+        n_far = int(far.sum())
+        passed = ratio <= self.max_outlier_ratio and n_nonfinite == 0 and n_far == 0
         msg = (f"outliers {n}/{total} = {ratio:.4%} "
                f"({'<=' if ratio <= self.max_outlier_ratio else '>'} budget "
                f"{self.max_outlier_ratio:.4%}, rtol={self.rtol:g} atol={self.atol:g})")
+        if n:
+            msg += (f"; max outlier error {_fmt(out_err)} "
+                    f"({'>' if n_far else '<='} cap {_fmt(self.max_outlier_error)})")
+        if n_far:
+            msg += f"; {n_far} outlier(s) beyond the cap"
         if n_nonfinite:
             msg += f"; {n_nonfinite} non-finite mismatch(es)"
         if n:

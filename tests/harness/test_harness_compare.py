@@ -66,10 +66,11 @@ def test_ratio_allclose_budget():
     e = torch.zeros(1000)
     a = e.clone()
     a[:5] = 1.0  # 0.5% outliers
-    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.01)(a, e)
+    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.01, max_outlier_error=1.0)(a, e)
     assert r.passed and "5/1000" in r.message and "0.5000%" in r.message
+    assert "max outlier error 1 (<= cap 1)" in r.message
     a[:20] = 1.0  # 2% outliers
-    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.01)(a, e)
+    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.01, max_outlier_error=1.0)(a, e)
     assert not r.passed and "20/1000" in r.message and "2.0000%" in r.message
 
 
@@ -77,10 +78,61 @@ def test_ratio_allclose_nan_always_fails():
     e = torch.zeros(1000)
     a = e.clone()
     a[7] = math.nan
-    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.5)(a, e)
+    r = RatioAllClose(rtol=0, atol=1e-3, max_outlier_ratio=0.5, max_outlier_error=math.inf)(a, e)
     assert not r.passed and "non-finite" in r.message
     with pytest.raises(ValueError):
-        RatioAllClose(0, 0, 1.5)
+        RatioAllClose(0, 0, 1.5, max_outlier_error=1.0)
+
+
+def test_ratio_allclose_single_far_outlier_fails():
+    """One wildly wrong value fails, however small the outlier fraction."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(100_000, generator=g)
+    a = e + 1e-7
+    cmp = RatioAllClose(rtol=2 ** -7, atol=1e-6, max_outlier_ratio=0.02, max_outlier_error=2 ** -6)
+    assert cmp(a, e).passed
+    a[:100] = e[:100] + 2 ** -7  # <= 0.1 % small outliers (|e| < 1): within budget and cap
+    r = cmp(a, e)
+    assert r.passed and "(<= cap 0.015625)" in r.message, r.message
+    a[12345] = e[12345] + 1e3  # 1 far outlier: 0.001 % of the elements
+    r = cmp(a, e)
+    assert not r.passed
+    assert "1 outlier(s) beyond the cap" in r.message and "(12345,)" in r.message
+    assert "max outlier error 1000 (> cap 0.015625)" in r.message
+    # the same with the cap off: only the budget counts
+    assert RatioAllClose(rtol=2 ** -7, atol=1e-6, max_outlier_ratio=0.02, max_outlier_error=math.inf)(a, e).passed
+    # a far outlier of the other sign, and one exactly at the cap (passes: the cap is inclusive)
+    b = e.clone()
+    b[3] = e[3] - 5.0
+    assert not cmp(b, e).passed
+    c = torch.zeros(100, dtype=torch.float64)
+    d = c.clone()
+    d[0] = 2 ** -6
+    assert cmp(d, c).passed
+    d[0] = 2 ** -6 * (1 + 2 ** -40)
+    assert not cmp(d, c).passed
+
+
+def test_ratio_allclose_cap_on_integers():
+    """INT8 outputs: a one-step outlier is accepted, a 2-step one fails (exact integer diff)."""
+    e = torch.zeros(500, dtype=torch.int8)
+    a = e.clone()
+    a[0] = 1
+    cmp = RatioAllClose(rtol=0, atol=0, max_outlier_ratio=0.02, max_outlier_error=1)
+    assert cmp(a, e).passed
+    a[1] = -2
+    r = cmp(a, e)
+    assert not r.passed and "beyond the cap" in r.message and "(1,)" in r.message
+
+
+def test_ratio_allclose_cap_required_and_validated():
+    with pytest.raises(TypeError):
+        RatioAllClose(0, 0, 0.1)  # the cap must be chosen at every call site
+    for bad in (-1.0, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="max_outlier_error"):
+            RatioAllClose(0, 0, 0.1, max_outlier_error=bad)
+    cmp = RatioAllClose(0, 1e-3, 0.1, max_outlier_error=0.5)
+    assert "max_outlier_error=0.5" in cmp.describe()
 
 
 # ------------------------------------------------------------------ CosineAtLeast

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import kernel_tiers as KT
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from llm_kernels.numerics.quant import int8_matmul, quant_per_row, quantize_weig
 SHAPES = [(128, 64), (100, 37), (7168, 64), (4096, 33)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16]
 PATHS = ["vnni", "fallback"]
-needs_vnni = pytest.mark.skipif(not jit.HAS_VNNI, reason="CPU without AVX512-VNNI")
+needs_vnni = pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni", "for the vpdpbusd GEMM"))
 
 _PACK_CACHE: dict = {}
 

@@ -87,9 +87,13 @@ def test_njit_kernel_decorator_forms():
 
 
 def test_force_fallback_env_in_subprocess():
-    """LLM_KERNELS_FORCE_FALLBACK=1 selects the plain kernels everywhere, and they are exact."""
+    """LLM_KERNELS_FORCE_FALLBACK=1 selects the plain kernels everywhere, and they are exact:
+    bitwise the golden ``w8a8_linear`` in the child, and bitwise this process's fast path
+    (the VNNI layout, forced here so that the comparison also holds when pytest itself runs
+    with the fallback forced) on the same inputs: both are the exact INT32 dot product and
+    the same fp32 dequant."""
     code = textwrap.dedent("""
-        import torch
+        import json, torch
         from llm_kernels.kernels.common import jit, W8A8Linear
         from llm_kernels.numerics.quant import quantize_weight, w8a8_linear
         assert jit.FORCE_FALLBACK and not jit.USE_VNNI, jit.dispatch_info()
@@ -103,9 +107,26 @@ def test_force_fallback_env_in_subprocess():
         y = lin(x)
         assert torch.equal(y.view(torch.int32), w8a8_linear(x, qw).view(torch.int32))
         print("FALLBACK-OK")
+        print(json.dumps(y.view(torch.int32).flatten().tolist()))
     """)
     env = dict(os.environ, LLM_KERNELS_FORCE_FALLBACK="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FALLBACK-OK" in r.stdout
+    if not jit.HAS_VNNI:
+        return  # the fallback is this CPU's only path (compared with the golden above)
+    import json
+
+    import torch
+
+    from llm_kernels.kernels.common import W8A8Linear
+    from llm_kernels.numerics.quant import quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 100, generator=g)
+    x = torch.randn(3, 100, generator=g)
+    fast = W8A8Linear.from_quant_weight(quantize_weight(w), layout="vnni")
+    assert fast.layout == "vnni"
+    plain = json.loads(r.stdout.strip().splitlines()[-1])
+    assert fast(x).view(torch.int32).flatten().tolist() == plain

@@ -20,10 +20,11 @@ Tolerances (observed values in brackets, Flash dims, this machine):
   [95 % of sparse_attn outputs bit-identical; max abs 1.95e-3 = 1 ulp at the output scale
   0.45 (bound 3.5e-3); moe/gate bit-exact]
 * W8A8 (``wo_b``, experts): ``RatioAllClose(atol=1e-4, rtol=1/128,
-  max_outlier_ratio=0.005)``: the INT8 re-quantisation of an fp32/bf16 intermediate flips
+  max_outlier_ratio=0.005, max_outlier_error=2^-6)``: the INT8 re-quantisation of an fp32/bf16 intermediate flips
   one INT8 step when that intermediate moved by an ulp across a rounding edge (and a
   per-row scale moves when the row's max element does), which shifts the output by up to
-  ~1 % of a row's scale. [sparse_attn bf16 17/32768 = 0.05 % outliers, fp32 0; moe bit-exact]
+  ~1 % of a row's scale. [sparse_attn bf16 17/32768 = 0.05 % outliers, worst 2.4e-4 at scale
+  0.45, fp32 0; moe bit-exact; the same on the forced fallback]
 * router indices: ``TopKTieAware`` on the selection scores ``score + bias`` (accepts swaps
   of equal scores only). [identical sets]
 
@@ -89,7 +90,11 @@ def _float_cmp(dtype):
     return AllClose(rtol=1e-5, atol=1e-6) if dtype == F32 else Bf16ScaleClose()
 
 
-W8A8_CMP = RatioAllClose(atol=1e-4, rtol=1 / 128, max_outlier_ratio=0.005)
+# Outlier cap 2^-6 (absolute): the worst outlier seen (fast and forced-fallback runs, all
+# dims) is 2.44e-4 at output scale 0.45 (Flash bf16 sparse_attn, 17 outliers); the cap is 64x
+# that, ~3.5 % of that output scale (above the ~1 % an INT8 step can move); the MoE outputs
+# (scale up to 32) have been bit-exact, so any outlier there is a finding, not noise.
+W8A8_CMP = RatioAllClose(atol=1e-4, rtol=1 / 128, max_outlier_ratio=0.005, max_outlier_error=2 ** -6)
 
 
 def _cmp(dtype, quant):
@@ -482,8 +487,15 @@ def _engine_logits(ckpt, dtype, quant, backend, ids, prefill=40):
 # kernel, including the other engineers' hc / qkv / compressor / indexer kernels):
 # * fp32 float: max abs 3.1e-6 .. 3.8e-6 on logits of max |.| 4.1 .. 4.7: fp32 summation
 #   order only (wo_a GEMV, gathered attention, other stages), ~300x below the 1e-3 bound;
-# * bf16 W8A8: bit-identical logits (cosine 1.0): the INT8 paths are exact, the softmax is
-#   bit-exact and the few bf16 rounding flips of the fp32 sums did not reach the logits;
+# * bf16 W8A8: bit-identical logits (torch.equal) on both tiers of this machine (VNNI +
+#   BF16 and LLM_KERNELS_FORCE_FALLBACK=1), so equality is asserted. Why it can be exact: the
+#   INT8 GEMMs are exact INT32 sums with the reference's fp32 dequant, the softmax is
+#   bit-exact, and the fp32 sums whose order differs (wo_a, PV) rounded to the same bf16
+#   value everywhere on this input. If a kernel change makes one of them round to the
+#   other bf16 neighbour, no tight bound exists to fall back to: a single flip is amplified
+#   by the random model, and a flip that changes an INT8 activation step or a router /
+#   indexer top-k decision moves a whole row (test_fused_decode_prefill.py observed row
+#   cosines down to 0.88) -- investigate, do not just loosen;
 # * (fp32 W8A8, not run to keep the file fast: max abs 2.2e-6, cosine 1 - 1e-12.)
 @pytest.mark.parametrize("dtype,quant", [(F32, None), (BF16, "w8a8")], ids=["fp32_float", "bf16_w8a8"])
 def test_engine_fused_vs_reference(mini_checkpoint, dtype, quant):
@@ -497,7 +509,7 @@ def test_engine_fused_vs_reference(mini_checkpoint, dtype, quant):
     if quant is None:
         assert diff <= 1e-3
     else:
-        assert cos >= 0.999
+        assert torch.equal(fused, ref), f"bf16 W8A8 logits no longer bit-identical (max abs {diff:.3g}, cos {cos:.10f})"
 
 
 # --------------------------------------------------------------------------- benchmark

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import numba
+import kernel_tiers as KT
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 EPS = 1e-6
 # hidden, q = nq*D, kv = nkv*D, intermediate
 DIMS = {"small": (256, 4 * 64, 2 * 64, 512), "odd": (200, 5 * 40, 2 * 40, 333)}
-LAYOUTS = [pytest.param("vnni", marks=pytest.mark.skipif(not jit.HAS_VNNI, reason="no AVX512-VNNI")), "nk"]
+LAYOUTS = [pytest.param("vnni", marks=pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni"))), "nk"]
 
 _WEIGHTS: dict = {}
 
@@ -152,7 +153,7 @@ def test_bf16(dims):
 def test_bf16_gemv_bound_at_long_k():
     """K = 5120 (Qwen3-32B hidden): the GEMV's summation order really differs from oneDNN's."""
     if not PC.USE_BF16_GEMV:
-        pytest.skip("no AVX512_BF16")
+        pytest.skip(KT.need_reason("avx512-vnni-bf16", "active, not forced off (the vdpbf16ps GEMV)"))
     g = torch.Generator().manual_seed(7)
     wq, wk, wv = (torch.randn(n, 5120, generator=g).to(BF16) * 0.02 for n in (192, 64, 64))
     nw = (1 + 0.1 * torch.randn(5120, generator=g)).to(BF16)
@@ -284,32 +285,51 @@ def test_errors_name_the_tensor():
 
 
 # --------------------------------------------------------------------------- fallback process
+# The forced fallback (LLM_KERNELS_FORCE_FALLBACK=1, read at import: a fresh process) on the same
+# weights and inputs as this process's fast path. W8A8: the plain "nk" kernels and the VNNI
+# kernels both compute the exact INT32 dot product and the same fp32 dequant -> bitwise. bf16
+# weights in bf16 mode at T <= BF16_GEMV_MAX_T: the fallback runs the torch GEMM (bitwise the
+# reference), the fast path the vdpbf16ps GEMV -> the GEMV's contract (module docstring: <= 1-2
+# bf16 ulps, >= 98 % bitwise); above BF16_GEMV_MAX_T both run torch -> bitwise.
 _CHILD = r"""
 import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from test_proj import _weights, _inputs, _fused
+sys.path[:0] = sys.argv[1:3]
+from test_proj import _weights, _inputs, _fused, _CASES
 from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.qwen3 import proj_common as PC
-assert not jit.USE_VNNI and PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "nk"
+assert jit.FORCE_FALLBACK and not jit.USE_VNNI and not PC.USE_BF16_GEMV, jit.dispatch_info()
+assert PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "nk"
 out = {}
-for dtype in (torch.float32, torch.bfloat16):
-    for T in (1, 17):
-        got = _fused(_weights("odd", "w8a8"), _inputs("odd", T, dtype), dtype)
-        for k, t in got.items():
-            out[f"{dtype}/{T}/{k}"] = t.view(torch.int32).flatten().tolist()
+for wmode, dtype, T in _CASES:
+    got = _fused(_weights("odd", wmode), _inputs("odd", T, dtype), dtype)
+    for k, t in got.items():
+        out[f"{wmode}/{dtype}/{T}/{k}"] = t.view(torch.int32).flatten().tolist()
 print(json.dumps(out))
 """
+_CASES = [("w8a8", F32, 1), ("w8a8", F32, 17), ("w8a8", BF16, 1), ("w8a8", BF16, 17),
+          ("bf16", BF16, 1), ("bf16", BF16, 3), ("bf16", BF16, 17)]
 
 
-def test_forced_fallback_subprocess_gives_same_w8a8_results():
+@pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni", "for a fast path to compare the forced "
+                                                            "fallback with (without it the fallback is the only path)"))
+def test_forced_fallback_subprocess_matches_fast_path(monkeypatch):
+    """Fallback process vs this process's fast path (forced on here, so that the comparison
+    holds even when pytest itself runs with LLM_KERNELS_FORCE_FALLBACK=1)."""
+    monkeypatch.setattr(PC, "FORCE_LAYOUT", "vnni")
+    monkeypatch.setattr(PC, "USE_BF16_GEMV", jit.HAS_AVX512BF16)
+    assert PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "vnni"
     env = dict(os.environ, LLM_KERNELS_FORCE_FALLBACK="1")
     here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _CHILD, here], env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
+    r = subprocess.run([sys.executable, "-c", _CHILD, here, os.path.dirname(here)], env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     child = json.loads(r.stdout.strip().splitlines()[-1])
-    for dtype in (F32, BF16):
-        for T in (1, 17):
-            got = _fused(_weights("odd", "w8a8"), _inputs("odd", T, dtype), dtype)
-            for k, t in got.items():
-                assert child[f"{dtype}/{T}/{k}"] == t.view(torch.int32).flatten().tolist(), (dtype, T, k)
+    for wmode, dtype, T in _CASES:
+        fast = _fused(_weights("odd", wmode), _inputs("odd", T, dtype), dtype)
+        plain = {k: torch.tensor(child[f"{wmode}/{dtype}/{T}/{k}"], dtype=torch.int32).view(torch.float32).view(t.shape)
+                 for k, t in fast.items()}
+        what = f"fallback vs fast {wmode}/{dtype}/T{T}"
+        if wmode == "bf16" and T <= PC.BF16_GEMV_MAX_T and PC.USE_BF16_GEMV:
+            _assert_bf16_close(fast, plain, what)
+        else:
+            _assert_equal(plain, fast, what)

@@ -470,6 +470,7 @@ def test_plain_fallback_matches_vnni(monkeypatch):
         k8, ks = KI.indexer_keys_int8(keys)
         return [q, kv, qr, q8, qs, w, KI.indexer_scores_int8(q8, qs, w, k8, ks)]
 
+    monkeypatch.setattr(jit, "USE_VNNI", True)  # the fast path, also when pytest runs with the fallback forced
     fast = outs()
     monkeypatch.setattr(jit, "USE_VNNI", False)
     plain = outs()

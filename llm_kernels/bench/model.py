@@ -581,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         name, w0, med = first_call
         total_extra = sum(r.get("first_call_extra_s", 0.0) for r in results)
         print(f"first call (Numba compile or cache load): {name} warm-up {w0:.2f} s vs median {med:.3f} s "
-              f"-> {w0 - med:.2f} s (warm-ups minus medians, all tests: {total_extra:.2f} s; the Numba cache had "
-              f"{cache_files_before} index files before the run)")
+              f"-> {w0 - med:+.2f} s (<= 0: no compile cost visible); warm-ups minus medians, all tests: "
+              f"{total_extra:+.2f} s; the Numba cache had {cache_files_before} index files before the run")
     load_after = _loadavg()
     la = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in (("before", load_before),
                                                                               ("after", load_after)))

@@ -187,3 +187,11 @@ def test_per_layer_mode_still_runs(tmp_path, capsys, monkeypatch):
     files = list(tmp_path.glob("bench_*.json"))
     assert len(files) == 1 and files[0].name != mb.DEFAULT_JSON
     assert json.loads(files[0].read_text())["benchmark"] != "model"
+
+
+def test_help_per_mode(capsys):
+    with pytest.raises(SystemExit) as ei:
+        driver.main(["-p", "8", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "--n-prompt" in out and "--batch-size" in out and "Model-level" in out

@@ -15,6 +15,7 @@ Methodology (``docs/benchmarks.md``):
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import itertools
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
-    "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
+    "bytes_arg", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
     "measure_dram_bandwidth", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
     "read_results", "format_table", "print_table", "fmt_bytes",
 ]
@@ -466,3 +467,13 @@ def format_table(rows: Sequence[Sequence[Any] | dict[str, Any]], headers: Sequen
 
 def print_table(rows, headers=None, align=None, title=None, file=None) -> None:
     print(format_table(rows, headers, align, title), file=file, flush=True)
+
+
+def bytes_arg(text: str) -> int:
+    """argparse type: a byte count such as ``1.5G``, ``64M``, ``4096`` (K/M/G binary)."""
+    t = text.strip().upper()
+    mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(t.rstrip("B")[-1:], 1)
+    try:
+        return int(float(t.rstrip("B").rstrip("KMG") if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count like 1.5G or 64M, got {text!r}") from None

@@ -28,8 +28,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .core import BenchResult, mem_available, fmt_bytes, interleaved, machine_info, measure_dram_bandwidth, \
-    write_results
+from .core import (
+    BenchResult,
+    bytes_arg,
+    fmt_bytes,
+    interleaved,
+    machine_info,
+    measure_dram_bandwidth,
+    mem_available,
+    write_results,
+)
 
 __all__ = ["main", "build_parser", "BenchContext", "Adapter", "adapter_for", "bench_specs", "select_model", "resolve_backend",
            "csv", "ints", "bytes_arg", "DEFAULT_PRESET", "QUANTS"]
@@ -75,15 +83,6 @@ def ints(text: str) -> list[int]:
     if not v or any(x <= 0 for x in v):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return v
-
-
-def bytes_arg(text: str) -> int:
-    t = text.strip().upper()
-    mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(t.rstrip("B")[-1:], 1)
-    try:
-        return int(float(t.rstrip("B").rstrip("KMG") if mult > 1 else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a byte count like 1.5G or 64M, got {text!r}") from None
 
 
 # ============================================================================ model selection

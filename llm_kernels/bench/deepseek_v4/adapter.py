@@ -31,7 +31,7 @@ from ...models.deepseek_v4.config import CSA, HCA, SLIDING
 from ...reference.deepseek_v4.model import LayerWeights
 from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 from ...runtime.timing import StageTimer
-from ..core import BenchResult, L3_BYTES, fmt_bytes, print_table
+from ..core import L3_BYTES, BenchResult, fmt_bytes, print_table
 from ..driver import csv, ints
 from .hf import build_hf_layer, hf_mask
 from .layer import CacheState, WeightBank, bf16r, seed_of

@@ -41,7 +41,9 @@ _HF_NAMES = {
 
 
 def hf_config(cfg1: DeepSeekV4Config, experts_impl: str):
-    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config as HFConfig
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import (
+        DeepseekV4Config as HFConfig,
+    )
 
     h = HFConfig(**cfg1.to_hf_dict())
     h._attn_implementation = "eager"

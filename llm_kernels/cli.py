@@ -10,7 +10,8 @@
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
 * ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
-* ``bench``: decode benchmark per stage and layer at real dims (:mod:`llm_kernels.bench`).
+* ``bench``: the whole-model benchmark (llama-bench style, ``-p/-n/-d/-b``) or the per-stage
+  layer benchmark at real dims (:mod:`llm_kernels.bench`).
 * ``golden``: runs the golden harness cases of every registered model (``models/<name>/golden.py``).
 * ``profile``: prefill + N decode steps traced per step / layer / stage into a Chrome /
   Perfetto trace-event JSON (``llm_kernels.bench.trace``).
@@ -409,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", type=Path, required=True)
     _backend_args(pf)
     pf.set_defaults(func=cmd_profile)
-    sub.add_parser("bench", help="per-stage / per-layer decode benchmark at real dims with %% of roofline "
-                   "(flags: see 'bench --help')")
+    sub.add_parser("bench", help="benchmarks: whole model llama-bench style (--checkpoint DIR -p 512 -n 128) or "
+                   "one layer per stage vs its roofline (--preset NAME); flags: see 'bench --help'")
     gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "
                         "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
     gd.add_argument("harness_args", nargs=argparse.REMAINDER)

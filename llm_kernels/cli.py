@@ -334,7 +334,7 @@ def _backend_args(p: argparse.ArgumentParser, default_backend: str = "reference"
 
 def _bench_main(argv: list[str]) -> int:
     """``python -m llm_kernels bench ...`` -> :func:`llm_kernels.bench.driver.main` (the model
-    comes from ``--preset`` / ``--checkpoint`` through the registry: ``spec.extras["bench"]``)."""
+    comes from ``--preset`` / ``--checkpoint`` through the registry: ``llm_kernels.bench.adapters`` by ``model_type``)."""
     from .bench.driver import main as bench_main
 
     return int(bench_main(argv) or 0)

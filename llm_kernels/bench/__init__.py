@@ -2,7 +2,7 @@
 
 * :mod:`.driver` — ``python -m llm_kernels bench``: ONE driver (flags, warm-up, repeats,
   round-robin rounds with a DRAM probe, JSON, plot, ``--compare``); the per-model parts are
-  adapters reached through the registry (``spec.extras["bench"]``: :mod:`.deepseek_v4`,
+  adapters keyed by ``model_type`` (:mod:`.adapters`: :mod:`.deepseek_v4`,
   :mod:`.qwen3`), the per-model byte models are ``llm_kernels/models/<name>/roofline.py``.
 * :mod:`.core` — timing statistics, DRAM bandwidth, cold-weight rotation, paired A/B, result
   JSON with machine info, plain-text tables (re-exported here).

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
-    "bytes_arg", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
+    "bytes_arg", "csv", "ints", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
     "measure_dram_bandwidth", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
     "read_results", "format_table", "print_table", "fmt_bytes",
 ]
@@ -477,3 +477,17 @@ def bytes_arg(text: str) -> int:
         return int(float(t.rstrip("B").rstrip("KMG") if mult > 1 else t) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a byte count like 1.5G or 64M, got {text!r}") from None
+
+
+def csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def ints(text: str) -> list[int]:
+    try:
+        v = [int(t) for t in csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not v or any(x <= 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return v

@@ -9,7 +9,7 @@
 
 The model comes from ``--preset`` (any registered preset -> its :class:`ModelSpec`) or from
 ``--checkpoint`` (its ``config.json`` ``model_type``); its adapter is
-``spec.extras["bench"]`` (an object with the model-specific flags, layer setup, variants,
+``adapters.ADAPTERS[spec.model_type]`` (an object with the model-specific flags, layer setup, variants,
 tables and byte model, see :class:`Adapter`). This module owns what every model shares:
 the common flags, argument checks, backend resolution, the memory check, the DRAM
 bandwidth (start / end of the run, and a probe timed round-robin with the variants of every
@@ -31,8 +31,10 @@ from typing import Any, Callable, Protocol
 from .core import (
     BenchResult,
     bytes_arg,
+    csv,
     fmt_bytes,
     interleaved,
+    ints,
     machine_info,
     measure_dram_bandwidth,
     mem_available,
@@ -49,8 +51,7 @@ ROOFLINE_QUANT = {"none": "bf16", "w8a8": "w8a8"}
 
 
 class Adapter(Protocol):
-    """What a model plugs into the driver (``spec.extras["bench"]``, or a zero-argument
-    callable returning it, so heavy imports stay lazy).
+    """What a model plugs into the driver (listed in :mod:`.adapters` by ``model_type``).
 
     name: the JSON ``benchmark`` value (``--from-json`` finds the plotter by it).
     description: one line for ``--help``. defaults: defaults of common flags (``repeats``,
@@ -71,34 +72,19 @@ class Adapter(Protocol):
 
 
 # ============================================================================ arguments
-def csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def ints(text: str) -> list[int]:
-    try:
-        v = [int(t) for t in csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not v or any(x <= 0 for x in v):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return v
-
-
 # ============================================================================ model selection
 def adapter_for(spec) -> Any | None:
-    """The bench adapter of ``spec`` (``spec.extras["bench"]``, called if it is a factory), or None."""
-    a = spec.extras.get("bench")
-    if a is not None and not hasattr(a, "run") and callable(a):
-        a = a()
-    return a
+    """The layer-bench adapter serving ``spec``'s model (:data:`.adapters.ADAPTERS`), or None."""
+    from .adapters import ADAPTERS
+
+    return ADAPTERS.get(spec.model_type)
 
 
 def bench_specs() -> list:
     """Registered model specs that have a bench adapter."""
     from .. import models
 
-    return [s for s in (models.get(t) for t in models.model_types()) if "bench" in s.extras]
+    return [s for s in (models.get(t) for t in models.model_types()) if adapter_for(s) is not None]
 
 
 def _bench_presets() -> list[str]:
@@ -127,8 +113,8 @@ def select_model(argv: list[str], default_preset: str):
     except ConfigError as e:
         raise ValueError(str(e)) from None
     spec = models.spec_for_config(cfg)
-    if "bench" not in spec.extras:
-        raise ValueError(f"model_type {spec.model_type!r} has no bench adapter (spec.extras['bench']); "
+    if adapter_for(spec) is None:
+        raise ValueError(f"model_type {spec.model_type!r} has no bench adapter (llm_kernels.bench.adapters); "
                          f"benchmarked presets: {_bench_presets()}")
     return spec, cfg, name, known.checkpoint
 

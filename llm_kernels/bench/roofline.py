@@ -1,7 +1,7 @@
 """Model-neutral pieces of the memory-bandwidth roofline: the byte records a model's byte
 model returns (:class:`TensorBytes`, :class:`StageBytes`) and the time / percentage
 formulas. The per-model byte models are ``llm_kernels/models/<name>/roofline.py``
-(reached through ``spec.extras["bench"].roofline``).
+(used by the models' byte models, ``models/<name>/roofline.py``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .compare import CompareResult
-from .spec import ScalarSpec, Spec, TensorSpec, build_inputs, check_inputs, check_unique_names
+from .spec import (
+    ScalarSpec,
+    Spec,
+    TensorSpec,
+    build_inputs,
+    check_inputs,
+    check_unique_names,
+)
 
 __all__ = [
     "GoldenCase",

@@ -37,7 +37,7 @@ class ModelSpec:
     Harness, bench, profile (optional):
         golden_builder(checkpoint or None) -> list of harness cases, and golden_env: the
             environment variable naming the checkpoint to use (:meth:`golden_cases`);
-        extras: model-specific hooks by name (``"bench"``, ``"roofline"``, ...).
+        extras: model-specific hooks by name (``"trace_roofline"``: the profile's byte model).
     """
 
     model_type: str

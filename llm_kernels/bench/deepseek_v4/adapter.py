@@ -31,8 +31,7 @@ from ...models.deepseek_v4.config import CSA, HCA, SLIDING
 from ...reference.deepseek_v4.model import LayerWeights
 from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 from ...runtime.timing import StageTimer
-from ..core import L3_BYTES, BenchResult, fmt_bytes, print_table
-from ..driver import csv, ints
+from ..core import L3_BYTES, BenchResult, csv, fmt_bytes, ints, print_table
 from .hf import build_hf_layer, hf_mask
 from .layer import CacheState, WeightBank, bf16r, seed_of
 
@@ -108,6 +107,7 @@ def _ours_fn(cfg1, weights, ops, store, x_hc, ids, positions, offs, state: Cache
 class DeepSeekV4Bench:
     """The driver's adapter (see :class:`llm_kernels.bench.driver.Adapter`)."""
 
+    model_type = "deepseek_v4"  # the registry entry it serves (:mod:`llm_kernels.bench.adapters`)
     name = "bench_layer"
     description = ("Time one decoder layer's decode step per stage vs its memory roofline and vs "
                    "transformers (docs/benchmarks.md).")

@@ -27,8 +27,7 @@ from ...models.qwen3 import roofline as rq
 from ...runtime.qwen3.engine import Qwen3Engine
 from ...runtime.qwen3.stages import STAGES
 from ...runtime.timing import StageTimer
-from ..core import BenchResult, fmt_bytes, print_table
-from ..driver import csv, ints
+from ..core import BenchResult, csv, fmt_bytes, ints, print_table
 from .layer import KVState, build_hf_layer, build_weights, quantize_layer, seed_of
 
 __all__ = ["ADAPTER", "Qwen3Bench", "STAGE_OPS"]
@@ -106,6 +105,7 @@ def _cross_check(entry, key, timed, outs, hf_keys, hf_first, hf_out) -> None:
 class Qwen3Bench:
     """The driver's adapter (see :class:`llm_kernels.bench.driver.Adapter`)."""
 
+    model_type = "qwen3"  # the registry entry it serves (:mod:`llm_kernels.bench.adapters`)
     name = "bench_qwen3_layer"
     description = ("Time one Qwen3 decoder layer's decode step per stage vs its memory roofline and vs "
                    "transformers (docs/benchmarks.md).")

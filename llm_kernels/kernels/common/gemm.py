@@ -55,8 +55,15 @@ from numba import prange
 
 from . import jit
 from .bf16 import as_kernel_input, load_f32
+from .gemm_pack import (
+    CHUNK_N,
+    MAX_K_PLAIN,
+    PackedW8A8,
+    as_numpy,
+    pack_w8a8,
+    unpack_w8a8,
+)
 from .jit import njit_kernel
-from .gemm_pack import CHUNK_N, MAX_K_PLAIN, PackedW8A8, as_numpy, pack_w8a8, unpack_w8a8
 from .quant import quant_row_f32, quant_rows
 from .x86 import VNNI_NB, vnni_bcast_tile
 

@@ -9,7 +9,6 @@ results are bitwise reproducible for any thread count.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from numba import prange

@@ -51,14 +51,14 @@ from .stage_shared import (
     rnd,
 )
 from .w8a8_heads import (
+    MODE_ROPE,
+    MODE_ROPE_HAD_Q8,
     NO_F,
     NO_Q,
     NO_S,
-    MODE_ROPE,
-    MODE_ROPE_HAD_Q8,
     check_quant_weight,
-    heads_weight,
     heads_float,
+    heads_weight,
     pack_row,
     quantize_activations,
     run_heads_w8a8,

@@ -62,14 +62,14 @@ import numpy as np
 import torch
 from numba import prange
 
+from ...numerics.linear import linear as _ref_linear
+from ...numerics.quant import QuantWeight
 from ..common.bf16 import load_f32
-from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.bf16 import round_f32 as _rnd
+from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.jit import njit_kernel
 from ..common.prepared import PackedRows, stage_group
 from ..common.quant import quant_row_f32, quant_rows
-from ...numerics.linear import linear as _ref_linear
-from ...numerics.quant import QuantWeight
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 

@@ -38,14 +38,11 @@ Shared helpers live in :mod:`.stage_shared` (GEMV, epilogues, FWHT) and
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from ...numerics.quant import QuantWeight
 from ..common.jit import njit_kernel
-
-
 from .stage_shared import f32_np, linear_pair, norm_weighted, rope
 from .w8a8_heads import (
     MODE_QNORM_ROPE,

@@ -47,7 +47,13 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16, torch_kernel_view, u16_as_torch_bf16
+from ..common.bf16 import (
+    f32_to_bf16_bits,
+    load_f32,
+    torch_bf16_as_u16,
+    torch_kernel_view,
+    u16_as_torch_bf16,
+)
 from ..common.bf16 import round_f32 as _rnd
 from ..common.jit import njit_kernel
 from ..common.vecmath import sleef_expf as _sleef_expf

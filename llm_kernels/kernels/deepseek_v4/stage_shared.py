@@ -22,8 +22,6 @@ from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
 
-
-
 # --------------------------------------------------------------------------- host helpers
 
 

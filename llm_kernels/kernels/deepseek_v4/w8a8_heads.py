@@ -19,6 +19,7 @@ from ..common.quant import quant_row_f32
 from ..common.x86 import vnni_bcast_tile
 from .stage_shared import fwht, norm_unweighted, rnd, rope
 
+
 # --------------------------------------------------------------------------- packed weight
 def heads_layout(head_dim: int) -> str:
     """Packed layout of a per-head W8A8 weight: ``"vnni"`` when the VNNI kernels are active

@@ -72,7 +72,17 @@ _TARGET_ITEMS = 8  # work items aimed at per call (>= 2 per core; fewer = less p
 _MIN_SPLIT = 128  # shortest context split in tokens (a multiple of _CHUNK)
 _MAX_SPLIT = 4096  # longest split: bounds an item's row-offset table (nkv x split x 8 B)
 
-from .attention_tiles import FASTMATH, NEG_INF, ONE, ZERO, bf16_rne, exp_neg, pv_call, qk_call, sm_call
+from .attention_tiles import (
+    FASTMATH,
+    NEG_INF,
+    ONE,
+    ZERO,
+    bf16_rne,
+    exp_neg,
+    pv_call,
+    qk_call,
+    sm_call,
+)
 
 
 @njit_kernel

@@ -369,28 +369,25 @@ _YARN_V4 = RopeParameters("yarn", 160000.0, factor=16.0, original_max_position_e
                           beta_fast=32.0, beta_slow=1.0, attention_factor=1.0)
 
 
-def _flash() -> DeepSeekV4Config:
-    n = 43
-    lt = [SLIDING, SLIDING] + [CSA if i % 2 == 0 else HCA for i in range(2, n)]
+def _release(n: int, first: str, **dims: Any) -> DeepSeekV4Config:
+    """A release-shaped config (spec §1): ``n`` layers, the first two of type ``first``, then
+    CSA and HCA alternating; the first three MoE layers hash-routed; vocab 129280, head_dim
+    512, top-6 experts, YaRN compress profile. ``dims`` are the per-release sizes."""
+    lt = [first, first] + [CSA if i % 2 == 0 else HCA for i in range(2, n)]
     return DeepSeekV4Config(
-        vocab_size=129280, hidden_size=4096, num_hidden_layers=n, num_attention_heads=64,
-        head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024,
-        moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=6,
-        layer_types=tuple(lt), mlp_layer_types=tuple(["hash_moe"] * 3 + ["moe"] * (n - 3)),
-        rope_main=RopeParameters("default", 10000.0), rope_compress=_YARN_V4,
-        routed_scaling_factor=1.5, swiglu_limit=10.0, index_topk=512)
+        vocab_size=129280, num_hidden_layers=n, head_dim=512, qk_rope_head_dim=64, o_lora_rank=1024,
+        num_experts_per_tok=6, layer_types=tuple(lt), mlp_layer_types=tuple(["hash_moe"] * 3 + ["moe"] * (n - 3)),
+        rope_main=RopeParameters("default", 10000.0), rope_compress=_YARN_V4, swiglu_limit=10.0, **dims)
+
+
+def _flash() -> DeepSeekV4Config:
+    return _release(43, SLIDING, hidden_size=4096, num_attention_heads=64, q_lora_rank=1024, o_groups=8,
+                    moe_intermediate_size=2048, n_routed_experts=256, routed_scaling_factor=1.5, index_topk=512)
 
 
 def _pro() -> DeepSeekV4Config:
-    n = 61
-    lt = [HCA, HCA] + [CSA if i % 2 == 0 else HCA for i in range(2, n)]
-    return DeepSeekV4Config(
-        vocab_size=129280, hidden_size=7168, num_hidden_layers=n, num_attention_heads=128,
-        head_dim=512, qk_rope_head_dim=64, q_lora_rank=1536, o_groups=16, o_lora_rank=1024,
-        moe_intermediate_size=3072, n_routed_experts=384, num_experts_per_tok=6,
-        layer_types=tuple(lt), mlp_layer_types=tuple(["hash_moe"] * 3 + ["moe"] * (n - 3)),
-        rope_main=RopeParameters("default", 10000.0), rope_compress=_YARN_V4,
-        routed_scaling_factor=2.5, swiglu_limit=10.0, index_topk=1024)
+    return _release(61, HCA, hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, o_groups=16,
+                    moe_intermediate_size=3072, n_routed_experts=384, routed_scaling_factor=2.5, index_topk=1024)
 
 
 def _mini() -> DeepSeekV4Config:

@@ -51,7 +51,7 @@ from ...bench.roofline import (
 from .config import CSA, HCA, SLIDING, DeepSeekV4Config
 
 __all__ = [
-    "QUANT_MODES", "STAGES", "LAYER_STAGES", "LAYER_TYPE_ALIASES", "TensorBytes", "StageBytes",
+    "trace_stage_bytes", "QUANT_MODES", "STAGES", "LAYER_STAGES", "LAYER_TYPE_ALIASES", "TensorBytes", "StageBytes",
     "layer_type_name", "weight_table", "weight_parts", "stage_breakdown", "stage_bytes",
     "layer_bytes", "layer_breakdown", "lm_head_bytes", "model_dense_weight_bytes",
     "experts_active_default", "roofline_seconds", "roofline_pct",
@@ -300,3 +300,15 @@ def model_dense_weight_bytes(cfg: DeepSeekV4Config, quant: str = "w8a8") -> int:
             cache[lt] = weight_parts(cfg, lt, quant)["dense_total"]
         total += cache[lt]
     return total
+
+
+def trace_stage_bytes(cfg, stage: str, layer_type: str | None, T: int, L: int, quant: str,
+                      **kw) -> int | None:
+    """Bytes one traced stage slice reads (roofline byte model), None for a stage the model
+    does not count (embed, kv_cache, ...)."""
+    if stage not in STAGES:
+        return None
+    try:
+        return stage_bytes(cfg, stage, layer_type or SLIDING, T, L, quant, **kw)
+    except ValueError:
+        return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ...errors import ConfigError
 from .. import ModelSpec, register
 from ..spec import weight_fields
-from . import golden, weights
+from . import golden, roofline, weights
 from .config import QWEN3_PRESETS, Qwen3Config, qwen3_preset
 
 __all__ = ["SPEC"]
@@ -41,30 +41,11 @@ def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer
                        ops=_stage_table().stages(backend), timer=timer)
 
 
-def _trace_roofline(cfg, stage: str, layer_type: str | None, T: int, L: int, quant: str,
-                    rows_per_seq: int = 1, **kw) -> int | None:
-    """Bytes one traced stage slice reads (the decode-step byte model of ``roofline.py``:
-    T sequences of one new row each at context L); None for prefill slices (several rows
-    per sequence, not modelled) and for stages the model does not count."""
-    from .roofline import STAGES, stage_bytes
-
-    if stage not in STAGES or rows_per_seq != 1 or T < 1:
-        return None
-    return stage_bytes(cfg, stage, T, max(L, 1), quant)
-
-
-def _bench_adapter():
-    """The layer-benchmark adapter (``python -m llm_kernels bench --preset qwen3-32b``)."""
-    from ...bench.qwen3 import ADAPTER
-
-    return ADAPTER
-
-
 SPEC = ModelSpec(
     model_type="qwen3", config_class=Qwen3Config, presets={name: _preset(name) for name in QWEN3_PRESETS},
     default_preset="qwen3-mini",
     **weight_fields(weights), stage_table=_stage_table, make_engine=_make_engine,
     golden_builder=golden.build_cases, golden_env="LLM_KERNELS_GOLDEN_QWEN3_CHECKPOINT",
-    extras={"trace_roofline": _trace_roofline, "bench": _bench_adapter},
+    extras={"trace_roofline": roofline.trace_stage_bytes},
 )
 register(SPEC)

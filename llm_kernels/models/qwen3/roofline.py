@@ -54,7 +54,7 @@ from ...bench.roofline import StageBytes, TensorBytes, roofline_pct, roofline_se
 from .config import Qwen3Config
 
 __all__ = [
-    "PROJECTIONS",
+    "trace_stage_bytes", "PROJECTIONS",
     "QUANT_MODES",
     "STAGES",
     "kv_read_bytes",
@@ -184,3 +184,13 @@ def layer_bytes(cfg: Qwen3Config, B: int, L: int, quant: str = "bf16", **kw) -> 
     """Bytes of one layer's decode step: Σ over :data:`STAGES` (= weights of the layer +
     KV read + KV write + activations)."""
     return sum(b.total for b in layer_breakdown(cfg, B, L, quant, **kw).values())
+
+
+def trace_stage_bytes(cfg, stage: str, layer_type: str | None, T: int, L: int, quant: str,
+                      rows_per_seq: int = 1, **kw) -> int | None:
+    """Bytes one traced stage slice reads (this module's decode-step byte model:
+    T sequences of one new row each at context L); None for prefill slices (several rows
+    per sequence, not modelled) and for stages the model does not count."""
+    if stage not in STAGES or rows_per_seq != 1 or T < 1:
+        return None
+    return stage_bytes(cfg, stage, T, max(L, 1), quant)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import apply_rope, rms_norm
 from ...numerics.linear import linear
 from ...numerics.rounding import rnd
+from .common import apply_rope, rms_norm
 
 __all__ = ["compressor_project", "compress_windows"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import rms_norm
 from ...numerics.rounding import rnd
+from .common import rms_norm
 
 __all__ = ["sinkhorn", "hc_pre", "hc_post", "hc_head"]
 

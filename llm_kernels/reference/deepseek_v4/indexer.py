@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import apply_rope
 from ...numerics.linear import linear
 from ...numerics.quant import hadamard, int8_matmul, quant_per_row
+from .common import apply_rope
 
 __all__ = ["indexer_query", "indexer_scores", "indexer_topk", "indexer_query_int8", "indexer_keys_int8",
            "indexer_scores_int8"]

@@ -12,13 +12,19 @@ import torch
 
 from ...models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
 from ...numerics.linear import linear
-from .common import rms_norm, rope_cos_sin
+from ...numerics.quant import QuantWeight
 from ...numerics.rounding import rnd
+from .common import rms_norm, rope_cos_sin
 from .compressor import compress_windows, compressor_project
 from .hc import hc_head, hc_post, hc_pre
-from .indexer import (indexer_keys_int8, indexer_query, indexer_query_int8, indexer_scores,
-                      indexer_scores_int8, indexer_topk)
-from ...numerics.quant import QuantWeight
+from .indexer import (
+    indexer_keys_int8,
+    indexer_query,
+    indexer_query_int8,
+    indexer_scores,
+    indexer_scores_int8,
+    indexer_topk,
+)
 from .moe import gate, moe
 from .qkv_proj_rope import qkv_proj_rope
 from .sparse_attn import sparse_attn

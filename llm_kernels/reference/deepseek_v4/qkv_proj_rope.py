@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import apply_rope, rms_norm
 from ...numerics.linear import linear
+from .common import apply_rope, rms_norm
 
 __all__ = ["qkv_proj_rope"]
 

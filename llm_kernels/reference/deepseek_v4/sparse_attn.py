@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import apply_rope
 from ...numerics.linear import matmul
-from ...numerics.rounding import rnd
 from ...numerics.quant import QuantWeight, int8_matmul, quant_per_row
+from ...numerics.rounding import rnd
+from .common import apply_rope
 
 __all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj"]
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ...models.qwen3.config import Qwen3Config
-from .attention import attention
-from ...numerics.rounding import check_dtype, rnd
 from ...numerics.linear import linear
+from ...numerics.rounding import check_dtype, rnd
+from .attention import attention
 from .common import rms_norm, rope_cos_sin
 from .mlp import down_residual, gate_up_swiglu
 from .o_proj import o_proj_residual_norm

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ...numerics.linear import linear
-from .common import rms_norm
 from ...numerics.rounding import rnd
+from .common import rms_norm
 
 __all__ = ["o_proj_residual_norm"]
 

@@ -93,10 +93,10 @@ def _warm_up(engine, prompt: list[int], backend: str) -> float:
     if backend == "fused":
         from .kernels.common import jit
 
-        cache = Path(jit.kernel_cache_dir())
-        cold = not (cache.is_dir() and any(cache.rglob("*.nbi")))
+        cold = jit.cached_kernel_count() == 0
         if cold:
-            print(f"compiling the kernels (once; cached in {cache})...", file=sys.stderr, flush=True)
+            print(f"compiling the kernels (once; cached in {jit.kernel_cache_dir()})...", file=sys.stderr,
+                  flush=True)
     t0 = time.perf_counter()
     sid = engine.add_sequence()
     try:

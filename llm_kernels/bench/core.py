@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
-    "bytes_arg", "csv", "ints", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
+    "bytes_arg", "csv", "ints", "loadavg", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
     "measure_dram_bandwidth", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
     "read_results", "format_table", "print_table", "fmt_bytes",
 ]
@@ -491,3 +491,12 @@ def ints(text: str) -> list[int]:
     if not v or any(x <= 0 for x in v):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return v
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average, None where the OS has none (a value above ~0.5 before a run
+    means other work competes for the cores)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None

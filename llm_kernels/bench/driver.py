@@ -22,7 +22,6 @@ See ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from .core import (
     fmt_bytes,
     interleaved,
     ints,
+    loadavg,
     machine_info,
     measure_dram_bandwidth,
     mem_available,
@@ -279,13 +279,6 @@ class BenchContext:
         return timed, bw
 
 
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -361,7 +354,7 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     if load_before is not None and load_before > 0.5:
         log(f"warning: 1-minute load average is {load_before:.2f} before the run: other processes compete "
             "for the cores and the timings will be noisy")
@@ -395,7 +388,7 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
            "repeats": args.repeats, "warmup": args.warmup, "bandwidth_gbs": ctx.bw, "bandwidth_source": ctx.bw_src,
            "bandwidth_gbs_end": ctx.bw_end, "bandwidth_gbs_per_cell": ctx.bw_cells,
            "backends": ctx.backend_status, "notes": ctx.notes, "errors": ctx.errors,
-           "wall_s": time.perf_counter() - t0, "loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg()}
+           "wall_s": time.perf_counter() - t0, "loadavg_1m_before": load_before, "loadavg_1m_after": loadavg()}
     path = write_results(json_path, out, machine=machine_info(ctx.bw, ctx.bw_src))
     log(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
     if args.plot is not None:

@@ -40,7 +40,6 @@ See ``docs/benchmarks.md`` ("Model-level benchmark").
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -50,10 +49,12 @@ from typing import Any, Callable
 from .core import (
     bytes_arg,
     fmt_bytes,
+    loadavg,
     machine_info,
     measure_dram_bandwidth,
     write_results,
 )
+from .trace import thread_info
 from .weight_bytes import bytes_per_step, decode_read_bytes, weight_storage
 
 __all__ = ["MODE_FLAGS", "wants_model_mode", "build_parser", "main", "decode_read_bytes", "weight_storage",
@@ -169,40 +170,11 @@ def plan_tests(n_prompt: list[int], n_gen: list[int], depths: list[int], batches
 
 
 # ============================================================================ run
-def _numba_threads() -> int | None:
-    try:
-        import numba
-        return int(numba.get_num_threads())
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _tier(info: dict) -> str:
-    if info.get("path") == "vnni":
-        return "AVX-512 VNNI" + (" + BF16" if info.get("has_avx512bf16") else "")
-    why = "forced by LLM_KERNELS_FORCE_FALLBACK" if info.get("force_fallback") else "no AVX-512 VNNI"
-    return f"plain fallback ({why})"
-
-
-def _cache_files(path: str) -> int:
-    try:
-        return sum(1 for _ in Path(path).rglob("*.nbi"))
-    except OSError:
-        return 0
-
-
 def _fmt_count(n: float) -> str:
     for unit, v in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= v:
             return f"{n / v:.2f} {unit}"
     return str(int(n))
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def _stats(tps: list[float]) -> dict[str, float]:
@@ -318,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return _err(f"-t/--threads: {e}")
     dinfo = jit.dispatch_info()
-    cache_files_before = _cache_files(dinfo["numba_cache_dir"])
+    cache_files_before = jit.cached_kernel_count()
     spec = models.spec_for_config(cfg0)
-    load_before = _loadavg()
+    load_before = loadavg()
     t_start = time.perf_counter()
     if load_before is not None and load_before > 0.5:
         log(f"warning: 1-minute load average is {load_before:.2f} before the run: other processes compete for "
@@ -355,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     model_label = f"{spec.model_type} {cfg.num_hidden_layers}L {quant_label}"
     backend_label = args.backend + (f" ({dinfo['path']})" if args.backend == "fused" else "")
     impl = spec.backend_stages(args.backend)
-    th_torch, th_numba = torch.get_num_threads(), _numba_threads()
+    th_torch, th_numba = torch.get_num_threads(), thread_info()["numba_threads"]
     threads_label = str(th_torch) if th_torch == th_numba else f"{th_torch}/{th_numba}"
     log(f"model: {cfg.summary()}; load {load_s:.1f} s, engine build (prepare_weights) {build_s:.1f} s")
-    log(f"CPU tier: {_tier(dinfo)}; torch threads {th_torch}, numba threads {th_numba} "
+    log(f"CPU tier: {dinfo['tier']}; torch threads {th_torch}, numba threads {th_numba} "
         f"({dinfo['threading_layer_config']}); Numba cache: {cache_files_before} index files before the run")
     moe = (f"; MoE: shared experts + {rb['experts_per_tok']} of {rb['n_routed_experts']} routed experts per layer"
            if rb["expert_bytes"] else "")
@@ -449,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in body:
         print(line(r))
     print()
-    print(f"CPU tier: {_tier(dinfo)}; torch threads {th_torch}, numba threads {th_numba}")
+    print(f"CPU tier: {dinfo['tier']}; torch threads {th_torch}, numba threads {th_numba}")
     bw_line = (f"DRAM read bandwidth: before {bw_before:.1f} GB/s, after {bw_after:.1f} GB/s, roofline uses the "
                f"mean {bw:.1f} GB/s" if not args.bandwidth else f"DRAM read bandwidth: {bw:.1f} GB/s (given)")
     print(bw_line)
@@ -463,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"first call (Numba compile or cache load): {name} warm-up {w0:.2f} s vs median {med:.3f} s "
               f"-> {w0 - med:+.2f} s (<= 0: no compile cost visible); warm-ups minus medians, all tests: "
               f"{total_extra:+.2f} s; the Numba cache had {cache_files_before} index files before the run")
-    load_after = _loadavg()
+    load_after = loadavg()
     la = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in (("before", load_before),
                                                                               ("after", load_after)))
     print(f"load average (1 min): {la}; checkpoint load {load_s:.1f} s, engine build {build_s:.1f} s")
@@ -479,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                           "weights by packed storage (payload + scales + VNNI row sums), embedding (and tid2eid) "
                           "one row per token, MoE: shared experts + num_experts_per_tok routed experts per layer "
                           "(b sequences: min(b*k, E)); KV cache and activations not counted"),
-           "cpu_tier": _tier(dinfo), "dispatch": dinfo, "threads": {"torch": th_torch, "numba": th_numba},
+           "cpu_tier": dinfo['tier'], "dispatch": dinfo, "threads": {"torch": th_torch, "numba": th_numba},
            "numba_cache_files_before": cache_files_before,
            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": bw_after, "bandwidth_gbs": bw,
            "bandwidth_source": bw_src, "repetitions": args.repetitions, "warmup": args.warmup,

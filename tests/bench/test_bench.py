@@ -159,15 +159,20 @@ def test_bench_statistics_on_fake_function():
     assert r.min_s >= 0.0019 and len(r.runs) == 3
 
 
+def _ticking(order: list, clock, name: str, dt: float):
+    """A benchmarked function that logs its name and advances the fake clock by dt."""
+    def f():
+        order.append(name)
+        clock.t += dt
+    return f
+
+
 def test_paired_ab_ratio_and_interleaving():
     clock = FakeClock()
     order = []
 
     def make(name, dt):
-        def f():
-            order.append(name)
-            clock.t += dt
-        return f
+        return _ticking(order, clock, name, dt)
 
     res = paired_ab(make("a", 3.0), make("b", 1.0), repeats=4, warmup=1, timer=clock)
     assert res.ratio == pytest.approx(3.0) and res.ratios == (3.0,) * 4
@@ -190,10 +195,7 @@ def test_interleaved_round_robin():
     order = []
 
     def make(name, dt):
-        def f():
-            order.append(name)
-            clock.t += dt
-        return f
+        return _ticking(order, clock, name, dt)
 
     res = interleaved({"x": make("x", 1.0), "y": make("y", 2.0), "z": make("z", 3.0)}, repeats=3, warmup=1,
                       setups={"y": lambda: order.append("setup-y")}, timer=clock)

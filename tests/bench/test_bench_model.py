@@ -97,7 +97,8 @@ def test_qwen3_dense_json(ckpts, tmp_path, capsys, backend):
     for t in d["tests"]:
         if t["kind"] == "pp":
             assert t["pct_roofline"] is None
-    assert d["cpu_tier"] and d["dispatch"]["path"] in ("vnni", "fallback")
+    assert d["dispatch"]["path"] in ("vnni", "fallback")
+    assert d["cpu_tier"] == d["dispatch"]["tier"] and (d["cpu_tier"] == "plain") == (d["dispatch"]["path"] == "fallback")
     assert d["threads"]["torch"] >= 1 and d["threads"]["numba"] >= 1
     assert d["machine"]["dram_bandwidth_gbs"] == pytest.approx(bw)
     assert "CPU tier:" in cap.out and "first call" in cap.out

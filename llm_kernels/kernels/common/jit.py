@@ -40,6 +40,8 @@ from typing import Any
 
 __all__ = [
     "CPU_FEATURES",
+    "cached_kernel_count",
+    "dispatch_tier",
     "FORCE_FALLBACK",
     "FORCE_FALLBACK_ENV",
     "HAS_AVX512BF16",
@@ -172,11 +174,30 @@ def dispatch_path() -> str:
     return "vnni" if USE_VNNI else "fallback"
 
 
+def dispatch_tier() -> str:
+    """The CPU tier the kernels run on, for logs, benchmarks and bug reports:
+    ``"avx512-vnni-bf16"`` (VNNI INT8 and ``vdpbf16ps`` bf16 dots), ``"avx512-vnni"`` or
+    ``"plain"`` (auto-vectorised Numba; also when ``LLM_KERNELS_FORCE_FALLBACK=1``)."""
+    if not USE_VNNI:
+        return "plain"
+    return "avx512-vnni-bf16" if HAS_AVX512BF16 else "avx512-vnni"
+
+
+def cached_kernel_count() -> int:
+    """Numba index files (``*.nbi``) in :func:`kernel_cache_dir`: 0 means the kernels will
+    compile on first use (tens of seconds), not load from the cache."""
+    root = Path(kernel_cache_dir())
+    try:
+        return sum(1 for _ in root.rglob("*.nbi")) if root.is_dir() else 0
+    except OSError:
+        return 0
+
+
 def dispatch_info() -> dict[str, Any]:
     """Everything that decides which code runs: features, env override, path, cache dir,
     threading layer, source hash (for logs and bug reports)."""
     return {
-        "path": dispatch_path(),
+        "path": dispatch_path(), "tier": dispatch_tier(),
         "has_avx512f": HAS_AVX512F, "has_avx512bw": HAS_AVX512BW,
         "has_vnni": HAS_VNNI, "has_avx512bf16": HAS_AVX512BF16,
         "force_fallback": FORCE_FALLBACK,

@@ -218,8 +218,8 @@ def cmd_logits(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint.writer import quantize_checkpoint
 
-    out = quantize_checkpoint(args.checkpoint, args.out, progress=True)
-    print(f"wrote W8A8 checkpoint {out}")
+    out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme)
+    print(f"wrote {args.scheme} checkpoint {out}")
     return 0
 
 
@@ -260,9 +260,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if "trace_roofline" not in spec.extras:
         raise SystemExit(f"error: profile needs a roofline byte model, which model_type {spec.model_type!r} "
                          "does not have yet; use 'generate' for its per-stage times")
-    from .numerics.quant import QuantWeight
+    from .checkpoint.safetensors_io import checkpoint_quant
 
-    quant = roofline_quant(args.quant, any(isinstance(v, QuantWeight) for v in weights.values()))
+    quant = roofline_quant(args.quant, checkpoint_quant(ckpt))
     bw = args.bandwidth
     if bw is None:
         from .bench.core import measure_dram_bandwidth
@@ -327,9 +327,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _backend_args(p: argparse.ArgumentParser, default_backend: str = "reference") -> None:
     p.add_argument("--backend", choices=["reference", "fused"], default=default_backend,
                    help=f"stage implementations: fused kernels or the torch reference (default {default_backend})")
-    p.add_argument("--quant", choices=["none", "w8a8"], default=None,
-                   help="weights: none = float, w8a8 = INT8 (quantized on load if the checkpoint is "
-                        "float); default: as stored")
+    p.add_argument("--quant", choices=["none", "w8a8", "int8"], default=None,
+                   help="weights: none = float; w8a8 = the spec's INT8 set (experts, wq_b, wo_b); int8 = "
+                        "every 2-D weight but the embedding and router INT8 (head included, Q8_0-class); "
+                        "quantized on load from a float checkpoint; default: as stored")
 
 
 def _bench_main(argv: list[str]) -> int:
@@ -378,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(lg)
     lg.set_defaults(func=cmd_logits)
 
-    qz = sub.add_parser("quantize", help="convert a float checkpoint to the W8A8 INT8 format")
+    qz = sub.add_parser("quantize", help="convert a float checkpoint to an INT8 format (w8a8 or int8)")
     qz.add_argument("--checkpoint", type=Path, required=True)
+    qz.add_argument("--scheme", choices=["w8a8", "int8"], default="w8a8",
+                    help="w8a8: the spec's INT8 set; int8: every 2-D weight but the embedding and router")
     qz.add_argument("--out", type=Path, required=True)
     qz.set_defaults(func=cmd_quantize)
 

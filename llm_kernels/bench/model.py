@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="torch and numba threads (default: as configured, usually the core count)")
     p.add_argument("--backend", choices=["fused", "reference"], default="fused", help="default fused")
-    p.add_argument("--quant", choices=["none", "w8a8"], default=None,
+    p.add_argument("--quant", choices=["none", "w8a8", "int8"], default=None,
                    help="none = float weights, w8a8 = INT8 (quantized on load if the checkpoint is float); "
                         "default: as stored")
     p.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="activation / float weight dtype")

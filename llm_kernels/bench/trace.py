@@ -33,10 +33,13 @@ class TraceError(ValueError):
     """A trace-event object that does not satisfy :func:`validate_trace`."""
 
 
-def roofline_quant(quant: str | None, weights_are_int8: bool = False) -> str:
-    """The roofline storage mode (``"w8a8"`` / ``"bf16"``) of a ``--quant`` value."""
-    if quant == "w8a8" or (quant is None and weights_are_int8):
-        return "w8a8"
+def roofline_quant(quant: str | None, stored: str | None = None) -> str:
+    """The roofline storage mode (``"int8"`` / ``"w8a8"`` / ``"bf16"``) of a ``--quant``
+    value; ``stored``: the checkpoint's own scheme (used when ``quant`` is None)."""
+    if quant in ("w8a8", "int8"):
+        return quant
+    if quant is None and stored in ("w8a8", "int8"):
+        return stored
     return "bf16"
 
 

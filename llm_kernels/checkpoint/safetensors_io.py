@@ -31,7 +31,7 @@ from .. import models
 from ..errors import CheckpointError
 from ..models import load_config
 from .names import (
-    QUANT_METHOD_W8A8,
+    QUANT_METHODS,
     canonical_name,
     expected_tensors,
     is_fp32_tensor,
@@ -212,9 +212,10 @@ def check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...],
 
 # ====================================================================== loading
 def checkpoint_quant(path: str | os.PathLike) -> str | None:
-    """``"w8a8"`` if ``config.json`` declares this project's W8A8 format
-    (``quantization_config.quant_method == "llm_kernels_w8a8"``), else None. Raises
-    CheckpointError for another quantization method (e.g. DeepSeek's FP8 release)."""
+    """The quantisation scheme ``config.json`` declares: ``"w8a8"`` / ``"int8"`` for this
+    project's formats (``quantization_config.quant_method`` ``"llm_kernels_w8a8"`` /
+    ``"llm_kernels_int8"``), None for a float checkpoint. Raises CheckpointError for another
+    quantization method (e.g. DeepSeek's FP8 release)."""
     p = Path(path) / "config.json"
     try:
         qc = json.loads(p.read_text()).get("quantization_config")
@@ -223,10 +224,12 @@ def checkpoint_quant(path: str | os.PathLike) -> str | None:
     if not qc:
         return None
     method = qc.get("quant_method")
-    if method == QUANT_METHOD_W8A8:
-        return "w8a8"
+    for scheme, m in QUANT_METHODS.items():
+        if method == m:
+            return scheme
     raise CheckpointError(f"{p}: quantization_config.quant_method {method!r} is not supported (only "
-                          f"{QUANT_METHOD_W8A8!r}; FP8/FP4 checkpoints must be dequantized first)")
+                          f"{', '.join(repr(m) for m in QUANT_METHODS.values())}; FP8/FP4 checkpoints "
+                          "must be dequantized first)")
 
 
 def load_checkpoint(
@@ -249,12 +252,13 @@ def load_checkpoint(
             are always returned float32. ``gate.tid2eid`` is returned int64 whenever ``dtype`` is set.
         check_finite: scan every float tensor for NaN/Inf (chunked).
         progress: show a tqdm bar (bytes read); tqdm hides it when stderr is not a terminal.
-        quant: ``None``: as stored. ``"w8a8"``: INT8 weights are returned as
+        quant: ``None``: as stored. ``"w8a8"`` / ``"int8"``: the scheme's INT8 weights
+            (:mod:`~.quantized`) are returned as
             :class:`~llm_kernels.numerics.quant.QuantWeight` under their
-            ``*.weight`` name (a float checkpoint is quantized on load; a W8A8 checkpoint's
-            ``*.weight`` int8 + ``*.weight_scale`` pairs are assembled). ``"none"``: the
-            checkpoint must be float. A W8A8 checkpoint loaded with ``quant=None`` is
-            returned as W8A8.
+            ``*.weight`` name (float weights are quantized on load; stored ``*.weight`` int8
+            + ``*.weight_scale`` pairs are assembled; ``"int8"`` on a ``w8a8`` checkpoint
+            quantizes the rest of its set). ``"none"``: the checkpoint must be float. A
+            quantized checkpoint loaded with ``quant=None`` is returned as stored.
 
     Returns:
         ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
@@ -275,8 +279,8 @@ def load_checkpoint(
         ValueError: ``dtype`` not None / float32 / bfloat16.
     """
     check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
-    if quant not in (None, "none", "w8a8"):
-        raise ValueError(f"quant must be None, 'none' or 'w8a8', got {quant!r}")
+    if quant not in (None, "none", "w8a8", "int8"):
+        raise ValueError(f"quant must be None, 'none', 'w8a8' or 'int8', got {quant!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
@@ -284,7 +288,10 @@ def load_checkpoint(
     files, wmap = _weight_files(root)
     stored_quant = checkpoint_quant(root)
     if quant == "none" and stored_quant is not None:
-        raise CheckpointError(f"checkpoint {root} is W8A8 (INT8 weights); it cannot be loaded as float")
+        raise CheckpointError(f"checkpoint {root} is {stored_quant} (INT8 weights); it cannot be loaded as float")
+    if quant == "w8a8" and stored_quant == "int8":
+        raise CheckpointError(f"checkpoint {root} is int8 (a superset of w8a8 stored INT8); load it with "
+                              "quant='int8' or as stored")
     expected = expected_tensors(cfg, stored_quant)
 
     # ---- 1. Read headers: names, shapes, dtypes (no tensor data yet).
@@ -400,10 +407,10 @@ def load_checkpoint(
                                 t = t.to(want)
                     out[name] = t
                     bar.update(t.numel() * _itemsize(meta[name][0]))
-    if stored_quant == "w8a8":
+    if stored_quant is not None:
         out = assemble_w8a8(out, root)
-    elif quant == "w8a8":
-        out = quantize_weights(out, cfg)
+    if quant in ("w8a8", "int8") and quant != stored_quant:
+        out = quantize_weights(out, cfg, scheme=quant)
     return cfg, out
 
 

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .. import models
 from ..errors import CheckpointError
 from ..numerics.quant import QuantWeight
-from .names import TensorInfo, expected_tensors, is_fp32_tensor
-from .quantized import QUANTIZATION_CONFIG, quantize_weights
+from .names import QUANT_METHODS, TensorInfo, expected_tensors, is_fp32_tensor
+from .quantized import quantization_config, quantize_weights
 from .safetensors_io import (
     DEFAULT_MAX_BYTES,
     DTYPE_NAMES,
@@ -216,15 +216,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
-    """Convert a float HF checkpoint directory to the W8A8 format in ``out_dir``.
+def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True,
+                        scheme: str = "w8a8") -> Path:
+    """Convert a float HF checkpoint directory to an INT8 format in ``out_dir``:
+    ``scheme="w8a8"`` (the spec's W8A8 set) or ``"int8"`` (every 2-D weight a Q8-class
+    format quantises; :mod:`.quantized`).
 
-    Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source, and
-    CheckpointError when the source is already W8A8."""
-    if checkpoint_quant(src) is not None:
-        raise CheckpointError(f"{src} is already a W8A8 checkpoint")
+    Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source,
+    CheckpointError when the source is already quantized, ValueError for another scheme."""
+    if scheme not in QUANT_METHODS:
+        raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
+    stored = checkpoint_quant(src)
+    if stored is not None:
+        raise CheckpointError(f"{src} is already a quantized ({stored}) checkpoint")
     cfg, weights = load_checkpoint(src, dtype=None, progress=progress)
-    q = quantize_weights(weights, cfg, progress=progress)
+    q = quantize_weights(weights, cfg, progress=progress, scheme=scheme)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in q.items():
         if isinstance(t, QuantWeight):
@@ -238,7 +244,6 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     conf = json.loads((Path(src) / "config.json").read_text())
-    qc = dict(QUANTIZATION_CONFIG, modules=list(models.spec_for_config(cfg).w8a8_modules))
-    conf["quantization_config"] = qc
+    conf["quantization_config"] = quantization_config(cfg, scheme)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return out

@@ -26,7 +26,9 @@ class ModelSpec:
         expected_float_tensors(cfg) -> {name: TensorInfo}; canonical_name(stored) -> name;
         is_ignored(stored) -> bool; is_fp32_tensor(name) -> bool (kept fp32 at any dtype);
         is_w8a8_weight(name) -> bool (INT8 in the W8A8 format); w8a8_modules: description
-        written into ``quantization_config``; init_tensor(name, info, cfg, generator,
+        written into ``quantization_config``; is_int8_weight(name) / int8_modules: the same
+        for the ``int8`` scheme (every 2-D weight a Q8-class format quantises; default: the
+        W8A8 set); init_tensor(name, info, cfg, generator,
         weight_scale) -> float32/int64 tensor; check_int_tensor(name, t, cfg) -> problem or None.
     Runtime:
         stage_table() -> the model's :class:`~llm_kernels.runtime.stage_table.StageTable`
@@ -57,6 +59,23 @@ class ModelSpec:
     golden_builder: Callable[[Path | None], list] | None = None
     golden_env: str | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    is_int8_weight: Callable[[str], bool] | None = None
+    int8_modules: tuple[str, ...] = ()
+
+    def quantized_weight(self, scheme: str) -> Callable[[str], bool]:
+        """The predicate naming the weights stored INT8 under quantisation ``scheme``
+        (``"w8a8"``: the model's W8A8 set; ``"int8"``: :attr:`is_int8_weight`, or the W8A8
+        set when the model defines none). Raises ValueError for another scheme."""
+        if scheme == "w8a8":
+            return self.is_w8a8_weight
+        if scheme == "int8":
+            return self.is_int8_weight or self.is_w8a8_weight
+        raise ValueError(f"quantisation scheme must be 'w8a8' or 'int8', got {scheme!r}")
+
+    def quantized_modules(self, scheme: str) -> tuple[str, ...]:
+        """Description of :meth:`quantized_weight`'s set (written into ``quantization_config``)."""
+        self.quantized_weight(scheme)
+        return self.int8_modules if scheme == "int8" and self.int8_modules else self.w8a8_modules
 
     def stages(self, backend: str) -> Any:
         """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""
@@ -82,8 +101,11 @@ WEIGHT_FIELDS = ("expected_float_tensors", "canonical_name", "is_ignored", "is_f
 
 def weight_fields(weights_module: Any) -> dict[str, Any]:
     """The weight-table fields of a :class:`ModelSpec` from a ``models/<name>/weights.py``
-    module that defines :data:`WEIGHT_FIELDS` and ``W8A8_MODULES``. Raises AttributeError
-    naming a missing one."""
+    module that defines :data:`WEIGHT_FIELDS` and ``W8A8_MODULES`` (and optionally
+    ``is_int8_weight`` + ``INT8_MODULES``). Raises AttributeError naming a missing one."""
     out = {name: getattr(weights_module, name) for name in WEIGHT_FIELDS}
     out["w8a8_modules"] = tuple(weights_module.W8A8_MODULES)
+    if hasattr(weights_module, "is_int8_weight"):
+        out["is_int8_weight"] = weights_module.is_int8_weight
+        out["int8_modules"] = tuple(weights_module.INT8_MODULES)
     return out

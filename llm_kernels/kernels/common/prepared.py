@@ -31,7 +31,8 @@ import torch
 from ...numerics.quant import QuantWeight
 from .gemm_pack import CHUNK_N, PackedW8A8, unpack_w8a8
 
-__all__ = ["PackedColumnGroups", "PackedLinear", "PackedRows", "PreparedQuantWeight", "stage_group"]
+__all__ = ["PackedColumnGroups", "PackedLinear", "PackedRowGroups", "PackedRows", "PreparedQuantWeight",
+           "stage_group"]
 
 
 class PreparedQuantWeight(QuantWeight):
@@ -117,6 +118,19 @@ class PackedColumnGroups(PreparedQuantWeight):
 
     def unpack(self) -> np.ndarray:
         return np.concatenate([unpack_w8a8(p) for p in self.packs], axis=1)
+
+
+class PackedRowGroups(PreparedQuantWeight):
+    """A weight whose output rows are split into ``len(packs)`` equal groups, each one
+    packed GEMM weight with its rows' scales (DeepSeek's grouped ``wo_a`` in the ``int8``
+    scheme: group g projects its own input slice)."""
+
+    def __init__(self, packs: list[PackedW8A8], scale: torch.Tensor) -> None:
+        super().__init__(scale, sum(p.n for p in packs), packs[0].k)
+        object.__setattr__(self, "packs", list(packs))
+
+    def unpack(self) -> np.ndarray:
+        return np.concatenate([unpack_w8a8(p) for p in self.packs], axis=0)
 
 
 def stage_group(ws: tuple, group_type: type) -> Any:

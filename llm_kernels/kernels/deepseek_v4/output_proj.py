@@ -44,19 +44,19 @@ from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _rnd
-from ..common.gemm import pack_w8a8, w8a8_gemm_i32
+from ..common.gemm import pack_w8a8, w8a8_gemm_i32, w8a8_linear
 from ..common.jit import njit_kernel
-from ..common.prepared import PackedColumnGroups
+from ..common.prepared import PackedColumnGroups, PackedRowGroups
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile
 
-__all__ = ["USE_BF16_DOT", "WO_A_NUMBA_MAX_T", "grouped_output_proj", "prepare_wo_b"]
+__all__ = ["USE_BF16_DOT", "WO_A_NUMBA_MAX_T", "grouped_output_proj", "prepare_wo_a", "prepare_wo_b"]
 
 #: Largest token count for which wo_a runs as a Numba GEMV (above: torch's batched matmul,
 #: which wins once the work is compute-bound: T=12 torch 2.6 ms vs 3.4-4.0 ms).
 WO_A_NUMBA_MAX_T = 8
 #: bf16 mode runs wo_a with ``vdpbf16ps`` register tiles (AVX512_BF16) when available.
-USE_BF16_DOT = jit.HAS_AVX512BF16 and not jit.FORCE_FALLBACK
+USE_BF16_DOT = jit.USE_BF16
 
 # fastmath for loops whose float reductions must vectorise (order then depends on the
 # compiled code only, never on the thread count); no nnan/ninf so that -inf stays exact.
@@ -251,6 +251,36 @@ def prepare_wo_b(wo_b: QuantWeight, o_groups: int) -> PackedColumnGroups:
                               wo_b.scale)
 
 
+def prepare_wo_a(wo_a: QuantWeight, o_groups: int) -> PackedRowGroups:
+    """Load-time form of an INT8 ``wo_a`` ``[G·OL, K]`` (the ``int8`` scheme): the ``G`` row
+    slices ``[OL, K]``, each packed for the active kernel family with its rows' scales."""
+    if isinstance(wo_a, PackedRowGroups) and len(wo_a.packs) == o_groups:
+        return wo_a
+    R = wo_a.shape[0]
+    if R % o_groups:
+        raise ValueError(f"wo_a out-dim {R} is not divisible by o_groups={o_groups}")
+    ol = R // o_groups
+    qw, sc = wo_a.qweight, wo_a.scale.float().contiguous()
+    return PackedRowGroups([pack_w8a8(qw[g * ol:(g + 1) * ol].contiguous(), sc[g * ol:(g + 1) * ol].contiguous())
+                            for g in range(o_groups)], wo_a.scale)
+
+
+def _wo_a_int8(x: np.ndarray, wo_a: QuantWeight, o_groups: int, to_bf16: bool) -> np.ndarray:
+    """INT8 wo_a: per group one fused W8A8 linear of the (token, group) rows (per-row INT8
+    quantisation of each row, exact INT32 GEMM, golden dequant), rounded to the dtype;
+    bitwise equal to the reference's per-group ``rnd(w8a8_linear(o_g, wo_a_g))``."""
+    packs = prepare_wo_a(wo_a, o_groups).packs
+    T = x.shape[0]
+    ol = packs[0].n
+    out = np.empty((T, o_groups * ol), np.float32)
+    for g in range(o_groups):
+        y = w8a8_linear(np.ascontiguousarray(x[:, g]), packs[g])
+        if to_bf16:
+            y = torch.from_numpy(y).to(torch.bfloat16).float().numpy()
+        out[:, g * ol:(g + 1) * ol] = y
+    return out
+
+
 def _wo_a_array(wo_a: torch.Tensor, to_bf16: bool) -> np.ndarray:
     """wo_a as a C-contiguous numpy array the GEMV reads: bf16 bits (uint16) for a bf16
     tensor, float32 for a float32 one in float32 mode; a float32 weight in bf16 mode is
@@ -301,6 +331,8 @@ def _wo_a_project(x: np.ndarray, wo_a: torch.Tensor, o_groups: int, dtype: torch
     if wo_a.shape[1] != K or R % G:
         raise ValueError(f"wo_a {tuple(wo_a.shape)} does not match {G} groups of {K} inputs")
     ol = R // G
+    if isinstance(wo_a, QuantWeight):
+        return _wo_a_int8(x, wo_a, G, to_bf16)
     if T > WO_A_NUMBA_MAX_T:  # compute-bound: torch's bf16/fp32 batched matmul is faster
         wa = wo_a.detach().view(G, ol, K)
         xt = torch.from_numpy(x).transpose(0, 1)

@@ -12,7 +12,11 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
 * ``layers.*.ffn.shared_experts.w1/w3/w2`` and ``layers.*.ffn.experts.<e>.w1/w3/w2`` ->
   three :class:`PackedRows` sharing one :class:`~.moe.ExpertPack` (``[w1; w3]`` as one
   GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``);
-* ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`).
+* ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`);
+* the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->
+  :class:`PackedRowGroups` (one packed row slice per group, :func:`.output_proj.prepare_wo_a`),
+  and every other INT8 linear (wq_a, wkv, compressor wkv/wgate, indexer weights_proj) ->
+  :class:`PackedLinear` (read through :func:`.stage_shared.linear_pair`).
 
 Everything else (float weights, norms, HC parameters, ``tid2eid``) is passed through: the
 kernels read zero-copy views of float tensors. The prepared weights are still
@@ -27,15 +31,16 @@ import re
 from typing import Any
 
 from ...numerics.quant import QuantWeight
-from .linear import prepare_linear
+from ..common.linear import prepare_linear
 from .moe import prepare_expert
-from .output_proj import prepare_wo_b
+from .output_proj import prepare_wo_a, prepare_wo_b
 from .w8a8_heads import prepare_heads
 
 __all__ = ["prepare_weights"]
 
 _LAYER = re.compile(r"^(layers\.\d+\.)(.+)$")
 _EXPERT_W1 = re.compile(r"^(ffn\.(?:shared_experts|experts\.\d+)\.)w1\.weight$")
+_EXPERT = re.compile(r"^ffn\.(?:shared_experts|experts\.\d+)\.w[123]\.weight$")
 
 
 def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
@@ -59,6 +64,10 @@ def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
             out[name] = prepare_heads(w, cfg.index_head_dim)
         elif key == "attn.wo_b.weight":
             out[name] = prepare_wo_b(w, cfg.o_groups)
+        elif key == "attn.wo_a.weight":
+            out[name] = prepare_wo_a(w, cfg.o_groups)
+        elif _EXPERT.match(key) is None:
+            out[name] = prepare_linear(w)
         else:
             e = _EXPERT_W1.match(key)
             if e is None:

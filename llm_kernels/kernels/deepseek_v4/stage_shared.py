@@ -21,6 +21,8 @@ from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
+from ...numerics.quant import QuantWeight
+from ..common.linear import linear as fused_linear
 
 # --------------------------------------------------------------------------- host helpers
 
@@ -30,6 +32,10 @@ def f32_np(t: Any) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
     return t.detach().float().contiguous().numpy()
+
+
+def _pair_linear(x: torch.Tensor, w: Any, dtype: torch.dtype) -> torch.Tensor:
+    return fused_linear(x, w, dtype) if isinstance(w, QuantWeight) else float_linear(x, w, dtype)
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,10 +74,22 @@ _NO_SLOTS = np.zeros(1, np.int64)
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtype: torch.dtype,
                 ape: np.ndarray | None = None, slots: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``rnd(x @ w1ᵀ)`` and ``rnd(x @ w2ᵀ) (+ ape[slots])`` (float weights, same K) as
-    float32 numpy arrays: one Numba GEMV call for ``T <= GEMV_MAX_T`` (both weights in
-    one parallel loop, bf16 widened in registers), else torch (the reference's GEMM)."""
+    """``rnd(x @ w1ᵀ)`` and ``rnd(x @ w2ᵀ) (+ ape[slots])`` (same K) as float32 numpy
+    arrays. Float weights: one Numba GEMV call for ``T <= GEMV_MAX_T`` (both weights in
+    one parallel loop, bf16 widened in registers), else torch (the reference's GEMM).
+    INT8 weights (:class:`QuantWeight`, the ``int8`` scheme; prepared at load as
+    :class:`~..common.prepared.PackedLinear`): the fused W8A8 ``linear`` of each
+    (per-token INT8 quantisation, exact INT32 GEMM, the golden's dequant order), bitwise
+    equal to the reference's ``rnd(w8a8_linear(x, w))``."""
     T = x.shape[0]
+    if isinstance(w1, QuantWeight) or isinstance(w2, QuantWeight):
+        y1 = f32_np(_pair_linear(x, w1, dtype))
+        if w2 is None:
+            return y1, None
+        y2 = np.array(f32_np(_pair_linear(x, w2, dtype)))  # own buffer: ape is added in place
+        if ape is not None and T:
+            add_ape(y2, ape, slots)
+        return y1, y2
     a1 = _gemv_weight(w1, dtype) if T <= GEMV_MAX_T else None
     a2 = None
     if a1 is not None and w2 is not None:

@@ -11,7 +11,9 @@ packed per stage (:func:`.proj_common.prepare_stage`) and every weight is replac
 * ``mlp.gate_proj/up_proj`` -> ``gate_up_swiglu`` (interleaved per 64-row chunk);
 * ``mlp.down_proj`` -> ``down_residual``.
 
-Float weights, norms, the embedding and the head are passed through (the bf16 GEMV reads
+An INT8 ``lm_head`` (the ``int8`` scheme) -> :class:`PackedLinear`
+(:func:`~llm_kernels.kernels.common.linear.prepare_linear`; read by :mod:`.head`). Float
+weights, norms, the embedding and a float head are passed through (the bf16 GEMV reads
 zero-copy views). The stage functions recognise the prepared members and run on the shared
 pack; handed unprepared ``QuantWeight`` s they pack for the call.
 """
@@ -22,6 +24,7 @@ import re
 from typing import Any
 
 from ...numerics.quant import QuantWeight
+from ..common.linear import prepare_linear
 from .proj_common import MODE_RES, MODE_SPLIT, MODE_SWIGLU, prepare_stage
 
 __all__ = ["STAGE_WEIGHTS", "prepare_weights"]
@@ -43,6 +46,8 @@ def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
     as it is. Idempotent; the input dict is not modified. ``cfg`` is not needed (the
     shapes come from the weights); it is the stage-table signature."""
     out = dict(weights)
+    if isinstance(weights.get("lm_head.weight"), QuantWeight):
+        out["lm_head.weight"] = prepare_linear(weights["lm_head.weight"])
     layers = [m.group(1) for m in map(_LAYER.match, weights) if m is not None]
     for p in layers:
         for names, mode in STAGE_WEIGHTS:

@@ -10,6 +10,9 @@ length ``L`` and a storage mode:
   ``wq_a``, ``wkv``, ``wo_a``, the compressor / indexer-compressor ``wkv``/``wgate``,
   ``weights_proj``, the Hadamard matrix, the norm weights and the LM head; FP32 for the HC
   parameters, ``attn_sink``, the gate weight and bias and the compressor ``ape``.
+* ``"int8"``: the ``int8`` scheme (:mod:`llm_kernels.checkpoint.quantized`): ``"w8a8"``
+  plus ``wq_a``, ``wkv``, ``wo_a``, the compressors' ``wkv``/``wgate``, ``weights_proj``
+  and the LM head INT8 (+ FP32 per-row scales).
 * ``"bf16"``: the same with every INT8 tensor stored as BF16 (no scales, no Hadamard).
 
 Bytes per stage = weights (every weight of the stage is read once per step, whatever
@@ -57,7 +60,7 @@ __all__ = [
     "experts_active_default", "roofline_seconds", "roofline_pct",
 ]
 
-QUANT_MODES = ("bf16", "w8a8")
+QUANT_MODES = ("bf16", "w8a8", "int8")
 STAGES = ("hc_pre", "qkv_proj_rope", "compressor", "indexer", "sparse_attn", "hc_post", "gate", "moe",
           "lm_head")
 LAYER_STAGES = STAGES[:-1]
@@ -86,11 +89,12 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def _t(name, stage, part, shape, kind: str, quant: str) -> TensorBytes:
-    """kind: fp32 | bf16 | q (INT8 + FP32 per-output-row scale in w8a8, BF16 in bf16)."""
+    """kind: fp32 | bf16 | q (INT8 + FP32 per-output-row scale in w8a8 and int8, BF16 in
+    bf16) | q8 (INT8 + scale in int8 only, else BF16)."""
     n = _prod(shape)
     if kind == "fp32":
         return TensorBytes(name, stage, part, shape, "fp32", n * FP32)
-    if kind == "bf16" or (kind == "q" and quant == "bf16"):
+    if kind == "bf16" or quant == "bf16" or (kind == "q8" and quant != "int8"):
         return TensorBytes(name, stage, part, shape, "bf16", n * BF16)
     return TensorBytes(name, stage, part, shape, "int8+fp32 scale", n * INT8 + shape[0] * FP32)
 
@@ -116,13 +120,13 @@ def weight_table(cfg: DeepSeekV4Config, layer_type: str, quant: str = "w8a8", *,
         _t("hc_attn_scale", "hc_pre", ac, (3,), "fp32", q),
         _t("hc_attn_base", "hc_pre", ac, (MIX,), "fp32", q),
         _t("attn_norm.weight", "qkv_proj_rope", ac, (D,), "bf16", q),
-        _t("attn.wq_a.weight", "qkv_proj_rope", ac, (QL, D), "bf16", q),
+        _t("attn.wq_a.weight", "qkv_proj_rope", ac, (QL, D), "q8", q),
         _t("attn.q_norm.weight", "qkv_proj_rope", ac, (QL,), "bf16", q),
         _t("attn.wq_b.weight", "qkv_proj_rope", ac, (H * HD, QL), "q", q),
-        _t("attn.wkv.weight", "qkv_proj_rope", ac, (HD, D), "bf16", q),
+        _t("attn.wkv.weight", "qkv_proj_rope", ac, (HD, D), "q8", q),
         _t("attn.norm.weight", "qkv_proj_rope", ac, (HD,), "bf16", q),
         _t("attn.attn_sink", "sparse_attn", ac, (H,), "fp32", q),
-        _t("attn.wo_a.weight", "sparse_attn", ac, (G * OL, H * HD // G), "bf16", q),
+        _t("attn.wo_a.weight", "sparse_attn", ac, (G * OL, H * HD // G), "q8", q),
         _t("attn.wo_b.weight", "sparse_attn", ac, (D, G * OL), "q", q),
     ]
     if lt != SLIDING:
@@ -130,8 +134,8 @@ def weight_table(cfg: DeepSeekV4Config, layer_type: str, quant: str = "w8a8", *,
         coff = 2 if lt == CSA else 1
         part = "csa_extra" if lt == CSA else "hca_extra"
         t += [
-            _t("attn.compressor.wkv.weight", "compressor", part, (coff * HD, D), "bf16", q),
-            _t("attn.compressor.wgate.weight", "compressor", part, (coff * HD, D), "bf16", q),
+            _t("attn.compressor.wkv.weight", "compressor", part, (coff * HD, D), "q8", q),
+            _t("attn.compressor.wgate.weight", "compressor", part, (coff * HD, D), "q8", q),
             _t("attn.compressor.ape", "compressor", part, (ratio, coff * HD), "fp32", q),
             _t("attn.compressor.norm.weight", "compressor", part, (HD,), "bf16", q),
         ]
@@ -140,13 +144,13 @@ def weight_table(cfg: DeepSeekV4Config, layer_type: str, quant: str = "w8a8", *,
         x = "attn.indexer."
         t += [
             _t(x + "wq_b.weight", "indexer", "csa_extra", (IH * IHD, QL), "q", q),
-            _t(x + "weights_proj.weight", "indexer", "csa_extra", (IH, D), "bf16", q),
+            _t(x + "weights_proj.weight", "indexer", "csa_extra", (IH, D), "q8", q),
         ]
-        if quant == "w8a8":  # the INT8 indexer rotates q and keys by a Hadamard matrix
+        if quant != "bf16":  # the INT8 indexer rotates q and keys by a Hadamard matrix
             t.append(_t(x + "hadamard", "indexer", "csa_extra", (IHD, IHD), "bf16", q))
         t += [
-            _t(x + "compressor.wkv.weight", "indexer", "csa_extra", (2 * IHD, D), "bf16", q),
-            _t(x + "compressor.wgate.weight", "indexer", "csa_extra", (2 * IHD, D), "bf16", q),
+            _t(x + "compressor.wkv.weight", "indexer", "csa_extra", (2 * IHD, D), "q8", q),
+            _t(x + "compressor.wgate.weight", "indexer", "csa_extra", (2 * IHD, D), "q8", q),
             _t(x + "compressor.ape", "indexer", "csa_extra", (ratio, 2 * IHD), "fp32", q),
             _t(x + "compressor.norm.weight", "indexer", "csa_extra", (IHD,), "bf16", q),
         ]
@@ -214,7 +218,8 @@ def stage_breakdown(cfg: DeepSeekV4Config, stage: str, layer_type: str, T: int, 
     x_bf = T * D * BF16
 
     if stage == "lm_head":
-        w = cfg.vocab_size * D * BF16 + HC * HC * D * FP32 + HC * FP32 + FP32 + D * BF16
+        head = cfg.vocab_size * (D * INT8 + FP32) if quant == "int8" else cfg.vocab_size * D * BF16
+        w = head + HC * HC * D * FP32 + HC * FP32 + FP32 + D * BF16
         return StageBytes(w, 0, x_hc + T * V * FP32)
 
     weights = sum(tb.nbytes for tb in weight_table(cfg, lt, quant, hash_layer=hash_layer)
@@ -239,7 +244,7 @@ def stage_breakdown(cfg: DeepSeekV4Config, stage: str, layer_type: str, T: int, 
     elif stage == "indexer":
         if lt == CSA:
             ratio = dict(cfg.compress_rates)[CSA]
-            key = IHD + FP32 if quant == "w8a8" else IHD * BF16
+            key = IHD + FP32 if quant != "bf16" else IHD * BF16
             state_row = 2 * 2 * IHD * FP32
             per_token = state_row + (2 * ratio * state_row + key) / ratio
             cache = B * ((L + S) // ratio) * key + round(B * S * per_token)
@@ -286,7 +291,8 @@ def layer_bytes(cfg: DeepSeekV4Config, layer_type: str, T: int, L: int, quant: s
 
 
 def lm_head_bytes(cfg: DeepSeekV4Config, T: int, quant: str = "w8a8") -> int:
-    """Bytes of the once-per-step tail: hc_head, final norm, BF16 LM head, logits out."""
+    """Bytes of the once-per-step tail: hc_head, final norm, LM head (BF16; INT8 + scales in
+    ``int8``), logits out."""
     return stage_bytes(cfg, "lm_head", SLIDING, T, 0, quant)
 
 

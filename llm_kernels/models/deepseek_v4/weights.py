@@ -27,6 +27,7 @@ from .. import random_init
 from .config import CSA, SLIDING, DeepSeekV4Config
 
 __all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
+           "is_int8_weight", "INT8_WEIGHT_RE", "INT8_MODULES",
            "W8A8_WEIGHT_RE", "W8A8_MODULES", "FP32_TENSOR_SUFFIXES", "init_tensor", "check_int_tensor"]
 
 # Weights stored INT8 (per-output-channel, ``.weight`` int8 + ``.weight_scale`` fp32 [out]) in
@@ -42,6 +43,26 @@ W8A8_MODULES = ["attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_exper
 def is_w8a8_weight(name: str) -> bool:
     """True for the release ``*.weight`` names stored INT8 in the W8A8 format."""
     return W8A8_WEIGHT_RE.match(name) is not None
+
+
+# The ``int8`` scheme: every 2-D weight a Q8-class format (llama.cpp Q8_0) quantises, in the
+# W8A8 recipe (per-output-channel INT8 weights, per-token INT8 activations): the W8A8 set
+# plus the output head, the attention projections wq_a, wkv, wo_a (per group: each group's
+# (token, group) rows are quantised on their own), the main and indexer compressors' wkv /
+# wgate and the indexer's weights_proj. Float: the embedding (a row gather), the router
+# ``gate`` (selection is sensitive to its logits; 0.1 MB per layer) and every 1-D/fp32 tensor.
+# Accuracy and bytes per class: docs/performance.md "INT8 weight classes".
+INT8_WEIGHT_RE = re.compile(
+    r"^(head|layers\.\d+\.attn\.(wq_a|wkv|wo_a|(indexer\.)?compressor\.(wkv|wgate)|"
+    r"indexer\.weights_proj))\.weight$")
+INT8_MODULES = W8A8_MODULES + ["head", "attn.wq_a", "attn.wkv", "attn.wo_a", "attn.compressor.wkv/wgate",
+                               "attn.indexer.compressor.wkv/wgate", "attn.indexer.weights_proj"]
+
+
+def is_int8_weight(name: str) -> bool:
+    """True for the weights stored INT8 in the ``int8`` scheme (the W8A8 set and the
+    :data:`INT8_WEIGHT_RE` names)."""
+    return is_w8a8_weight(name) or INT8_WEIGHT_RE.match(name) is not None
 
 
 # Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,

@@ -69,7 +69,7 @@ __all__ = [
     "weight_table",
 ]
 
-QUANT_MODES = ("bf16", "w8a8")
+QUANT_MODES = ("bf16", "w8a8", "int8")
 STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
           "down_residual")
 # the seven W8A8 projections (transformers names under model.layers.{i}.)
@@ -113,7 +113,7 @@ def weight_table(cfg: Qwen3Config, quant: str = "bf16") -> list[TensorBytes]:
         n = 1
         for s in shape:
             n *= s
-        if quant == "w8a8" and name in PROJECTIONS:
+        if quant in ("w8a8", "int8") and name in PROJECTIONS:
             out.append(TensorBytes(name, stage, "layer", shape, "int8+fp32 scale", n * INT8 + shape[0] * FP32))
         else:
             out.append(TensorBytes(name, stage, "layer", shape, "bf16", n * BF16))

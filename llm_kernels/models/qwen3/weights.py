@@ -23,7 +23,8 @@ from .. import random_init
 from .config import Qwen3Config
 
 __all__ = ["W8A8_WEIGHT_RE", "W8A8_MODULES", "expected_float_tensors", "canonical_name", "is_ignored",
-           "is_fp32_tensor", "is_w8a8_weight", "init_tensor", "check_int_tensor"]
+           "is_fp32_tensor", "is_w8a8_weight", "is_int8_weight", "INT8_MODULES", "init_tensor",
+           "check_int_tensor"]
 
 W8A8_WEIGHT_RE = re.compile(
     r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -35,6 +36,17 @@ W8A8_MODULES = ["self_attn.q_proj/k_proj/v_proj/o_proj", "mlp.gate_proj/up_proj/
 def is_w8a8_weight(name: str) -> bool:
     """True for the seven projection matrices of a layer (stored INT8 in the W8A8 format)."""
     return W8A8_WEIGHT_RE.match(name) is not None
+
+
+#: The ``int8`` scheme (every 2-D weight a Q8-class format quantises): the W8A8 set plus an
+#: untied ``lm_head`` (per-row INT8 weights, per-token INT8 activations). The embedding is a
+#: row gather and stays float (a tied head is the embedding, so it stays float too).
+INT8_MODULES = W8A8_MODULES + ["lm_head"]
+
+
+def is_int8_weight(name: str) -> bool:
+    """True for the weights stored INT8 in the ``int8`` scheme: the W8A8 set and ``lm_head``."""
+    return is_w8a8_weight(name) or name == "lm_head.weight"
 
 
 def canonical_name(name: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...numerics.linear import matmul
-from ...numerics.quant import QuantWeight, int8_matmul, quant_per_row
+from ...numerics.quant import QuantWeight, int8_matmul, quant_per_row, w8a8_linear
 from ...numerics.rounding import rnd
 from .common import apply_rope
 
@@ -28,11 +28,20 @@ def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: 
     by rows ``g·OL:(g+1)·OL`` of wo_a [G·OL, (H/G)·HD] to [T, G, OL]; the concatenation
     [T, G·OL] is projected by wo_b [D, G·OL] to [T, D]. Rounded to ``dtype`` after each
     projection. W8A8 (``wo_b`` a QuantWeight, spec §9.3): each (token, group) row of OL is
-    quantised on its own, ``out = s_w ⊙ Σ_g s[t,g] · (r_i8[t,g] @ wo_b[:, g]ᵀ)``."""
+    quantised on its own, ``out = s_w ⊙ Σ_g s[t,g] · (r_i8[t,g] @ wo_b[:, g]ᵀ)``.
+    INT8 ``wo_a`` (a QuantWeight, the ``int8`` scheme): each group is one W8A8 linear of
+    its (token, group) rows with its OL weight rows and their per-row scales,
+    ``r[:, g] = rnd(w8a8_linear(o_g, wo_a[g·OL:(g+1)·OL]))``."""
     T = o.shape[0]
     og = o.float().reshape(T, o_groups, -1)
-    wa = wo_a.float().view(o_groups, -1, og.shape[-1])
-    r = matmul(og.transpose(0, 1), wa.transpose(1, 2), dtype).transpose(0, 1)   # [T, G, OL]
+    if isinstance(wo_a, QuantWeight):
+        ol = wo_a.shape[0] // o_groups
+        r = torch.stack([rnd(w8a8_linear(og[:, g], QuantWeight(wo_a.qweight[g * ol:(g + 1) * ol],
+                                                                  wo_a.scale[g * ol:(g + 1) * ol])), dtype)
+                         for g in range(o_groups)], dim=1)                  # [T, G, OL]
+    else:
+        wa = wo_a.float().view(o_groups, -1, og.shape[-1])
+        r = matmul(og.transpose(0, 1), wa.transpose(1, 2), dtype).transpose(0, 1)   # [T, G, OL]
     if isinstance(wo_b, QuantWeight):
         q, s = quant_per_row(r)                                               # [T, G, OL], [T, G, 1]
         ol = r.shape[-1]

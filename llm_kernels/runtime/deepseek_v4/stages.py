@@ -19,7 +19,7 @@ from __future__ import annotations
 from ...kernels.deepseek_v4 import compressor as k_cmp
 from ...kernels.deepseek_v4 import hc as k_hc
 from ...kernels.deepseek_v4 import indexer as k_idx
-from ...kernels.deepseek_v4 import linear as k_linear
+from ...kernels.common import linear as k_linear
 from ...kernels.deepseek_v4 import moe as k_moe
 from ...kernels.deepseek_v4 import norm as k_norm
 from ...kernels.deepseek_v4 import output_proj as k_oproj

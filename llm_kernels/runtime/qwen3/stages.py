@@ -2,8 +2,8 @@
 
 * :data:`REFERENCE_OPS`: the torch reference (:mod:`llm_kernels.reference.qwen3`).
 * :data:`FUSED_OPS`: the Numba kernels (:mod:`llm_kernels.kernels.qwen3`) for the six
-  layer stages and ``prepare_weights`` (:data:`FUSED_STAGES`); embed, RoPE table and head
-  stay torch.
+  layer stages, ``logits_head`` (final norm + head: the fused W8A8 GEMM for an INT8 head)
+  and ``prepare_weights`` (:data:`FUSED_STAGES`); embed and RoPE table stay torch.
 
 ``prepare_weights(weights, cfg)`` runs once in the engine constructor: the kernels'
 load-time weight packing (:mod:`llm_kernels.kernels.qwen3.prepare`) or, for the reference,
@@ -15,6 +15,7 @@ Kernels are imported by name: a missing stage is an ImportError, never a silent 
 from __future__ import annotations
 
 from ...kernels.qwen3 import attention as k_attn
+from ...kernels.qwen3 import head as k_head
 from ...kernels.qwen3 import mlp as k_mlp
 from ...kernels.qwen3 import o_proj as k_o
 from ...kernels.qwen3 import prepare as k_prep
@@ -52,7 +53,7 @@ _FUSED = dict(
     input_norm_qkv=k_qkv.input_norm_qkv, qk_norm_rope_cache=k_qk.qk_norm_rope_cache,
     paged_attention=k_attn.paged_attention, o_proj_residual_norm=k_o.o_proj_residual_norm,
     gate_up_swiglu=k_mlp.gate_up_swiglu, down_residual=k_mlp.down_residual,
-    prepare_weights=k_prep.prepare_weights,
+    logits_head=k_head.logits_head, prepare_weights=k_prep.prepare_weights,
 )
 TABLE = StageTable(_REFERENCE, _FUSED)
 REFERENCE_OPS, FUSED_OPS, FUSED_STAGES = TABLE.reference, TABLE.fused, TABLE.fused_stages

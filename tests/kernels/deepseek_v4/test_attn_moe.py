@@ -50,7 +50,7 @@ import torch
 from llm_kernels.models import preset
 from llm_kernels.harness import (AllClose, Comparator, GoldenCase, Normal, RandInt, RatioAllClose, TensorSpec,
                                  TopKTieAware, run_case)
-from llm_kernels.kernels.deepseek_v4 import linear as KL
+from llm_kernels.kernels.common import linear as KL
 from llm_kernels.kernels.deepseek_v4 import moe as KM
 from llm_kernels.kernels.deepseek_v4 import norm as KN
 from llm_kernels.kernels.deepseek_v4 import sparse_attn as KA

@@ -1,4 +1,6 @@
-"""Fused ``linear`` stage: ``y = x @ wᵀ`` with the reference's signature and numerics.
+"""Fused ``linear`` stage of every model: ``y = x @ wᵀ`` with the signature and numerics of
+:func:`llm_kernels.numerics.linear.linear` (DeepSeek-V4's head and the ``int8`` scheme's
+INT8 projections; Qwen3's head).
 
 Dispatch (same contract as :func:`llm_kernels.numerics.linear.linear`):
 
@@ -21,8 +23,8 @@ import torch
 
 from ...numerics.linear import linear as _ref_linear
 from ...numerics.quant import QuantWeight
-from ..common.gemm import pack_w8a8, w8a8_linear
-from ..common.prepared import PackedLinear
+from .gemm import pack_w8a8, w8a8_linear
+from .prepared import PackedLinear
 
 __all__ = ["linear", "prepare_linear"]
 

@@ -282,9 +282,10 @@ def build_impls(N: int, K: int, Ts: list[int], want_fallback: bool, want_torch: 
     xs = {T: rng.standard_normal((T, K), dtype=np.float32) for T in Ts}
     impls: dict[str, list] = {}
     meta = {"copies_int8": n8, "rotated_bytes_int8": n8 * N * K}
-    if jit.HAS_VNNI:
-        impls["vnni"] = [W8A8Linear(w, s, "vnni") for w, s in zip(w8, sc)]
-    if want_fallback or not jit.HAS_VNNI:
+    tile = jit.INT8_TILE if jit.USE_INT8_TILES else None  # "vnni" / "avx2" (LLM_KERNELS_TIER)
+    if tile:
+        impls[tile] = [W8A8Linear(w, s, tile) for w, s in zip(w8, sc)]
+    if want_fallback or not tile:
         impls["fallback"] = [W8A8Linear(w, s, "nk") for w, s in zip(w8, sc)]
     if want_torch:
         import torch
@@ -347,11 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     if want_torch:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-    print(f"dispatch: {info['dispatch']['path']} (VNNI={jit.HAS_VNNI}, threads={info['numba_threads']})",
+    print(f"dispatch: {info['dispatch']['path']}, tier {jit.TIER} (CPU best {jit.CPU_TIER}), "
+          f"threads={info['numba_threads']})",
           flush=True)
 
     bw = Bandwidth()
-    peak = vnni_peak() if jit.HAS_VNNI else None
+    peak = vnni_peak() if jit.USE_VNNI else None
     if peak:
         print(f"VNNI peak (L1, {peak['best_tile']} tile): {peak['peak_gops']:.0f} GOP/s on 2 threads, "
               f"{peak['peak_gops_1thr']:.0f} on 1", flush=True)
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", {meta['copies_bf16']} bf16 copies ({meta['rotated_bytes_bf16'] / 1e6:.0f} MB)"
                  if want_torch else ""), flush=True)
         pages = {"vnni": [lin.packed.data for lin in impls.get("vnni", [])],
+                 "avx2": [lin.packed.data for lin in impls.get("avx2", [])],
                  "fallback": [lin.packed.data for lin in impls.get("fallback", [])],
                  "torch_bf16": [w.view(torch.int16).numpy() for w in impls.get("torch_bf16", [])]}
         r = 0
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = [br["round"] for br in bw_rounds if br["N"] == N and br["clean"]]
         use = set(clean) if len(clean) >= 3 else {br["round"] for br in bw_rounds if br["N"] == N}
         for T in Ts:
-            for name in ("vnni", "fallback", "torch_bf16"):
+            for name in ("vnni", "avx2", "fallback", "torch_bf16"):
                 rs = [x for x in raw if x["N"] == N and x["T"] == T and x["impl"] == name
                       and x["round"] in use]
                 if not rs:

@@ -17,9 +17,12 @@ __all__ = ["weight_storage", "decode_read_bytes", "bytes_per_step"]
 
 def _packed_bytes(pk: Any) -> int:
     """Storage a W8A8 GEMM reads of one :class:`~llm_kernels.kernels.common.gemm_pack.PackedW8A8`:
-    the payload, the float32 scales and (VNNI layout) the int32 zero-point row sums."""
+    the payload, the float32 scales and (packed layouts: ``"vnni"``/``"avx2"``, whose
+    epilogues read them) the int32 zero-point row sums."""
+    from ..kernels.common.gemm_pack import is_tiled
+
     n = int(pk.data.nbytes) + int(pk.scale.nbytes)
-    if pk.layout == "vnni":
+    if is_tiled(pk.layout):
         n += int(pk.wsum128.nbytes)
     return n
 

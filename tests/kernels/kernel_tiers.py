@@ -12,16 +12,19 @@ Tiers are ordered, each one needs the features of the tiers below it plus its ow
 tier                      /proc/cpuinfo flags                      code it enables
 ========================  =======================================  =========================
 ``plain``                 (none)                                   plain auto-vectorised Numba
-``avx512-vnni``           ``avx512f avx512bw avx512_vnni``         ``vpdpbusd`` INT8 GEMMs
-                                                                   (``jit.USE_VNNI``)
+``avx2``                  ``avx2 fma``                             sign-folded ``vpmaddubsw``
+                                                                   INT8 tiles (``jit.INT8_TILE
+                                                                   == "avx2"``)
+``avx512-vnni``           the above + ``avx512f avx512bw           ``vpdpbusd`` INT8 GEMMs
+                          avx512_vnni``                            (``jit.USE_VNNI``)
 ``avx512-vnni-bf16``      the above + ``avx512_bf16``              + ``vdpbf16ps`` bf16 dots
                                                                    (``USE_BF16_DOT`` /
                                                                    ``USE_BF16_GEMV``)
 ========================  =======================================  =========================
 
-An AVX2 tier slots in by adding one :class:`Tier` between ``plain`` and ``avx512-vnni``
-(flags ``avx2 fma``) and one line in :func:`active_tier` that reports it from ``jit``;
-the dispatcher test (``common/test_common_tiers.py``) then checks it like the others.
+``LLM_KERNELS_TIER=<tier>`` (read by ``jit`` at import) runs a lower tier than the CPU's
+best, e.g. the AVX2 tier on an AVX-512 machine; :func:`expected_tier` is what the dispatcher
+must pick for this process's environment.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ class Tier:
 #: lowest to highest
 TIERS: tuple[Tier, ...] = (
     Tier("plain", (), (), "no intrinsics"),
-    Tier("avx512-vnni", ("avx512f", "avx512bw", "avx512_vnni"), ("avx512f", "avx512bw", "avx512vnni"),
-         "AVX-512F/BW, VNNI"),
-    Tier("avx512-vnni-bf16", ("avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"),
-         ("avx512f", "avx512bw", "avx512vnni", "avx512bf16"), "AVX-512F/BW, VNNI, BF16"),
+    Tier("avx2", ("avx2", "fma"), ("avx2", "fma"), "AVX2, FMA"),
+    Tier("avx512-vnni", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
+         ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni"), "AVX2, AVX-512F/BW, VNNI"),
+    Tier("avx512-vnni-bf16", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"),
+         ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16"), "AVX2, AVX-512F/BW, VNNI, BF16"),
 )
 TIER_NAMES: tuple[str, ...] = tuple(t.name for t in TIERS)
 _BY_NAME = {t.name: t for t in TIERS}
@@ -124,20 +128,35 @@ def _missing(have: str, want: str) -> str:
 # --------------------------------------------------------------------------- what jit picked
 def supported_tier() -> str:
     """Highest tier the dispatcher (``jit``'s ``HAS_*`` flags) considers usable on this CPU,
-    ignoring ``LLM_KERNELS_FORCE_FALLBACK``."""
+    ignoring ``LLM_KERNELS_FORCE_FALLBACK`` / ``LLM_KERNELS_TIER``."""
     from llm_kernels.kernels.common import jit
 
+    if not jit.HAS_AVX2:
+        return "plain"
     if jit.HAS_VNNI and jit.HAS_AVX512BF16:
         return "avx512-vnni-bf16"
     if jit.HAS_VNNI:
         return "avx512-vnni"
-    return "plain"
+    return "avx2"
+
+
+def expected_tier(cpu_best: str | None = None) -> str:
+    """The tier this process must run: ``LLM_KERNELS_TIER`` if set, plain with
+    ``LLM_KERNELS_FORCE_FALLBACK``, else the CPU's best (``cpu_best``, default
+    :func:`supported_tier`)."""
+    from llm_kernels.kernels.common import jit
+
+    best = supported_tier() if cpu_best is None else cpu_best
+    req = os.environ.get(jit.TIER_ENV, "").strip().lower()
+    if req:
+        return req
+    return "plain" if jit.FORCE_FALLBACK else best
 
 
 def active_tier() -> str:
     """Tier of the code this process runs: read from the dispatcher's decisions
-    (``jit.USE_VNNI`` / ``dispatch_path()`` and the modules' BF16 switches), not from the
-    CPU flags, so that a wrong decision shows up as a mismatch."""
+    (``dispatch_path()`` and the modules' BF16 switches), not from the CPU flags, so that a
+    wrong decision shows up as a mismatch."""
     from llm_kernels.kernels.common import jit
     from llm_kernels.kernels.qwen3 import proj_common as PC
     from llm_kernels.kernels.qwen3 import attention as QA
@@ -152,11 +171,14 @@ def active_tier() -> str:
         return "avx512-vnni-bf16" if use_bf16 else "avx512-vnni"
     if use_bf16:
         return "bf16-without-vnni"  # not a tier: the dispatcher tests report it as wrong
+    if jit.dispatch_path() == "avx2":
+        return "avx2"
     return "plain"
 
 
 def header_line() -> str:
-    """The pytest header line: active tier, its features, forced fallback, CPU model."""
+    """The pytest header line: active tier, its features, forced fallback, the CPU's best
+    tier when it differs (forced fallback or ``LLM_KERNELS_TIER``), CPU model."""
     from llm_kernels.kernels.common import jit
 
     info = jit.dispatch_info()
@@ -164,7 +186,7 @@ def header_line() -> str:
     feats = _BY_NAME[name].features if name in _BY_NAME else "?"
     forced = "yes" if info["force_fallback"] else "no"
     extra = ""
-    if info["force_fallback"] and supported_tier() != name:
+    if supported_tier() != name:
         extra = f" (CPU supports {supported_tier()})"
     return (f"llm_kernels kernels: tier {name} ({feats}), forced fallback: {forced}{extra}, "
             f"CPU: {cpu_model()}")
@@ -177,6 +199,8 @@ def this_cpu() -> str:
     s = f"this CPU: tier {supported_tier()}, {cpu_model()}"
     if jit.FORCE_FALLBACK:
         s += "; LLM_KERNELS_FORCE_FALLBACK set: this process runs tier plain"
+    elif jit.TIER != supported_tier():
+        s += f"; {jit.TIER_ENV} set: this process runs tier {jit.TIER}"
     return s
 
 
@@ -188,7 +212,7 @@ def need_reason(name: str, what: str = "") -> str:
 
 def needs_cpu(name: str, what: str = "") -> pytest.MarkDecorator:
     """Skip unless the CPU supports tier ``name`` (the test may force that path in-process,
-    so ``LLM_KERNELS_FORCE_FALLBACK`` does not matter)."""
+    or in a subprocess, so ``LLM_KERNELS_FORCE_FALLBACK`` / ``LLM_KERNELS_TIER`` do not matter)."""
     return pytest.mark.skipif(rank(supported_tier()) < rank(name), reason=need_reason(name, what))
 
 

@@ -12,7 +12,9 @@ inputs.) No fastmath anywhere in this module's arithmetic on floats.
 
 Two kernel families, both exact:
 
-* **VNNI** (``layout="vnni"``, the default when :data:`jit.USE_VNNI`): ``vpdpbusd``
+* **Register tiles** (``layout="vnni"`` or ``"avx2"``, the default from tier avx2 up: one
+  tile kind per process, :data:`jit.INT8_TILE`, obtained through
+  :func:`.x86_avx2.int8_bcast_tile`). Described here for VNNI: ``vpdpbusd``
   multiplies *unsigned* by signed bytes, so activations are stored as ``u8 = q + 128`` and
   the zero point is removed in the epilogue with the per-row weight sums precomputed at
   pack time: ``Σ (q+128)·w = acc + 128·Σ_k w[n, k]``.
@@ -36,6 +38,12 @@ Two kernel families, both exact:
   horizontal reductions): equal at T=1, 1.3-1.5x faster at T=4, ~2x at T=16.
   int32 accumulators cannot overflow while ``K <= 66_000`` (255·127·K < 2^31); larger K
   raises.
+
+  The AVX2 tile (tier avx2: ``vpsignb``/``vpmaddubsw``/``vpmaddwd`` on ymm, see
+  :mod:`.x86_avx2`) reads the same packed weights and activations through the same
+  kernels (same tile heights; it splits each call into ymm-sized sub-tiles itself) and
+  returns the exact ``Σ q·w``: its weights' ``wsum128`` is 0, so the epilogues are shared.
+  It needs activations in [-127, 127]: the raw-int8 entry points reject -128 there.
 * **Fallback** (``layout="nk"``): plain auto-vectorised Numba on the unpacked ``[N, K]``
   int8 weight, one output per inner loop, accumulator kept in int32 with explicit
   ``np.int32`` wraps (otherwise Numba promotes to int64 and LLVM emits slow ``vpmuldq``;
@@ -60,12 +68,14 @@ from .gemm_pack import (
     MAX_K_PLAIN,
     PackedW8A8,
     as_numpy,
+    is_tiled,
     pack_w8a8,
     unpack_w8a8,
 )
 from .jit import njit_kernel
 from .quant import quant_row_f32, quant_rows
-from .x86 import VNNI_NB, vnni_bcast_tile
+from .x86 import VNNI_NB
+from .x86_avx2 import int8_bcast_tile
 
 __all__ = [
     "CHUNK_N",
@@ -122,7 +132,7 @@ def prefetch_for(tt: int) -> int:
 #: compiles of the one core kernel.
 TILE_HEIGHTS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 (_T1, _T2, _T3, _T4, _T5, _T6, _T8, _T12, _T16) = [
-    vnni_bcast_tile(tt, nb_for(tt), prefetch_for(tt)) for tt in TILE_HEIGHTS]
+    int8_bcast_tile(tt, nb_for(tt), prefetch_for(tt)) for tt in TILE_HEIGHTS]
 
 
 def pad_to_tile(T: int, heights: tuple) -> int:
@@ -142,7 +152,7 @@ def padded_tokens(T: int) -> int:
     return pad_to_tile(T, TILE_HEIGHTS)
 
 
-# --------------------------------------------------------------------------- VNNI kernels
+# --------------------------------------------------------------------------- register-tile kernels (VNNI / AVX2)
 @njit_kernel
 def vnni_tile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc, a_off, ats, accum):
     """One ``tt x 64`` output tile (``tt`` in TILE_HEIGHTS) = ``4/NB`` register-tile passes."""
@@ -222,7 +232,8 @@ def _epilogue_i32(acc, wsum128, out, T, n0, n1):
 
 @njit_kernel(parallel=True)
 def _vnni_core(xp, T, TP, KG, wp, NP, N, wsum128, sx, sw, want_f32, out_i32, out_f32):
-    """The one VNNI GEMM kernel (a single compiled signature serves every entry point).
+    """The one register-tile GEMM kernel (VNNI or AVX2 tiles, the process's
+    :data:`jit.INT8_TILE`; a single compiled signature serves every entry point).
 
     ``xp``: packed activations ``[KG][TP][4]`` u8 (``TP = padded_tokens(T)``); ``wp``:
     packed weights; writes either the exact int32 result into ``out_i32`` [T, N] or the
@@ -331,21 +342,30 @@ def _check_x(xq: Any, sx: Any | None, k: int) -> tuple[np.ndarray, np.ndarray | 
     return x, np.ascontiguousarray(s.reshape(-1))
 
 
-def _require_vnni(w: PackedW8A8) -> None:
-    if w.layout != "vnni":
-        raise ValueError(f"weight layout is {w.layout!r}, the VNNI kernel needs 'vnni'")
-    if not jit.HAS_VNNI:  # pragma: no cover - a vnni-packed weight cannot exist then
-        raise RuntimeError("the VNNI kernel needs a CPU with AVX512-VNNI")
+def _require_tiled(w: PackedW8A8) -> None:
+    if not is_tiled(w.layout) or w.layout != jit.INT8_TILE:
+        raise ValueError(f"weight layout is {w.layout!r}, this process's register-tile kernel needs "
+                         f"{jit.INT8_TILE!r} (tier {jit.TIER})")
+
+
+def _check_x_tiled(xq: Any, sx: Any | None, w: PackedW8A8) -> tuple[np.ndarray, np.ndarray | None]:
+    x, s = _check_x(xq, sx, w.k)
+    if w.layout == "avx2" and x.size and int(x.min()) == -128:
+        raise ValueError("the AVX2 INT8 tile needs activations in [-127, 127] (the quantiser's range); "
+                         "xq holds -128")
+    return x, s
 
 
 def w8a8_gemm_i32_vnni(xq: Any, w: PackedW8A8) -> np.ndarray:
-    """Exact int32 ``xq @ q_wᵀ`` with the VNNI kernel.
+    """Exact int32 ``xq @ q_wᵀ`` with the register-tile kernel (VNNI or AVX2, the process's
+    :data:`jit.INT8_TILE`).
 
-    Args: ``xq`` int8 ``[T, K]``; ``w`` packed with ``layout="vnni"``.
+    Args: ``xq`` int8 ``[T, K]`` (in [-127, 127] for ``"avx2"``); ``w`` packed with the
+    process's tile layout (``"vnni"``/``"avx2"``).
     Returns: int32 ``[T, N]``, equal to the golden ``int8_matmul``.
-    Raises: TypeError/ValueError on dtype/shape/layout mismatch."""
-    _require_vnni(w)
-    x, _ = _check_x(xq, None, w.k)
+    Raises: TypeError/ValueError on dtype/shape/layout mismatch or an ``"avx2"`` -128."""
+    _require_tiled(w)
+    x, _ = _check_x_tiled(xq, None, w)
     T = x.shape[0]
     out = np.empty((T, w.n), np.int32)
     if T and w.n:
@@ -358,13 +378,14 @@ def w8a8_gemm_i32_vnni(xq: Any, w: PackedW8A8) -> np.ndarray:
 
 
 def w8a8_gemm_vnni(xq: Any, sx: Any, w: PackedW8A8) -> np.ndarray:
-    """``y = fl(fl(acc * sx[t]) * s_w[n])`` with the VNNI kernel (see module docstring).
+    """``y = fl(fl(acc * sx[t]) * s_w[n])`` with the register-tile kernel (see module docstring).
 
-    Args: ``xq`` int8 ``[T, K]``, ``sx`` float32 ``[T]`` (or ``[T, 1]``), ``w`` packed with
-    ``layout="vnni"``. Returns float32 ``[T, N]``, bitwise equal to the golden
-    ``w8a8_linear`` for the same quantised inputs. Raises TypeError/ValueError."""
-    _require_vnni(w)
-    x, s = _check_x(xq, sx, w.k)
+    Args: ``xq`` int8 ``[T, K]`` (in [-127, 127] for ``"avx2"``), ``sx`` float32 ``[T]`` (or
+    ``[T, 1]``), ``w`` packed with the process's tile layout (``"vnni"``/``"avx2"``).
+    Returns float32 ``[T, N]``, bitwise equal to the golden ``w8a8_linear`` for the same
+    quantised inputs. Raises TypeError/ValueError."""
+    _require_tiled(w)
+    x, s = _check_x_tiled(xq, sx, w)
     T = x.shape[0]
     out = np.empty((T, w.n), np.float32)
     if T and w.n:
@@ -426,7 +447,7 @@ def w8a8_gemm_fallback(xq: Any, sx: Any, qweight: Any, scale: Any | None = None)
 
 def w8a8_gemm_i32(xq: Any, w: PackedW8A8) -> np.ndarray:
     """Exact int32 accumulators ``[T, N]`` with the kernel matching ``w.layout``."""
-    if w.layout == "vnni":
+    if is_tiled(w.layout):
         return w8a8_gemm_i32_vnni(xq, w)
     return w8a8_gemm_i32_fallback(xq, w)
 
@@ -434,7 +455,7 @@ def w8a8_gemm_i32(xq: Any, w: PackedW8A8) -> np.ndarray:
 def w8a8_gemm(xq: Any, sx: Any, w: PackedW8A8) -> np.ndarray:
     """W8A8 GEMM + dequant ``[T, N]`` float32 with the kernel matching ``w.layout``
     (quantised activations in: ``xq`` int8 ``[T, K]``, ``sx`` float32 ``[T]``)."""
-    if w.layout == "vnni":
+    if is_tiled(w.layout):
         return w8a8_gemm_vnni(xq, sx, w)
     return w8a8_gemm_fallback(xq, sx, w)
 
@@ -448,7 +469,8 @@ class W8A8Linear:
 
     Args:
         qweight: int8 ``[N, K]``; scale: float32 ``[N]``.
-        layout: ``"vnni"``, ``"nk"`` or ``None`` (active dispatch path).
+        layout: ``"vnni"``/``"avx2"`` (the process's tile), ``"nk"`` or ``None`` (active
+            dispatch path).
     """
 
     def __init__(self, qweight: Any, scale: Any, layout: str | None = None) -> None:
@@ -502,7 +524,8 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
     a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), w.k)
     out = np.empty((a2.shape[0], w.n), np.float32)
     if out.size:
-        if w.layout == "vnni":
+        if is_tiled(w.layout):
+            _require_tiled(w)
             T = a2.shape[0]
             TP = padded_tokens(T)
             xp = np.empty(w.kp * TP, np.uint8)

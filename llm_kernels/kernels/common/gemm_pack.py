@@ -9,8 +9,15 @@ Layouts (see :mod:`.gemm` for the kernels that read them):
 * ``"nk"``: the C-contiguous ``[N, K]`` int8 weight itself (a view when the source is
   contiguous: no copy).
 
-Both carry the per-channel float32 scales and the int32 row sums ``Σ_k q_w[n, k]`` (the
-zero-point correction of the VNNI kernel, which multiplies ``u8 = q + 128`` activations).
+* ``"avx2"``: the same bytes as ``"vnni"``, read by the AVX2 register tiles
+  (:mod:`.x86_avx2`); only its zero point differs (below).
+
+All carry the per-channel float32 scales and the int32 row sums ``Σ_k q_w[n, k]``, and
+``wsum128 = zero_point(layout) · wsum``, the term every epilogue subtracts from the tile's
+int32 result: the VNNI tile multiplies ``u8 = q + 128`` activations (``Σ (q+128)·w =
+acc + 128·Σ w``: zero point 128); the AVX2 tile sign-folds back to ``q`` and returns the
+exact ``Σ q·w`` (zero point 0, ``wsum128`` all zeros); ``"nk"`` has zero point 0 too.
+A packed layout is usable only in a process whose tile (:data:`jit.INT8_TILE`) it names.
 """
 
 from __future__ import annotations
@@ -24,7 +31,23 @@ from . import jit
 from .jit import njit_kernel
 from .x86 import VNNI_NB
 
-__all__ = ["CHUNK_N", "MAX_K_PLAIN", "MAX_K_VNNI", "PackedW8A8", "as_numpy", "pack_w8a8", "unpack_w8a8"]
+__all__ = ["CHUNK_N", "MAX_K_PLAIN", "MAX_K_VNNI", "TILED_LAYOUTS", "PackedW8A8", "as_numpy", "is_tiled",
+           "pack_w8a8", "unpack_w8a8", "zero_point"]
+
+#: Packed (broadcast) layouts, one per INT8 register tile; ``"nk"`` is the plain one.
+TILED_LAYOUTS = ("vnni", "avx2")
+
+
+def is_tiled(layout: str) -> bool:
+    """True for a broadcast-packed layout (read by the register-tile kernels), False for ``"nk"``."""
+    return layout in TILED_LAYOUTS
+
+
+def zero_point(layout: str | None) -> int:
+    """Activation zero point of a layout's kernel: 128 for ``"vnni"`` (``u8 = q + 128``), 0
+    for ``"avx2"`` (sign-folded, exact ``Σ q·w``) and ``"nk"``; ``None`` (no INT8 tile on
+    this CPU) gives 128, the VNNI tile's (never compiled then)."""
+    return 0 if layout in ("avx2", "nk") else 128
 
 #: Output columns per parallel work item of the VNNI kernel (4 zmm blocks of 16); the
 #: ``"vnni"`` layout pads N to a multiple of it.
@@ -97,9 +120,10 @@ class PackedW8A8:
         layout: ``"vnni"`` (broadcast-packed, ``data`` int8 1-D ``Np*Kp``) or ``"nk"``
             (``data`` = the C-contiguous ``[N, K]`` int8 weight).
         scale: float32 ``[N]`` per-output-channel scales.
-        wsum: int32 ``[N]`` row sums ``Σ_k q_w[n, k]`` (zero-point correction of the VNNI
-            path: the kernel subtracts ``128 * wsum``).
-        kp, np_: padded K (multiple of 4) and N (multiple of 64) of the VNNI layout.
+        wsum: int32 ``[N]`` row sums ``Σ_k q_w[n, k]``.
+        wsum128: int32 ``[np_]`` = ``zero_point(layout) · wsum`` (zero-padded): what the
+            epilogues subtract (``128·wsum`` for ``"vnni"``, zeros for ``"avx2"``/``"nk"``).
+        kp, np_: padded K (multiple of 4) and N (multiple of 64) of the packed layouts.
     """
 
     __slots__ = ("data", "k", "kp", "layout", "n", "np_", "scale", "wsum", "wsum128")
@@ -108,7 +132,7 @@ class PackedW8A8:
         self.n, self.k, self.layout, self.data = n, k, layout, data
         self.scale, self.wsum, self.kp, self.np_ = scale, wsum, kp, np_
         self.wsum128 = np.zeros(np_, np.int32)
-        self.wsum128[:n] = wsum * np.int32(128)
+        self.wsum128[:n] = wsum * np.int32(zero_point(layout))
 
     @property
     def nbytes(self) -> int:
@@ -151,17 +175,19 @@ def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8
         qweight: int8 ``[N, K]`` (``nn.Linear`` layout; numpy or CPU torch), e.g.
             ``QuantWeight.qweight`` of the golden ``quantize_weight``.
         scale: float32 ``[N]`` per-output-channel scales.
-        layout: ``"vnni"`` (broadcast-packed for the VNNI kernel), ``"nk"`` (plain, for the
-            fallback kernel) or ``None`` = the active dispatch path (:func:`jit.dispatch_path`).
+        layout: ``"vnni"`` / ``"avx2"`` (broadcast-packed for the register-tile kernels,
+            only the process's :data:`jit.INT8_TILE`), ``"nk"`` (plain, for the fallback
+            kernel) or ``None`` = the active dispatch path (:func:`jit.dispatch_path`).
 
     Returns:
         :class:`PackedW8A8` (the ``"vnni"`` layout copies the weight; ``"nk"`` keeps a
         contiguous view/copy of it).
 
     Raises:
-        TypeError/ValueError: bad dtypes/shapes; ValueError for ``layout="vnni"`` with
+        TypeError/ValueError: bad dtypes/shapes; ValueError for a packed layout with
         K > 66000, for ``"nk"`` with K > 133000, or an unknown layout;
-        RuntimeError for ``layout="vnni"`` on a CPU without AVX512-VNNI.
+        RuntimeError for a packed layout other than this process's tile (e.g. ``"vnni"`` on
+        a CPU without AVX512-VNNI or under ``LLM_KERNELS_TIER=avx2``).
     """
     w, s = _check_qweight(qweight, scale)
     N, K = w.shape
@@ -171,9 +197,11 @@ def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8
     wsum = np.empty(N, np.int32)
     if N:
         _row_sums(w, wsum)
-    if layout == "vnni":
-        if not jit.HAS_VNNI:
-            raise RuntimeError("layout='vnni' needs a CPU with AVX512-VNNI")
+    if is_tiled(layout):
+        if layout != jit.INT8_TILE:
+            raise RuntimeError(f"layout={layout!r} needs the {layout} INT8 tile; this process compiles "
+                               f"{jit.INT8_TILE or 'none'} (tier {jit.TIER}, CPU best {jit.CPU_TIER}, "
+                               f"{jit.TIER_ENV}={jit.dispatch_info()['tier_env']!r})")
         if K > MAX_K_VNNI:
             raise ValueError(f"K={K} too large for exact int32 accumulation of u8*s8 (max {MAX_K_VNNI})")
         kp = max(4, -(-K // 4) * 4)
@@ -183,18 +211,18 @@ def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8
             _pack_w_bcast32(w.view(np.uint32), wp.view(np.uint32), kp // 4, np_ // 16)
         else:
             _pack_w_bcast(w, wp, kp // 4, np_ // 16)
-        return PackedW8A8(N, K, "vnni", wp, s, wsum, kp, np_)
+        return PackedW8A8(N, K, layout, wp, s, wsum, kp, np_)
     if layout == "nk":
         if K > MAX_K_PLAIN:
             raise ValueError(f"K={K} too large for exact int32 accumulation (max {MAX_K_PLAIN})")
         return PackedW8A8(N, K, "nk", w, s, wsum, K, N)
-    raise ValueError(f"unknown layout {layout!r} (expected 'vnni', 'nk' or None)")
+    raise ValueError(f"unknown layout {layout!r} (expected 'vnni', 'avx2', 'nk' or None)")
 
 
 def unpack_w8a8(pw: PackedW8A8) -> np.ndarray:
     """The int8 ``[N, K]`` weight a :class:`PackedW8A8` was packed from (the inverse of
-    :func:`pack_w8a8`): the ``"nk"`` data itself, or a new array rebuilt from the
-    ``"vnni"`` layout. For reference/fallback paths only; no kernel reads it."""
+    :func:`pack_w8a8`): the ``"nk"`` data itself, or a new array rebuilt from a packed
+    (``"vnni"``/``"avx2"``) layout. For reference/fallback paths only; no kernel reads it."""
     if pw.layout == "nk":
         return pw.data
     t = pw.data.reshape(pw.np_ // 16, pw.kp // 4, 16, 4).transpose(0, 2, 1, 3)

@@ -12,18 +12,31 @@ imports it first). On import it:
    ``NUMBA_CACHE_DIR`` at ``~/.cache/llm_kernels/numba/<h>`` where ``h`` is the first 16
    hex digits of the SHA-256 of every ``llm_kernels/kernels/**/*.py`` (relative path +
    contents, sorted by path). Any edit to any kernel source selects a fresh directory, so
-   nothing stale can be loaded. A user-set ``NUMBA_CACHE_DIR`` is respected untouched
-   (then the user owns invalidation). ``$LLM_KERNELS_CACHE`` moves the root like it does
-   for the rest of the project (``$LLM_KERNELS_CACHE/numba/<h>``).
+   nothing stale can be loaded. The tier (below) is one more level,
+   ``.../numba/<h>/<tier>``: Numba keys its cache on the source and the CPU, not on a
+   forced tier, and the kernels pick their tile intrinsics through module globals at
+   import, so a cache written under one tier must not be loaded under another (nor by a
+   child process: the directory this module exports in ``NUMBA_CACHE_DIR`` is marked as
+   ours, ``LLM_KERNELS_NUMBA_CACHE_AUTO``, and recomputed there). A user-set
+   ``NUMBA_CACHE_DIR`` is respected untouched (then the user owns invalidation, including
+   one directory per forced tier). ``$LLM_KERNELS_CACHE`` moves the root like it does for
+   the rest of the project (``$LLM_KERNELS_CACHE/numba/<h>/<tier>``).
 2. **Pins the threading layer to OpenMP** (``NUMBA_THREADING_LAYER=omp``) unless the user
    chose one: an empty ``prange`` launch costs ~1.4 µs with ``omp`` vs 25-87 µs with
    ``workqueue``, which matters for decode-sized ops (lab notes §6). If the OpenMP layer
    cannot be loaded the choice is left to Numba.
-3. **Detects CPU features** with ``llvmlite.binding.get_host_cpu_features()``: the VNNI
-   (``vpdpbusd``) kernels are only *compiled and called* when ``HAS_VNNI`` is true —
-   compiling the intrinsic for a CPU without AVX512-VNNI fails inside LLVM, running it
-   would SIGILL. ``LLM_KERNELS_FORCE_FALLBACK=1`` (read once, at import) forces the plain
-   auto-vectorised kernels everywhere; :func:`dispatch_path` reports the active path.
+3. **Detects CPU features** with ``llvmlite.binding.get_host_cpu_features()`` and picks
+   the **tier**: ``plain`` < ``avx2`` (AVX2+FMA: sign-folded ``vpmaddubsw`` INT8 tiles) <
+   ``avx512-vnni`` (``vpdpbusd`` INT8 tiles) < ``avx512-vnni-bf16`` (+ ``vdpbf16ps``
+   bf16 dots); default = the best the CPU supports (:data:`CPU_TIER`).
+   ``LLM_KERNELS_TIER=<tier>`` (read once, at import) selects a lower one, e.g. to test or
+   benchmark the AVX2 code on an AVX-512 machine; a tier the CPU lacks or an unknown name
+   raises :class:`TierError` at import — an intrinsic is never compiled for a CPU without
+   it (that fails inside LLVM and aborts the process; running it would SIGILL).
+   ``LLM_KERNELS_FORCE_FALLBACK=1`` = tier plain (the plain auto-vectorised kernels
+   everywhere). :func:`dispatch_tier` / :func:`dispatch_path` / :func:`dispatch_info`
+   report the choice; :data:`INT8_TILE` is the one INT8 register tile (and packed weight
+   layout) of the process, chosen here once for every INT8 kernel.
 
 Determinism rule for all kernels: every output element is produced by exactly one
 ``prange`` iteration in a fixed order, and no ``prange`` loop carries a floating-point
@@ -38,8 +51,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...errors import ConfigError
+
 __all__ = [
     "CPU_FEATURES",
+    "CPU_TIER",
+    "HAS_AVX2",
+    "INT8_TILE",
+    "TIER",
+    "TIERS",
+    "TIER_ENV",
+    "TierError",
+    "USE_BF16",
+    "USE_INT8_TILES",
+    "select_tier",
     "cached_kernel_count",
     "dispatch_tier",
     "FORCE_FALLBACK",
@@ -86,8 +111,14 @@ def _default_cache_root() -> Path:
 
 
 SOURCE_HASH = kernel_source_hash()
+#: Set next to ``NUMBA_CACHE_DIR`` when this module chose the directory, so that a child
+#: process (which inherits both) recomputes its own (its tier or sources may differ) instead
+#: of taking the parent's as a user setting.
+_AUTO_CACHE_ENV = "LLM_KERNELS_NUMBA_CACHE_AUTO"
 _USER_CACHE_DIR = os.environ.get("NUMBA_CACHE_DIR") or None
-if _USER_CACHE_DIR is None:
+if _USER_CACHE_DIR is not None and _USER_CACHE_DIR == os.environ.get(_AUTO_CACHE_ENV):
+    _USER_CACHE_DIR = None
+if _USER_CACHE_DIR is None:  # the tier sub-directory is added once the tier is known (below)
     os.environ["NUMBA_CACHE_DIR"] = str(_default_cache_root() / SOURCE_HASH)
 _USER_THREADING = os.environ.get("NUMBA_THREADING_LAYER") or None
 if _USER_THREADING is None:
@@ -98,9 +129,8 @@ from numba.core import config as _nb_config
 
 # numba may have been imported before us (its config is read once at numba import); the
 # cache locator and the threading-layer launcher read these attributes lazily, so setting
-# them here is effective as long as nothing has been compiled/launched yet.
-if _USER_CACHE_DIR is None:
-    _nb_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+# them here is effective as long as nothing has been compiled/launched yet. (CACHE_DIR is
+# set further down, after the tier selection.)
 if _USER_THREADING is None:
     try:
         from numba.np.ufunc import omppool  # noqa: F401
@@ -154,6 +184,8 @@ def _features() -> dict[str, bool]:
 
 
 CPU_FEATURES: dict[str, bool] = _features()
+#: 256-bit integer SIMD + FMA (``vpmaddubsw``/``vpmaddwd``/``vpsignb`` on ymm): tier avx2.
+HAS_AVX2: bool = CPU_FEATURES.get("avx2", False) and CPU_FEATURES.get("fma", False)
 HAS_AVX512F: bool = CPU_FEATURES.get("avx512f", False)
 HAS_AVX512BW: bool = HAS_AVX512F and CPU_FEATURES.get("avx512bw", False)
 #: ``vpdpbusd`` on zmm registers (AVX512-VNNI; needs AVX512F/BW for the loads/shuffles).
@@ -163,24 +195,83 @@ HAS_AVX512BF16: bool = HAS_AVX512F and CPU_FEATURES.get("avx512bf16", False)
 #: ``LLM_KERNELS_FORCE_FALLBACK`` set to anything but ''/0/false/no/off (read at import).
 FORCE_FALLBACK: bool = os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() not in (
     "", "0", "false", "no", "off")
-#: The VNNI kernels are in use.
-USE_VNNI: bool = HAS_VNNI and not FORCE_FALLBACK
+
+# --------------------------------------------------------------------------- tiers
+TIER_ENV = "LLM_KERNELS_TIER"
+#: Kernel tiers, lowest to highest; each needs the CPU features of the ones below it too.
+TIERS: tuple[str, ...] = ("plain", "avx2", "avx512-vnni", "avx512-vnni-bf16")
+_TIER_OK = {"plain": True, "avx2": HAS_AVX2, "avx512-vnni": HAS_AVX2 and HAS_VNNI,
+            "avx512-vnni-bf16": HAS_AVX2 and HAS_VNNI and HAS_AVX512BF16}
+#: The best tier this CPU (Numba's compile target) supports.
+CPU_TIER: str = [t for t in TIERS if _TIER_OK[t]][-1]
+
+
+class TierError(ConfigError):
+    """``LLM_KERNELS_TIER`` names an unknown tier, one the CPU lacks, or contradicts
+    ``LLM_KERNELS_FORCE_FALLBACK`` (raised at import, before anything is compiled)."""
+
+
+def select_tier(requested: str | None, force_fallback: bool = False, cpu_tier: str | None = None) -> str:
+    """The tier to run: ``requested`` (the value of ``LLM_KERNELS_TIER``; None/'' = the best
+    the CPU supports), ``plain`` when ``force_fallback``.
+
+    Raises :class:`TierError` (a ``ConfigError``/``ValueError``) naming the variable, the
+    value and the CPU's best tier for an unknown tier, a tier above ``cpu_tier`` (compiling
+    its intrinsics would abort the process in LLVM), or a tier other than plain together
+    with ``LLM_KERNELS_FORCE_FALLBACK``."""
+    cpu = CPU_TIER if cpu_tier is None else cpu_tier
+    req = (requested or "").strip().lower()
+    if not req:
+        return "plain" if force_fallback else cpu
+    if req not in TIERS:
+        raise TierError(f"{TIER_ENV}={requested!r} is not a tier; expected one of {', '.join(TIERS)} "
+                        f"(this CPU's best tier: {cpu})")
+    if TIERS.index(req) > TIERS.index(cpu):
+        raise TierError(f"{TIER_ENV}={requested!r}: this CPU lacks the features of tier {req}; "
+                        f"its best tier is {cpu} (choose {', '.join(TIERS[:TIERS.index(cpu) + 1])})")
+    if force_fallback and req != "plain":
+        raise TierError(f"{TIER_ENV}={requested!r} contradicts {FORCE_FALLBACK_ENV}=1 (= tier plain); "
+                        f"set only one of them (this CPU's best tier: {cpu})")
+    return req
+
+
+#: The tier this process runs (``LLM_KERNELS_TIER``, read once at import; default = CPU_TIER).
+TIER: str = select_tier(os.environ.get(TIER_ENV), FORCE_FALLBACK)
+_RANK = TIERS.index(TIER)
+#: INT8 register tile the packed-layout kernels compile in this process, which is also the
+#: name of the packed weight layout they read: ``"vnni"`` (``vpdpbusd`` zmm,
+#: ``common.x86``), ``"avx2"`` (sign-folded ``vpmaddubsw`` ymm, ``common.x86_avx2``) or
+#: None (the CPU has neither). Tier plain keeps the CPU's best tile so that tests can still
+#: call the packed kernels explicitly; nothing selects that layout by default then.
+INT8_TILE: str | None = (
+    "vnni" if TIERS.index(TIER if TIER != "plain" else CPU_TIER) >= TIERS.index("avx512-vnni")
+    else ("avx2" if (TIER if TIER != "plain" else CPU_TIER) == "avx2" else None))
+#: The INT8 kernels use the packed layout :data:`INT8_TILE` (tier avx2 and above).
+USE_INT8_TILES: bool = _RANK >= TIERS.index("avx2") and INT8_TILE is not None
+#: The VNNI kernels are in use (tier avx512-vnni and above).
+USE_VNNI: bool = _RANK >= TIERS.index("avx512-vnni")
+#: The ``vdpbf16ps`` bf16 dot kernels are in use (tier avx512-vnni-bf16).
+USE_BF16: bool = TIER == "avx512-vnni-bf16"
+
+if _USER_CACHE_DIR is None:
+    # Numba keys its cache on source + CPU, not on our tier, and the kernels pick their tile
+    # intrinsics through module globals at import: one cache directory per tier.
+    os.environ["NUMBA_CACHE_DIR"] = os.environ[_AUTO_CACHE_ENV] = str(_default_cache_root() / SOURCE_HASH / TIER)
+    _nb_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 
 def dispatch_path() -> str:
-    """Active kernel family: ``"vnni"`` (AVX512-VNNI intrinsic kernels) or ``"fallback"``
-    (plain auto-vectorised Numba, used when the CPU lacks VNNI or when
-    ``LLM_KERNELS_FORCE_FALLBACK=1`` was set at import)."""
-    return "vnni" if USE_VNNI else "fallback"
+    """Active INT8 kernel family: ``"vnni"`` (AVX512-VNNI register tiles), ``"avx2"`` (AVX2
+    register tiles) or ``"fallback"`` (plain auto-vectorised Numba: tier plain, i.e. a CPU
+    without AVX2, ``LLM_KERNELS_FORCE_FALLBACK=1`` or ``LLM_KERNELS_TIER=plain``)."""
+    return INT8_TILE if USE_INT8_TILES else "fallback"  # type: ignore[return-value]
 
 
 def dispatch_tier() -> str:
-    """The CPU tier the kernels run on, for logs, benchmarks and bug reports:
-    ``"avx512-vnni-bf16"`` (VNNI INT8 and ``vdpbf16ps`` bf16 dots), ``"avx512-vnni"`` or
-    ``"plain"`` (auto-vectorised Numba; also when ``LLM_KERNELS_FORCE_FALLBACK=1``)."""
-    if not USE_VNNI:
-        return "plain"
-    return "avx512-vnni-bf16" if HAS_AVX512BF16 else "avx512-vnni"
+    """The CPU tier the kernels run on (:data:`TIER`), for logs, benchmarks and bug reports:
+    ``"avx512-vnni-bf16"`` (VNNI INT8 and ``vdpbf16ps`` bf16 dots), ``"avx512-vnni"``,
+    ``"avx2"`` (AVX2 INT8 tiles) or ``"plain"`` (auto-vectorised Numba)."""
+    return TIER
 
 
 def cached_kernel_count() -> int:
@@ -197,8 +288,9 @@ def dispatch_info() -> dict[str, Any]:
     """Everything that decides which code runs: features, env override, path, cache dir,
     threading layer, source hash (for logs and bug reports)."""
     return {
-        "path": dispatch_path(), "tier": dispatch_tier(),
-        "has_avx512f": HAS_AVX512F, "has_avx512bw": HAS_AVX512BW,
+        "path": dispatch_path(), "tier": dispatch_tier(), "cpu_tier": CPU_TIER,
+        "tier_env": os.environ.get(TIER_ENV) or None, "int8_tile": INT8_TILE,
+        "has_avx2": HAS_AVX2, "has_avx512f": HAS_AVX512F, "has_avx512bw": HAS_AVX512BW,
         "has_vnni": HAS_VNNI, "has_avx512bf16": HAS_AVX512BF16,
         "force_fallback": FORCE_FALLBACK,
         "numba_cache_dir": kernel_cache_dir(),

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ...numerics.quant import QuantWeight
+from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
 from .stage_shared import f32_np, linear_pair, norm_weighted, rope
 from .w8a8_heads import (
@@ -116,7 +117,7 @@ def qkv_proj_rope(x: torch.Tensor, wq_a: torch.Tensor, q_norm_w: torch.Tensor, w
         check_quant_weight(wq_b, H * HD, QL, "wq_b")
         pw = heads_weight(wq_b, HD)
         sx = np.empty(T, np.float32)
-        if pw.layout == "vnni":
+        if is_tiled(pw.layout):
             TP = padded_rows(T)
             xp = np.empty(pw.kp * TP, np.uint8)
             _qkv_pre(aq, akv, qnw, kvnw, c, s, eps32, to_bf16, 1, TP, pw.kp // 4, qres, kv, xp,

@@ -1,7 +1,8 @@
 """W8A8 drivers shared by the fused ``qkv_proj_rope`` and ``indexer`` kernels: the
 per-head packed weight (prepared at load, or packed for one call), activation
 quantisation into the packed VNNI layout, column-range INT32 accumulation on
-``kernels/common``'s ``vnni_bcast_tile`` (plus a plain fallback), and the per-head
+``kernels/common``'s INT8 register tile (``x86_avx2.int8_bcast_tile``: VNNI or AVX2,
+the process's ``jit.INT8_TILE``; plus a plain fallback), and the per-head
 dequant + norm + RoPE (+ Hadamard + INT8) epilogues run one head per ``prange`` iteration.
 """
 
@@ -13,18 +14,20 @@ from numba import prange
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import PackedW8A8, dot_i8, pack_w8a8, pad_to_tile
+from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
 from ..common.prepared import PackedLinear
 from ..common.quant import quant_row_f32
-from ..common.x86 import vnni_bcast_tile
+from ..common.x86_avx2 import int8_bcast_tile
 from .stage_shared import fwht, norm_unweighted, rnd, rope
 
 
 # --------------------------------------------------------------------------- packed weight
 def heads_layout(head_dim: int) -> str:
-    """Packed layout of a per-head W8A8 weight: ``"vnni"`` when the VNNI kernels are active
-    and a head is whole 16-column blocks, else the plain ``"nk"``."""
-    return "vnni" if jit.USE_VNNI and head_dim % 16 == 0 else "nk"
+    """Packed layout of a per-head W8A8 weight: the process's tile layout (``"vnni"`` or
+    ``"avx2"``, :data:`jit.INT8_TILE`) when the register-tile kernels are active and a head
+    is whole 16-column blocks, else the plain ``"nk"``."""
+    return jit.INT8_TILE if jit.USE_INT8_TILES and head_dim % 16 == 0 else "nk"
 
 
 def prepare_heads(w: QuantWeight, head_dim: int) -> PackedLinear:
@@ -46,7 +49,7 @@ def heads_weight(w: QuantWeight, head_dim: int) -> PackedW8A8:
 #: (The full-width GEMM of ``common.gemm`` uses other heights: 4 blocks of 16 per tile.)
 HEAD_TILE_HEIGHTS = (1, 2, 4, 8, 16)
 _PREFETCH = {1: 0, 2: 0, 4: 1024, 8: 2048, 16: 4096}
-(_V1, _V2, _V4, _V8, _V16) = [vnni_bcast_tile(tt, 1, _PREFETCH[tt]) for tt in HEAD_TILE_HEIGHTS]
+(_V1, _V2, _V4, _V8, _V16) = [int8_bcast_tile(tt, 1, _PREFETCH[tt]) for tt in HEAD_TILE_HEIGHTS]
 
 
 def padded_rows(T: int) -> int:
@@ -72,7 +75,7 @@ def head_tile(tt, xp, x_off, xks, wp, w_off, nkg, acc, a_off, ats):
 
 @njit_kernel
 def acc_cols_vnni(xp, TP, KG, wp, b0, nblk, acc):
-    """u8·s8 int32 accumulators (zero point not yet removed) of the ``16·nblk`` output
+    """Register-tile int32 accumulators (zero point not yet removed: ``wsum128``) of the ``16·nblk`` output
     columns starting at block ``b0`` for all ``TP`` packed token rows:
     ``acc[t·ncols + c]``. Token tiles run inside the block loop, so a block's weights
     (16·Kp bytes) are reused from L1 by every tile."""
@@ -177,7 +180,8 @@ def head_epilogue(mode, buf, t, h, to_bf16, eps, cos, sin, had_scale, out_f, out
 def heads_vnni(xp, TP, KG, wp, wsum128, sx, sw, T, H, HD, mode, to_bf16, eps, cos, sin,
                had_scale, out_f, out_q, out_s):
     """Per-head W8A8 GEMM (VNNI) + dequant + :func:`head_epilogue`; one head per
-    ``prange`` iteration. Needs ``HD % 16 == 0`` and a ``vnni``-packed weight."""
+    ``prange`` iteration. Needs ``HD % 16 == 0`` and a weight packed in the process's tile
+    layout (``wsum128``: its zero-point term, 0 for ``"avx2"``)."""
     nblk = HD // 16
     for h in prange(H):
         acc = np.empty(TP * HD, np.int32)
@@ -239,7 +243,7 @@ def quantize_activations(x: np.ndarray, pw: PackedW8A8) -> tuple:
     ``(xp_or_xq, sx, TP)``."""
     T, K = x.shape
     sx = np.empty(T, np.float32)
-    if pw.layout == "vnni":
+    if is_tiled(pw.layout):
         TP = padded_rows(T)
         xp = np.empty(pw.kp * TP, np.uint8)
         quant_act(x, 1, TP, pw.kp // 4, xp, NO_I8, sx)
@@ -256,7 +260,7 @@ def run_heads_w8a8(act: tuple, pw: PackedW8A8, T: int, H: int, HD: int, mode: in
     """Dispatch the per-head W8A8 kernel for quantised activations ``act``
     (from :func:`quantize_activations`)."""
     xa, sx, TP = act
-    if pw.layout == "vnni":
+    if is_tiled(pw.layout):
         heads_vnni(xa, TP, pw.kp // 4, pw.data, pw.wsum128, sx, pw.scale, T, H, HD, mode,
                    to_bf16, np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
     else:

@@ -64,7 +64,7 @@ from ..common.jit import njit_kernel
 __all__ = ["USE_BF16_DOT", "paged_attention"]
 
 #: bf16 caches with ``D % 32 == 0`` run the ``vdpbf16ps`` / fp32-FMA register tiles.
-USE_BF16_DOT = _jit.HAS_AVX512BF16 and not _jit.FORCE_FALLBACK
+USE_BF16_DOT = _jit.USE_BF16
 
 _CHUNK = 64  # tokens per online-softmax step
 _PF_UNITS = 2  # software-prefetch distance in (chunk, kv head) units

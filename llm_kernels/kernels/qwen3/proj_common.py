@@ -63,6 +63,7 @@ from ..common import jit
 from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as rnd
 from ..common.gemm import CHUNK_N, chunk_acc, dot_i8, pack_q32, pack_w8a8, padded_tokens
+from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
 from ..common.norm_rope import sumsq_torch_order
 from ..common.prepared import PackedRows, stage_group
@@ -82,8 +83,9 @@ _ONE = np.float32(1.0)
 #: faster at T=1, 1.5-1.9x at T=4, and at T=16 1.2-1.3x faster in 3 of 4 stages (~equal or
 #: up to 12 % slower in some runs).
 BF16_GEMV_MAX_T = 16
-USE_BF16_GEMV = jit.HAS_AVX512BF16 and not jit.FORCE_FALLBACK
-#: Tests may set this to "vnni" / "nk" to force a W8A8 kernel family in-process.
+USE_BF16_GEMV = jit.USE_BF16
+#: Tests may set this to the process's tile layout (``jit.INT8_TILE``) / "nk" to force a
+#: W8A8 kernel family in-process.
 FORCE_LAYOUT: str | None = None
 
 
@@ -137,11 +139,11 @@ class ProjW8A8:
     def __init__(self, pk, seg, n_out, k, mode, n_members):
         self.pk, self.seg, self.n_out, self.k = pk, seg, n_out, k
         self.mode, self.n_members = mode, n_members
-        self.zeros = np.zeros(pk.np_ if pk.layout == "vnni" else pk.n, np.int32)
+        self.zeros = np.zeros(pk.np_ if is_tiled(pk.layout) else pk.n, np.int32)
 
 
 def _layout() -> str:
-    return FORCE_LAYOUT or ("vnni" if jit.USE_VNNI else "nk")
+    return FORCE_LAYOUT or (jit.INT8_TILE if jit.USE_INT8_TILES else "nk")
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -480,7 +482,7 @@ class Plan:
         if kind == "w8a8":
             self.pw = stage_w8a8(ws, mode)
             pk = self.pw.pk
-            self.kw = ((pk.kp // 4, pk.data, pk.np_, pk.wsum128, pk.scale) if pk.layout == "vnni"
+            self.kw = ((pk.kp // 4, pk.data, pk.np_, pk.wsum128, pk.scale) if is_tiled(pk.layout)
                        else (pk.data, self.pw.zeros, pk.scale))
         elif kind == "mixed":
             self.subs = [Plan((w,), MODE_SPLIT, dtype, weight_kind((w,), ("w",), None), None, 0.0) for w in ws]

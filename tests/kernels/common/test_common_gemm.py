@@ -17,7 +17,10 @@ from llm_kernels.numerics.quant import int8_matmul, quant_per_row, quantize_weig
 SHAPES = [(128, 64), (100, 37), (7168, 64), (4096, 33)]  # (K, N)
 TOKENS = [1, 2, 4, 8, 16]
 PATHS = ["vnni", "fallback"]
-needs_vnni = pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni", "for the vpdpbusd GEMM"))
+#: The process's register-tile layout: "vnni", or "avx2" (an AVX2-only CPU, or the whole run
+#: under LLM_KERNELS_TIER=avx2); the "vnni" path key below means "the register-tile kernel".
+TILE = jit.INT8_TILE or "vnni"
+needs_vnni = pytest.mark.skipif(jit.INT8_TILE is None, reason=KT.need_reason("avx2", "for a register-tile GEMM"))
 
 _PACK_CACHE: dict = {}
 
@@ -28,8 +31,8 @@ def _qweight(K, N):
         g = torch.Generator().manual_seed(K * 1000 + N)
         qw = quantize_weight(torch.randn(N, K, generator=g) * 0.05)
         packs = {"fallback": G.pack_w8a8(qw.qweight, qw.scale, "nk")}
-        if jit.HAS_VNNI:
-            packs["vnni"] = G.pack_w8a8(qw.qweight, qw.scale, "vnni")
+        if jit.INT8_TILE:
+            packs["vnni"] = G.pack_w8a8(qw.qweight, qw.scale, TILE)
         _PACK_CACHE[key] = (qw, packs)
     return _PACK_CACHE[key]
 
@@ -73,7 +76,7 @@ def _bits(a) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint32)
 
 
-@pytest.mark.parametrize("layout", [pytest.param("vnni", marks=needs_vnni), "nk"])
+@pytest.mark.parametrize("layout", [pytest.param(TILE, marks=needs_vnni), "nk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_linear_fused_bitwise(layout, dtype):
     """Fused quant + GEMM + dequant == golden w8a8_linear, for fp32 and bf16 activations,
@@ -114,12 +117,13 @@ def test_extreme_values_exact():
     K, N, T = 7168, 20, 3
     w = torch.full((N, K), 127, dtype=torch.int8)
     w[1::2] = -127
+    w[2] = -128  # (a weight may be -128; activations from the quantiser never are)
     q = torch.full((T, K), -127, dtype=torch.int8)
     q[1] = 127
     ref = int8_matmul(q, w).numpy()
     assert (G.w8a8_gemm_i32_fallback(q, w) == ref).all()
-    if jit.HAS_VNNI:
-        pw = G.pack_w8a8(w, torch.ones(N), "vnni")
+    if jit.INT8_TILE:
+        pw = G.pack_w8a8(w, torch.ones(N), TILE)
         assert (G.w8a8_gemm_i32_vnni(q, pw) == ref).all()
 
 
@@ -127,7 +131,7 @@ def test_determinism_repeat_and_threads():
     qw, _ = _qweight(4096, 33)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(16, 4096, generator=g)
-    layouts = ["nk"] + (["vnni"] if jit.HAS_VNNI else [])
+    layouts = ["nk"] + ([TILE] if jit.INT8_TILE else [])
     nmax = min(2, numba.config.NUMBA_NUM_THREADS)
     old = numba.get_num_threads()
     try:
@@ -146,15 +150,15 @@ def test_determinism_repeat_and_threads():
 def test_dispatch_and_pack_api():
     qw, _ = _qweight(128, 64)
     p = G.pack_w8a8(qw.qweight, qw.scale)
-    assert p.layout == ("vnni" if jit.USE_VNNI else "nk")
+    assert p.layout == (jit.INT8_TILE if jit.USE_INT8_TILES else "nk")
     assert p.n == 64 and p.k == 128 and p.wsum.dtype == np.int32
     assert (p.wsum == qw.qweight.numpy().astype(np.int64).sum(1)).all()
     q, s = quant_rows(torch.randn(2, 128))
     assert (G.w8a8_gemm_i32(q, p) == int8_matmul(torch.from_numpy(q), qw.qweight).numpy()).all()
     y = G.w8a8_gemm(q, s, p)
     assert y.shape == (2, 64) and y.dtype == np.float32
-    if jit.HAS_VNNI:
-        pv = G.pack_w8a8(qw.qweight, qw.scale, "vnni")
+    if jit.INT8_TILE:
+        pv = G.pack_w8a8(qw.qweight, qw.scale, TILE)
         assert pv.kp % 4 == 0 and pv.np_ % 64 == 0 and pv.data.ctypes.data % 64 == 0
     # zero tokens
     assert G.w8a8_gemm(np.zeros((0, 128), np.int8), np.zeros(0, np.float32), p).shape == (0, 64)
@@ -180,8 +184,11 @@ def test_gemm_errors():
         G.w8a8_gemm_vnni(q, np.ones(2, np.float32), pn)  # wrong layout for the VNNI kernel
     with pytest.raises(ValueError):
         G.W8A8Linear.from_quant_weight(qw, "nk")(torch.zeros(2, 100))
-    if jit.HAS_VNNI:
+    if jit.INT8_TILE:
         with pytest.raises(ValueError):
             G.w8a8_gemm_fallback(q, np.ones(2, np.float32), packs["vnni"])
         with pytest.raises(ValueError):
-            G.pack_w8a8(np.zeros((1, 70_000), np.int8), np.ones(1, np.float32), "vnni")
+            G.pack_w8a8(np.zeros((1, 70_000), np.int8), np.ones(1, np.float32), TILE)
+        other = "avx2" if TILE == "vnni" else "vnni"  # one tile kind per process
+        with pytest.raises(RuntimeError, match=f"layout='{other}'"):
+            G.pack_w8a8(qw.qweight, qw.scale, other)

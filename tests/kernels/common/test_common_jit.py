@@ -22,17 +22,25 @@ def test_feature_flags_consistent():
     assert jit.HAS_VNNI == (feats.get("avx512f", False) and feats.get("avx512bw", False)
                             and feats.get("avx512vnni", False))
     assert jit.HAS_AVX512BF16 == (feats.get("avx512f", False) and feats.get("avx512bf16", False))
-    assert jit.USE_VNNI == (jit.HAS_VNNI and not jit.FORCE_FALLBACK)
-    assert jit.dispatch_path() == ("vnni" if jit.USE_VNNI else "fallback")
+    assert jit.HAS_AVX2 == (feats.get("avx2", False) and feats.get("fma", False))
+    rank = jit.TIERS.index(jit.TIER)
+    assert rank <= jit.TIERS.index(jit.CPU_TIER)
+    assert jit.USE_VNNI == (rank >= jit.TIERS.index("avx512-vnni"))
+    assert jit.USE_BF16 == (jit.TIER == "avx512-vnni-bf16")
+    assert jit.USE_INT8_TILES == (rank >= jit.TIERS.index("avx2"))
+    assert jit.dispatch_path() == (jit.INT8_TILE if jit.USE_INT8_TILES else "fallback")
+    assert jit.dispatch_tier() == jit.TIER
     info = jit.dispatch_info()
     assert info["path"] == jit.dispatch_path() and info["source_hash"] == jit.SOURCE_HASH
+    assert info["tier"] == jit.TIER and info["cpu_tier"] == jit.CPU_TIER
 
 
 def test_cache_dir_keyed_on_kernel_sources():
     # (not compared with a fresh kernel_source_hash(): files may be edited while tests run)
     assert len(jit.SOURCE_HASH) == 16 and int(jit.SOURCE_HASH, 16) >= 0
-    if not jit.dispatch_info()["cache_dir_from_user"]:
-        assert Path(jit.kernel_cache_dir()).name == jit.SOURCE_HASH
+    if not jit.dispatch_info()["cache_dir_from_user"]:  # .../numba/<source hash>/<tier>
+        assert Path(jit.kernel_cache_dir()).name == jit.TIER
+        assert Path(jit.kernel_cache_dir()).parent.name == jit.SOURCE_HASH
         assert numba.config.CACHE_DIR == jit.kernel_cache_dir()
 
 
@@ -89,8 +97,8 @@ def test_njit_kernel_decorator_forms():
 def test_force_fallback_env_in_subprocess():
     """LLM_KERNELS_FORCE_FALLBACK=1 selects the plain kernels everywhere, and they are exact:
     bitwise the golden ``w8a8_linear`` in the child, and bitwise this process's fast path
-    (the VNNI layout, forced here so that the comparison also holds when pytest itself runs
-    with the fallback forced) on the same inputs: both are the exact INT32 dot product and
+    (the register-tile layout, forced here so that the comparison also holds when pytest
+    itself runs with the fallback forced) on the same inputs: both are the exact INT32 dot product and
     the same fp32 dequant."""
     code = textwrap.dedent("""
         import json, torch
@@ -114,7 +122,7 @@ def test_force_fallback_env_in_subprocess():
                        text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FALLBACK-OK" in r.stdout
-    if not jit.HAS_VNNI:
+    if not jit.INT8_TILE:
         return  # the fallback is this CPU's only path (compared with the golden above)
     import json
 
@@ -126,7 +134,7 @@ def test_force_fallback_env_in_subprocess():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 100, generator=g)
     x = torch.randn(3, 100, generator=g)
-    fast = W8A8Linear.from_quant_weight(quantize_weight(w), layout="vnni")
-    assert fast.layout == "vnni"
+    fast = W8A8Linear.from_quant_weight(quantize_weight(w), layout=jit.INT8_TILE)
+    assert fast.layout == jit.INT8_TILE
     plain = json.loads(r.stdout.strip().splitlines()[-1])
     assert fast(x).view(torch.int32).flatten().tolist() == plain

@@ -450,7 +450,7 @@ def test_deterministic_across_threads():
         assert torch.equal(a, b), i
 
 
-@pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni", "to compare the plain kernels with the VNNI ones"))
+@pytest.mark.skipif(jit.INT8_TILE is None, reason=KT.need_reason("avx2", "to compare the plain kernels with the register-tile ones"))
 def test_plain_fallback_matches_vnni(monkeypatch):
     """The non-VNNI kernels (used when the CPU lacks VNNI or LLM_KERNELS_FORCE_FALLBACK=1)
     give bitwise the same results: both compute exact int32 dot products."""
@@ -470,9 +470,9 @@ def test_plain_fallback_matches_vnni(monkeypatch):
         k8, ks = KI.indexer_keys_int8(keys)
         return [q, kv, qr, q8, qs, w, KI.indexer_scores_int8(q8, qs, w, k8, ks)]
 
-    monkeypatch.setattr(jit, "USE_VNNI", True)  # the fast path, also when pytest runs with the fallback forced
+    monkeypatch.setattr(jit, "USE_INT8_TILES", True)  # the fast path, also when pytest runs with the fallback forced
     fast = outs()
-    monkeypatch.setattr(jit, "USE_VNNI", False)
+    monkeypatch.setattr(jit, "USE_INT8_TILES", False)
     plain = outs()
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert torch.equal(a, b), i

@@ -58,11 +58,13 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
 
 def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1):
     """The runtime engine of ``cfg``'s model (its spec's ``make_engine``), sized for ``batch``
-    sequences of ``max_seq_len`` tokens."""
+    sequences of ``max_seq_len`` tokens. The engine consumes ``weights`` (their entries become
+    the prepared forms; raw INT8 copies are freed as they are packed)."""
     from . import models
 
     return models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
-                                                   backend=backend, timer=timer, max_batch=batch)
+                                                   backend=backend, timer=timer, max_batch=batch,
+                                                   consume_weights=True)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         engine = spec.make_engine(weights, cfg, dtype=dtype, max_seq_len=cap, backend=args.backend, timer=None,
-                                  max_batch=max_batch)
+                                  max_batch=max_batch, consume_weights=True)
     except (ValueError, ConfigError) as e:
         return _err(str(e))
     build_s = time.perf_counter() - t0

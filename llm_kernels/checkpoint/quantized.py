@@ -64,7 +64,7 @@ def assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
     for name, t in tensors.items():
         if name.endswith(".weight_scale"):
             continue
-        if t.dtype == torch.int8:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
             scale = tensors[name + "_scale"].float()
             if not bool((scale > 0).all()):
                 raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")

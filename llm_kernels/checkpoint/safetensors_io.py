@@ -37,7 +37,8 @@ from .names import (
     is_fp32_tensor,
     is_ignored,
 )
-from .quantized import assemble_w8a8, quantize_weights
+from ..numerics.quant import quantize_weight
+from .quantized import assemble_w8a8
 
 __all__ = [
     "CheckpointError",
@@ -288,7 +289,7 @@ def load_checkpoint(
     files, wmap = _weight_files(root)
     stored_quant = checkpoint_quant(root)
     if quant == "none" and stored_quant is not None:
-        raise CheckpointError(f"checkpoint {root} is {stored_quant} (INT8 weights); it cannot be loaded as float")
+        raise CheckpointError(f"checkpoint {root} is {stored_quant.upper()} (INT8 weights); it cannot be loaded as float")
     if quant == "w8a8" and stored_quant == "int8":
         raise CheckpointError(f"checkpoint {root} is int8 (a superset of w8a8 stored INT8); load it with "
                               "quant='int8' or as stored")
@@ -372,6 +373,9 @@ def load_checkpoint(
     total = sum(math.prod(meta[n][1]) * _itemsize(meta[n][0]) for n in expected)
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
+    # quantize on load tensor by tensor, right after reading (never all float copies at once)
+    quantize_now = (models.spec_for_config(cfg).quantized_weight(quant)
+                    if quant in ("w8a8", "int8") and quant != stored_quant else (lambda name: False))
     for name in expected:
         by_file.setdefault(sources[name].file, []).append(name)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -405,12 +409,12 @@ def load_checkpoint(
                             want = torch.float32 if is_fp32_tensor(name, cfg) else dtype
                             if t.dtype != want:
                                 t = t.to(want)
+                        if quantize_now(name):
+                            t = quantize_weight(t)
                     out[name] = t
-                    bar.update(t.numel() * _itemsize(meta[name][0]))
+                    bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
     if stored_quant is not None:
         out = assemble_w8a8(out, root)
-    if quant in ("w8a8", "int8") and quant != stored_quant:
-        out = quantize_weights(out, cfg, scheme=quant)
     return cfg, out
 
 

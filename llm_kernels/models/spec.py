@@ -34,7 +34,9 @@ class ModelSpec:
         stage_table() -> the model's :class:`~llm_kernels.runtime.stage_table.StageTable`
             (a function, so reading a config does not import the kernels); the methods
             :meth:`stages` / :meth:`backend_stages` look backends up in it;
-        make_engine(weights, cfg, *, dtype, max_seq_len, backend, timer, max_batch) -> engine
+        make_engine(weights, cfg, *, dtype, max_seq_len, backend, timer, max_batch,
+            consume_weights=False) -> engine (``consume_weights``: the engine may replace the
+            dict's entries by their prepared forms, freeing raw INT8 copies as it goes)
             with ``prefill``/``decode``/``step`` (:class:`~llm_kernels.runtime.engine_core.EngineCore`).
     Harness, bench, profile (optional):
         golden_builder(checkpoint or None) -> list of harness cases, and golden_env: the

@@ -62,14 +62,28 @@ def quant_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), amax / INT8_MAX
 
 
+#: Elements of ``w`` converted to float32 at a time by :func:`quantize_weight` (64 MiB).
+QUANT_CHUNK = 1 << 24
+
+
 def quantize_weight(w: torch.Tensor) -> QuantWeight:
-    """Per-output-channel INT8 of ``w`` [out, in] (any float dtype) -> QuantWeight."""
+    """Per-output-channel INT8 of ``w`` [out, in] (any float dtype) -> QuantWeight:
+    ``amax = max|w[n]|`` clamped at 1e-4, ``q = clamp(round(w · (127/amax)), ±127)``,
+    ``scale = amax/127``. Rows are converted to float32 in blocks of :data:`QUANT_CHUNK`
+    elements (each row is quantised on its own, so the result does not depend on the
+    block: a 1 GB bf16 head needs 64 MiB of float32 scratch, not 2 GB)."""
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(w.shape)}")
-    wf = w.float()
-    amax = wf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_EPS)
-    q = torch.round(wf * (INT8_MAX / amax)).clamp(-INT8_MAX, INT8_MAX)
-    return QuantWeight(q.to(torch.int8), (amax / INT8_MAX).squeeze(1).contiguous())
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    s = torch.empty(n, dtype=torch.float32)
+    step = max(1, QUANT_CHUNK // max(k, 1))
+    for r0 in range(0, n, step):
+        wf = w[r0:r0 + step].float()
+        amax = wf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_EPS)
+        q[r0:r0 + step] = torch.round(wf * (INT8_MAX / amax)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        s[r0:r0 + step] = (amax / INT8_MAX).squeeze(1)
+    return QuantWeight(q, s)
 
 
 def int8_matmul(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,8 @@ class ToyEngine(EngineCore):
         return self.ops.linear(y, self.w["head.weight"], self.dtype).float()
 
 
-def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1):
+def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1,
+                 consume_weights=False):
     return ToyEngine(weights, cfg, dtype, max_seq_len, ops=TOY_STAGES.stages(backend), timer=timer)
 
 

@@ -43,22 +43,25 @@ _EXPERT_W1 = re.compile(r"^(ffn\.(?:shared_experts|experts\.\d+)\.)w1\.weight$")
 _EXPERT = re.compile(r"^ffn\.(?:shared_experts|experts\.\d+)\.w[123]\.weight$")
 
 
-def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
+def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) -> dict[str, Any]:
     """A new dict: ``weights`` with the W8A8 weights of the fused kernels packed (see the
     module docstring). ``cfg`` supplies ``head_dim``, ``index_head_dim`` and ``o_groups``.
-    Idempotent; the input dict is not modified."""
+    Idempotent. The input dict is not modified unless ``consume``: then each of its entries
+    is replaced by the prepared form as soon as that is made, so a raw INT8 tensor the
+    caller no longer references elsewhere is freed right away (peak memory: the weights
+    plus one packed weight, not two copies of every INT8 weight)."""
     out = dict(weights)
-    for name, w in weights.items():
+    for name in list(weights):
+        w = weights[name]
         if not isinstance(w, QuantWeight):
             continue
+        m = _LAYER.match(name)
+        layer, key = m.groups() if m is not None else ("", name)
         if name == "head.weight":
             out[name] = prepare_linear(w)
+        elif m is None:
             continue
-        m = _LAYER.match(name)
-        if m is None:
-            continue
-        layer, key = m.groups()
-        if key == "attn.wq_b.weight":
+        elif key == "attn.wq_b.weight":
             out[name] = prepare_heads(w, cfg.head_dim)
         elif key == "attn.indexer.wq_b.weight":
             out[name] = prepare_heads(w, cfg.index_head_dim)
@@ -77,4 +80,10 @@ def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
             if all(isinstance(x, QuantWeight) for x in ws):
                 for n, p in zip(names, prepare_expert(*ws)):
                     out[n] = p
+                    if consume:
+                        weights[n] = p
+                del ws
+            continue
+        if consume:
+            weights[name] = out[name]
     return out

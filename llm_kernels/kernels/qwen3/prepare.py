@@ -40,14 +40,18 @@ STAGE_WEIGHTS = (
 _LAYER = re.compile(r"^(model\.layers\.\d+\.)self_attn\.q_proj\.weight$")
 
 
-def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
+def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) -> dict[str, Any]:
     """A new dict: ``weights`` with each layer's W8A8 projection weights packed per stage
     (see the module docstring); a stage whose weights are not all ``QuantWeight`` is left
-    as it is. Idempotent; the input dict is not modified. ``cfg`` is not needed (the
-    shapes come from the weights); it is the stage-table signature."""
+    as it is. Idempotent. ``cfg`` is not needed (the shapes come from the weights); it is
+    the stage-table signature. The input dict is not modified unless ``consume``: then its
+    entries are replaced by their prepared forms as these are made (each raw INT8 tensor
+    is freed once packed, so the peak is the weights plus one stage's pack)."""
     out = dict(weights)
     if isinstance(weights.get("lm_head.weight"), QuantWeight):
         out["lm_head.weight"] = prepare_linear(weights["lm_head.weight"])
+        if consume:
+            weights["lm_head.weight"] = out["lm_head.weight"]
     layers = [m.group(1) for m in map(_LAYER.match, weights) if m is not None]
     for p in layers:
         for names, mode in STAGE_WEIGHTS:
@@ -55,4 +59,7 @@ def prepare_weights(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
             if all(isinstance(w, QuantWeight) for w in ws):
                 for n, w in zip(names, prepare_stage(ws, mode)):
                     out[p + n] = w
+                    if consume:
+                        weights[p + n] = w
+            del ws
     return out

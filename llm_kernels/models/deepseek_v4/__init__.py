@@ -28,11 +28,12 @@ def _stage_table():
     return TABLE
 
 
-def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1):
+def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1,
+                 consume_weights=False):
     from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 
     return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=_stage_table().stages(backend),
-                            timer=timer)
+                            timer=timer, consume_weights=consume_weights)
 
 
 SPEC = ModelSpec(

@@ -43,16 +43,21 @@ class DeepSeekV4Engine(EngineCore):
             :class:`CacheOverflowError`.
         ops: stage implementations (default :data:`.stages.REFERENCE_OPS`).
         timer: optional :class:`StageTimer` collecting per-stage seconds.
+        consume_weights: let the backend's ``prepare_weights`` replace the entries of
+            ``weights`` by their packed forms as it goes (frees each raw INT8 tensor once
+            packed: the load peak stays near the weights' size; the caller's dict then
+            holds prepared weights).
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
-                 ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None):
+                 ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None,
+                 consume_weights: bool = False):
         super().__init__(cfg, dtype, timer)
         self.max_seq_len, self.ops = max_seq_len, ops
         self.seqs: dict[int, SequenceCache] = {}
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
-        self.w = ops.prepare_weights(weights, cfg)  # load-time kernel form (packed W8A8 weights)
+        self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
 
     # ------------------------------------------------------------------ EngineCore hooks
     def _new_sequence(self, sid: int) -> None:

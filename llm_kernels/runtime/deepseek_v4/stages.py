@@ -40,7 +40,7 @@ from ..stage_table import BACKENDS, StageTable
 __all__ = ["REFERENCE_OPS", "FUSED_OPS", "FUSED_STAGES", "BACKENDS", "stages", "backend_stages", "reference_weights"]
 
 
-def reference_weights(weights: dict, cfg) -> dict:
+def reference_weights(weights: dict, cfg, consume: bool = False) -> dict:
     """``prepare_weights`` of the reference backend: the weights as loaded (the identity)."""
     return weights
 

@@ -48,20 +48,23 @@ class Qwen3Engine(EngineCore):
         ops: stage implementations (default :data:`REFERENCE_OPS`).
         timer: optional StageTimer.
         num_layers: run only the first N layers (benchmarks); default all.
+        consume_weights: let ``prepare_weights`` replace the entries of ``weights`` by their
+            packed forms as it goes (each raw INT8 tensor freed once packed).
 
     Raises ValueError for a bad dtype or cache geometry."""
 
     def __init__(self, weights: dict, cfg: Qwen3Config, dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 4096, max_batch: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, ops: SimpleNamespace = REFERENCE_OPS,
-                 timer: StageTimer | None = None, num_layers: int | None = None):
+                 timer: StageTimer | None = None, num_layers: int | None = None,
+                 consume_weights: bool = False):
         super().__init__(cfg, dtype, timer)
         self.ops = ops
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if num_blocks is None:
             num_blocks = max_batch * math.ceil(max_seq_len / block_size)
         self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, max_seq_len, self.num_layers)
-        self.w = ops.prepare_weights(weights, cfg)  # load-time kernel form (packed W8A8 weights)
+        self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
         self.layers = [_model.LayerWeights.from_weights(self.w, i) for i in range(self.num_layers)]
 
     @property

@@ -37,7 +37,7 @@ STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm",
           "down_residual")
 
 
-def reference_weights(weights: dict, cfg) -> dict:
+def reference_weights(weights: dict, cfg, consume: bool = False) -> dict:
     """``prepare_weights`` of the reference backend: the weights as loaded (the identity)."""
     return weights
 

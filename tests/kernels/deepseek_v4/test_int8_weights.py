@@ -177,3 +177,23 @@ def test_engine_int8_fused_vs_reference(mini_checkpoint):
     cos = torch.nn.functional.cosine_similarity(fused.flatten().double(), ref.flatten().double(), dim=0)
     # a sanity floor, not a numerics bound (observed 0.99910; single rows down to 0.957)
     assert cos > 0.995, f"logits cosine {cos:.6f}"
+
+
+def test_prepare_weights_consume_replaces_entries(mini_checkpoint):
+    """``consume=True`` swaps each input entry for its prepared form (so the raw INT8 copy
+    can be freed once packed) and prepares exactly what ``consume=False`` does."""
+    from llm_kernels.checkpoint import load_checkpoint
+    from llm_kernels.kernels.common.prepared import PreparedQuantWeight
+    from llm_kernels.numerics.quant import QuantWeight
+
+    cfg, w = load_checkpoint(mini_checkpoint, dtype=BF16, quant="int8", progress=False)
+    keep = dict(w)
+    plain = prepare_weights(keep, cfg)
+    assert all(keep[n] is w[n] for n in w)                   # not consumed: untouched
+    eaten = prepare_weights(w, cfg, consume=True)
+    for n, v in keep.items():
+        if isinstance(v, QuantWeight):
+            assert isinstance(w[n], PreparedQuantWeight) and w[n] is eaten[n]
+            assert type(eaten[n]) is type(plain[n]) and torch.equal(eaten[n].qweight, v.qweight)
+        else:
+            assert w[n] is v

@@ -6,8 +6,8 @@ kernel is compiled. Model kernels should decorate with :func:`jit.njit_kernel`.
 
 Modules:
 
-* :mod:`.jit` — CPU feature dispatch (``HAS_VNNI``, ``LLM_KERNELS_FORCE_FALLBACK``),
-  cache keying, ``njit_kernel``.
+* :mod:`.jit` — CPU tiers (``plain`` < ``avx2`` < ``avx512-vnni`` < ``avx512-vnni-bf16``,
+  ``LLM_KERNELS_TIER``, ``LLM_KERNELS_FORCE_FALLBACK``), cache keying, ``njit_kernel``.
 * :mod:`.bf16` — bf16 <-> fp32 bridges (RNE), zero-copy torch views.
 * :mod:`.quant` — per-row dynamic INT8 quantisation (bit-exact golden).
 * :mod:`.gemm` — W8A8 GEMM (VNNI intrinsic kernels + plain fallback), ``W8A8Linear``.
@@ -17,6 +17,8 @@ Modules:
 * :mod:`.norm_rope` — fused RMSNorm + interleaved RoPE.
 * :mod:`.topk` — stable top-k indices with -inf masking.
 * :mod:`.x86` — llvmlite intrinsics (``vpdpbusd`` register tiles, ``vdpbf16ps`` dot tiles).
+* :mod:`.x86_avx2` — the AVX2 INT8 register tile and ``int8_bcast_tile``, the one seam
+  choosing the process's INT8 tile.
 * :mod:`.vecmath` — ``fma32``, SLEEF ``expf``, torch's 16-lane reduction order (bitwise torch).
 """
 

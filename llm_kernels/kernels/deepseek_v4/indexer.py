@@ -38,10 +38,11 @@ from numba import prange
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import dot_i8
+from ..common.gemm_pack import zero_point
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.topk import topk_indices
-from ..common.x86 import vnni_bcast_tile
+from ..common.x86_avx2 import int8_bcast_tile
 from .stage_shared import (
     column_sums,
     f32_np,
@@ -71,10 +72,8 @@ __all__ = ["indexer_query", "indexer_scores", "indexer_topk", "indexer_query_int
 # --------------------------------------------------------------------------- queries
 def _head_weights(x: torch.Tensor, weights_proj: torch.Tensor, n_heads: int,
                   dtype: torch.dtype) -> torch.Tensor:
-    """``w = (x @ weights_projᵀ) · IH^-0.5`` (the reference's ``linear`` and scalar multiply)."""
-    if isinstance(weights_proj, QuantWeight):  # not used by the engine; keep the reference's math
-        from ...numerics.linear import linear
-        return linear(x, weights_proj, dtype) * n_heads ** -0.5
+    """``w = (x @ weights_projᵀ) · IH^-0.5`` (the reference's ``linear`` and scalar multiply;
+    a float or INT8 ``weights_proj``, see :func:`.stage_shared.linear_pair`)."""
     w, _ = linear_pair(x, weights_proj, None, dtype)
     return torch.from_numpy(w).mul_(n_heads ** -0.5)
 
@@ -159,7 +158,9 @@ def indexer_keys_int8(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _SC_TT = 4                 # query rows (heads) per register tile
 _SC_NB = 4                 # 16-key blocks per register tile
 _SC_KB = 16 * _SC_NB       # keys per prange work item (one tile width)
-_SC_TILE = vnni_bcast_tile(_SC_TT, _SC_NB)  # 4 x 64 tile: 16 zmm accumulators
+_SC_TILE = int8_bcast_tile(_SC_TT, _SC_NB)  # 4 x 64 tile (VNNI: 16 zmm accumulators)
+#: Zero point of the process's INT8 tile (128 for VNNI's ``q + 128``, 0 for AVX2's exact ``Σ q·k``).
+_SC_ZP = np.int32(zero_point(jit.INT8_TILE))
 
 
 @njit_kernel
@@ -197,7 +198,8 @@ def _pack_q(q8, T, H, Hp, KG):
 
 @njit_kernel(parallel=True)
 def _scores_int8_vnni(k32, qp, T, H, Hp, KG, qs, w, ks, scale, out):
-    """VNNI INT8 scores. ``k32``: the raw int8 keys viewed as int32 words [N, KG]; ``qp``:
+    """Register-tile INT8 scores (VNNI or AVX2 tile, ``jit.INT8_TILE``). ``k32``: the raw
+    int8 keys viewed as int32 words [N, KG]; ``qp``:
     :func:`_pack_q`. One block of 64 keys per ``prange`` iteration: the block's keys are
     repacked in L1 into the ``[4][KG][16][4]`` vector layout (+ their sums for the
     ``q + 128`` zero point), then ``T·Hp/4`` register tiles (4 heads x 64 keys) and the
@@ -221,7 +223,7 @@ def _scores_int8_vnni(k32, qp, T, H, Hp, KG, qs, w, ks, scale, out):
                 wp32[(blk * KG + kg) * 16 + l] = v
                 s = np.int32(s + np.int32(np.int8(v)) + np.int32(np.int8(v >> 8))
                              + np.int32(np.int8(v >> 16)) + np.int32(np.int8(v >> 24)))
-            corr[i] = np.int32(s * np.int32(128))
+            corr[i] = np.int32(s * _SC_ZP)
         wp = wp32.view(np.int8)
         acc = np.empty(Hp * _SC_KB, np.int32)
         vals = np.empty((H, _SC_KB), np.float32)
@@ -272,7 +274,7 @@ def indexer_scores_int8(q_i8: torch.Tensor, q_scale: torch.Tensor, w: torch.Tens
     wf = f32_np(w).reshape(T, H)
     ks = f32_np(k_scale).reshape(N)
     scale = np.float32(D ** -0.5)
-    if jit.USE_VNNI:
+    if jit.USE_INT8_TILES:
         KG = -(-D // 4)
         if KG * 4 != D:  # keys/queries are read in 4-byte groups: zero-pad the rows
             k8 = np.ascontiguousarray(np.pad(k8, ((0, 0), (0, KG * 4 - D))))

@@ -39,7 +39,9 @@ F32, BF16 = torch.float32, torch.bfloat16
 EPS = 1e-6
 # hidden, q = nq*D, kv = nkv*D, intermediate
 DIMS = {"small": (256, 4 * 64, 2 * 64, 512), "odd": (200, 5 * 40, 2 * 40, 333)}
-LAYOUTS = [pytest.param("vnni", marks=pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni"))), "nk"]
+#: The process's register-tile layout ("vnni", or "avx2" under LLM_KERNELS_TIER=avx2 / on an AVX2-only CPU).
+LAYOUTS = [pytest.param(jit.INT8_TILE or "vnni", marks=pytest.mark.skipif(jit.INT8_TILE is None,
+                                                                       reason=KT.need_reason("avx2"))), "nk"]
 
 _WEIGHTS: dict = {}
 
@@ -310,14 +312,14 @@ _CASES = [("w8a8", F32, 1), ("w8a8", F32, 17), ("w8a8", BF16, 1), ("w8a8", BF16,
           ("bf16", BF16, 1), ("bf16", BF16, 3), ("bf16", BF16, 17)]
 
 
-@pytest.mark.skipif(not jit.HAS_VNNI, reason=KT.need_reason("avx512-vnni", "for a fast path to compare the forced "
-                                                            "fallback with (without it the fallback is the only path)"))
+@pytest.mark.skipif(jit.INT8_TILE is None, reason=KT.need_reason("avx2", "for a fast path to compare the forced "
+                                                                 "fallback with (without it the fallback is the only path)"))
 def test_forced_fallback_subprocess_matches_fast_path(monkeypatch):
     """Fallback process vs this process's fast path (forced on here, so that the comparison
     holds even when pytest itself runs with LLM_KERNELS_FORCE_FALLBACK=1)."""
-    monkeypatch.setattr(PC, "FORCE_LAYOUT", "vnni")
+    monkeypatch.setattr(PC, "FORCE_LAYOUT", jit.INT8_TILE)
     monkeypatch.setattr(PC, "USE_BF16_GEMV", jit.HAS_AVX512BF16)
-    assert PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == "vnni"
+    assert PC.pack_stage((_weights("odd", "w8a8")["q"],), PC.MODE_SPLIT).pk.layout == jit.INT8_TILE
     env = dict(os.environ, LLM_KERNELS_FORCE_FALLBACK="1")
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", _CHILD, here, os.path.dirname(here)], env=env, capture_output=True,
@@ -333,3 +335,27 @@ def test_forced_fallback_subprocess_matches_fast_path(monkeypatch):
             _assert_bf16_close(fast, plain, what)
         else:
             _assert_equal(plain, fast, what)
+
+
+@pytest.mark.parametrize("int8_head", [False, True], ids=["bf16_head", "int8_head"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_logits_head_matches_reference(int8_head, T):
+    """Fused ``logits_head`` (final RMSNorm + head) vs the reference: bitwise for a float
+    head (the same torch ops) and for an INT8 head (exact INT32 GEMM, golden dequant)."""
+    from types import SimpleNamespace
+
+    from llm_kernels.kernels.common.linear import prepare_linear
+    from llm_kernels.kernels.qwen3.head import logits_head
+    from llm_kernels.numerics.quant import quantize_weight
+    from llm_kernels.reference.qwen3.model import logits_head as ref_logits_head
+
+    g = torch.Generator().manual_seed(T)
+    D, V = 96, 300
+    cfg = SimpleNamespace(rms_norm_eps=1e-6, tie_word_embeddings=False)
+    head = (torch.randn(V, D, generator=g) / D ** 0.5).to(torch.bfloat16)
+    w = {"model.norm.weight": (1 + 0.1 * torch.randn(D, generator=g)).to(torch.bfloat16),
+         "lm_head.weight": quantize_weight(head) if int8_head else head}
+    x = torch.randn(T, D, generator=g).to(torch.bfloat16).float()
+    ref = ref_logits_head(w, cfg, x, torch.bfloat16)
+    fused_w = dict(w, **({"lm_head.weight": prepare_linear(w["lm_head.weight"])} if int8_head else {}))
+    assert torch.equal(logits_head(fused_w, cfg, x, torch.bfloat16), ref)

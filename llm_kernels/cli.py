@@ -51,7 +51,9 @@ def default_checkpoint(progress: bool = True) -> Path:
 
 def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
     from .checkpoint import load_checkpoint
+    from .runtime.memory import prompt_release
 
+    prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
     ckpt = path if path is not None else default_checkpoint()
     return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True, quant=quant)
 
@@ -61,10 +63,13 @@ def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, ti
     sequences of ``max_seq_len`` tokens. The engine consumes ``weights`` (their entries become
     the prepared forms; raw INT8 copies are freed as they are packed)."""
     from . import models
+    from .runtime.memory import trim
 
-    return models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
-                                                   backend=backend, timer=timer, max_batch=batch,
-                                                   consume_weights=True)
+    engine = models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
+                                                     backend=backend, timer=timer, max_batch=batch,
+                                                     consume_weights=True)
+    trim()
+    return engine
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:

@@ -300,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- load + engine
     from ..checkpoint import load_checkpoint
+    from ..checkpoint.safetensors_io import checkpoint_quant
+    from ..runtime.memory import prompt_release, rss, trim
 
     dtype = getattr(torch, args.dtype)
     log(f"loading {args.checkpoint} (dtype {args.dtype}, quant {args.quant or 'as stored'}) ...")
     t0 = time.perf_counter()
+    prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
     try:
         cfg, weights = load_checkpoint(args.checkpoint, dtype=dtype, progress=not quiet, quant=args.quant)
     except (CheckpointError, ConfigError, ValueError) as e:
@@ -319,17 +322,21 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     build_s = time.perf_counter() - t0
     del weights  # the engine holds the prepared weights
+    trim()
     prepared = getattr(engine, "w", None)
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
     rb = decode_read_bytes(prepared, cfg)
-    quant_label = "W8A8" if quantized else {"bfloat16": "BF16", "float32": "F32"}[args.dtype]
+    scheme = args.quant if args.quant in ("w8a8", "int8") else checkpoint_quant(args.checkpoint)
+    quant_label = (scheme or "W8A8").upper() if quantized else {"bfloat16": "BF16", "float32": "F32"}[args.dtype]
     model_label = f"{spec.model_type} {cfg.num_hidden_layers}L {quant_label}"
     backend_label = args.backend + (f" ({dinfo['path']})" if args.backend == "fused" else "")
     impl = spec.backend_stages(args.backend)
     th_torch, th_numba = torch.get_num_threads(), thread_info()["numba_threads"]
     threads_label = str(th_torch) if th_torch == th_numba else f"{th_torch}/{th_numba}"
-    log(f"model: {cfg.summary()}; load {load_s:.1f} s, engine build (prepare_weights) {build_s:.1f} s")
+    m0 = rss()
+    log(f"model: {cfg.summary()}; load {load_s:.1f} s, engine build (prepare_weights) {build_s:.1f} s; "
+        f"RSS {fmt_bytes(m0['rss'])}, peak so far {fmt_bytes(m0['peak'])}")
     log(f"CPU tier: {dinfo['tier']}; torch threads {th_torch}, numba threads {th_numba} "
         f"({dinfo['threading_layer_config']}); Numba cache: {cache_files_before} index files before the run")
     moe = (f"; MoE: shared experts + {rb['experts_per_tok']} of {rb['n_routed_experts']} routed experts per layer"
@@ -439,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     la = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in (("before", load_before),
                                                                               ("after", load_after)))
     print(f"load average (1 min): {la}; checkpoint load {load_s:.1f} s, engine build {build_s:.1f} s")
+    mem = rss()
+    if mem["peak"] is not None:
+        print(f"memory: peak RSS {fmt_bytes(mem['peak'])} (load, build and tests), RSS at the end "
+              f"{fmt_bytes(mem['rss'])}; resident weights {fmt_bytes(rb['total_storage'])} -> peak - weights = "
+              f"{fmt_bytes(mem['peak'] - rb['total_storage'])}")
     for e in errors:
         print(f"error: {e}")
 
@@ -458,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
            "tg_prompt": args.tg_prompt, "ctx_size": cap, "load_s": load_s, "engine_build_s": build_s,
            "first_call": ({"test": first_call[0], "warmup_s": first_call[1], "median_s": first_call[2]}
                           if first_call else None),
+           "peak_rss_bytes": mem["peak"], "end_rss_bytes": mem["rss"],
            "tests": results, "errors": errors, "loadavg_1m_before": load_before, "loadavg_1m_after": load_after,
            "wall_s": time.perf_counter() - t_start}
     json_path = args.json or Path.cwd() / DEFAULT_JSON

@@ -35,7 +35,7 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
     be silently miscounted)."""
     import torch
 
-    from ..kernels.common.prepared import PackedColumnGroups, PackedLinear, PackedRows
+    from ..kernels.common.prepared import PackedColumnGroups, PackedLinear, PackedRowGroups, PackedRows
     from ..numerics.quant import QuantWeight
 
     seen = set() if seen is None else seen
@@ -44,7 +44,7 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
     packs = None
     if isinstance(w, (PackedLinear, PackedRows)):
         packs = [w.packed]
-    elif isinstance(w, PackedColumnGroups):
+    elif isinstance(w, (PackedColumnGroups, PackedRowGroups)):
         packs = list(w.packs)
     if packs is not None:
         total = 0

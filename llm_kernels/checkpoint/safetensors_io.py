@@ -381,41 +381,67 @@ def load_checkpoint(
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"Loading {root.name}", disable=None if progress else True) as bar:
         for file, names in by_file.items():
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file, cfg)}") from e
-            with handle as f:
-                for name in names:
-                    src = sources[name]
-                    try:
-                        t = f.get_tensor(src.stored)
-                    except Exception as e:  # truncated body, I/O error, ...
-                        raise CheckpointError(f"cannot read tensor {_label(name, src)} from {file}: {e} "
-                                              "(truncated or corrupt file?)") from e
-                    info = expected[name]
-                    if info.kind == "int8":
-                        pass
-                    elif info.kind == "int":
-                        problem = models.spec_for_config(cfg).check_int_tensor(name, t, cfg)
-                        if problem:
-                            raise CheckpointError(f"tensor {_label(name, src)}: {problem}")
-                        if dtype is not None:
-                            t = t.to(torch.int64)
-                    else:
-                        if check_finite:
-                            _check_finite(name, src, t)
-                        if dtype is not None:
-                            want = torch.float32 if is_fp32_tensor(name, cfg) else dtype
-                            if t.dtype != want:
-                                t = t.to(want)
-                        if quantize_now(name):
-                            t = quantize_weight(t)
-                    out[name] = t
-                    bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
+            for batch in _read_batches(names, meta):
+                try:
+                    handle = safe_open(str(file), framework="pt")
+                except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                    raise CheckpointError(f"cannot read safetensors file {file}: {e}{_diagnose(file, cfg)}") from e
+                with handle as f:
+                    for name in batch:
+                        src = sources[name]
+                        try:
+                            t = raw = f.get_tensor(src.stored)
+                        except Exception as e:  # truncated body, I/O error, ...
+                            raise CheckpointError(f"cannot read tensor {_label(name, src)} from {file}: {e} "
+                                                  "(truncated or corrupt file?)") from e
+                        info = expected[name]
+                        if info.kind == "int8":
+                            pass
+                        elif info.kind == "int":
+                            problem = models.spec_for_config(cfg).check_int_tensor(name, t, cfg)
+                            if problem:
+                                raise CheckpointError(f"tensor {_label(name, src)}: {problem}")
+                            if dtype is not None:
+                                t = t.to(torch.int64)
+                        else:
+                            if check_finite:
+                                _check_finite(name, src, t)
+                            if dtype is not None:
+                                want = torch.float32 if is_fp32_tensor(name, cfg) else dtype
+                                if t.dtype != want:
+                                    t = t.to(want)
+                            if quantize_now(name):
+                                t = quantize_weight(t)
+                        # get_tensor's result lives in the file's mmap, which stays mapped (and
+                        # its touched pages resident) while any tensor of it is alive: keep a
+                        # private copy instead, so the mapping goes with this batch's handle.
+                        out[name] = t.clone() if t is raw else t
+                        del t, raw
+                        bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
     if stored_quant is not None:
         out = assemble_w8a8(out, root)
     return cfg, out
+
+
+#: Bytes read through one ``safe_open`` handle (one mmap) before it is closed and reopened:
+#: bounds the file pages the process keeps mapped while it loads (peak RSS).
+READ_BATCH_BYTES = 256 << 20
+
+
+def _read_batches(names: list[str], meta: dict) -> Iterable[list[str]]:
+    """``names`` in order, split into runs of at most :data:`READ_BATCH_BYTES` of stored data
+    (a larger tensor is a run of its own)."""
+    batch: list[str] = []
+    size = 0
+    for n in names:
+        b = math.prod(meta[n][1]) * _itemsize(meta[n][0])
+        if batch and size + b > READ_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(n)
+        size += b
+    if batch:
+        yield batch
 
 
 _ST_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "bytes_arg", "csv", "ints", "loadavg", "L3_BYTES", "COLD_BYTES", "BenchResult", "PairedResult", "bench", "interleaved", "paired_ab",
-    "measure_dram_bandwidth", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
+    "measure_dram_bandwidth", "measure_int8_peak", "mem_available", "cold_copies", "Rotation", "machine_info", "write_results",
     "read_results", "format_table", "print_table", "fmt_bytes",
 ]
 
@@ -188,6 +188,29 @@ def mem_available() -> int | None:
     except OSError:
         pass
     return None
+
+
+def measure_int8_peak(T: int = 256, K: int = 2048, N: int = 1024, repeats: int = 7) -> float:
+    """Compute peak of this process's INT8 GEMM in GOP/s (10⁹ ops/s, one MAC = 2 ops): the
+    best of ``repeats`` timings of the production W8A8 linear
+    (:func:`llm_kernels.kernels.common.gemm.w8a8_linear`: per-token quantisation, the
+    active tier's register tiles, dequant) on ``x`` [T, K] float32 against a packed
+    [N, K] weight that stays in L2 (2 MiB), after one untimed call. It is the ceiling a
+    prefill made of INT8 GEMMs can approach on this CPU tier (it excludes DRAM traffic)."""
+    import numpy as np
+
+    from ..kernels.common.gemm import pack_w8a8, w8a8_linear
+
+    g = np.random.default_rng(0)
+    w = pack_w8a8(g.integers(-127, 128, (N, K), dtype=np.int8), np.full(N, 1e-3, np.float32))
+    x = g.standard_normal((T, K), dtype=np.float32)
+    w8a8_linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w8a8_linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * T * K * N / best / 1e9
 
 
 def measure_dram_bandwidth(nbytes: int = int(1.5 * 2 ** 30), repeats: int = 5, *,

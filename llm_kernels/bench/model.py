@@ -52,6 +52,7 @@ from .core import (
     loadavg,
     machine_info,
     measure_dram_bandwidth,
+    measure_int8_peak,
     write_results,
 )
 from .trace import thread_info
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         bw_before = measure_dram_bandwidth(probe)
         bw_src = f"measured: median of 5 x torch.sum over a {fmt_bytes(probe)} float32 array, before and after"
         log(f"DRAM read bandwidth before the tests: {bw_before:.1f} GB/s")
+    int8_peak = measure_int8_peak() if quantized and any(t.kind == "pp" for t in tests) else None
+    if int8_peak is not None:
+        log(f"INT8 GEMM compute peak (L2-resident 1024x2048 weight, 256 tokens, this tier): {int8_peak:.0f} GOP/s")
 
     # ---------------------------------------------------------------- tests
     runner = _Runner(engine, cfg.vocab_size, args.seed, args.tg_prompt)
@@ -403,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             row["pct_roofline"] = 100.0 * row["effective_gbs"] / bw
         else:
             row["effective_gbs"] = row["pct_roofline"] = None
+            if int8_peak is not None:  # ~ INT8 MACs per token = weight bytes per token (INT8 weights)
+                row["gops"] = 2.0 * rb["per_token"] * row["t_s_median"] / 1e9
+                row["pct_int8_peak"] = 100.0 * row["gops"] / int8_peak
 
     # ---------------------------------------------------------------- table
     size, params = fmt_bytes(rb["total_storage"]), _fmt_count(rb["params"])
@@ -432,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     bw_line = (f"DRAM read bandwidth: before {bw_before:.1f} GB/s, after {bw_after:.1f} GB/s, roofline uses the "
                f"mean {bw:.1f} GB/s" if not args.bandwidth else f"DRAM read bandwidth: {bw:.1f} GB/s (given)")
     print(bw_line)
+    if int8_peak is not None:
+        for row in results:
+            if row.get("pct_int8_peak") is not None:
+                print(f"{row['test']}: ~{row['gops']:.0f} GOP/s (2 x weight bytes per token x median t/s) = "
+                      f"{row['pct_int8_peak']:.1f}% of the INT8 GEMM peak measured in this run, {int8_peak:.0f} GOP/s")
     print(f"weights read per decoded token: {rb['per_token']:,} B ({fmt_bytes(rb['per_token'])})"
           + (f"; MoE assumption: shared experts + {rb['experts_per_tok']} routed experts per layer per token, "
              f"b sequences read min(b*{rb['experts_per_tok']}, {rb['n_routed_experts']}) routed experts per step"
@@ -466,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpu_tier": dinfo['tier'], "dispatch": dinfo, "threads": {"torch": th_torch, "numba": th_numba},
            "numba_cache_files_before": cache_files_before,
            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": bw_after, "bandwidth_gbs": bw,
-           "bandwidth_source": bw_src, "repetitions": args.repetitions, "warmup": args.warmup,
+           "bandwidth_source": bw_src, "int8_peak_gops": int8_peak, "repetitions": args.repetitions, "warmup": args.warmup,
            "tg_prompt": args.tg_prompt, "ctx_size": cap, "load_s": load_s, "engine_build_s": build_s,
            "first_call": ({"test": first_call[0], "warmup_s": first_call[1], "median_s": first_call[2]}
                           if first_call else None),

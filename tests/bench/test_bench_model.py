@@ -123,6 +123,22 @@ def test_deepseek_w8a8_moe(ckpts, tmp_path, capsys):
     b3 = d["tests"][2]
     assert b3["weight_bytes_per_step"] == round(rb["dense"] + 3 * rb["per_seq_rows"]
                                                 + min(3 * k, e) * sum(rb["expert_bytes"].values()))
+    # the INT8 GEMM peak is probed in the same run and the prefill row is set against it
+    pp = d["tests"][0]
+    assert d["int8_peak_gops"] > 0
+    assert pp["gops"] == pytest.approx(2 * d["bytes_per_token"] * pp["t_s_median"] / 1e9)
+    assert pp["pct_int8_peak"] == pytest.approx(100 * pp["gops"] / d["int8_peak_gops"])
+    assert "of the INT8 GEMM peak measured in this run" in cap.out
+
+
+def test_int8_scheme_label_and_fewer_bytes(ckpts, tmp_path, capsys):
+    rc, d8, cap = _run(["--model", str(ckpts["mini"]), "-n", "2", "--quant", "w8a8", *FAST], tmp_path, capsys)
+    assert rc == 0, cap.err
+    rc, di, cap = _run(["--model", str(ckpts["mini"]), "-n", "2", "--quant", "int8", *FAST], tmp_path, capsys)
+    assert rc == 0, cap.err
+    assert di["model"].endswith("INT8") and d8["model"].endswith("W8A8")
+    assert di["bytes_per_token"] < d8["bytes_per_token"]      # the head and the rest went INT8
+    assert di["peak_rss_bytes"] >= di["end_rss_bytes"] > 0
 
 
 def test_weight_storage_counts_packed_storage():

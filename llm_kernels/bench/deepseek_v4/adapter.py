@@ -72,7 +72,7 @@ def _ours_fn(cfg1, weights, ops, store, x_hc, ids, positions, offs, state: Cache
         store.ensure(torch.unique(idx).tolist(), key)
         return real_moe(x, w, idx, experts, shared, **kw)
 
-    def prepare(w, cfg):
+    def prepare(w, cfg, consume=False):  # never consumes: the store keeps the raw experts
         if real_prep is None:
             return w
         ready = {k: v for k, v in w.items() if ".ffn.experts." not in k

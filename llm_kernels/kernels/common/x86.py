@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["VNNI_NB", "BFloatType", "acc_loop", "bf16_dot_tile", "vnni_bcast_tile"]
+__all__ = ["VNNI_NB", "BFloatType", "acc_loop", "bcast_tile_intrinsic", "bf16_dot_tile", "vnni_bcast_tile"]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -109,6 +109,27 @@ def acc_loop(b: ir.IRBuilder, n: ir.Value, inits: list, body, name: str) -> list
         ph.add_incoming(v, tail)
         out.append(ph)
     return out
+
+
+def bcast_tile_intrinsic(codegen, xdt, wdt, name: str):
+    """The Numba ``@intrinsic`` of a broadcast-layout register tile (signature
+    ``tile(xp, x_off, x_kstride, wp, w_off, w_bstride, nkg, acc, acc_off, acc_tstride,
+    accumulate)``; see :func:`vnni_bcast_tile`) with activations of dtype ``xdt``, weights
+    of ``wdt``, int32 accumulators, emitted by ``codegen``. Shared by the VNNI and the AVX2
+    tiles (:mod:`.x86_avx2`)."""
+
+    @intrinsic
+    def _tile(typingctx, xp, x_off, x_kstride, wp, w_off, w_bstride, nkg, acc, acc_off,
+              acc_tstride, accumulate):
+        for a, dt in ((xp, xdt), (wp, wdt), (acc, types.int32)):
+            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
+                return None
+        sig = types.void(xp, types.intp, types.intp, wp, types.intp, types.intp, types.intp,
+                         acc, types.intp, types.intp, types.boolean)
+        return sig, codegen
+
+    _tile.__name__ = name
+    return _tile
 
 
 @cache
@@ -188,19 +209,9 @@ def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: boo
                 _vstore(builder, final[t * nb + j], aptr, a_offs[t][j])
         return context.get_dummy_value()
 
-    @intrinsic
-    def _tile(typingctx, xp, x_off, x_kstride, wp, w_off, w_bstride, nkg, acc, acc_off,
-              acc_tstride, accumulate):
-        xdt, wdt = (types.int8, types.uint8) if signed_x else (types.uint8, types.int8)
-        for a, dt in ((xp, xdt), (wp, wdt), (acc, types.int32)):
-            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
-                return None
-        sig = types.void(xp, types.intp, types.intp, wp, types.intp, types.intp, types.intp,
-                         acc, types.intp, types.intp, types.boolean)
-        return sig, codegen
-
-    _tile.__name__ = f"vnni_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}{'_sx' if signed_x else ''}"
-    return _tile
+    xdt, wdt = (types.int8, types.uint8) if signed_x else (types.uint8, types.int8)
+    return bcast_tile_intrinsic(
+        codegen, xdt, wdt, f"vnni_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}{'_sx' if signed_x else ''}")
 
 
 # --------------------------------------------------------------------------- vdpbf16ps (AVX512_BF16)

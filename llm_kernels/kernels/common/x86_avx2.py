@@ -38,10 +38,9 @@ from functools import cache
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from . import jit
-from .x86 import VNNI_NB, acc_loop, vnni_bcast_tile
+from .x86 import VNNI_NB, acc_loop, bcast_tile_intrinsic, vnni_bcast_tile
 
 __all__ = ["AVX2_REGS", "avx2_bcast_tile", "avx2_plan", "int8_bcast_tile"]
 
@@ -162,18 +161,8 @@ def avx2_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, pf_locality: 
                 builder.store(v, builder.bitcast(builder.gep(aptr, [a_offs[k]]), _VD.as_pointer()), align=1)
         return context.get_dummy_value()
 
-    @intrinsic
-    def _tile(typingctx, xp, x_off, x_kstride, wp, w_off, w_bstride, nkg, acc, acc_off,
-              acc_tstride, accumulate):
-        for a, dt in ((xp, types.uint8), (wp, types.int8), (acc, types.int32)):
-            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
-                return None
-        sig = types.void(xp, types.intp, types.intp, wp, types.intp, types.intp, types.intp,
-                         acc, types.intp, types.intp, types.boolean)
-        return sig, codegen
-
-    _tile.__name__ = f"avx2_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}_r{regs}"
-    return _tile
+    return bcast_tile_intrinsic(codegen, types.uint8, types.int8,
+                                f"avx2_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}_r{regs}")
 
 
 def int8_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0):

@@ -86,7 +86,7 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
         y1 = f32_np(_pair_linear(x, w1, dtype))
         if w2 is None:
             return y1, None
-        y2 = np.array(f32_np(_pair_linear(x, w2, dtype)))  # own buffer: ape is added in place
+        y2 = f32_np(_pair_linear(x, w2, dtype))  # a fresh tensor's buffer: ape added in place
         if ape is not None and T:
             add_ape(y2, ape, slots)
         return y1, y2

@@ -5,7 +5,7 @@ another layer: the CLI turns each into ``error: <message>`` and exit code 2, the
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "CheckpointError", "CacheOverflowError"]
+__all__ = ["ConfigError", "CheckpointError", "CacheOverflowError", "TokenizerError"]
 
 
 class ConfigError(ValueError):
@@ -23,3 +23,8 @@ class CheckpointError(ValueError):
 class CacheOverflowError(RuntimeError):
     """A sequence would exceed its cache capacity (``max_seq_len``) or the page pool is full.
     Raised before anything is written: the caches are unchanged."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or malformed, or a chat template fails to render. The
+    message names the file (or ``chat_template``) and what was expected."""

@@ -24,6 +24,7 @@ from ..errors import CheckpointError
 from ..numerics.quant import QuantWeight
 from .names import QUANT_METHODS, TensorInfo, expected_tensors, is_fp32_tensor
 from .quantized import quantization_config, quantize_weights
+from .random_tokenizer import TOKENIZER_FILES, write_random_tokenizer
 from .safetensors_io import (
     DEFAULT_MAX_BYTES,
     DTYPE_NAMES,
@@ -38,7 +39,11 @@ from .safetensors_io import (
     shard_file_name,
 )
 
-__all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint"]
+__all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint", "WRITER_VERSION"]
+
+# Bumped whenever write_random_checkpoint writes different files for the same arguments
+# (the embedded default checkpoints are keyed on it). 2: the tokenizer files.
+WRITER_VERSION = 2
 
 
 def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg) -> torch.dtype:
@@ -98,6 +103,7 @@ def write_random_checkpoint(
     shard_size_bytes: int | None = None,
     progress: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    tokenizer: bool = True,
 ) -> Path:
     """Write a random, deterministic checkpoint of ``cfg``'s model that :func:`load_checkpoint`
     and ``transformers``' ``from_pretrained`` both read. Init rules per model:
@@ -127,6 +133,10 @@ def write_random_checkpoint(
         max_bytes: refuse (ValueError, nothing written) when :func:`checkpoint_nbytes` exceeds
             it; None disables the limit. Also refused when the disk lacks the space.
         progress: tqdm bar over tensors.
+        tokenizer: also write a small deterministic byte-level BPE tokenizer sized to the
+            vocabulary, a chat template and ``generation_config.json``
+            (:func:`~.random_tokenizer.write_random_tokenizer`; skipped for a vocabulary
+            below 261 ids).
 
     Files are written to a temporary name and renamed. Weight files of an earlier checkpoint
     in ``out_dir`` (``model.safetensors``, ``model-*-of-*.safetensors``, the index) that the
@@ -198,9 +208,11 @@ def write_random_checkpoint(
         for p in out.iterdir():  # stale weights of an earlier checkpoint
             if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or SHARD_RE.match(p.name)):
                 p.unlink()
+        if tokenizer:
+            write_random_tokenizer(out, cfg.vocab_size)
         hf = cfg.to_hf_dict()
         hf["dtype"] = DTYPE_NAMES[dtype]
-        _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")
+        _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")  # last: marks it complete
     finally:
         for tmp in tmp_paths:
             tmp.unlink(missing_ok=True)
@@ -221,6 +233,9 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
     """Convert a float HF checkpoint directory to an INT8 format in ``out_dir``:
     ``scheme="w8a8"`` (the spec's W8A8 set) or ``"int8"`` (every 2-D weight a Q8-class
     format quantises; :mod:`.quantized`).
+
+    The source's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+    ``generation_config.json``, ...) are copied along.
 
     Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source,
     CheckpointError when the source is already quantized, ValueError for another scheme."""
@@ -246,4 +261,7 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
     conf = json.loads((Path(src) / "config.json").read_text())
     conf["quantization_config"] = quantization_config(cfg, scheme)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    for name in TOKENIZER_FILES:  # the tokenizer travels with the weights
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, out / name)
     return out

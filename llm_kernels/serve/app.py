@@ -192,16 +192,23 @@ class _Stream(StreamingResponse):
             self._on_close()
 
 
-async def _collect(srv: _Server, req: GenRequest, q: asyncio.Queue, http: Request) -> tuple[str, str]:
-    """Wait for a non-streaming request's end; cancel it when the client goes away."""
+async def _collect(srv: _Server, req: GenRequest, q: asyncio.Queue, http: Request,
+                   poll_s: float = 0.25) -> tuple[str, str]:
+    """Wait for a non-streaming request's end; cancel it when the client goes away
+    (checked every ``poll_s`` seconds, also while tokens keep arriving)."""
     parts = []
+    next_check = time.monotonic() + poll_s
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(q.get(), timeout=0.5)
+                ev = await asyncio.wait_for(q.get(), timeout=poll_s)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() >= next_check:
                 if await http.is_disconnected():
-                    raise ApiError(499, "client disconnected") from None
+                    raise ApiError(499, "client disconnected")
+                next_check = time.monotonic() + poll_s
+            if ev is None:
                 continue
             if ev.kind == "error":
                 raise ApiError(ev.status, ev.message, None, "engine_error", "server_error")

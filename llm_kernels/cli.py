@@ -2,10 +2,11 @@
 
 * Every command that takes ``--checkpoint`` reads its ``config.json`` ``model_type`` and
   works through that model's spec (:mod:`llm_kernels.models`); nothing here knows a model.
-* ``generate``: greedy generation with the cached runtime; with no ``--checkpoint`` it uses
-  the embedded default, the ``mini`` preset written once (seed 0) into a cache directory
-  (``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``). Prints the ids, prefill and decode
-  tokens/s and the time per stage.
+* ``generate``: text generation (``--prompt``, ``--prompt-ids`` or an interactive ``--chat``)
+  with sampling, streaming and stop conditions (:mod:`llm_kernels.cli_generate`); with no
+  ``--checkpoint`` it uses the embedded default, the ``mini`` preset written once (seed 0)
+  into a cache directory (``$LLM_KERNELS_CACHE`` or ``~/.cache/llm_kernels``). Prints the
+  text, the ids, prefill and decode tokens/s and the time per stage.
 * ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
@@ -20,9 +21,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,26 +49,16 @@ def default_checkpoint(progress: bool = True) -> Path:
 
 
 def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
-    from .checkpoint import load_checkpoint
-    from .runtime.memory import prompt_release
+    from .runtime.builder import load_model
 
-    prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
-    ckpt = path if path is not None else default_checkpoint()
-    return ckpt, *load_checkpoint(ckpt, dtype=dtype, progress=True, quant=quant)
+    return load_model(path, dtype, quant, progress=True)
 
 
 def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1):
-    """The runtime engine of ``cfg``'s model (its spec's ``make_engine``), sized for ``batch``
-    sequences of ``max_seq_len`` tokens. The engine consumes ``weights`` (their entries become
-    the prepared forms; raw INT8 copies are freed as they are packed)."""
-    from . import models
-    from .runtime.memory import trim
+    """The runtime engine of ``cfg``'s model (:func:`llm_kernels.runtime.builder.build_engine`)."""
+    from .runtime.builder import build_engine
 
-    engine = models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
-                                                     backend=backend, timer=timer, max_batch=batch,
-                                                     consume_weights=True)
-    trim()
-    return engine
+    return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -81,40 +70,12 @@ def _check_ids(ids: list[int], vocab: int, what: str) -> None:
 def _set_threads(n: int) -> None:
     """``--threads N``: torch's intra-op threads AND the Numba kernels' threads (N in
     [1, number of CPUs]; SystemExit otherwise)."""
-    ncpu = os.cpu_count() or 1
-    if not 1 <= n <= ncpu:
-        raise SystemExit(f"error: --threads must be in [1, {ncpu}] (this machine's CPUs), got {n}")
-    torch.set_num_threads(n)
-    import numba
+    from .runtime.builder import set_threads
 
-    from .kernels.common import jit  # noqa: F401  (sets Numba's cache dir and threading layer first)
-
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
-def _warm_up(engine, prompt: list[int], backend: str) -> float:
-    """Run the prompt's prefill shape and one decode step on a throwaway sequence so that
-    kernel compilation (or loading from the Numba cache) never enters a tok/s figure.
-    Says so when the kernel cache is cold. Returns the seconds it took."""
-    cold = False
-    if backend == "fused":
-        from .kernels.common import jit
-
-        cold = jit.cached_kernel_count() == 0
-        if cold:
-            print(f"compiling the kernels (once; cached in {jit.kernel_cache_dir()})...", file=sys.stderr,
-                  flush=True)
-    t0 = time.perf_counter()
-    sid = engine.add_sequence()
     try:
-        engine.step([sid], [prompt], logits_rows="last")
-        engine.decode([sid], [prompt[0]])
-    finally:
-        engine.release(sid)
-    sec = time.perf_counter() - t0
-    if cold:
-        print(f"compiled the kernels in {sec:.1f} s; later runs load them from the cache", file=sys.stderr)
-    return sec
+        set_threads(n)
+    except ValueError as e:
+        raise SystemExit(f"error: --{e}") from None
 
 
 def _setup_run(args: argparse.Namespace):
@@ -129,54 +90,6 @@ def _setup_run(args: argparse.Namespace):
         raise SystemExit("error: --prompt-ids is empty")
     _check_ids(prompt, cfg.vocab_size, "--prompt-ids")
     return dtype, ckpt, cfg, weights, prompt
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .runtime.timing import StageTimer
-
-    dtype, ckpt, cfg, weights, prompt = _setup_run(args)
-    max_len = len(prompt) + args.max_new_tokens
-    timer = StageTimer()
-    # two sequences: the warm-up's throwaway one and the real one
-    engine = _engine(weights, cfg, dtype, max(max_len, len(prompt) + 1), args.backend, timer, batch=2)
-    del weights  # the engine holds the prepared weights; the raw ones it replaced can go
-    print(f"checkpoint: {ckpt}\nmodel: {cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
-          f"backend: {args.backend}, threads: {torch.get_num_threads()}")
-    t_warm = _warm_up(engine, prompt, args.backend)
-    timer.reset()
-    t0 = time.perf_counter()
-    sid = engine.add_sequence()
-    (logits,) = engine.step([sid], [prompt], logits_rows="last")  # the head reads the last row only
-    t_prefill = time.perf_counter() - t0
-    prefill_stages = dict(timer.seconds)
-    timer.reset()
-    out: list[int] = []
-    nxt = int(logits[-1].argmax())
-    t1 = time.perf_counter()
-    for _ in tqdm(range(args.max_new_tokens), desc="decode", unit="tok", disable=args.max_new_tokens == 0):
-        out.append(nxt)
-        if len(out) == args.max_new_tokens:
-            break
-        (lg,) = engine.decode([sid], [nxt])
-        nxt = int(lg[-1].argmax())
-    t_decode = time.perf_counter() - t1
-    n_dec = max(len(out) - 1, 0)  # the first new token comes from the prefill logits
-    print(f"warm-up (kernel compile/load, one prefill + one decode step; not in the figures below): "
-          f"{t_warm:.2f} s")
-    print(f"prompt ids:    {','.join(map(str, prompt))}")
-    print(f"generated ids: {','.join(map(str, out))}")
-    print(f"prefill: {len(prompt)} tokens in {t_prefill * 1e3:.1f} ms = {len(prompt) / t_prefill:.1f} tok/s")
-    if n_dec:
-        print(f"decode:  {n_dec} steps in {t_decode * 1e3:.1f} ms = {n_dec / t_decode:.1f} tok/s "
-              f"({t_decode / n_dec * 1e3:.2f} ms/token)")
-    print("time per stage (prefill ms | decode ms per step | decode share):")
-    total = sum(timer.seconds.values()) or 1.0
-    for stage, sec, calls, share in timer.table():
-        print(f"  {stage:20s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
-              f"{sec / max(n_dec, 1) * 1e3:9.3f} | {sec / total:6.1%}")
-    return 0
 
 
 def cmd_logits(args: argparse.Namespace) -> int:
@@ -203,7 +116,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
     sids, prefill = engine.prefill(inputs)
     dec: list[list[torch.Tensor]] = [[] for _ in inputs]
     steps = max(len(d) for d in decodes)
-    for i in tqdm(range(steps), desc="decode", unit="step", disable=steps == 0):
+    for i in tqdm(range(steps), desc="decode", unit="step", disable=None if steps else True):  # None: off unless a TTY
         live = [b for b in range(len(inputs)) if i < len(decodes[b])]
         outs = engine.decode([sids[b] for b in live], [decodes[b][i] for b in live])
         for b, o in zip(live, outs):
@@ -365,15 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="greedy generation with timings")
-    g.add_argument("--checkpoint", type=Path, default=None,
-                   help="HF checkpoint directory (default: the embedded mini checkpoint)")
-    g.add_argument("--prompt-ids", type=_ids, default=_ids(DEFAULT_PROMPT), help="comma-separated ids")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    g.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all CPUs)")
-    _backend_args(g, default_backend="fused")
-    g.set_defaults(func=cmd_generate)
+    from .cli_generate import add_generate_parser
+
+    add_generate_parser(sub, _ids, _backend_args)
 
     lg = sub.add_parser("logits", help="write prefill/decode logits to a safetensors file")
     lg.add_argument("--checkpoint", type=Path, required=True)

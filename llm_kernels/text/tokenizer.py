@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from ..errors import TokenizerError
 from .chat_template import render_chat_template
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "SPECIAL_TOKEN_NAMES"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "SPECIAL_TOKEN_NAMES", "read_eos_token_ids"]
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -62,6 +62,18 @@ def _eos_list(v: Any, where: str) -> list[int]:
     if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in vals):
         raise TokenizerError(f"{where}: eos_token_id must be an int >= 0 or a list of them, got {v!r}")
     return list(vals)
+
+
+def read_eos_token_ids(path: str | Path) -> list[int]:
+    """EOS ids of a model directory: ``generation_config.json``'s ``eos_token_id`` (an int or
+    a list) when it has one, else ``config.json``'s; [] when neither does. Raises
+    TokenizerError naming the file for a malformed value."""
+    d = Path(path).expanduser()
+    gen = _read_json(d / "generation_config.json")
+    if gen is not None and gen.get("eos_token_id") is not None:
+        return _eos_list(gen["eos_token_id"], str(d / "generation_config.json"))
+    conf = _read_json(d / "config.json") or {}
+    return _eos_list(conf.get("eos_token_id"), str(d / "config.json"))
 
 
 class Tokenizer:
@@ -119,13 +131,7 @@ class Tokenizer:
         jinja_file = d / "chat_template.jinja"
         if jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
-        gen = _read_json(d / "generation_config.json")
-        if gen is not None and gen.get("eos_token_id") is not None:
-            eos = _eos_list(gen["eos_token_id"], str(d / "generation_config.json"))
-        else:
-            conf = _read_json(d / "config.json") or {}
-            eos = _eos_list(conf.get("eos_token_id"), str(d / "config.json"))
-        return cls(tok, config, template, eos, source=str(d))
+        return cls(tok, config, template, read_eos_token_ids(d), source=str(d))
 
     # ------------------------------------------------------------------ ids <-> text
     @property

@@ -102,3 +102,25 @@ def test_seeded_sampling_reproducible(client):
     c = client.completions.create(seed=99, **kw).choices[0].model_extra["token_ids"]
     assert a == b
     assert a != c
+
+
+def test_bench_serve_against_the_server(server, tmp_path):
+    """``bench-serve`` drives the server with concurrent streams and reports consistent figures."""
+    import json
+
+    from llm_kernels.cli import main
+
+    url, _ = server
+    out = tmp_path / "bs.json"
+    assert main(["bench-serve", "--url", url + "/v1", "--concurrency", "1,3", "--requests", "2",
+                 "--prompt-tokens", "5", "--max-tokens", "6", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    by_c = {r["concurrency"]: r for r in res["runs"]}
+    assert set(by_c) == {1, 3}
+    for c, r in by_c.items():
+        assert r["requests"] == 2 * c and r["output_tokens"] == 2 * c * 6
+        assert r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"]
+        assert r["itl_ms"]["p50"] > 0 and len(r["itl_ms"]) == 3
+        assert r["server"]["tokens"] == 2 * c * 6 and r["server"]["prefill_tokens"] == 2 * c * 5
+    assert by_c[3]["server"]["mean_batch"] > 1  # the three streams shared decode steps
+    assert main(["bench-serve", "--url", url, "--concurrency", "0"]) == 2

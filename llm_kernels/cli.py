@@ -274,6 +274,20 @@ def _golden_main(argv: list[str]) -> int:
     return run_main(cases, argv)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: the OpenAI-compatible server with continuous batching (:mod:`llm_kernels.serve`)."""
+    from .serve.launch import serve_main
+
+    return serve_main(args)
+
+
+def _bench_serve_main(argv: list[str]) -> int:
+    """``bench-serve``: concurrent streaming clients against a running server (:mod:`llm_kernels.bench.serve`)."""
+    from .bench.serve import main as bench_serve_main
+
+    return int(bench_serve_main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
     gd.add_argument("harness_args", nargs=argparse.REMAINDER)
     gd.set_defaults(func=lambda a: _golden_main(a.harness_args))
+    from .serve.launch import add_serve_args
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serving.md)")
+    add_serve_args(sv)
+    _backend_args(sv, default_backend="fused")
+    sv.set_defaults(func=cmd_serve)
+    sub.add_parser("bench-serve", help="N concurrent streaming clients against a running server: aggregate tok/s, "
+                   "time to first token, inter-token latency; flags: see 'bench-serve --help'")
     return p
 
 
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_main(argv[1:])
     if argv[:1] == ["golden"]:  # the harness parses its own flags
         return _golden_main(argv[1:])
+    if argv[:1] == ["bench-serve"]:  # the server benchmark parses its own flags
+        return _bench_serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .errors import CacheOverflowError, CheckpointError, ConfigError
 

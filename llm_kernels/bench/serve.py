@@ -108,12 +108,19 @@ async def run_level(url: str, model: str, concurrency: int, requests_per_client:
              "max_tokens": max_tokens, "wall_s": wall, "output_tokens": tokens,
              "output_tok_s": tokens / wall, "requests_s": len(results) / wall,
              "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),
-             "per_stream_tok_s": percentiles([1e3 / x for x in itl if x > 0])}
-    if s0 and s1 and "steps" in s0:
-        d = {k: s1[k] - s0[k] for k in ("steps", "engine_s", "loop_s", "batch_sum", "tokens", "prefill_tokens")}
-        steps = max(d["steps"], 1)
+             "per_stream_tok_s": percentiles([1e3 / x for x in itl if x > 0]),
+             # steady decode: every stream advances one token per mean inter-token gap
+             "decode_tok_s_est": concurrency * 1e3 / float(np.mean(itl)) if itl else None}
+    if s0 and s1 and "decode_steps" in s0:
+        keys = ("steps", "engine_s", "loop_s", "batch_sum", "tokens", "prefill_tokens", "decode_steps",
+                "decode_engine_s", "decode_rows")
+        d = {k: s1[k] - s0[k] for k in keys}
+        steps, dsteps = max(d["steps"], 1), max(d["decode_steps"], 1)
         level["server"] = {
-            "steps": d["steps"], "mean_batch": d["batch_sum"] / steps, "engine_ms_per_step": d["engine_s"] / steps * 1e3,
+            "steps": d["steps"], "decode_steps": d["decode_steps"], "mean_batch": d["batch_sum"] / steps,
+            "mean_decode_batch": d["decode_rows"] / dsteps,
+            "engine_ms_per_step": d["engine_s"] / steps * 1e3,
+            "engine_ms_per_decode_step": d["decode_engine_s"] / dsteps * 1e3,
             "loop_ms_per_step": d["loop_s"] / steps * 1e3, "loop_share_of_engine": d["loop_s"] / max(d["engine_s"], 1e-9),
             "wall_ms_per_step": wall / steps * 1e3, "engine_share_of_wall": d["engine_s"] / wall,
             "prefill_tokens": d["prefill_tokens"], "tokens": d["tokens"]}
@@ -187,16 +194,18 @@ def main(argv: list[str] | None = None) -> int:
             lv["repeat"] = rep
             runs.append(lv)
             srv = lv.get("server", {})
-            extra = (f"; server: {srv['steps']} steps, batch {srv['mean_batch']:.2f}, engine "
-                     f"{srv['engine_ms_per_step']:.2f} ms/step, loop {srv['loop_share_of_engine']:.2%} of engine, "
-                     f"wall {srv['wall_ms_per_step']:.2f} ms/step") if srv else ""
-            print(f"c={c:3d} rep {rep}: {lv['output_tok_s']:8.2f} tok/s ({lv['output_tokens']} tokens, "
+            extra = (f"; server: {srv['decode_steps']} decode steps of {srv['mean_decode_batch']:.2f} rows, engine "
+                     f"{srv['engine_ms_per_decode_step']:.2f} ms/decode step, loop {srv['loop_share_of_engine']:.2%} "
+                     f"of engine time") if srv else ""
+            print(f"c={c:3d} rep {rep}: {lv['output_tok_s']:8.2f} tok/s (decode ~{lv['decode_tok_s_est'] or 0:.1f}; "
+                  f"{lv['output_tokens']} tokens, "
                   f"{lv['requests']} requests, {lv['wall_s']:.1f} s); TTFT p50/p90/p99 {_fmt(lv['ttft_ms'])} ms; "
                   f"ITL {_fmt(lv['itl_ms'])} ms{extra}", flush=True)
     summary = {}
     for c in levels:
         rs = [r for r in runs if r["concurrency"] == c]
         summary[str(c)] = {"output_tok_s_median": float(np.median([r["output_tok_s"] for r in rs])),
+                           "decode_tok_s_est_median": float(np.median([r["decode_tok_s_est"] or 0 for r in rs])),
                            "itl_p50_ms_median": float(np.median([r["itl_ms"]["p50"] for r in rs])),
                            "ttft_p50_ms_median": float(np.median([r["ttft_ms"]["p50"] for r in rs]))}
     if len(levels) > 1:

@@ -88,7 +88,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._counters = {"steps": 0, "engine_s": 0.0, "loop_s": 0.0, "tokens": 0, "prefill_tokens": 0,
                           "requests_done": 0, "requests_failed": 0, "requests_cancelled": 0,
-                          "rejected_full": 0, "batch_sum": 0}
+                          "rejected_full": 0, "batch_sum": 0, "decode_steps": 0, "decode_engine_s": 0.0,
+                          "decode_rows": 0}
 
     # ------------------------------------------------------------------ client side
     def check_fits(self, prompt_len: int, max_tokens: int, prompt_field: str = "prompt") -> None:
@@ -214,7 +215,7 @@ class Scheduler:
             if r.sid is None:  # admitted this iteration
                 r.sid = self.engine.add_sequence()
                 self._step_and_sample([r], it)
-        self._step_and_sample([r for r in batch if not r.done], it)
+        self._step_and_sample([r for r in batch if not r.done], it, decode=True)
         with self._cond:
             gone = it.finished + [r for r, _ in it.failed]
             for r in gone:
@@ -228,6 +229,9 @@ class Scheduler:
             c["prefill_tokens"] += it.prefill_tokens
             c["requests_done"] += len(it.finished)
             c["requests_failed"] += len(it.failed)
+            c["decode_steps"] += it.decode_steps
+            c["decode_rows"] += it.decode_rows
+            c["decode_engine_s"] += it.decode_engine_s
         events = it.events + [(r, Event("error", status=500, message=msg)) for r, msg in it.failed]
         events = [(r, ev) for r, ev in events if not r.cancelled]  # nobody listens to a cancelled one
         if events:
@@ -237,7 +241,7 @@ class Scheduler:
             self._counters["engine_s"] += it.engine_s
             self._counters["loop_s"] += (t1 - t0) - it.engine_s
 
-    def _step_and_sample(self, reqs: list[Request], it: "_Iteration") -> None:
+    def _step_and_sample(self, reqs: list[Request], it: "_Iteration", decode: bool = False) -> None:
         """One engine step over ``reqs`` (each feeds :meth:`Request.next_input`), then sample
         and detokenize each. If the batched step raises, each request is retried alone (the
         failed step changed no sequence); a request that fails alone, or whose sampler /
@@ -261,7 +265,10 @@ class Scheduler:
                         it.steps += 1
                     except Exception as e1:
                         it.fail(r, e1)
-        it.engine_s += time.perf_counter() - te0
+        dt = time.perf_counter() - te0
+        it.engine_s += dt
+        if decode and rows:
+            it.decode_steps, it.decode_rows, it.decode_engine_s = it.decode_steps + 1, it.decode_rows + len(rows), dt
         it.rows += len(rows)
         it.prefill_tokens += sum(len(t) for r, t in zip(reqs, inputs) if not r.generated)
         for r, lg in rows:
@@ -295,8 +302,8 @@ class _Iteration:
         self.events: list[tuple[Request, Event]] = []
         self.finished: list[Request] = []
         self.failed: list[tuple[Request, str]] = []
-        self.steps = self.rows = self.tokens = self.prefill_tokens = 0
-        self.engine_s = 0.0
+        self.steps = self.rows = self.tokens = self.prefill_tokens = self.decode_steps = self.decode_rows = 0
+        self.engine_s = self.decode_engine_s = 0.0
 
     def fail(self, r: Request, e: BaseException) -> None:
         log.error("request %s failed: %s: %s", r.rid, type(e).__name__, e)

@@ -92,7 +92,10 @@ class _Server:
         """Worker thread -> event loop: one call per step for all its events."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_dispatch, events)
+            try:
+                loop.call_soon_threadsafe(_dispatch, events)
+            except RuntimeError:  # the loop closed in between (shutdown): nobody is listening
+                pass
 
     # ---------------------------------------------------------------- request building
     def check_model(self, name: str) -> None:

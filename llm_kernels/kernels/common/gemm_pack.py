@@ -57,7 +57,7 @@ CHUNK_N = 16 * VNNI_NB
 MAX_K_VNNI = 66_000
 MAX_K_PLAIN = 133_000
 
-def _aligned_empty(n: int, dtype: Any, align: int = 64) -> np.ndarray:
+def aligned_empty(n: int, dtype: Any, align: int = 64) -> np.ndarray:
     """1-D uninitialised array of ``n`` elements whose data pointer is ``align``-aligned."""
     dt = np.dtype(dtype)
     raw = np.empty(n * dt.itemsize + align, np.uint8)
@@ -83,7 +83,7 @@ def _pack_w_bcast(wq, wp, KG, NBLK):
 
 
 @njit_kernel(parallel=True)
-def _pack_w_bcast32(w32, wp32, KG, NBLK):
+def pack_w_bcast32(w32, wp32, KG, NBLK):
     """Fast path of :func:`_pack_w_bcast` for K % 4 == 0: moves 4-byte k-groups as uint32
     (``w32`` = the weight viewed as uint32 [N, K/4]); rows >= N are zero."""
     N = w32.shape[0]
@@ -206,9 +206,9 @@ def pack_w8a8(qweight: Any, scale: Any, layout: str | None = None) -> PackedW8A8
             raise ValueError(f"K={K} too large for exact int32 accumulation of u8*s8 (max {MAX_K_VNNI})")
         kp = max(4, -(-K // 4) * 4)
         np_ = max(CHUNK_N, -(-N // CHUNK_N) * CHUNK_N)
-        wp = _aligned_empty(np_ * kp, np.int8)
+        wp = aligned_empty(np_ * kp, np.int8)
         if K % 4 == 0 and K:
-            _pack_w_bcast32(w.view(np.uint32), wp.view(np.uint32), kp // 4, np_ // 16)
+            pack_w_bcast32(w.view(np.uint32), wp.view(np.uint32), kp // 4, np_ // 16)
         else:
             _pack_w_bcast(w, wp, kp // 4, np_ // 16)
         return PackedW8A8(N, K, layout, wp, s, wsum, kp, np_)

@@ -33,7 +33,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["VNNI_NB", "BFloatType", "acc_loop", "bcast_tile_intrinsic", "bf16_dot_tile", "vnni_bcast_tile"]
+__all__ = ["GROUP_TILE_REGS", "VNNI_NB", "BFloatType", "acc_loop", "bcast_tile_intrinsic", "bf16_dot_tile",
+           "vnni_bcast_tile", "vnni_group_tile"]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -212,6 +213,141 @@ def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: boo
     xdt, wdt = (types.int8, types.uint8) if signed_x else (types.uint8, types.int8)
     return bcast_tile_intrinsic(
         codegen, xdt, wdt, f"vnni_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}{'_sx' if signed_x else ''}")
+
+
+# --------------------------------------------------------------------------- grouped VNNI tile (int8_g32)
+# AVX-512 VNNI register tile of the group-scaled INT8 GEMM (:mod:`.gemm_group`): the
+# block sums stay in registers and are folded into float32 register accumulators after
+# every block of ``G`` inputs, as llama.cpp's Q8_0 dot does.
+#
+# Why in registers: folding through memory (tile stores its int32 accumulators, a Numba
+# loop reloads them) stalls on store-to-load forwarding of the 64-byte stores once per
+# block of 32 inputs; measured 3x slower than the tile alone at T=1.
+#
+# **Only call from kernels that run when** ``jit.INT8_TILE == "vnni"`` (see the module docstring).
+#
+# Numba signature (offsets and strides in elements of their array, ``intp``)::
+#
+#     tile(xp, x_off, x_ks, wp, w_off, w_bs, gkg, ng, sw, sw_off, sx, corr, sc_off, sc_ts,
+#          facc, f_off, f_ts, accumulate)
+#
+# * ``xp`` int8 packed activations ``[K/4][TP][4]`` (raw ``q``, the *signed* operand of
+#   ``vpdpbusd``); ``wp`` uint8 packed weights ``[Np/16][K/4][16][4]`` holding ``w + 128``;
+# * for blocks ``g < ng`` (each ``gkg`` k-groups of 4), tokens ``t < tt``, weight blocks
+#   ``j < nb``, lanes ``l < 16``, with ``c = corr[sc_off + t*sc_ts + g]`` (int32,
+#   ``128·Σ q`` of the block) and ``s = sx[sc_off + t*sc_ts + g]``::
+#
+#       isum = Σ_{kg in block g} Σ_b xp[x_off + kg*x_ks + 4t + b] · wp[w_off + j*w_bs + 64 kg + 4l + b]
+#       f[t, j, l] = fl(f + fl(fl(f32(isum - c) · s) · bf16(sw[sw_off + 64 g + 16 j + l])))
+#
+#   starting from ``facc[f_off + t*f_ts + 16 j + l]`` when ``accumulate`` else 0, and
+#   stored there at the end.
+_I16 = ir.IntType(16)
+_F32 = ir.FloatType()
+_VF = ir.VectorType(_F32, 16)
+_VH = ir.VectorType(_I16, 16)
+
+#: zmm registers a tile may keep live: int + float accumulators, nb weights, a broadcast.
+GROUP_TILE_REGS = 30
+
+
+@cache
+def vnni_group_tile(tt: int, nb: int, prefetch: int = 0):
+    """Build the ``tt x nb`` grouped VNNI tile intrinsic (see the comment above);
+    cached per argument tuple. Raises ValueError when the tile does not fit in zmm
+    registers (``2·tt·nb + nb + 1 > GROUP_TILE_REGS``)."""
+    if not (tt >= 1 and nb >= 1 and 2 * tt * nb + nb + 1 <= GROUP_TILE_REGS):
+        raise ValueError(f"grouped tile {tt}x{nb} does not fit in the zmm registers")
+
+    def codegen(context, builder, sig, args):
+        (xa, x_off, x_ks, wa, w_off, w_bs, gkg, ng, swa, sw_off, sxa, ca, sc_off, sc_ts,
+         fa, f_off, f_ts, accum) = args
+        i8p = _I8.as_pointer()
+
+        def data(i, v):
+            return builder.bitcast(context.make_array(sig.args[i])(context, builder, v).data, i8p)
+
+        xptr, wptr, swptr, sxptr, cptr, fptr = (data(0, xa), data(3, wa), data(8, swa), data(10, sxa),
+                                                 data(11, ca), data(14, fa))
+        k = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        x_base = builder.gep(xptr, [x_off])
+        w_bases = [builder.gep(wptr, [builder.add(w_off, builder.mul(w_bs, k(j)))]) for j in range(nb)]
+        f_offs = [[builder.mul(k(4), builder.add(f_off, builder.add(builder.mul(f_ts, k(t)), k(16 * j))))
+                   for j in range(nb)] for t in range(tt)]
+        flag = accum if accum.type == _I1 else builder.icmp_unsigned("!=", accum, ir.Constant(accum.type, 0))
+        zf = ir.Constant(_VF, [0.0] * 16)
+        finit = [builder.select(flag, builder.load(builder.bitcast(builder.gep(fptr, [f_offs[t][j]]),
+                                                                   _VF.as_pointer()), align=1), zf)
+                 for t in range(tt) for j in range(nb)]
+        dot = _vpdpbusd(builder)
+        pf = _prefetch(builder) if prefetch else None
+        zi = ir.Constant(_V16, [0] * 16)
+        sh16 = ir.Constant(_V16, [16] * 16)
+
+        def bcast(v, vty):
+            e = builder.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(e, ir.Constant(vty, None), ir.Constant(_V16, [0] * 16))
+
+        def group(g, fcur):
+            kg0 = builder.mul(g, gkg)
+
+            def step(kgl, flat):
+                kg = builder.add(kg0, kgl)
+                wk = builder.mul(kg, k(64))
+                ws = [_vload(builder, w_bases[j], wk) for j in range(nb)]
+                if pf is not None:
+                    pk = builder.add(wk, k(prefetch))
+                    for j in range(nb):
+                        builder.call(pf, [builder.gep(w_bases[j], [pk]), ir.Constant(_I32, 0),
+                                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                xk = builder.mul(kg, x_ks)
+                new = []
+                for t in range(tt):
+                    xb = _bcast32(builder, x_base, builder.add(xk, k(4 * t)))
+                    for j in range(nb):
+                        new.append(builder.call(dot, [flat[t * nb + j], ws[j], xb]))
+                return new
+
+            isum = acc_loop(builder, gkg, [zi] * (tt * nb), step, "gdot")
+            # weight scales of block g: bf16 bits -> float32 (16 per weight block j)
+            swo = builder.add(sw_off, builder.mul(g, k(64)))
+            swv = []
+            for j in range(nb):
+                p = builder.bitcast(builder.gep(swptr, [builder.mul(k(2), builder.add(swo, k(16 * j)))]),
+                                    _VH.as_pointer())
+                h = builder.zext(builder.load(p, align=1), _V16)
+                swv.append(builder.bitcast(builder.shl(h, sh16), _VF))
+            out = []
+            for t in range(tt):
+                so = builder.mul(k(4), builder.add(sc_off, builder.add(builder.mul(sc_ts, k(t)), g)))
+                cv = bcast(builder.load(builder.bitcast(builder.gep(cptr, [so]), _I32.as_pointer()), align=1), _V16)
+                sv = bcast(builder.load(builder.bitcast(builder.gep(sxptr, [so]), _F32.as_pointer()), align=1), _VF)
+                for j in range(nb):
+                    v = builder.sitofp(builder.sub(isum[t * nb + j], cv), _VF)
+                    v = builder.fmul(builder.fmul(v, sv), swv[j])
+                    out.append(builder.fadd(fcur[t * nb + j], v))
+            return out
+
+        final = acc_loop(builder, ng, finit, group, "ggroup")
+        for t in range(tt):
+            for j in range(nb):
+                builder.store(final[t * nb + j], builder.bitcast(builder.gep(fptr, [f_offs[t][j]]),
+                                                                 _VF.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _tile(typingctx, xp, x_off, x_ks, wp, w_off, w_bs, gkg, ng, sw, sw_off, sx, corr, sc_off,
+              sc_ts, facc, f_off, f_ts, accumulate):
+        for a, dt in ((xp, types.int8), (wp, types.uint8), (sw, types.uint16), (sx, types.float32),
+                      (corr, types.int32), (facc, types.float32)):
+            if not isinstance(a, types.Array) or a.dtype != dt or a.ndim != 1:
+                return None
+        ip = types.intp
+        sig = types.void(xp, ip, ip, wp, ip, ip, ip, ip, sw, ip, sx, corr, ip, ip, facc, ip, ip, types.boolean)
+        return sig, codegen
+
+    _tile.__name__ = f"vnni_group_tile_{tt}x{nb}{'_pf' if prefetch else ''}"
+    return _tile
 
 
 # --------------------------------------------------------------------------- vdpbf16ps (AVX512_BF16)

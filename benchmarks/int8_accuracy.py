@@ -22,7 +22,10 @@ Variants:
   dequantised exactly and multiplied in fp32, so it differs from llama.cpp's integer dot
   only by fp32 summation order;
 * ``g<G>``: the ``int8`` weights with scales per G inputs (weights and activations,
-  fp32 scales) -- what a finer-grained INT8 format would buy.
+  fp32 scales) -- what a finer-grained INT8 format would buy;
+* ``int8_g32``: the ``int8_g32`` scheme itself (:mod:`llm_kernels.numerics.group_quant`:
+  bf16 weight scales rounded up, per-32 activation scales, exact INT32 block sums), run
+  through the reference's own ``group_linear`` golden (no emulation).
 
 Run::
 
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 
 from llm_kernels import models
 from llm_kernels.checkpoint import load_checkpoint
+from llm_kernels.numerics.group_quant import GroupQuantWeight, quantize_weight_grouped
 from llm_kernels.numerics.quant import QuantWeight, quantize_weight
 from llm_kernels.numerics.rounding import rnd
 
@@ -151,8 +155,8 @@ def weight_bytes(weights: dict, cfg) -> float:
     for name, w in weights.items():
         if name == "embed.weight":
             continue
-        if isinstance(w, QuantWeight):
-            b = w.qweight.numel() + 4 * w.scale.numel()
+        if isinstance(w, (QuantWeight, GroupQuantWeight)):
+            b = w.qweight.numel() + w.scale.numel() * w.scale.element_size()
         elif isinstance(w, FakeQuant):
             b = w.q.numel() + (2 if w.fp16 else 4) * w.d.numel()
         elif isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype != torch.int64:
@@ -173,6 +177,7 @@ def variants(base: dict, cfg, groups: list[int]) -> dict:
         out[f"w8a8+{c}"] = ("int8", w8a8 + names, None)
     out["int8"] = ("int8", every, None)
     out["q8_0"] = ("fq", every, (32, True))
+    out["int8_g32"] = ("g32", every, None)
     for g in groups:
         out[f"g{g}"] = ("fq", every, (g, False))
     return out
@@ -181,7 +186,12 @@ def variants(base: dict, cfg, groups: list[int]) -> dict:
 def build(base: dict, kind: str, names: list[str], fq) -> dict:
     w = dict(base)
     for n in names:
-        w[n] = quantize_weight(base[n]) if kind == "int8" else FakeQuant(base[n], *fq)
+        if kind == "int8":
+            w[n] = quantize_weight(base[n])
+        elif kind == "g32":
+            w[n] = quantize_weight_grouped(base[n], 32)
+        else:
+            w[n] = FakeQuant(base[n], *fq)
     return w
 
 

@@ -247,10 +247,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _backend_args(p: argparse.ArgumentParser, default_backend: str = "reference") -> None:
     p.add_argument("--backend", choices=["reference", "fused"], default=default_backend,
                    help=f"stage implementations: fused kernels or the torch reference (default {default_backend})")
-    p.add_argument("--quant", choices=["none", "w8a8", "int8"], default=None,
+    p.add_argument("--quant", choices=["none", "w8a8", "int8", "int8_g32"], default=None,
                    help="weights: none = float; w8a8 = the spec's INT8 set (experts, wq_b, wo_b); int8 = "
-                        "every 2-D weight but the embedding and router INT8 (head included, Q8_0-class); "
-                        "quantized on load from a float checkpoint; default: as stored")
+                        "every 2-D weight but the embedding and router INT8 (head included, per-row scales); "
+                        "int8_g32 = the int8 set with one scale per 32 inputs (Q8_0's granularity, the most "
+                        "accurate); quantized on load from a float checkpoint; default: as stored")
 
 
 def _bench_main(argv: list[str]) -> int:
@@ -309,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser("quantize", help="convert a float checkpoint to an INT8 format (w8a8 or int8)")
     qz.add_argument("--checkpoint", type=Path, required=True)
-    qz.add_argument("--scheme", choices=["w8a8", "int8"], default="w8a8",
-                    help="w8a8: the spec's INT8 set; int8: every 2-D weight but the embedding and router")
+    qz.add_argument("--scheme", choices=["w8a8", "int8", "int8_g32"], default="w8a8",
+                    help="w8a8: the spec's INT8 set; int8: every 2-D weight but the embedding and router; "
+                         "int8_g32: the int8 set with one scale per 32 inputs")
     qz.add_argument("--out", type=Path, required=True)
     qz.set_defaults(func=cmd_quantize)
 

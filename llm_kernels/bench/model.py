@@ -2,7 +2,7 @@
 shaped like llama.cpp's ``llama-bench``.
 
     python -m llm_kernels bench --checkpoint DIR -p 512 -n 128 [-d 0,4096] [-b 1,4] [-r 5]
-        [--backend fused|reference] [--quant none|w8a8] [--dtype bfloat16|float32] [--json PATH]
+        [--backend fused|reference] [--quant none|w8a8|int8|int8_g32] [--dtype bfloat16|float32] [--json PATH]
 
 The driver (:mod:`.driver`) runs this mode when ``-p``/``-n``/``-d``/``-b`` or ``-m``/``--model``
 are given; without them ``bench`` is the per-layer benchmark. Any checkpoint of a registered
@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="torch and numba threads (default: as configured, usually the core count)")
     p.add_argument("--backend", choices=["fused", "reference"], default="fused", help="default fused")
-    p.add_argument("--quant", choices=["none", "w8a8", "int8"], default=None,
-                   help="none = float weights, w8a8 = INT8 (quantized on load if the checkpoint is float); "
+    p.add_argument("--quant", choices=["none", "w8a8", "int8", "int8_g32"], default=None,
+                   help="none = float weights; w8a8 / int8 / int8_g32 = the INT8 schemes (see generate --help; "
+                        "quantized on load if the checkpoint is float); "
                         "default: as stored")
     p.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="activation / float weight dtype")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..kernels.common import jit
+    from ..numerics.group_quant import GroupQuantWeight
     from ..numerics.quant import QuantWeight
 
     if args.threads:
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as e:
         return _err(str(e))
     load_s = time.perf_counter() - t0
-    quantized = any(isinstance(w, QuantWeight) for w in weights.values())
+    quantized = any(isinstance(w, (QuantWeight, GroupQuantWeight)) for w in weights.values())
     max_batch = max(t.batch for t in tests)
     t0 = time.perf_counter()
     try:
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
     rb = decode_read_bytes(prepared, cfg)
-    scheme = args.quant if args.quant in ("w8a8", "int8") else checkpoint_quant(args.checkpoint)
+    scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else checkpoint_quant(args.checkpoint)
     quant_label = (scheme or "W8A8").upper() if quantized else {"bfloat16": "BF16", "float32": "F32"}[args.dtype]
     model_label = f"{spec.model_type} {cfg.num_hidden_layers}L {quant_label}"
     backend_label = args.backend + (f" ({dinfo['path']})" if args.backend == "fused" else "")

@@ -35,7 +35,15 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
     be silently miscounted)."""
     import torch
 
-    from ..kernels.common.prepared import PackedColumnGroups, PackedLinear, PackedRowGroups, PackedRows
+    from ..kernels.common.gemm_group import PackedGroupW8
+    from ..kernels.common.prepared import (
+        PackedColumnGroups,
+        PackedLinear,
+        PackedRowGroups,
+        PackedRows,
+        PreparedGroupWeight,
+    )
+    from ..numerics.group_quant import GroupQuantWeight
     from ..numerics.quant import QuantWeight
 
     seen = set() if seen is None else seen
@@ -46,14 +54,16 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
         packs = [w.packed]
     elif isinstance(w, (PackedColumnGroups, PackedRowGroups)):
         packs = list(w.packs)
+    elif isinstance(w, PreparedGroupWeight):
+        packs = w.packed_parts()
     if packs is not None:
         total = 0
         for pk in packs:
             if id(pk) not in seen:
                 seen.add(id(pk))
-                total += _packed_bytes(pk)
+                total += pk.nbytes if isinstance(pk, PackedGroupW8) else _packed_bytes(pk)
         return total
-    if isinstance(w, QuantWeight) and type(w) is QuantWeight:
+    if type(w) in (QuantWeight, GroupQuantWeight):
         return w.qweight.numel() * w.qweight.element_size() + w.scale.numel() * w.scale.element_size()
     raise TypeError(f"cannot count the storage of a {type(w).__name__}")
 

@@ -9,15 +9,21 @@ from .. import models
 from .tensor_info import TensorInfo
 
 __all__ = ["TensorInfo", "expected_tensors", "canonical_name", "is_ignored", "is_fp32_tensor",
-           "is_w8a8_weight", "QUANT_METHOD_W8A8", "QUANT_METHOD_INT8", "QUANT_METHODS", "QUANTS"]
+           "is_w8a8_weight", "QUANT_METHOD_W8A8", "QUANT_METHOD_INT8", "QUANT_METHOD_INT8_G32", "QUANT_METHODS",
+           "QUANTS", "GROUPED_SCHEMES"]
 
 QUANT_METHOD_W8A8 = "llm_kernels_w8a8"
 QUANT_METHOD_INT8 = "llm_kernels_int8"
+QUANT_METHOD_INT8_G32 = "llm_kernels_int8_g32"
 #: quantisation scheme -> ``quantization_config.quant_method`` of its stored checkpoints.
 #: ``w8a8``: the spec's W8A8 set (the model's ``is_w8a8_weight``); ``int8``: every 2-D
-#: weight a Q8-class format quantises (``is_int8_weight``), same per-row recipe.
-QUANT_METHODS = {"w8a8": QUANT_METHOD_W8A8, "int8": QUANT_METHOD_INT8}
-QUANTS = (None, "w8a8", "int8")
+#: weight a Q8-class format quantises (``is_int8_weight``), same per-row recipe;
+#: ``int8_g32``: the ``int8`` set with one scale per 32 inputs (weights: bfloat16
+#: ``[out, in/32]``; activations per 32 at run time: Q8_0's granularity).
+QUANT_METHODS = {"w8a8": QUANT_METHOD_W8A8, "int8": QUANT_METHOD_INT8, "int8_g32": QUANT_METHOD_INT8_G32}
+QUANTS = (None, "w8a8", "int8", "int8_g32")
+#: Group-scaled schemes -> inputs per scale.
+GROUPED_SCHEMES = {"int8_g32": 32}
 
 
 def canonical_name(name: str, cfg) -> str:
@@ -44,9 +50,10 @@ def is_w8a8_weight(name: str, cfg) -> bool:
 def expected_tensors(cfg, quant: str | None = None) -> dict[str, TensorInfo]:
     """Every tensor a checkpoint of ``cfg`` must hold, by canonical name, with its shape.
     ``quant="w8a8"`` / ``"int8"``: the scheme's INT8 weights are kind ``"int8"`` and each
-    has a ``<name>_scale`` ([out] float32) companion. Raises ValueError for another ``quant``."""
+    has a ``<name>_scale`` ([out] float32) companion; ``"int8_g32"``: ``<name>_scale`` is
+    ``[out, in/32]`` (bfloat16). Raises ValueError for another ``quant``."""
     if quant not in QUANTS:
-        raise ValueError(f"quant must be None, 'w8a8' or 'int8', got {quant!r}")
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     spec = models.spec_for_config(cfg)
     t = spec.expected_float_tensors(cfg)
     if quant is None:
@@ -56,7 +63,8 @@ def expected_tensors(cfg, quant: str | None = None) -> dict[str, TensorInfo]:
     for name, info in t.items():
         if is_int8(name):
             out[name] = TensorInfo(info.shape, kind="int8")
-            out[name + "_scale"] = TensorInfo((info.shape[0],))
+            g = GROUPED_SCHEMES.get(quant)
+            out[name + "_scale"] = TensorInfo((info.shape[0],) if g is None else (info.shape[0], info.shape[1] // g))
         else:
             out[name] = info
     return out

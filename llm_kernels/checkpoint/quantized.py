@@ -9,7 +9,10 @@ and, for every weight of the scheme's set, ``<name>`` stored as int8 ``[out, in]
   and routed experts, as the spec's W8A8 table; Qwen3: the seven projections of each layer);
 * ``int8``: ``is_int8_weight``, every 2-D weight a Q8-class format quantises (adds the
   output head and, for DeepSeek-V4, wq_a, wkv, wo_a, the compressors and the indexer's
-  weights_proj); the embedding and the router stay float.
+  weights_proj); the embedding and the router stay float;
+* ``int8_g32``: the ``int8`` set with one scale per block of 32 inputs
+  (:mod:`llm_kernels.numerics.group_quant`): ``<name>_scale`` is bfloat16 ``[out, in/32]``,
+  the weights load as ``GroupQuantWeight``.
 
 All other tensors are stored as in the source checkpoint.
 
@@ -25,8 +28,9 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..errors import CheckpointError
+from ..numerics.group_quant import GroupQuantWeight, quantize_weight_grouped
 from ..numerics.quant import QuantWeight, quantize_weight
-from .names import QUANT_METHOD_W8A8, QUANT_METHODS
+from .names import GROUPED_SCHEMES, QUANT_METHOD_W8A8, QUANT_METHODS
 
 __all__ = ["quantize_weights", "assemble_w8a8", "quantization_config", "QUANTIZATION_CONFIG"]
 
@@ -40,8 +44,21 @@ QUANTIZATION_CONFIG = {
 def quantization_config(cfg, scheme: str = "w8a8") -> dict:
     """The ``quantization_config`` entry of a ``scheme`` checkpoint of ``cfg``'s model."""
     spec = models.spec_for_config(cfg)
-    return dict(QUANTIZATION_CONFIG, quant_method=QUANT_METHODS[scheme],
-                modules=list(spec.quantized_modules(scheme)))
+    qc = dict(QUANTIZATION_CONFIG, quant_method=QUANT_METHODS[scheme], modules=list(spec.quantized_modules(scheme)))
+    g = GROUPED_SCHEMES.get(scheme)
+    if g is not None:
+        qc.update(group_size=g, weights=f"int8, symmetric, one bfloat16 scale per {g} inputs (<name>_scale "
+                  f"[out, in/{g}], rounded up)", activations=f"int8, symmetric, dynamic per {g} inputs")
+    return qc
+
+
+def quantize_for(scheme: str):
+    """The weight quantiser of ``scheme``: :func:`quantize_weight` (per row) or the
+    group-scaled :func:`quantize_weight_grouped`. Raises ValueError for an unknown scheme."""
+    if scheme not in QUANT_METHODS:
+        raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
+    g = GROUPED_SCHEMES.get(scheme)
+    return quantize_weight if g is None else (lambda w: quantize_weight_grouped(w, g))
 
 
 def quantize_weights(weights: dict[str, torch.Tensor], cfg, progress: bool = False,
@@ -51,9 +68,11 @@ def quantize_weights(weights: dict[str, torch.Tensor], cfg, progress: bool = Fal
     :class:`QuantWeight` (per-output-channel INT8). Weights that already are QuantWeight and
     other tensors are passed through. Raises ValueError for an unknown scheme."""
     is_int8 = models.spec_for_config(cfg).quantized_weight(scheme)
+    quant = quantize_for(scheme)
     out: dict = {}
     for name, t in tqdm(weights.items(), desc="quantize", disable=None if progress else True):
-        out[name] = quantize_weight(t) if is_int8(name) and not isinstance(t, QuantWeight) else t
+        done = isinstance(t, (QuantWeight, GroupQuantWeight))
+        out[name] = quant(t) if is_int8(name) and not done else t
     return out
 
 
@@ -65,10 +84,13 @@ def assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
         if name.endswith(".weight_scale"):
             continue
         if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
-            scale = tensors[name + "_scale"].float()
-            if not bool((scale > 0).all()):
+            scale = tensors[name + "_scale"]
+            if not bool((scale.float() > 0).all()):
                 raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")
-            out[name] = QuantWeight(t, scale)
+            if scale.dim() == 2:  # group-scaled: bfloat16 [out, in/G]
+                out[name] = GroupQuantWeight(t, scale.to(torch.bfloat16), t.shape[1] // scale.shape[1])
+            else:
+                out[name] = QuantWeight(t, scale.float())
         else:
             out[name] = t
     return out

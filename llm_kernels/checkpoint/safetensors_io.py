@@ -37,8 +37,7 @@ from .names import (
     is_fp32_tensor,
     is_ignored,
 )
-from ..numerics.quant import quantize_weight
-from .quantized import assemble_w8a8
+from .quantized import assemble_w8a8, quantize_for
 
 __all__ = [
     "CheckpointError",
@@ -280,8 +279,8 @@ def load_checkpoint(
         ValueError: ``dtype`` not None / float32 / bfloat16.
     """
     check_dtype_arg(dtype, (torch.float32, torch.bfloat16), "load_checkpoint dtype")
-    if quant not in (None, "none", "w8a8", "int8"):
-        raise ValueError(f"quant must be None, 'none', 'w8a8' or 'int8', got {quant!r}")
+    if quant not in (None, "none", *QUANT_METHODS):
+        raise ValueError(f"quant must be None, 'none' or one of {sorted(QUANT_METHODS)}, got {quant!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
@@ -293,6 +292,9 @@ def load_checkpoint(
     if quant == "w8a8" and stored_quant == "int8":
         raise CheckpointError(f"checkpoint {root} is int8 (a superset of w8a8 stored INT8); load it with "
                               "quant='int8' or as stored")
+    if stored_quant is not None and quant not in (None, "none", stored_quant) and "int8_g32" in (quant, stored_quant):
+        raise CheckpointError(f"checkpoint {root} is {stored_quant}; it cannot be loaded as {quant} (the scale "
+                              "granularities differ: quantize the float checkpoint instead)")
     expected = expected_tensors(cfg, stored_quant)
 
     # ---- 1. Read headers: names, shapes, dtypes (no tensor data yet).
@@ -375,7 +377,8 @@ def load_checkpoint(
     by_file: dict[Path, list[str]] = {}
     # quantize on load tensor by tensor, right after reading (never all float copies at once)
     quantize_now = (models.spec_for_config(cfg).quantized_weight(quant)
-                    if quant in ("w8a8", "int8") and quant != stored_quant else (lambda name: False))
+                    if quant in QUANT_METHODS and quant != stored_quant else (lambda name: False))
+    quantizer = quantize_for(quant) if quant in QUANT_METHODS else None
     for name in expected:
         by_file.setdefault(sources[name].file, []).append(name)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -411,7 +414,7 @@ def load_checkpoint(
                                 if t.dtype != want:
                                     t = t.to(want)
                             if quantize_now(name):
-                                t = quantize_weight(t)
+                                t = quantizer(t)
                         # get_tensor's result lives in the file's mmap, which stays mapped (and
                         # its touched pages resident) while any tensor of it is alive: keep a
                         # private copy instead, so the mapping goes with this batch's handle.

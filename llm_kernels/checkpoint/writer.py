@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..errors import CheckpointError
+from ..numerics.group_quant import GroupQuantWeight
 from ..numerics.quant import QuantWeight
 from .names import QUANT_METHODS, TensorInfo, expected_tensors, is_fp32_tensor
 from .quantized import quantization_config, quantize_weights
@@ -251,6 +252,9 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
         if isinstance(t, QuantWeight):
             tensors[name] = t.qweight.contiguous()
             tensors[name + "_scale"] = t.scale.float().contiguous()
+        elif isinstance(t, GroupQuantWeight):
+            tensors[name] = t.qweight.contiguous()
+            tensors[name + "_scale"] = t.scale.contiguous()  # bfloat16 [out, in/G]
         else:
             tensors[name] = t.contiguous()
     out = Path(out_dir)

@@ -70,14 +70,14 @@ class ModelSpec:
         set when the model defines none). Raises ValueError for another scheme."""
         if scheme == "w8a8":
             return self.is_w8a8_weight
-        if scheme == "int8":
+        if scheme in ("int8", "int8_g32"):
             return self.is_int8_weight or self.is_w8a8_weight
-        raise ValueError(f"quantisation scheme must be 'w8a8' or 'int8', got {scheme!r}")
+        raise ValueError(f"quantisation scheme must be 'w8a8', 'int8' or 'int8_g32', got {scheme!r}")
 
     def quantized_modules(self, scheme: str) -> tuple[str, ...]:
         """Description of :meth:`quantized_weight`'s set (written into ``quantization_config``)."""
         self.quantized_weight(scheme)
-        return self.int8_modules if scheme == "int8" and self.int8_modules else self.w8a8_modules
+        return self.int8_modules if scheme != "w8a8" and self.int8_modules else self.w8a8_modules
 
     def stages(self, backend: str) -> Any:
         """The ops namespace of ``backend`` ("reference" or "fused"); ValueError otherwise."""

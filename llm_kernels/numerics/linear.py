@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .group_quant import GroupQuantWeight, group_linear
 from .quant import QuantWeight, w8a8_linear
 from .rounding import rnd
 
@@ -19,9 +20,12 @@ def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     holding ``dtype`` values. Float32: fp32 GEMM. Bfloat16: torch's bf16 GEMM (fp32
     accumulation inside, one rounding), i.e. the operation bf16 inference runs.
     ``w`` a :class:`~.quant.QuantWeight`: W8A8 (per-row INT8 quant of x, exact INT32 GEMM,
-    fp32 dequant, spec §0.3), rounded to ``dtype``."""
+    fp32 dequant, spec §0.3), rounded to ``dtype``; a :class:`~.group_quant.GroupQuantWeight`:
+    group-scaled INT8 (:func:`~.group_quant.group_linear`), rounded to ``dtype``."""
     if isinstance(w, QuantWeight):
         return rnd(w8a8_linear(x, w), dtype)
+    if isinstance(w, GroupQuantWeight):
+        return rnd(group_linear(x, w), dtype)
     if dtype == torch.float32:
         return F.linear(x.float(), w.float())
     return F.linear(x.to(dtype), w.to(dtype)).float()

@@ -11,6 +11,11 @@ Dispatch (same contract as :func:`llm_kernels.numerics.linear.linear`):
   one prepared at load (:func:`prepare_linear`, a
   :class:`~llm_kernels.kernels.common.prepared.PackedLinear`); an unprepared
   ``QuantWeight`` is packed for the call.
+* ``w`` a :class:`~llm_kernels.numerics.group_quant.GroupQuantWeight` (the ``int8_g32``
+  scheme): :func:`llm_kernels.kernels.common.gemm_group.group_gemm_linear` (per-block INT8
+  activations, exact block sums, the golden's block-ordered fold), bitwise equal to the
+  golden ``group_linear``, rounded to ``dtype``; prepared at load as a
+  :class:`~llm_kernels.kernels.common.prepared.PackedGroupLinear`.
 * float ``w``: torch, exactly as the reference does (fp32 GEMM, or torch's bf16 GEMM with
   fp32 accumulation for ``dtype=bfloat16``). torch bf16 GEMMs are oneDNN calls; the Numba
   kernels gain nothing there for a general linear (lm_head is 2 bytes/weight and torch
@@ -21,16 +26,21 @@ from __future__ import annotations
 
 import torch
 
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.linear import linear as _ref_linear
 from ...numerics.quant import QuantWeight
 from .gemm import pack_w8a8, w8a8_linear
-from .prepared import PackedLinear
+from .gemm_group import group_gemm_linear
+from .prepared import PackedGroupLinear, PackedLinear
 
 __all__ = ["linear", "prepare_linear"]
 
 
-def prepare_linear(w: QuantWeight) -> PackedLinear:
-    """Load-time form of a W8A8 ``linear`` weight: packed for the active kernel family."""
+def prepare_linear(w: QuantWeight | GroupQuantWeight) -> PackedLinear | PackedGroupLinear:
+    """Load-time form of an INT8 ``linear`` weight (per-row or group-scaled): packed for the
+    active kernel family."""
+    if isinstance(w, GroupQuantWeight):
+        return PackedGroupLinear.of(w)
     if isinstance(w, PackedLinear):
         return w
     return PackedLinear(pack_w8a8(w.qweight, w.scale.float()), w.scale)
@@ -48,4 +58,8 @@ def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
             raise ValueError(f"x has {x.shape[-1]} input features, weight has {w.shape[1]}")
         y = w8a8_linear(x.detach(), prepare_linear(w).packed)
         return _round(y, dtype)
+    if isinstance(w, GroupQuantWeight):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"x has {x.shape[-1]} input features, weight has {w.shape[1]}")
+        return _round(group_gemm_linear(x.detach(), PackedGroupLinear.of(w).packed), dtype)
     return _ref_linear(x, w, dtype)

@@ -28,11 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
+from .gemm_group import PackedGroupW8, pack_group_w8, unpack_group_w8
 from .gemm_pack import CHUNK_N, PackedW8A8, unpack_w8a8
 
-__all__ = ["PackedColumnGroups", "PackedLinear", "PackedRowGroups", "PackedRows", "PreparedQuantWeight",
-           "stage_group"]
+__all__ = ["PackedColumnGroups", "PackedGroupLinear", "PackedGroupRowGroups", "PackedLinear", "PackedRowGroups",
+           "PackedRows", "PreparedGroupWeight", "PreparedQuantWeight", "is_int8_weight", "stage_group"]
+
+
+def is_int8_weight(w: Any) -> bool:
+    """True for an INT8 weight of either scale granularity (:class:`QuantWeight`, per
+    row; :class:`GroupQuantWeight`, per block of inputs), prepared or not."""
+    return isinstance(w, (QuantWeight, GroupQuantWeight))
 
 
 class PreparedQuantWeight(QuantWeight):
@@ -131,6 +139,77 @@ class PackedRowGroups(PreparedQuantWeight):
 
     def unpack(self) -> np.ndarray:
         return np.concatenate([unpack_w8a8(p) for p in self.packs], axis=0)
+
+
+class PreparedGroupWeight(GroupQuantWeight):
+    """Base of the prepared group-scaled INT8 weights: a :class:`GroupQuantWeight` of
+    logical shape ``[n, k]`` (same ``scale`` and ``group_size``) whose int8 payload lives
+    in packed layouts; ``qweight`` is rebuilt on access (reference / fallback use only).
+    Compared and hashed by identity."""
+
+    def __init__(self, scale: torch.Tensor, n: int, k: int, group_size: int) -> None:  # noqa: D107
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "group_size", int(group_size))
+        object.__setattr__(self, "n", int(n))
+        object.__setattr__(self, "k", int(k))
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def qweight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.unpack()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.k))
+
+    def unpack(self) -> torch.Tensor:
+        """The int8 ``[n, k]`` weight (a new tensor)."""
+        raise NotImplementedError
+
+    def packed_parts(self) -> list[PackedGroupW8]:
+        """The packed weights a GEMM over this weight reads (possibly shared with other
+        weights of one stage: count them once by identity)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, k={self.k}, G={self.group_size})"
+
+
+class PackedGroupLinear(PreparedGroupWeight):
+    """A group-scaled weight run as one GEMM of its own: ``packed`` is its
+    :class:`~.gemm_group.PackedGroupW8`."""
+
+    def __init__(self, packed: PackedGroupW8) -> None:  # noqa: D107
+        super().__init__(packed.scale, packed.n, packed.k, packed.group)
+        object.__setattr__(self, "packed", packed)
+
+    @classmethod
+    def of(cls, w: GroupQuantWeight) -> "PackedGroupLinear":
+        """``w`` packed for this process's kernel (``w`` itself when already prepared)."""
+        return w if isinstance(w, PackedGroupLinear) else cls(pack_group_w8(w))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_group_w8(self.packed).qweight
+
+    def packed_parts(self) -> list[PackedGroupW8]:
+        return [self.packed]
+
+
+class PackedGroupRowGroups(PreparedGroupWeight):
+    """A group-scaled weight whose output rows are split into ``len(packs)`` equal groups,
+    each its own packed GEMM weight (DeepSeek's grouped ``wo_a``)."""
+
+    def __init__(self, packs: list[PackedGroupW8], scale: torch.Tensor) -> None:  # noqa: D107
+        super().__init__(scale, sum(p.n for p in packs), packs[0].k, packs[0].group)
+        object.__setattr__(self, "packs", list(packs))
+
+    def unpack(self) -> torch.Tensor:
+        return torch.cat([unpack_group_w8(p).qweight for p in self.packs], 0)
+
+    def packed_parts(self) -> list[PackedGroupW8]:
+        return list(self.packs)
 
 
 def stage_group(ws: tuple, group_type: type) -> Any:

@@ -40,13 +40,15 @@ import numpy as np
 import torch
 from numba import prange
 
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import pack_w8a8, w8a8_gemm_i32, w8a8_linear
+from ..common.gemm_group import group_gemm_linear, pack_group_w8
 from ..common.jit import njit_kernel
-from ..common.prepared import PackedColumnGroups, PackedRowGroups
+from ..common.prepared import PackedColumnGroups, PackedGroupLinear, PackedGroupRowGroups, PackedRowGroups
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile
 
@@ -251,21 +253,27 @@ def prepare_wo_b(wo_b: QuantWeight, o_groups: int) -> PackedColumnGroups:
                               wo_b.scale)
 
 
-def prepare_wo_a(wo_a: QuantWeight, o_groups: int) -> PackedRowGroups:
-    """Load-time form of an INT8 ``wo_a`` ``[G·OL, K]`` (the ``int8`` scheme): the ``G`` row
-    slices ``[OL, K]``, each packed for the active kernel family with its rows' scales."""
-    if isinstance(wo_a, PackedRowGroups) and len(wo_a.packs) == o_groups:
+def prepare_wo_a(wo_a: QuantWeight | GroupQuantWeight, o_groups: int) -> PackedRowGroups | PackedGroupRowGroups:
+    """Load-time form of an INT8 ``wo_a`` ``[G·OL, K]`` (the ``int8`` / ``int8_g32``
+    schemes): the ``G`` row slices ``[OL, K]``, each packed for the active kernel family
+    with its rows' scales."""
+    if isinstance(wo_a, (PackedRowGroups, PackedGroupRowGroups)) and len(wo_a.packs) == o_groups:
         return wo_a
     R = wo_a.shape[0]
     if R % o_groups:
         raise ValueError(f"wo_a out-dim {R} is not divisible by o_groups={o_groups}")
     ol = R // o_groups
+    if isinstance(wo_a, GroupQuantWeight):
+        qw, sc, gs = wo_a.qweight, wo_a.scale, wo_a.group_size
+        return PackedGroupRowGroups([pack_group_w8(GroupQuantWeight(qw[g * ol:(g + 1) * ol].contiguous(),
+                                                                    sc[g * ol:(g + 1) * ol].contiguous(), gs))
+                                     for g in range(o_groups)], wo_a.scale)
     qw, sc = wo_a.qweight, wo_a.scale.float().contiguous()
     return PackedRowGroups([pack_w8a8(qw[g * ol:(g + 1) * ol].contiguous(), sc[g * ol:(g + 1) * ol].contiguous())
                             for g in range(o_groups)], wo_a.scale)
 
 
-def _wo_a_int8(x: np.ndarray, wo_a: QuantWeight, o_groups: int, to_bf16: bool) -> np.ndarray:
+def _wo_a_int8(x: np.ndarray, wo_a: QuantWeight | GroupQuantWeight, o_groups: int, to_bf16: bool) -> np.ndarray:
     """INT8 wo_a: per group one fused W8A8 linear of the (token, group) rows (per-row INT8
     quantisation of each row, exact INT32 GEMM, golden dequant), rounded to the dtype;
     bitwise equal to the reference's per-group ``rnd(w8a8_linear(o_g, wo_a_g))``."""
@@ -273,8 +281,9 @@ def _wo_a_int8(x: np.ndarray, wo_a: QuantWeight, o_groups: int, to_bf16: bool) -
     T = x.shape[0]
     ol = packs[0].n
     out = np.empty((T, o_groups * ol), np.float32)
+    lin = group_gemm_linear if isinstance(wo_a, GroupQuantWeight) else w8a8_linear
     for g in range(o_groups):
-        y = w8a8_linear(np.ascontiguousarray(x[:, g]), packs[g])
+        y = lin(np.ascontiguousarray(x[:, g]), packs[g])
         if to_bf16:
             y = torch.from_numpy(y).to(torch.bfloat16).float().numpy()
         out[:, g * ol:(g + 1) * ol] = y
@@ -302,6 +311,9 @@ def _wo_b_project(r: np.ndarray, wo_b, o_groups: int, dtype: torch.dtype) -> tor
     """[T, G·OL] float32 (dtype-rounded) -> [T, D] through wo_b (W8A8 or float)."""
     to_bf16 = dtype == torch.bfloat16
     T = r.shape[0]
+    if isinstance(wo_b, GroupQuantWeight):  # blocks of G inputs never straddle two groups
+        y = group_gemm_linear(r, PackedGroupLinear.of(wo_b).packed)
+        return torch.from_numpy(y).to(torch.bfloat16).float() if to_bf16 else torch.from_numpy(y)
     if isinstance(wo_b, QuantWeight):
         packs = prepare_wo_b(wo_b, o_groups).packs
         D = wo_b.shape[0]
@@ -331,7 +343,7 @@ def _wo_a_project(x: np.ndarray, wo_a: torch.Tensor, o_groups: int, dtype: torch
     if wo_a.shape[1] != K or R % G:
         raise ValueError(f"wo_a {tuple(wo_a.shape)} does not match {G} groups of {K} inputs")
     ol = R // G
-    if isinstance(wo_a, QuantWeight):
+    if isinstance(wo_a, (QuantWeight, GroupQuantWeight)):
         return _wo_a_int8(x, wo_a, G, to_bf16)
     if T > WO_A_NUMBA_MAX_T:  # compute-bound: torch's bf16/fp32 batched matmul is faster
         wa = wo_a.detach().view(G, ol, K)

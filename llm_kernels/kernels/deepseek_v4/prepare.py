@@ -13,6 +13,10 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   three :class:`PackedRows` sharing one :class:`~.moe.ExpertPack` (``[w1; w3]`` as one
   GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``);
 * ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`);
+* group-scaled INT8 weights (the ``int8_g32`` scheme, :class:`GroupQuantWeight`): experts
+  as three ``GroupExpertWeight`` sharing one ``GroupExpertPack``, ``wo_a`` as
+  ``PackedGroupRowGroups``, every other one (wq_b, indexer wq_b and wo_b included: their
+  stages run the group-scaled GEMM, then the float path's epilogue) as ``PackedGroupLinear``;
 * the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->
   :class:`PackedRowGroups` (one packed row slice per group, :func:`.output_proj.prepare_wo_a`),
   and every other INT8 linear (wq_a, wkv, compressor wkv/wgate, indexer weights_proj) ->
@@ -32,6 +36,7 @@ from typing import Any
 
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
+from ..common.prepared import is_int8_weight
 from .moe import prepare_expert
 from .output_proj import prepare_wo_a, prepare_wo_b
 from .w8a8_heads import prepare_heads
@@ -53,14 +58,17 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
     out = dict(weights)
     for name in list(weights):
         w = weights[name]
-        if not isinstance(w, QuantWeight):
+        if not is_int8_weight(w):
             continue
+        grouped = not isinstance(w, QuantWeight)
         m = _LAYER.match(name)
         layer, key = m.groups() if m is not None else ("", name)
         if name == "head.weight":
             out[name] = prepare_linear(w)
         elif m is None:
             continue
+        elif grouped and key in ("attn.wq_b.weight", "attn.indexer.wq_b.weight", "attn.wo_b.weight"):
+            out[name] = prepare_linear(w)  # one group-scaled GEMM, then the float path's epilogue
         elif key == "attn.wq_b.weight":
             out[name] = prepare_heads(w, cfg.head_dim)
         elif key == "attn.indexer.wq_b.weight":
@@ -77,7 +85,7 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
                 continue
             names = [layer + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")]
             ws = [weights.get(n) for n in names]
-            if all(isinstance(x, QuantWeight) for x in ws):
+            if all(map(is_int8_weight, ws)) and len({isinstance(x, QuantWeight) for x in ws}) == 1:
                 for n, p in zip(names, prepare_expert(*ws)):
                     out[n] = p
                     if consume:

@@ -21,8 +21,8 @@ from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
-from ...numerics.quant import QuantWeight
 from ..common.linear import linear as fused_linear
+from ..common.prepared import is_int8_weight
 
 # --------------------------------------------------------------------------- host helpers
 
@@ -35,7 +35,7 @@ def f32_np(t: Any) -> np.ndarray:
 
 
 def _pair_linear(x: torch.Tensor, w: Any, dtype: torch.dtype) -> torch.Tensor:
-    return fused_linear(x, w, dtype) if isinstance(w, QuantWeight) else float_linear(x, w, dtype)
+    return fused_linear(x, w, dtype) if is_int8_weight(w) else float_linear(x, w, dtype)
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -82,7 +82,7 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
     (per-token INT8 quantisation, exact INT32 GEMM, the golden's dequant order), bitwise
     equal to the reference's ``rnd(w8a8_linear(x, w))``."""
     T = x.shape[0]
-    if isinstance(w1, QuantWeight) or isinstance(w2, QuantWeight):
+    if is_int8_weight(w1) or is_int8_weight(w2):
         y1 = f32_np(_pair_linear(x, w1, dtype))
         if w2 is None:
             return y1, None

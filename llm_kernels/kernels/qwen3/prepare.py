@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
 from .proj_common import MODE_RES, MODE_SPLIT, MODE_SWIGLU, prepare_stage
@@ -48,7 +49,7 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
     entries are replaced by their prepared forms as these are made (each raw INT8 tensor
     is freed once packed, so the peak is the weights plus one stage's pack)."""
     out = dict(weights)
-    if isinstance(weights.get("lm_head.weight"), QuantWeight):
+    if isinstance(weights.get("lm_head.weight"), (QuantWeight, GroupQuantWeight)):
         out["lm_head.weight"] = prepare_linear(weights["lm_head.weight"])
         if consume:
             weights["lm_head.weight"] = out["lm_head.weight"]
@@ -56,7 +57,12 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
     for p in layers:
         for names, mode in STAGE_WEIGHTS:
             ws = tuple(weights.get(p + n) for n in names)
-            if all(isinstance(w, QuantWeight) for w in ws):
+            if all(isinstance(w, GroupQuantWeight) for w in ws):  # group-scaled: one packed GEMM each
+                for n, w in zip(names, ws):
+                    out[p + n] = prepare_linear(w)
+                    if consume:
+                        weights[p + n] = out[p + n]
+            elif all(isinstance(w, QuantWeight) for w in ws):
                 for n, w in zip(names, prepare_stage(ws, mode)):
                     out[p + n] = w
                     if consume:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.bf16 import f32_to_bf16_bits, load_f32, torch_bf16_as_u16
@@ -65,6 +66,7 @@ from ..common.bf16 import round_f32 as rnd
 from ..common.gemm import CHUNK_N, chunk_acc, dot_i8, pack_q32, pack_w8a8, padded_tokens
 from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
+from ..common.linear import linear as _common_linear
 from ..common.norm_rope import sumsq_torch_order
 from ..common.prepared import PackedRows, stage_group
 from ..common.quant import quant_row_f32
@@ -107,13 +109,17 @@ def vec_f32(w: Any, name: str, n: int) -> np.ndarray:
 
 
 def weight_kind(ws: tuple, names: tuple, k: int | None) -> str:
-    """"w8a8" (all QuantWeight), "float" (all 2-D float tensors) or "mixed"; checks that
+    """"w8a8" (all QuantWeight), "group" (all GroupQuantWeight: group-scaled INT8, run as
+    one fused group-scaled GEMM per weight, then the float path's epilogue), "float" (all
+    2-D float tensors) or "mixed"; checks that
     every weight's in-dim is ``k`` (the first weight's if None). Raises TypeError/ValueError
     naming the offending weight."""
     kinds = set()
     for w, nm in zip(ws, names):
         if isinstance(w, QuantWeight):
             kinds.add("w8a8")
+        elif isinstance(w, GroupQuantWeight):
+            kinds.add("group")
         elif isinstance(w, torch.Tensor) and w.dtype.is_floating_point and w.dim() == 2:
             kinds.add("float")
         else:
@@ -433,8 +439,11 @@ def _epi_float(mode, y0, y1, tails, res, to_bf16, nw, eps, post, o0, o1):
 
 
 def _float_linear(x: np.ndarray, w: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """The reference ``linear`` for a float weight (torch GEMM, one rounding to ``dtype``)."""
+    """The reference ``linear`` for a float weight (torch GEMM, one rounding to ``dtype``);
+    for a group-scaled INT8 weight the fused group-scaled GEMM (bitwise the golden), rounded."""
     xt = torch.from_numpy(x)
+    if isinstance(w, GroupQuantWeight):
+        return _common_linear(xt, w, dtype).contiguous().numpy()
     if dtype == torch.float32:
         y = F.linear(xt, w.detach().float())
     else:
@@ -486,7 +495,7 @@ class Plan:
                        else (pk.data, self.pw.zeros, pk.scale))
         elif kind == "mixed":
             self.subs = [Plan((w,), MODE_SPLIT, dtype, weight_kind((w,), ("w",), None), None, 0.0) for w in ws]
-        elif self.to_bf16 and USE_BF16_GEMV and all(w.dtype == torch.bfloat16 for w in ws):
+        elif kind == "float" and self.to_bf16 and USE_BF16_GEMV and all(w.dtype == torch.bfloat16 for w in ws):
             self.wa = [_bf16_view(w) for w in ws] + [_W0] * (3 - len(ws))
 
     def __call__(self, x: np.ndarray, res: np.ndarray | None = None) -> list[np.ndarray]:

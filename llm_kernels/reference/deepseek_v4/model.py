@@ -12,6 +12,7 @@ import torch
 
 from ...models.deepseek_v4.config import CSA, HCA, SLIDING, DeepSeekV4Config
 from ...numerics.linear import linear
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ...numerics.rounding import rnd
 from .common import rms_norm, rope_cos_sin
@@ -176,7 +177,7 @@ def attention_sublayer(lw: LayerWeights, cfg: DeepSeekV4Config, layer: int, x_hc
             wq_b = lw["attn.indexer.wq_b.weight"]
             args = (q_res, xn, wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
             kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dtype)
-            if isinstance(wq_b, QuantWeight):  # W8A8: Hadamard + INT8 indexer (spec §8)
+            if isinstance(wq_b, (QuantWeight, GroupQuantWeight)):  # INT8: Hadamard + INT8 indexer (spec §8)
                 qi8, qs, wi = indexer_query_int8(*args, **kw)
                 scores = indexer_scores_int8(qi8, qs, wi, *indexer_keys_int8(keys))
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...numerics.linear import matmul
+from ...numerics.group_quant import GroupQuantWeight, group_linear
 from ...numerics.quant import QuantWeight, int8_matmul, quant_per_row, w8a8_linear
 from ...numerics.rounding import rnd
 from .common import apply_rope
@@ -31,13 +32,22 @@ def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: 
     quantised on its own, ``out = s_w ⊙ Σ_g s[t,g] · (r_i8[t,g] @ wo_b[:, g]ᵀ)``.
     INT8 ``wo_a`` (a QuantWeight, the ``int8`` scheme): each group is one W8A8 linear of
     its (token, group) rows with its OL weight rows and their per-row scales,
-    ``r[:, g] = rnd(w8a8_linear(o_g, wo_a[g·OL:(g+1)·OL]))``."""
+    ``r[:, g] = rnd(w8a8_linear(o_g, wo_a[g·OL:(g+1)·OL]))``. Group-scaled INT8 (a
+    GroupQuantWeight, the ``int8_g32`` scheme): the same per-group split for ``wo_a`` with
+    ``group_linear``; ``wo_b`` is one ``group_linear`` of ``[T, G·OL]`` (its blocks of 32
+    inputs never straddle two groups)."""
     T = o.shape[0]
     og = o.float().reshape(T, o_groups, -1)
     if isinstance(wo_a, QuantWeight):
         ol = wo_a.shape[0] // o_groups
         r = torch.stack([rnd(w8a8_linear(og[:, g], QuantWeight(wo_a.qweight[g * ol:(g + 1) * ol],
                                                                   wo_a.scale[g * ol:(g + 1) * ol])), dtype)
+                         for g in range(o_groups)], dim=1)                  # [T, G, OL]
+    elif isinstance(wo_a, GroupQuantWeight):
+        ol = wo_a.shape[0] // o_groups
+        r = torch.stack([rnd(group_linear(og[:, g], GroupQuantWeight(wo_a.qweight[g * ol:(g + 1) * ol],
+                                                                     wo_a.scale[g * ol:(g + 1) * ol],
+                                                                     wo_a.group_size)), dtype)
                          for g in range(o_groups)], dim=1)                  # [T, G, OL]
     else:
         wa = wo_a.float().view(o_groups, -1, og.shape[-1])
@@ -50,6 +60,8 @@ def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: 
         for g in range(o_groups):
             out += int8_matmul(q[:, g], wq[:, g]).float() * s[:, g]
         return rnd(out * wo_b.scale.float(), dtype)
+    if isinstance(wo_b, GroupQuantWeight):
+        return rnd(group_linear(r.reshape(T, -1), wo_b), dtype)
     return matmul(r.reshape(T, -1), wo_b.float().T, dtype)
 
 

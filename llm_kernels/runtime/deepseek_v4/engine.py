@@ -22,6 +22,7 @@ import torch
 
 from ...errors import CacheOverflowError
 from ...models.deepseek_v4.config import HCA, SLIDING, DeepSeekV4Config
+from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ...reference.deepseek_v4 import model as _model
 from ..engine_core import EngineCore
@@ -157,7 +158,7 @@ class DeepSeekV4Engine(EngineCore):
                         wq_b = lw["attn.indexer.wq_b.weight"]
                         args = (q_res[sl], xn[sl], wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
                         kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
-                        if isinstance(wq_b, QuantWeight):  # W8A8: INT8 keys cached, INT8 scores
+                        if isinstance(wq_b, (QuantWeight, GroupQuantWeight)):  # INT8 keys cached, INT8 scores
                             if new is not None:
                                 lc.indexer.store_int8_keys(*ops.indexer_keys_int8(new))
                             qi8, qs, wi = ops.indexer_query_int8(*args, **kw)

@@ -18,7 +18,7 @@ QUANT_METHOD_INT8_G32 = "llm_kernels_int8_g32"
 #: quantisation scheme -> ``quantization_config.quant_method`` of its stored checkpoints.
 #: ``w8a8``: the spec's W8A8 set (the model's ``is_w8a8_weight``); ``int8``: every 2-D
 #: weight a Q8-class format quantises (``is_int8_weight``), same per-row recipe;
-#: ``int8_g32``: the ``int8`` set with one scale per 32 inputs (weights: bfloat16
+#: ``int8_g32``: the ``int8`` set with one scale per 32 inputs (weights: float16
 #: ``[out, in/32]``; activations per 32 at run time: Q8_0's granularity).
 QUANT_METHODS = {"w8a8": QUANT_METHOD_W8A8, "int8": QUANT_METHOD_INT8, "int8_g32": QUANT_METHOD_INT8_G32}
 QUANTS = (None, "w8a8", "int8", "int8_g32")
@@ -51,7 +51,7 @@ def expected_tensors(cfg, quant: str | None = None) -> dict[str, TensorInfo]:
     """Every tensor a checkpoint of ``cfg`` must hold, by canonical name, with its shape.
     ``quant="w8a8"`` / ``"int8"``: the scheme's INT8 weights are kind ``"int8"`` and each
     has a ``<name>_scale`` ([out] float32) companion; ``"int8_g32"``: ``<name>_scale`` is
-    ``[out, in/32]`` (bfloat16). Raises ValueError for another ``quant``."""
+    ``[out, in/32]`` (float16). Raises ValueError for another ``quant``."""
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     spec = models.spec_for_config(cfg)

@@ -11,7 +11,7 @@ and, for every weight of the scheme's set, ``<name>`` stored as int8 ``[out, in]
   output head and, for DeepSeek-V4, wq_a, wkv, wo_a, the compressors and the indexer's
   weights_proj); the embedding and the router stay float;
 * ``int8_g32``: the ``int8`` set with one scale per block of 32 inputs
-  (:mod:`llm_kernels.numerics.group_quant`): ``<name>_scale`` is bfloat16 ``[out, in/32]``,
+  (:mod:`llm_kernels.numerics.group_quant`): ``<name>_scale`` is float16 ``[out, in/32]``,
   the weights load as ``GroupQuantWeight``.
 
 All other tensors are stored as in the source checkpoint.
@@ -47,7 +47,7 @@ def quantization_config(cfg, scheme: str = "w8a8") -> dict:
     qc = dict(QUANTIZATION_CONFIG, quant_method=QUANT_METHODS[scheme], modules=list(spec.quantized_modules(scheme)))
     g = GROUPED_SCHEMES.get(scheme)
     if g is not None:
-        qc.update(group_size=g, weights=f"int8, symmetric, one bfloat16 scale per {g} inputs (<name>_scale "
+        qc.update(group_size=g, weights=f"int8, symmetric, one float16 scale per {g} inputs (<name>_scale "
                   f"[out, in/{g}], rounded up)", activations=f"int8, symmetric, dynamic per {g} inputs")
     return qc
 
@@ -87,8 +87,8 @@ def assemble_w8a8(tensors: dict[str, torch.Tensor], root: Path) -> dict:
             scale = tensors[name + "_scale"]
             if not bool((scale.float() > 0).all()):
                 raise CheckpointError(f"checkpoint {root}: tensor {name}_scale has non-positive entries")
-            if scale.dim() == 2:  # group-scaled: bfloat16 [out, in/G]
-                out[name] = GroupQuantWeight(t, scale.to(torch.bfloat16), t.shape[1] // scale.shape[1])
+            if scale.dim() == 2:  # group-scaled: float16 [out, in/G] (read as float32: exact)
+                out[name] = GroupQuantWeight(t, scale.to(torch.float16), t.shape[1] // scale.shape[1])
             else:
                 out[name] = QuantWeight(t, scale.float())
         else:

@@ -254,7 +254,7 @@ def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, prog
             tensors[name + "_scale"] = t.scale.float().contiguous()
         elif isinstance(t, GroupQuantWeight):
             tensors[name] = t.qweight.contiguous()
-            tensors[name + "_scale"] = t.scale.contiguous()  # bfloat16 [out, in/G]
+            tensors[name + "_scale"] = t.scale.contiguous()  # float16 [out, in/G]
         else:
             tensors[name] = t.contiguous()
     out = Path(out_dir)

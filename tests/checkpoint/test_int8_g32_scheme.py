@@ -1,4 +1,4 @@
-"""The ``int8_g32`` scheme: the ``int8`` weight set with one bfloat16 scale per 32 inputs
+"""The ``int8_g32`` scheme: the ``int8`` weight set with one float16 scale per 32 inputs
 (:mod:`llm_kernels.numerics.group_quant`), quantized on load or stored, for both models;
 the fused engines on it against the reference engines."""
 
@@ -41,7 +41,7 @@ def test_on_load_covers_the_int8_set(ckpt):
     assert not _names(g32, QuantWeight)
     for n in _names(g32, GroupQuantWeight):
         w = g32[n]
-        assert w.scale.dtype == BF16 and tuple(w.scale.shape) == (w.shape[0], w.shape[1] // 32)
+        assert w.scale.dtype == torch.float16 and tuple(w.scale.shape) == (w.shape[0], w.shape[1] // 32)
 
 
 def test_stored_round_trip_and_errors(ckpt, tmp_path):

@@ -24,9 +24,10 @@ weights), so:
 * AVX2 (``"avx2"``): the AVX2 tile's own sign folding returns the exact ``isum`` from
   ``u8 = q + 128`` activations and signed weights: ``c = 0``.
 
-Weight scales are kept as bfloat16 bits (2 bytes per 32 weights: Q8_0's byte count),
+Weight scales are kept as float16 bits (2 bytes per 32 weights: Q8_0's byte count),
 chunk-major ``[Np/64][K/G][64]`` so that each 64-column chunk reads its scales as one
-sequential stream next to its weights; the fold widens 64 of them at a time (a shift).
+sequential stream next to its weights; the fold widens 64 of them at a time (VNNI:
+``vcvtph2ps``; AVX2 and plain: :func:`f16_bits_to_f32`, exact).
 
 Schedule as :mod:`.gemm`: ``prange`` over 64-column chunks; ``T <= 16`` one token tile,
 the chunk's weights streamed once; ``T > 16`` K-blocks of 1024 inputs re-read from L2 by
@@ -47,7 +48,7 @@ from numba import prange
 
 from ...numerics.group_quant import GroupQuantWeight
 from . import jit
-from .bf16 import as_kernel_input, bf16_bits_to_f32, load_f32
+from .bf16 import as_kernel_input, f32_from_bits, load_f32
 from .gemm import (
     K_CHUNK,
     MAX_TILE_T,
@@ -64,7 +65,20 @@ from .x86 import vnni_bcast_tile
 from .x86_avx2 import avx2_bcast_tile
 from .x86 import vnni_group_tile
 
-__all__ = ["PackedGroupW8", "pack_group_w8", "group_gemm_linear", "unpack_group_w8"]
+__all__ = ["PackedGroupW8", "f16_bits_to_f32", "pack_group_w8", "group_gemm_linear", "unpack_group_w8"]
+
+_F16_SUB = np.float32(2.0 ** -24)
+
+
+@njit_kernel
+def f16_bits_to_f32(h):
+    """Non-negative finite float16 bits (uint16) -> float32, exact (normals by re-biasing the
+    exponent, zero/subnormals as ``m · 2^-24``). Numba-callable; no F16C needed."""
+    u = np.uint32(h)
+    e = (u >> np.uint32(10)) & np.uint32(0x1F)
+    m = u & np.uint32(0x3FF)
+    norm = f32_from_bits(((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+    return norm if e != 0 else np.float32(m) * _F16_SUB
 
 
 def _tile(tt: int):
@@ -90,8 +104,8 @@ class PackedGroupW8:
     Attributes: ``n``, ``k``, ``group`` (inputs per block), ``layout`` (``"vnni"``,
     ``"avx2"`` or ``"nk"``), ``data`` (packed weight bytes: uint8 ``w ^ 0x80`` for
     ``"vnni"``, int8 otherwise; ``"nk"``: the ``[N, K]`` int8 weight), ``sw16`` (uint16
-    bf16 bits: ``[Np/64, K/G, 64]`` for the tiled layouts, ``[N, K/G]`` for ``"nk"``),
-    ``np_`` (N padded to 64 for the tiled layouts), ``scale`` (the bfloat16 ``[N, K/G]``
+    float16 bits: ``[Np/64, K/G, 64]`` for the tiled layouts, ``[N, K/G]`` for ``"nk"``),
+    ``np_`` (N padded to 64 for the tiled layouts), ``scale`` (the float16 ``[N, K/G]``
     torch tensor)."""
 
     def __init__(self, n, k, group, layout, data, sw16, np_, scale):  # noqa: D107
@@ -110,7 +124,7 @@ class PackedGroupW8:
 def pack_group_w8(w: GroupQuantWeight, layout: str | None = None) -> PackedGroupW8:
     """Pack a group-scaled INT8 weight for this process's grouped kernel.
 
-    Args: ``w`` a :class:`GroupQuantWeight` (int8 ``[N, K]``, bfloat16 ``[N, K/G]``);
+    Args: ``w`` a :class:`GroupQuantWeight` (int8 ``[N, K]``, float16 ``[N, K/G]``);
     ``layout`` ``None`` (the active dispatch path), ``"vnni"``/``"avx2"`` (only the
     process's tile) or ``"nk"``.
     Raises TypeError for another weight type, RuntimeError for a tiled layout this
@@ -268,7 +282,7 @@ def _fold(acc, f, t0, t1, g, sx, corr, swf):
 @njit_kernel(parallel=True)
 def _group_core(xp, T, TP, KG, gkg, wp, NP, N, sw16, sx, corr, out):
     """The grouped register-tile GEMM: ``xp`` packed activations ``[KG][TP][4]``, ``wp``
-    packed weights, ``sw16`` ``[NP/64, NG, 64]`` bf16 bits, ``sx``/``corr`` ``[T, NG]``;
+    packed weights, ``sw16`` ``[NP/64, NG, 64]`` float16 bits, ``sx``/``corr`` ``[T, NG]``;
     writes float32 ``out`` ``[T, N]``. One 64-column chunk per ``prange`` iteration."""
     NG = KG // gkg
     wbs = KG * 64
@@ -277,15 +291,14 @@ def _group_core(xp, T, TP, KG, gkg, wp, NP, N, sw16, sx, corr, out):
     for c in prange(NP // CHUNK_N):
         acc = np.empty(MAX_TILE_T * CHUNK_N, np.int32)
         f = np.zeros(T * CHUNK_N, np.float32)
-        swb = np.empty(CHUNK_N, np.uint32)
-        swf = swb.view(np.float32)
+        swf = np.empty(CHUNK_N, np.float32)
         w_off = c * 4 * wbs
         if TP <= MAX_TILE_T:
             for g in range(NG):
                 _gtile(TP, xp, g * gkg * xks, xks, wp, w_off + g * gkg * 64, wbs, gkg, acc)
                 s16 = sw16[c, g]
                 for i in range(CHUNK_N):
-                    swb[i] = np.uint32(s16[i]) << np.uint32(16)
+                    swf[i] = f16_bits_to_f32(s16[i])
                 _fold(acc, f, 0, T, g, sx, corr, swf)
         else:
             for g0 in range(0, NG, gpk):
@@ -297,7 +310,7 @@ def _group_core(xp, T, TP, KG, gkg, wp, NP, N, sw16, sx, corr, out):
                         _gtile(tt, xp, g * gkg * xks + t0 * 4, xks, wp, w_off + g * gkg * 64, wbs, gkg, acc)
                         s16 = sw16[c, g]
                         for i in range(CHUNK_N):
-                            swb[i] = np.uint32(s16[i]) << np.uint32(16)
+                            swf[i] = f16_bits_to_f32(s16[i])
                         _fold(acc, f, t0, min(t0 + tt, T), g, sx, corr, swf)
                     t0 += tt
         n0 = c * CHUNK_N
@@ -360,7 +373,7 @@ def _group_plain(xq, sx, G, wq, sw16, out):
             y = np.float32(0.0)
             for g in range(NG):
                 isum = dot_i8(xq[t, g * G:(g + 1) * G], wr[g * G:(g + 1) * G])
-                y = y + np.float32(np.float32(np.float32(isum) * sx[t, g]) * bf16_bits_to_f32(sw16[n, g]))
+                y = y + np.float32(np.float32(np.float32(isum) * sx[t, g]) * f16_bits_to_f32(sw16[n, g]))
             out[t, n] = y
 
 

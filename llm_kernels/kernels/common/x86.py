@@ -238,14 +238,13 @@ def vnni_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, signed_x: boo
 #   ``128·Σ q`` of the block) and ``s = sx[sc_off + t*sc_ts + g]``::
 #
 #       isum = Σ_{kg in block g} Σ_b xp[x_off + kg*x_ks + 4t + b] · wp[w_off + j*w_bs + 64 kg + 4l + b]
-#       f[t, j, l] = fl(f + fl(fl(f32(isum - c) · s) · bf16(sw[sw_off + 64 g + 16 j + l])))
+#       f[t, j, l] = fl(f + fl(fl(f32(isum - c) · s) · f16(sw[sw_off + 64 g + 16 j + l])))
 #
 #   starting from ``facc[f_off + t*f_ts + 16 j + l]`` when ``accumulate`` else 0, and
 #   stored there at the end.
-_I16 = ir.IntType(16)
 _F32 = ir.FloatType()
 _VF = ir.VectorType(_F32, 16)
-_VH = ir.VectorType(_I16, 16)
+_VHF = ir.VectorType(ir.HalfType(), 16)
 
 #: zmm registers a tile may keep live: int + float accumulators, nb weights, a broadcast.
 GROUP_TILE_REGS = 30
@@ -282,7 +281,6 @@ def vnni_group_tile(tt: int, nb: int, prefetch: int = 0):
         dot = _vpdpbusd(builder)
         pf = _prefetch(builder) if prefetch else None
         zi = ir.Constant(_V16, [0] * 16)
-        sh16 = ir.Constant(_V16, [16] * 16)
 
         def bcast(v, vty):
             e = builder.insert_element(ir.Constant(vty, None), v, ir.Constant(_I32, 0))
@@ -309,14 +307,13 @@ def vnni_group_tile(tt: int, nb: int, prefetch: int = 0):
                 return new
 
             isum = acc_loop(builder, gkg, [zi] * (tt * nb), step, "gdot")
-            # weight scales of block g: bf16 bits -> float32 (16 per weight block j)
+            # weight scales of block g: float16 -> float32 (vcvtph2ps), 16 per weight block j
             swo = builder.add(sw_off, builder.mul(g, k(64)))
             swv = []
             for j in range(nb):
                 p = builder.bitcast(builder.gep(swptr, [builder.mul(k(2), builder.add(swo, k(16 * j)))]),
-                                    _VH.as_pointer())
-                h = builder.zext(builder.load(p, align=1), _V16)
-                swv.append(builder.bitcast(builder.shl(h, sh16), _VF))
+                                    _VHF.as_pointer())
+                swv.append(builder.fpext(builder.load(p, align=1), _VF))
             out = []
             for t in range(tt):
                 so = builder.mul(k(4), builder.add(sc_off, builder.add(builder.mul(sc_ts, k(t)), g)))

@@ -20,7 +20,7 @@ from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.common.gemm_group import group_gemm_linear, pack_group_w8, unpack_group_w8
 from llm_kernels.numerics.group_quant import (
     GroupQuantWeight,
-    bf16_round_up,
+    f16_round_up,
     group_linear,
     quant_groups,
     quantize_weight_grouped,
@@ -44,31 +44,46 @@ def _x(t, k, seed, dtype):
     return (torch.randn(t, k, generator=g) * 3).to(dtype)
 
 
-def test_bf16_round_up_is_the_next_bf16_value():
-    s = torch.tensor([1.0, 1.0 + 2 ** -10, 3.0e-7, 0.0078125, 1.2345678], dtype=F32)
-    up = bf16_round_up(s)
-    assert torch.equal(up.to(BF16).float(), up)            # representable in bf16
-    assert bool((up >= s).all())                           # never below (no clipping)
-    assert bool(((up - s) < s * 2 ** -7).all())            # within one bf16 step
-    assert up[0] == 1.0 and up[3] == 0.0078125             # exact values stay
+def test_f16_round_up_is_the_next_f16_value():
+    s = torch.tensor([1.0, 1.0 + 2 ** -12, 1.0 + 2 ** -10, 3.0e-7, 0.0078125, 1.2345678, 7.87e-7], dtype=F32)
+    up = f16_round_up(s)
+    assert up.dtype == torch.float16
+    upf = up.float()
+    assert bool((upf >= s).all())                          # never below (no clipping)
+    down = (up.view(torch.int16) - 1).view(torch.float16).float()
+    assert bool((down < s).all())                          # the smallest such value
+    assert upf[0] == 1.0 and upf[4] == 0.0078125 and upf[2] == 1.0 + 2 ** -10   # exact values stay
+    assert upf[1] == 1.0 + 2 ** -10                        # rounded up, not to nearest
+
+
+def test_f16_bits_to_f32_is_exact_on_every_non_negative_finite_value():
+    from llm_kernels.kernels.common.gemm_group import f16_bits_to_f32
+
+    bits = np.arange(0x7C00, dtype=np.uint16)              # +0 .. largest finite
+    got = np.array([f16_bits_to_f32(b) for b in bits[::97]], np.float32)
+    assert np.array_equal(got, bits[::97].view(np.float16).astype(np.float32))
+    for b in (0, 1, 0x3FF, 0x400, 0x3C00, 0x7BFF):
+        assert f16_bits_to_f32(np.uint16(b)) == np.float32(np.uint16(b).view(np.float16))
 
 
 def test_quantize_weight_grouped_invariants():
     w = _w(70, 96, 1)
     q = quantize_weight_grouped(w)
-    assert q.qweight.dtype == torch.int8 and q.scale.dtype == BF16 and tuple(q.scale.shape) == (70, 3)
+    assert q.qweight.dtype == torch.int8 and q.scale.dtype == torch.float16 and tuple(q.scale.shape) == (70, 3)
     assert int(q.qweight.abs().max()) <= 127
     blocks = w.view(70, 3, 32)
     amax = blocks.abs().amax(-1).clamp(min=1e-4)
     s = q.scale.float()
-    assert bool((s >= amax / 127).all()) and bool((s < amax / 127 * (1 + 2 ** -7)).all())
+    assert bool((s >= amax / 127).all())
+    normal = s >= 2.0 ** -14                               # float16 normals: at most one ulp (2^-10) up
+    assert bool((s[normal] <= (amax / 127)[normal] * (1 + 2 ** -10)).all()) and not bool(normal.all())
     err = (q.dequantize().view(70, 3, 32) - blocks).abs()
     assert bool((err <= s.unsqueeze(-1) / 2 * (1 + 1e-6)).all())   # round to nearest on the stored scale
     with pytest.raises(ValueError, match="multiple of group_size"):
         quantize_weight_grouped(torch.randn(4, 40))
     with pytest.raises(ValueError, match="2-D"):
         quantize_weight_grouped(torch.randn(4))
-    with pytest.raises(TypeError, match="bfloat16"):
+    with pytest.raises(TypeError, match="float16"):
         GroupQuantWeight(q.qweight, q.scale.float())
     with pytest.raises(ValueError, match=r"\[70, 3\]"):
         GroupQuantWeight(q.qweight, q.scale[:, :2].contiguous())

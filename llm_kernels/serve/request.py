@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 __all__ = ["Event", "Request"]
 
 _ids = itertools.count()
@@ -71,6 +73,17 @@ class Request:
     def next_input(self) -> list[int]:
         """The tokens to feed this step: the prompt on admission, then the last sampled token."""
         return list(self.prompt_ids) if not self.generated else [self.generated[-1]]
+
+    def sample(self, logits_row) -> int:
+        """The next token from this step's float32 logits ``[V]``: the request's ``Sampler``,
+        except for plain greedy (temperature 0, no penalties), where the sampler's answer is
+        ``argmax(logits)`` (first index on a tie, as ``torch.argmax``) and numpy's argmax
+        computes it ~10x faster than torch's on a 152k-entry row (2-thread torch reduction)."""
+        p = self.params
+        if (p.temperature == 0 and p.repetition_penalty == 1.0 and p.presence_penalty == 0
+                and p.frequency_penalty == 0):
+            return int(np.argmax(logits_row.float().numpy()))
+        return int(self.sampler.next(logits_row, self.prompt_ids, self.generated))
 
     def accept(self, token_id: int) -> Event:
         """Take a sampled token: detokenize, check stops and the token budget. Returns the

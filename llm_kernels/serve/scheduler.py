@@ -273,7 +273,7 @@ class Scheduler:
         it.prefill_tokens += sum(len(t) for r, t in zip(reqs, inputs) if not r.generated)
         for r, lg in rows:
             try:
-                ev = r.accept(int(r.sampler.next(lg[-1], r.prompt_ids, r.generated)))
+                ev = r.accept(r.sample(lg[-1]))
             except Exception as e:
                 it.fail(r, e)
                 continue

@@ -57,7 +57,7 @@ class _Detok:
 
 
 def _req(prompt, max_tokens, **kw):
-    p = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw).validate(V)
+    p = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **kw}).validate(V)
     events = []
     r = Request(prompt_ids=list(prompt), params=p, sampler=Sampler(p), detok=_Detok(), stop=StopChecker(p, ()),
                 sink=events.append)
@@ -175,3 +175,27 @@ def test_stop_fails_pending_requests_with_503():
     assert eng.seqs == {}
     with pytest.raises(RuntimeError, match="shutting down"):
         s.submit(_req([1], 2)[0])
+
+
+@pytest.mark.parametrize("kw,fast", [({}, True), ({"repetition_penalty": 1.3}, False),
+                                     ({"presence_penalty": 0.5}, False), ({"temperature": 0.8, "seed": 3}, False)])
+def test_sample_fast_greedy_path_equals_the_sampler(kw, fast):
+    """Plain greedy takes numpy's argmax; it picks what the Sampler picks (ties: first index)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        row = torch.randn(151936, generator=g)
+        if trial % 2:  # a tie at the maximum: the first index wins
+            hi = int(torch.argmax(row))
+            row[(hi + 7) % row.numel()] = row[hi]
+        r, _ = _req([1, 2, 3], 5, **kw)
+        r.generated = [4, 5]
+        ref = Sampler(r.params)  # a fresh sampler with the same seed
+        assert r.sample(row) == ref.next(row, r.prompt_ids, r.generated)
+    # the fast path is taken exactly when the request is plain greedy
+    r, _ = _req([1], 5, **kw)
+    r.sampler = None  # would raise if used
+    if fast:
+        assert r.sample(torch.randn(64)) >= 0
+    else:
+        with pytest.raises(AttributeError):
+            r.sample(torch.randn(64))

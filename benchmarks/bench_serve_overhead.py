@@ -23,7 +23,9 @@ round, interleaved so that a busy neighbour hits every arm alike:
 Reported (medians over rounds): the 8-vs-1 decode throughput ratio through the server, and
 the server's overhead at 8 streams = server ITL p50 / bare engine decode step - 1 (HTTP,
 scheduling, sampling, detokenization and hand-off together; the child client also takes CPU
-from the 2 cores) and the scheduler loop alone (its time / engine time, from ``/stats``).
+from the 2 cores), and its two parts measured directly from ``/stats``: the scheduler loop
+(its time / engine time; serial with the steps) and the HTTP thread's CPU time / engine
+time (beside the steps, competing for the cores).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
             row["overhead_c8"] = s8["itl_ms"]["p50"] / e8["decode_ms_per_step"] - 1
             row["overhead_c1"] = s1["itl_ms"]["p50"] / e1["decode_ms_per_step"] - 1
             row["loop_share_c8"] = s8["server"]["loop_share_of_engine"]
+            row["http_cpu_share_c8"] = s8["server"].get("http_cpu_share_of_engine", float("nan"))
             rounds.append(row)
             print(f"round {r} (load {row['load_average']:.2f}): engine b1 {e1['decode_ms_per_step']:.2f} ms/step "
                   f"({e1['decode_tok_s']:.1f} tok/s), b8 {e8['decode_ms_per_step']:.2f} ms/step "
@@ -119,9 +122,10 @@ def main(argv=None) -> int:
                   f"{s8['itl_ms']['p50']:.2f} ms (decode {s8['decode_tok_s_est']:.1f} tok/s, output "
                   f"{s8['output_tok_s']:.1f}), TTFT p50 c8 {s8['ttft_ms']['p50']:.1f} ms | 8 vs 1 "
                   f"{row['scaling_8_vs_1']:.2f}x, overhead c8 {row['overhead_c8']:+.1%} (c1 {row['overhead_c1']:+.1%}), "
-                  f"loop {row['loop_share_c8']:.2%} of engine", flush=True)
+                  f"loop {row['loop_share_c8']:.2%}, HTTP thread CPU {row['http_cpu_share_c8']:.2%} of engine",
+                  flush=True)
     med = {k: statistics.median(r[k] for r in rounds)
-           for k in ("scaling_8_vs_1", "overhead_c8", "overhead_c1", "loop_share_c8")}
+           for k in ("scaling_8_vs_1", "overhead_c8", "overhead_c1", "loop_share_c8", "http_cpu_share_c8")}
     med.update({f"{k}_{f}": statistics.median(r[k][f] for r in rounds)
                 for k, f in (("engine_b1", "decode_tok_s"), ("engine_b8", "decode_tok_s"),
                              ("engine_b8", "decode_ms_per_step"), ("server_c1", "decode_tok_s_est"),

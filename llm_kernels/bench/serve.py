@@ -7,9 +7,10 @@ concurrency level,
 * time to first token (request sent -> first token chunk) and inter-token latency (gaps
   between a stream's successive tokens), p50 / p90 / p99, in ms;
 * from the server's ``/stats`` (when it is an llm_kernels server): decode steps, mean
-  running batch, engine ms per step and the server's own loop time per step (sampling,
-  detokenization, hand-off to the HTTP side) as a share of the engine time, and the wall
-  time per step against the engine time per step (what HTTP, scheduling and idle gaps add).
+  running batch, engine ms per step, the scheduler loop's own time (sampling,
+  detokenization, hand-off; serial with the steps) and the HTTP thread's CPU time (request
+  parsing, tokenization, JSON/SSE; it runs beside the steps and competes for the cores),
+  both as a share of the engine time.
 
 Each client sends its requests one after another (a closed loop): ``--requests`` per
 client per level. Prompts are token ids (``--prompt-tokens`` random ids, seeded), sent to
@@ -124,6 +125,10 @@ async def run_level(url: str, model: str, concurrency: int, requests_per_client:
             "loop_ms_per_step": d["loop_s"] / steps * 1e3, "loop_share_of_engine": d["loop_s"] / max(d["engine_s"], 1e-9),
             "wall_ms_per_step": wall / steps * 1e3, "engine_share_of_wall": d["engine_s"] / wall,
             "prefill_tokens": d["prefill_tokens"], "tokens": d["tokens"]}
+        if s0.get("http_thread_cpu_s") is not None and s1.get("http_thread_cpu_s") is not None:
+            http = s1["http_thread_cpu_s"] - s0["http_thread_cpu_s"]
+            level["server"]["http_cpu_ms_per_step"] = http / steps * 1e3
+            level["server"]["http_cpu_share_of_engine"] = http / max(d["engine_s"], 1e-9)
     return level
 
 
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             srv = lv.get("server", {})
             extra = (f"; server: {srv['decode_steps']} decode steps of {srv['mean_decode_batch']:.2f} rows, engine "
                      f"{srv['engine_ms_per_decode_step']:.2f} ms/decode step, loop {srv['loop_share_of_engine']:.2%} "
-                     f"of engine time") if srv else ""
+                     f"of engine time, HTTP thread CPU {srv.get('http_cpu_share_of_engine', float('nan')):.2%} "
+                     "of engine time") if srv else ""
             print(f"c={c:3d} rep {rep}: {lv['output_tok_s']:8.2f} tok/s (decode ~{lv['decode_tok_s_est'] or 0:.1f}; "
                   f"{lv['output_tokens']} tokens, "
                   f"{lv['requests']} requests, {lv['wall_s']:.1f} s); TTFT p50/p90/p99 {_fmt(lv['ttft_ms'])} ms; "

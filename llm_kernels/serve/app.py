@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class _Server:
         self.tok, self.cfg, self.sampling = tokenizer, cfg, cfg.sampling
         self.vocab = int(getattr(engine.cfg, "vocab_size", 0) or 0) or None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread: int | None = None
         self.sched = Scheduler(engine, cfg.max_batch, cfg.max_queue, cfg.max_seq_len, deliver=self._deliver)
 
     # ---------------------------------------------------------------- thread hand-off
@@ -162,6 +164,15 @@ class _Server:
         return q
 
 
+def _thread_cpu_s(ident: int | None) -> float | None:
+    """CPU seconds of thread ``ident`` so far (the event loop's: HTTP parsing, tokenization,
+    JSON and SSE encoding), None where the OS cannot tell."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
 def _dispatch(events: list[tuple[GenRequest, Event]]) -> None:
     for r, ev in events:
         if r.sink is not None:
@@ -231,6 +242,7 @@ def create_app(engine: Any, tokenizer: Any, cfg: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         srv.loop = asyncio.get_running_loop()
+        srv.loop_thread = threading.get_ident()
         srv.sched.start()
         try:
             yield
@@ -267,7 +279,7 @@ def create_app(engine: Any, tokenizer: Any, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/stats")
     async def stats():
-        return {**srv.sched.stats(), **cfg.info}
+        return {**srv.sched.stats(), "http_thread_cpu_s": _thread_cpu_s(srv.loop_thread), **cfg.info}
 
     @app.get("/v1/models")
     async def models():

@@ -122,6 +122,7 @@ def test_bench_serve_against_the_server(server, tmp_path):
         assert r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"]
         assert r["itl_ms"]["p50"] > 0 and len(r["itl_ms"]) == 3
         assert r["server"]["tokens"] == 2 * c * 6 and r["server"]["prefill_tokens"] == 2 * c * 5
+        assert r["server"]["http_cpu_ms_per_step"] > 0 and r["server"]["loop_share_of_engine"] > 0
     assert by_c[1]["server"]["decode_steps"] == 2 * 5  # 6 tokens: 1 from the prefill, 5 decode steps
     assert by_c[3]["server"]["mean_decode_batch"] > 1  # the three streams shared decode steps
     assert main(["bench-serve", "--url", url, "--concurrency", "0"]) == 2

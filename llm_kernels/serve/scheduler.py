@@ -13,7 +13,8 @@
    weights are bitwise row-independent anyway). The cost is one extra weight pass per
    admitted request;
 4. per request: sample, detokenize incrementally, check stops; a finished request releases
-   its sequence at once; the events of the step go out in one hand-off.
+   its sequence at once; the events of the decode step go out in one hand-off (a
+   prefill's first token right after that prefill).
 
 Capacity: ``max_batch`` sequences run, each within ``max_seq_len`` tokens (prompt +
 ``max_tokens`` is checked at submission, see :meth:`Scheduler.check_fits`), which is what
@@ -207,14 +208,17 @@ class Scheduler:
             r.sid = None
 
     def _iterate(self, batch: list[Request]) -> None:
-        """One loop iteration: prefill each newly admitted request alone (its first token),
-        then one decode step for every running request."""
+        """One loop iteration: prefill each newly admitted request alone (its first token
+        goes out right away, not after the other prefills), then one decode step for every
+        running request."""
         t0 = time.perf_counter()
         it = _Iteration()
         for r in batch:
             if r.sid is None:  # admitted this iteration
                 r.sid = self.engine.add_sequence()
                 self._step_and_sample([r], it)
+                self._send(it.events)
+                it.events = []
         self._step_and_sample([r for r in batch if not r.done], it, decode=True)
         with self._cond:
             gone = it.finished + [r for r, _ in it.failed]
@@ -232,14 +236,16 @@ class Scheduler:
             c["decode_steps"] += it.decode_steps
             c["decode_rows"] += it.decode_rows
             c["decode_engine_s"] += it.decode_engine_s
-        events = it.events + [(r, Event("error", status=500, message=msg)) for r, msg in it.failed]
-        events = [(r, ev) for r, ev in events if not r.cancelled]  # nobody listens to a cancelled one
-        if events:
-            self._deliver(events)
+        self._send(it.events + [(r, Event("error", status=500, message=msg)) for r, msg in it.failed])
         t1 = time.perf_counter()
         with self._cond:
             self._counters["engine_s"] += it.engine_s
             self._counters["loop_s"] += (t1 - t0) - it.engine_s
+
+    def _send(self, events: list[tuple[Request, Event]]) -> None:
+        events = [(r, ev) for r, ev in events if not r.cancelled]  # nobody listens to a cancelled one
+        if events:
+            self._deliver(events)
 
     def _step_and_sample(self, reqs: list[Request], it: "_Iteration", decode: bool = False) -> None:
         """One engine step over ``reqs`` (each feeds :meth:`Request.next_input`), then sample

@@ -1,4 +1,4 @@
-"""Accuracy of INT8 weight classes against the bf16 model (DeepSeek-V4), teacher-forced.
+"""Accuracy of INT8 weight classes against the bf16 model (DeepSeek-V4 or Qwen3), teacher-forced.
 
 For a float checkpoint, runs the reference engine (bf16 activations) over ``--tokens``
 seeded random ids (one prefill, logits of every row) once with the float weights and once
@@ -51,7 +51,7 @@ from llm_kernels.numerics.quant import QuantWeight, quantize_weight
 from llm_kernels.numerics.rounding import rnd
 
 CLASSES = {
-    "lm_head": r"^head\.weight$",
+    "lm_head": r"^(lm_)?head\.weight$",
     "wq_a+wkv": r"^layers\.\d+\.attn\.(wq_a|wkv)\.weight$",
     "wo_a": r"^layers\.\d+\.attn\.wo_a\.weight$",
     "compressor": r"^layers\.\d+\.attn\.(indexer\.)?compressor\.(wkv|wgate)\.weight$",
@@ -108,6 +108,7 @@ def patched_reference():
     """Route ``linear``/``grouped_output_proj`` of :class:`FakeQuant` weights through the
     emulation in every reference module and the reference ops table."""
     from llm_kernels.reference.deepseek_v4 import sparse_attn as ref_attn
+    from llm_kernels.reference.qwen3 import mlp, model, o_proj, qkv_proj  # noqa: F401  (patched below)
     from llm_kernels.runtime.deepseek_v4 import stages
 
     orig_linear = stages.REFERENCE_OPS.linear
@@ -132,7 +133,7 @@ def patched_reference():
         r = r.reshape(T, -1)
         return linear(r, wo_b, dtype)
 
-    mods = [m for n, m in sys.modules.items() if n.startswith("llm_kernels.reference.deepseek_v4")]
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("llm_kernels.reference.")]
     saved = [(m, m.linear) for m in mods if getattr(m, "linear", None) is orig_linear]
     for m, _ in saved:
         m.linear = linear
@@ -150,10 +151,10 @@ def patched_reference():
 
 def weight_bytes(weights: dict, cfg) -> float:
     """GB of 2-D weights read per decoded token (routed experts at top-k of n)."""
-    frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+    frac = getattr(cfg, "num_experts_per_tok", 1) / getattr(cfg, "n_routed_experts", 1)
     total = 0.0
     for name, w in weights.items():
-        if name == "embed.weight":
+        if name in ("embed.weight", "model.embed_tokens.weight"):
             continue
         if isinstance(w, (QuantWeight, GroupQuantWeight)):
             b = w.qweight.numel() + w.scale.numel() * w.scale.element_size()
@@ -174,7 +175,8 @@ def variants(base: dict, cfg, groups: list[int]) -> dict:
     every = w8a8 + [n for names in cls.values() for n in names]
     out = {"w8a8": ("int8", w8a8, None)}
     for c, names in cls.items():
-        out[f"w8a8+{c}"] = ("int8", w8a8 + names, None)
+        if names:
+            out[f"w8a8+{c}"] = ("int8", w8a8 + names, None)
     out["int8"] = ("int8", every, None)
     out["q8_0"] = ("fq", every, (32, True))
     out["int8_g32"] = ("g32", every, None)
@@ -196,16 +198,20 @@ def build(base: dict, kind: str, names: list[str], fq) -> dict:
 
 
 def run(weights: dict, cfg, ids: list[int]) -> torch.Tensor:
-    from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
-
-    eng = DeepSeekV4Engine(weights, cfg, dtype=torch.bfloat16, max_seq_len=len(ids))
+    eng = models.spec_for_config(cfg).make_engine(weights, cfg, dtype=torch.bfloat16, max_seq_len=len(ids),
+                                                  backend="reference")
     _, logits = eng.prefill([ids])
     return logits[0].float()
 
 
-def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
+def kl_rows(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``KL(p_ref || p_out)`` per position (natural log), float32 [T]."""
     lp, lq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    kl = kl_rows(ref, out)
     return {"kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)),
             "cos": float(F.cosine_similarity(ref, out, dim=-1).mean()),
             "top1": float((ref.argmax(-1) == out.argmax(-1)).float().mean() * 100)}
@@ -219,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", default="128,32", help="finer INT8 scale groups to try")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--paired", default=None,
+                    help="a variant to compare every other one with position by position: mean KL "
+                         "difference and its standard error (is a gap more than the token sample's noise?)")
     args = ap.parse_args(argv)
     cfg, base = load_checkpoint(args.checkpoint, dtype=torch.bfloat16, progress=False)
     gen = torch.Generator().manual_seed(args.seed)
@@ -230,6 +239,7 @@ def main(argv=None) -> int:
     print(f"bf16 run: {time.time() - t0:.1f} s; {cfg.summary()}; {args.tokens} tokens", flush=True)
     rows = {"bf16": {"kl_mean": 0.0, "kl_p99": 0.0, "cos": 1.0, "top1": 100.0,
                      "gb_per_token": weight_bytes(base, cfg)}}
+    per_pos: dict[str, torch.Tensor] = {}
     todo = variants(base, cfg, groups)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
@@ -240,9 +250,22 @@ def main(argv=None) -> int:
             out = run(w, cfg, ids)
         r = compare(ref, out) | {"gb_per_token": weight_bytes(w, cfg), "weights": len(names)}
         rows[name] = r
+        per_pos[name] = kl_rows(ref, out).double()
         print(f"{name:28s} {r['gb_per_token']:7.3f} {r['kl_mean']:10.3e} {r['kl_p99']:10.3e} "
               f"{r['cos']:9.6f} {r['top1']:7.2f}", flush=True)
         del w, out
+    if args.paired in per_pos:
+        b = per_pos[args.paired]
+        print(f"paired against {args.paired} (KL difference per position, mean +- standard error; "
+              f"< 0: closer to bf16 than {args.paired}):")
+        for name, k in per_pos.items():
+            if name != args.paired:
+                d = k - b
+                se = float(d.std() / d.numel() ** 0.5)
+                rows[name]["paired"] = {"vs": args.paired, "mean_diff": float(d.mean()), "se": se,
+                                        "closer_positions_pct": float((d < 0).double().mean() * 100)}
+                print(f"  {name:26s} {float(d.mean()):+.3e} +- {se:.3e}  (closer at {float((d < 0).double().mean()) * 100:.1f} % "
+                      "of positions)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "tokens": args.tokens, "seed": args.seed,

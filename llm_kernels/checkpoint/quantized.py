@@ -48,7 +48,7 @@ def quantization_config(cfg, scheme: str = "w8a8") -> dict:
     g = GROUPED_SCHEMES.get(scheme)
     if g is not None:
         qc.update(group_size=g, weights=f"int8, symmetric, one float16 scale per {g} inputs (<name>_scale "
-                  f"[out, in/{g}], rounded up)", activations=f"int8, symmetric, dynamic per {g} inputs")
+                  f"[out, in/{g}], nearest that does not clip)", activations=f"int8, symmetric, dynamic per {g} inputs")
     return qc
 
 

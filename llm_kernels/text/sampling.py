@@ -126,8 +126,11 @@ class SamplingParams:
         missing file gives the class defaults), then ``overrides`` (field=value; a value of
         None is ignored, so unset CLI flags can be passed through).
 
-        Read keys: ``do_sample`` (false -> temperature 0), ``temperature``, ``top_k``,
-        ``top_p``, ``min_p``, ``repetition_penalty``, ``max_new_tokens`` -> max_tokens.
+        Read keys: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+        ``repetition_penalty``, ``max_new_tokens`` -> max_tokens. As transformers'
+        ``GenerationConfig`` (``do_sample`` defaults to False), decoding is greedy
+        (temperature 0) unless the file says ``do_sample: true``; a missing file is greedy
+        too. An explicit ``temperature`` override wins.
         Raises ValueError for an unknown override name or an invalid result (see
         :meth:`validate`), or for a generation_config.json that is not a JSON object."""
         names = {f.name for f in fields(cls)}
@@ -136,7 +139,7 @@ class SamplingParams:
             raise ValueError(f"unknown SamplingParams field(s) {unknown}; expected some of {sorted(names)}")
         p = Path(path)
         gfile = p / "generation_config.json" if p.is_dir() else p
-        kw: dict = {}
+        kw: dict = {"temperature": 0.0}
         if gfile.is_file():
             try:
                 gc = json.loads(gfile.read_text())
@@ -149,7 +152,7 @@ class SamplingParams:
                     kw[key] = gc[key]
             if gc.get("max_new_tokens") is not None:
                 kw["max_tokens"] = gc["max_new_tokens"]
-            if gc.get("do_sample") is False:
+            if gc.get("do_sample") is not True:
                 kw["temperature"] = 0.0
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw).validate()

@@ -146,7 +146,11 @@ def test_validation_names_the_field_and_range(field, value, match):
 
 
 def test_from_generation_config(tmp_path):
-    assert SamplingParams.from_generation_config(tmp_path) == SamplingParams()  # no file: defaults
+    # no file: the defaults, greedy (transformers' GenerationConfig has do_sample=False)
+    assert SamplingParams.from_generation_config(tmp_path) == SamplingParams(temperature=0.0)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))   # no do_sample
+    assert SamplingParams.from_generation_config(tmp_path).greedy
+    assert SamplingParams.from_generation_config(tmp_path, temperature=0.7).temperature == 0.7
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_new_tokens": 77}))
     p = SamplingParams.from_generation_config(tmp_path, top_k=None, seed=3, stop="END")

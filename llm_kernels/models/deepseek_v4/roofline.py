@@ -60,7 +60,7 @@ __all__ = [
     "experts_active_default", "roofline_seconds", "roofline_pct",
 ]
 
-QUANT_MODES = ("bf16", "w8a8", "int8")
+QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32")
 STAGES = ("hc_pre", "qkv_proj_rope", "compressor", "indexer", "sparse_attn", "hc_post", "gate", "moe",
           "lm_head")
 LAYER_STAGES = STAGES[:-1]
@@ -89,13 +89,16 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def _t(name, stage, part, shape, kind: str, quant: str) -> TensorBytes:
-    """kind: fp32 | bf16 | q (INT8 + FP32 per-output-row scale in w8a8 and int8, BF16 in
-    bf16) | q8 (INT8 + scale in int8 only, else BF16)."""
+    """kind: fp32 | bf16 | q (INT8 + FP32 per-output-row scale in w8a8 and int8, INT8 + an
+    FP16 scale per 32 inputs in int8_g32, BF16 in bf16) | q8 (INT8 in int8 / int8_g32 only,
+    else BF16)."""
     n = _prod(shape)
     if kind == "fp32":
         return TensorBytes(name, stage, part, shape, "fp32", n * FP32)
-    if kind == "bf16" or quant == "bf16" or (kind == "q8" and quant != "int8"):
+    if kind == "bf16" or quant == "bf16" or (kind == "q8" and quant not in ("int8", "int8_g32")):
         return TensorBytes(name, stage, part, shape, "bf16", n * BF16)
+    if quant == "int8_g32":
+        return TensorBytes(name, stage, part, shape, "int8+fp16/32 scales", n * INT8 + (n // 32) * 2)
     return TensorBytes(name, stage, part, shape, "int8+fp32 scale", n * INT8 + shape[0] * FP32)
 
 

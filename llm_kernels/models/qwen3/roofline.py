@@ -69,7 +69,7 @@ __all__ = [
     "weight_table",
 ]
 
-QUANT_MODES = ("bf16", "w8a8", "int8")
+QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32")
 STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
           "down_residual")
 # the seven W8A8 projections (transformers names under model.layers.{i}.)
@@ -113,7 +113,9 @@ def weight_table(cfg: Qwen3Config, quant: str = "bf16") -> list[TensorBytes]:
         n = 1
         for s in shape:
             n *= s
-        if quant in ("w8a8", "int8") and name in PROJECTIONS:
+        if quant == "int8_g32" and name in PROJECTIONS:  # fp16 scale per 32 inputs
+            out.append(TensorBytes(name, stage, "layer", shape, "int8+fp16/32 scales", n * INT8 + (n // 32) * 2))
+        elif quant in ("w8a8", "int8") and name in PROJECTIONS:
             out.append(TensorBytes(name, stage, "layer", shape, "int8+fp32 scale", n * INT8 + shape[0] * FP32))
         else:
             out.append(TensorBytes(name, stage, "layer", shape, "bf16", n * BF16))

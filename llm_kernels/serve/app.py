@@ -55,6 +55,7 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
+        """The error as a JSONResponse (status, OpenAI error body, headers)."""
         return JSONResponse(P.error_body(self.message, self.param, self.type_, self.code), self.status,
                             headers=self.headers)
 

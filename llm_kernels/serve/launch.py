@@ -61,6 +61,9 @@ def load_server(checkpoint: Path, *, backend: str = "fused", quant: str | None =
 
     _check_sizes(max_batch, max_queue, max_seq_len)
     checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint}: not a directory (a model folder with config.json, the "
+                         "safetensors and the tokenizer files)")
     if not (checkpoint / "tokenizer.json").is_file():  # before loading gigabytes of weights
         raise TokenizerError(f"{checkpoint / 'tokenizer.json'}: missing; the server needs the model's tokenizer "
                              "files (tokenizer.json, tokenizer_config.json) in the checkpoint folder")

@@ -68,6 +68,7 @@ class Request:
 
     @property
     def max_tokens(self) -> int:
+        """The request's token budget (``params.max_tokens``)."""
         return int(self.params.max_tokens)
 
     def next_input(self) -> list[int]:

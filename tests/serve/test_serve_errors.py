@@ -138,3 +138,25 @@ def _poisoned_stream(client):
                                        extra_body={"ignore_eos": True})
     for _ in stream:
         pass
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["serve", "--checkpoint", "/nonexistent/model"], "not a directory"),
+    (["serve", "--checkpoint", "{ckpt}", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["serve", "--checkpoint", "{ckpt}", "--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["serve", "--checkpoint", "{ckpt}", "--port", "70000"], "--port must be in"),
+    (["serve", "--checkpoint", "{bare}"], "tokenizer.json: missing"),
+    (["bench-serve", "--url", "http://127.0.0.1:1"], "no OpenAI-compatible server"),
+    (["bench-serve", "--concurrency", "1,x"], "--concurrency"),
+])
+def test_cli_errors_name_the_flag(argv, msg, serve_ckpt, tmp_path, capsys):
+    """``serve`` / ``bench-serve`` refuse bad flags with exit 2 and a message naming them,
+    before loading any weights."""
+    from llm_kernels.cli import main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((serve_ckpt / "config.json").read_text())
+    argv = [a.format(ckpt=serve_ckpt, bare=bare) for a in argv]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err

@@ -151,7 +151,8 @@ class _Server:
                                                              **overrides)
             params.validate(vocab_size=self.vocab)
         except (ValueError, TypeError) as e:
-            raise ApiError(400, str(e), _param_in(str(e), list(overrides) + ["max_tokens"])) from None
+            msg = str(e).replace("SamplingParams.", "")  # the API's field names are the same
+            raise ApiError(400, msg, _param_in(msg, list(overrides) + ["max_tokens"])) from None
         return GenRequest(prompt_ids=ids, params=params, sampler=S.Sampler(params), detok=self.tok.incremental(),
                           stop=S.StopChecker(params, self.tok.eos_token_ids))
 

@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and any(a.split("=")[0] == "--serve" for a in argv[1:]):  # = bench-serve --url
+        return _bench_serve_main(argv[1:])
     if argv[:1] == ["bench"]:  # the bench driver parses its own flags
         return _bench_main(argv[1:])
     if argv[:1] == ["golden"]:  # the harness parses its own flags

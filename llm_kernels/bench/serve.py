@@ -1,4 +1,4 @@
-"""``python -m llm_kernels bench-serve --url URL``: load a running OpenAI-compatible server
+"""``python -m llm_kernels bench-serve --url URL`` (or ``bench --serve URL``): load a running OpenAI-compatible server
 (``python -m llm_kernels serve``) with N concurrent streaming clients and report, per
 concurrency level,
 
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels bench-serve",
                                 description="N concurrent streaming clients against a running server: aggregate "
                                             "tok/s, time to first token, inter-token latency p50/p90/p99")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (without /v1)")
+    p.add_argument("--url", "--serve", dest="url", default="http://127.0.0.1:8000",
+                   help="the server's base URL (with or without /v1); 'bench --serve URL' runs this benchmark too")
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
     p.add_argument("--concurrency", default="1,8", help="comma-separated client counts (default 1,8)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per level (default 2)")

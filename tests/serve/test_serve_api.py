@@ -126,3 +126,7 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert by_c[1]["server"]["decode_steps"] == 2 * 5  # 6 tokens: 1 from the prefill, 5 decode steps
     assert by_c[3]["server"]["mean_decode_batch"] > 1  # the three streams shared decode steps
     assert main(["bench-serve", "--url", url, "--concurrency", "0"]) == 2
+    out2 = tmp_path / "bs2.json"  # the 'bench --serve URL' spelling
+    assert main(["bench", "--serve", url, "--concurrency", "2", "--requests", "1", "--prompt-tokens", "3",
+                 "--max-tokens", "2", "--json", str(out2)]) == 0
+    assert json.loads(out2.read_text())["runs"][0]["output_tokens"] == 4

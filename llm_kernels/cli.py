@@ -360,9 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prune_kernel_caches() -> None:
+    """Delete the Numba caches of other kernel-source versions (each edit of the kernels
+    starts a fresh cache directory; the old ones are never read again) and say so."""
+    from .kernels.common.jit import prune_stale_caches
+
+    removed = prune_stale_caches()
+    if removed:
+        print(f"removed {len(removed)} stale kernel cache(s) of other kernel-source versions", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _prune_kernel_caches()
     if argv[:1] == ["bench"] and any(a.split("=")[0] == "--serve" for a in argv[1:]):  # = bench-serve --url
         return _bench_serve_main(argv[1:])
     if argv[:1] == ["bench"]:  # the bench driver parses its own flags

@@ -116,3 +116,23 @@ def test_generate_prints_ids_and_timings(mini_ckpt):
         for _ in range(4):
             ids.append(int(m(torch.tensor([ids])).logits[0, -1].argmax()))
     assert gen == ids[3:]
+
+
+def test_cli_prunes_stale_kernel_caches(tmp_path, monkeypatch, capsys):
+    """Every CLI run deletes the Numba caches of other kernel-source versions (issue 13, CLI
+    hygiene) and says so; this version's cache stays."""
+    from llm_kernels import cli
+    from llm_kernels.kernels.common import jit
+
+    monkeypatch.setattr(jit, "_USER_CACHE_DIR", None)
+    monkeypatch.setenv("LLM_KERNELS_CACHE", str(tmp_path))
+    root = tmp_path / "numba"
+    (root / "0123456789abcdef" / "avx2").mkdir(parents=True)
+    (root / jit.SOURCE_HASH).mkdir()
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    assert not (root / "0123456789abcdef").exists() and (root / jit.SOURCE_HASH).is_dir()
+    assert "removed 1 stale kernel cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    assert "stale" not in capsys.readouterr().err

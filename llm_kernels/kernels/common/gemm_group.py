@@ -91,9 +91,9 @@ def _tile(tt: int):
 (_G1, _G2, _G3, _G4, _G5, _G6, _G8, _G12, _G16) = [_tile(tt) for tt in TILE_HEIGHTS]
 
 #: VNNI grouped tiles (:func:`.x86.vnni_group_tile`): ``tt x nb`` with int and float accumulators in
-#: zmm registers (tt <= 3: nb = 4; tt <= 6: nb = 2; tt <= 12: nb = 1; 16 = two passes of 8).
+#: zmm registers (tt = 2, 3: nb = 4; tt = 1 and tt <= 6: nb = 2; tt <= 12: nb = 1; 16 = two passes of 8).
 (_R1, _R2, _R3, _R4, _R5, _R6, _R8, _R12) = [
-    vnni_group_tile(tt, 4 if tt <= 3 else (2 if tt <= 6 else 1), prefetch_for(tt))
+    vnni_group_tile(tt, 4 if 2 <= tt <= 3 else (2 if tt <= 6 else 1), prefetch_for(tt))
     for tt in (1, 2, 3, 4, 5, 6, 8, 12)]
 
 
@@ -200,8 +200,10 @@ def _gtile(tt, xp, x_off, xks, wp, w_off, wbs, nkg, acc):
 def _rtile(tt, xp, x_off, xks, wp, w_off, wbs, gkg, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, accum):
     """Float32 ``[tt, 64]`` tile over ``ng`` blocks with the VNNI grouped register tiles
     (token rows from ``sc_off // NG``; ``f`` rows of 64)."""
-    if tt == 1:
-        _R1(xp, x_off, xks, wp, w_off, wbs, gkg, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
+    if tt == 1:  # two passes of 32 columns: measured steadier than one of 64 at T=1 (2 + 1 streams)
+        for j in range(2):
+            _R1(xp, x_off, xks, wp, w_off + j * 2 * wbs, wbs, gkg, ng, sw, sw_off + j * 32, sx, corr, sc_off,
+                NG, f, f_off + j * 32, CHUNK_N, accum)
     elif tt == 2:
         _R2(xp, x_off, xks, wp, w_off, wbs, gkg, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
     elif tt == 3:

@@ -103,3 +103,30 @@ def test_fused_engine_matches_the_reference(ckpt):
     fused = _rows(spec, dict(w), cfg, "fused", ids)
     cos = torch.nn.functional.cosine_similarity(fused.flatten().double(), ref.flatten().double(), dim=0)
     assert cos > 0.999, f"logits cosine {cos:.6f}"
+
+
+@pytest.mark.parametrize("T", [1, 5, 19])
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_qwen3_group_stages_prepared_as_one_gemm(T, dtype):
+    """Qwen3's q|k|v and gate|up group-scaled weights are packed at load as ONE GEMM weight
+    per stage; the stages on them are **bitwise** the reference (and the unprepared path)."""
+    from llm_kernels.kernels.qwen3 import mlp as FM
+    from llm_kernels.kernels.qwen3 import qkv_proj as FQ
+    from llm_kernels.kernels.qwen3.group_stage import GroupStageWeight, prepare_group_stage
+    from llm_kernels.numerics.group_quant import quantize_weight_grouped
+    from llm_kernels.reference.qwen3 import mlp as RM
+    from llm_kernels.reference.qwen3 import qkv_proj as RQ
+
+    g = torch.Generator().manual_seed(T)
+    H, I = 192, 320
+    x = torch.randn(T, H, generator=g).to(dtype).float()
+    nw = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype)
+    qkv = tuple(quantize_weight_grouped(torch.randn(n, H, generator=g) / H ** 0.5) for n in (256, 64, 64))
+    gu = tuple(quantize_weight_grouped(torch.randn(I, H, generator=g) / H ** 0.5) for _ in range(2))
+    pq, pg = prepare_group_stage(qkv), prepare_group_stage(gu)
+    assert all(isinstance(w, GroupStageWeight) and w.group is pq[0].group for w in pq)
+    assert all(torch.equal(p.qweight, w.qweight) for p, w in zip(pq + pg, qkv + gu))
+    ref = RQ.input_norm_qkv(x, nw, *qkv, 1e-6, dtype)
+    for got in (FQ.input_norm_qkv(x, nw, *pq, 1e-6, dtype), FQ.input_norm_qkv(x, nw, *qkv, 1e-6, dtype)):
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert torch.equal(FM.gate_up_swiglu(x, *pg, dtype), RM.gate_up_swiglu(x, *gu, dtype))

@@ -26,6 +26,7 @@ from typing import Any
 from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
+from .group_stage import prepare_group_stage
 from .proj_common import MODE_RES, MODE_SPLIT, MODE_SWIGLU, prepare_stage
 
 __all__ = ["STAGE_WEIGHTS", "prepare_weights"]
@@ -57,11 +58,11 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
     for p in layers:
         for names, mode in STAGE_WEIGHTS:
             ws = tuple(weights.get(p + n) for n in names)
-            if all(isinstance(w, GroupQuantWeight) for w in ws):  # group-scaled: one packed GEMM each
-                for n, w in zip(names, ws):
-                    out[p + n] = prepare_linear(w)
+            if all(isinstance(w, GroupQuantWeight) for w in ws):  # group-scaled: one packed GEMM per stage
+                for n, w in zip(names, prepare_group_stage(ws)):
+                    out[p + n] = w
                     if consume:
-                        weights[p + n] = out[p + n]
+                        weights[p + n] = w
             elif all(isinstance(w, QuantWeight) for w in ws):
                 for n, w in zip(names, prepare_stage(ws, mode)):
                     out[p + n] = w

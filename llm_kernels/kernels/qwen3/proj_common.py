@@ -71,6 +71,7 @@ from ..common.norm_rope import sumsq_torch_order
 from ..common.prepared import PackedRows, stage_group
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile as _bf16_dot_tile
+from .group_stage import group_linears
 from .swiglu_torch import in_tail, swiglu_scalar, torch_tails
 
 __all__ = ["BF16_GEMV_MAX_T", "MODE_RES", "MODE_SPLIT", "MODE_SWIGLU", "Plan", "ProjW8A8", "check_dtype",
@@ -527,7 +528,10 @@ class Plan:
                         self.mode, tails, resa, o[0], o[1], o[2])
             return outs
         xn = _norm_rows(x, self.nw, self.e32, self.to_bf16) if self.do_norm else x
-        ys = [_float_linear(xn, w, self.dtype) for w in self.ws]
+        if self.kind == "group":
+            ys = group_linears(np.ascontiguousarray(xn), self.ws, self.dtype)
+        else:
+            ys = [_float_linear(xn, w, self.dtype) for w in self.ws]
         if self.mode == MODE_SPLIT:
             return ys
         _epi_float(self.mode, ys[0], ys[-1], tails, resa, self.to_bf16, self.nw, self.e32, self.post, o[0], o[1])

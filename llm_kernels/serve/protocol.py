@@ -175,53 +175,45 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _body(rid: str, obj: str, model: str, created: int, choice: dict | None, token_ids: list[int] | None,
+          usage: dict | None) -> dict:
+    """An OpenAI response/chunk body with at most one choice (``token_ids``, vLLM's
+    extension, is added to it when given; ``choice=None``: a usage-only chunk)."""
+    body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": []}
+    if choice is not None:
+        choice = {"index": 0, **choice}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
+        body["choices"] = [choice]
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
 def completion_response(rid: str, model: str, text: str, finish_reason: str | None, usage: dict,
                         token_ids: list[int] | None = None) -> dict:
     """A non-streaming ``text_completion`` body."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+    return _body(rid, "text_completion", model, int(time.time()),
+                 {"text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids, usage)
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
                      token_ids: list[int] | None = None, usage: dict | None = None,
                      choices: bool = True) -> dict:
     """One streamed ``text_completion`` chunk (``choices=False``: the usage-only last chunk)."""
-    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": []}
-    if choices:
-        c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if token_ids is not None:
-            c["token_ids"] = token_ids
-        body["choices"] = [c]
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    choice = {"text": text, "logprobs": None, "finish_reason": finish_reason} if choices else None
+    return _body(rid, "text_completion", model, created, choice, token_ids, usage)
 
 
 def chat_response(rid: str, model: str, text: str, finish_reason: str | None, usage: dict,
                   token_ids: list[int] | None = None) -> dict:
     """A non-streaming ``chat.completion`` body."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+    choice = {"message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    return _body(rid, "chat.completion", model, int(time.time()), choice, token_ids, usage)
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
                token_ids: list[int] | None = None, usage: dict | None = None, choices: bool = True) -> dict:
     """One streamed ``chat.completion.chunk`` (``choices=False``: the usage-only last chunk)."""
-    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": []}
-    if choices:
-        c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        if token_ids is not None:
-            c["token_ids"] = token_ids
-        body["choices"] = [c]
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    choice = {"delta": delta, "logprobs": None, "finish_reason": finish_reason} if choices else None
+    return _body(rid, "chat.completion.chunk", model, created, choice, token_ids, usage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from serve_helpers import run_uvicorn
+from serve_helpers import run_uvicorn, write_serve_checkpoint
 
 MAX_BATCH = 8
 MAX_SEQ_LEN = 256
@@ -22,16 +22,7 @@ MODEL = "q3serve"
 @pytest.fixture(scope="session")
 def serve_ckpt(tmp_path_factory):
     """A seeded random qwen3-mini checkpoint with the random tokenizer files."""
-    from llm_kernels.checkpoint import write_random_checkpoint
-    from llm_kernels.checkpoint.random_tokenizer import write_random_tokenizer
-    from llm_kernels.models import preset
-
-    out = tmp_path_factory.mktemp("ckpt") / MODEL
-    cfg = preset("qwen3-mini")
-    write_random_checkpoint(cfg, out, seed=0, progress=False)
-    if not (out / "tokenizer.json").is_file():
-        write_random_tokenizer(out, cfg.vocab_size)
-    return out
+    return write_serve_checkpoint(tmp_path_factory.mktemp("ckpt") / MODEL, "qwen3-mini")
 
 
 @pytest.fixture(scope="session")

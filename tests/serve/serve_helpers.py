@@ -8,6 +8,19 @@ import threading
 import time
 
 
+def write_serve_checkpoint(out, preset_name: str):
+    """A seeded random ``preset_name`` checkpoint in ``out`` with the random tokenizer files."""
+    from llm_kernels.checkpoint import write_random_checkpoint
+    from llm_kernels.checkpoint.random_tokenizer import write_random_tokenizer
+    from llm_kernels.models import preset
+
+    cfg = preset(preset_name)
+    write_random_checkpoint(cfg, out, seed=0, progress=False)
+    if not (out / "tokenizer.json").is_file():
+        write_random_tokenizer(out, cfg.vocab_size)
+    return out
+
+
 @contextlib.contextmanager
 def run_uvicorn(app):
     """Serve ``app`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""

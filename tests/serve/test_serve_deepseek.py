@@ -8,23 +8,16 @@ import asyncio
 
 import openai
 import pytest
-from serve_helpers import run_uvicorn
+from serve_helpers import run_uvicorn, write_serve_checkpoint
 
 NAME = "dsv4mini"
 
 
 @pytest.fixture(scope="module")
 def ds_server(tmp_path_factory):
-    from llm_kernels.checkpoint import write_random_checkpoint
-    from llm_kernels.checkpoint.random_tokenizer import write_random_tokenizer
-    from llm_kernels.models import preset
     from llm_kernels.serve.launch import load_server
 
-    out = tmp_path_factory.mktemp("ds") / NAME
-    cfg = preset("mini")
-    write_random_checkpoint(cfg, out, seed=0, progress=False)
-    if not (out / "tokenizer.json").is_file():
-        write_random_tokenizer(out, cfg.vocab_size)
+    out = write_serve_checkpoint(tmp_path_factory.mktemp("ds") / NAME, "mini")
     app, engine, tok, _ = load_server(out, backend="fused", max_batch=4, max_queue=8, max_seq_len=128)
     with run_uvicorn(app) as url:
         yield url, engine

@@ -16,7 +16,7 @@ buffer of the chunk (``fl(fl(f32(acc - c)·s_x)·s_w)`` added in block order). T
 of the tile must not need per-block weight sums (that would be 4 more bytes per 32
 weights), so:
 
-* VNNI (``"vnni"``): the operands swap roles (:func:`.x86.vnni_bcast_tile` ``signed_x``):
+* VNNI (``"vnni"``): the operands swap roles (:func:`.x86.vnni_group_tile`):
   activations are the *signed* broadcast operand (raw ``q``), weights the unsigned one,
   stored as ``w + 128`` (``w ^ 0x80``). Then ``Σ q·(w+128) = isum + 128·Σ_k q``: the
   correction ``c[t, g] = 128·Σ_{k in g} q_x[t, k]`` is a per-token, per-block integer made
@@ -61,7 +61,6 @@ from .gemm import (
 from .gemm_pack import CHUNK_N, aligned_empty, pack_w_bcast32
 from .jit import njit_kernel
 from .quant import quant_row_f32
-from .x86 import vnni_bcast_tile
 from .x86_avx2 import avx2_bcast_tile
 from .x86 import vnni_group_tile
 
@@ -81,14 +80,10 @@ def f16_bits_to_f32(h):
     return norm if e != 0 else np.float32(m) * _F16_SUB
 
 
-def _tile(tt: int):
-    nb, pf = nb_for(tt), prefetch_for(tt)
-    if jit.INT8_TILE == "avx2":
-        return avx2_bcast_tile(tt, nb, pf)
-    return vnni_bcast_tile(tt, nb, pf, signed_x=True)
-
-
-(_G1, _G2, _G3, _G4, _G5, _G6, _G8, _G12, _G16) = [_tile(tt) for tt in TILE_HEIGHTS]
+#: AVX2 tiles of the fold-through-L1 kernel (:func:`_group_core`, the ``"avx2"`` layout only;
+#: the VNNI layout runs :func:`_group_core_vnni`). Built lazily: never compiled elsewhere.
+(_G1, _G2, _G3, _G4, _G5, _G6, _G8, _G12, _G16) = [
+    avx2_bcast_tile(tt, nb_for(tt), prefetch_for(tt)) for tt in TILE_HEIGHTS]
 
 #: VNNI grouped tiles (:func:`.x86.vnni_group_tile`): ``tt x nb`` with int and float accumulators in
 #: zmm registers (tt = 2, 3: nb = 4; tt = 1 and tt <= 6: nb = 2; tt <= 12: nb = 1; 16 = two passes of 8).

@@ -112,7 +112,8 @@ def test_qwen3_group_stages_prepared_as_one_gemm(T, dtype):
     per stage; the stages on them are **bitwise** the reference (and the unprepared path)."""
     from llm_kernels.kernels.qwen3 import mlp as FM
     from llm_kernels.kernels.qwen3 import qkv_proj as FQ
-    from llm_kernels.kernels.qwen3.group_stage import GroupStageWeight, prepare_group_stage
+    from llm_kernels.kernels.common.prepared import PackedGroupRows
+    from llm_kernels.kernels.qwen3.group_stage import prepare_group_stage
     from llm_kernels.numerics.group_quant import quantize_weight_grouped
     from llm_kernels.reference.qwen3 import mlp as RM
     from llm_kernels.reference.qwen3 import qkv_proj as RQ
@@ -124,7 +125,7 @@ def test_qwen3_group_stages_prepared_as_one_gemm(T, dtype):
     qkv = tuple(quantize_weight_grouped(torch.randn(n, H, generator=g) / H ** 0.5) for n in (256, 64, 64))
     gu = tuple(quantize_weight_grouped(torch.randn(I, H, generator=g) / H ** 0.5) for _ in range(2))
     pq, pg = prepare_group_stage(qkv), prepare_group_stage(gu)
-    assert all(isinstance(w, GroupStageWeight) and w.group is pq[0].group for w in pq)
+    assert all(isinstance(w, PackedGroupRows) and w.group is pq[0].group for w in pq)
     assert all(torch.equal(p.qweight, w.qweight) for p, w in zip(pq + pg, qkv + gu))
     ref = RQ.input_norm_qkv(x, nw, *qkv, 1e-6, dtype)
     for got in (FQ.input_norm_qkv(x, nw, *pq, 1e-6, dtype), FQ.input_norm_qkv(x, nw, *qkv, 1e-6, dtype)):

@@ -33,8 +33,9 @@ from ...numerics.quant import QuantWeight
 from .gemm_group import PackedGroupW8, pack_group_w8, unpack_group_w8
 from .gemm_pack import CHUNK_N, PackedW8A8, unpack_w8a8
 
-__all__ = ["PackedColumnGroups", "PackedGroupLinear", "PackedGroupRowGroups", "PackedLinear", "PackedRowGroups",
-           "PackedRows", "PreparedGroupWeight", "PreparedQuantWeight", "is_int8_weight", "stage_group"]
+__all__ = ["GroupRowsPack", "PackedColumnGroups", "PackedGroupLinear", "PackedGroupRowGroups", "PackedGroupRows",
+           "PackedLinear", "PackedRowGroups", "PackedRows", "PreparedGroupWeight", "PreparedQuantWeight",
+           "group_rows_pack", "is_int8_weight", "pack_group_rows", "stage_group"]
 
 
 def is_int8_weight(w: Any) -> bool:
@@ -210,6 +211,57 @@ class PackedGroupRowGroups(PreparedGroupWeight):
 
     def packed_parts(self) -> list[PackedGroupW8]:
         return list(self.packs)
+
+
+class GroupRowsPack:
+    """Group-scaled weights of one stage concatenated by rows as ONE packed GEMM weight
+    (``packed``: :class:`~.gemm_group.PackedGroupW8`; member i is rows ``starts[i] :
+    starts[i] + rows[i]``): Qwen3's q|k|v or gate|up, an expert's w1|w3 run as one GEMM."""
+
+    __slots__ = ("packed", "rows", "starts")
+
+    def __init__(self, packed: PackedGroupW8, rows: list[int]):
+        self.packed, self.rows = packed, list(rows)
+        self.starts = [sum(self.rows[:i]) for i in range(len(self.rows))]
+
+
+class PackedGroupRows(PreparedGroupWeight):
+    """Member ``member`` of a prepared :class:`GroupRowsPack` ``group``."""
+
+    def __init__(self, group: GroupRowsPack, member: int, scale: torch.Tensor) -> None:  # noqa: D107
+        super().__init__(scale, group.rows[member], group.packed.k, group.packed.group)
+        object.__setattr__(self, "group", group)
+        object.__setattr__(self, "member", int(member))
+
+    def unpack(self) -> torch.Tensor:
+        s = self.group.starts[self.member]
+        return unpack_group_w8(self.group.packed).qweight[s:s + self.n].clone()
+
+    def packed_parts(self) -> list[PackedGroupW8]:
+        return [self.group.packed]
+
+
+def group_rows_pack(ws: tuple) -> GroupRowsPack | None:
+    """The shared :class:`GroupRowsPack` when ``ws`` are exactly its members 0, 1, ... in
+    order (made by :func:`pack_group_rows`), else None."""
+    g = getattr(ws[0], "group", None)
+    if not isinstance(g, GroupRowsPack) or len(g.rows) != len(ws):
+        return None
+    if all(isinstance(w, PackedGroupRows) and w.group is g and w.member == i for i, w in enumerate(ws)):
+        return g
+    return None
+
+
+def pack_group_rows(ws: tuple) -> tuple:
+    """Load-time form of group-scaled weights with the same K run as one GEMM: one
+    :class:`PackedGroupRows` per weight sharing one concatenated pack (``ws`` itself when
+    already so prepared)."""
+    if group_rows_pack(ws) is not None:
+        return tuple(ws)
+    cat = GroupQuantWeight(torch.cat([w.qweight for w in ws], 0), torch.cat([w.scale for w in ws], 0),
+                           ws[0].group_size)
+    g = GroupRowsPack(pack_group_w8(cat), [w.shape[0] for w in ws])
+    return tuple(PackedGroupRows(g, i, w.scale) for i, w in enumerate(ws))
 
 
 def stage_group(ws: tuple, group_type: type) -> Any:

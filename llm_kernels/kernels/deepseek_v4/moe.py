@@ -69,8 +69,8 @@ from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.jit import njit_kernel
-from ..common.gemm_group import PackedGroupW8, group_gemm_linear, pack_group_w8, unpack_group_w8
-from ..common.prepared import PackedRows, PreparedGroupWeight, stage_group
+from ..common.gemm_group import group_gemm_linear
+from ..common.prepared import PackedGroupLinear, PackedRows, group_rows_pack, pack_group_rows, stage_group
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
@@ -279,61 +279,27 @@ def pack_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> ExpertPack
     return ExpertPack(pack_w8a8(q13, s13), pack_w8a8(w2.qweight, w2.scale.float()), I)
 
 
-class GroupExpertPack:
-    """The packed form of one group-scaled INT8 expert (the ``int8_g32`` scheme): ``p13`` =
-    ``[w1; w3]`` as one :class:`~..common.gemm_group.PackedGroupW8` (one GEMM), ``p2`` = w2."""
-
-    __slots__ = ("inter", "p13", "p2")
-
-    def __init__(self, p13: PackedGroupW8, p2: PackedGroupW8, inter: int):
-        self.p13, self.p2, self.inter = p13, p2, inter
-
-
-class GroupExpertWeight(PreparedGroupWeight):
-    """w1 (``member`` 0), w3 (1) or w2 (2) of a prepared :class:`GroupExpertPack` ``group``."""
-
-    def __init__(self, group: GroupExpertPack, member: int, scale: torch.Tensor) -> None:  # noqa: D107
-        p = group.p2 if member == 2 else group.p13
-        super().__init__(scale, group.inter if member < 2 else p.n, p.k, p.group)
-        object.__setattr__(self, "group", group)
-        object.__setattr__(self, "member", int(member))
-
-    def unpack(self) -> torch.Tensor:
-        if self.member == 2:
-            return unpack_group_w8(self.group.p2).qweight
-        q = unpack_group_w8(self.group.p13).qweight
-        i = self.group.inter
-        return q[i * self.member:i * (self.member + 1)].clone()
-
-    def packed_parts(self) -> list[PackedGroupW8]:
-        return [self.group.p2 if self.member == 2 else self.group.p13]
-
-
-def group_expert_pack(w1: GroupQuantWeight, w3: GroupQuantWeight, w2: GroupQuantWeight) -> GroupExpertPack:
-    """The prepared :class:`GroupExpertPack` of an expert, or (unprepared weights) one packed
-    now. Raises ValueError unless the shapes form a SwiGLU expert."""
-    g = getattr(w1, "group", None)
-    if (isinstance(g, GroupExpertPack) and getattr(w3, "group", None) is g and getattr(w2, "group", None) is g
-            and (w1.member, w3.member, w2.member) == (0, 1, 2)):
-        return g
+def group_expert_packs(w1: GroupQuantWeight, w3: GroupQuantWeight, w2: GroupQuantWeight) -> tuple:
+    """``(p13, p2)``: the packed ``[w1; w3]`` (one GEMM) and w2 of a group-scaled expert, the
+    prepared ones or (unprepared weights) packed now. Raises ValueError unless the shapes
+    form a SwiGLU expert."""
     I, D = w1.shape
     if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
         raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
                          "do not form a SwiGLU expert")
-    w13 = GroupQuantWeight(torch.cat([w1.qweight, w3.qweight], 0), torch.cat([w1.scale, w3.scale], 0),
-                           w1.group_size)
-    return GroupExpertPack(pack_group_w8(w13), pack_group_w8(w2), I)
+    g = group_rows_pack((w1, w3))
+    p13 = g.packed if g is not None else pack_group_rows((w1, w3))[0].group.packed
+    return p13, PackedGroupLinear.of(w2).packed
 
 
 def prepare_expert(w1, w3, w2) -> tuple:
     """Load-time form of one INT8 expert. W8A8 (:class:`QuantWeight`): three
     :class:`PackedRows` sharing one :class:`ExpertPack` (w1 and w3 are rows ``[0, I)`` /
-    ``[I, 2I)`` of ``p13``); group-scaled (:class:`GroupQuantWeight`): three
-    :class:`GroupExpertWeight` sharing one :class:`GroupExpertPack`. The raw int8 tensors
-    are not referenced."""
+    ``[I, 2I)`` of ``p13``); group-scaled (:class:`GroupQuantWeight`): w1 and w3 as two
+    ``PackedGroupRows`` of one pack, w2 a ``PackedGroupLinear``. The raw int8 tensors are
+    not referenced."""
     if isinstance(w1, GroupQuantWeight):
-        g = group_expert_pack(w1, w3, w2)
-        return tuple(GroupExpertWeight(g, m, w.scale) for m, w in enumerate((w1, w3, w2)))
+        return (*pack_group_rows((w1, w3)), PackedGroupLinear.of(w2))
     if stage_group((w1, w3, w2), ExpertPack) is not None:
         return w1, w3, w2
     g = pack_expert(w1, w3, w2)
@@ -361,13 +327,13 @@ def _expert_raw(x_rows: torch.Tensor, xq: np.ndarray | None, sx: np.ndarray | No
     float: the dtype-rounded linear output; ``_combine`` rounds either way)."""
     w1, w3, w2 = ws
     if isinstance(w1, GroupQuantWeight):  # the float path's roundings around group-scaled GEMMs
-        pk = group_expert_pack(w1, w3, w2)
-        I = pk.inter
-        gu = group_gemm_linear(x_rows, pk.p13).numpy()  # _swiglu rounds g and u
+        p13, p2 = group_expert_packs(w1, w3, w2)
+        I = w1.shape[0]
+        gu = group_gemm_linear(x_rows, p13).numpy()  # _swiglu rounds g and u
         n = gu.shape[0]
         h = np.empty((n, I), np.float32)
         _swiglu(gu, I, np.float32(limit), to_bf16, False, np.empty((1, 1), np.int8), np.empty(1, np.float32), h)
-        return group_gemm_linear(h, pk.p2)  # _combine rounds it
+        return group_gemm_linear(h, p2)  # _combine rounds it
     if isinstance(w1, QuantWeight):
         pk = expert_pack(w1, w3, w2)
         I = pk.inter

@@ -13,8 +13,8 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   three :class:`PackedRows` sharing one :class:`~.moe.ExpertPack` (``[w1; w3]`` as one
   GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``);
 * ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`);
-* group-scaled INT8 weights (the ``int8_g32`` scheme, :class:`GroupQuantWeight`): experts
-  as three ``GroupExpertWeight`` sharing one ``GroupExpertPack``, ``wo_a`` as
+* group-scaled INT8 weights (the ``int8_g32`` scheme, :class:`GroupQuantWeight`): an
+  expert's w1/w3 as two ``PackedGroupRows`` of one pack and w2 a ``PackedGroupLinear``, ``wo_a`` as
   ``PackedGroupRowGroups``, every other one (wq_b, indexer wq_b and wo_b included: their
   stages run the group-scaled GEMM, then the float path's epilogue) as ``PackedGroupLinear``;
 * the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->

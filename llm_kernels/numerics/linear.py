@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .group_quant import GroupQuantWeight, group_linear
+from .mxfp4 import MXFP4Weight, mxfp4_linear
 from .quant import QuantWeight, w8a8_linear
 from .rounding import rnd
 
@@ -21,7 +22,10 @@ def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     accumulation inside, one rounding), i.e. the operation bf16 inference runs.
     ``w`` a :class:`~.quant.QuantWeight`: W8A8 (per-row INT8 quant of x, exact INT32 GEMM,
     fp32 dequant, spec §0.3), rounded to ``dtype``; a :class:`~.group_quant.GroupQuantWeight`:
-    group-scaled INT8 (:func:`~.group_quant.group_linear`), rounded to ``dtype``."""
+    group-scaled INT8 (:func:`~.group_quant.group_linear`), rounded to ``dtype``; an
+    :class:`~.mxfp4.MXFP4Weight`: W4A8 (:func:`~.mxfp4.mxfp4_linear`), rounded to ``dtype``."""
+    if isinstance(w, MXFP4Weight):
+        return rnd(mxfp4_linear(x, w), dtype)
     if isinstance(w, QuantWeight):
         return rnd(w8a8_linear(x, w), dtype)
     if isinstance(w, GroupQuantWeight):

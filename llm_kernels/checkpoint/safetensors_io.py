@@ -38,6 +38,17 @@ from .names import (
     is_ignored,
 )
 from .quantized import assemble_w8a8, quantize_for
+from .release import (
+    RELEASE,
+    RELEASE_QUANT_METHOD,
+    decode_release_weight,
+    expected_release_tensors,
+    is_release_kind,
+    is_release_scale,
+    read_config,
+    release_dtype_problem,
+    release_format_of,
+)
 
 __all__ = [
     "CheckpointError",
@@ -212,10 +223,11 @@ def check_dtype_arg(dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...],
 
 # ====================================================================== loading
 def checkpoint_quant(path: str | os.PathLike) -> str | None:
-    """The quantisation scheme ``config.json`` declares: ``"w8a8"`` / ``"int8"`` for this
-    project's formats (``quantization_config.quant_method`` ``"llm_kernels_w8a8"`` /
-    ``"llm_kernels_int8"``), None for a float checkpoint. Raises CheckpointError for another
-    quantization method (e.g. DeepSeek's FP8 release)."""
+    """The quantisation scheme ``config.json`` declares: ``"w8a8"`` / ``"int8"`` /
+    ``"int8_g32"`` for this project's formats (``quantization_config.quant_method``
+    ``"llm_kernels_w8a8"`` / ...), ``"release"`` for an official FP8 (+ MXFP4) release
+    (``quant_method: "fp8"``, :mod:`.release`), None for a float checkpoint. Raises
+    CheckpointError for another quantization method."""
     p = Path(path) / "config.json"
     try:
         qc = json.loads(p.read_text()).get("quantization_config")
@@ -224,12 +236,13 @@ def checkpoint_quant(path: str | os.PathLike) -> str | None:
     if not qc:
         return None
     method = qc.get("quant_method")
+    if method == RELEASE_QUANT_METHOD:
+        return RELEASE
     for scheme, m in QUANT_METHODS.items():
         if method == m:
             return scheme
     raise CheckpointError(f"{p}: quantization_config.quant_method {method!r} is not supported (only "
-                          f"{', '.join(repr(m) for m in QUANT_METHODS.values())}; FP8/FP4 checkpoints "
-                          "must be dequantized first)")
+                          f"{', '.join(repr(m) for m in (*QUANT_METHODS.values(), RELEASE_QUANT_METHOD))})")
 
 
 def load_checkpoint(
@@ -257,8 +270,12 @@ def load_checkpoint(
             :class:`~llm_kernels.numerics.quant.QuantWeight` under their
             ``*.weight`` name (float weights are quantized on load; stored ``*.weight`` int8
             + ``*.weight_scale`` pairs are assembled; ``"int8"`` on a ``w8a8`` checkpoint
-            quantizes the rest of its set). ``"none"``: the checkpoint must be float. A
-            quantized checkpoint loaded with ``quant=None`` is returned as stored.
+            quantizes the rest of its set). ``"none"``: the checkpoint must be float (or a
+            release, dequantized). A quantized checkpoint loaded with ``quant=None`` is
+            returned as stored. A release checkpoint (FP8 + MXFP4, :mod:`.release`): MXFP4
+            weights stay :class:`~llm_kernels.numerics.mxfp4.MXFP4Weight` and FP8 weights are
+            converted once to ``quant``'s INT8 format (``None``: ``"int8_g32"``), together
+            with the float weights of that scheme's set; ``"none"`` dequantizes everything.
 
     Returns:
         ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
@@ -287,15 +304,19 @@ def load_checkpoint(
     cfg = load_config(root)  # first: an unsupported model_type is the clearest error
     files, wmap = _weight_files(root)
     stored_quant = checkpoint_quant(root)
-    if quant == "none" and stored_quant is not None:
+    release = release_format_of(read_config(root), root) if stored_quant == RELEASE else None
+    if release is not None:
+        quant = quant or "int8_g32"  # a release's own 2-D weights load into the INT8 kernels
+    if quant == "none" and stored_quant not in (None, RELEASE):
         raise CheckpointError(f"checkpoint {root} is {stored_quant.upper()} (INT8 weights); it cannot be loaded as float")
     if quant == "w8a8" and stored_quant == "int8":
         raise CheckpointError(f"checkpoint {root} is int8 (a superset of w8a8 stored INT8); load it with "
                               "quant='int8' or as stored")
-    if stored_quant is not None and quant not in (None, "none", stored_quant) and "int8_g32" in (quant, stored_quant):
+    if (stored_quant not in (None, RELEASE) and quant not in (None, "none", stored_quant)
+            and "int8_g32" in (quant, stored_quant)):
         raise CheckpointError(f"checkpoint {root} is {stored_quant}; it cannot be loaded as {quant} (the scale "
                               "granularities differ: quantize the float checkpoint instead)")
-    expected = expected_tensors(cfg, stored_quant)
+    expected = expected_tensors(cfg, stored_quant) if release is None else None
 
     # ---- 1. Read headers: names, shapes, dtypes (no tensor data yet).
     sources: dict[str, _Source] = {}
@@ -336,6 +357,9 @@ def load_checkpoint(
                                   f"that file does not contain it ({len(absent)} such tensors: "
                                   f"{_listing(absent)})")
 
+    if release is not None:
+        expected = expected_release_tensors(cfg, release, meta)
+
     # ---- 2. Presence / extras.
     missing = [n for n in expected if n not in sources]
     if missing:
@@ -354,7 +378,14 @@ def load_checkpoint(
         if shape != info.shape:
             problems.append(f"tensor {lab}: expected shape {list(info.shape)}, got {list(shape)}")
         kind = _ST_DTYPES.get(st_dtype, (None, "unknown"))[1]
-        if info.kind == "int8":
+        if shape != info.shape and info.kind == "fp8_scale":
+            problems[-1] += (f" (one scale per {release.block[0]}x{release.block[1]} block of its weight: "
+                             "quantization_config.weight_block_size)")
+        if is_release_kind(info.kind):
+            problem = release_dtype_problem(info.kind, st_dtype)
+            if problem:
+                problems.append(f"tensor {lab}: {problem}")
+        elif info.kind == "int8":
             if st_dtype != "I8":
                 problems.append(f"tensor {lab}: expected dtype I8 (W8A8 weight), got {st_dtype}")
         elif info.kind == "int":
@@ -379,6 +410,12 @@ def load_checkpoint(
     quantize_now = (models.spec_for_config(cfg).quantized_weight(quant)
                     if quant in QUANT_METHODS and quant != stored_quant else (lambda name: False))
     quantizer = quantize_for(quant) if quant in QUANT_METHODS else None
+    pending: dict[str, torch.Tensor] = {}  # release weight or scale waiting for its partner
+    partner = ({}
+               if release is None else
+               {n: s for n in expected if expected[n].kind in ("fp8", "mxfp4")
+                for s in [models.spec_for_config(cfg).release_scale_name(n)]})
+    partner.update({s: n for n, s in list(partner.items())})
     for name in expected:
         by_file.setdefault(sources[name].file, []).append(name)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -398,6 +435,21 @@ def load_checkpoint(
                             raise CheckpointError(f"cannot read tensor {_label(name, src)} from {file}: {e} "
                                                   "(truncated or corrupt file?)") from e
                         info = expected[name]
+                        if is_release_kind(info.kind):
+                            other = partner[name]
+                            if other not in pending:
+                                pending[name] = raw.clone()
+                                del t, raw
+                                bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
+                                continue
+                            wname, sname = (other, name) if is_release_scale(info.kind) else (name, other)
+                            w_t = pending.pop(other) if wname == other else raw
+                            s_t = pending.pop(other) if sname == other else raw
+                            out[wname] = decode_release_weight(wname, expected[wname].kind, w_t, s_t, release, cfg,
+                                                               quant, dtype, quantizer)
+                            del t, raw, w_t, s_t
+                            bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
+                            continue
                         if info.kind == "int8":
                             pass
                         elif info.kind == "int":
@@ -421,7 +473,9 @@ def load_checkpoint(
                         out[name] = t.clone() if t is raw else t
                         del t, raw
                         bar.update(math.prod(meta[name][1]) * _itemsize(meta[name][0]))
-    if stored_quant is not None:
+    if release is not None:  # canonical order of the float table; scales are folded in
+        out = {n: out[n] for n in expected if n in out}
+    elif stored_quant is not None:
         out = assemble_w8a8(out, root)
     return cfg, out
 

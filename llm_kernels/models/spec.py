@@ -30,6 +30,10 @@ class ModelSpec:
         for the ``int8`` scheme (every 2-D weight a Q8-class format quantises; default: the
         W8A8 set); init_tensor(name, info, cfg, generator,
         weight_scale) -> float32/int64 tensor; check_int_tensor(name, t, cfg) -> problem or None.
+        Release formats (optional): release_format(name) -> "fp8" | "mxfp4" | None (how the
+        model's official quantised release stores the weight), release_scale_name(name) ->
+        its scale tensor's name, release_scale_fmt ("ue8m0" / "bf16" / "float"),
+        release_quant_extra: extra ``quantization_config`` keys of the release.
     Runtime:
         stage_table() -> the model's :class:`~llm_kernels.runtime.stage_table.StageTable`
             (a function, so reading a config does not import the kernels); the methods
@@ -63,6 +67,10 @@ class ModelSpec:
     extras: Mapping[str, Any] = field(default_factory=dict)
     is_int8_weight: Callable[[str], bool] | None = None
     int8_modules: tuple[str, ...] = ()
+    release_format: Callable[[str], str | None] | None = None
+    release_scale_name: Callable[[str], str] | None = None
+    release_scale_fmt: str = "ue8m0"
+    release_quant_extra: Mapping[str, Any] = field(default_factory=dict)
 
     def quantized_weight(self, scheme: str) -> Callable[[str], bool]:
         """The predicate naming the weights stored INT8 under quantisation ``scheme``
@@ -110,4 +118,9 @@ def weight_fields(weights_module: Any) -> dict[str, Any]:
     if hasattr(weights_module, "is_int8_weight"):
         out["is_int8_weight"] = weights_module.is_int8_weight
         out["int8_modules"] = tuple(weights_module.INT8_MODULES)
+    if hasattr(weights_module, "release_format"):
+        out["release_format"] = weights_module.release_format
+        out["release_scale_name"] = weights_module.release_scale_name
+        out["release_scale_fmt"] = weights_module.RELEASE_SCALE_FMT
+        out["release_quant_extra"] = dict(weights_module.RELEASE_QUANT_EXTRA)
     return out

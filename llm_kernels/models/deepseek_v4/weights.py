@@ -28,7 +28,8 @@ from .config import CSA, SLIDING, DeepSeekV4Config
 
 __all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
            "is_int8_weight", "INT8_WEIGHT_RE", "INT8_MODULES",
-           "W8A8_WEIGHT_RE", "W8A8_MODULES", "FP32_TENSOR_SUFFIXES", "init_tensor", "check_int_tensor"]
+           "W8A8_WEIGHT_RE", "W8A8_MODULES", "FP32_TENSOR_SUFFIXES", "init_tensor", "check_int_tensor",
+           "release_format", "release_scale_name", "RELEASE_SCALE_FMT", "RELEASE_QUANT_EXTRA"]
 
 # Weights stored INT8 (per-output-channel, ``.weight`` int8 + ``.weight_scale`` fp32 [out]) in
 # the W8A8 format (spec §0.3 "Storage dtypes"): wq_b, wo_b, indexer wq_b, shared and routed
@@ -63,6 +64,33 @@ def is_int8_weight(name: str) -> bool:
     """True for the weights stored INT8 in the ``int8`` scheme (the W8A8 set and the
     :data:`INT8_WEIGHT_RE` names)."""
     return is_w8a8_weight(name) or INT8_WEIGHT_RE.match(name) is not None
+
+
+# The release checkpoints (DeepSeek's ``inference/`` code, ``weights_flash.py``; spec §0 and
+# §10): the attention projections wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b and the
+# shared experts are FP8 e4m3 with one UE8M0 scale per 128 x 128 block
+# (``<module>.scale`` float8_e8m0fnu); the routed experts are MXFP4 (``<module>.weight``
+# int8 ``[out, in/2]`` E2M1 pairs + ``<module>.scale`` ``[out, in/32]``); the compressors,
+# the indexer's compressor and weights_proj, the head, the router, norms, mHC, sinks and
+# ``ape`` stay float (transformers' ``DeepseekV4PreTrainedModel`` notes the same BF16 set).
+RELEASE_FP8_RE = re.compile(
+    r"^layers\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])\.weight$")
+RELEASE_MXFP4_RE = re.compile(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
+#: Storage of the FP8 block scales, and the release's extra ``quantization_config`` keys.
+RELEASE_SCALE_FMT = "ue8m0"
+RELEASE_QUANT_EXTRA = {"scale_fmt": "ue8m0", "expert_dtype": "fp4"}
+
+
+def release_format(name: str) -> str | None:
+    """``"fp8"`` / ``"mxfp4"`` for the weights the release stores in that format, else None."""
+    if RELEASE_MXFP4_RE.match(name):
+        return "mxfp4"
+    return "fp8" if RELEASE_FP8_RE.match(name) else None
+
+
+def release_scale_name(name: str) -> str:
+    """The scale tensor of release weight ``name``: ``<module>.weight`` -> ``<module>.scale``."""
+    return name[: -len("weight")] + "scale"
 
 
 # Tensors kept in float32 whatever the compute dtype: DeepSeek's FP32 parameters (HC,

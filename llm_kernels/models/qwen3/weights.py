@@ -24,7 +24,7 @@ from .config import Qwen3Config
 
 __all__ = ["W8A8_WEIGHT_RE", "W8A8_MODULES", "expected_float_tensors", "canonical_name", "is_ignored",
            "is_fp32_tensor", "is_w8a8_weight", "is_int8_weight", "INT8_MODULES", "init_tensor",
-           "check_int_tensor"]
+           "check_int_tensor", "release_format", "release_scale_name", "RELEASE_SCALE_FMT", "RELEASE_QUANT_EXTRA"]
 
 W8A8_WEIGHT_RE = re.compile(
     r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -47,6 +47,23 @@ INT8_MODULES = W8A8_MODULES + ["lm_head"]
 def is_int8_weight(name: str) -> bool:
     """True for the weights stored INT8 in the ``int8`` scheme: the W8A8 set and ``lm_head``."""
     return is_w8a8_weight(name) or name == "lm_head.weight"
+
+
+# Qwen3-FP8 releases: the seven projections of each layer are FP8 e4m3 with one bfloat16
+# scale per 128 x 128 block (``<name>_scale_inv``, ``[ceil(out/128), ceil(in/128)]``);
+# embeddings, lm_head and norms stay bfloat16 (``quant_method: "fp8"``, ``fmt: "e4m3"``).
+RELEASE_SCALE_FMT = "bf16"
+RELEASE_QUANT_EXTRA: dict = {}
+
+
+def release_format(name: str) -> str | None:
+    """``"fp8"`` for the weights Qwen3-FP8 stores FP8 (the W8A8 set), else None."""
+    return "fp8" if is_w8a8_weight(name) else None
+
+
+def release_scale_name(name: str) -> str:
+    """``<module>.weight`` -> ``<module>.weight_scale_inv``."""
+    return name + "_scale_inv"
 
 
 def canonical_name(name: str) -> str:

@@ -10,7 +10,10 @@
 * ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
-* ``quantize``: converts a float checkpoint to the W8A8 INT8 format.
+* ``quantize``: converts a float checkpoint to an INT8 format (``--scheme``).
+* Both writers refuse an ``--out`` that is (inside, or holds) the source or is not empty
+  (unless ``--force``), write into a hidden sibling folder renamed into place when complete,
+  and shard at ``--max-shard-size`` (:mod:`llm_kernels.checkpoint.output_dir`).
 * ``bench``: the whole-model benchmark (llama-bench style, ``-p/-n/-d/-b``) or the per-stage
   layer benchmark at real dims (:mod:`llm_kernels.bench`).
 * ``golden``: runs the golden harness cases of every registered model (``models/<name>/golden.py``).
@@ -135,10 +138,35 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_size(text: str) -> int | None:
+    """``--max-shard-size``: ``5GB``, ``500MB``, ``2GiB``, bytes, or ``none`` (one file)."""
+    from .checkpoint.shards import parse_size
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _writer_args(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--force`` and ``--max-shard-size`` of the checkpoint writers."""
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: new or empty (see --force); written in a hidden sibling folder and "
+                        "renamed into place when complete")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (only once the new checkpoint is complete)")
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="data bytes per safetensors shard, e.g. 5GB (default), 500MB, 2GiB, or 'none'; "
+                        "one model.safetensors when everything fits, else numbered shards + index")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint.writer import quantize_checkpoint
 
-    out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme)
+    out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme, force=args.force,
+                              shard_size_bytes=args.max_shard_size)
     print(f"wrote {args.scheme} checkpoint {out}")
     return 0
 
@@ -149,7 +177,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
     cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
     out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
-                                  weight_scale=args.weight_scale, progress=True)
+                                  weight_scale=args.weight_scale, progress=True, force=args.force,
+                                  shard_size_bytes=args.max_shard_size)
     print(f"{cfg.summary()}\nwrote {out}")
     return 0
 
@@ -313,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--scheme", choices=["w8a8", "int8", "int8_g32"], default="w8a8",
                     help="w8a8: the spec's INT8 set; int8: every 2-D weight but the embedding and router; "
                          "int8_g32: the int8 set with one scale per 32 inputs")
-    qz.add_argument("--out", type=Path, required=True)
+    _writer_args(qz)
     qz.set_defaults(func=cmd_quantize)
 
     mk = sub.add_parser("make-checkpoint", help="write a seeded random checkpoint of a preset")
@@ -324,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     mk.add_argument("--weight-scale", type=float, default=1.0)
-    mk.add_argument("--out", type=Path, required=True)
+    _writer_args(mk)
     mk.set_defaults(func=cmd_make_checkpoint)
     pf = sub.add_parser("profile", help="trace prefill + N decode steps into a Chrome/Perfetto JSON")
     pf.add_argument("--checkpoint", type=Path, default=None,

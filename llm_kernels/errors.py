@@ -5,7 +5,7 @@ another layer: the CLI turns each into ``error: <message>`` and exit code 2, the
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "CheckpointError", "CacheOverflowError", "TokenizerError"]
+__all__ = ["ConfigError", "CheckpointError", "CacheOverflowError", "TokenizerError", "OutputDirError"]
 
 
 class ConfigError(ValueError):
@@ -28,3 +28,9 @@ class CacheOverflowError(RuntimeError):
 class TokenizerError(ValueError):
     """A tokenizer file is missing or malformed, or a chat template fails to render. The
     message names the file (or ``chat_template``) and what was expected."""
+
+
+class OutputDirError(ValueError):
+    """A checkpoint writer's output folder is refused: it is (inside, or holds) the source
+    checkpoint, or it is not empty and ``--force`` was not given. Raised before anything is
+    written. The message names the option and both paths."""

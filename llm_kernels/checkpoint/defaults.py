@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..errors import OutputDirError
 from .safetensors_io import DTYPE_NAMES
 from .writer import WRITER_VERSION, write_random_checkpoint
 
@@ -30,11 +31,19 @@ def default_checkpoint(preset: str | None = None, seed: int = 0, dtype: torch.dt
     checkpoint of ``preset`` (default: the default model's ``default_preset``, ``mini``),
     written on first use in ``dtype`` (tokenizer files included). The writer version and
     dtype in the name mean a checkpoint of an older writer or another dtype is never reused.
-    Raises ConfigError for an unknown preset."""
+    The folder counts as written when it holds ``config.json`` (the writers move a complete
+    checkpoint into place in one rename); a folder without it (left by an interrupted older
+    writer) is replaced. When two processes write it at once, the first one to finish wins
+    and the other uses its checkpoint. Raises ConfigError for an unknown preset."""
     name = preset or models.get(models.DEFAULT_MODEL_TYPE).default_preset
     out = cache_root() / f"{name}-seed{seed}-{DTYPE_NAMES[dtype]}-w{WRITER_VERSION}"
     if not (out / "config.json").exists():
         if progress:
             print(f"writing the default {name} checkpoint to {out}", file=sys.stderr)
-        write_random_checkpoint(models.preset(name), out, seed=seed, dtype=dtype, progress=progress)
+        try:
+            write_random_checkpoint(models.preset(name), out, seed=seed, dtype=dtype, progress=progress,
+                                    force=out.exists())
+        except OutputDirError:
+            if not (out / "config.json").exists():
+                raise
     return out

@@ -1,8 +1,17 @@
-"""Writing seeded random DeepSeek-V4 checkpoints in the Hugging Face layout.
+"""The checkpoint writers: seeded random checkpoints and ``quantize``.
 
-:func:`write_random_checkpoint` writes ``config.json`` and safetensors (DeepSeek's release
-names, which transformers loads) with deterministic random weights at scales that keep
-activations O(1) through the whole model. See ``docs/checkpoints.md``.
+* :func:`write_random_checkpoint` (``make-checkpoint``) writes ``config.json`` and safetensors
+  (the model's canonical names, which transformers loads) with deterministic random weights at
+  scales that keep activations O(1) through the whole model, as floats or (``format=
+  "release"``) in the model's release format.
+* :func:`quantize_checkpoint` (``quantize``) converts a float checkpoint into one of this
+  project's INT8 formats (:mod:`.quantized`) or the release format.
+
+Both stream: a tensor is made or read, converted, written to the current shard
+(:class:`~.shards.ShardWriter`) and dropped, so memory stays at about one tensor whatever the
+model size. Both write into a hidden staging folder that becomes the output folder only once
+the checkpoint is complete, and refuse unsafe output folders (:mod:`.output_dir`). See
+``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
@@ -12,11 +21,10 @@ import json
 import math
 import os
 import shutil
-import struct
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import models
@@ -24,27 +32,28 @@ from ..errors import CheckpointError
 from ..numerics.group_quant import GroupQuantWeight
 from ..numerics.quant import QuantWeight
 from .names import QUANT_METHODS, TensorInfo, expected_tensors, is_fp32_tensor
-from .quantized import quantization_config, quantize_weights
+from .output_dir import atomic_write_text, check_output_dir, staged_output_dir
+from .quantized import quantization_config, quantize_for
 from .random_tokenizer import TOKENIZER_FILES, write_random_tokenizer
-from .safetensors_io import (
-    DEFAULT_MAX_BYTES,
-    DTYPE_NAMES,
-    INDEX_FILE_NAME,
-    SHARD_RE,
-    SINGLE_FILE_NAME,
-    TORCH_TO_ST,
-    check_dtype_arg,
-    checkpoint_quant,
-    fmt_bytes,
-    load_checkpoint,
-    shard_file_name,
-)
+from .safetensors_io import DEFAULT_MAX_BYTES, DTYPE_NAMES, check_dtype_arg, checkpoint_quant, fmt_bytes
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
+from .source import StreamingSource
 
-__all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint", "WRITER_VERSION"]
+__all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint", "WRITER_VERSION",
+           "DEFAULT_MAX_SHARD_SIZE", "SIDE_FILES", "FORMATS"]
 
 # Bumped whenever write_random_checkpoint writes different files for the same arguments
 # (the embedded default checkpoints are keyed on it). 2: the tokenizer files.
 WRITER_VERSION = 2
+
+#: Files that travel with the weights: the tokenizer (fast and slow forms), the chat
+#: template and the generation defaults.
+SIDE_FILES = tuple(dict.fromkeys((*TOKENIZER_FILES, "chat_template.jinja", "special_tokens_map.json",
+                                  "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")))
+
+#: ``write_random_checkpoint`` formats: ``"float"`` (``dtype`` everywhere) or ``"release"``
+#: (the model's official quantised release format, :mod:`.release`).
+FORMATS = ("float", "release")
 
 
 def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg) -> torch.dtype:
@@ -76,23 +85,47 @@ def _random_tensor(name: str, info: TensorInfo, cfg, seed: int, weight_scale: fl
     return models.spec_for_config(cfg).init_tensor(name, info, cfg, g, weight_scale)
 
 
-def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
-    """safetensors header bytes (8-byte length + JSON padded to 8 bytes) and data size."""
-    hdr: dict[str, object] = {"__metadata__": metadata}
-    off = 0
-    for name, dt, shape in entries:
-        n = math.prod(shape) * dt.itemsize
-        hdr[name] = {"dtype": TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    js = json.dumps(hdr, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)
-    return struct.pack("<Q", len(js)) + js, off
 
 
-def _write_tensor_bytes(fh, t: torch.Tensor) -> None:
-    t = t.contiguous()
-    if t.numel():
-        fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the :data:`SIDE_FILES` ``src`` holds into ``dst``; return their names."""
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _write_checkpoint(out: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: dict, *,
+                      count: int, nbytes_bound: int, shard_size_bytes: int | None, force: bool, progress: bool,
+                      sources: tuple = (), extras: Callable[[Path], object] | None = None) -> Path:
+    """Stream ``tensors`` into shards in a staging folder of ``out``, call ``extras(stage)``
+    (tokenizer files), write ``config.json`` last and move the folder into place
+    (:func:`~.output_dir.staged_output_dir`). ``count`` sizes the progress bar,
+    ``nbytes_bound`` (an upper bound of the tensor bytes) is checked against the free disk."""
+    out = Path(out)
+    with staged_output_dir(out, sources, force) as stage:
+        free = shutil.disk_usage(stage).free
+        if nbytes_bound + (1 << 20) > free:
+            raise ValueError(f"refusing to write a {fmt_bytes(nbytes_bound)} checkpoint to {out}: only "
+                             f"{fmt_bytes(free)} free on that disk")
+        writer = ShardWriter(stage, shard_size_bytes)
+        try:
+            with tqdm(total=count, unit="tensor", desc=f"Writing {out.name}",
+                      disable=None if progress else True) as bar:
+                for name, t in tensors:
+                    writer.add(name, t)
+                    del t
+                    bar.update(1)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+        if extras is not None:
+            extras(stage)
+        atomic_write_text(stage / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def write_random_checkpoint(
@@ -101,10 +134,11 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     weight_scale: float = 1.0,
-    shard_size_bytes: int | None = None,
+    shard_size_bytes: int | None = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     tokenizer: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write a random, deterministic checkpoint of ``cfg``'s model that :func:`load_checkpoint`
     and ``transformers``' ``from_pretrained`` both read. Init rules per model:
@@ -125,12 +159,11 @@ def write_random_checkpoint(
     ``tid2eid`` rows are K distinct expert ids drawn uniformly.
 
     Args:
-        shard_size_bytes: None writes one ``model.safetensors``. Otherwise tensors (in
-            :func:`expected_tensors` order) are packed greedily into shards of at most this many
-            data bytes (a larger tensor gets a shard of its own) named
-            ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``; if
-            everything fits in one shard, a single ``model.safetensors`` is written (as
-            transformers does).
+        shard_size_bytes: data bytes per shard (default 5 GB, :data:`DEFAULT_MAX_SHARD_SIZE`).
+            Tensors (in :func:`expected_tensors` order) are packed greedily (a larger tensor
+            gets a shard of its own) into ``model-0000i-of-0000N.safetensors`` plus
+            ``model.safetensors.index.json``; if everything fits in one shard, a single
+            ``model.safetensors`` is written (as transformers does). None: always one file.
         max_bytes: refuse (ValueError, nothing written) when :func:`checkpoint_nbytes` exceeds
             it; None disables the limit. Also refused when the disk lacks the space.
         progress: tqdm bar over tensors.
@@ -138,10 +171,10 @@ def write_random_checkpoint(
             vocabulary, a chat template and ``generation_config.json``
             (:func:`~.random_tokenizer.write_random_tokenizer`; skipped for a vocabulary
             below 261 ids).
+        force: replace a non-empty ``out_dir`` (only once the new checkpoint is complete).
 
-    Files are written to a temporary name and renamed. Weight files of an earlier checkpoint
-    in ``out_dir`` (``model.safetensors``, ``model-*-of-*.safetensors``, the index) that the
-    new checkpoint does not use are removed, so the directory always holds one checkpoint.
+    The checkpoint is written into a hidden sibling folder and renamed to ``out_dir`` when
+    complete (:mod:`.output_dir`): a failure or interruption leaves ``out_dir`` as it was.
 
     Returns:
         ``Path(out_dir)``.
@@ -149,11 +182,11 @@ def write_random_checkpoint(
     Raises:
         ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes``, or the
             checkpoint would exceed ``max_bytes`` / the free disk space.
+        OutputDirError: ``out_dir`` is not empty and not ``force`` (or is not a folder).
     """
     check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
     if shard_size_bytes is not None and shard_size_bytes <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
-    out = Path(out_dir)
     expected = expected_tensors(cfg)
     nbytes = checkpoint_nbytes(cfg, dtype)
     if max_bytes is not None and nbytes > max_bytes:
@@ -161,111 +194,81 @@ def write_random_checkpoint(
             f"refusing to write a {fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
             f"(max_bytes = {fmt_bytes(max_bytes)}); use fewer layers / experts, e.g. "
             "preset('flash', num_hidden_layers=1, n_routed_experts=4), or raise max_bytes")
-    out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out).free
-    if nbytes + (1 << 20) > free:
-        raise ValueError(f"refusing to write a {fmt_bytes(nbytes)} checkpoint to {out}: only "
-                         f"{fmt_bytes(free)} free on that disk")
+    check_output_dir(out_dir, force=force)
 
-    # Plan shards.
-    entries = [(n, _storage_dtype(n, info, dtype, cfg), info.shape) for n, info in expected.items()]
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-    size = 0
-    for e in entries:
-        n = math.prod(e[2]) * e[1].itemsize
-        if shard_size_bytes is not None and shards[-1] and size + n > shard_size_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += n
-    names = [SINGLE_FILE_NAME] if len(shards) == 1 else [shard_file_name(i + 1, len(shards))
-                                                         for i in range(len(shards))]
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, info in expected.items():
+            t = _random_tensor(name, info, cfg, seed, weight_scale).to(_storage_dtype(name, info, dtype, cfg))
+            assert tuple(t.shape) == tuple(info.shape)
+            yield name, t
 
-    tmp_paths: list[Path] = []
-    try:
-        with tqdm(total=len(entries), unit="tensor", desc=f"Writing {out.name}",
-                  disable=None if progress else True) as bar:
-            for fname, shard in zip(names, shards):
-                header, _ = _st_header(shard, {"format": "pt"})
-                tmp = out / f".{fname}.tmp-{os.getpid()}"
-                tmp_paths.append(tmp)
-                with open(tmp, "wb") as fh:
-                    fh.write(header)
-                    for name, dt, shape in shard:
-                        t = _random_tensor(name, expected[name], cfg, seed, weight_scale).to(dt)
-                        assert tuple(t.shape) == tuple(shape)
-                        _write_tensor_bytes(fh, t)
-                        del t
-                        bar.update(1)
-        for fname, tmp in zip(names, tmp_paths):
-            os.replace(tmp, out / fname)
-        tmp_paths = []
-        written = set(names)
-        if len(shards) > 1:
-            wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
-            _atomic_write_text(out / INDEX_FILE_NAME,
-                               json.dumps({"metadata": {"total_size": nbytes}, "weight_map": wmap}, indent=2))
-            written.add(INDEX_FILE_NAME)
-        for p in out.iterdir():  # stale weights of an earlier checkpoint
-            if p.name not in written and (p.name in (SINGLE_FILE_NAME, INDEX_FILE_NAME) or SHARD_RE.match(p.name)):
-                p.unlink()
-        if tokenizer:
-            write_random_tokenizer(out, cfg.vocab_size)
-        hf = cfg.to_hf_dict()
-        hf["dtype"] = DTYPE_NAMES[dtype]
-        _atomic_write_text(out / "config.json", json.dumps(hf, indent=2) + "\n")  # last: marks it complete
-    finally:
-        for tmp in tmp_paths:
-            tmp.unlink(missing_ok=True)
-    return out
+    hf = cfg.to_hf_dict()
+    hf["dtype"] = DTYPE_NAMES[dtype]
+    extras = (lambda stage: write_random_tokenizer(stage, cfg.vocab_size)) if tokenizer else None
+    return _write_checkpoint(out_dir, tensors(), hf, count=len(expected), nbytes_bound=nbytes,
+                             shard_size_bytes=shard_size_bytes, force=force, progress=progress, extras=extras)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _int8_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg, scheme: str
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors of ``scheme``'s INT8 format, one source tensor at a time: a weight of
+    the scheme's set becomes ``<name>`` int8 ``[out, in]`` + ``<name>_scale`` (float32
+    ``[out]``, or float16 ``[out, in/G]`` for a group-scaled scheme); the rest as given."""
+    is_int8 = models.spec_for_config(cfg).quantized_weight(scheme)
+    quant = quantize_for(scheme)
+    for name, t in source:
+        if not is_int8(name):
+            yield name, t
+            continue
+        q = quant(t)
+        del t
+        if isinstance(q, QuantWeight):
+            yield name, q.qweight
+            yield name + "_scale", q.scale.float()
+        elif isinstance(q, GroupQuantWeight):
+            yield name, q.qweight
+            yield name + "_scale", q.scale  # float16 [out, in/G]
+        else:  # pragma: no cover - quantize_for returns one of the two
+            raise TypeError(f"quantizer of {scheme!r} returned {type(q).__name__} for {name!r}")
 
 
 def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True,
-                        scheme: str = "w8a8") -> Path:
-    """Convert a float HF checkpoint directory to an INT8 format in ``out_dir``:
-    ``scheme="w8a8"`` (the spec's W8A8 set) or ``"int8"`` (every 2-D weight a Q8-class
-    format quantises; :mod:`.quantized`).
+                        scheme: str = "w8a8", force: bool = False,
+                        shard_size_bytes: int | None = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Convert the float checkpoint folder ``src`` to an INT8 format in ``out_dir``:
+    ``scheme="w8a8"`` (the spec's W8A8 set), ``"int8"`` (every 2-D weight a Q8-class format
+    quantises) or ``"int8_g32"`` (the ``int8`` set, one scale per 32 inputs); :mod:`.quantized`.
+    Other tensors keep their stored dtype.
 
-    The source's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
-    ``generation_config.json``, ...) are copied along.
+    Streams: each tensor is read, checked (as :func:`load_checkpoint` checks it), quantised
+    and written to the current shard (``shard_size_bytes`` data bytes each, default 5 GB; one
+    ``model.safetensors`` when it fits), so peak memory is about one float tensor plus its
+    INT8 copy, not the model. The source's :data:`SIDE_FILES` (tokenizer,
+    ``generation_config.json``, chat template, ...) are copied along; ``config.json`` is the
+    source's plus ``quantization_config``. Output folder rules: :mod:`.output_dir`.
 
-    Raises CheckpointError/ConfigError as :func:`load_checkpoint` does for a bad source,
-    CheckpointError when the source is already quantized, ValueError for another scheme."""
+    Raises:
+        OutputDirError: ``out_dir`` is ``src``, inside it or contains it (symlinks resolved),
+            or is not empty and not ``force``; raised before anything is read or written.
+        CheckpointError / ConfigError: a bad source (as :func:`load_checkpoint`), or a source
+            that is already quantized.
+        ValueError: an unknown ``scheme``.
+    """
     if scheme not in QUANT_METHODS:
         raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
+    if shard_size_bytes is not None and shard_size_bytes <= 0:
+        raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+    src = Path(src)
+    check_output_dir(out_dir, [src], force, flag="--out")
     stored = checkpoint_quant(src)
     if stored is not None:
-        raise CheckpointError(f"{src} is already a quantized ({stored}) checkpoint")
-    cfg, weights = load_checkpoint(src, dtype=None, progress=progress)
-    q = quantize_weights(weights, cfg, progress=progress, scheme=scheme)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in q.items():
-        if isinstance(t, QuantWeight):
-            tensors[name] = t.qweight.contiguous()
-            tensors[name + "_scale"] = t.scale.float().contiguous()
-        elif isinstance(t, GroupQuantWeight):
-            tensors[name] = t.qweight.contiguous()
-            tensors[name + "_scale"] = t.scale.contiguous()  # float16 [out, in/G]
-        else:
-            tensors[name] = t.contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    conf = json.loads((Path(src) / "config.json").read_text())
+        raise CheckpointError(f"{src} is already a quantized ({stored}) checkpoint; quantize the float checkpoint")
+    source = StreamingSource(src)
+    cfg = source.cfg
+    conf = json.loads((src / "config.json").read_text())
     conf["quantization_config"] = quantization_config(cfg, scheme)
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    for name in TOKENIZER_FILES:  # the tokenizer travels with the weights
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, out / name)
-    return out
+    n_out = len(expected_tensors(cfg, scheme))
+    return _write_checkpoint(out_dir, _int8_tensors(source, cfg, scheme), conf, count=n_out,
+                             nbytes_bound=source.nbytes + n_out * 4, shard_size_bytes=shard_size_bytes,
+                             force=force, progress=progress, sources=(src,),
+                             extras=lambda stage: _copy_side_files(src, stage))

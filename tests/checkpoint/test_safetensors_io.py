@@ -177,8 +177,8 @@ def test_sharded_equals_unsharded(ckpt, tmp_path):
     _, b = load_checkpoint(d, progress=False)
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-    # Rewriting unsharded into the same directory replaces the shards and the index.
-    write_random_checkpoint(cfg, d, seed=0, progress=False)
+    # Rewriting unsharded into the same directory (force=True) replaces the shards and the index.
+    write_random_checkpoint(cfg, d, seed=0, shard_size_bytes=None, progress=False, force=True)
     tok = ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]  # the random tokenizer
     assert sorted(p.name for p in d.iterdir()) == sorted(["config.json", ST, *tok])
 

@@ -1,0 +1,162 @@
+"""Reading a float checkpoint one tensor at a time (the source side of ``quantize``).
+
+:func:`~.safetensors_io.load_checkpoint` returns the whole model; a converter that writes
+shard by shard needs the tensors one by one. :class:`StreamingSource` checks the headers first
+(the same rules as the loader: every expected tensor present once, no extras, shapes, float /
+integer dtype kinds, index and shards consistent) and then yields ``(canonical name,
+tensor)`` in :func:`~.names.expected_tensors` order, each checked for NaN/Inf (float) or by
+the model's ``check_int_tensor`` (index tables) right after it is read, as stored (no dtype
+cast). A failure raises :class:`CheckpointError` naming the tensor and the file. Files are
+memory-mapped; the mapping is dropped after every :data:`~.safetensors_io.READ_BATCH_BYTES`
+read so the file pages do not pile up in the process's resident set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .. import models
+from ..errors import CheckpointError
+from ..models import load_config
+from .names import canonical_name, expected_tensors, is_ignored
+from .safetensors_io import INDEX_FILE_NAME, READ_BATCH_BYTES, SINGLE_FILE_NAME
+
+__all__ = ["StreamingSource"]
+
+_FLOAT = {"F16": 2, "BF16": 2, "F32": 4}
+_INT = {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1}
+_FINITE_CHUNK = 1 << 24
+
+
+class StreamingSource:
+    """A float checkpoint folder, validated by its headers and read tensor by tensor.
+
+    Attributes: ``root`` (Path), ``cfg`` (the parsed config), ``nbytes`` (stored tensor
+    bytes, ``int``).
+
+    Raises (in the constructor, before any tensor data is read):
+        ConfigError: ``config.json`` missing or invalid.
+        CheckpointError: no ``model.safetensors`` / index, a missing or unreadable shard, a
+            tensor in a shard but not in the index (or the reverse), two stored names for one
+            canonical name, missing / extra tensors, a wrong shape, a float tensor not
+            F16/BF16/F32, an index table not an integer type.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.root = root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoint path {root} is not a directory")
+        self.cfg = cfg = load_config(root)
+        index = root / INDEX_FILE_NAME
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(wmap.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid index ({e!r}); expected "
+                                      "{\"weight_map\": {tensor name: shard file}}") from e
+        elif (root / SINGLE_FILE_NAME).is_file():
+            wmap, files = None, [SINGLE_FILE_NAME]
+        else:
+            raise CheckpointError(f"no {SINGLE_FILE_NAME} or {INDEX_FILE_NAME} in {root}")
+        self._where: dict[str, tuple[Path, str, str, tuple[int, ...]]] = {}
+        for fname in files:
+            file = root / fname
+            if Path(fname).name != fname or not file.is_file():
+                raise CheckpointError(f"shard {fname!r} listed in {INDEX_FILE_NAME} is missing from {root}")
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    heads = {k: (f.get_slice(k).get_dtype(), tuple(int(s) for s in f.get_slice(k).get_shape()))
+                             for k in f.keys()}
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
+            for k, (st, shape) in heads.items():
+                if is_ignored(k, cfg) or (wmap is not None and k in wmap and wmap[k] != fname):
+                    continue
+                if wmap is not None and k not in wmap:
+                    raise CheckpointError(f"tensor {k!r} found in {fname} but it is not listed in {INDEX_FILE_NAME}")
+                canon = canonical_name(k, cfg)
+                if canon in self._where:
+                    prev = self._where[canon]
+                    raise CheckpointError(f"duplicate tensor {canon!r}: stored as {prev[1]!r} in {prev[0].name} "
+                                          f"and as {k!r} in {fname}")
+                self._where[canon] = (file, k, st, shape)
+        if wmap is not None:
+            absent = [k for k in wmap if not is_ignored(k, cfg) and canonical_name(k, cfg) not in self._where]
+            if absent:
+                raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE_NAME} under "
+                                      f"{wmap[absent[0]]!r} but that file does not contain it")
+        self.expected = expected = expected_tensors(cfg)
+        missing = [n for n in expected if n not in self._where]
+        extra = [n for n in self._where if n not in expected]
+        if missing or extra:
+            raise CheckpointError(f"checkpoint {root} does not match {cfg.summary()}: "
+                                  f"{len(missing)} missing tensors {missing[:10]}, {len(extra)} unexpected "
+                                  f"{extra[:10]}")
+        problems = []
+        for name, info in expected.items():
+            file, stored, st, shape = self._where[name]
+            if shape != info.shape:
+                problems.append(f"tensor {name!r} in {file.name}: expected shape {list(info.shape)}, got {list(shape)}")
+            ok = _INT if info.kind == "int" else _FLOAT
+            if st not in ok:
+                problems.append(f"tensor {name!r} in {file.name}: expected dtype {'/'.join(ok)}, got {st}")
+        if problems:
+            raise CheckpointError(f"checkpoint {root}: {len(problems)} tensor(s) fail validation:\n  "
+                                  + "\n  ".join(problems[:20]))
+        self.nbytes = sum(math.prod(s) * (_FLOAT | _INT)[st] for _, _, st, s in self._where.values())
+
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype string (``"BF16"``, ...) canonical ``name`` is stored in."""
+        return self._where[name][2]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(canonical name, tensor as stored)`` in :func:`expected_tensors` order; each
+        tensor is checked (finite floats, valid index tables) before it is yielded and is a
+        private copy (not a view of the file mapping)."""
+        spec = models.spec_for_config(self.cfg)
+        handle, open_file, read = None, None, 0
+        try:
+            for name, info in self.expected.items():
+                file, stored, st, shape = self._where[name]
+                if handle is None or file != open_file or read >= READ_BATCH_BYTES:
+                    if handle is not None:
+                        handle.__exit__(None, None, None)
+                    handle = safe_open(str(file), framework="pt").__enter__()
+                    open_file, read = file, 0
+                try:
+                    raw = handle.get_tensor(stored)
+                except Exception as e:  # truncated body, I/O error, ...
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e} "
+                                          "(truncated or corrupt file?)") from e
+                t = raw.clone()
+                del raw
+                read += t.nbytes
+                if info.kind == "int":
+                    problem = spec.check_int_tensor(name, t, self.cfg)
+                    if problem:
+                        raise CheckpointError(f"tensor {name!r} in {file.name}: {problem}")
+                else:
+                    _check_finite(name, file, t)
+                yield name, t
+                del t
+        finally:
+            if handle is not None:
+                handle.__exit__(None, None, None)
+
+
+def _check_finite(name: str, file: Path, t: torch.Tensor) -> None:
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk).all()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise CheckpointError(f"tensor {name!r} in {file.name}: expected finite values, found {bad} "
+                                  f"NaN/Inf of {t.numel()}")

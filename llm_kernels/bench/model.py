@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..kernels.common import jit
     from ..numerics.group_quant import GroupQuantWeight
+    from ..numerics.mxfp4 import MXFP4Weight
     from ..numerics.quant import QuantWeight
 
     if args.threads:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, ValueError) as e:
         return _err(str(e))
     load_s = time.perf_counter() - t0
-    quantized = any(isinstance(w, (QuantWeight, GroupQuantWeight)) for w in weights.values())
+    quantized = any(isinstance(w, (QuantWeight, GroupQuantWeight, MXFP4Weight)) for w in weights.values())
     max_batch = max(t.batch for t in tests)
     t0 = time.perf_counter()
     try:
@@ -330,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
     rb = decode_read_bytes(prepared, cfg)
-    scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else checkpoint_quant(args.checkpoint)
+    stored = checkpoint_quant(args.checkpoint)
+    scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else stored
+    if stored == "release":  # FP8 -> the INT8 scheme at load, MXFP4 experts kept 4-bit
+        scheme = (args.quant if args.quant in ("w8a8", "int8", "int8_g32") else "int8_g32") + "+mxfp4"
     quant_label = (scheme or "W8A8").upper() if quantized else {"bfloat16": "BF16", "float32": "F32"}[args.dtype]
     model_label = f"{spec.model_type} {cfg.num_hidden_layers}L {quant_label}"
     backend_label = args.backend + (f" ({dinfo['path']})" if args.backend == "fused" else "")

@@ -34,11 +34,11 @@ class TraceError(ValueError):
 
 
 def roofline_quant(quant: str | None, stored: str | None = None) -> str:
-    """The roofline storage mode (``"int8_g32"`` / ``"int8"`` / ``"w8a8"`` / ``"bf16"``) of a
+    """The roofline storage mode (``"int8_g32"`` / ``"int8"`` / ``"w8a8"`` / ``"release"`` / ``"bf16"``) of a
     ``--quant`` value; ``stored``: the checkpoint's own scheme (used when ``quant`` is None)."""
     if quant in ("w8a8", "int8", "int8_g32"):
         return quant
-    if quant is None and stored in ("w8a8", "int8", "int8_g32"):
+    if quant is None and stored in ("w8a8", "int8", "int8_g32", "release"):
         return stored
     return "bf16"
 

@@ -44,6 +44,7 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
         PreparedGroupWeight,
     )
     from ..numerics.group_quant import GroupQuantWeight
+    from ..numerics.mxfp4 import MXFP4Weight
     from ..numerics.quant import QuantWeight
 
     seen = set() if seen is None else seen
@@ -63,6 +64,8 @@ def weight_storage(w: Any, seen: set[int] | None = None) -> int:
                 seen.add(id(pk))
                 total += pk.nbytes if isinstance(pk, PackedGroupW8) else _packed_bytes(pk)
         return total
+    if isinstance(w, MXFP4Weight):  # packed E2M1 pairs + UE8M0 bytes
+        return w.nbytes
     if type(w) in (QuantWeight, GroupQuantWeight):
         return w.qweight.numel() * w.qweight.element_size() + w.scale.numel() * w.scale.element_size()
     raise TypeError(f"cannot count the storage of a {type(w).__name__}")

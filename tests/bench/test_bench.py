@@ -103,6 +103,11 @@ def test_stage_bytes_structure():
     # bf16: INT8 tensors become BF16 without scales, no Hadamard
     assert rf.weight_parts(f, "swa", "bf16")["routed_expert"] == 3 * 2048 * 4096 * 2
     assert rf.weight_parts(f, "csa", "bf16")["csa_extra"] == 29_971_712 - 8_421_376 - 32_768 + 8192 * 1024 * 2
+    # release: routed experts MXFP4 (4 bits + 1 byte per 32), the rest as int8_g32
+    n_exp = 3 * 2048 * 4096
+    assert rf.weight_parts(f, "csa", "release")["routed_expert"] == n_exp // 2 + n_exp // 32 == 13_369_344
+    assert rf.weight_parts(f, "csa", "release")["dense_total"] == rf.weight_parts(f, "csa", "int8_g32")["dense_total"]
+    assert rf.lm_head_bytes(f, 1, "int8_g32") < rf.lm_head_bytes(f, 1, "w8a8")  # the head is INT8 in int8_g32
     # experts_active override, monotone in T and L
     assert rf.stage_bytes(f, "moe", "csa", 8, 4096, experts_active=10) < rf.stage_bytes(f, "moe", "csa", 8, 4096)
     assert rf.layer_bytes(f, "csa", 1, 65536) > rf.layer_bytes(f, "csa", 1, 4096)

@@ -60,7 +60,9 @@ __all__ = [
     "experts_active_default", "roofline_seconds", "roofline_pct",
 ]
 
-QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32")
+#: ``release``: a release checkpoint as loaded natively (routed experts MXFP4: 4 bits + one
+#: UE8M0 byte per 32 weights; every other INT8-set weight int8_g32).
+QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32", "release")
 STAGES = ("hc_pre", "qkv_proj_rope", "compressor", "indexer", "sparse_attn", "hc_post", "gate", "moe",
           "lm_head")
 LAYER_STAGES = STAGES[:-1]
@@ -91,8 +93,15 @@ def _prod(shape: tuple[int, ...]) -> int:
 def _t(name, stage, part, shape, kind: str, quant: str) -> TensorBytes:
     """kind: fp32 | bf16 | q (INT8 + FP32 per-output-row scale in w8a8 and int8, INT8 + an
     FP16 scale per 32 inputs in int8_g32, BF16 in bf16) | q8 (INT8 in int8 / int8_g32 only,
-    else BF16)."""
+    else BF16) | qx (a routed expert: MXFP4 in release, else as q). ``release`` is int8_g32
+    for everything but the routed experts."""
     n = _prod(shape)
+    if kind == "qx":
+        if quant == "release":
+            return TensorBytes(name, stage, part, shape, "mxfp4+ue8m0/32", n // 2 + n // 32)
+        kind = "q"
+    if quant == "release":
+        quant = "int8_g32"
     if kind == "fp32":
         return TensorBytes(name, stage, part, shape, "fp32", n * FP32)
     if kind == "bf16" or quant == "bf16" or (kind == "q8" and quant not in ("int8", "int8_g32")):
@@ -170,9 +179,9 @@ def weight_table(cfg: DeepSeekV4Config, layer_type: str, quant: str = "w8a8", *,
         _t("ffn.shared_experts.w1.weight", "moe", me, (I, D), "q", q),
         _t("ffn.shared_experts.w3.weight", "moe", me, (I, D), "q", q),
         _t("ffn.shared_experts.w2.weight", "moe", me, (D, I), "q", q),
-        _t("ffn.experts.{e}.w1.weight", "moe", "routed_expert", (I, D), "q", q),
-        _t("ffn.experts.{e}.w3.weight", "moe", "routed_expert", (I, D), "q", q),
-        _t("ffn.experts.{e}.w2.weight", "moe", "routed_expert", (D, I), "q", q),
+        _t("ffn.experts.{e}.w1.weight", "moe", "routed_expert", (I, D), "qx", q),
+        _t("ffn.experts.{e}.w3.weight", "moe", "routed_expert", (I, D), "qx", q),
+        _t("ffn.experts.{e}.w2.weight", "moe", "routed_expert", (D, I), "qx", q),
     ]
     return t
 
@@ -221,7 +230,7 @@ def stage_breakdown(cfg: DeepSeekV4Config, stage: str, layer_type: str, T: int, 
     x_bf = T * D * BF16
 
     if stage == "lm_head":
-        head = cfg.vocab_size * (D * INT8 + FP32) if quant == "int8" else cfg.vocab_size * D * BF16
+        head = _t("head.weight", "lm_head", "head", (cfg.vocab_size, D), "q8", quant).nbytes
         w = head + HC * HC * D * FP32 + HC * FP32 + FP32 + D * BF16
         return StageBytes(w, 0, x_hc + T * V * FP32)
 

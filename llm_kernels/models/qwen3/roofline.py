@@ -69,7 +69,8 @@ __all__ = [
     "weight_table",
 ]
 
-QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32")
+#: ``release`` (a Qwen3-FP8 release loaded natively: FP8 -> int8_g32) counts as ``int8_g32``.
+QUANT_MODES = ("bf16", "w8a8", "int8", "int8_g32", "release")
 STAGES = ("input_norm_qkv", "qk_norm_rope", "attention", "o_proj_residual_norm", "gate_up_swiglu",
           "down_residual")
 # the seven W8A8 projections (transformers names under model.layers.{i}.)
@@ -113,7 +114,7 @@ def weight_table(cfg: Qwen3Config, quant: str = "bf16") -> list[TensorBytes]:
         n = 1
         for s in shape:
             n *= s
-        if quant == "int8_g32" and name in PROJECTIONS:  # fp16 scale per 32 inputs
+        if quant in ("int8_g32", "release") and name in PROJECTIONS:  # fp16 scale per 32 inputs
             out.append(TensorBytes(name, stage, "layer", shape, "int8+fp16/32 scales", n * INT8 + (n // 32) * 2))
         elif quant in ("w8a8", "int8") and name in PROJECTIONS:
             out.append(TensorBytes(name, stage, "layer", shape, "int8+fp32 scale", n * INT8 + shape[0] * FP32))

@@ -11,6 +11,8 @@ Modules:
 * :mod:`.bf16` — bf16 <-> fp32 bridges (RNE), zero-copy torch views.
 * :mod:`.quant` — per-row dynamic INT8 quantisation (bit-exact golden).
 * :mod:`.gemm` — W8A8 GEMM (VNNI intrinsic kernels + plain fallback), ``W8A8Linear``.
+* :mod:`.gemm_mxfp4` — W4A8 GEMM on MXFP4 weights kept 4-bit (``pack_mxfp4``,
+  ``mxfp4_gemm_linear``; intrinsics in :mod:`.x86_w4a8`), bitwise ``numerics.mxfp4``.
 * :mod:`.gemm_pack` — W8A8 weight packing (``PackedW8A8``, ``pack_w8a8``, ``unpack_w8a8``).
 * :mod:`.prepared` — the load-time prepared-weight types (``PackedLinear``, ``PackedRows``,
   ``PackedColumnGroups``: ``QuantWeight`` s holding only the packed layout).

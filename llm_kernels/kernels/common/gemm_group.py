@@ -64,7 +64,8 @@ from .quant import quant_row_f32
 from .x86_avx2 import avx2_bcast_tile
 from .x86 import vnni_group_tile
 
-__all__ = ["PackedGroupW8", "f16_bits_to_f32", "pack_group_w8", "group_gemm_linear", "unpack_group_w8"]
+__all__ = ["PackedGroupW8", "f16_bits_to_f32", "pack_group_w8", "group_gemm_linear", "quant_groups_rows",
+           "quant_pack_groups", "unpack_group_w8"]
 
 _F16_SUB = np.float32(2.0 ** -24)
 
@@ -317,7 +318,7 @@ def _group_core(xp, T, TP, KG, gkg, wp, NP, N, sw16, sx, corr, out):
 
 
 @njit_kernel(parallel=True)
-def _quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
+def quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
     """Per-block quantisation of float32/bf16 ``x`` [T, K] (bit-exact golden), the
     correction ``corr[t, g] = zp · Σ_{k in g} q`` and the serial pack into ``[K/4][TP][4]``
     (each 4-byte word XOR ``xor``; padding rows hold q = 0)."""
@@ -348,7 +349,10 @@ def _quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
 
 
 @njit_kernel(parallel=True)
-def _quant_groups_rows(x, G, q, sx):
+def quant_groups_rows(x, G, q, sx):
+    """Per-block quantisation of float32/bf16 ``x`` [T, K] (bit-exact golden
+    :func:`~llm_kernels.numerics.group_quant.quant_groups`) into int8 ``q`` [T, K] and float32
+    ``sx`` [T, K/G], rows in parallel (the plain kernels' activations)."""
     T, K = x.shape
     for t in prange(T):
         buf = np.empty(G, np.float32)
@@ -400,14 +404,14 @@ def group_gemm_linear(x: Any, w: PackedGroupW8) -> Any:
             xp = np.empty(w.k * TP, np.int8 if vnni else np.uint8)
             sx = np.zeros((TP, NG), np.float32)
             corr = np.zeros((TP, NG), np.int32)
-            _quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP,
-                               np.uint32(0 if vnni else 0x80808080), 128 if vnni else 0)
+            quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP,
+                              np.uint32(0 if vnni else 0x80808080), 128 if vnni else 0)
             core = _group_core_vnni if vnni else _group_core
             core(xp, T, TP, w.k // 4, G // 4, w.data, w.np_, w.n, w.sw16, sx, corr, out)
         else:
             sx = np.empty((T, NG), np.float32)
             xq = np.empty((T, w.k), np.int8)
-            _quant_groups_rows(a2, G, xq, sx)
+            quant_groups_rows(a2, G, xq, sx)
             _group_plain(xq, sx, G, w.data, w.sw16, out)
     out = out.reshape(*lead, w.n)
     if not isinstance(x, np.ndarray):

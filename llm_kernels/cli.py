@@ -10,7 +10,8 @@
 * ``logits``: writes ``prefill_logits`` / ``decode_logits`` (float32) for conformance checks
   by outside tools. Its options and output format are kept stable.
 * ``make-checkpoint``: writes a seeded random HF-format checkpoint of a preset.
-* ``quantize``: converts a float checkpoint to an INT8 format (``--scheme``).
+* ``quantize``: converts a float (or release) checkpoint to an INT8 format (``--scheme``), or
+  a float one to the model's release format (``--format release``).
 * Both writers refuse an ``--out`` that is (inside, or holds) the source or is not empty
   (unless ``--force``), write into a hidden sibling folder renamed into place when complete,
   and shard at ``--max-shard-size`` (:mod:`llm_kernels.checkpoint.output_dir`).
@@ -165,9 +166,12 @@ def _writer_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint.writer import quantize_checkpoint
 
+    if args.format == "release" and args.scheme is not None:
+        raise SystemExit("error: --scheme applies to --format int8; --format release has its own (FP8 + MXFP4)")
     out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme, force=args.force,
-                              shard_size_bytes=args.max_shard_size)
-    print(f"wrote {args.scheme} checkpoint {out}")
+                              shard_size_bytes=args.max_shard_size, format=args.format)
+    what = "release-format" if args.format == "release" else (args.scheme or "w8a8")
+    print(f"wrote {what} checkpoint {out}")
     return 0
 
 
@@ -178,7 +182,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
     out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
                                   weight_scale=args.weight_scale, progress=True, force=args.force,
-                                  shard_size_bytes=args.max_shard_size)
+                                  shard_size_bytes=args.max_shard_size, format=args.format)
     print(f"{cfg.summary()}\nwrote {out}")
     return 0
 
@@ -337,11 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(lg)
     lg.set_defaults(func=cmd_logits)
 
-    qz = sub.add_parser("quantize", help="convert a float checkpoint to an INT8 format (w8a8 or int8)")
-    qz.add_argument("--checkpoint", type=Path, required=True)
-    qz.add_argument("--scheme", choices=["w8a8", "int8", "int8_g32"], default="w8a8",
-                    help="w8a8: the spec's INT8 set; int8: every 2-D weight but the embedding and router; "
-                         "int8_g32: the int8 set with one scale per 32 inputs")
+    qz = sub.add_parser("quantize", help="convert a float (or release) checkpoint to an INT8 format, or a float one "
+                        "to the release format")
+    qz.add_argument("--checkpoint", type=Path, required=True, help="source checkpoint folder (float or release)")
+    qz.add_argument("--format", choices=["int8", "release"], default="int8",
+                    help="int8: this project's INT8 formats (--scheme; default); release: the model's official "
+                         "release format (DeepSeek-V4 FP8 + MXFP4 experts, Qwen3 FP8)")
+    qz.add_argument("--scheme", choices=["w8a8", "int8", "int8_g32"], default=None,
+                    help="with --format int8: w8a8 (default): the spec's INT8 set; int8: every 2-D weight but the "
+                         "embedding and router; int8_g32: the int8 set with one scale per 32 inputs")
     _writer_args(qz)
     qz.set_defaults(func=cmd_quantize)
 
@@ -353,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     mk.add_argument("--weight-scale", type=float, default=1.0)
+    mk.add_argument("--format", choices=["float", "release"], default="float",
+                    help="float (default): --dtype everywhere; release: the model's official release format "
+                         "(DeepSeek-V4 FP8 + MXFP4 experts, Qwen3 FP8), encoded from the --dtype weights")
     _writer_args(mk)
     mk.set_defaults(func=cmd_make_checkpoint)
     pf = sub.add_parser("profile", help="trace prefill + N decode steps into a Chrome/Perfetto JSON")

@@ -73,7 +73,8 @@ def check_output_dir(out: str | os.PathLike, sources: Iterable[str | os.PathLike
         OutputDirError: ``out`` is a source, inside a source or contains one (both paths
             named); ``out`` exists and is not a folder; ``out`` is a non-empty folder and not
             ``force``; ``force`` on the filesystem root, the home folder or a folder that
-            holds the current working directory.
+            holds the current working directory (with or without ``force``: the new
+            checkpoint replaces the whole folder).
     """
     target = Path(out).expanduser().resolve()
     for src in sources:
@@ -89,14 +90,13 @@ def check_output_dir(out: str | os.PathLike, sources: Iterable[str | os.PathLike
                                  "writing there would replace the source")
     if target.exists() and not target.is_dir():
         raise OutputDirError(f"{flag} {out} exists and is not a folder; expected a new or empty folder")
-    if target.is_dir() and any(target.iterdir()):
-        if not force:
-            raise OutputDirError(f"{flag} {out} is not empty; choose a new or empty folder, or pass --force "
-                                 "(force=True) to replace its contents once the new checkpoint is complete")
-        cwd = Path.cwd().resolve()
-        if target == Path(target.anchor) or target == Path.home().resolve() or _within(cwd, target):
-            raise OutputDirError(f"refusing to replace {flag} {out} ({target}) even with --force: it is the "
-                                 "filesystem root, the home folder or holds the working directory")
+    if target == Path(target.anchor) or target == Path.home().resolve() or _within(Path.cwd().resolve(), target):
+        raise OutputDirError(f"refusing to write {flag} {out} ({target}), even with --force: it is the filesystem "
+                             "root, the home folder or holds the working directory (the checkpoint replaces the "
+                             "whole folder); give a new folder such as <name>/")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise OutputDirError(f"{flag} {out} is not empty; choose a new or empty folder, or pass --force "
+                             "(force=True) to replace its contents once the new checkpoint is complete")
     return target
 
 

@@ -1,4 +1,4 @@
-"""Reading a float checkpoint one tensor at a time (the source side of ``quantize``).
+"""Reading a float or release checkpoint one tensor at a time (the source side of ``quantize``).
 
 :func:`~.safetensors_io.load_checkpoint` returns the whole model; a converter that writes
 shard by shard needs the tensors one by one. :class:`StreamingSource` checks the headers first
@@ -9,6 +9,11 @@ the model's ``check_int_tensor`` (index tables) right after it is read, as store
 cast). A failure raises :class:`CheckpointError` naming the tensor and the file. Files are
 memory-mapped; the mapping is dropped after every :data:`~.safetensors_io.READ_BATCH_BYTES`
 read so the file pages do not pile up in the process's resident set.
+
+A release checkpoint (FP8 + MXFP4, :mod:`.release`) is read dequantised: each FP8 / MXFP4
+weight is read with its scale and decoded by :func:`~.release.decode_release_weight` (the
+loader's ``quant="none"`` path), so the iteration yields the same canonical float tensors as
+for a float checkpoint.
 """
 
 from __future__ import annotations
@@ -26,27 +31,39 @@ from .. import models
 from ..errors import CheckpointError
 from ..models import load_config
 from .names import canonical_name, expected_tensors, is_ignored
-from .safetensors_io import INDEX_FILE_NAME, READ_BATCH_BYTES, SINGLE_FILE_NAME
+from .release import (
+    RELEASE,
+    decode_release_weight,
+    expected_release_tensors,
+    is_release_kind,
+    read_config,
+    release_dtype_problem,
+    release_format_of,
+)
+from .safetensors_io import INDEX_FILE_NAME, READ_BATCH_BYTES, SINGLE_FILE_NAME, checkpoint_quant
 
 __all__ = ["StreamingSource"]
 
 _FLOAT = {"F16": 2, "BF16": 2, "F32": 4}
 _INT = {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1}
+_ITEMSIZE = {**_FLOAT, **_INT, "F8_E4M3": 1, "F8_E8M0": 1}
 _FINITE_CHUNK = 1 << 24
 
 
 class StreamingSource:
-    """A float checkpoint folder, validated by its headers and read tensor by tensor.
+    """A float or release checkpoint folder, validated by its headers and read tensor by tensor.
 
     Attributes: ``root`` (Path), ``cfg`` (the parsed config), ``nbytes`` (stored tensor
-    bytes, ``int``).
+    bytes, ``int``), ``release`` (the :class:`~.release.ReleaseFormat` of a release
+    checkpoint, else None).
 
     Raises (in the constructor, before any tensor data is read):
         ConfigError: ``config.json`` missing or invalid.
         CheckpointError: no ``model.safetensors`` / index, a missing or unreadable shard, a
             tensor in a shard but not in the index (or the reverse), two stored names for one
             canonical name, missing / extra tensors, a wrong shape, a float tensor not
-            F16/BF16/F32, an index table not an integer type.
+            F16/BF16/F32, an index table not an integer type, a release weight or scale of
+            the wrong dtype; a checkpoint of this project's INT8 formats.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -93,53 +110,68 @@ class StreamingSource:
             if absent:
                 raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE_NAME} under "
                                       f"{wmap[absent[0]]!r} but that file does not contain it")
+        stored_quant = checkpoint_quant(root)
+        if stored_quant not in (None, RELEASE):
+            raise CheckpointError(f"{root} is a quantized ({stored_quant}) checkpoint; expected a float or release one")
+        self.release = release_format_of(read_config(root), root) if stored_quant == RELEASE else None
         self.expected = expected = expected_tensors(cfg)
-        missing = [n for n in expected if n not in self._where]
-        extra = [n for n in self._where if n not in expected]
+        stored = (expected if self.release is None else
+                  expected_release_tensors(cfg, self.release, {n: w[2:] for n, w in self._where.items()}))
+        self._stored = stored
+        missing = [n for n in stored if n not in self._where]
+        extra = [n for n in self._where if n not in stored]
         if missing or extra:
             raise CheckpointError(f"checkpoint {root} does not match {cfg.summary()}: "
                                   f"{len(missing)} missing tensors {missing[:10]}, {len(extra)} unexpected "
                                   f"{extra[:10]}")
         problems = []
-        for name, info in expected.items():
-            file, stored, st, shape = self._where[name]
+        for name, info in stored.items():
+            file, _, st, shape = self._where[name]
             if shape != info.shape:
                 problems.append(f"tensor {name!r} in {file.name}: expected shape {list(info.shape)}, got {list(shape)}")
+            if is_release_kind(info.kind):
+                problem = release_dtype_problem(info.kind, st)
+                if problem:
+                    problems.append(f"tensor {name!r} in {file.name}: {problem}")
+                continue
             ok = _INT if info.kind == "int" else _FLOAT
             if st not in ok:
                 problems.append(f"tensor {name!r} in {file.name}: expected dtype {'/'.join(ok)}, got {st}")
         if problems:
             raise CheckpointError(f"checkpoint {root}: {len(problems)} tensor(s) fail validation:\n  "
                                   + "\n  ".join(problems[:20]))
-        self.nbytes = sum(math.prod(s) * (_FLOAT | _INT)[st] for _, _, st, s in self._where.values())
+        self.nbytes = sum(math.prod(s) * _ITEMSIZE.get(st, 1) for _, _, st, s in self._where.values())
+
+    def is_dequantized(self, name: str) -> bool:
+        """True when canonical ``name`` is stored in a release format (FP8 / MXFP4) and is
+        yielded dequantised (float32)."""
+        return is_release_kind(self._stored[name].kind)
 
     def stored_dtype(self, name: str) -> str:
         """The safetensors dtype string (``"BF16"``, ...) canonical ``name`` is stored in."""
         return self._where[name][2]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(canonical name, tensor as stored)`` in :func:`expected_tensors` order; each
-        tensor is checked (finite floats, valid index tables) before it is yielded and is a
-        private copy (not a view of the file mapping)."""
+        """``(canonical name, tensor)`` in :func:`expected_tensors` order: as stored for a
+        float checkpoint; a release weight dequantised to float32 (exact for UE8M0 scales and
+        MXFP4). Each tensor is checked (finite floats, valid index tables, valid release
+        scales) before it is yielded and is a private copy (not a view of the file mapping)."""
         spec = models.spec_for_config(self.cfg)
-        handle, open_file, read = None, None, 0
+        reader = _Reader()
         try:
             for name, info in self.expected.items():
-                file, stored, st, shape = self._where[name]
-                if handle is None or file != open_file or read >= READ_BATCH_BYTES:
-                    if handle is not None:
-                        handle.__exit__(None, None, None)
-                    handle = safe_open(str(file), framework="pt").__enter__()
-                    open_file, read = file, 0
-                try:
-                    raw = handle.get_tensor(stored)
-                except Exception as e:  # truncated body, I/O error, ...
-                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e} "
-                                          "(truncated or corrupt file?)") from e
-                t = raw.clone()
-                del raw
-                read += t.nbytes
-                if info.kind == "int":
+                file = self._where[name][0]
+                t = reader.read(name, *self._where[name][:2])
+                kind = self._stored[name].kind
+                if is_release_kind(kind):
+                    sname = spec.release_scale_name(name)
+                    scale = reader.read(sname, *self._where[sname][:2])
+                    try:
+                        t = decode_release_weight(name, kind, t, scale, self.release, self.cfg, "none",
+                                                  torch.float32, None)
+                    finally:
+                        del scale
+                elif info.kind == "int":
                     problem = spec.check_int_tensor(name, t, self.cfg)
                     if problem:
                         raise CheckpointError(f"tensor {name!r} in {file.name}: {problem}")
@@ -148,8 +180,37 @@ class StreamingSource:
                 yield name, t
                 del t
         finally:
-            if handle is not None:
-                handle.__exit__(None, None, None)
+            reader.close()
+
+
+class _Reader:
+    """One open ``safe_open`` handle at a time, reopened on a file change or after
+    :data:`READ_BATCH_BYTES` (bounds the mapped file pages kept resident)."""
+
+    def __init__(self) -> None:
+        self.handle = self.file = None
+        self.read_bytes = 0
+
+    def read(self, name: str, file: Path, stored: str) -> torch.Tensor:
+        if self.handle is None or file != self.file or self.read_bytes >= READ_BATCH_BYTES:
+            self.close()
+            try:
+                self.handle = safe_open(str(file), framework="pt").__enter__()
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
+            self.file, self.read_bytes = file, 0
+        try:
+            raw = self.handle.get_tensor(stored)
+        except Exception as e:  # truncated body, I/O error, ...
+            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e} (truncated or corrupt file?)") from e
+        t = raw.clone()
+        self.read_bytes += t.nbytes
+        return t
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.__exit__(None, None, None)
+            self.handle = None
 
 
 def _check_finite(name: str, file: Path, t: torch.Tensor) -> None:

@@ -35,12 +35,13 @@ from .names import QUANT_METHODS, TensorInfo, expected_tensors, is_fp32_tensor
 from .output_dir import atomic_write_text, check_output_dir, staged_output_dir
 from .quantized import quantization_config, quantize_for
 from .random_tokenizer import TOKENIZER_FILES, write_random_tokenizer
+from .release import RELEASE, release_nbytes, release_quantization_config, release_tensors
 from .safetensors_io import DEFAULT_MAX_BYTES, DTYPE_NAMES, check_dtype_arg, checkpoint_quant, fmt_bytes
 from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 from .source import StreamingSource
 
 __all__ = ["write_random_checkpoint", "checkpoint_nbytes", "quantize_checkpoint", "WRITER_VERSION",
-           "DEFAULT_MAX_SHARD_SIZE", "SIDE_FILES", "FORMATS"]
+           "DEFAULT_MAX_SHARD_SIZE", "SIDE_FILES", "FORMATS", "QUANTIZE_FORMATS"]
 
 # Bumped whenever write_random_checkpoint writes different files for the same arguments
 # (the embedded default checkpoints are keyed on it). 2: the tokenizer files.
@@ -54,6 +55,9 @@ SIDE_FILES = tuple(dict.fromkeys((*TOKENIZER_FILES, "chat_template.jinja", "spec
 #: ``write_random_checkpoint`` formats: ``"float"`` (``dtype`` everywhere) or ``"release"``
 #: (the model's official quantised release format, :mod:`.release`).
 FORMATS = ("float", "release")
+#: ``quantize_checkpoint`` formats: ``"int8"`` (this project's INT8 formats, by ``scheme``) or
+#: ``"release"``.
+QUANTIZE_FORMATS = ("int8", "release")
 
 
 def _storage_dtype(name: str, info: TensorInfo, dtype: torch.dtype, cfg) -> torch.dtype:
@@ -139,6 +143,7 @@ def write_random_checkpoint(
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     tokenizer: bool = True,
     force: bool = False,
+    format: str = "float",
 ) -> Path:
     """Write a random, deterministic checkpoint of ``cfg``'s model that :func:`load_checkpoint`
     and ``transformers``' ``from_pretrained`` both read. Init rules per model:
@@ -172,6 +177,12 @@ def write_random_checkpoint(
             (:func:`~.random_tokenizer.write_random_tokenizer`; skipped for a vocabulary
             below 261 ids).
         force: replace a non-empty ``out_dir`` (only once the new checkpoint is complete).
+        format: ``"float"``, or ``"release"``: each tensor (rounded to its storage dtype
+            first) encoded by :func:`~.release.release_tensors` in the model's official
+            release format (DeepSeek-V4: FP8 e4m3 + UE8M0 128x128 block scales, MXFP4 routed
+            experts; Qwen3: FP8 + bfloat16 ``weight_scale_inv``), ``config.json`` carrying
+            :func:`~.release.release_quantization_config`. The same bytes as ``quantize
+            --format release`` of the float checkpoint.
 
     The checkpoint is written into a hidden sibling folder and renamed to ``out_dir`` when
     complete (:mod:`.output_dir`): a failure or interruption leaves ``out_dir`` as it was.
@@ -180,15 +191,20 @@ def write_random_checkpoint(
         ``Path(out_dir)``.
 
     Raises:
-        ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes``, or the
-            checkpoint would exceed ``max_bytes`` / the free disk space.
+        ValueError: ``dtype`` not float32/bfloat16/float16, bad ``shard_size_bytes`` or
+            ``format``, or the checkpoint would exceed ``max_bytes`` / the free disk space.
         OutputDirError: ``out_dir`` is not empty and not ``force`` (or is not a folder).
+        CheckpointError: ``format="release"`` for a model without a release format.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     check_dtype_arg(dtype, (torch.float32, torch.bfloat16, torch.float16), "write_random_checkpoint dtype")
     if shard_size_bytes is not None and shard_size_bytes <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
     expected = expected_tensors(cfg)
     nbytes = checkpoint_nbytes(cfg, dtype)
+    if format == "release":
+        nbytes = release_nbytes(cfg, expected, lambda n: _storage_dtype(n, expected[n], dtype, cfg).itemsize)
     if max_bytes is not None and nbytes > max_bytes:
         raise ValueError(
             f"refusing to write a {fmt_bytes(nbytes)} checkpoint for {cfg.summary()} "
@@ -204,8 +220,12 @@ def write_random_checkpoint(
 
     hf = cfg.to_hf_dict()
     hf["dtype"] = DTYPE_NAMES[dtype]
+    items, count = tensors(), len(expected)
+    if format == "release":
+        hf["quantization_config"] = release_quantization_config(cfg)
+        items, count = _release_tensors(items, cfg), _release_count(cfg)
     extras = (lambda stage: write_random_tokenizer(stage, cfg.vocab_size)) if tokenizer else None
-    return _write_checkpoint(out_dir, tensors(), hf, count=len(expected), nbytes_bound=nbytes,
+    return _write_checkpoint(out_dir, items, hf, count=count, nbytes_bound=nbytes,
                              shard_size_bytes=shard_size_bytes, force=force, progress=progress, extras=extras)
 
 
@@ -232,43 +252,96 @@ def _int8_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg, scheme: str
             raise TypeError(f"quantizer of {scheme!r} returned {type(q).__name__} for {name!r}")
 
 
+def _release_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors of the release format, one source tensor at a time."""
+    for name, t in source:
+        yield from release_tensors(cfg, name, t)
+        del t
+
+
+def _release_count(cfg) -> int:
+    """Stored tensors of a release checkpoint of ``cfg`` (a scale per FP8 / MXFP4 weight)."""
+    how = models.spec_for_config(cfg).release_format
+    return sum(2 if how is not None and how(n) else 1 for n in expected_tensors(cfg))
+
+
+def _float_dtype(conf: dict) -> torch.dtype:
+    """The float storage dtype a config declares (``dtype`` / ``torch_dtype``), else bfloat16."""
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    return names.get(conf.get("dtype") or conf.get("torch_dtype"), torch.bfloat16)
+
+
 def quantize_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True,
-                        scheme: str = "w8a8", force: bool = False,
-                        shard_size_bytes: int | None = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert the float checkpoint folder ``src`` to an INT8 format in ``out_dir``:
-    ``scheme="w8a8"`` (the spec's W8A8 set), ``"int8"`` (every 2-D weight a Q8-class format
-    quantises) or ``"int8_g32"`` (the ``int8`` set, one scale per 32 inputs); :mod:`.quantized`.
+                        scheme: str | None = None, force: bool = False,
+                        shard_size_bytes: int | None = DEFAULT_MAX_SHARD_SIZE, format: str = "int8") -> Path:
+    """Convert the checkpoint folder ``src`` (float, or an official release) into ``out_dir``.
+
+    ``format="int8"``: one of this project's INT8 formats (:mod:`.quantized`), ``scheme``
+    ``"w8a8"`` (default; the spec's W8A8 set), ``"int8"`` (every 2-D weight a Q8-class format
+    quantises) or ``"int8_g32"`` (the ``int8`` set, one scale per 32 inputs). A release source
+    is read dequantised (FP8 / MXFP4 -> float32, exact for UE8M0 scales; as
+    ``load_checkpoint(src, quant="none")``): the scheme's weights are quantised from that, the
+    release's other FP8 weights are stored in the config's float dtype (bfloat16 by default).
     Other tensors keep their stored dtype.
 
-    Streams: each tensor is read, checked (as :func:`load_checkpoint` checks it), quantised
-    and written to the current shard (``shard_size_bytes`` data bytes each, default 5 GB; one
-    ``model.safetensors`` when it fits), so peak memory is about one float tensor plus its
-    INT8 copy, not the model. The source's :data:`SIDE_FILES` (tokenizer,
+    ``format="release"``: a float source encoded in the model's release format
+    (:func:`~.release.release_tensors`; ``scheme`` must be None).
+
+    Streams: each tensor is read, checked (as :func:`load_checkpoint` checks it), converted and
+    written to the current shard (``shard_size_bytes`` data bytes each, default 5 GB; one
+    ``model.safetensors`` when it fits), so peak memory is about one float tensor and its
+    converted copy, not the model. The source's :data:`SIDE_FILES` (tokenizer,
     ``generation_config.json``, chat template, ...) are copied along; ``config.json`` is the
-    source's plus ``quantization_config``. Output folder rules: :mod:`.output_dir`.
+    source's with the new ``quantization_config``. Output folder rules: :mod:`.output_dir`.
 
     Raises:
         OutputDirError: ``out_dir`` is ``src``, inside it or contains it (symlinks resolved),
             or is not empty and not ``force``; raised before anything is read or written.
-        CheckpointError / ConfigError: a bad source (as :func:`load_checkpoint`), or a source
-            that is already quantized.
-        ValueError: an unknown ``scheme``.
+        CheckpointError / ConfigError: a bad source (as :func:`load_checkpoint`), a source
+            already in one of this project's INT8 formats, a release source with
+            ``format="release"``, a model without a release format.
+        ValueError: an unknown ``scheme`` or ``format``, a ``scheme`` with
+            ``format="release"``, a non-positive ``shard_size_bytes``.
     """
-    if scheme not in QUANT_METHODS:
+    if format not in QUANTIZE_FORMATS:
+        raise ValueError(f"format must be one of {QUANTIZE_FORMATS}, got {format!r}")
+    if format == "release" and scheme is not None:
+        raise ValueError(f"scheme {scheme!r} applies to format 'int8' (the release format has its own)")
+    scheme = scheme or ("w8a8" if format == "int8" else None)
+    if format == "int8" and scheme not in QUANT_METHODS:
         raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
     if shard_size_bytes is not None and shard_size_bytes <= 0:
         raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
     src = Path(src)
     check_output_dir(out_dir, [src], force, flag="--out")
     stored = checkpoint_quant(src)
-    if stored is not None:
+    if stored not in (None, RELEASE):
         raise CheckpointError(f"{src} is already a quantized ({stored}) checkpoint; quantize the float checkpoint")
+    if stored == RELEASE and format == "release":
+        raise CheckpointError(f"{src} is already a release-format checkpoint")
     source = StreamingSource(src)
     cfg = source.cfg
     conf = json.loads((src / "config.json").read_text())
-    conf["quantization_config"] = quantization_config(cfg, scheme)
-    n_out = len(expected_tensors(cfg, scheme))
-    return _write_checkpoint(out_dir, _int8_tensors(source, cfg, scheme), conf, count=n_out,
-                             nbytes_bound=source.nbytes + n_out * 4, shard_size_bytes=shard_size_bytes,
+    if format == "release":
+        conf["quantization_config"] = release_quantization_config(cfg)
+        items, count, bound = _release_tensors(source, cfg), _release_count(cfg), source.nbytes
+    else:
+        conf["quantization_config"] = quantization_config(cfg, scheme)
+        items, count = source, len(expected_tensors(cfg, scheme))
+        bound = source.nbytes + 4 * count
+        if source.release is not None:
+            items, bound = _dequantized(source, cfg, scheme, _float_dtype(conf)), checkpoint_nbytes(cfg) + 4 * count
+        items = _int8_tensors(items, cfg, scheme)
+    return _write_checkpoint(out_dir, items, conf, count=count, nbytes_bound=bound, shard_size_bytes=shard_size_bytes,
                              force=force, progress=progress, sources=(src,),
                              extras=lambda stage: _copy_side_files(src, stage))
+
+
+def _dequantized(source: StreamingSource, cfg, scheme: str, float_dtype: torch.dtype
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A release source's tensors for an INT8 ``scheme``: the scheme's weights as decoded
+    (float32), the release's other decoded weights cast to ``float_dtype``."""
+    is_int8 = models.spec_for_config(cfg).quantized_weight(scheme)
+    for name, t in source:
+        yield name, (t.to(float_dtype) if source.is_dequantized(name) and not is_int8(name) else t)
+        del t

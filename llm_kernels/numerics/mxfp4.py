@@ -123,6 +123,7 @@ def quantize_mxfp4(w: torch.Tensor) -> MXFP4Weight:
     if k % MXFP4_BLOCK:
         raise ValueError(f"in features ({k}) must be a multiple of {MXFP4_BLOCK} for MXFP4")
     mags = torch.tensor(E2M1_VALUES[:8], dtype=torch.float32)
+    mids = (mags[1:] + mags[:-1]) / 2                           # exact in float32
     packed = torch.empty((n, k // 2), dtype=torch.uint8)
     scale = torch.empty((n, k // MXFP4_BLOCK), dtype=torch.uint8)
     step = max(1, _CHUNK // k)
@@ -135,10 +136,9 @@ def quantize_mxfp4(w: torch.Tensor) -> MXFP4Weight:
         e = torch.ceil(torch.log2(amax / 6.0))
         e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp(-127, 127)
         v = (wf / torch.ldexp(torch.ones_like(e), e.to(torch.int32))).abs()
-        dist = (v[..., None] - mags).abs()                       # [r, g, 32, 8]
-        tie = dist == dist.amin(dim=-1, keepdim=True)
-        even = tie & (torch.arange(8) % 2 == 0)                  # ties -> even mantissa bit
-        code = torch.where(even.any(-1), even.to(torch.int8).argmax(-1), tie.to(torch.int8).argmax(-1))
+        lo = torch.bucketize(v, mids)                # v on a midpoint -> the lower code
+        hi = torch.bucketize(v, mids, right=True)    # ... -> the upper code
+        code = torch.where(lo % 2 == 0, lo, hi)      # ties -> the even code (mantissa bit 0)
         code = code + 8 * ((wf < 0) & (code > 0)).long()        # sign (no negative zero)
         code = code.view(r1 - r0, k).to(torch.uint8)
         packed[r0:r1] = code[:, 0::2] | (code[:, 1::2] << 4)

@@ -74,3 +74,9 @@ def test_w4a8_golden_is_the_dequantized_product_of_quantized_activations():
     ref = xd.double() @ w.dequantize().double().T
     # float32 rounding of isum*s_x and of the 3-term running sum only
     assert torch.allclose(y.double(), ref, rtol=0, atol=4 * 2**-24 * float(ref.abs().max()) * 3)
+
+
+def test_ties_round_to_the_even_code():
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0]  # halfway between grid neighbours
+    got = quantize_mxfp4(torch.tensor([mids * 4])).dequantize()[0, :8].tolist()
+    assert got == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -4.0]  # amax 5 -> scale 1

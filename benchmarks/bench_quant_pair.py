@@ -8,9 +8,13 @@ steps (batch ``-b``, after an 8-token prompt; a warm-up run each first, not coun
 weight bytes per token counted from the prepared weights, the median ratio B/A of the
 paired runs, and the DRAM read bandwidth probed before and after.
 
+A scheme may name its own checkpoint as ``QUANT@DIR`` (``@DIR`` alone: as stored), e.g. a
+release checkpoint loaded natively against the same model converted to all-INT8.
+
 Run::
 
     python benchmarks/bench_quant_pair.py --checkpoint /tmp/flash3 --schemes int8,int8_g32 -n 64 -r 7
+    python benchmarks/bench_quant_pair.py --schemes int8@/tmp/flash3_deq,@/tmp/flash3_rel -n 64 -r 7
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ def decode_run(eng, vocab: int, n: int, b: int, seed: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--schemes", default="int8,int8_g32", help="two --quant values, A,B")
+    ap.add_argument("--checkpoint", default=None, help="the checkpoint of schemes without @DIR")
+    ap.add_argument("--schemes", default="int8,int8_g32",
+                    help="two --quant values A,B; QUANT@DIR loads DIR (@DIR: as stored)")
     ap.add_argument("-n", type=int, default=64, help="decode steps per run")
     ap.add_argument("-b", type=int, default=1, help="sequences per step")
     ap.add_argument("-r", type=int, default=7, help="paired runs")
@@ -60,7 +65,11 @@ def main(argv=None) -> int:
     prompt_release()
     engines, nbytes = {}, {}
     for q in names:
-        cfg, w = load_checkpoint(args.checkpoint, dtype=torch.bfloat16, quant=q, progress=False)
+        quant, _, path = q.partition("@")
+        path = path or args.checkpoint
+        if path is None:
+            raise SystemExit(f"scheme {q!r}: no checkpoint (give --checkpoint or QUANT@DIR)")
+        cfg, w = load_checkpoint(path, dtype=torch.bfloat16, quant=quant or None, progress=False)
         spec = models.spec_for_config(cfg)
         engines[q] = spec.make_engine(w, cfg, dtype=torch.bfloat16, max_seq_len=args.n + 16, backend="fused",
                                       max_batch=args.b, consume_weights=True)

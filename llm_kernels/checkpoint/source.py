@@ -6,9 +6,9 @@ shard by shard needs the tensors one by one. :class:`StreamingSource` checks the
 integer dtype kinds, index and shards consistent) and then yields ``(canonical name,
 tensor)`` in :func:`~.names.expected_tensors` order, each checked for NaN/Inf (float) or by
 the model's ``check_int_tensor`` (index tables) right after it is read, as stored (no dtype
-cast). A failure raises :class:`CheckpointError` naming the tensor and the file. Files are
-memory-mapped; the mapping is dropped after every :data:`~.safetensors_io.READ_BATCH_BYTES`
-read so the file pages do not pile up in the process's resident set.
+cast). A failure raises :class:`CheckpointError` naming the tensor and the file. Each tensor is read
+with plain file reads into a fresh tensor (no memory mapping), so the process holds only the
+tensors alive: the file pages read before stay in the page cache, not in its resident set.
 
 A release checkpoint (FP8 + MXFP4, :mod:`.release`) is read dequantised: each FP8 / MXFP4
 weight is read with its scale and decoded by :func:`~.release.decode_release_weight` (the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -40,7 +41,7 @@ from .release import (
     release_dtype_problem,
     release_format_of,
 )
-from .safetensors_io import INDEX_FILE_NAME, READ_BATCH_BYTES, SINGLE_FILE_NAME, checkpoint_quant
+from .safetensors_io import INDEX_FILE_NAME, SINGLE_FILE_NAME, checkpoint_quant
 
 __all__ = ["StreamingSource"]
 
@@ -155,7 +156,7 @@ class StreamingSource:
         """``(canonical name, tensor)`` in :func:`expected_tensors` order: as stored for a
         float checkpoint; a release weight dequantised to float32 (exact for UE8M0 scales and
         MXFP4). Each tensor is checked (finite floats, valid index tables, valid release
-        scales) before it is yielded and is a private copy (not a view of the file mapping)."""
+        scales) before it is yielded and is a private copy (not a view of a file mapping)."""
         spec = models.spec_for_config(self.cfg)
         reader = _Reader()
         try:
@@ -184,33 +185,47 @@ class StreamingSource:
 
 
 class _Reader:
-    """One open ``safe_open`` handle at a time, reopened on a file change or after
-    :data:`READ_BATCH_BYTES` (bounds the mapped file pages kept resident)."""
+    """Reads one tensor's bytes straight from its file into a fresh tensor (``pread`` at the
+    offsets of the file's header, parsed once per file): no file mapping, so only the tensors
+    alive count in the resident set, never the file pages read before."""
+
+    _ST_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                 "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                 "F8_E8M0": torch.float8_e8m0fnu}
 
     def __init__(self) -> None:
-        self.handle = self.file = None
-        self.read_bytes = 0
+        self.headers: dict[Path, tuple[dict, int]] = {}
+
+    def _header(self, file: Path) -> tuple[dict, int]:
+        if file not in self.headers:
+            with open(file, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self.headers[file] = (json.loads(fh.read(n)), 8 + n)
+        return self.headers[file]
 
     def read(self, name: str, file: Path, stored: str) -> torch.Tensor:
-        if self.handle is None or file != self.file or self.read_bytes >= READ_BATCH_BYTES:
-            self.close()
-            try:
-                self.handle = safe_open(str(file), framework="pt").__enter__()
-            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
-            self.file, self.read_bytes = file, 0
         try:
-            raw = self.handle.get_tensor(stored)
-        except Exception as e:  # truncated body, I/O error, ...
+            header, start = self._header(file)
+            entry = header[stored]
+            dtype = self._ST_TORCH[entry["dtype"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            with open(file, "rb", buffering=0) as fh:
+                fh.seek(start + begin)
+                view, got = memoryview(buf.numpy()), 0
+                while got < end - begin:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        raise OSError(f"file ends after {start + begin + got} bytes; the tensor needs "
+                                      f"{start + end}")
+                    got += n
+        except (OSError, ValueError, KeyError, struct.error) as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e} (truncated or corrupt file?)") from e
-        t = raw.clone()
-        self.read_bytes += t.nbytes
-        return t
+        return buf.view(dtype).reshape(entry["shape"])
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.__exit__(None, None, None)
-            self.handle = None
+        self.headers.clear()
 
 
 def _check_finite(name: str, file: Path, t: torch.Tensor) -> None:

@@ -217,6 +217,7 @@ def write_random_checkpoint(
             t = _random_tensor(name, info, cfg, seed, weight_scale).to(_storage_dtype(name, info, dtype, cfg))
             assert tuple(t.shape) == tuple(info.shape)
             yield name, t
+            del t  # before the next tensor is made: a generator frame keeps its locals alive
 
     hf = cfg.to_hf_dict()
     hf["dtype"] = DTYPE_NAMES[dtype]
@@ -239,6 +240,7 @@ def _int8_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg, scheme: str
     for name, t in source:
         if not is_int8(name):
             yield name, t
+            del t
             continue
         q = quant(t)
         del t
@@ -250,13 +252,16 @@ def _int8_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg, scheme: str
             yield name + "_scale", q.scale  # float16 [out, in/G]
         else:  # pragma: no cover - quantize_for returns one of the two
             raise TypeError(f"quantizer of {scheme!r} returned {type(q).__name__} for {name!r}")
+        del q
 
 
 def _release_tensors(source: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
     """The stored tensors of the release format, one source tensor at a time."""
     for name, t in source:
-        yield from release_tensors(cfg, name, t)
+        stored = release_tensors(cfg, name, t)
         del t
+        while stored:
+            yield stored.pop(0)
 
 
 def _release_count(cfg) -> int:

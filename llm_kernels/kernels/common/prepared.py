@@ -19,6 +19,11 @@ so nothing is duplicated either way.
 
 Kernels still accept unprepared weights (tests call them with plain ``QuantWeight``): they
 then pack on the fly for that call (no cache).
+
+Group-scaled INT8 weights are prepared the same way as :class:`PreparedGroupWeight` s, and
+MXFP4 weights (routed experts kept 4-bit) as :class:`PreparedMXFP4Weight` s: still an
+``MXFP4Weight`` (same ``shape``/``scale``), the codes living only in the W4A8 layout of
+:mod:`.gemm_mxfp4` (an expert's w1|w3 as one :class:`MXFP4RowsPack`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ import numpy as np
 import torch
 
 from ...numerics.group_quant import GroupQuantWeight
+from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from .gemm_group import PackedGroupW8, pack_group_w8, unpack_group_w8
+from .gemm_mxfp4 import PackedMXFP4, pack_mxfp4, unpack_mxfp4
 from .gemm_pack import CHUNK_N, PackedW8A8, unpack_w8a8
 
-__all__ = ["GroupRowsPack", "PackedColumnGroups", "PackedGroupLinear", "PackedGroupRowGroups", "PackedGroupRows",
+__all__ = ["MXFP4RowsPack", "PackedMXFP4Linear", "PackedMXFP4Rows", "PreparedMXFP4Weight", "mxfp4_rows_pack",
+           "pack_mxfp4_rows",
+           "GroupRowsPack", "PackedColumnGroups", "PackedGroupLinear", "PackedGroupRowGroups", "PackedGroupRows",
            "PackedLinear", "PackedRowGroups", "PackedRows", "PreparedGroupWeight", "PreparedQuantWeight",
            "group_rows_pack", "is_int8_weight", "pack_group_rows", "stage_group"]
 
@@ -275,3 +284,112 @@ def stage_group(ws: tuple, group_type: type) -> Any:
         if not isinstance(w, PackedRows) or w.group is not g or w.member != i:
             return None
     return g
+
+
+# --------------------------------------------------------------------------- MXFP4 (W4A8)
+class PreparedMXFP4Weight(MXFP4Weight):
+    """Base of the prepared MXFP4 weights: an :class:`~llm_kernels.numerics.mxfp4.MXFP4Weight`
+    of logical shape ``[n, k]`` (same UE8M0 ``scale``) whose 4-bit codes live in a packed
+    W4A8 layout (:class:`~.gemm_mxfp4.PackedMXFP4`); ``packed`` (the ``[n, k/2]`` codes) is
+    rebuilt on access (reference / fallback use only). Compared and hashed by identity."""
+
+    def __init__(self, scale: torch.Tensor, n: int, k: int) -> None:  # noqa: D107
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "n", int(n))
+        object.__setattr__(self, "k", int(k))
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def packed(self) -> torch.Tensor:  # type: ignore[override]
+        return self.unpack()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.k))
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.k // 2 + self.scale.numel()
+
+    def unpack(self) -> torch.Tensor:
+        """The uint8 ``[n, k/2]`` codes (a new tensor)."""
+        raise NotImplementedError
+
+    def packed_parts(self) -> list[PackedMXFP4]:
+        """The packed weights a GEMM over this weight reads (possibly shared)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, k={self.k})"
+
+
+class PackedMXFP4Linear(PreparedMXFP4Weight):
+    """An MXFP4 weight run as one W4A8 GEMM of its own: ``pack`` is its :class:`PackedMXFP4`."""
+
+    def __init__(self, pack: PackedMXFP4, scale: torch.Tensor) -> None:  # noqa: D107
+        super().__init__(scale, pack.n, pack.k)
+        object.__setattr__(self, "pack", pack)
+
+    @classmethod
+    def of(cls, w: MXFP4Weight) -> "PackedMXFP4Linear":
+        """``w`` packed for this process's kernel (``w`` itself when already prepared)."""
+        return w if isinstance(w, PackedMXFP4Linear) else cls(pack_mxfp4(w), w.scale)
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_mxfp4(self.pack).packed
+
+    def packed_parts(self) -> list[PackedMXFP4]:
+        return [self.pack]
+
+
+class MXFP4RowsPack:
+    """MXFP4 weights with the same K concatenated by rows as ONE packed W4A8 weight
+    (``pack``; member i is rows ``starts[i] : starts[i] + rows[i]``): an expert's w1|w3."""
+
+    __slots__ = ("pack", "rows", "starts")
+
+    def __init__(self, pack: PackedMXFP4, rows: list[int]):
+        self.pack, self.rows = pack, list(rows)
+        self.starts = [sum(self.rows[:i]) for i in range(len(self.rows))]
+
+
+class PackedMXFP4Rows(PreparedMXFP4Weight):
+    """Member ``member`` of a prepared :class:`MXFP4RowsPack` ``group``."""
+
+    def __init__(self, group: MXFP4RowsPack, member: int, scale: torch.Tensor) -> None:  # noqa: D107
+        super().__init__(scale, group.rows[member], group.pack.k)
+        object.__setattr__(self, "group", group)
+        object.__setattr__(self, "member", int(member))
+
+    def unpack(self) -> torch.Tensor:
+        s = self.group.starts[self.member]
+        return unpack_mxfp4(self.group.pack).packed[s:s + self.n].clone()
+
+    def packed_parts(self) -> list[PackedMXFP4]:
+        return [self.group.pack]
+
+
+def mxfp4_rows_pack(ws: tuple) -> MXFP4RowsPack | None:
+    """The shared :class:`MXFP4RowsPack` when ``ws`` are exactly its members 0, 1, ... in
+    order (made by :func:`pack_mxfp4_rows`), else None."""
+    g = getattr(ws[0], "group", None)
+    if not isinstance(g, MXFP4RowsPack) or len(g.rows) != len(ws):
+        return None
+    if all(isinstance(w, PackedMXFP4Rows) and w.group is g and w.member == i for i, w in enumerate(ws)):
+        return g
+    return None
+
+
+def pack_mxfp4_rows(ws: tuple) -> tuple:
+    """Load-time form of MXFP4 weights with the same K run as one W4A8 GEMM: one
+    :class:`PackedMXFP4Rows` per weight sharing one concatenated pack (``ws`` itself when
+    already so prepared). Raises ValueError when the K differ."""
+    if mxfp4_rows_pack(ws) is not None:
+        return tuple(ws)
+    if len({int(w.shape[1]) for w in ws}) != 1:
+        raise ValueError(f"MXFP4 weights run as one GEMM need one K, got shapes {[tuple(w.shape) for w in ws]}")
+    cat = MXFP4Weight(torch.cat([w.packed for w in ws], 0), torch.cat([w.scale for w in ws], 0))
+    g = MXFP4RowsPack(pack_mxfp4(cat), [int(w.shape[0]) for w in ws])
+    return tuple(PackedMXFP4Rows(g, i, w.scale) for i, w in enumerate(ws))

@@ -35,7 +35,11 @@ Same signatures, arguments and return types as
     The packed experts are prepared at load (:func:`prepare_expert`, run by
     :mod:`.prepare`); unprepared ``QuantWeight`` experts are packed for the call. Float
     experts use torch GEMMs exactly like the reference with the same
-    Numba SwiGLU/combine kernels.
+    Numba SwiGLU/combine kernels. Group-scaled INT8 (``GroupQuantWeight``) and MXFP4
+    (``MXFP4Weight``, routed experts kept 4-bit) experts run the float path's steps around
+    one ``[w1; w3]`` GEMM and the w2 GEMM of their kind, both quantising activations per 32
+    inputs (:mod:`common.gemm_group`, the W4A8 :mod:`common.gemm_mxfp4`): bitwise the
+    reference's ``numerics.linear`` (exact block sums, the goldens' fold order).
 
 Measured (Flash dims, bf16, 2-core Zen 4 VM, DRAM ~80 GB/s by ``torch.sum``, common's
 W8A8 GEMM streams at 43-46 GB/s): ``moe`` with 256 W8A8 experts, T=1 (6 routed + shared)
@@ -64,18 +68,29 @@ from numba import prange
 
 from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.linear import linear as _ref_linear
+from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.jit import njit_kernel
 from ..common.gemm_group import group_gemm_linear
-from ..common.prepared import PackedGroupLinear, PackedRows, group_rows_pack, pack_group_rows, stage_group
+from ..common.gemm_mxfp4 import mxfp4_gemm_linear
+from ..common.prepared import (
+    PackedGroupLinear,
+    PackedMXFP4Linear,
+    PackedRows,
+    group_rows_pack,
+    mxfp4_rows_pack,
+    pack_group_rows,
+    pack_mxfp4_rows,
+    stage_group,
+)
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 
-__all__ = ["ExpertPack", "expert_pack", "gate", "moe", "pack_expert", "prepare_expert"]
+__all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
 
 _SCORE_IDS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 
@@ -292,12 +307,28 @@ def group_expert_packs(w1: GroupQuantWeight, w3: GroupQuantWeight, w2: GroupQuan
     return p13, PackedGroupLinear.of(w2).packed
 
 
+def mxfp4_expert_packs(w1: MXFP4Weight, w3: MXFP4Weight, w2: MXFP4Weight) -> tuple:
+    """``(p13, p2)``: the packed ``[w1; w3]`` (one W4A8 GEMM) and w2 of an MXFP4 expert
+    (:class:`~.common.gemm_mxfp4.PackedMXFP4`), the prepared ones or (unprepared weights)
+    packed now. Raises ValueError unless the shapes form a SwiGLU expert."""
+    I, D = w1.shape
+    if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
+        raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
+                         "do not form a SwiGLU expert")
+    g = mxfp4_rows_pack((w1, w3))
+    p13 = g.pack if g is not None else pack_mxfp4_rows((w1, w3))[0].group.pack
+    return p13, PackedMXFP4Linear.of(w2).pack
+
+
 def prepare_expert(w1, w3, w2) -> tuple:
-    """Load-time form of one INT8 expert. W8A8 (:class:`QuantWeight`): three
+    """Load-time form of one quantised expert. W8A8 (:class:`QuantWeight`): three
     :class:`PackedRows` sharing one :class:`ExpertPack` (w1 and w3 are rows ``[0, I)`` /
     ``[I, 2I)`` of ``p13``); group-scaled (:class:`GroupQuantWeight`): w1 and w3 as two
-    ``PackedGroupRows`` of one pack, w2 a ``PackedGroupLinear``. The raw int8 tensors are
-    not referenced."""
+    ``PackedGroupRows`` of one pack, w2 a ``PackedGroupLinear``; MXFP4 (:class:`MXFP4Weight`,
+    kept 4-bit): w1 and w3 as two ``PackedMXFP4Rows`` of one W4A8 pack, w2 a
+    ``PackedMXFP4Linear``. The raw int8 / code tensors are not referenced."""
+    if isinstance(w1, MXFP4Weight):
+        return (*pack_mxfp4_rows((w1, w3)), PackedMXFP4Linear.of(w2))
     if isinstance(w1, GroupQuantWeight):
         return (*pack_group_rows((w1, w3)), PackedGroupLinear.of(w2))
     if stage_group((w1, w3, w2), ExpertPack) is not None:
@@ -326,14 +357,16 @@ def _expert_raw(x_rows: torch.Tensor, xq: np.ndarray | None, sx: np.ndarray | No
     """One expert on its rows -> the w2 output [n, D] float32 (W8A8: unrounded dequant;
     float: the dtype-rounded linear output; ``_combine`` rounds either way)."""
     w1, w3, w2 = ws
-    if isinstance(w1, GroupQuantWeight):  # the float path's roundings around group-scaled GEMMs
-        p13, p2 = group_expert_packs(w1, w3, w2)
+    if isinstance(w1, (GroupQuantWeight, MXFP4Weight)):  # the float path's roundings around the GEMMs
+        mx = isinstance(w1, MXFP4Weight)
+        p13, p2 = mxfp4_expert_packs(w1, w3, w2) if mx else group_expert_packs(w1, w3, w2)
+        gemm = mxfp4_gemm_linear if mx else group_gemm_linear
         I = w1.shape[0]
-        gu = group_gemm_linear(x_rows, p13).numpy()  # _swiglu rounds g and u
+        gu = gemm(x_rows, p13).numpy()  # _swiglu rounds g and u
         n = gu.shape[0]
         h = np.empty((n, I), np.float32)
         _swiglu(gu, I, np.float32(limit), to_bf16, False, np.empty((1, 1), np.int8), np.empty(1, np.float32), h)
-        return group_gemm_linear(h, p2)  # _combine rounds it
+        return gemm(h, p2)  # _combine rounds it
     if isinstance(w1, QuantWeight):
         pk = expert_pack(w1, w3, w2)
         I = pk.inter

@@ -17,6 +17,10 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   expert's w1/w3 as two ``PackedGroupRows`` of one pack and w2 a ``PackedGroupLinear``, ``wo_a`` as
   ``PackedGroupRowGroups``, every other one (wq_b, indexer wq_b and wo_b included: their
   stages run the group-scaled GEMM, then the float path's epilogue) as ``PackedGroupLinear``;
+* MXFP4 routed experts (:class:`~llm_kernels.numerics.mxfp4.MXFP4Weight`, kept 4-bit):
+  w1/w3 as two ``PackedMXFP4Rows`` of one W4A8 pack, w2 a ``PackedMXFP4Linear``
+  (:mod:`..common.gemm_mxfp4`'s layout: still 4 bits per weight + 1 scale byte per 32);
+  the other weights may be of any kind;
 * the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->
   :class:`PackedRowGroups` (one packed row slice per group, :func:`.output_proj.prepare_wo_a`),
   and every other INT8 linear (wq_a, wkv, compressor wkv/wgate, indexer weights_proj) ->
@@ -34,6 +38,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ...numerics.group_quant import GroupQuantWeight
+from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
 from ..common.prepared import is_int8_weight
@@ -58,6 +64,13 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
     out = dict(weights)
     for name in list(weights):
         w = weights[name]
+        if isinstance(w, MXFP4Weight):
+            m = _LAYER.match(name)
+            e = _EXPERT_W1.match(m.group(2)) if m is not None else None
+            if e is not None:
+                _prepare_expert(weights, out, [m.group(1) + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")],
+                                consume)
+            continue
         if not is_int8_weight(w):
             continue
         grouped = not isinstance(w, QuantWeight)
@@ -83,15 +96,28 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
             e = _EXPERT_W1.match(key)
             if e is None:
                 continue
-            names = [layer + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")]
-            ws = [weights.get(n) for n in names]
-            if all(map(is_int8_weight, ws)) and len({isinstance(x, QuantWeight) for x in ws}) == 1:
-                for n, p in zip(names, prepare_expert(*ws)):
-                    out[n] = p
-                    if consume:
-                        weights[n] = p
-                del ws
+            _prepare_expert(weights, out, [layer + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")], consume)
             continue
         if consume:
             weights[name] = out[name]
     return out
+
+
+def _kind(w: Any) -> type | None:
+    """The quantised weight class of ``w`` (prepared forms included), None for a float one."""
+    for t in (QuantWeight, GroupQuantWeight, MXFP4Weight):
+        if isinstance(w, t):
+            return t
+    return None
+
+
+def _prepare_expert(weights: dict[str, Any], out: dict[str, Any], names: list[str], consume: bool) -> None:
+    """``out[n]`` = the prepared w1/w3/w2 ``names`` of one expert when they are quantised
+    weights of one kind (W8A8, group-scaled INT8 or MXFP4); else nothing."""
+    ws = [weights.get(n) for n in names]
+    kinds = {_kind(x) for x in ws}
+    if len(kinds) == 1 and None not in kinds:
+        for n, p in zip(names, prepare_expert(*ws)):
+            out[n] = p
+            if consume:
+                weights[n] = p

@@ -1,0 +1,139 @@
+"""MXFP4 routed experts (kept 4-bit) in the fused DeepSeek-V4 MoE: the W4A8 GEMM
+(:mod:`llm_kernels.kernels.common.gemm_mxfp4`) for ``[w1; w3]`` and w2, the float path's
+SwiGLU/combine around it, next to int8_g32 / float shared experts.
+
+Each expert GEMM is bitwise the golden ``mxfp4_linear`` (same per-32 activation
+quantisation, exact block sums, the same fold) and the rounding points are the reference's,
+so the fused ``moe`` is asserted **bitwise equal** to the reference ``moe`` (which runs
+``numerics.linear``), prepared at load or not; and a random checkpoint with MXFP4 experts and
+int8_g32 elsewhere decodes to the reference's logits (bitwise with the reference's
+hyper-connection stages, as ``tests/checkpoint/test_int8_g32_scheme.py``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llm_kernels.kernels.common.prepared import PackedMXFP4Linear, PackedMXFP4Rows, PreparedMXFP4Weight
+from llm_kernels.kernels.deepseek_v4 import moe as KM
+from llm_kernels.kernels.deepseek_v4.prepare import prepare_weights
+from llm_kernels.numerics.group_quant import GroupQuantWeight, quantize_weight_grouped
+from llm_kernels.numerics.mxfp4 import MXFP4Weight, quantize_mxfp4
+from llm_kernels.numerics.rounding import rnd
+from llm_kernels.reference.deepseek_v4 import moe as RM
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _f(shape, seed):
+    return torch.randn(shape, generator=_g(seed)) / shape[1] ** 0.5
+
+
+def _experts(D, I, E, shared_kind):
+    experts = [tuple(quantize_mxfp4(_f(s, 100 + 3 * e + j)) for j, s in enumerate(((I, D), (I, D), (D, I))))
+               for e in range(E)]
+    sh = [_f(s, 10 + j) for j, s in enumerate(((I, D), (I, D), (D, I)))]
+    shared = tuple(quantize_weight_grouped(w) for w in sh) if shared_kind == "g32" else tuple(w.to(BF16) for w in sh)
+    return experts, shared
+
+
+def _route(x, E, K, dtype, seed):
+    gate_w = _f((E, x.shape[1]), seed).to(BF16)
+    return RM.gate(x, gate_w, None, None, torch.arange(x.shape[0]), top_k=K, scoring_func="sqrtsoftplus",
+                   norm_topk_prob=True, routed_scaling_factor=1.5, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shared_kind", ["g32", "float"])
+@pytest.mark.parametrize("D,I,E,K", [(128, 64, 8, 2), (96, 160, 6, 3)])
+def test_fused_moe_is_bitwise_the_reference(D, I, E, K, shared_kind, dtype):
+    experts, shared = _experts(D, I, E, shared_kind)
+    prepared = [KM.prepare_expert(*ws) for ws in experts]
+    assert all(isinstance(p, PreparedMXFP4Weight) for ws in prepared for p in ws)
+    for T in (1, 5, 8, 20):
+        x = rnd(torch.randn(T, D, generator=_g(T)) * 2, dtype)
+        w, i = _route(x, E, K, dtype, 7)
+        for lim in (10.0, 0.05):
+            ref = RM.moe(x, w, i, experts, shared, swiglu_limit=lim, dtype=dtype)
+            assert torch.equal(KM.moe(x, w, i, experts, shared, swiglu_limit=lim, dtype=dtype), ref), (T, lim)
+            assert torch.equal(KM.moe(x, w, i, prepared, shared, swiglu_limit=lim, dtype=dtype), ref), (T, lim)
+    # the prepared reference-side view is the weight it came from (the reference may run on it)
+    p1, p3, p2 = prepared[0]
+    assert torch.equal(p1.packed, experts[0][0].packed) and torch.equal(p3.packed, experts[0][1].packed)
+    assert torch.equal(p2.packed, experts[0][2].packed) and p1.shape == experts[0][0].shape
+    x = rnd(torch.randn(3, D, generator=_g(1)), dtype)
+    w, i = _route(x, E, K, dtype, 7)
+    assert torch.equal(RM.moe(x, w, i, prepared, shared, swiglu_limit=10.0, dtype=dtype),
+                       RM.moe(x, w, i, experts, shared, swiglu_limit=10.0, dtype=dtype))
+
+
+def test_prepare_expert_keeps_four_bits_and_is_idempotent():
+    I, D = 64, 128
+    ws = tuple(quantize_mxfp4(_f(s, j)) for j, s in enumerate(((I, D), (I, D), (D, I))))
+    p1, p3, p2 = KM.prepare_expert(*ws)
+    assert isinstance(p1, PackedMXFP4Rows) and isinstance(p3, PackedMXFP4Rows) and p1.group is p3.group
+    assert isinstance(p2, PackedMXFP4Linear)
+    assert KM.prepare_expert(p1, p3, p2) == (p1, p3, p2)
+    p13, pw2 = KM.mxfp4_expert_packs(p1, p3, p2)
+    assert p13 is p1.group.pack and pw2 is p2.pack
+    assert p13.nbytes == 2 * I * (D // 2 + D // 32) and pw2.nbytes == D * (I // 2 + I // 32)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        KM.mxfp4_expert_packs(ws[0], ws[2], ws[2])
+
+
+# --------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def mxfp4_model(tmp_path_factory):
+    """The ``mini`` random checkpoint loaded as int8_g32, its routed experts replaced by
+    ``quantize_mxfp4`` of their float (bf16) weights; shared experts stay int8_g32."""
+    from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
+    from llm_kernels.models import preset
+
+    d = tmp_path_factory.mktemp("ckpt_mini_mxfp4")
+    write_random_checkpoint(preset("mini"), d, seed=0, dtype=BF16, progress=False)
+    cfg, w = load_checkpoint(d, dtype=BF16, quant="int8_g32", progress=False)
+    _, wf = load_checkpoint(d, dtype=BF16, quant="none", progress=False)
+    routed = [n for n in w if ".ffn.experts." in n and n.endswith((".w1.weight", ".w2.weight", ".w3.weight"))]
+    assert routed
+    for n in routed:
+        w[n] = quantize_mxfp4(wf[n].float())
+    return cfg, w, routed
+
+
+def _rows(w, cfg, ops, ids, prefill=24):
+    from llm_kernels.runtime.deepseek_v4.engine import DeepSeekV4Engine
+
+    eng = DeepSeekV4Engine(w, cfg, dtype=BF16, max_seq_len=len(ids) + 4, ops=ops)
+    (sid,), (lg,) = eng.prefill([ids[:prefill]])
+    return torch.cat([lg] + [eng.decode([sid], [t])[0] for t in ids[prefill:]])
+
+
+def test_engine_mxfp4_experts_fused_vs_reference(mxfp4_model):
+    """24-token prefill + 12 decode steps. Prepared at load: every routed expert is an
+    MXFP4 pack, everything else group-scaled INT8. With the reference's hyper-connection
+    stages the fused engine is **bitwise** the reference (every quantised stage is exact);
+    fully fused, the logits agree to a cosine floor (the fused ``hc_*`` sum in another
+    fp32 order, ``test_int8_weights.py``)."""
+    from llm_kernels.runtime.deepseek_v4.stages import FUSED_OPS, REFERENCE_OPS
+
+    cfg, w, routed = mxfp4_model
+    pw = prepare_weights(dict(w), cfg)
+    assert all(isinstance(pw[n], PreparedMXFP4Weight) for n in routed)
+    assert all(isinstance(pw[n], GroupQuantWeight) for n in pw if ".ffn.shared_experts." in n and "weight" in n)
+    assert not any(isinstance(v, MXFP4Weight) for n, v in pw.items() if n not in routed)
+    ids = torch.randint(0, cfg.vocab_size, (36,), generator=_g(3)).tolist()
+    ref = _rows(dict(w), cfg, REFERENCE_OPS, ids)
+    ops = SimpleNamespace(**vars(FUSED_OPS))
+    for s in ("hc_pre", "hc_post", "hc_head"):
+        setattr(ops, s, getattr(REFERENCE_OPS, s))
+    assert torch.equal(_rows(dict(w), cfg, ops, ids), ref)
+    fused = _rows(dict(w), cfg, FUSED_OPS, ids)
+    cos = torch.nn.functional.cosine_similarity(fused.flatten().double(), ref.flatten().double(), dim=0)
+    assert cos > 0.999, f"logits cosine {cos:.6f}"

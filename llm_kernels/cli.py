@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -163,13 +164,25 @@ def _writer_args(p: argparse.ArgumentParser) -> None:
                         "one model.safetensors when everything fits, else numbered shards + index")
 
 
+@contextlib.contextmanager
+def _writing(out: Path):
+    """An OSError while a checkpoint writer runs (disk full, no permission) becomes a clear
+    error naming ``--out`` (exit code 2); the writer has already removed its staging folder."""
+    try:
+        yield
+    except OSError as e:
+        print(f"error: writing --out {out} failed: {e}; {out} was left as it was", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint.writer import quantize_checkpoint
 
     if args.format == "release" and args.scheme is not None:
         raise SystemExit("error: --scheme applies to --format int8; --format release has its own (FP8 + MXFP4)")
-    out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme, force=args.force,
-                              shard_size_bytes=args.max_shard_size, format=args.format)
+    with _writing(args.out):
+        out = quantize_checkpoint(args.checkpoint, args.out, progress=True, scheme=args.scheme, force=args.force,
+                                  shard_size_bytes=args.max_shard_size, format=args.format)
     what = "release-format" if args.format == "release" else (args.scheme or "w8a8")
     print(f"wrote {what} checkpoint {out}")
     return 0
@@ -180,9 +193,10 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .models import preset
 
     cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
-    out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
-                                  weight_scale=args.weight_scale, progress=True, force=args.force,
-                                  shard_size_bytes=args.max_shard_size, format=args.format)
+    with _writing(args.out):
+        out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
+                                      weight_scale=args.weight_scale, progress=True, force=args.force,
+                                      shard_size_bytes=args.max_shard_size, format=args.format)
     print(f"{cfg.summary()}\nwrote {out}")
     return 0
 

@@ -82,3 +82,17 @@ def test_max_shard_size_and_format_flags(ckpt, tmp_path, capsys):
         cli.main(["make-checkpoint", "--preset", "mini", "--max-shard-size", "5 bananas", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_disk_error_is_a_clear_error_and_leaves_out_alone(ckpt, tmp_path, monkeypatch, capsys):
+    from llm_kernels.checkpoint import shards
+
+    def full(self, name, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.ShardWriter, "add", full)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "writing --out" in err and "No space left" in err
+    assert list(tmp_path.iterdir()) == []

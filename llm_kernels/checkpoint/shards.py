@@ -19,7 +19,6 @@ files are never visible at the output path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
@@ -183,7 +182,3 @@ class ShardWriter:
             self._data.close()
             self._data = None
 
-
-def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of a tensor of ``shape`` and ``dtype``."""
-    return math.prod(shape) * dtype.itemsize

@@ -23,14 +23,15 @@ sequential stream per 64-column chunk next to its weights). ``Np`` = N rounded u
 **Register tiles** (:mod:`.x86_w4a8`): each 64-byte load is two int8 weight vectors after a
 ``vpshufb`` table decode of its low and high nibbles into ``w2 + 12`` (unsigned), so that the
 raw signed activations are the broadcast operand and the zero point is the per-token,
-per-block ``corr = 12·Σ q`` made when the activations are quantised:
+per-block ``corr = -12·Σ q`` made when the activations are quantised (the VNNI chains start
+from it):
 
 * VNNI (``jit.INT8_TILE == "vnni"``): ``vpshufb`` zmm + ``vpdpbusd``;
 * AVX2 (``"avx2"``): ``vpshufb`` ymm + ``vpmaddubsw`` (pair sums ``<= 2·24·127``: the
   int16 sums of four pairs are exact) + one ``vpmaddwd`` per two nibble blocks.
 
 Block sums stay in registers and are folded into float32 register accumulators after every
-block of 32 inputs (``fl(fl(f32(isum - corr)·s_x)·s_w)``, the scale byte turned into its
+block of 32 inputs (``fl(fl(f32(isum + corr)·s_x)·s_w)``, the scale byte turned into its
 exact float32 in the tile).
 
 Schedule as :mod:`.gemm_group`: ``prange`` over 64-column chunks; ``T <= 16`` one token
@@ -302,7 +303,7 @@ def mxfp4_gemm_linear(x: Any, w: PackedMXFP4) -> Any:
             xp = np.empty(w.k * TP, np.int8)
             sx = np.zeros((TP, NG), np.float32)
             corr = np.zeros((TP, NG), np.int32)
-            quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP, np.uint32(0), ZP)
+            quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP, np.uint32(0), -ZP)
             _w4_core(xp, T, TP, w.k, w.data, w.np_, w.n, w.sw8, sx, corr, out)
         else:
             sx = np.empty((T, NG), np.float32)

@@ -22,13 +22,14 @@ Operands (offsets and strides in bytes / elements of their array, ``intp``)::
   the AVX2 tile reads each 64-byte block as two ymm halves of 8 channels;
 * decode: one table shuffle per nibble vector maps code ``c`` to ``E2M1_X2[c] +`` :data:`ZP`
   (u8 in [0, 24], the *unsigned* operand), so a k-group's dot is ``Σ q·(w2 + ZP) =
-  Σ q·w2 + ZP·Σ q``: the correction ``corr[t, g] = ZP·Σ_{k in g} q`` is made with the
-  activations (as the grouped INT8 GEMM's ``128·Σ q``, :mod:`.gemm_group`);
+  Σ q·w2 + ZP·Σ q``: the correction ``corr[t, g] = -ZP·Σ_{k in g} q`` is made with the
+  activations (as the grouped INT8 GEMM's ``128·Σ q``, :mod:`.gemm_group`; negated so that
+  the VNNI tile starts its ``vpdpbusd`` chain from it instead of subtracting in the fold);
 * per block ``g < ng`` of 32 inputs (4 nibble blocks), token ``t < tt``, channel ``i < 64``
   (``s = sx[sc_off + t·sc_ts + g]``, ``c = corr[...]``, ``e = sw[sw_off + 64g + i]``)::
 
-      isum = Σ_{k in g} q·(w2 + ZP)                              exact int32
-      f[t, i] = fl(f + fl(fl(f32(isum - c) · s) · 2^(e - 128)))
+      isum = c + Σ_{k in g} q·(w2 + ZP)                          exact int32 (= Σ q·w2)
+      f[t, i] = fl(f + fl(fl(f32(isum) · s) · 2^(e - 128)))
 
   from ``facc[f_off + t·f_ts + i]`` when ``accumulate`` else 0, stored back at the end.
 
@@ -167,7 +168,9 @@ def _tile(isa: str, ts0: int, us0: int):
             def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys):
                 isum = {}
                 for u in units:
-                    ch = [[zi, zi] for _ in toks] if isa == "vnni" else None
+                    # VNNI: chain 0 starts from corr = -ZP·Σq (broadcast): no subtraction in the fold
+                    ch = [[bcast_sc(cptr, b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g)), _I32, VI32), zi]
+                          for t in toks] if isa == "vnni" else None
                     s16 = [None] * len(toks)
                     for p in range(4):
                         woff = b.mul(b.add(b.mul(g, k(4)), k(p)), k(64))
@@ -204,9 +207,9 @@ def _tile(isa: str, ts0: int, us0: int):
                 for key, fv in zip(keys, fcur):
                     t, u = key
                     sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
-                    cv = bcast_sc(cptr, sc, _I32, VI32)
                     sv = bcast_sc(sxptr, sc, _F32, VF)
-                    y = b.sitofp(b.sub(isum[key], cv), VF)
+                    iv = isum[key] if isa == "vnni" else b.add(isum[key], bcast_sc(cptr, sc, _I32, VI32))
+                    y = b.sitofp(iv, VF)
                     out.append(b.fadd(fv, b.fmul(b.fmul(y, sv), swv[u])))
                 return out
 

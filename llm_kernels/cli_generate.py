@@ -151,7 +151,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         llm.encode_prompts([prompt_ids])  # ids in the vocabulary, within max_seq_len (ValueError naming them)
     quiet = args.quiet
     if not quiet:
-        print(f"checkpoint: {ckpt}\nmodel: {llm.cfg.summary()}\ndtype: {args.dtype}, quant: {args.quant}, "
+        from .checkpoint.release import quant_label
+        from .checkpoint.safetensors_io import checkpoint_quant
+
+        print(f"checkpoint: {ckpt}\nmodel: {llm.cfg.summary()}\ndtype: {args.dtype}, "
+              f"quant: {quant_label(checkpoint_quant(ckpt), args.quant)}, "
               f"backend: {args.backend}, threads: {torch.get_num_threads()}")
     t_warm = warm_up(llm.engine, prompt_ids or [0], args.backend)
     if not quiet:

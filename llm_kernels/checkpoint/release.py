@@ -222,3 +222,17 @@ def read_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
+
+
+def quant_label(stored: str | None, quant: str | None) -> str:
+    """How a checkpoint whose ``config.json`` declares ``stored`` (``checkpoint_quant``)
+    runs under ``--quant quant``, for the CLI header: e.g. ``"as stored: release (FP8 ->
+    int8_g32 at load; MXFP4 weights stay 4-bit)"``."""
+    if stored == RELEASE:
+        scheme = quant if quant not in (None, "none") else "int8_g32"
+        if quant == "none":
+            return "none (release dequantized to float)"
+        return f"{quant or 'as stored'}: release (FP8 -> {scheme} at load; MXFP4 weights stay 4-bit)"
+    if quant is None:
+        return f"as stored ({stored or 'float'})"
+    return quant

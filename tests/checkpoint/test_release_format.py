@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import assert_close_fp32, cosine
 from llm_kernels.checkpoint import load_checkpoint, write_random_checkpoint
-from llm_kernels.checkpoint.release import release_quantization_config, release_tensors
+from llm_kernels.checkpoint.release import release_tensors
+from llm_kernels.checkpoint.writer import quantize_checkpoint
 from llm_kernels.errors import CheckpointError
 from llm_kernels.models import preset
 from llm_kernels.numerics.group_quant import GroupQuantWeight
@@ -34,17 +36,7 @@ F32 = torch.float32
 
 def write_release(src: Path, out: Path) -> Path:
     """``src`` (float) re-encoded in its model's release format into ``out``."""
-    cfg, w = load_checkpoint(src, progress=False)
-    st = {k: v.contiguous() for n, t in w.items() for k, v in release_tensors(cfg, n, t)}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(st, str(out / "model.safetensors"), metadata={"format": "pt"})
-    conf = json.loads((src / "config.json").read_text())
-    conf["quantization_config"] = release_quantization_config(cfg)
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    for f in src.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, out / f.name)
-    return out
+    return quantize_checkpoint(src, out, progress=False, format="release")
 
 
 def _reference(cfg):
@@ -159,15 +151,33 @@ def _scale_of(n):
     return n[:-len("weight")] + "scale" if not n.startswith("model.") else n + "_scale_inv"
 
 
-def test_missing_scale_named(release, tmp_path):
+def _nan(t):
+    if t.dtype == torch.float8_e8m0fnu:
+        b = t.view(torch.uint8).clone()
+        b[0, 0] = 255  # UE8M0's NaN
+        return b.view(torch.float8_e8m0fnu)
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: None, "missing.*{s}"),
+    (_nan, "{s}.*(NaN|finite positive)"),
+    (lambda t: t.float().to(torch.int32), "{s}.*block-scale dtype"),
+], ids=["missing", "nan", "int32"])
+def test_bad_block_scale_named(release, tmp_path, edit, message):
+    """The first FP8 weight's block scale deleted / NaN / of an integer dtype."""
     _, rel = release
     names = {}
 
-    def drop(st):
-        names["w"] = _fp8_name(st)
-        del st[_scale_of(names["w"])]
-    bad = _edit(rel, tmp_path, drop)
-    with pytest.raises(CheckpointError, match=f"missing.*{_scale_of(names['w'])}"):
+    def apply(st):
+        names["s"] = s = _scale_of(_fp8_name(st))
+        t = edit(st.pop(s))
+        if t is not None:
+            st[s] = t
+    bad = _edit(rel, tmp_path, apply)
+    with pytest.raises(CheckpointError, match=message.format(s=re.escape(names["s"]))):
         load_checkpoint(bad, progress=False)
 
 
@@ -178,36 +188,8 @@ def test_block_size_other_than_config_named(release, tmp_path):
         load_checkpoint(bad, progress=False)
 
 
-def test_nan_scale_named(release, tmp_path):
+def test_fmt_named(release, tmp_path):
     _, rel = release
-    names = {}
-
-    def nan(st):
-        names["s"] = s = _scale_of(_fp8_name(st))
-        t = st[s]
-        if t.dtype == torch.float8_e8m0fnu:
-            b = t.view(torch.uint8).clone()
-            b[0, 0] = 255
-            st[s] = b.view(torch.float8_e8m0fnu)
-        else:
-            t = t.clone()
-            t[0, 0] = float("nan")
-            st[s] = t
-    bad = _edit(rel, tmp_path, nan)
-    with pytest.raises(CheckpointError, match=f"{names['s']}.*(NaN|finite positive)"):
-        load_checkpoint(bad, progress=False)
-
-
-def test_wrong_dtype_and_fmt_named(release, tmp_path):
-    _, rel = release
-    names = {}
-
-    def f16_scale(st):
-        names["s"] = s = _scale_of(_fp8_name(st))
-        st[s] = st[s].float().to(torch.int32)
-    bad = _edit(rel, tmp_path, f16_scale)
-    with pytest.raises(CheckpointError, match=f"{names['s']}.*block-scale dtype"):
-        load_checkpoint(bad, progress=False)
     bad2 = tmp_path / "fmt"
     shutil.copytree(rel, bad2)
     conf = json.loads((bad2 / "config.json").read_text())

@@ -96,3 +96,33 @@ def test_disk_error_is_a_clear_error_and_leaves_out_alone(ckpt, tmp_path, monkey
     err = capsys.readouterr().err
     assert e.value.code == 2 and "writing --out" in err and "No space left" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", ["mini", "qwen3-mini"])
+def test_release_checkpoint_generates_and_dequantizes(preset, tmp_path, capsys):
+    """Issue 11's acceptance: ``make-checkpoint --format release`` then ``generate`` on it (the
+    native path: FP8 -> int8_g32, MXFP4 kept 4-bit), and ``logits --quant none --dtype
+    float32`` equal to the float checkpoint of the dequantized weights run the same way."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rel = tmp_path / "rel"
+    assert cli.main(["make-checkpoint", "--preset", preset, "--format", "release", "--out", str(rel)]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(rel), "--prompt", "Once upon", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "release (FP8 -> int8_g32" in out and "generated ids:" in out
+    # the float checkpoint of the dequantized weights
+    cfg, deq = load_checkpoint(rel, dtype=torch.float32, quant="none", progress=False)
+    flt = tmp_path / "flt"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    args = ["--input-ids", "1,2,3,4", "--decode-ids", "5", "--dtype", "float32", "--backend", "reference"]
+    assert cli.main(["logits", "--checkpoint", str(rel), "--quant", "none", *args, "--out", str(a)]) == 0
+    flt.mkdir()
+    save_file({k: v.contiguous() for k, v in deq.items()}, str(flt / "model.safetensors"))
+    conf = json.loads((rel / "config.json").read_text())
+    conf.pop("quantization_config")
+    (flt / "config.json").write_text(json.dumps(conf))
+    assert cli.main(["logits", "--checkpoint", str(flt), *args, "--out", str(b)]) == 0
+    la, lb = load_file(str(a)), load_file(str(b))
+    assert set(la) == set(lb) and all(torch.equal(la[k], lb[k]) for k in la)

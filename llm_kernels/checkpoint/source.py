@@ -2,8 +2,8 @@
 
 :func:`~.safetensors_io.load_checkpoint` returns the whole model; a converter that writes
 shard by shard needs the tensors one by one. :class:`StreamingSource` checks the headers first
-(the same rules as the loader: every expected tensor present once, no extras, shapes, float /
-integer dtype kinds, index and shards consistent) and then yields ``(canonical name,
+(:func:`~.headers.read_headers`, the loader's own checks: every expected tensor present once,
+no extras, shapes, float / integer dtype kinds, index and shards consistent) and then yields ``(canonical name,
 tensor)`` in :func:`~.names.expected_tensors` order, each checked for NaN/Inf (float) or by
 the model's ``check_int_tensor`` (index tables) right after it is read, as stored (no dtype
 cast). A failure raises :class:`CheckpointError` naming the tensor and the file. Each tensor is read
@@ -26,29 +26,28 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import models
 from ..errors import CheckpointError
 from ..models import load_config
-from .names import canonical_name, expected_tensors, is_ignored
+from .headers import (
+    check_tensor_finite,
+    checkpoint_quant,
+    read_headers,
+    st_itemsize,
+    tensor_label,
+)
+from .names import expected_tensors
 from .release import (
     RELEASE,
     decode_release_weight,
-    expected_release_tensors,
     is_release_kind,
     read_config,
-    release_dtype_problem,
     release_format_of,
 )
-from .safetensors_io import INDEX_FILE_NAME, SINGLE_FILE_NAME, checkpoint_quant
 
 __all__ = ["StreamingSource"]
 
-_FLOAT = {"F16": 2, "BF16": 2, "F32": 4}
-_INT = {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1}
-_ITEMSIZE = {**_FLOAT, **_INT, "F8_E4M3": 1, "F8_E8M0": 1}
-_FINITE_CHUNK = 1 << 24
 
 
 class StreamingSource:
@@ -72,76 +71,15 @@ class StreamingSource:
         if not root.is_dir():
             raise CheckpointError(f"checkpoint path {root} is not a directory")
         self.cfg = cfg = load_config(root)
-        index = root / INDEX_FILE_NAME
-        if index.exists():
-            try:
-                wmap = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(wmap.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index} is not a valid index ({e!r}); expected "
-                                      "{\"weight_map\": {tensor name: shard file}}") from e
-        elif (root / SINGLE_FILE_NAME).is_file():
-            wmap, files = None, [SINGLE_FILE_NAME]
-        else:
-            raise CheckpointError(f"no {SINGLE_FILE_NAME} or {INDEX_FILE_NAME} in {root}")
-        self._where: dict[str, tuple[Path, str, str, tuple[int, ...]]] = {}
-        for fname in files:
-            file = root / fname
-            if Path(fname).name != fname or not file.is_file():
-                raise CheckpointError(f"shard {fname!r} listed in {INDEX_FILE_NAME} is missing from {root}")
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    heads = {k: (f.get_slice(k).get_dtype(), tuple(int(s) for s in f.get_slice(k).get_shape()))
-                             for k in f.keys()}
-            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
-            for k, (st, shape) in heads.items():
-                if is_ignored(k, cfg) or (wmap is not None and k in wmap and wmap[k] != fname):
-                    continue
-                if wmap is not None and k not in wmap:
-                    raise CheckpointError(f"tensor {k!r} found in {fname} but it is not listed in {INDEX_FILE_NAME}")
-                canon = canonical_name(k, cfg)
-                if canon in self._where:
-                    prev = self._where[canon]
-                    raise CheckpointError(f"duplicate tensor {canon!r}: stored as {prev[1]!r} in {prev[0].name} "
-                                          f"and as {k!r} in {fname}")
-                self._where[canon] = (file, k, st, shape)
-        if wmap is not None:
-            absent = [k for k in wmap if not is_ignored(k, cfg) and canonical_name(k, cfg) not in self._where]
-            if absent:
-                raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE_NAME} under "
-                                      f"{wmap[absent[0]]!r} but that file does not contain it")
         stored_quant = checkpoint_quant(root)
         if stored_quant not in (None, RELEASE):
             raise CheckpointError(f"{root} is a quantized ({stored_quant}) checkpoint; expected a float or release one")
         self.release = release_format_of(read_config(root), root) if stored_quant == RELEASE else None
-        self.expected = expected = expected_tensors(cfg)
-        stored = (expected if self.release is None else
-                  expected_release_tensors(cfg, self.release, {n: w[2:] for n, w in self._where.items()}))
-        self._stored = stored
-        missing = [n for n in stored if n not in self._where]
-        extra = [n for n in self._where if n not in stored]
-        if missing or extra:
-            raise CheckpointError(f"checkpoint {root} does not match {cfg.summary()}: "
-                                  f"{len(missing)} missing tensors {missing[:10]}, {len(extra)} unexpected "
-                                  f"{extra[:10]}")
-        problems = []
-        for name, info in stored.items():
-            file, _, st, shape = self._where[name]
-            if shape != info.shape:
-                problems.append(f"tensor {name!r} in {file.name}: expected shape {list(info.shape)}, got {list(shape)}")
-            if is_release_kind(info.kind):
-                problem = release_dtype_problem(info.kind, st)
-                if problem:
-                    problems.append(f"tensor {name!r} in {file.name}: {problem}")
-                continue
-            ok = _INT if info.kind == "int" else _FLOAT
-            if st not in ok:
-                problems.append(f"tensor {name!r} in {file.name}: expected dtype {'/'.join(ok)}, got {st}")
-        if problems:
-            raise CheckpointError(f"checkpoint {root}: {len(problems)} tensor(s) fail validation:\n  "
-                                  + "\n  ".join(problems[:20]))
-        self.nbytes = sum(math.prod(s) * _ITEMSIZE.get(st, 1) for _, _, st, s in self._where.values())
+        headers = read_headers(root, cfg, stored_quant, self.release)  # the loader's checks, steps 1-6
+        self._where = headers.where
+        self._stored = headers.expected
+        self.expected = expected_tensors(cfg)
+        self.nbytes = sum(math.prod(w.shape) * st_itemsize(w.dtype) for w in self._where.values())
 
     def is_dequantized(self, name: str) -> bool:
         """True when canonical ``name`` is stored in a release format (FP8 / MXFP4) and is
@@ -150,7 +88,7 @@ class StreamingSource:
 
     def stored_dtype(self, name: str) -> str:
         """The safetensors dtype string (``"BF16"``, ...) canonical ``name`` is stored in."""
-        return self._where[name][2]
+        return self._where[name].dtype
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(canonical name, tensor)`` in :func:`expected_tensors` order: as stored for a
@@ -161,12 +99,12 @@ class StreamingSource:
         reader = _Reader()
         try:
             for name, info in self.expected.items():
-                file = self._where[name][0]
-                t = reader.read(name, *self._where[name][:2])
+                where = self._where[name]
+                t = reader.read(name, where.file, where.stored)
                 kind = self._stored[name].kind
                 if is_release_kind(kind):
                     sname = spec.release_scale_name(name)
-                    scale = reader.read(sname, *self._where[sname][:2])
+                    scale = reader.read(sname, self._where[sname].file, self._where[sname].stored)
                     try:
                         t = decode_release_weight(name, kind, t, scale, self.release, self.cfg, "none",
                                                   torch.float32, None)
@@ -175,9 +113,9 @@ class StreamingSource:
                 elif info.kind == "int":
                     problem = spec.check_int_tensor(name, t, self.cfg)
                     if problem:
-                        raise CheckpointError(f"tensor {name!r} in {file.name}: {problem}")
+                        raise CheckpointError(f"tensor {tensor_label(name, where)}: {problem}")
                 else:
-                    _check_finite(name, file, t)
+                    check_tensor_finite(name, where, t)
                 yield name, t
                 del t
         finally:
@@ -226,13 +164,3 @@ class _Reader:
 
     def close(self) -> None:
         self.headers.clear()
-
-
-def _check_finite(name: str, file: Path, t: torch.Tensor) -> None:
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHUNK):
-        chunk = flat[start:start + _FINITE_CHUNK]
-        if not bool(torch.isfinite(chunk).all()):
-            bad = int((~torch.isfinite(flat)).sum())
-            raise CheckpointError(f"tensor {name!r} in {file.name}: expected finite values, found {bad} "
-                                  f"NaN/Inf of {t.numel()}")

@@ -283,12 +283,18 @@ class ExpertPack:
         self.p13, self.p2, self.inter = p13, p2, inter
 
 
-def pack_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> ExpertPack:
-    """Pack one W8A8 expert (ValueError unless the shapes form a SwiGLU expert)."""
+def _check_swiglu(w1, w3, w2) -> None:
+    """ValueError unless w1, w3 are ``[I, D]`` and w2 ``[D, I]``."""
     I, D = w1.shape
     if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
         raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
                          "do not form a SwiGLU expert")
+
+
+def pack_expert(w1: QuantWeight, w3: QuantWeight, w2: QuantWeight) -> ExpertPack:
+    """Pack one W8A8 expert (ValueError unless the shapes form a SwiGLU expert)."""
+    _check_swiglu(w1, w3, w2)
+    I = w1.shape[0]
     q13 = torch.cat([w1.qweight, w3.qweight], 0)
     s13 = torch.cat([w1.scale.float(), w3.scale.float()], 0)
     return ExpertPack(pack_w8a8(q13, s13), pack_w8a8(w2.qweight, w2.scale.float()), I)
@@ -298,10 +304,7 @@ def group_expert_packs(w1: GroupQuantWeight, w3: GroupQuantWeight, w2: GroupQuan
     """``(p13, p2)``: the packed ``[w1; w3]`` (one GEMM) and w2 of a group-scaled expert, the
     prepared ones or (unprepared weights) packed now. Raises ValueError unless the shapes
     form a SwiGLU expert."""
-    I, D = w1.shape
-    if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
-        raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
-                         "do not form a SwiGLU expert")
+    _check_swiglu(w1, w3, w2)
     g = group_rows_pack((w1, w3))
     p13 = g.packed if g is not None else pack_group_rows((w1, w3))[0].group.packed
     return p13, PackedGroupLinear.of(w2).packed
@@ -311,10 +314,7 @@ def mxfp4_expert_packs(w1: MXFP4Weight, w3: MXFP4Weight, w2: MXFP4Weight) -> tup
     """``(p13, p2)``: the packed ``[w1; w3]`` (one W4A8 GEMM) and w2 of an MXFP4 expert
     (:class:`~.common.gemm_mxfp4.PackedMXFP4`), the prepared ones or (unprepared weights)
     packed now. Raises ValueError unless the shapes form a SwiGLU expert."""
-    I, D = w1.shape
-    if tuple(w3.shape) != (I, D) or tuple(w2.shape) != (D, I):
-        raise ValueError(f"expert shapes w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)} "
-                         "do not form a SwiGLU expert")
+    _check_swiglu(w1, w3, w2)
     g = mxfp4_rows_pack((w1, w3))
     p13 = g.pack if g is not None else pack_mxfp4_rows((w1, w3))[0].group.pack
     return p13, PackedMXFP4Linear.of(w2).pack

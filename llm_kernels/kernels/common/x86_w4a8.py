@@ -45,6 +45,13 @@ zmm, 8 on ymm) over ``ng`` blocks, its float accumulators in registers; the kern
 ``tt x 64`` tile by looping over them (:func:`w4_plan`), units-major, so a token split
 re-reads those weights from L1/L2. One call site per sub-tile shape keeps the compile
 short (unrolling every plan in IR took 95 s for the AVX2 heights).
+
+**Streaming** (VNNI only; AVX2 unchanged, not measured): every block of 32 inputs a
+sub-tile issues ``prefetcht0`` for its 4 lines of each nibble stream :func:`w4_prefetch`
+bytes ahead (2 KiB for one token, else 4 KiB) and 1 line of the chunk's scale stream a
+quarter of that ahead; the one-token sub-tile covers all 4 units of a chunk (4 streams in
+flight instead of 2). From DRAM (one Flash expert, 2 threads) this took T=1 from 0.68 to
+0.55 ms and T=8 from 1.14 to 0.54 ms (``docs/performance.md``, "MXFP4 experts, W4A8").
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from numba.extending import intrinsic
 from . import jit
 from .x86 import acc_loop
 
-__all__ = ["E2M1_X2_ZP", "TS_MAX", "UNIT", "ZP", "tile_isa", "w4_plan", "w4_tile", "w4_units"]
+__all__ = ["E2M1_X2_ZP", "TS_MAX", "UNIT", "ZP", "tile_isa", "w4_plan", "w4_prefetch", "w4_tile", "w4_units"]
 
 #: Zero point added to the doubled E2M1 values in the decode table (the smallest that
 #: makes them unsigned: ``w2 + 12`` in [0, 24]).
@@ -84,11 +91,27 @@ UNIT = {"vnni": 16, "avx2": 8}
 
 
 def w4_units(isa: str, ts: int) -> int:
-    """Register units (of :data:`UNIT` channels) per sub-tile of ``ts`` tokens: VNNI 2 for
-    ``ts <= 4``, else 1; AVX2 1."""
+    """Register units (of :data:`UNIT` channels) per sub-tile of ``ts`` tokens: VNNI 4 for
+    ``ts == 1`` (all four 16-channel streams of a 64-column chunk interleaved, so twice the
+    DRAM lines are in flight at T=1), 2 for ``ts <= 4``, else 1; AVX2 1."""
     if isa not in UNIT:
         raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
-    return 2 if (isa == "vnni" and ts <= 4) else 1
+    if isa != "vnni":
+        return 1
+    return 4 if ts == 1 else (2 if ts <= 4 else 1)
+
+
+def w4_prefetch(isa: str, ts: int) -> int:
+    """Software-prefetch distance (bytes ahead in each nibble stream; the scale stream a
+    quarter of it, it advances 64 B per block to the streams' 256 B) of a sub-tile of ``ts``
+    tokens: VNNI 2048 for ``ts == 1``, else 4096; AVX2 0 (not measured). Measured on the
+    2-core Zen 5 guest, weights streaming from DRAM (``benchmarks/bench_w4a8.py``,
+    ``docs/performance.md``)."""
+    if isa not in UNIT:
+        raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
+    if isa != "vnni":
+        return 0
+    return 2048 if ts == 1 else 4096
 
 
 def w4_plan(isa: str, tt: int) -> list[tuple[int, int, int, int]]:
@@ -113,6 +136,7 @@ def _tile(isa: str, ts0: int, us0: int):
     VI8, VI32, VF = ir.VectorType(_I8, VB), ir.VectorType(_I32, W), ir.VectorType(_F32, W)
     VI16 = ir.VectorType(_I16, 2 * W)
     plan = [(0, ts0, 0, us0)]
+    pfd = w4_prefetch(isa, ts0)             # bytes ahead in each nibble stream (0: none)
 
     def codegen(context, builder, sig, args):
         (xa, x_off, x_ks, wa, w_off, w_bs, ng, swa, sw_off, sxa, ca, sc_off, sc_ts, fa, f_off, f_ts, accum) = args
@@ -164,9 +188,17 @@ def _tile(isa: str, ts0: int, us0: int):
                       for t in toks for u in units}
             keys = list(f_offs)
             finit = [b.select(flag, load(fptr, f_offs[key], VF), zf) for key in keys]
+            pf = _fn(b, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, _I32, _I32, _I32]) if pfd else None
 
-            def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys):
+            def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys, pf=pf):
                 isum = {}
+                if pf is not None:   # prefetcht0 of the block pfd bytes ahead: 4 lines per stream, 1 of scales
+                    for u in units:
+                        for ln in range(0, 256, 64):
+                            b.call(pf, [b.gep(w_bases[u], [b.add(b.mul(g, k(256)), k(pfd + ln))]),
+                                        k(0, _I32), k(3, _I32), k(1, _I32)])
+                    b.call(pf, [b.gep(swptr, [b.add(sw_off, b.add(b.mul(g, k(64)), k(pfd // 4)))]),
+                                k(0, _I32), k(3, _I32), k(1, _I32)])
                 for u in units:
                     # VNNI: chain 0 starts from corr = -ZP·Σq (broadcast): no subtraction in the fold
                     ch = [[bcast_sc(cptr, b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g)), _I32, VI32), zi]
@@ -229,7 +261,7 @@ def _tile(isa: str, ts0: int, us0: int):
         sig = types.void(xp, ip, ip, wp, ip, ip, ip, sw, ip, sx, corr, ip, ip, facc, ip, ip, types.boolean)
         return sig, codegen
 
-    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}"
+    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}' if pfd else ''}"
     return _t
 
 

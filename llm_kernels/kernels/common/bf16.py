@@ -34,6 +34,7 @@ from .jit import njit_kernel
 
 __all__ = [
     "as_kernel_input",
+    "kernel_rows",
     "bf16_bits_to_f32",
     "bf16_to_f32",
     "bf16_to_f32_nb",
@@ -220,6 +221,17 @@ def as_kernel_input(x: Any, name: str = "x") -> tuple[np.ndarray, bool]:
 
 
 # --------------------------------------------------------------------------- generic load
+
+def kernel_rows(x: Any, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``x`` ``[..., k]`` (any :func:`as_kernel_input` form) as C-contiguous rows ``[T, k]``
+    plus the leading shape ``[...]`` to give the output back. Raises ValueError when the last
+    dim is not ``k``, TypeError for an unsupported input."""
+    a, _ = as_kernel_input(x)
+    if a.ndim == 0 or a.shape[-1] != k:
+        raise ValueError(f"input last dim must be K={k}, got shape {a.shape}")
+    lead = a.shape[:-1]
+    return a.reshape(int(np.prod(lead, dtype=np.int64)), k), lead
+
 def load_f32(v):  # pragma: no cover - replaced by the Numba overload below
     """Numba-only: ``float32`` value of an element that is float32 or bf16 bits (uint16)."""
     raise NotImplementedError("load_f32 is only callable from Numba kernels")

@@ -62,7 +62,7 @@ import numpy as np
 from numba import prange
 
 from . import jit
-from .bf16 import as_kernel_input, load_f32
+from .bf16 import kernel_rows, load_f32
 from .gemm_pack import (
     CHUNK_N,
     MAX_K_PLAIN,
@@ -517,11 +517,7 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
     (what :class:`W8A8Linear` runs). ``x`` ``[..., K]`` float32 or bfloat16 (torch CPU
     tensor, numpy float32, or numpy uint16 bf16 bits) -> float32 ``[..., N]`` (a torch
     tensor for torch input, else numpy). Raises TypeError/ValueError on a bad dtype or K."""
-    a, _ = as_kernel_input(x)
-    if a.ndim == 0 or a.shape[-1] != w.k:
-        raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
-    lead = a.shape[:-1]
-    a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), w.k)
+    a2, lead = kernel_rows(x, w.k)
     out = np.empty((a2.shape[0], w.n), np.float32)
     if out.size:
         if is_tiled(w.layout):

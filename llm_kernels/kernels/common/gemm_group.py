@@ -48,7 +48,7 @@ from numba import prange
 
 from ...numerics.group_quant import GroupQuantWeight
 from . import jit
-from .bf16 import as_kernel_input, f32_from_bits, load_f32
+from .bf16 import kernel_rows, f32_from_bits, load_f32
 from .gemm import (
     K_CHUNK,
     MAX_TILE_T,
@@ -387,12 +387,8 @@ def group_gemm_linear(x: Any, w: PackedGroupW8) -> Any:
     uint16 bf16 bits); ``w`` from :func:`pack_group_w8`.
     Returns float32 ``[..., N]`` (torch for torch input, else numpy).
     Raises ValueError for a K mismatch or a packed layout of another tier."""
-    a, _ = as_kernel_input(x)
-    if a.ndim == 0 or a.shape[-1] != w.k:
-        raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
-    lead = a.shape[:-1]
-    T = int(np.prod(lead, dtype=np.int64))
-    a2 = a.reshape(T, w.k)
+    a2, lead = kernel_rows(x, w.k)
+    T = a2.shape[0]
     G, NG = w.group, w.k // w.group
     out = np.empty((T, w.n), np.float32)
     if out.size:

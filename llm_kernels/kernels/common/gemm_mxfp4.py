@@ -64,7 +64,7 @@ from numba import prange
 
 from ...numerics.mxfp4 import E2M1_X2, MXFP4_BLOCK, MXFP4Weight
 from . import jit
-from .bf16 import as_kernel_input, f32_from_bits
+from .bf16 import kernel_rows, f32_from_bits
 from .gemm import K_CHUNK, MAX_TILE_T, TILE_HEIGHTS, dot_i8, padded_tokens
 from .gemm_group import quant_groups_rows, quant_pack_groups
 from .gemm_pack import CHUNK_N, aligned_empty
@@ -294,12 +294,8 @@ def mxfp4_gemm_linear(x: Any, w: PackedMXFP4) -> Any:
     uint16 bf16 bits); ``w`` from :func:`pack_mxfp4`.
     Returns float32 ``[..., N]`` (torch for torch input, else numpy).
     Raises ValueError for a K mismatch or a ``"w4"`` weight on a CPU without an INT8 tile."""
-    a, _ = as_kernel_input(x)
-    if a.ndim == 0 or a.shape[-1] != w.k:
-        raise ValueError(f"input last dim must be K={w.k}, got shape {a.shape}")
-    lead = a.shape[:-1]
-    T = int(np.prod(lead, dtype=np.int64))
-    a2 = a.reshape(T, w.k)
+    a2, lead = kernel_rows(x, w.k)
+    T = a2.shape[0]
     G, NG = MXFP4_BLOCK, w.k // MXFP4_BLOCK
     out = np.empty((T, w.n), np.float32)
     if out.size:

@@ -97,27 +97,11 @@ def _setup_run(args: argparse.Namespace):
     return dtype, ckpt, cfg, weights, prompt
 
 
-def cmd_logits(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+def _logits_tensors(engine, inputs: list[list[int]], decodes: list[list[int]], vocab: int) -> dict:
+    """Prefill every ``inputs`` sequence, then feed ``decodes`` one id per step; returns the
+    output tensors of ``logits`` (``prefill_logits[.b]`` / ``decode_logits[.b]``, float32)."""
     from tqdm import tqdm
 
-    dtype = _DTYPES[args.dtype]
-    inputs: list[list[int]] = args.input_ids
-    decodes: list[list[int]] = args.decode_ids or []
-    if any(len(x) == 0 for x in inputs):
-        raise SystemExit("error: every --input-ids needs at least one id")
-    if decodes and len(decodes) != len(inputs):
-        raise SystemExit(f"error: {len(inputs)} --input-ids but {len(decodes)} --decode-ids; give one "
-                         "--decode-ids per --input-ids (or none)")
-    decodes = decodes or [[] for _ in inputs]
-    _, cfg, weights = _load(args.checkpoint, dtype, args.quant)
-    for x in inputs:
-        _check_ids(x, cfg.vocab_size, "--input-ids")
-    for x in decodes:
-        _check_ids(x, cfg.vocab_size, "--decode-ids")
-    max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
-    engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs))
-    del weights  # the engine holds the prepared weights
     sids, prefill = engine.prefill(inputs)
     dec: list[list[torch.Tensor]] = [[] for _ in inputs]
     steps = max(len(d) for d in decodes)
@@ -131,13 +115,106 @@ def cmd_logits(args: argparse.Namespace) -> int:
         suffix = "" if len(inputs) == 1 else f".{b}"
         tensors["prefill_logits" + suffix] = prefill[b].float().contiguous()
         tensors["decode_logits" + suffix] = (torch.cat(dec[b]) if dec[b] else
-                                             torch.zeros(0, cfg.vocab_size)).float().contiguous()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata={"format": "pt", "dtype": args.dtype})
+                                             torch.zeros(0, vocab)).float().contiguous()
+    return tensors
+
+
+def _save_logits(tensors: dict, out: Path, dtype_name: str, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"format": "pt", "dtype": dtype_name, **(extra or {})})
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    dtype = _DTYPES[args.dtype]
+    inputs: list[list[int]] = args.input_ids
+    decodes: list[list[int]] = args.decode_ids or []
+    if any(len(x) == 0 for x in inputs):
+        raise SystemExit("error: every --input-ids needs at least one id")
+    if decodes and len(decodes) != len(inputs):
+        raise SystemExit(f"error: {len(inputs)} --input-ids but {len(decodes)} --decode-ids; give one "
+                         "--decode-ids per --input-ids (or none)")
+    decodes = decodes or [[] for _ in inputs]
+    if args.nproc < 0:
+        raise SystemExit(f"error: --nproc must be >= 1 (or 0: no expert parallelism), got {args.nproc}")
+    if args.ep_timeout <= 0:
+        raise SystemExit(f"error: --ep-timeout must be > 0 seconds, got {args.ep_timeout}")
+    from .distributed import env_world
+
+    try:
+        world = env_world()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if world is None and args.nproc > 1:  # start the ranks; each one runs this command again
+        from .distributed import spawn_local
+
+        return spawn_local(args.raw_argv, args.nproc, grace=args.ep_timeout + 15)
+    if world is not None and world[1] > 1:
+        if args.nproc not in (0, world[1]):
+            raise SystemExit(f"error: --nproc {args.nproc} but WORLD_SIZE={world[1]} (torchrun): give neither or "
+                             "the same number")
+        return _logits_ranks(args, dtype, inputs, decodes, *world)
+    if args.threads:
+        _set_threads(args.threads)
+    _, cfg, weights = _load(args.checkpoint, dtype, args.quant)
+    for x in inputs:
+        _check_ids(x, cfg.vocab_size, "--input-ids")
+    for x in decodes:
+        _check_ids(x, cfg.vocab_size, "--decode-ids")
+    max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
+    engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs))
+    del weights  # the engine holds the prepared weights
+    tensors = _logits_tensors(engine, inputs, decodes, cfg.vocab_size)
+    _save_logits(tensors, args.out, args.dtype)
     for k, v in tensors.items():
         print(f"{k}: {list(v.shape)}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes, rank: int, world: int) -> int:
+    """``logits`` as one rank of an expert-parallel group (:mod:`llm_kernels.distributed`):
+    routed experts sharded, the rest replicated; rank 0 writes ``--out`` once every rank
+    finished (written beside it, renamed into place after the final barrier)."""
+    import os
+
+    from .distributed.runner import default_threads, run_rank
+
+    threads = args.threads or default_threads()
+    _set_threads(threads)
+    settings = dict(command="logits", world=world, dtype=args.dtype, quant=args.quant, backend=args.backend,
+                    inputs=inputs, decodes=decodes, threads=threads)
+
+    def body(ctx) -> int:
+        cfg, weights = ctx.load(args.checkpoint, dtype, args.quant)
+        for x in inputs:
+            _check_ids(x, cfg.vocab_size, "--input-ids")
+        for x in decodes:
+            _check_ids(x, cfg.vocab_size, "--decode-ids")
+        max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
+        engine = ctx.wrap(_engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs)))
+        print(ctx.memory_line(engine.w), file=sys.stderr, flush=True)
+        del weights
+        tensors = _logits_tensors(engine, inputs, decodes, cfg.vocab_size)
+        if ctx.is_root:
+            tmp = args.out.with_name(f".{args.out.name}.partial")
+            _save_logits(tensors, tmp, args.dtype, {"ranks": str(world)})
+            ctx.after_barrier.append(lambda: os.replace(tmp, args.out))
+            st = ctx.ops.stats
+            dec = [r for r in st.log if r[0] == sum(1 for d in decodes if d)]
+            print(f"expert parallelism: {world} ranks, {threads} thread(s) each; MoE combine: {len(st.log)} "
+                  f"all-gathers, {sum(r[1] for r in st.log)} B sent by rank 0, "
+                  f"{sum(r[3] for r in st.log) * 1e3:.1f} ms in the collective"
+                  + (f" (decode steps: {sum(r[1] for r in dec) / max(1, len(dec)) * cfg.num_hidden_layers:.0f} "
+                     f"B sent per step)" if dec else ""), flush=True)
+            for k, v in tensors.items():
+                print(f"{k}: {list(v.shape)}")
+            ctx.after_barrier.append(lambda: print(f"wrote {args.out}", flush=True))
+        return 0
+
+    return run_rank(body, rank=rank, world_size=world, timeout=args.ep_timeout, settings=settings,
+                    checkpoint=args.checkpoint)
 
 
 def _shard_size(text: str) -> int | None:
@@ -352,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ids fed one per decode step; repeat once per --input-ids")
     lg.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     lg.add_argument("--out", type=Path, required=True)
+    lg.add_argument("--threads", type=int, default=0,
+                    help="torch and kernel threads per process (0: torch's default; with --nproc: CPUs / ranks)")
+    lg.add_argument("--nproc", type=int, default=0,
+                    help="expert parallelism over N local ranks (torch.distributed, gloo over TCP): routed experts "
+                         "sharded, rank 0 writes --out; under torchrun the ranks come from its environment "
+                         "(docs/distributed.md)")
+    lg.add_argument("--ep-timeout", type=float, default=60.0,
+                    help="seconds a rank waits for the others in a collective before naming the one that stopped "
+                         "(default 60)")
     _backend_args(lg)
     lg.set_defaults(func=cmd_logits)
 
@@ -437,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench-serve"]:  # the server benchmark parses its own flags
         return _bench_serve_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.raw_argv = argv  # --nproc re-runs the same command line in each rank
     from .errors import CacheOverflowError, CheckpointError, ConfigError
 
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -95,6 +95,8 @@ def load_checkpoint(
     check_finite: bool = True,
     progress: bool = True,
     quant: str | None = None,
+    *,
+    select: Callable[[str], bool] | None = None,
 ) -> tuple[object, dict[str, torch.Tensor]]:
     """Load and validate a checkpoint directory of any registered model (``config.json``'s
     ``model_type`` picks the spec, see :func:`llm_kernels.models.load_config`).
@@ -120,10 +122,16 @@ def load_checkpoint(
             weights stay :class:`~llm_kernels.numerics.mxfp4.MXFP4Weight` and FP8 weights are
             converted once to ``quant``'s INT8 format (``None``: ``"int8_g32"``), together
             with the float weights of that scheme's set; ``"none"`` dequantizes everything.
+        select: ``None`` reads every tensor. Otherwise a predicate on the canonical stored
+            names (weights and their scales, e.g. ``layers.0.ffn.experts.3.w1.weight`` and
+            ``...weight_scale``): tensors it rejects are neither read nor returned (their
+            headers are still validated). Used by expert parallelism to load one rank's
+            experts (:mod:`llm_kernels.distributed`); it must keep or reject a weight together
+            with its scale.
 
     Returns:
         ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
-        the names of :func:`~.names.expected_tensors` (same order), with its shapes: weights
+        the names of :func:`~.names.expected_tensors` that ``select`` keeps (same order), with its shapes: weights
         ``[out, in]``, norms ``[dim]``, ``tid2eid`` ``[vocab_size, num_experts_per_tok]``.
         ``model.``-prefixed transformers names are mapped with :func:`~.names.canonical_name`;
         ``mtp.*`` tensors are skipped.
@@ -165,6 +173,8 @@ def load_checkpoint(
     meta = {n: (w.dtype, w.shape) for n, w in sources.items()}
 
     # ---- 4. Read data, check values, cast.
+    if select is not None:
+        expected = {n: info for n, info in expected.items() if select(n)}
     total = sum(math.prod(meta[n][1]) * st_itemsize(meta[n][0]) for n in expected)
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}

@@ -1,0 +1,175 @@
+"""The ranks' process group: ``torch.distributed`` with the gloo backend over TCP, a
+heartbeat per rank, and the diagnosis that names a rank that died or stopped answering.
+
+Environment (the ``torchrun`` convention, also set by :func:`.launch.spawn_local`):
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (the rendezvous TCP store; rank
+0 hosts it unless ``TORCHELASTIC_USE_AGENT_STORE=True``, i.e. torchrun's agent does),
+optionally ``LOCAL_WORLD_SIZE`` (ranks on this host: the default thread split).
+
+Faults. Every collective runs under the group's ``timeout`` (gloo's own timeout). When one
+fails (a peer's socket closed: the rank was killed or exited; or the timeout passed: it
+stopped answering), :meth:`RankGroup.fail` reads the heartbeat counters every rank bumps
+every :data:`HEARTBEAT_S` seconds from a background thread over its own store connection,
+waits three periods and reads them again: a rank whose counter did not move and that left
+no failure note is named as the one that stopped. The failing rank leaves its own note
+(``failed/<rank>``) so that the ranks behind it in the cascade are not blamed. The
+rendezvous store itself unreachable means rank 0 (or torchrun's agent) is gone.
+Detection bounds: a killed rank within about 2 s (socket closed + diagnosis), a stopped
+one within ``timeout`` + 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = ["RankGroup", "RankFailure", "env_world", "HEARTBEAT_S"]
+
+HEARTBEAT_S = 0.5
+_PREFIX = "llmk/"
+
+
+class RankFailure(RuntimeError):
+    """A peer rank died, stopped answering, or the ranks disagree; the message names the rank."""
+
+
+def _env_int(name: str) -> int:
+    v = os.environ.get(name, "")
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {v!r}") from None
+
+
+def env_world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` from ``RANK`` / ``WORLD_SIZE`` (torchrun or our launcher), None
+    when they are not set. Raises ValueError for non-integers, ``WORLD_SIZE < 1`` or a rank
+    outside ``[0, WORLD_SIZE)``."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK must lie in [0, WORLD_SIZE), WORLD_SIZE >= 1; got RANK={rank}, WORLD_SIZE={world}")
+    return rank, world
+
+
+class RankGroup:
+    """Join the process group of ``world_size`` ranks (gloo, TCP) and start the heartbeat.
+
+    Args:
+        rank, world_size: this rank and the number of ranks.
+        timeout: seconds a collective (and the rendezvous) may wait for a peer.
+        addr, port: the rendezvous store (default ``MASTER_ADDR`` / ``MASTER_PORT``).
+    Raises:
+        ValueError: ``MASTER_ADDR`` / ``MASTER_PORT`` missing or bad, ``timeout <= 0``.
+        RankFailure: the rendezvous did not complete within ``timeout``.
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout: float, addr: str | None = None, port: int | None = None):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        addr = addr or os.environ.get("MASTER_ADDR")
+        if not addr or (port is None and "MASTER_PORT" not in os.environ):
+            raise ValueError("MASTER_ADDR and MASTER_PORT must be set (torchrun sets them; so does --nproc)")
+        port = port if port is not None else _env_int("MASTER_PORT")
+        self.rank, self.world_size, self.timeout, self.addr, self.port = rank, world_size, timeout, addr, port
+        td = timedelta(seconds=timeout)
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        try:
+            self.store = dist.TCPStore(addr, port, world_size, is_master=(rank == 0 and not agent), timeout=td,
+                                       wait_for_workers=False)
+            dist.init_process_group("gloo", store=dist.PrefixStore(_PREFIX + "pg", self.store), rank=rank,
+                                    world_size=world_size, timeout=td)
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise RankFailure(f"rank {rank}: the rendezvous of {world_size} ranks at {addr}:{port} did not complete "
+                              f"within {timeout:g} s: {_first_line(e)}") from None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="llmk-heartbeat", daemon=True)
+        self._beat.start()
+
+    # ------------------------------------------------------------------ heartbeat
+    def _client(self, timeout: float) -> dist.TCPStore:
+        return dist.TCPStore(self.addr, self.port, is_master=False, timeout=timedelta(seconds=timeout))
+
+    def _heartbeat(self) -> None:
+        try:
+            st = self._client(self.timeout)
+            while not self._stop.is_set():
+                st.add(f"{_PREFIX}hb/{self.rank}", 1)
+                self._stop.wait(HEARTBEAT_S)
+        except Exception:  # the store is gone: the collectives will say so
+            return
+
+    # ------------------------------------------------------------------ faults
+    def note(self, reason: str) -> None:
+        """Leave this rank's failure note for the others' diagnosis (best effort)."""
+        try:
+            self._client(2.0).set(f"{_PREFIX}failed/{self.rank}", reason[:500])
+        except Exception:
+            pass
+
+    def diagnose(self) -> str:
+        """Which rank stopped: the ranks whose heartbeat did not move for three periods and
+        that left no failure note; else the notes; else that none could be named."""
+        try:
+            st = self._client(3.0)
+            before = [st.add(f"{_PREFIX}hb/{r}", 0) for r in range(self.world_size)]
+            time.sleep(3 * HEARTBEAT_S)
+            after = [st.add(f"{_PREFIX}hb/{r}", 0) for r in range(self.world_size)]
+            notes = {}
+            for r in range(self.world_size):
+                key = f"{_PREFIX}failed/{r}"
+                if r != self.rank and st.check([key]):
+                    notes[r] = st.get(key).decode(errors="replace")
+        except Exception as e:
+            return (f"the rendezvous store at {self.addr}:{self.port} is unreachable, so rank 0 (which hosts it) "
+                    f"died or stopped answering ({_first_line(e)})")
+        silent = [r for r in range(self.world_size) if r != self.rank and before[r] == after[r] and r not in notes]
+        if silent:
+            who = ", ".join(str(r) for r in silent)
+            return (f"rank{'s' if len(silent) > 1 else ''} {who} stopped answering (killed, crashed or hung: no "
+                    f"heartbeat for {3 * HEARTBEAT_S:g} s)")
+        if notes:
+            return "; ".join(f"rank {r} failed: {n}" for r, n in sorted(notes.items()))
+        return "no peer could be named (every heartbeat is alive): a peer is slow or the network dropped"
+
+    def fail(self, exc: BaseException, what: str) -> None:
+        """Raise :class:`RankFailure` for a failed collective ``what``, naming the rank."""
+        self.note(f"{what} failed on rank {self.rank}")
+        raise RankFailure(f"rank {self.rank}: {what} failed (timeout {self.timeout:g} s): {self.diagnose()} "
+                          f"[{type(exc).__name__}: {_first_line(exc)}]") from None
+
+    def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:
+        """Every rank's ``data`` (all of the same length), rank order; a failure raises
+        :class:`RankFailure`."""
+        import torch
+
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        outs = [torch.empty_like(t) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(outs, t)
+        except Exception as e:
+            self.fail(e, what)
+        return [bytes(o.numpy().tobytes()) for o in outs]
+
+    def barrier(self, what: str) -> None:
+        """All ranks reach this point (an all-gather of one byte: gloo's barrier has no
+        per-call diagnosis); a failure raises :class:`RankFailure`."""
+        self.all_gather_bytes(b"\x01", what)
+
+    def close(self) -> None:
+        """Stop the heartbeat and leave the process group."""
+        self._stop.set()
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__

@@ -1,0 +1,89 @@
+"""``--nproc N``: start N local ranks of the same command (the ``torchrun`` convention:
+each rank is ``python -m llm_kernels <command> ...`` with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1`` and a free
+``MASTER_PORT`` in its environment) and supervise them.
+
+When one rank exits with an error, the others detect it themselves (see :mod:`.group`) and
+exit; the launcher waits up to ``grace`` seconds for that, then kills the rest (SIGKILL:
+also a stopped process) and returns 1 with an error naming the first rank that failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+__all__ = ["spawn_local", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def spawn_local(argv: list[str], nproc: int, grace: float, env: dict | None = None) -> int:
+    """Run ``python -m llm_kernels *argv`` as ``nproc`` ranks on this host; returns 0 when
+    every rank succeeded, else 1 after printing which rank failed first.
+
+    Args:
+        argv: the command line after ``python -m llm_kernels`` (each rank parses it).
+        nproc: ranks (>= 1).
+        grace: seconds the other ranks get to exit by themselves after one failed.
+        env: extra environment for every rank.
+    Raises ValueError for ``nproc < 1``.
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    for r in range(nproc):
+        e = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                 WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc))
+        e.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "llm_kernels", *argv], env=e))
+    first: tuple[int, int] | None = None
+    deadline = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            for r, c in enumerate(codes):
+                if c not in (None, 0) and first is None:
+                    first, deadline = (r, c), time.monotonic() + grace
+            if all(c is not None for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                left = [r for r, c in enumerate(codes) if c is None]
+                print(f"error: rank{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} did not exit within "
+                      f"{grace:g} s after rank {first[0]} failed; killing", file=sys.stderr)
+                for r in left:
+                    procs[r].kill()
+                for r in left:
+                    procs[r].wait()
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        raise
+    if first is None:
+        return 0
+    r, c = first
+    print(f"error: rank {r} of {nproc} failed first ({_exit_text(c)}); the run was aborted and its output is not "
+          "complete", file=sys.stderr)
+    return 1

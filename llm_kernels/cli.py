@@ -149,7 +149,8 @@ def cmd_logits(args: argparse.Namespace) -> int:
     if world is None and args.nproc > 1:  # start the ranks; each one runs this command again
         from .distributed import spawn_local
 
-        return spawn_local(args.raw_argv, args.nproc, grace=args.ep_timeout + 15)
+        _check_expert_split(args.checkpoint, args.nproc, 0)
+        return spawn_local(args.raw_argv, args.nproc)
     if world is not None and world[1] > 1:
         if args.nproc not in (0, world[1]):
             raise SystemExit(f"error: --nproc {args.nproc} but WORLD_SIZE={world[1]} (torchrun): give neither or "
@@ -173,6 +174,18 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_expert_split(checkpoint: Path, world: int, rank: int) -> None:
+    """SystemExit unless ``world`` ranks can split the checkpoint's routed experts evenly."""
+    from .distributed import ExpertShard
+    from .models import load_config
+
+    cfg = load_config(checkpoint)
+    try:
+        ExpertShard(int(getattr(cfg, "n_routed_experts", 0) or 0), world, rank)
+    except ValueError as e:
+        raise SystemExit(f"error: --nproc / WORLD_SIZE: {e}") from None
+
+
 def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes, rank: int, world: int) -> int:
     """``logits`` as one rank of an expert-parallel group (:mod:`llm_kernels.distributed`):
     routed experts sharded, the rest replicated; rank 0 writes ``--out`` once every rank
@@ -181,6 +194,7 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
 
     from .distributed.runner import default_threads, run_rank
 
+    _check_expert_split(args.checkpoint, world, rank)  # before the rendezvous
     threads = args.threads or default_threads()
     _set_threads(threads)
     settings = dict(command="logits", world=world, dtype=args.dtype, quant=args.quant, backend=args.backend,

@@ -38,7 +38,9 @@ refused with :class:`RoutingMismatch` instead of producing mixed results.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import zlib
 from types import SimpleNamespace
@@ -93,7 +95,9 @@ class ExpertShard:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
-        if n_experts < 1 or n_experts % world_size:
+        if n_experts < 1:
+            raise ValueError(f"expert parallelism needs a model with routed experts: n_routed_experts={n_experts}")
+        if n_experts % world_size:
             divisors = [d for d in range(1, n_experts + 1) if n_experts % d == 0]
             raise ValueError(f"expert parallelism needs the number of ranks to divide the routed experts: "
                              f"n_routed_experts={n_experts}, ranks={world_size}; use one of {divisors}")
@@ -165,18 +169,24 @@ class ExpertParallelOps(SimpleNamespace):
         inner: the backend's ops namespace (``REFERENCE_OPS`` / ``FUSED_OPS`` of the model).
         shard: this rank's :class:`ExpertShard`.
         group: the ``torch.distributed`` process group of the ranks (None: the default one).
-        on_fault: called with the exception when a collective fails (diagnoses which rank
-            stopped, see :mod:`.group`); it should raise.
+        on_fault: called with the exception, the collective's name and the seconds it waited
+            when a collective fails (diagnoses which rank stopped, see :mod:`.group`); it
+            should raise.
+        fault: fault injection for tests, ``(rank, call, action)``: rank ``rank`` sends itself
+            SIGKILL (``"kill"``: dies) or SIGSTOP (``"stop"``: stops answering, threads
+            included) at the start of its ``call``-th ``moe`` (1-based); see :func:`parse_fault`.
     """
 
     def __init__(self, inner: SimpleNamespace, shard: ExpertShard, group=None,
-                 on_fault: Callable[[BaseException, str], None] | None = None):
+                 on_fault: Callable[[BaseException, str, float], None] | None = None,
+                 fault: tuple[int, int, str] | None = None):
         super().__init__(**vars(inner))
         self._inner, self._shard, self._group, self._on_fault = inner, shard, group, on_fault
         self.stats = CommStats()
         self.moe = self._moe
         self.prepare_weights = self._prepare_weights
         self._calls = 0
+        self._fault = fault
 
     # ------------------------------------------------------------------ load time
     def _prepare_weights(self, weights: dict, cfg, consume: bool = False) -> dict:
@@ -200,6 +210,8 @@ class ExpertParallelOps(SimpleNamespace):
 
         sh, inner = self._shard, self._inner
         self._calls += 1
+        if self._fault is not None and self._fault[:2] == (sh.rank, self._calls):
+            os.kill(os.getpid(), signal.SIGKILL if self._fault[2] == "kill" else signal.SIGSTOP)
         T, K = indices.shape
         D = x.shape[-1]
         E, N = sh.n_experts, sh.world_size
@@ -235,7 +247,7 @@ class ExpertParallelOps(SimpleNamespace):
             dist.all_gather(outs, buf, group=self._group)
         except Exception as e:  # gloo: peer closed / timeout
             if self._on_fault is not None:
-                self._on_fault(e, f"the MoE combine (all_gather, call {self._calls})")
+                self._on_fault(e, f"the MoE combine (all_gather, call {self._calls})", time.perf_counter() - t0)
             raise
         sec = time.perf_counter() - t0
         self.stats.add(T, buf.numel(), buf.numel() * (N - 1), sec)
@@ -257,6 +269,21 @@ class ExpertParallelOps(SimpleNamespace):
         for k in range(K):  # slot order from 0, float32: the single-process K-sum
             acc = acc + rnd(y[:, k] * w[:, k:k + 1], dtype)
         return rnd(rnd(acc, dtype) + shared_out, dtype)
+
+
+FAULT_ENV = "LLM_KERNELS_EP_FAULT"
+
+
+def parse_fault(text: str | None) -> tuple[int, int, str] | None:
+    """``"<rank>:<moe call>:<kill|stop>"`` (the :data:`FAULT_ENV` variable) -> a tuple, None
+    for unset / empty. Raises ValueError naming the variable for anything else."""
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in ("kill", "stop") \
+            or int(parts[1]) < 1:
+        raise ValueError(f"{FAULT_ENV} must be '<rank>:<moe call >= 1>:<kill|stop>', got {text!r}")
+    return int(parts[0]), int(parts[1]), parts[2]
 
 
 def placeholder_count(weights: dict) -> int:

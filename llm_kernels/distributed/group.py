@@ -13,14 +13,18 @@ every :data:`HEARTBEAT_S` seconds from a background thread over its own store co
 waits three periods and reads them again: a rank whose counter did not move and that left
 no failure note is named as the one that stopped. The failing rank leaves its own note
 (``failed/<rank>``) so that the ranks behind it in the cascade are not blamed. The
-rendezvous store itself unreachable means rank 0 (or torchrun's agent) is gone.
-Detection bounds: a killed rank within about 2 s (socket closed + diagnosis), a stopped
-one within ``timeout`` + 2 s.
+rendezvous store itself unreachable means rank 0 (or torchrun's agent) is gone; a failing
+rank 0 therefore stays :data:`LINGER_S` seconds before it exits (:meth:`RankGroup.linger`).
+Detection bounds: the ranks talking to a killed rank fail within about 2 s (socket closed +
+diagnosis), the rest of the ring as the failing ones exit (rank 0 last, after
+``LINGER_S``); a stopped rank within ``timeout`` + 2 s; every rank is gone by about
+``timeout`` + 10 s.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from datetime import timedelta
@@ -30,6 +34,7 @@ import torch.distributed as dist
 __all__ = ["RankGroup", "RankFailure", "env_world", "HEARTBEAT_S"]
 
 HEARTBEAT_S = 0.5
+LINGER_S = 3 * HEARTBEAT_S + 3.5  # a failing store host stays this long for the others' diagnosis
 _PREFIX = "llmk/"
 
 
@@ -79,8 +84,9 @@ class RankGroup:
         self.rank, self.world_size, self.timeout, self.addr, self.port = rank, world_size, timeout, addr, port
         td = timedelta(seconds=timeout)
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        self._hosts_store = rank == 0 and not agent
         try:
-            self.store = dist.TCPStore(addr, port, world_size, is_master=(rank == 0 and not agent), timeout=td,
+            self.store = dist.TCPStore(addr, port, world_size, is_master=self._hosts_store, timeout=td,
                                        wait_for_workers=False)
             dist.init_process_group("gloo", store=dist.PrefixStore(_PREFIX + "pg", self.store), rank=rank,
                                     world_size=world_size, timeout=td)
@@ -105,6 +111,17 @@ class RankGroup:
             return
 
     # ------------------------------------------------------------------ faults
+    @property
+    def hosts_store(self) -> bool:
+        """True when this process hosts the rendezvous store (rank 0 unless torchrun's agent does)."""
+        return self._hosts_store
+
+    def linger(self) -> None:
+        """Before a failing store host exits: give the others time to read the heartbeats and
+        notes (:meth:`diagnose` takes three heartbeat periods) so they name the right rank."""
+        if self._hosts_store:
+            time.sleep(LINGER_S)
+
     def note(self, reason: str) -> None:
         """Leave this rank's failure note for the others' diagnosis (best effort)."""
         try:
@@ -137,10 +154,12 @@ class RankGroup:
             return "; ".join(f"rank {r} failed: {n}" for r, n in sorted(notes.items()))
         return "no peer could be named (every heartbeat is alive): a peer is slow or the network dropped"
 
-    def fail(self, exc: BaseException, what: str) -> None:
-        """Raise :class:`RankFailure` for a failed collective ``what``, naming the rank."""
+    def fail(self, exc: BaseException, what: str, waited: float | None = None) -> None:
+        """Raise :class:`RankFailure` for a failed collective ``what`` (that waited ``waited``
+        seconds), naming the rank."""
         self.note(f"{what} failed on rank {self.rank}")
-        raise RankFailure(f"rank {self.rank}: {what} failed (timeout {self.timeout:g} s): {self.diagnose()} "
+        after = f"after {waited:.1f} s, " if waited is not None else ""
+        raise RankFailure(f"rank {self.rank}: {what} failed ({after}timeout {self.timeout:g} s): {self.diagnose()} "
                           f"[{type(exc).__name__}: {_first_line(exc)}]") from None
 
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:
@@ -150,10 +169,11 @@ class RankGroup:
 
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         outs = [torch.empty_like(t) for _ in range(self.world_size)]
+        t0 = time.perf_counter()
         try:
             dist.all_gather(outs, t)
         except Exception as e:
-            self.fail(e, what)
+            self.fail(e, what, time.perf_counter() - t0)
         return [bytes(o.numpy().tobytes()) for o in outs]
 
     def barrier(self, what: str) -> None:
@@ -171,5 +191,7 @@ class RankGroup:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of ``e``'s message, without gloo's ``[file.cc:123] `` prefix."""
     s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
+    s = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", s[0]) if s else type(e).__name__
+    return s.split(". ")[0][:300]

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
-__all__ = ["spawn_local", "free_port"]
+__all__ = ["spawn_local", "free_port", "GRACE_S"]
+
+GRACE_S = 15.0
 
 
 def free_port() -> int:
@@ -36,15 +38,28 @@ def _exit_text(code: int) -> str:
     return f"exit code {code}"
 
 
-def spawn_local(argv: list[str], nproc: int, grace: float, env: dict | None = None) -> int:
+def _stopped(pid: int) -> bool:
+    """True when process ``pid`` is stopped (state ``T`` in ``/proc/<pid>/stat``; Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def spawn_local(argv: list[str], nproc: int, grace: float = GRACE_S, env: dict | None = None,
+                command: list[str] | None = None) -> int:
     """Run ``python -m llm_kernels *argv`` as ``nproc`` ranks on this host; returns 0 when
     every rank succeeded, else 1 after printing which rank failed first.
 
     Args:
         argv: the command line after ``python -m llm_kernels`` (each rank parses it).
         nproc: ranks (>= 1).
-        grace: seconds the other ranks get to exit by themselves after one failed.
+        grace: seconds the other ranks get to exit by themselves after one failed (they
+            detect it within seconds, see :mod:`.group`); a rank found stopped (SIGSTOP) is
+            killed at once.
         env: extra environment for every rank.
+        command: run this command line instead of ``python -m llm_kernels *argv``.
     Raises ValueError for ``nproc < 1``.
     """
     if nproc < 1:
@@ -55,8 +70,11 @@ def spawn_local(argv: list[str], nproc: int, grace: float, env: dict | None = No
         e = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
                  WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc))
         e.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "llm_kernels", *argv], env=e))
+        e.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # c10d's retry warnings; our errors name the rank
+        procs.append(subprocess.Popen(command or [sys.executable, "-m", "llm_kernels", *argv], env=e))
     first: tuple[int, int] | None = None
+    stopped: list[int] = []
+    killed: list[int] = []  # by the launcher, after the grace period
     deadline = None
     try:
         while True:
@@ -66,11 +84,18 @@ def spawn_local(argv: list[str], nproc: int, grace: float, env: dict | None = No
                     first, deadline = (r, c), time.monotonic() + grace
             if all(c is not None for c in codes):
                 break
+            if first is not None:
+                for r, c in enumerate(codes):
+                    if c is None and r not in stopped and _stopped(procs[r].pid):
+                        print(f"error: rank {r} is stopped (SIGSTOP / suspended); killing it", file=sys.stderr)
+                        stopped.append(r)
+                        procs[r].kill()
             if deadline is not None and time.monotonic() > deadline:
                 left = [r for r, c in enumerate(codes) if c is None]
                 print(f"error: rank{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} did not exit within "
                       f"{grace:g} s after rank {first[0]} failed; killing", file=sys.stderr)
                 for r in left:
+                    (stopped if _stopped(procs[r].pid) else killed).append(r)
                     procs[r].kill()
                 for r in left:
                     procs[r].wait()
@@ -84,6 +109,8 @@ def spawn_local(argv: list[str], nproc: int, grace: float, env: dict | None = No
     if first is None:
         return 0
     r, c = first
-    print(f"error: rank {r} of {nproc} failed first ({_exit_text(c)}); the run was aborted and its output is not "
-          "complete", file=sys.stderr)
+    died = [(q, p.returncode) for q, p in enumerate(procs) if q not in stopped + killed and (p.returncode or 0) < 0]
+    why = [f"rank {q} was {_exit_text(code)}" for q, code in died] + [f"rank {q} was stopped" for q in stopped]
+    print(f"error: {'; '.join(why) or f'rank {r} of {nproc} failed first ({_exit_text(c)})'}; the run of {nproc} "
+          "ranks was aborted and its output is not complete", file=sys.stderr)
     return 1

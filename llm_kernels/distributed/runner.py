@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .digest import check_same, checkpoint_digest, settings_digest
-from .expert_parallel import ExpertParallelOps, ExpertShard, RemoteExpert, local_bytes
+from .expert_parallel import FAULT_ENV, ExpertParallelOps, ExpertShard, RemoteExpert, local_bytes, parse_fault
 from .group import RankFailure, RankGroup
 
 __all__ = ["RankContext", "run_rank", "default_threads"]
@@ -80,7 +80,8 @@ class RankContext:
         ops = getattr(engine, "ops", None)
         if ops is None or not hasattr(ops, "moe"):
             raise ValueError(f"{type(engine).__name__} has no ops.moe stage: expert parallelism does not apply")
-        self.ops = ExpertParallelOps(ops, self.shard, on_fault=self.group.fail)
+        fault = parse_fault(os.environ.get(FAULT_ENV))
+        self.ops = ExpertParallelOps(ops, self.shard, on_fault=self.group.fail, fault=fault)
         engine.ops = self.ops
         return engine
 
@@ -97,8 +98,9 @@ class RankContext:
                 f"RSS {(m['rss'] or 0) / mib:.1f} MiB (peak {(m['peak'] or 0) / mib:.1f} MiB)")
 
 
-def _die(code: int, msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+def _die(code: int, msg: str | None) -> None:
+    if msg is not None:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
 
@@ -130,9 +132,13 @@ def run_rank(body: Callable[[RankContext], int], *, rank: int, world_size: int, 
             fn()
     except RankFailure as e:
         group.note(str(e))
-        _die(3, str(e))
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        group.linger()
+        _die(3, None)
     except Exception as e:  # a local error: leave a note, then go (the others diagnose it)
         group.note(f"{type(e).__name__}: {e}")
-        _die(2, f"rank {rank}: {type(e).__name__}: {e}")
+        print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        group.linger()
+        _die(2, None)
     group.close()
     return rc

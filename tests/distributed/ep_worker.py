@@ -1,0 +1,74 @@
+"""Test worker: the logits of several (dtype, backend, quant) configurations on one process
+group, so that the EP tests pay the start-up of N ranks once per N.
+
+``python ep_worker.py <checkpoint> <out dir> <configs json> <inputs json> <decodes json>``
+
+* without ``RANK`` / ``WORLD_SIZE`` (or ``WORLD_SIZE=1``): one process, the whole checkpoint;
+* as a rank (launched by :func:`llm_kernels.distributed.spawn_local`): the expert-parallel
+  path of the CLI (``RankContext.load`` / ``wrap``), rank 0 writing the files.
+
+Writes ``<out dir>/<i>.safetensors`` per configuration ``i`` (``prefill.<b>`` /
+``decode.<b>``) and ``<out dir>/<i>.stats.json`` (rank 0's combine records). One thread per
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_kernels.runtime.builder import DTYPES, build_engine, set_threads
+
+
+def logits(engine, inputs, decodes) -> dict:
+    sids, pre = engine.prefill(inputs)
+    out = {f"prefill.{b}": pre[b].float().contiguous() for b in range(len(inputs))}
+    dec = [[] for _ in inputs]
+    for i in range(max(len(d) for d in decodes)):
+        live = [b for b in range(len(inputs)) if i < len(decodes[b])]
+        for b, o in zip(live, engine.decode([sids[b] for b in live], [decodes[b][i] for b in live])):
+            dec[b].append(o)
+    for b in range(len(inputs)):
+        out[f"decode.{b}"] = torch.cat(dec[b]).float().contiguous()
+    return out
+
+
+def main() -> int:
+    from safetensors.torch import save_file
+
+    from llm_kernels.distributed import env_world
+
+    ckpt, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    configs, inputs, decodes = (json.loads(a) for a in sys.argv[3:6])
+    set_threads(1)
+    max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
+    world = env_world()
+    if world is None or world[1] == 1:
+        from llm_kernels.checkpoint import load_checkpoint
+
+        for i, (dt, backend, quant) in enumerate(configs):
+            cfg, w = load_checkpoint(ckpt, dtype=DTYPES[dt], progress=False, quant=quant)
+            engine = build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs))
+            save_file(logits(engine, inputs, decodes), str(out_dir / f"{i}.safetensors"))
+        return 0
+    from llm_kernels.distributed.runner import run_rank
+
+    def body(ctx) -> int:
+        for i, (dt, backend, quant) in enumerate(configs):
+            cfg, w = ctx.load(ckpt, DTYPES[dt], quant)
+            engine = ctx.wrap(build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs)))
+            res = logits(engine, inputs, decodes)
+            if ctx.is_root:
+                save_file(res, str(out_dir / f"{i}.safetensors"))
+                (out_dir / f"{i}.stats.json").write_text(json.dumps(ctx.ops.stats.log))
+        return 0
+
+    return run_rank(body, rank=world[0], world_size=world[1], timeout=30.0,
+                    settings=dict(configs=configs, inputs=inputs, decodes=decodes), checkpoint=ckpt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

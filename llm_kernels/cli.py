@@ -97,9 +97,13 @@ def _setup_run(args: argparse.Namespace):
     return dtype, ckpt, cfg, weights, prompt
 
 
-def _logits_tensors(engine, inputs: list[list[int]], decodes: list[list[int]], vocab: int) -> dict:
+def _logits_tensors(engine, inputs: list[list[int]], decodes: list[list[int]], vocab: int,
+                    step_seconds: list[float] | None = None) -> dict:
     """Prefill every ``inputs`` sequence, then feed ``decodes`` one id per step; returns the
-    output tensors of ``logits`` (``prefill_logits[.b]`` / ``decode_logits[.b]``, float32)."""
+    output tensors of ``logits`` (``prefill_logits[.b]`` / ``decode_logits[.b]``, float32).
+    ``step_seconds`` collects each decode step's wall time when given."""
+    import time
+
     from tqdm import tqdm
 
     sids, prefill = engine.prefill(inputs)
@@ -107,7 +111,10 @@ def _logits_tensors(engine, inputs: list[list[int]], decodes: list[list[int]], v
     steps = max(len(d) for d in decodes)
     for i in tqdm(range(steps), desc="decode", unit="step", disable=None if steps else True):  # None: off unless a TTY
         live = [b for b in range(len(inputs)) if i < len(decodes[b])]
+        t0 = time.perf_counter()
         outs = engine.decode([sids[b] for b in live], [decodes[b][i] for b in live])
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - t0)
         for b, o in zip(live, outs):
             dec[b].append(o)
     tensors = {}
@@ -210,18 +217,14 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
         engine = ctx.wrap(_engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs)))
         print(ctx.memory_line(engine.w), file=sys.stderr, flush=True)
         del weights
-        tensors = _logits_tensors(engine, inputs, decodes, cfg.vocab_size)
+        step_seconds: list[float] = []
+        tensors = _logits_tensors(engine, inputs, decodes, cfg.vocab_size, step_seconds)
         if ctx.is_root:
             tmp = args.out.with_name(f".{args.out.name}.partial")
             _save_logits(tensors, tmp, args.dtype, {"ranks": str(world)})
             ctx.after_barrier.append(lambda: os.replace(tmp, args.out))
-            st = ctx.ops.stats
-            dec = [r for r in st.log if r[0] == sum(1 for d in decodes if d)]
-            print(f"expert parallelism: {world} ranks, {threads} thread(s) each; MoE combine: {len(st.log)} "
-                  f"all-gathers, {sum(r[1] for r in st.log)} B sent by rank 0, "
-                  f"{sum(r[3] for r in st.log) * 1e3:.1f} ms in the collective"
-                  + (f" (decode steps: {sum(r[1] for r in dec) / max(1, len(dec)) * cfg.num_hidden_layers:.0f} "
-                     f"B sent per step)" if dec else ""), flush=True)
+            print(f"expert parallelism: {world} ranks x {threads} thread(s); "
+                  + ctx.ops.stats.summary(cfg.num_hidden_layers, step_seconds), flush=True)
             for k, v in tensors.items():
                 print(f"{k}: {list(v.shape)}")
             ctx.after_barrier.append(lambda: print(f"wrote {args.out}", flush=True))

@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from ..numerics.group_quant import GroupQuantWeight
+from ..numerics.quant import QuantWeight
 from ..numerics.rounding import rnd
 
 __all__ = ["ExpertShard", "RemoteExpert", "ExpertParallelOps", "RoutingMismatch", "EXPERT_NAME", "CommStats"]
@@ -131,18 +133,41 @@ class ExpertShard:
 
 
 class CommStats:
-    """Per-call combine records: ``calls``, ``bytes_sent`` (this rank's buffer), ``bytes_recv``
-    (the other ranks' buffers), ``seconds`` (wall time inside the collective), and the
-    per-call list ``log`` of ``(T, bytes_sent, bytes_recv, seconds)``."""
+    """Per-call combine records, the list ``log`` of ``(T, bytes_sent, bytes_recv, seconds,
+    wait)``: this rank's buffer, the other ranks' buffers, the wall time inside the
+    all-gather, and (split timing only, else 0) the time in a barrier just before it, i.e.
+    waiting for the slowest rank, which the all-gather's time then no longer contains."""
 
     def __init__(self):
-        self.log: list[tuple[int, int, int, float]] = []
+        self.log: list[tuple[int, int, int, float, float]] = []
 
-    def add(self, T: int, sent: int, recv: int, sec: float) -> None:
-        self.log.append((T, sent, recv, sec))
+    def add(self, T: int, sent: int, recv: int, sec: float, wait: float = 0.0) -> None:
+        self.log.append((T, sent, recv, sec, wait))
 
     def reset(self) -> None:
         self.log.clear()
+
+    def summary(self, layers: int, step_seconds: list[float]) -> str:
+        """One line: the prefill's combines, then per decode step (``layers`` combines each,
+        the log after the first ``layers``) the bytes this rank sent and received, the time
+        inside the collective (transfer + waiting for the slowest rank) and its share of
+        the mean decode step wall time ``step_seconds``."""
+        pre, dec = self.log[:layers], self.log[layers:]
+        kib = 1024.0
+        out = (f"MoE combine (this rank, {layers} layers): prefill {sum(r[1] for r in pre) / kib:.1f} KiB sent, "
+               f"{sum(r[2] for r in pre) / kib:.1f} KiB received, {sum(r[3] for r in pre) * 1e3:.2f} ms")
+        steps = len(dec) // layers if layers else 0
+        if steps:
+            comm = sum(r[3] for r in dec) / steps
+            wait = sum(r[4] for r in dec) / steps
+            out += (f"; decode ({steps} steps) per step: {sum(r[1] for r in dec) / steps / kib:.1f} KiB sent, "
+                    f"{sum(r[2] for r in dec) / steps / kib:.1f} KiB received, {comm * 1e3:.2f} ms in the all-gather")
+            if wait:
+                out += f" (+ {wait * 1e3:.2f} ms waiting for the slowest rank)"
+            if step_seconds:
+                step = sum(step_seconds) / len(step_seconds)
+                out += f" = {comm / step:.1%} of a {step * 1e3:.2f} ms step"
+        return out
 
     def total(self, T: int | None = None) -> dict:
         rows = [r for r in self.log if T is None or r[0] == T]
@@ -175,11 +200,14 @@ class ExpertParallelOps(SimpleNamespace):
         fault: fault injection for tests, ``(rank, call, action)``: rank ``rank`` sends itself
             SIGKILL (``"kill"``: dies) or SIGSTOP (``"stop"``: stops answering, threads
             included) at the start of its ``call``-th ``moe`` (1-based); see :func:`parse_fault`.
+        split_timing: a barrier before each combine, timed apart (``CommStats``): the
+            transfer alone vs waiting for the slowest rank (one more collective per layer;
+            ``LLM_KERNELS_EP_TIMING=split``).
     """
 
     def __init__(self, inner: SimpleNamespace, shard: ExpertShard, group=None,
                  on_fault: Callable[[BaseException, str, float], None] | None = None,
-                 fault: tuple[int, int, str] | None = None):
+                 fault: tuple[int, int, str] | None = None, split_timing: bool = False):
         super().__init__(**vars(inner))
         self._inner, self._shard, self._group, self._on_fault = inner, shard, group, on_fault
         self.stats = CommStats()
@@ -187,6 +215,7 @@ class ExpertParallelOps(SimpleNamespace):
         self.prepare_weights = self._prepare_weights
         self._calls = 0
         self._fault = fault
+        self.split_timing = split_timing
 
     # ------------------------------------------------------------------ load time
     def _prepare_weights(self, weights: dict, cfg, consume: bool = False) -> dict:
@@ -243,14 +272,19 @@ class ExpertParallelOps(SimpleNamespace):
             buf[_HEADER:_HEADER + mine.numel() * D * esz] = y_local.to(wire).contiguous().view(-1).view(torch.uint8)
         outs = [torch.empty_like(buf) for _ in range(N)]
         t0 = time.perf_counter()
+        wait = 0.0
         try:
+            if self.split_timing:  # absorb the ranks' imbalance first: the all-gather then times the transfer
+                dist.barrier(group=self._group)
+                wait = time.perf_counter() - t0
+                t0 = time.perf_counter()
             dist.all_gather(outs, buf, group=self._group)
         except Exception as e:  # gloo: peer closed / timeout
             if self._on_fault is not None:
                 self._on_fault(e, f"the MoE combine (all_gather, call {self._calls})", time.perf_counter() - t0)
             raise
         sec = time.perf_counter() - t0
-        self.stats.add(T, buf.numel(), buf.numel() * (N - 1), sec)
+        self.stats.add(T, buf.numel(), buf.numel() * (N - 1), sec, wait)
         y = torch.zeros(T * K, D)
         for r in range(N):
             h = outs[r][:_HEADER].view(torch.int64)
@@ -292,14 +326,17 @@ def placeholder_count(weights: dict) -> int:
 
 
 def local_bytes(weights: dict) -> int:
-    """Bytes of the tensors ``weights`` holds on this rank (``nbytes`` of each loaded entry)."""
+    """Bytes of the tensors ``weights`` holds on this rank: a tensor's ``numel * element_size``,
+    an INT8 weight's ``qweight`` + ``scale``, else the object's ``nbytes`` (packed / MXFP4
+    forms); placeholders count 0."""
     tot = 0
     for w in weights.values():
         if isinstance(w, RemoteExpert):
             continue
-        n = getattr(w, "nbytes", None)
-        if n is None and isinstance(w, torch.Tensor):
-            n = w.numel() * w.element_size()
-        tot += int(n or 0)
+        if isinstance(w, torch.Tensor):
+            tot += w.numel() * w.element_size()
+        elif type(w) in (QuantWeight, GroupQuantWeight):  # exact: a packed subclass rebuilds qweight
+            tot += sum(t.numel() * t.element_size() for t in (w.qweight, w.scale))
+        else:
+            tot += int(getattr(w, "nbytes", 0) or 0)
     return tot
-

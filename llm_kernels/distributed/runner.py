@@ -47,6 +47,7 @@ class RankContext:
         self.group, self.rank, self.world_size = group, group.rank, group.world_size
         self.is_root = self.rank == 0
         self.shard: ExpertShard | None = None
+        self.loaded_bytes = 0  # bytes of the tensors this rank loaded (as loaded, before packing)
         self.ops: ExpertParallelOps | None = None
         self.after_barrier: list[Callable[[], None]] = []  # e.g. rank 0 renames its output into place
 
@@ -70,6 +71,7 @@ class RankContext:
         prompt_release()
         cfg, weights = load_checkpoint(path, dtype=dtype, progress=False, quant=quant,
                                        select=self.shard.select(rejected))
+        self.loaded_bytes = local_bytes(weights)
         weights.update(self.shard.placeholders(rejected))
         return cfg, weights
 
@@ -81,12 +83,17 @@ class RankContext:
         if ops is None or not hasattr(ops, "moe"):
             raise ValueError(f"{type(engine).__name__} has no ops.moe stage: expert parallelism does not apply")
         fault = parse_fault(os.environ.get(FAULT_ENV))
-        self.ops = ExpertParallelOps(ops, self.shard, on_fault=self.group.fail, fault=fault)
+        timing = os.environ.get("LLM_KERNELS_EP_TIMING", "")
+        if timing not in ("", "split"):
+            raise ValueError(f"LLM_KERNELS_EP_TIMING must be 'split' or unset, got {timing!r}")
+        self.ops = ExpertParallelOps(ops, self.shard, on_fault=self.group.fail, fault=fault,
+                                     split_timing=timing == "split")
         engine.ops = self.ops
         return engine
 
     def memory_line(self, weights: dict) -> str:
-        """``rank r: experts [a, b) of E, weights X MiB, RSS Y MiB (peak Z MiB)``."""
+        """``rank r: experts [a, b) of E, N remote expert weights, loaded X MiB, RSS Y MiB
+        (peak Z MiB)`` (loaded: the tensors as read, before the backend's packing)."""
         from ..runtime.memory import rss
 
         m = rss()
@@ -94,7 +101,7 @@ class RankContext:
         remote = sum(isinstance(w, RemoteExpert) for w in weights.values())
         mib = 2.0 ** 20
         return (f"rank {self.rank}: experts [{sh.first}, {sh.first + sh.per_rank}) of {sh.n_experts}, "
-                f"{remote} remote expert weights, weights {local_bytes(weights) / mib:.1f} MiB, "
+                f"{remote} remote expert weights, loaded {self.loaded_bytes / mib:.1f} MiB, "
                 f"RSS {(m['rss'] or 0) / mib:.1f} MiB (peak {(m['peak'] or 0) / mib:.1f} MiB)")
 
 

@@ -72,8 +72,8 @@ def test_ep_logits_bitwise_equal_single_process(mini, single, tmp_path, nproc):
         L = preset("mini").num_hidden_layers
         assert len(log) == L * (1 + 3)  # one combine per layer: prefill + 3 decode steps
         esz = 2 if cfg[0] == "bfloat16" else 4
-        for T, sent, recv, sec in log:
-            assert (sent - 16) % (128 * esz) == 0 and recv == sent * (nproc - 1) and sec >= 0
+        for T, sent, recv, sec, wait in log:
+            assert (sent - 16) % (128 * esz) == 0 and recv == sent * (nproc - 1) and sec >= 0 and wait == 0
 
 
 def test_cli_nproc_writes_the_single_process_file(mini, single, tmp_path):

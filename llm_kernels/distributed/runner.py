@@ -25,6 +25,20 @@ from .group import RankFailure, RankGroup
 __all__ = ["RankContext", "run_rank", "default_threads"]
 
 
+def runtime_fingerprint() -> dict:
+    """What else must agree for the replicated layers to compute bitwise alike on every rank:
+    the torch, Numba and Python versions and the kernels' CPU tier (``LLM_KERNELS_TIER``
+    forces a common one on mixed hosts)."""
+    import platform
+
+    import numba
+
+    from ..kernels.common import jit
+
+    return dict(torch=torch.__version__, numba=numba.__version__, python=platform.python_version(),
+                tier=jit.dispatch_tier())
+
+
 def default_threads() -> int:
     """Threads per rank when not given: this host's CPUs / ``LOCAL_WORLD_SIZE`` (>= 1)."""
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -116,8 +130,9 @@ def run_rank(body: Callable[[RankContext], int], *, rank: int, world_size: int, 
              settings: dict, checkpoint: Path) -> int:
     """Run ``body(ctx)`` as rank ``rank`` of ``world_size``; returns its exit code.
 
-    ``settings`` (the run's options that must agree on every rank) and ``checkpoint`` are
-    compared across ranks first (:func:`.digest.check_same`). Failures end the process
+    ``settings`` (the run's options that must agree on every rank, completed with
+    :func:`runtime_fingerprint`) and ``checkpoint`` are compared across ranks first
+    (:func:`.digest.check_same`). Failures end the process
     (see the module docstring)."""
     try:
         group = RankGroup(rank, world_size, timeout)
@@ -127,7 +142,8 @@ def run_rank(body: Callable[[RankContext], int], *, rank: int, world_size: int, 
         _die(2, f"rank {rank}: {e}")
     ctx = RankContext(group)
     try:
-        check_same(group, settings_digest(settings), "run settings (command-line options and threads)")
+        check_same(group, settings_digest({**settings, **runtime_fingerprint()}),
+                   "run settings (command-line options, threads, torch / Numba / Python versions, kernels tier)")
         try:
             digest = checkpoint_digest(checkpoint)
         except OSError as e:

@@ -5,7 +5,9 @@ group, so that the EP tests pay the start-up of N ranks once per N.
 
 * without ``RANK`` / ``WORLD_SIZE`` (or ``WORLD_SIZE=1``): one process, the whole checkpoint;
 * as a rank (launched by :func:`llm_kernels.distributed.spawn_local`): the expert-parallel
-  path of the CLI (``RankContext.load`` / ``wrap``), rank 0 writing the files.
+  path of the CLI (``RankContext.load`` / ``wrap``), rank 0 writing the files;
+  ``EP_WORKER_PERTURB_RANK=r``: rank r scales its routing weights by 1 + 1e-7 (a replicated
+  computation that diverged).
 
 Writes ``<out dir>/<i>.safetensors`` per configuration ``i`` (``prefill.<b>`` /
 ``decode.<b>``) and ``<out dir>/<i>.stats.json`` (rank 0's combine records). One thread per
@@ -15,6 +17,7 @@ process.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +63,14 @@ def main() -> int:
         for i, (dt, backend, quant) in enumerate(configs):
             cfg, w = ctx.load(ckpt, DTYPES[dt], quant)
             engine = ctx.wrap(build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs)))
+            if os.environ.get("EP_WORKER_PERTURB_RANK") == str(ctx.rank):  # a rank whose routing diverges
+                gate = engine.ops.gate
+
+                def perturbed(*a, **kw):
+                    w_, i_ = gate(*a, **kw)
+                    return w_ * 1.0000001, i_
+
+                engine.ops.gate = perturbed
             res = logits(engine, inputs, decodes)
             if ctx.is_root:
                 save_file(res, str(out_dir / f"{i}.safetensors"))

@@ -89,3 +89,21 @@ def test_rank_with_another_checkpoint_is_refused(ckpts, tmp_path):
                "than rank 0" in err, err[-3000:]
         assert "refused before loading" in err and "experts [" not in err  # nothing was loaded
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_rank_whose_routing_diverges_is_refused(ckpts, tmp_path):
+    """Rank 1's router weights differ in the last bits (as on a host whose replicated layers
+    round differently): the combine's routing digest stops both ranks at the first MoE call,
+    naming the other rank, instead of mixing two routings."""
+    worker = Path(__file__).with_name("ep_worker.py")
+    code = ("import sys; from llm_kernels.distributed import spawn_local; "
+            f"sys.exit(spawn_local([], 2, command=[sys.executable, {str(worker)!r}, {str(ckpts[0])!r}, "
+            f"{str(tmp_path)!r}, '[[\"float32\", \"reference\", \"none\"]]', '[[1, 2, 3]]', '[[4]]']))")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EP_WORKER_PERTURB_RANK="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    for rank, other in ((0, 1), (1, 0)):
+        assert f"error: rank {rank}: RoutingMismatch: rank {other} routed this MoE step differently from rank " \
+               f"{rank} (routes " in r.stderr, r.stderr[-3000:]
+    assert "the replicated layers must compute bitwise alike on every rank" in r.stderr
+    assert not (tmp_path / "0.safetensors").exists()

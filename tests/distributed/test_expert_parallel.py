@@ -8,6 +8,7 @@ on the thread count; the ranks replicate the dense part, so they must agree)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,25 @@ def test_cli_nproc_writes_the_single_process_file(mini, single, tmp_path):
     ref = {k.replace("prefill.", "prefill_logits.").replace("decode.", "decode_logits."): v for k, v in ref.items()}
     assert _bitwise(ref, got) == []
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_torchrun_runs_one_rank_per_process(mini, single, tmp_path):
+    """``torchrun`` sets RANK / WORLD_SIZE and hosts the store in its agent: the plain command
+    (no --nproc) runs as one rank per process and writes the one-process file."""
+    from llm_kernels.distributed.launch import free_port
+
+    out = tmp_path / "tr.safetensors"
+    args = ["logits", "--checkpoint", str(mini), "--threads", "1", "--out", str(out)]
+    for x, d in zip(INPUTS, DECODES):
+        args += ["--input-ids", ",".join(map(str, x)), "--decode-ids", ",".join(map(str, d))]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "llm_kernels", *args], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TORCH_CPP_LOG_LEVEL="FATAL"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "expert parallelism: 2 ranks" in r.stdout and "rank 1: experts [4, 8) of 8" in r.stderr
+    ref = load_file(str(single / "0.safetensors"))  # float32 reference, one process
+    ref = {k.replace("prefill.", "prefill_logits.").replace("decode.", "decode_logits."): v for k, v in ref.items()}
+    assert _bitwise(ref, load_file(str(out))) == []
 
 
 def test_nproc_must_divide_the_experts(mini, tmp_path, capsys):

@@ -286,7 +286,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import write_random_checkpoint
     from .models import preset
 
-    cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts)
+    cfg = preset(args.preset, num_hidden_layers=args.layers, n_routed_experts=args.experts,
+                 mtp_layers=args.mtp_layers)
     with _writing(args.out):
         out = write_random_checkpoint(cfg, args.out, seed=args.seed, dtype=_DTYPES[args.dtype],
                                       weight_scale=args.weight_scale, progress=True, force=args.force,
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a registered preset (mini, flash, pro, qwen3-mini, qwen3-32b, ...)")
     mk.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     mk.add_argument("--experts", type=int, default=None, help="number of routed experts")
+    mk.add_argument("--mtp-layers", type=int, default=None,
+                    help="multi-token-prediction blocks (DeepSeek-V4 mtp.*; the releases have 1; default 0)")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     mk.add_argument("--weight-scale", type=float, default=1.0)

@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .. import models
 from ..errors import CheckpointError
 from .names import QUANT_METHODS, canonical_name, expected_tensors, is_ignored
 from .release import (
@@ -96,6 +97,33 @@ def tensor_label(canon: str, src: StoredTensor | None = None) -> str:
 
 
 # ====================================================================== discovery
+def stored_names(root: Path) -> list[str]:
+    """Every tensor name stored in checkpoint folder ``root`` (the index's weight_map, or the
+    single file's header). Raises CheckpointError as :func:`read_headers` for a bad layout."""
+    files, wmap = _weight_files(root)
+    if wmap is not None:
+        return list(wmap)
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {files[0]}: {e}") from e
+
+
+def config_as_stored(root: Path, cfg):
+    """``cfg`` with ``num_nextn_predict_layers = 0`` when the folder holds none of the
+    multi-token-prediction blocks the config announces (transformers' ``save_pretrained``
+    writes the release's config but drops ``mtp.*``), else ``cfg``: the model the files hold."""
+    n = getattr(cfg, "num_nextn_predict_layers", 0)
+    if not n:
+        return cfg
+    base = cfg.replace(num_nextn_predict_layers=0)
+    spec = models.spec_for_config(cfg)
+    only_mtp = set(spec.expected_float_tensors(cfg)) - set(spec.expected_float_tensors(base))
+    have = {canonical_name(k, cfg) for k in stored_names(root)}
+    return cfg if only_mtp & have else base
+
+
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read and, for a sharded checkpoint, the index's weight_map
     (stored name -> file name). Raises CheckpointError for pickle-only / empty / broken layouts."""

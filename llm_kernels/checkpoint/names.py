@@ -33,8 +33,9 @@ def canonical_name(name: str, cfg) -> str:
 
 
 def is_ignored(name: str, cfg) -> bool:
-    """True for stored tensors ``cfg``'s model does not use (DeepSeek-V4's ``mtp.*``)."""
-    return models.spec_for_config(cfg).is_ignored(name)
+    """True for stored tensors ``cfg``'s model does not use (DeepSeek-V4's ``mtp.*`` when
+    ``cfg`` has no MTP block)."""
+    return models.spec_for_config(cfg).is_ignored(name, cfg)
 
 
 def is_fp32_tensor(name: str, cfg) -> bool:

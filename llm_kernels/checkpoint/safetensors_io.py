@@ -33,6 +33,7 @@ from .headers import (
     SINGLE_FILE_NAME,
     check_tensor_finite,
     checkpoint_quant,
+    config_as_stored,
     diagnose_file,
     read_headers,
     st_itemsize,
@@ -97,6 +98,7 @@ def load_checkpoint(
     quant: str | None = None,
     *,
     select: Callable[[str], bool] | None = None,
+    mtp: bool = False,
 ) -> tuple[object, dict[str, torch.Tensor]]:
     """Load and validate a checkpoint directory of any registered model (``config.json``'s
     ``model_type`` picks the spec, see :func:`llm_kernels.models.load_config`).
@@ -128,13 +130,17 @@ def load_checkpoint(
             headers are still validated). Used by expert parallelism to load one rank's
             experts (:mod:`llm_kernels.distributed`); it must keep or reject a weight together
             with its scale.
+        mtp: also load the multi-token-prediction blocks (DeepSeek-V4's ``mtp.{k}.*``,
+            ``num_nextn_predict_layers`` of them; speculative decoding). False: the returned
+            config has ``num_nextn_predict_layers = 0`` and stored ``mtp.*`` tensors are
+            skipped (nothing of them is read).
 
     Returns:
         ``(cfg, tensors)``: the parsed config and ``{canonical name: tensor}`` holding exactly
         the names of :func:`~.names.expected_tensors` that ``select`` keeps (same order), with its shapes: weights
         ``[out, in]``, norms ``[dim]``, ``tid2eid`` ``[vocab_size, num_experts_per_tok]``.
         ``model.``-prefixed transformers names are mapped with :func:`~.names.canonical_name`;
-        ``mtp.*`` tensors are skipped.
+        ``mtp.*`` tensors are skipped unless ``mtp``.
 
     Raises:
         ConfigError: ``config.json`` missing or invalid.
@@ -154,6 +160,16 @@ def load_checkpoint(
     if not root.is_dir():
         raise CheckpointError(f"checkpoint path {root} is not a directory")
     cfg = load_config(root)  # first: an unsupported model_type is the clearest error
+    n_mtp = getattr(cfg, "num_nextn_predict_layers", 0)  # HF's field for MTP blocks
+    if mtp and not n_mtp:
+        raise CheckpointError(f"{root / 'config.json'}: num_nextn_predict_layers is {n_mtp}: the checkpoint has "
+                              "no MTP block to load (write one with make-checkpoint --mtp-layers 1)")
+    if n_mtp and not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # the model as loaded: no MTP block
+    if mtp and config_as_stored(root, cfg) is not cfg:
+        raise CheckpointError(f"{root / 'config.json'} announces num_nextn_predict_layers = {n_mtp} but the files hold "
+                              "no mtp.* tensors (transformers' save_pretrained drops them): this checkpoint cannot "
+                              "draft; write one with make-checkpoint --mtp-layers 1 or use the release files")
     stored_quant = checkpoint_quant(root)
     release = release_format_of(read_config(root), root) if stored_quant == RELEASE else None
     if release is not None:

@@ -33,6 +33,7 @@ from ..models import load_config
 from .headers import (
     check_tensor_finite,
     checkpoint_quant,
+    config_as_stored,
     read_headers,
     st_itemsize,
     tensor_label,
@@ -75,6 +76,7 @@ class StreamingSource:
         if stored_quant not in (None, RELEASE):
             raise CheckpointError(f"{root} is a quantized ({stored_quant}) checkpoint; expected a float or release one")
         self.release = release_format_of(read_config(root), root) if stored_quant == RELEASE else None
+        self.cfg = cfg = config_as_stored(root, cfg)  # an MTP block is carried along when the files hold it
         headers = read_headers(root, cfg, stored_quant, self.release)  # the loader's checks, steps 1-6
         self._where = headers.where
         self._stored = headers.expected

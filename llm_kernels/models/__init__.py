@@ -98,11 +98,14 @@ def preset_names() -> list[str]:
     return sorted(p for s in _REGISTRY.values() for p in s.presets)
 
 
-def preset(name: str, num_hidden_layers: int | None = None, n_routed_experts: int | None = None) -> Any:
+def preset(name: str, num_hidden_layers: int | None = None, n_routed_experts: int | None = None,
+           mtp_layers: int | None = None) -> Any:
     """The config of preset ``name`` (any registered model), optionally truncated to the first
-    ``num_hidden_layers`` layers and/or ``n_routed_experts`` experts. Raises ConfigError for
-    an unknown name or an option the model does not have."""
+    ``num_hidden_layers`` layers and/or ``n_routed_experts`` experts, with ``mtp_layers``
+    multi-token-prediction blocks. Raises ConfigError for an unknown name or an option the
+    model does not have."""
     for spec in _REGISTRY.values():
         if name in spec.presets:
-            return spec.presets[name](num_hidden_layers=num_hidden_layers, n_routed_experts=n_routed_experts)
+            kw = {} if mtp_layers is None else {"mtp_layers": mtp_layers}
+            return spec.presets[name](num_hidden_layers=num_hidden_layers, n_routed_experts=n_routed_experts, **kw)
     raise ConfigError(f"unknown preset {name!r}; choose from {preset_names()}")

@@ -19,12 +19,13 @@ class ModelSpec:
         model_type: ``config.json`` ``model_type``.
         config_class: parses ``config.json`` (``from_hf_dict(d)``) and writes it back
             (``to_hf_dict()``); has ``summary()``, ``vocab_size``, ``num_hidden_layers``.
-        presets: preset name -> factory ``(num_hidden_layers=None, n_routed_experts=None)``
+        presets: preset name -> factory ``(num_hidden_layers=None, n_routed_experts=None,
+            mtp_layers=None)``
             returning a config (raise ConfigError for an option that does not apply).
         default_preset: the preset of the embedded default checkpoint.
     Weights (``models/<name>/weights.py``; names are the checkpoint's canonical names):
         expected_float_tensors(cfg) -> {name: TensorInfo}; canonical_name(stored) -> name;
-        is_ignored(stored) -> bool; is_fp32_tensor(name) -> bool (kept fp32 at any dtype);
+        is_ignored(stored, cfg) -> bool; is_fp32_tensor(name) -> bool (kept fp32 at any dtype);
         is_w8a8_weight(name) -> bool (INT8 in the W8A8 format); w8a8_modules: description
         written into ``quantization_config``; is_int8_weight(name) / int8_modules: the same
         for the ``int8`` scheme (every 2-D weight a Q8-class format quantises; default: the
@@ -54,7 +55,7 @@ class ModelSpec:
     default_preset: str
     expected_float_tensors: Callable[[Any], dict]
     canonical_name: Callable[[str], str]
-    is_ignored: Callable[[str], bool]
+    is_ignored: Callable[[str, Any], bool]
     is_fp32_tensor: Callable[[str], bool]
     is_w8a8_weight: Callable[[str], bool]
     w8a8_modules: tuple[str, ...]

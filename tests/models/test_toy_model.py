@@ -138,7 +138,7 @@ def _preset(num_hidden_layers=None, n_routed_experts=None):
 
 TOY_SPEC = models.ModelSpec(
     model_type="toy_mlp", config_class=ToyConfig, presets={"toy-tiny": _preset}, default_preset="toy-tiny",
-    expected_float_tensors=_tensors, canonical_name=lambda n: n, is_ignored=lambda n: False,
+    expected_float_tensors=_tensors, canonical_name=lambda n: n, is_ignored=lambda n, cfg=None: False,
     is_fp32_tensor=lambda n: False, is_w8a8_weight=lambda n: n.endswith((".up.weight", ".down.weight")),
     w8a8_modules=("layers.*.up", "layers.*.down"), init_tensor=_init, check_int_tensor=lambda n, t, c: None,
     stage_table=lambda: TOY_STAGES,

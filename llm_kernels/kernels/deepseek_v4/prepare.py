@@ -49,7 +49,7 @@ from .w8a8_heads import prepare_heads
 
 __all__ = ["prepare_weights"]
 
-_LAYER = re.compile(r"^(layers\.\d+\.)(.+)$")
+_LAYER = re.compile(r"^((?:layers|mtp)\.\d+\.)(.+)$")  # a decoder layer or an MTP block
 _EXPERT_W1 = re.compile(r"^(ffn\.(?:shared_experts|experts\.\d+)\.)w1\.weight$")
 _EXPERT = re.compile(r"^ffn\.(?:shared_experts|experts\.\d+)\.w[123]\.weight$")
 

@@ -17,8 +17,9 @@ __all__ = ["SPEC"]
 
 
 def _preset(name: str):
-    def make(num_hidden_layers=None, n_routed_experts=None):
-        return preset(name, num_hidden_layers=num_hidden_layers, n_routed_experts=n_routed_experts)
+    def make(num_hidden_layers=None, n_routed_experts=None, mtp_layers=None):
+        return preset(name, num_hidden_layers=num_hidden_layers, n_routed_experts=n_routed_experts,
+                      mtp_layers=mtp_layers)
     return make
 
 

@@ -106,7 +106,7 @@ class DeepSeekV4Config:
     index_topk: int = 512
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 1048576
-    num_nextn_predict_layers: int = 1
+    num_nextn_predict_layers: int = 0  # MTP blocks (the releases: 1); none unless config.json says so
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
@@ -166,6 +166,9 @@ class DeepSeekV4Config:
             raise ConfigError(f"swiglu_limit must be >= 0 (0 disables the clamp), got {self.swiglu_limit}")
         if self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=True is not supported by DeepSeek-V4 (separate head.weight)")
+        if (not isinstance(self.num_nextn_predict_layers, int) or isinstance(self.num_nextn_predict_layers, bool)
+                or self.num_nextn_predict_layers < 0):
+            raise ConfigError(f"num_nextn_predict_layers must be an integer >= 0, got {self.num_nextn_predict_layers!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -192,17 +195,37 @@ class DeepSeekV4Config:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.o_groups
 
+    def mtp_layer(self, k: int = 0) -> int:
+        """Layer id of MTP block ``k``: ``num_hidden_layers + k`` (spec §12.1: the MTP block
+        is an ordinary layer with ``layer_id = num_hidden_layers``). Raises IndexError when the
+        config has no block ``k`` (``num_nextn_predict_layers``)."""
+        if not 0 <= k < self.num_nextn_predict_layers:
+            raise IndexError(f"MTP block {k} does not exist: num_nextn_predict_layers = "
+                             f"{self.num_nextn_predict_layers}")
+        return self.num_hidden_layers + k
+
+    def layer_type(self, layer: int) -> str:
+        """Attention type of layer id ``layer``: ``layer_types[layer]`` for a decoder layer,
+        sliding-window for an MTP block (``compress_ratios`` gives the MTP entry ratio 0 in
+        both releases, spec §1.2). Raises IndexError for an id past the MTP blocks."""
+        if 0 <= layer < self.num_hidden_layers:
+            return self.layer_types[layer]
+        self.mtp_layer(layer - self.num_hidden_layers)
+        return SLIDING
+
     def compress_ratio(self, layer: int) -> int:
         """0 for a sliding-window layer, else the layer type's compress rate."""
-        lt = self.layer_types[layer]
+        lt = self.layer_type(layer)
         return 0 if lt == SLIDING else dict(self.compress_rates)[lt]
 
     def rope_for_layer(self, layer: int) -> RopeParameters:
         """The layer's RoPE profile: main for SWA layers, compress for CSA/HCA (spec §5.1)."""
-        return self.rope_main if self.layer_types[layer] == SLIDING else self.rope_compress
+        return self.rope_main if self.layer_type(layer) == SLIDING else self.rope_compress
 
     def is_hash_layer(self, layer: int) -> bool:
-        return self.mlp_layer_types[layer] == "hash_moe"
+        """Hash-routed MoE: ``mlp_layer_types[layer] == "hash_moe"``; never an MTP block (its
+        id ``num_hidden_layers`` is past ``num_hash_layers``, spec §12.1)."""
+        return layer < self.num_hidden_layers and self.mlp_layer_types[layer] == "hash_moe"
 
     def replace(self, **changes: Any) -> "DeepSeekV4Config":
         return dataclasses.replace(self, **changes)
@@ -409,10 +432,12 @@ PRESETS = {"mini": _mini, "flash": _flash, "pro": _pro}
 
 
 def preset(name: str, num_hidden_layers: int | None = None,
-           n_routed_experts: int | None = None) -> DeepSeekV4Config:
+           n_routed_experts: int | None = None, mtp_layers: int | None = None) -> DeepSeekV4Config:
     """A DeepSeek-V4 preset config (``mini``, ``flash``, ``pro``), optionally truncated to the first
     ``num_hidden_layers`` layers (keeping their schedule) and/or ``n_routed_experts``
-    experts (top-k is capped at the expert count). Raises ConfigError for an unknown name."""
+    experts (top-k is capped at the expert count), with ``mtp_layers`` MTP blocks
+    (``num_nextn_predict_layers``; the presets have none: the releases have 1). Raises
+    ConfigError for an unknown name or a negative count."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[name]()
@@ -430,4 +455,8 @@ def preset(name: str, num_hidden_layers: int | None = None,
     if n_routed_experts is not None:
         changes.update(n_routed_experts=n_routed_experts,
                        num_experts_per_tok=min(cfg.num_experts_per_tok, n_routed_experts))
+    if mtp_layers is not None:
+        if mtp_layers < 0:
+            raise ConfigError(f"--mtp-layers must be >= 0, got {mtp_layers}")
+        changes.update(num_nextn_predict_layers=mtp_layers)
     return cfg.replace(**changes) if changes else cfg

@@ -9,7 +9,13 @@ Canonical names are DeepSeek's release naming, which transformers 5.x reads (thr
 ``transformers``' ``save_pretrained`` writes the same per-layer names under a ``model.``
 prefix and three renamed globals (``model.embed_tokens.weight``, ``model.norm.weight``,
 ``model.hc_head.hc_fn``/``hc_base``/``hc_scale``); :func:`canonical_name` maps those back.
-Multi-token-prediction weights (``mtp.*``) are not used by the main model and are ignored.
+The multi-token-prediction block ``k`` (``num_nextn_predict_layers``, spec §12.1; DeepSeek's
+``inference/model.py`` ``MTPBlock``) is stored under ``mtp.{k}.``: an ordinary sliding-window
+layer (``attn.*``, ``ffn.*``, ``attn_norm``, ``ffn_norm``, ``hc_attn_*``, ``hc_ffn_*``, never
+hash-routed) plus ``e_proj``, ``h_proj`` ([D, D]), ``enorm``, ``hnorm``, ``norm`` ([D]) and its
+own ``hc_head_fn/base/scale``; embedding and head are the main model's. A config with
+``num_nextn_predict_layers = 0`` (what :func:`load_checkpoint` uses unless asked for the
+block) expects none and ignores stored ``mtp.*`` tensors.
 
 Shapes follow ``shared/design/deepseek_v4_architecture.md`` §3, §6-§10 (weights stored
 ``[out, in]`` as in ``nn.Linear``).
@@ -34,11 +40,13 @@ __all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_te
 # Weights stored INT8 (per-output-channel, ``.weight`` int8 + ``.weight_scale`` fp32 [out]) in
 # the W8A8 format (spec §0.3 "Storage dtypes"): wq_b, wo_b, indexer wq_b, shared and routed
 # expert w1/w2/w3. Everything else stays float.
+#: A decoder layer's or an MTP block's name prefix.
+LAYER_PREFIX = r"(?:layers|mtp)\.\d+\."
 W8A8_WEIGHT_RE = re.compile(
-    r"^layers\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
-    r"ffn\.experts\.\d+\.w[123])\.weight$")
+    r"^(?:layers|mtp)\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
+    r"ffn\.experts\.\d+\.w[123])\.weight$|^mtp\.\d+\.[eh]_proj\.weight$")
 W8A8_MODULES = ["attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w1/w2/w3",
-                "ffn.experts.*.w1/w2/w3"]
+                "ffn.experts.*.w1/w2/w3", "mtp.*.e_proj/h_proj"]
 
 
 def is_w8a8_weight(name: str) -> bool:
@@ -54,7 +62,7 @@ def is_w8a8_weight(name: str) -> bool:
 # ``gate`` (selection is sensitive to its logits; 0.1 MB per layer) and every 1-D/fp32 tensor.
 # Accuracy and bytes per class: docs/performance.md "INT8 weight classes".
 INT8_WEIGHT_RE = re.compile(
-    r"^(head|layers\.\d+\.attn\.(wq_a|wkv|wo_a|(indexer\.)?compressor\.(wkv|wgate)|"
+    r"^(head|(?:layers|mtp)\.\d+\.attn\.(wq_a|wkv|wo_a|(indexer\.)?compressor\.(wkv|wgate)|"
     r"indexer\.weights_proj))\.weight$")
 INT8_MODULES = W8A8_MODULES + ["head", "attn.wq_a", "attn.wkv", "attn.wo_a", "attn.compressor.wkv/wgate",
                                "attn.indexer.compressor.wkv/wgate", "attn.indexer.weights_proj"]
@@ -74,8 +82,9 @@ def is_int8_weight(name: str) -> bool:
 # the indexer's compressor and weights_proj, the head, the router, norms, mHC, sinks and
 # ``ape`` stay float (transformers' ``DeepseekV4PreTrainedModel`` notes the same BF16 set).
 RELEASE_FP8_RE = re.compile(
-    r"^layers\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])\.weight$")
-RELEASE_MXFP4_RE = re.compile(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
+    r"^(?:layers|mtp)\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])\.weight$"
+    r"|^mtp\.\d+\.[eh]_proj\.weight$")
+RELEASE_MXFP4_RE = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
 #: Storage of the FP8 block scales, and the release's extra ``quantization_config`` keys.
 RELEASE_SCALE_FMT = "ue8m0"
 RELEASE_QUANT_EXTRA = {"scale_fmt": "ue8m0", "expert_dtype": "fp4"}
@@ -100,6 +109,7 @@ FP32_TENSOR_SUFFIXES = (
     "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
     "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias",
     "norm.weight", "attn_norm.weight", "ffn_norm.weight", "q_norm.weight", "weight_scale",
+    "enorm.weight", "hnorm.weight",
 )
 
 
@@ -131,18 +141,24 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def is_ignored(name: str) -> bool:
-    """True for tensors the main model does not use (the MTP block, ``mtp.*``)."""
-    return name.startswith("mtp.") or name.startswith("model.mtp.")
+_MTP_RE = re.compile(r"^(?:model\.)?mtp\.(\d+)\.")
+
+
+def is_ignored(name: str, cfg: DeepSeekV4Config | None = None) -> bool:
+    """True for stored tensors the loaded model does not use: an ``mtp.{k}.*`` tensor whose
+    block ``k`` is not part of ``cfg`` (``k >= num_nextn_predict_layers``; every block
+    when ``cfg`` is None)."""
+    m = _MTP_RE.match(name)
+    if m is None:
+        return False
+    return cfg is None or int(m.group(1)) >= cfg.num_nextn_predict_layers
 
 
 def expected_float_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
     """Every float (and ``tid2eid`` int) tensor of a ``DeepseekV4ForCausalLM`` checkpoint for
-    ``cfg``, by release name, with its ``[out, in]`` shape (spec §3, §6-§10)."""
-    D, H, HD, QL = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
-    G, OL, HC, MIX = cfg.o_groups, cfg.o_lora_rank, cfg.hc_mult, cfg.mix_hc
-    E, K, I, V = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size
-    IH, IHD = cfg.index_n_heads, cfg.index_head_dim
+    ``cfg``, by release name, with its ``[out, in]`` shape (spec §3, §6-§10, §12.1: the
+    ``num_nextn_predict_layers`` MTP blocks after the decoder layers)."""
+    D, HC, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
     t: dict[str, TensorInfo] = {
         "embed.weight": TensorInfo((V, D)),
         "head.weight": TensorInfo((V, D)),
@@ -152,54 +168,72 @@ def expected_float_tensors(cfg: DeepSeekV4Config) -> dict[str, TensorInfo]:
         "hc_head_scale": TensorInfo((1,)),
     }
     for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        t[p + "attn_norm.weight"] = TensorInfo((D,))
-        t[p + "ffn_norm.weight"] = TensorInfo((D,))
-        for sub in ("attn", "ffn"):
-            t[p + f"hc_{sub}_fn"] = TensorInfo((MIX, HC * D))
-            t[p + f"hc_{sub}_base"] = TensorInfo((MIX,))
-            t[p + f"hc_{sub}_scale"] = TensorInfo((3,))
-        a = p + "attn."
-        t[a + "wq_a.weight"] = TensorInfo((QL, D))
-        t[a + "q_norm.weight"] = TensorInfo((QL,))
-        t[a + "wq_b.weight"] = TensorInfo((H * HD, QL))
-        t[a + "wkv.weight"] = TensorInfo((HD, D))
-        t[a + "norm.weight"] = TensorInfo((HD,))
-        t[a + "wo_a.weight"] = TensorInfo((G * OL, H * HD // G))
-        t[a + "wo_b.weight"] = TensorInfo((D, G * OL))
-        t[a + "attn_sink"] = TensorInfo((H,))
-        lt = cfg.layer_types[i]
-        if lt != SLIDING:
-            ratio = cfg.compress_ratio(i)
-            coff = 2 if lt == CSA else 1
-            c = a + "compressor."
-            t[c + "wkv.weight"] = TensorInfo((coff * HD, D))
-            t[c + "wgate.weight"] = TensorInfo((coff * HD, D))
-            t[c + "ape"] = TensorInfo((ratio, coff * HD))
-            t[c + "norm.weight"] = TensorInfo((HD,))
-        if lt == CSA:
-            ratio = cfg.compress_ratio(i)
-            x = a + "indexer."
-            t[x + "wq_b.weight"] = TensorInfo((IH * IHD, QL))
-            t[x + "weights_proj.weight"] = TensorInfo((IH, D))
-            t[x + "compressor.wkv.weight"] = TensorInfo((2 * IHD, D))
-            t[x + "compressor.wgate.weight"] = TensorInfo((2 * IHD, D))
-            t[x + "compressor.ape"] = TensorInfo((ratio, 2 * IHD))
-            t[x + "compressor.norm.weight"] = TensorInfo((IHD,))
-        f = p + "ffn."
-        t[f + "gate.weight"] = TensorInfo((E, D))
-        if cfg.is_hash_layer(i):
-            t[f + "gate.tid2eid"] = TensorInfo((V, K), kind="int")
-        else:
-            t[f + "gate.bias"] = TensorInfo((E,))
-        for e in range(E):
-            t[f + f"experts.{e}.w1.weight"] = TensorInfo((I, D))
-            t[f + f"experts.{e}.w3.weight"] = TensorInfo((I, D))
-            t[f + f"experts.{e}.w2.weight"] = TensorInfo((D, I))
-        t[f + "shared_experts.w1.weight"] = TensorInfo((I, D))
-        t[f + "shared_experts.w3.weight"] = TensorInfo((I, D))
-        t[f + "shared_experts.w2.weight"] = TensorInfo((D, I))
+        _layer_tensors(t, cfg, f"layers.{i}.", i)
+    for k in range(cfg.num_nextn_predict_layers):  # MTP blocks (spec §12.1)
+        p = f"mtp.{k}."
+        _layer_tensors(t, cfg, p, cfg.mtp_layer(k))
+        t[p + "e_proj.weight"] = TensorInfo((D, D))
+        t[p + "h_proj.weight"] = TensorInfo((D, D))
+        for norm in ("enorm", "hnorm", "norm"):
+            t[p + f"{norm}.weight"] = TensorInfo((D,))
+        t[p + "hc_head_fn"] = TensorInfo((HC, HC * D))
+        t[p + "hc_head_base"] = TensorInfo((HC,))
+        t[p + "hc_head_scale"] = TensorInfo((1,))
     return t
+
+
+def _layer_tensors(t: dict[str, TensorInfo], cfg: DeepSeekV4Config, p: str, i: int) -> None:
+    """Add the tensors of layer id ``i`` (a decoder layer or an MTP block) under prefix ``p``."""
+    D, H, HD, QL = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    G, OL, HC, MIX = cfg.o_groups, cfg.o_lora_rank, cfg.hc_mult, cfg.mix_hc
+    E, K, I, V = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size
+    IH, IHD = cfg.index_n_heads, cfg.index_head_dim
+    t[p + "attn_norm.weight"] = TensorInfo((D,))
+    t[p + "ffn_norm.weight"] = TensorInfo((D,))
+    for sub in ("attn", "ffn"):
+        t[p + f"hc_{sub}_fn"] = TensorInfo((MIX, HC * D))
+        t[p + f"hc_{sub}_base"] = TensorInfo((MIX,))
+        t[p + f"hc_{sub}_scale"] = TensorInfo((3,))
+    a = p + "attn."
+    t[a + "wq_a.weight"] = TensorInfo((QL, D))
+    t[a + "q_norm.weight"] = TensorInfo((QL,))
+    t[a + "wq_b.weight"] = TensorInfo((H * HD, QL))
+    t[a + "wkv.weight"] = TensorInfo((HD, D))
+    t[a + "norm.weight"] = TensorInfo((HD,))
+    t[a + "wo_a.weight"] = TensorInfo((G * OL, H * HD // G))
+    t[a + "wo_b.weight"] = TensorInfo((D, G * OL))
+    t[a + "attn_sink"] = TensorInfo((H,))
+    lt = cfg.layer_type(i)
+    if lt != SLIDING:
+        ratio = cfg.compress_ratio(i)
+        coff = 2 if lt == CSA else 1
+        c = a + "compressor."
+        t[c + "wkv.weight"] = TensorInfo((coff * HD, D))
+        t[c + "wgate.weight"] = TensorInfo((coff * HD, D))
+        t[c + "ape"] = TensorInfo((ratio, coff * HD))
+        t[c + "norm.weight"] = TensorInfo((HD,))
+    if lt == CSA:
+        ratio = cfg.compress_ratio(i)
+        x = a + "indexer."
+        t[x + "wq_b.weight"] = TensorInfo((IH * IHD, QL))
+        t[x + "weights_proj.weight"] = TensorInfo((IH, D))
+        t[x + "compressor.wkv.weight"] = TensorInfo((2 * IHD, D))
+        t[x + "compressor.wgate.weight"] = TensorInfo((2 * IHD, D))
+        t[x + "compressor.ape"] = TensorInfo((ratio, 2 * IHD))
+        t[x + "compressor.norm.weight"] = TensorInfo((IHD,))
+    f = p + "ffn."
+    t[f + "gate.weight"] = TensorInfo((E, D))
+    if cfg.is_hash_layer(i):
+        t[f + "gate.tid2eid"] = TensorInfo((V, K), kind="int")
+    else:
+        t[f + "gate.bias"] = TensorInfo((E,))
+    for e in range(E):
+        t[f + f"experts.{e}.w1.weight"] = TensorInfo((I, D))
+        t[f + f"experts.{e}.w3.weight"] = TensorInfo((I, D))
+        t[f + f"experts.{e}.w2.weight"] = TensorInfo((D, I))
+    t[f + "shared_experts.w1.weight"] = TensorInfo((I, D))
+    t[f + "shared_experts.w3.weight"] = TensorInfo((I, D))
+    t[f + "shared_experts.w2.weight"] = TensorInfo((D, I))
 
 
 def init_tensor(name: str, info: TensorInfo, cfg: DeepSeekV4Config, g: torch.Generator,

@@ -18,9 +18,11 @@ __all__ = ["SPEC"]
 
 
 def _preset(name: str):
-    def make(num_hidden_layers=None, n_routed_experts=None):
+    def make(num_hidden_layers=None, n_routed_experts=None, mtp_layers=None):
         if n_routed_experts is not None:
             raise ConfigError(f"preset {name!r} is a dense model: --experts does not apply")
+        if mtp_layers:
+            raise ConfigError(f"preset {name!r} has no multi-token-prediction block: --mtp-layers does not apply")
         return qwen3_preset(name, num_hidden_layers)
     return make
 

@@ -71,7 +71,7 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def is_ignored(name: str) -> bool:
+def is_ignored(name: str, cfg=None) -> bool:
     """No stored tensor is ignored for Qwen3."""
     return False
 

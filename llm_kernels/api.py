@@ -31,6 +31,7 @@ import torch
 
 from .errors import TokenizerError
 from .runtime.builder import DTYPES, build_engine, load_model, set_threads
+from .runtime.speculative import SpecStats, propose, verify
 from .text.decoding import DecodeState
 from .text.sampling import SamplingParams
 from .text.tokenizer import Tokenizer, read_eos_token_ids
@@ -73,6 +74,9 @@ class _Request:
     ttft_s: float = 0.0
     done_s: float = 0.0
     live: bool = False  # holds an engine sequence this call must release
+    draft: int | None = None  # speculative decoding: the pending draft token
+    draft_q: torch.Tensor | None = None  # and its draft distribution (sampling)
+    spec: SpecStats | None = None
 
 
 class LLM:
@@ -89,6 +93,13 @@ class LLM:
         max_batch: sequences run at once (the engine's cache is sized for it).
         timer: optional :class:`~llm_kernels.runtime.timing.StageTimer` for per-stage times.
         progress: tqdm bars while loading.
+        speculative: None, or ``"mtp"``: speculative decoding with the model's MTP block
+            (DeepSeek-V4; the checkpoint must hold ``mtp.*``): each decode step verifies one
+            draft token per sequence (:mod:`llm_kernels.runtime.speculative`); greedy output
+            is the plain greedy output. Completions' timings then report
+            ``acceptance_rate`` and ``tokens_per_step``.
+        draft_tokens: drafts per step (only 1: the MTP block re-applied for k > 1 is not
+            implemented, docs/performance.md "MTP speculative decoding" says why).
 
     Attributes: ``cfg``, ``engine``, ``tokenizer`` (None when the directory has no
     ``tokenizer.json``: ids in, ids out), ``default_params`` (from ``generation_config.json``),
@@ -99,16 +110,21 @@ class LLM:
 
     def __init__(self, path: str | Path | None = None, backend: str = "fused", quant: str | None = None,
                  dtype: str | torch.dtype = "bfloat16", max_seq_len: int | None = None, threads: int | None = None,
-                 max_batch: int = 8, timer=None, progress: bool = False):
+                 max_batch: int = 8, timer=None, progress: bool = False, speculative: str | None = None,
+                 draft_tokens: int = 1):
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if draft_tokens != 1:
+            raise ValueError(f"draft_tokens must be 1 (one MTP draft per step), got {draft_tokens!r}")
         if threads:
             set_threads(threads)
-        self.path, self.cfg, weights = load_model(path, dtype, quant, progress)
+        self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
         limit = getattr(self.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, limit)
@@ -123,6 +139,11 @@ class LLM:
         self.default_params = SamplingParams.from_generation_config(self.path)
         self.engine = build_engine(weights, self.cfg, dtype, max_seq_len, backend, timer, batch=max_batch)
         del weights
+        self.speculative = speculative
+        if speculative is not None:
+            if not getattr(self.engine, "has_mtp", False):
+                raise ValueError(f"speculative='mtp' needs a model with an MTP block; {self.path} has none")
+            self.engine.journaling = True
 
     # ------------------------------------------------------------------ prompts
     def _require_tokenizer(self) -> Tokenizer:
@@ -215,6 +236,8 @@ class LLM:
                    "prompt_tokens": len(s.prompt_ids), "completion_tokens": n,
                    "decode_tok_s": (n - 1) / r.decode_s if n > 1 and r.decode_s > 0 else 0.0,
                    "cached_tokens": len(s.prompt_ids) - len(r.feed)}
+        if r.spec is not None:
+            timings.update(r.spec.as_timings())
         return Completion(s.text, list(s.token_ids), list(s.prompt_ids), s.finish_reason, timings, s.stop_reason)
 
     def _advance(self, r: _Request, logits: torch.Tensor, on_text: OnText | None, t0: float) -> None:
@@ -253,7 +276,18 @@ class LLM:
                         if not r.state.finished:  # max_tokens == 0: prefill only
                             self._advance(r, lg[-1], on_text, t0)
                         (self._finish(r, t0) if r.state.finished else active.append(r))
-                if active:
+                    if self.speculative:
+                        self._draft(admit, [r.feed for r in admit], [r.feed for r in admit])
+                if active and self.speculative:
+                    t = time.perf_counter()
+                    self._speculative_step(active, on_text, t0)
+                    dt = time.perf_counter() - t
+                    for r in active:
+                        r.decode_s += dt
+                        if r.state.finished:
+                            self._finish(r, t0)
+                    active = [r for r in active if not r.state.finished]
+                elif active:
                     t = time.perf_counter()
                     rows = eng.decode([r.sid for r in active], [r.state.token_ids[-1] for r in active])
                     dt = time.perf_counter() - t
@@ -268,6 +302,67 @@ class LLM:
                 if r.live and not r.keep:
                     eng.release(r.sid)
                     r.live = False
+
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _draft(self, reqs: list[_Request], fed: list[list[int]], kept: list[list[int]]) -> None:
+        """After a step that fed ``fed[i]`` to ``reqs[i]``, of which the first ``kept[i]``
+        rows stayed: run the MTP block over the kept rows (next ids: the kept ids shifted by
+        one, then the token sampled last) and set each running request's draft. Finished
+        sequences are skipped unless kept (a chat session's: its MTP rows stay current). A
+        sequence whose MTP rows lag (a chat turn after a failed one) gets no draft."""
+        eng = self.engine
+        hid, offs, o = eng.last_hidden, [], 0
+        for f in fed:  # row offsets of the step
+            offs.append(o)
+            o += len(f)
+        go = []
+        for r, off, k in zip(reqs, offs, kept):
+            r.draft, r.draft_q = None, None
+            if (r.live and (r.keep or not r.state.finished) and r.state.token_ids and k
+                    and eng.mtp_length(r.sid) == eng.length(r.sid) - len(k)):
+                go.append((r, hid[off:off + len(k)], list(k[1:]) + [r.state.token_ids[-1]]))
+        if not go:
+            return
+        for (r, _, _), lg in zip(go, eng.draft([r.sid for r, _, _ in go], [h for _, h, _ in go],
+                                               [n for _, _, n in go])):
+            if r.spec is None:
+                r.spec = SpecStats()
+            if not r.state.finished:
+                r.draft, r.draft_q = propose(r.state, lg[0], r.state.token_ids[-1])
+
+    def _speculative_step(self, active: list[_Request], on_text: OnText | None, t0: float) -> None:
+        """One verify step for every running sequence: feed ``[next, draft]`` (or ``[next]``),
+        accept or reject the draft (:func:`~llm_kernels.runtime.speculative.verify`), rewind
+        rejected rows, then draft the next token with the MTP block."""
+        eng = self.engine
+        feeds = [[r.state.token_ids[-1]] + ([r.draft] if r.draft is not None else []) for r in active]
+        rows = eng.step([r.sid for r in active], feeds)
+        kept = []
+        for r, f, lg in zip(active, feeds, rows):
+            before = len(r.state.token_ids)
+            if r.draft is not None:
+                ok, tok = verify(r.state, lg[0], r.draft, r.draft_q)
+                r.spec.drafted += 1
+                r.spec.accepted += ok
+                self._advance_with(r, tok, on_text, t0)
+                if ok and not r.state.finished:
+                    self._advance(r, lg[1], on_text, t0)
+            else:
+                self._advance(r, lg[0], on_text, t0)
+            pushed = len(r.state.token_ids) - before
+            if r.spec is not None:
+                r.spec.steps += 1
+                r.spec.tokens += pushed
+            if pushed < len(f):
+                eng.rewind(r.sid, pushed)  # the rejected draft's row (or the one after the final token)
+            kept.append(f[:pushed])
+        self._draft(active, feeds, kept)
+
+    def _advance_with(self, r: _Request, token: int, on_text: OnText | None, t0: float) -> None:
+        text = r.state.push(token)
+        if text and on_text is not None:
+            on_text(r.index, text)
 
 
 class ChatSession:

@@ -85,6 +85,10 @@ def add_generate_parser(sub, ids_type: Callable[[str], list[int]],
     g.add_argument("--quiet", "-q", action="store_true", help="print the generated text only")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all CPUs)")
+    g.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="speculative decoding with the model's MTP block (DeepSeek-V4 checkpoints with mtp.*): "
+                        "one draft per step, verified by the main model; greedy output is unchanged")
+    g.add_argument("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (only 1)")
     backend_args(g, "fused")
     g.set_defaults(func=cmd_generate)
     return g
@@ -146,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     timer = StageTimer()
     # two sequences: the warm-up's throwaway one and the real one
     llm = LLM(ckpt, backend=args.backend, quant=args.quant, dtype=args.dtype, max_seq_len=max_len, max_batch=2,
-              timer=timer, progress=True)
+              timer=timer, progress=True, speculative=args.speculative, draft_tokens=args.draft_tokens)
     if prompt_ids:
         llm.encode_prompts([prompt_ids])  # ids in the vocabulary, within max_seq_len (ValueError naming them)
     quiet = args.quiet
@@ -186,8 +190,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"prefill: {len(prompt_ids)} tokens in {tm['prefill_s'] * 1e3:.1f} ms = "
           f"{len(prompt_ids) / max(tm['prefill_s'], 1e-9):.1f} tok/s")
     if n_dec:
-        print(f"decode:  {n_dec} steps in {tm['decode_s'] * 1e3:.1f} ms = {n_dec / tm['decode_s']:.1f} tok/s "
+        print(f"decode:  {n_dec} tokens in {tm['decode_s'] * 1e3:.1f} ms = {n_dec / tm['decode_s']:.1f} tok/s "
               f"({tm['decode_s'] / n_dec * 1e3:.2f} ms/token)")
+    if "spec_steps" in tm:
+        print(f"speculative (mtp): {int(tm['spec_steps'])} verify steps, {int(tm['accepted_tokens'])} of "
+              f"{int(tm['draft_tokens'])} drafts accepted (acceptance {tm['acceptance_rate']:.1%}), "
+              f"{tm['tokens_per_step']:.2f} tokens per step")
     print(f"total: {time.perf_counter() - t0:.2f} s (sampling, detokenization and printing included)")
     print("time per stage (prefill ms | decode ms per step | decode share):")
     dec = {k: v - prefill_stages.get(k, 0.0) for k, v in timer.seconds.items()}

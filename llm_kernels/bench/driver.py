@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None, default_preset: str = DEFAULT_PRESET) ->
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import model as _model_bench
 
+    if any(a.split("=", 1)[0] == "--speculative" for a in argv):  # MTP speculative decoding vs plain
+        from . import speculative
+
+        return speculative.main(argv)
     if _model_bench.wants_model_mode(argv):  # -p/-n/-d/-b/--model: the model-level (llama-bench) mode
         return _model_bench.main(argv)
     rc = _offline(argv)

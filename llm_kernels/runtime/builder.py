@@ -25,12 +25,13 @@ BACKENDS = ("fused", "reference")
 
 
 def load_model(path: str | os.PathLike | None, dtype: torch.dtype, quant: str | None = None,
-               progress: bool = True):
+               progress: bool = True, mtp: bool = False):
     """``(checkpoint path, cfg, weights)`` of ``path`` (None: the embedded default checkpoint,
     written on first use), weights in ``dtype``, quantized on load for ``quant`` (a scheme
     :func:`~llm_kernels.checkpoint.load_checkpoint` knows, e.g. "w8a8" / "int8"; None /
     "none": as stored). ``progress``: tqdm bars (they turn themselves off when
-    stderr is not a terminal).
+    stderr is not a terminal). ``mtp``: also load the model's multi-token-prediction
+    blocks (speculative decoding).
 
     Raises CheckpointError / ConfigError for a bad checkpoint, ValueError for a bad quant
     (from the loader)."""
@@ -40,7 +41,7 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype, quant: str | 
 
     prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
     ckpt = Path(path).expanduser() if path is not None else default_checkpoint(progress=progress)
-    cfg, weights = load_checkpoint(ckpt, dtype=dtype, progress=progress, quant=quant)
+    cfg, weights = load_checkpoint(ckpt, dtype=dtype, progress=progress, quant=quant, mtp=mtp)
     return ckpt, cfg, weights
 
 

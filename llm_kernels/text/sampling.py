@@ -221,6 +221,27 @@ class Sampler:
         else:
             self.generator.manual_seed(params.seed)
 
+    def probs(self, logits: torch.Tensor, prompt_ids: list[int], generated_ids: list[int]) -> torch.Tensor:
+        """The sampling distribution float32 ``[V]`` of a non-greedy sequence (penalties,
+        then :func:`filter_logits`, then softmax): what :meth:`next` draws from.
+        Raises ValueError when greedy or when no logit is finite."""
+        if self.params.greedy:
+            raise ValueError("probs: a greedy sequence has no sampling distribution")
+        if logits.dim() == 2 and logits.shape[0] == 1:
+            logits = logits[0]
+        scores = filter_logits(apply_penalties(logits.float(), self.params, prompt_ids, generated_ids), self.params)
+        if not torch.isfinite(scores).any():
+            raise ValueError("logits: no finite value to sample from")
+        return torch.softmax(scores, dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One id drawn from ``probs`` [V] (need not sum to 1) with this sequence's generator."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A uniform draw in [0, 1) from this sequence's generator."""
+        return float(torch.rand((), generator=self.generator))
+
     def next(self, logits: torch.Tensor, prompt_ids: list[int], generated_ids: list[int]) -> int:
         """The next token id from ``logits`` (float32 ``[V]``, or ``[1, V]``).
 

@@ -246,7 +246,12 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     mx = _prep_indices(idx_in, N, idx, counts) if T and W else -1
     if mx >= N:
         raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows")
-    Wm = max(int(counts.max()) if T else 0, 1)
+    # The gathered width is the index lists' width, not the longest valid list of this
+    # batch: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
+    # row's own sequence step only, never on the other rows of the call. A row's output is
+    # the same in a 1-row and a multi-row step (speculative decoding's verify step; tested
+    # bitwise in tests/runtime/deepseek_v4/test_speculative.py). Padded entries are zeros.
+    Wm = max(W, 1)
     pool = torch_kernel_view(kv_pool)
     cdt = torch.bfloat16 if to_bf16 else torch.float32
     # 2. gather

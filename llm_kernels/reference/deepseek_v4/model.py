@@ -31,15 +31,16 @@ from .qkv_proj_rope import qkv_proj_rope
 from .sparse_attn import sparse_attn
 
 __all__ = ["LayerWeights", "embed", "attention_prologue", "moe_sublayer", "logits_head", "forward",
-           "window_indices", "attention_sublayer"]
+           "hidden_states", "window_indices", "attention_sublayer"]
 
 
 class LayerWeights:
     """Read-only view of one layer's tensors in a canonical-name weight dict
-    (``layers.{i}.<name>``); ``lw["attn.wq_a.weight"]`` or ``lw.get(name)`` (None if absent)."""
+    (``layers.{i}.<name>``, or ``prefix`` such as ``mtp.0.`` for an MTP block);
+    ``lw["attn.wq_a.weight"]`` or ``lw.get(name)`` (None if absent)."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], layer: int):
-        self._w, self._p = weights, f"layers.{layer}."
+    def __init__(self, weights: dict[str, torch.Tensor], layer: int, prefix: str | None = None):
+        self._w, self._p = weights, prefix if prefix is not None else f"layers.{layer}."
 
     def __getitem__(self, name: str) -> torch.Tensor:
         key = self._p + name
@@ -160,7 +161,7 @@ def attention_sublayer(lw: LayerWeights, cfg: DeepSeekV4Config, layer: int, x_hc
     xn, q, kv, q_res, post, comb, cos, sin = attention_prologue(lw, cfg, layer, x_hc, positions, dtype)
     idx = window_indices(positions, cfg.sliding_window)
     pool = kv
-    lt = cfg.layer_types[layer]
+    lt = cfg.layer_type(layer)
     if lt != SLIDING:
         ratio = cfg.compress_ratio(layer)
         entries = _compress_all(lambda n: lw[n], cfg, xn, positions, layer, lt == CSA, dtype,
@@ -192,15 +193,23 @@ def attention_sublayer(lw: LayerWeights, cfg: DeepSeekV4Config, layer: int, x_hc
     return hc_post(out, x_hc, post, comb, dtype)
 
 
+def hidden_states(weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config, input_ids: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The HC stream after the last decoder layer, [T, HC, D] (``dtype`` values), of one
+    sequence ``input_ids`` [T] from position 0: what ``hc_head`` reads, and what the MTP
+    block reads as its ``x`` (spec §12.1)."""
+    x_hc = embed(weights, cfg, input_ids, dtype)
+    for layer in range(cfg.num_hidden_layers):
+        lw = LayerWeights(weights, layer)
+        x_hc = attention_sublayer(lw, cfg, layer, x_hc, dtype)
+        x_hc = moe_sublayer(lw, cfg, layer, x_hc, input_ids, dtype)
+    return x_hc
+
+
 def forward(weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config, input_ids: torch.Tensor,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits [T, V] float32 of one sequence ``input_ids`` [T] starting at position 0.
 
     ``weights`` is a canonical-name dict (``llm_kernels.checkpoint.load_checkpoint``);
     ``dtype`` is the activation storage dtype (float32 or bfloat16)."""
-    x_hc = embed(weights, cfg, input_ids, dtype)
-    for layer in range(cfg.num_hidden_layers):
-        lw = LayerWeights(weights, layer)
-        x_hc = attention_sublayer(lw, cfg, layer, x_hc, dtype)
-        x_hc = moe_sublayer(lw, cfg, layer, x_hc, input_ids, dtype)
-    return logits_head(weights, cfg, x_hc, dtype)
+    return logits_head(weights, cfg, hidden_states(weights, cfg, input_ids, dtype), dtype)

@@ -9,7 +9,16 @@
   indexer keys).
 
 Nothing is silently dropped: appending past a capacity raises :class:`CacheOverflowError`.
-Spec: ``shared/design/deepseek_v4_architecture.md`` §7.2-§7.3, §11.1.
+
+Speculative decoding rewinds a step: :meth:`SequenceCache.snapshot` keeps, per layer, the
+state before a step (references: every update replaces tensors or writes past the valid
+rows, never in place over them), and :meth:`SequenceCache.rewind` goes back to it and
+re-absorbs the rows of the step's kept prefix (recorded in a :class:`StepJournal`). The
+compressed entries of windows closed by kept rows are the ones the step computed, still in
+place. MTP blocks (layer ids ``num_hidden_layers + k``) get a sliding-window cache like an
+SWA layer.
+
+Spec: ``shared/design/deepseek_v4_architecture.md`` §7.2-§7.3, §11.1, §11.3.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 from ...errors import CacheOverflowError
 from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
 
-__all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache"]
+__all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache", "StepJournal"]
 
 
 @dataclass
@@ -50,6 +59,12 @@ class WindowKV:
         full = torch.cat([self.rows, kv.float()], dim=0)
         self.rows = full[max(0, full.shape[0] - self.size):].clone()
         self.end += kv.shape[0]
+
+    def snapshot(self) -> tuple:
+        return self.rows, self.end
+
+    def restore(self, snap: tuple) -> None:
+        self.rows, self.end = snap
 
 
 @dataclass
@@ -91,6 +106,44 @@ class CompressorState:
         """[n_entries, d] view of the emitted entries."""
         return self.entries[: self.n_entries]
 
+    def absorb(self, kv: torch.Tensor, score: torch.Tensor):
+        """Append projected rows kv/score [n, coff·d] to the open window and close every
+        complete window: returns ``(kvw, sw, prev_kv, prev_score, m)``, the ``m`` closed
+        windows [m, ratio, coff·d] and (overlap) the front halves of the window before each
+        [m, ratio, d] (None without overlap), ready for ``compress_windows``. The caller
+        pushes their entries (:meth:`push_entries`) or, when rewinding, reclaims them
+        (:meth:`reclaim`). ``buf``/``prev`` are updated here."""
+        all_kv = torch.cat([self.buf_kv, kv], dim=0)
+        all_score = torch.cat([self.buf_score, score], dim=0)
+        r, d = self.ratio, self.head_dim
+        m = all_kv.shape[0] // r
+        kvw = sw = prev_kv = prev_score = None
+        if m:
+            kvw = all_kv[: m * r].view(m, r, all_kv.shape[-1])
+            sw = all_score[: m * r].view(m, r, all_score.shape[-1])
+            if self.overlap:
+                first_kv = self.prev_kv if self.prev_kv is not None else torch.zeros(r, d)
+                first_sc = self.prev_score if self.prev_score is not None else torch.full((r, d), float("-inf"))
+                prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
+                prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
+                self.prev_kv, self.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
+        self.buf_kv, self.buf_score = all_kv[m * r:].clone(), all_score[m * r:].clone()
+        return kvw, sw, prev_kv, prev_score, m
+
+    def reclaim(self, m: int) -> None:
+        """Count ``m`` more entries as valid whose values are already in place (a rewind
+        re-absorbing rows whose windows the rewound step closed and compressed)."""
+        if self.n_entries + m > self.capacity:
+            raise CacheOverflowError(f"compressor (ratio {self.ratio}) cannot reclaim {m} entries past "
+                                     f"{self.n_entries} of {self.capacity}")
+        self.n_entries += m
+
+    def snapshot(self) -> tuple:
+        return self.buf_kv, self.buf_score, self.prev_kv, self.prev_score, self.n_entries
+
+    def restore(self, snap: tuple) -> None:
+        self.buf_kv, self.buf_score, self.prev_kv, self.prev_score, self.n_entries = snap
+
     def push_entries(self, new: torch.Tensor) -> None:
         """Append compressed entries [m, d]; raises CacheOverflowError past capacity."""
         m = new.shape[0]
@@ -128,8 +181,22 @@ class LayerCache:
 
 
 @dataclass
+class StepJournal:
+    """What one step did to one sequence, for :meth:`SequenceCache.rewind`: ``n`` rows,
+    the cache state before it (``snaps``: per layer), and the rows it appended (``rows``:
+    ``(layer, part) -> tensors``, part ``"window"`` -> kv [n, HD], ``"compressor"`` /
+    ``"indexer"`` -> (kv, score) [n, coff·d])."""
+
+    n: int
+    length: int
+    snaps: list
+    rows: dict = field(default_factory=dict)
+
+
+@dataclass
 class SequenceCache:
-    """Per-layer caches of one sequence; ``length`` = tokens consumed so far."""
+    """Per-layer caches of one sequence (decoder layers, then the MTP blocks);
+    ``length`` = tokens consumed so far by the decoder layers."""
 
     layers: list[LayerCache]
     max_seq_len: int
@@ -146,7 +213,9 @@ class SequenceCache:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
         layers = []
-        for i, lt in enumerate(cfg.layer_types):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        for i in range(n_layers):
+            lt = cfg.layer_type(i)
             lc = LayerCache(WindowKV(cfg.sliding_window - 1, cfg.head_dim))
             if lt != SLIDING:
                 r = cfg.compress_ratio(i)
@@ -162,3 +231,39 @@ class SequenceCache:
             raise CacheOverflowError(
                 f"sequence of {self.length} tokens cannot take {n_new} more: cache capacity is "
                 f"max_seq_len={self.max_seq_len}")
+
+    # ------------------------------------------------------------------ speculative steps
+    def snapshot(self, n: int) -> StepJournal:
+        """The journal of a step of ``n`` rows about to run (state before it)."""
+        snaps = []
+        for lc in self.layers:
+            snaps.append((lc.window.snapshot(),
+                          lc.compressor.snapshot() if lc.compressor is not None else None,
+                          lc.indexer.snapshot() if lc.indexer is not None else None))
+        return StepJournal(n, self.length, snaps)
+
+    def rewind(self, journal: StepJournal, keep: int, n_layers: int) -> None:
+        """Undo the journaled step but its first ``keep`` rows, in the first ``n_layers``
+        layers (the decoder layers): window rows, compressor and indexer states and entries
+        as if the step had fed only those rows. Raises ValueError unless
+        ``0 <= keep <= journal.n`` or when the step did not record a layer's rows."""
+        if not 0 <= keep <= journal.n:
+            raise ValueError(f"keep must be in [0, {journal.n}] (the step's rows), got {keep}")
+        for li in range(n_layers):
+            lc, (ws, cs, xs) = self.layers[li], journal.snaps[li]
+            for part, st, snap in (("window", lc.window, ws), ("compressor", lc.compressor, cs),
+                                   ("indexer", lc.indexer, xs)):
+                if st is None:
+                    continue
+                if (li, part) not in journal.rows:
+                    raise ValueError(f"layer {li}: the step recorded no {part} rows to rewind")
+                st.restore(snap)
+                rows = journal.rows[(li, part)]
+                if part == "window":
+                    st.append(rows[:keep])
+                else:
+                    kv, score = rows
+                    st.reclaim(st.absorb(kv[:keep], score[:keep])[-1])
+        self.length = journal.length + keep
+        del self.token_ids[journal.length + keep:]
+

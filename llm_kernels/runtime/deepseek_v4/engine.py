@@ -24,10 +24,11 @@ from ...errors import CacheOverflowError
 from ...models.deepseek_v4.config import HCA, SLIDING, DeepSeekV4Config
 from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.quant import QuantWeight
+from ...numerics.rounding import rnd
 from ...reference.deepseek_v4 import model as _model
 from ..engine_core import EngineCore
 from ..timing import StageTimer
-from .cache import CompressorState, SequenceCache
+from .cache import CompressorState, SequenceCache, StepJournal
 from .stages import REFERENCE_OPS
 
 __all__ = ["DeepSeekV4Engine", "CacheOverflowError"]
@@ -50,13 +51,27 @@ class DeepSeekV4Engine(EngineCore):
             holds prepared weights).
     """
 
+    #: Rows every step's KV pool reserves for the step's own rows with the kernels'
+    #: attention (zeros past them, never indexed). The softmax sums in the pool's lane order
+    #: and the PV GEMM runs over the pool (the reference's dense form, which the kernel
+    #: matches bitwise), so a 1-row decode step and a 2-row speculative verify step (next
+    #: token + one draft) must lay the pool out alike for the verify step's first row to
+    #: equal the plain step bitwise. The reference attention keeps 1 (no padding): its pool
+    #: is then the one transformers' eager attention sees, bit-comparable in bf16.
+    STEP_SLOTS = 2
+
     def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
                  ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None,
                  consume_weights: bool = False):
         super().__init__(cfg, dtype, timer)
         self.max_seq_len, self.ops = max_seq_len, ops
+        self.step_slots = 1 if ops.sparse_attn_core is REFERENCE_OPS.sparse_attn_core else self.STEP_SLOTS
         self.seqs: dict[int, SequenceCache] = {}
+        #: speculative decoding: journal every step (``journal``: seq id -> StepJournal of
+        #: the last step) so that :meth:`rewind` can drop its rejected rows
+        self.journaling, self.journal = False, None
+        self.last_hidden: torch.Tensor | None = None
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
         self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
 
@@ -74,7 +89,12 @@ class DeepSeekV4Engine(EngineCore):
         caches = [self.seqs[s] for s in seq_ids]
         for c, n in zip(caches, lens):
             c.check_room(n)
+        self._reserve_journal(seq_ids, lens, caches)
         return caches
+
+    def _reserve_journal(self, seq_ids, lens, caches: list[SequenceCache]) -> None:
+        # keyed by the cache object (the public sublayers see caches, not sequence ids)
+        self.journal = {id(c): c.snapshot(n) for c, n in zip(caches, lens)} if self.journaling else None
 
     def _commit(self, seq_ids, tokens, caches: list[SequenceCache]) -> None:
         for c, ts in zip(caches, tokens):
@@ -91,11 +111,104 @@ class DeepSeekV4Engine(EngineCore):
         with tm("embed"):
             x_hc = ops.embed(self.w, cfg, ids, self.dtype)
         for layer in range(cfg.num_hidden_layers):
-            with tm.layer(layer, cfg.layer_types[layer]):  # a trace scope; no-op unless tracing
+            with tm.layer(layer, cfg.layer_type(layer)):  # a trace scope; no-op unless tracing
                 lw = _model.LayerWeights(self.w, layer)
                 x_hc = self.attention_block(lw, layer, x_hc, positions, caches, offs)
                 x_hc = self.ffn_block(lw, layer, x_hc, ids)
+        self.last_hidden = x_hc  # the MTP block's input (speculative decoding)
         return x_hc
+
+    # ------------------------------------------------------------------ speculative decoding
+    @property
+    def has_mtp(self) -> bool:
+        """True when the weights include MTP block 0 (loaded with ``mtp=True``)."""
+        return self.cfg.num_nextn_predict_layers > 0
+
+    def rewind(self, seq_id: int, keep: int) -> None:
+        """Drop all but the first ``keep`` tokens of sequence ``seq_id``'s last step: the
+        caches of every decoder layer (window rows, compressor and indexer state, compressed
+        entries) become what a step of those ``keep`` tokens would have left. Needs
+        ``journaling`` on during that step. Raises KeyError for an unknown id, RuntimeError
+        when the last step was not journaled (or was already rewound), ValueError unless
+        ``0 <= keep <=`` the step's length."""
+        c = self.seqs.get(seq_id)
+        if c is None:
+            raise KeyError(f"unknown sequence id {seq_id!r}")
+        jr = (self.journal or {}).get(id(c))
+        if jr is None:
+            raise RuntimeError(f"sequence {seq_id}: its last step was not journaled (set engine.journaling = True "
+                               "before the step) or was already rewound")
+        c.rewind(jr, keep, self.cfg.num_hidden_layers)
+        del self.journal[id(c)]
+
+    def mtp_length(self, seq_id: int) -> int:
+        """Positions MTP block 0 has consumed for sequence ``seq_id`` (its rows 0 … n-1)."""
+        return self.seqs[seq_id].layers[self.cfg.mtp_layer(0)].window.end
+
+    def draft(self, seq_ids: Sequence[int], hidden: Sequence[torch.Tensor],
+              next_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Run MTP block 0 (spec §12.1, :mod:`llm_kernels.reference.deepseek_v4.mtp`) over
+        the next rows of each sequence and return the draft logits of each sequence's last
+        row, float32 [1, V] (the prediction of the token after ``next_ids[b][-1]``).
+
+        Args:
+            hidden: per sequence, the main model's final HC streams [n_b, HC, D] at the
+                positions ``mtp_length(seq) … + n_b - 1`` (rows of ``last_hidden``).
+            next_ids: per sequence, the n_b tokens that follow those positions.
+        Raises RuntimeError without MTP weights; ValueError for mismatched rows, an MTP row
+        past the decoder's positions or an out-of-vocabulary id; KeyError for an unknown id."""
+        cfg, ops, dt, tm = self.cfg, self.ops, self.dtype, self.timer
+        if not self.has_mtp:
+            raise RuntimeError("the model was loaded without its MTP block: load the checkpoint with mtp=True "
+                               "(generate --speculative mtp)")
+        if not (len(seq_ids) == len(hidden) == len(next_ids)) or not seq_ids:
+            raise ValueError(f"draft needs one hidden block and one id list per sequence, got {len(seq_ids)} "
+                             f"sequences, {len(hidden)} hidden blocks, {len(next_ids)} id lists")
+        L = cfg.mtp_layer(0)
+        caches = [self.seqs[s] for s in seq_ids]
+        starts, lens = [], []
+        for s, c, h, nx in zip(seq_ids, caches, hidden, next_ids):
+            n, start = h.shape[0], c.layers[L].window.end
+            if n == 0 or len(nx) != n or tuple(h.shape[1:]) != (cfg.hc_mult, cfg.hidden_size):
+                raise ValueError(f"sequence {s}: hidden must be [n >= 1, {cfg.hc_mult}, {cfg.hidden_size}] with n "
+                                 f"next ids, got {tuple(h.shape)} and {len(nx)} ids")
+            if start + n > c.length:
+                raise ValueError(f"sequence {s}: MTP rows {start} … {start + n - 1} need the decoder's hidden "
+                                 f"states, which exist for positions < {c.length}")
+            starts.append(start)
+            lens.append(n)
+        ids = torch.tensor([int(t) for nx in next_ids for t in nx], dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"next_ids must lie in [0, {cfg.vocab_size}), got min {int(ids.min())} "
+                             f"max {int(ids.max())}")
+        positions = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)])
+        offs = [0]
+        for n in lens:
+            offs.append(offs[-1] + n)
+        mw = _model.LayerWeights(self.w, L, prefix="mtp.0.")
+        x = torch.cat(list(hidden), dim=0)
+        T, HC, D = x.shape
+        saved, self.journal = self.journal, None  # MTP rows are committed rows: nothing to rewind
+        try:
+            with tm.layer(L, "mtp"):
+                with tm("mtp_proj"):
+                    e = ops.embed(self.w, cfg, ids, dt)[:, 0]
+                    e = ops.rms_norm(e, mw["enorm.weight"], cfg.rms_norm_eps, dt)
+                    h = ops.rms_norm(x.reshape(T * HC, D), mw["hnorm.weight"], cfg.rms_norm_eps, dt)
+                    pe = ops.linear(e, mw["e_proj.weight"], dt)
+                    ph = ops.linear(h, mw["h_proj.weight"], dt).view(T, HC, D)
+                    x = rnd(pe.unsqueeze(1) + ph, dt)
+                x = self.attention_block(mw, L, x, positions, caches, offs)
+                x = self.ffn_block(mw, L, x, ids)
+        finally:
+            self.journal = saved
+        last = x[torch.tensor(offs[1:]) - 1]
+        with tm("lm_head"):
+            y = ops.hc_head(last, mw["hc_head_fn"], mw["hc_head_scale"], mw["hc_head_base"], hc_eps=cfg.hc_eps,
+                            rms_eps=cfg.rms_norm_eps, dtype=dt)
+            y = ops.rms_norm(y, mw["norm.weight"], cfg.rms_norm_eps, dt)
+            logits = ops.linear(y, self.w["head.weight"], dt)
+        return [logits[b:b + 1] for b in range(len(seq_ids))]
 
     def _lm_head(self, x_hc: torch.Tensor) -> torch.Tensor:
         cfg, ops, dt = self.cfg, self.ops, self.dtype
@@ -112,7 +225,8 @@ class DeepSeekV4Engine(EngineCore):
         ``offs`` the row offsets of each sequence (len(caches) + 1); the caches are advanced
         (window rows, compressor state). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
-        lt = cfg.layer_types[layer]
+        lt = cfg.layer_type(layer)
+        journal = self.journal if self.journaling else None
         with tm("hc_pre"):
             x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
                                              hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
@@ -132,15 +246,18 @@ class DeepSeekV4Engine(EngineCore):
             lc = c.layers[layer]
             pos = positions[sl]
             win = lc.window
+            jr = journal.get(id(c)) if journal is not None else None
             with tm("kv_cache"):  # KV pool and index lists of this sequence
-                pool = torch.cat([win.rows, kv[sl]], dim=0)
+                n_new = kv[sl].shape[0]
+                pad = max(self.step_slots - n_new, 0)  # see STEP_SLOTS: a T-independent pool layout
+                pool = torch.cat([win.rows, kv[sl]] + ([kv.new_zeros(pad, kv.shape[-1])] if pad else []), dim=0)
                 # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
                 wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
                 idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):
-                    self._compress(lc.compressor, lw, "attn.compressor.", xn[sl], pos)
+                    self._compress(lc.compressor, lw, "attn.compressor.", xn[sl], pos, jr, (layer, "compressor"))
                 with tm("kv_cache"):
                     entries = lc.compressor.valid_entries()
                     base = pool.shape[0]
@@ -153,7 +270,8 @@ class DeepSeekV4Engine(EngineCore):
                                            torch.full_like(cidx, -1))
                 else:
                     with tm("indexer"):
-                        new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos)
+                        new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos, jr,
+                                             (layer, "indexer"))
                         icos, isin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, pos, dt)
                         wq_b = lw["attn.indexer.wq_b.weight"]
                         args = (q_res[sl], xn[sl], wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
@@ -176,44 +294,36 @@ class DeepSeekV4Engine(EngineCore):
                                                  softmax_scale=cfg.softmax_scale, dtype=dt))
             with tm("kv_cache"):
                 win.append(kv[sl])
+                if jr is not None:
+                    jr.rows[(layer, "window")] = kv[sl]
         with tm("sparse_attn"):  # the output projection streams wo_a/wo_b once for all sequences
             out = ops.grouped_output_proj(torch.cat(outs, dim=0), lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
                                           o_groups=cfg.o_groups, dtype=dt)
         with tm("hc_post"):
             return ops.hc_post(out, x_hc, post, comb, dt)
 
-    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor,
-                  pos: torch.Tensor) -> torch.Tensor | None:
+    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor,
+                  jr: StepJournal | None = None, key=None) -> torch.Tensor | None:
         """Project this step's rows, close every complete window, append its entries;
-        returns the new entries [m, d] (None if no window closed)."""
+        returns the new entries [m, d] (None if no window closed). ``jr``: the step's
+        journal, which records the projected rows under ``key``."""
         cfg, dt, ops = self.cfg, self.dtype, self.ops
         expected = st.next_window_start + st.buf_kv.shape[0]
         if int(pos[0]) != expected:
             raise RuntimeError(f"compressor state expects position {expected}, got {int(pos[0])}")
         kv, score = ops.compressor_project(x, lw[prefix + "wkv.weight"], lw[prefix + "wgate.weight"],
                                            lw[prefix + "ape"], pos, dt)
-        all_kv = torch.cat([st.buf_kv, kv], dim=0)
-        all_score = torch.cat([st.buf_score, score], dim=0)
-        r, d = st.ratio, st.head_dim
-        n = all_kv.shape[0] // r
-        new = None
-        if n:
-            kvw = all_kv[: n * r].view(n, r, all_kv.shape[-1])
-            sw = all_score[: n * r].view(n, r, all_score.shape[-1])
-            prev_kv = prev_score = None
-            if st.overlap:
-                first_kv = st.prev_kv if st.prev_kv is not None else torch.zeros(r, d)
-                first_sc = st.prev_score if st.prev_score is not None else torch.full((r, d), float("-inf"))
-                prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
-                prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
-            wpos = (st.n_entries + torch.arange(n)) * r
-            cos, sin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, wpos, dt)
-            new = ops.compress_windows(kvw, sw, prev_kv, prev_score, lw[prefix + "norm.weight"], cos, sin,
-                                       overlap=st.overlap, eps=cfg.rms_norm_eps, dtype=dt)
-            st.push_entries(new)
-            if st.overlap:
-                st.prev_kv, st.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
-        st.buf_kv, st.buf_score = all_kv[n * r:].clone(), all_score[n * r:].clone()
+        if jr is not None:
+            jr.rows[key] = (kv, score)
+        n0 = st.n_entries
+        kvw, sw, prev_kv, prev_score, n = st.absorb(kv, score)
+        if not n:
+            return None
+        wpos = (n0 + torch.arange(n)) * st.ratio
+        cos, sin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, wpos, dt)
+        new = ops.compress_windows(kvw, sw, prev_kv, prev_score, lw[prefix + "norm.weight"], cos, sin,
+                                   overlap=st.overlap, eps=cfg.rms_norm_eps, dtype=dt)
+        st.push_entries(new)
         return new
 
     def ffn_block(self, lw, layer: int, x_hc: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""MTP speculative decoding: paired tok/s against plain decoding, and the step costs of its
+cost model (docs/performance.md "MTP speculative decoding").
+
+One ``LLM`` (``speculative="mtp"``: the checkpoint's MTP block loaded) runs greedy decoding
+of ``-n`` tokens for ``b`` random 8-token prompts, alternating plain and speculative runs
+(A, B, B, A, ...: both see the same state of this guest's bimodal DRAM bandwidth); the two
+must give the same ids (asserted). The engine's ``step`` and ``draft`` calls are timed:
+
+* ``t1``: a plain decode step (1 row per sequence);
+* ``tv``: a verify step (2 rows per sequence: next token + draft);
+* ``td``: the MTP draft (the block over the step's kept rows, its head on the last row).
+
+A step of speculative decoding costs ``tv + td`` and yields ``1 + a`` tokens per sequence
+(``a``: acceptance rate), so the speed-up is ``(1 + a) · t1 / (tv + td)`` and the break-even
+acceptance ``a* = (tv + td) / t1 - 1``. Random weights accept almost nothing (``a`` ~ 0):
+the run measures the costs; the speed-up at a given acceptance follows from them.
+
+Run (the ``bench`` command's speculative mode)::
+
+    python -m llm_kernels bench --checkpoint /tmp/flash3_mtp --speculative mtp --quant int8 -n 64 -b 1,4 -r 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ..api import LLM
+from ..kernels.common.jit import dispatch_tier
+from ..text.sampling import SamplingParams
+from .core import measure_dram_bandwidth
+
+__all__ = ["run", "main"]
+
+
+def _timed(eng, log: dict):
+    """Wrap ``eng.step`` / ``eng.draft`` to log (rows per sequence, seconds)."""
+    step, draft = eng.step, eng.draft
+
+    def timed_step(seq_ids, tokens, logits_rows="all"):
+        t = time.perf_counter()
+        out = step(seq_ids, tokens, logits_rows=logits_rows)
+        log["step"].append((max(len(x) for x in tokens), min(len(x) for x in tokens), time.perf_counter() - t))
+        return out
+
+    def timed_draft(seq_ids, hidden, next_ids):
+        t = time.perf_counter()
+        out = draft(seq_ids, hidden, next_ids)
+        log["draft"].append((len(seq_ids), max(len(n) for n in next_ids), time.perf_counter() - t))
+        return out
+
+    eng.step, eng.draft = timed_step, timed_draft
+
+
+def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) -> dict:
+    """Paired plain / speculative greedy runs of ``n`` tokens for ``batch`` random prompts,
+    ``reps`` times each; returns the medians and the cost-model terms (module docstring).
+    Raises AssertionError when the two give different ids."""
+    llm = LLM(ckpt, quant=quant, speculative="mtp", max_batch=batch, max_seq_len=8 + n + 8)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, llm.cfg.vocab_size, (8,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    log = {"step": [], "draft": []}
+    _timed(llm.engine, log)
+
+    def once(mode):
+        llm.speculative = mode
+        t = time.perf_counter()
+        out = llm.generate(prompts, params)
+        return out, time.perf_counter() - t
+
+    once(None), once("mtp")  # warm-up (kernel compile / cache load)
+    log["step"].clear(), log["draft"].clear()
+    res = {None: [], "mtp": []}
+    ids = {}
+    plain_steps, verify_steps, drafts = [], [], []
+    for r in range(reps):
+        for mode in ((None, "mtp") if r % 2 == 0 else ("mtp", None)):
+            log["step"].clear(), log["draft"].clear()
+            out, _ = once(mode)
+            dec = max(o.timings["decode_s"] for o in out)
+            res[mode].append(batch * (n - 1) / dec)
+            ids.setdefault(mode, [o.token_ids for o in out])
+            if mode is None:
+                plain_steps += [s for rows, lo, s in log["step"] if rows == 1]
+            else:
+                verify_steps += [s for rows, lo, s in log["step"] if rows == 2 and lo == 2]
+                drafts += [s for b, rows, s in log["draft"] if b == batch and rows <= 2]
+            if mode == "mtp":
+                acc = [o.timings for o in out]
+    assert ids[None] == ids["mtp"], "speculative greedy output differs from plain greedy output"
+    ratios = [b / a for a, b in zip(res[None], res["mtp"])]
+    t1, tv, td = (statistics.median(x) * 1e3 if x else float("nan") for x in (plain_steps, verify_steps, drafts))
+    return {"batch": batch, "plain_tok_s": statistics.median(res[None]), "spec_tok_s": statistics.median(res["mtp"]),
+            "paired_ratio": statistics.median(ratios),
+            "acceptance": statistics.mean(t["acceptance_rate"] for t in acc),
+            "tokens_per_step": statistics.mean(t["tokens_per_step"] for t in acc),
+            "t1_ms": t1, "tv_ms": tv, "td_ms": td, "tv_over_t1": tv / t1, "td_over_t1": td / t1,
+            "break_even_acceptance": (tv + td) / t1 - 1,
+            "samples": {"t1": len(plain_steps), "tv": len(verify_steps), "td": len(drafts)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bench --speculative mtp``: prints a markdown table (and writes ``--json``); returns 0."""
+    ap = argparse.ArgumentParser(prog="python -m llm_kernels bench --speculative mtp",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", "--checkpoint", dest="checkpoint", required=True, metavar="DIR",
+                    help="a DeepSeek-V4 checkpoint with an MTP block (make-checkpoint --mtp-layers 1)")
+    ap.add_argument("--speculative", choices=["mtp"], required=True)
+    ap.add_argument("--quant", default="int8", help="as `generate --quant` (default int8)")
+    ap.add_argument("-n", "--n-gen", type=int, default=64, help="tokens per run (default 64)")
+    ap.add_argument("-b", "--batch-size", default="1,4", help="batch sizes (default 1,4)")
+    ap.add_argument("-r", "--repetitions", type=int, default=5, help="paired runs (default 5)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="result file")
+    a = ap.parse_args(argv)
+    quant = None if a.quant in ("", "as-stored") else a.quant
+    bw0 = measure_dram_bandwidth()
+    rows = [run(a.checkpoint, quant, a.n_gen, int(b), a.repetitions, a.seed) for b in a.batch_size.split(",")]
+    bw1 = measure_dram_bandwidth()
+    print(f"CPU tier {dispatch_tier()}, threads {torch.get_num_threads()}, DRAM read {bw0:.1f} / {bw1:.1f} GB/s "
+          f"(before / after), checkpoint {a.checkpoint}, quant {a.quant}, n {a.n_gen}, {a.repetitions} paired runs")
+    print("| b | plain t/s | spec t/s | paired ratio | acceptance | tok/step | t1 ms | tv ms | tv/t1 | td ms "
+          "| td/t1 | break-even a* |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['plain_tok_s']:.2f} | {r['spec_tok_s']:.2f} | {r['paired_ratio']:.3f} | "
+              f"{r['acceptance']:.3f} | {r['tokens_per_step']:.3f} | {r['t1_ms']:.1f} | {r['tv_ms']:.1f} | "
+              f"{r['tv_over_t1']:.3f} | {r['td_ms']:.1f} | {r['td_over_t1']:.3f} | {r['break_even_acceptance']:.3f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"tier": dispatch_tier(), "bandwidth_gbs": [bw0, bw1], "rows": rows}, f, indent=1)
+    return 0

@@ -1,0 +1,28 @@
+"""``bench --speculative mtp``: paired plain / speculative runs (the same ids, asserted in the
+benchmark) and the cost-model terms, as a table and JSON."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from llm_kernels import cli
+from llm_kernels.checkpoint import write_random_checkpoint
+from llm_kernels.models import preset
+
+
+def test_bench_speculative_mini(tmp_path, capsys):
+    ck = write_random_checkpoint(preset("mini", mtp_layers=1), tmp_path / "m", seed=0, dtype=torch.bfloat16,
+                                 progress=False)
+    out = tmp_path / "spec.json"
+    assert cli.main(["bench", "--checkpoint", str(ck), "--speculative", "mtp", "-n", "6", "-b", "1,2", "-r", "1",
+                     "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "break-even a*" in text and "CPU tier" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["samples"]["t1"] > 0 and r["samples"]["tv"] > 0 and r["samples"]["td"] > 0
+        assert r["t1_ms"] > 0 and r["tv_ms"] > 0 and r["td_ms"] > 0
+        assert abs(r["break_even_acceptance"] - ((r["tv_ms"] + r["td_ms"]) / r["t1_ms"] - 1)) < 1e-9

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 __all__ = ["spawn_local", "free_port", "GRACE_S"]
 
@@ -48,7 +49,8 @@ def _stopped(pid: int) -> bool:
 
 
 def spawn_local(argv: list[str], nproc: int, grace: float = GRACE_S, env: dict | None = None,
-                command: list[str] | None = None) -> int:
+                command: list[str] | None = None, addr: str = "127.0.0.1", port: int | None = None,
+                prefix: Callable[[int], list[str]] | None = None) -> int:
     """Run ``python -m llm_kernels *argv`` as ``nproc`` ranks on this host; returns 0 when
     every rank succeeded, else 1 after printing which rank failed first.
 
@@ -60,18 +62,22 @@ def spawn_local(argv: list[str], nproc: int, grace: float = GRACE_S, env: dict |
             killed at once.
         env: extra environment for every rank.
         command: run this command line instead of ``python -m llm_kernels *argv``.
+        addr, port: the rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``; default a free port).
+        prefix: ``prefix(rank)`` is prepended to rank ``rank``'s command line (e.g. ``ip
+            netns exec NS``: it execs, so the process id stays the rank's; see :mod:`.netns`).
     Raises ValueError for ``nproc < 1``.
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    port = free_port()
+    port = port or free_port()
     procs: list[subprocess.Popen] = []
     for r in range(nproc):
-        e = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+        e = dict(os.environ, **(env or {}), MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(r),
                  WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc))
         e.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         e.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # c10d's retry warnings; our errors name the rank
-        procs.append(subprocess.Popen(command or [sys.executable, "-m", "llm_kernels", *argv], env=e))
+        cmd = command or [sys.executable, "-m", "llm_kernels", *argv]
+        procs.append(subprocess.Popen([*(prefix(r) if prefix else []), *cmd], env=e))
     first: tuple[int, int] | None = None
     stopped: list[int] = []
     killed: list[int] = []  # by the launcher, after the grace period

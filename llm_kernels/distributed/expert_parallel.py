@@ -198,8 +198,9 @@ class ExpertParallelOps(SimpleNamespace):
             when a collective fails (diagnoses which rank stopped, see :mod:`.group`); it
             should raise.
         fault: fault injection for tests, ``(rank, call, action)``: rank ``rank`` sends itself
-            SIGKILL (``"kill"``: dies) or SIGSTOP (``"stop"``: stops answering, threads
-            included) at the start of its ``call``-th ``moe`` (1-based); see :func:`parse_fault`.
+            SIGKILL (``"kill"``: dies), SIGSTOP (``"stop"``: stops answering, threads
+            included) or sleeps (``"sleep<s>"``) at the start of its ``call``-th ``moe``
+            (1-based); see :func:`parse_fault`.
         split_timing: a barrier before each combine, timed apart (``CommStats``): the
             transfer alone vs waiting for the slowest rank (one more collective per layer;
             ``LLM_KERNELS_EP_TIMING=split``).
@@ -239,8 +240,7 @@ class ExpertParallelOps(SimpleNamespace):
 
         sh, inner = self._shard, self._inner
         self._calls += 1
-        if self._fault is not None and self._fault[:2] == (sh.rank, self._calls):
-            os.kill(os.getpid(), signal.SIGKILL if self._fault[2] == "kill" else signal.SIGSTOP)
+        inject_fault(self._fault, sh.rank, self._calls)
         T, K = indices.shape
         D = x.shape[-1]
         E, N = sh.n_experts, sh.world_size
@@ -309,15 +309,29 @@ FAULT_ENV = "LLM_KERNELS_EP_FAULT"
 
 
 def parse_fault(text: str | None) -> tuple[int, int, str] | None:
-    """``"<rank>:<moe call>:<kill|stop>"`` (the :data:`FAULT_ENV` variable) -> a tuple, None
-    for unset / empty. Raises ValueError naming the variable for anything else."""
+    """``"<rank>:<moe call>:<action>"`` (the :data:`FAULT_ENV` variable) -> a tuple, None for
+    unset / empty. ``action``: ``kill`` (SIGKILL), ``stop`` (SIGSTOP) or ``sleep<seconds>``
+    (e.g. ``sleep8``: a slow rank); call 0 = right after loading, before the ranks meet
+    (:meth:`.runner.RankContext.wrap`). Raises ValueError naming the variable otherwise."""
     if not text:
         return None
     parts = text.split(":")
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in ("kill", "stop") \
-            or int(parts[1]) < 1:
-        raise ValueError(f"{FAULT_ENV} must be '<rank>:<moe call >= 1>:<kill|stop>', got {text!r}")
+    ok = (len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+          and (parts[2] in ("kill", "stop") or re.fullmatch(r"sleep[0-9.]+", parts[2]) is not None))
+    if not ok:
+        raise ValueError(f"{FAULT_ENV} must be '<rank>:<moe call, 0 = after loading>:<kill|stop|sleep<seconds>>', "
+                         f"got {text!r}")
     return int(parts[0]), int(parts[1]), parts[2]
+
+
+def inject_fault(fault: tuple[int, int, str] | None, rank: int, call: int) -> None:
+    """Carry out ``fault`` (:func:`parse_fault`) when it is for ``rank`` at ``call``."""
+    if fault is None or fault[:2] != (rank, call):
+        return
+    if fault[2].startswith("sleep"):
+        time.sleep(float(fault[2][5:]))
+    else:
+        os.kill(os.getpid(), signal.SIGKILL if fault[2] == "kill" else signal.SIGSTOP)
 
 
 def placeholder_count(weights: dict) -> int:

@@ -15,6 +15,8 @@ no failure note is named as the one that stopped. The failing rank leaves its ow
 (``failed/<rank>``) so that the ranks behind it in the cascade are not blamed. The
 rendezvous store itself unreachable means rank 0 (or torchrun's agent) is gone; a failing
 rank 0 therefore stays :data:`LINGER_S` seconds before it exits (:meth:`RankGroup.linger`).
+Phases with no natural timeout (loading a shard) end in :meth:`RankGroup.meet`, a
+barrier through the store that waits as long as the missing ranks' heartbeats move.
 Detection bounds: the ranks talking to a killed rank fail within about 2 s (socket closed +
 diagnosis), the rest of the ring as the failing ones exit (rank 0 last, after
 ``LINGER_S``); a stopped rank within ``timeout`` + 2 s; every rank is gone by about
@@ -35,6 +37,7 @@ __all__ = ["RankGroup", "RankFailure", "env_world", "HEARTBEAT_S"]
 
 HEARTBEAT_S = 0.5
 LINGER_S = 3 * HEARTBEAT_S + 3.5  # a failing store host stays this long for the others' diagnosis
+MEET_BOUND_S = 3600.0  # RankGroup.meet: the longest wait for ranks alive but not done
 _PREFIX = "llmk/"
 
 
@@ -93,6 +96,7 @@ class RankGroup:
         except (RuntimeError, dist.DistStoreError) as e:
             raise RankFailure(f"rank {rank}: the rendezvous of {world_size} ranks at {addr}:{port} did not complete "
                               f"within {timeout:g} s: {_first_line(e)}") from None
+        self._meets = 0
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="llmk-heartbeat", daemon=True)
         self._beat.start()
@@ -161,6 +165,46 @@ class RankGroup:
         after = f"after {waited:.1f} s, " if waited is not None else ""
         raise RankFailure(f"rank {self.rank}: {what} failed ({after}timeout {self.timeout:g} s): {self.diagnose()} "
                           f"[{type(exc).__name__}: {_first_line(exc)}]") from None
+
+    def meet(self, stage: str, bound: float = MEET_BOUND_S) -> None:
+        """Wait until every rank has reached ``stage`` (e.g. finished loading), for as long
+        as the missing ones are alive: no collective timeout applies (a rank loading a large
+        shard slowly is not a failure), but a missing rank whose heartbeat stops for three
+        periods (or that left a failure note) fails this rank at once, naming it; ``bound``
+        seconds caps the wait for ranks alive but stuck. Raises :class:`RankFailure`."""
+        self._meets += 1
+        key = f"{_PREFIX}meet/{self._meets}/"
+        t0 = time.monotonic()
+        seen: dict[int, tuple[int, float]] = {}
+        try:
+            st = self._client(self.timeout)
+            st.set(key + str(self.rank), "1")
+            while True:
+                missing = [r for r in range(self.world_size) if not st.check([key + str(r)])]
+                if not missing:
+                    return
+                now = time.monotonic()
+                for r in missing:
+                    if st.check([f"{_PREFIX}failed/{r}"]):
+                        note = st.get(f"{_PREFIX}failed/{r}").decode(errors="replace")
+                        raise RankFailure(f"rank {self.rank}: waiting for every rank to {stage}: rank {r} failed: "
+                                          f"{note}")
+                    c = st.add(f"{_PREFIX}hb/{r}", 0)
+                    if r not in seen or seen[r][0] != c:
+                        seen[r] = (c, now)
+                    elif now - seen[r][1] > 3 * HEARTBEAT_S:
+                        raise RankFailure(f"rank {self.rank}: waiting for every rank to {stage}: rank {r} stopped "
+                                          f"answering (killed, crashed or hung: no heartbeat for {3 * HEARTBEAT_S:g} s)")
+                if now - t0 > bound:
+                    raise RankFailure(f"rank {self.rank}: ranks {missing} did not {stage} within {bound:g} s (alive, "
+                                      "but not done)")
+                time.sleep(HEARTBEAT_S / 2)
+        except RankFailure:
+            raise
+        except Exception as e:
+            raise RankFailure(f"rank {self.rank}: waiting for every rank to {stage}: the rendezvous store at "
+                              f"{self.addr}:{self.port} is unreachable, so rank 0 (which hosts it) died or stopped "
+                              f"answering ({_first_line(e)})") from None
 
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:
         """Every rank's ``data`` (all of the same length), rank order; a failure raises

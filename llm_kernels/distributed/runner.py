@@ -19,7 +19,15 @@ from typing import Callable
 import torch
 
 from .digest import check_same, checkpoint_digest, settings_digest
-from .expert_parallel import FAULT_ENV, ExpertParallelOps, ExpertShard, RemoteExpert, local_bytes, parse_fault
+from .expert_parallel import (
+    FAULT_ENV,
+    ExpertParallelOps,
+    ExpertShard,
+    RemoteExpert,
+    inject_fault,
+    local_bytes,
+    parse_fault,
+)
 from .group import RankFailure, RankGroup
 
 __all__ = ["RankContext", "run_rank", "default_threads"]
@@ -91,8 +99,9 @@ class RankContext:
 
     def wrap(self, engine):
         """Swap the engine's ``ops`` namespace for the expert-parallel one (the engine calls
-        ``self.ops.moe``; its prepared weights are kept). Raises ValueError when the engine
-        has no ``ops.moe`` stage."""
+        ``self.ops.moe``; its prepared weights are kept), then wait for every rank to have
+        loaded (:meth:`RankGroup.meet`: no timeout while they are alive). Raises ValueError
+        when the engine has no ``ops.moe`` stage, RankFailure when a rank died meanwhile."""
         ops = getattr(engine, "ops", None)
         if ops is None or not hasattr(ops, "moe"):
             raise ValueError(f"{type(engine).__name__} has no ops.moe stage: expert parallelism does not apply")
@@ -103,6 +112,8 @@ class RankContext:
         self.ops = ExpertParallelOps(ops, self.shard, on_fault=self.group.fail, fault=fault,
                                      split_timing=timing == "split")
         engine.ops = self.ops
+        inject_fault(fault, self.rank, 0)
+        self.group.meet("finish loading")  # waits for slow loaders as long as they are alive
         return engine
 
     def memory_line(self, weights: dict) -> str:

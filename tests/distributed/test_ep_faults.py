@@ -107,3 +107,18 @@ def test_rank_whose_routing_diverges_is_refused(ckpts, tmp_path):
                f"{rank} (routes " in r.stderr, r.stderr[-3000:]
     assert "the replicated layers must compute bitwise alike on every rank" in r.stderr
     assert not (tmp_path / "0.safetensors").exists()
+
+
+def test_slow_loading_rank_is_waited_for_and_a_dead_one_named(ckpts, tmp_path):
+    """Loading has no collective timeout: rank 1 taking 8 s longer than rank 0 with
+    ``--ep-timeout 3`` still completes (the ranks meet through the store while their
+    heartbeats move); a rank killed before the meeting is named within seconds."""
+    out = tmp_path / "slow.safetensors"
+    r, _ = _launch(_args(ckpts[0], out) + ["--nproc", "2"], "1:0:sleep8", timeout=3)
+    assert r.returncode == 0 and out.exists(), r.stderr[-3000:]
+    r, sec = _launch(_args(ckpts[0], tmp_path / "dead.safetensors") + ["--nproc", "2"], "1:0:kill", timeout=60)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: rank 0: waiting for every rank to finish loading: rank 1 stopped answering (killed, crashed or " \
+           "hung: no heartbeat for 1.5 s)" in r.stderr, r.stderr[-3000:]
+    assert "rank 1 was killed by SIGKILL" in r.stderr and not (tmp_path / "dead.safetensors").exists()
+    assert sec < 60, sec  # not the 60 s timeout

@@ -149,7 +149,8 @@ def test_expert_shard_and_fault_spec_errors():
     with pytest.raises(ValueError, match="routed experts: n_routed_experts=0"):
         ExpertShard(0, 2, 0)
     assert parse_fault("1:6:kill") == (1, 6, "kill") and parse_fault("") is None
-    for bad in ("1:0:kill", "x:1:kill", "1:2:pause", "1:2"):
+    assert parse_fault("2:0:sleep8") == (2, 0, "sleep8")
+    for bad in ("1:-1:kill", "x:1:kill", "1:2:pause", "1:2", "1:2:sleep"):
         with pytest.raises(ValueError, match="LLM_KERNELS_EP_FAULT must be"):
             parse_fault(bad)
     assert EXPERT_NAME.search("layers.0.ffn.shared_experts.w1.weight") is None

@@ -8,6 +8,8 @@
 * :mod:`.digest`: checkpoint / settings digests compared across ranks at start.
 * :mod:`.launch`: ``--nproc N`` (N local ranks, the torchrun environment convention).
 * :mod:`.runner`: one rank's life (join, check, run, barrier, leave; errors -> exit codes).
+* :mod:`.netns`: ranks in separate network namespaces (veth + bridge, tc shaping).
+* :mod:`.predict`: the paper model of decode tok/s and memory at N hosts.
 
 See ``docs/distributed.md``. Nothing here imports a model: EP applies to any engine whose
 ``ops`` has a ``moe`` stage and whose config has ``n_routed_experts``.

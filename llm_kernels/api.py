@@ -99,7 +99,7 @@ class LLM:
             is the plain greedy output. Completions' timings then report
             ``acceptance_rate`` and ``tokens_per_step``.
         draft_tokens: drafts per step (only 1: the MTP block re-applied for k > 1 is not
-            implemented, docs/performance.md "MTP speculative decoding" says why).
+            implemented, docs/speculative.md says why).
 
     Attributes: ``cfg``, ``engine``, ``tokenizer`` (None when the directory has no
     ``tokenizer.json``: ids in, ids out), ``default_params`` (from ``generation_config.json``),
@@ -319,7 +319,7 @@ class LLM:
         go = []
         for r, off, k in zip(reqs, offs, kept):
             r.draft, r.draft_q = None, None
-            if (r.live and (r.keep or not r.state.finished) and r.state.token_ids and k
+            if ((r.keep or (r.live and not r.state.finished)) and r.state.token_ids and k
                     and eng.mtp_length(r.sid) == eng.length(r.sid) - len(k)):
                 go.append((r, hid[off:off + len(k)], list(k[1:]) + [r.state.token_ids[-1]]))
         if not go:

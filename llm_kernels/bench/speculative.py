@@ -1,5 +1,5 @@
 """MTP speculative decoding: paired tok/s against plain decoding, and the step costs of its
-cost model (docs/performance.md "MTP speculative decoding").
+cost model (docs/speculative.md).
 
 One ``LLM`` (``speculative="mtp"``: the checkpoint's MTP block loaded) runs greedy decoding
 of ``-n`` tokens for ``b`` random 8-token prompts, alternating plain and speculative runs
@@ -14,6 +14,12 @@ A step of speculative decoding costs ``tv + td`` and yields ``1 + a`` tokens per
 (``a``: acceptance rate), so the speed-up is ``(1 + a) · t1 / (tv + td)`` and the break-even
 acceptance ``a* = (tv + td) / t1 - 1``. Random weights accept almost nothing (``a`` ~ 0):
 the run measures the costs; the speed-up at a given acceptance follows from them.
+
+The byte model beside them counts the weights each call reads (:mod:`.weight_bytes`, from
+the prepared weights): the dense part once, and per MoE layer the expected number of
+distinct routed experts of ``r`` uniformly routed tokens, ``E · (1 - (1 - k/E)^r)`` (``r =
+b`` for a plain step, ``2b`` for a verify step; the draft: the MTP block's own layer and
+experts plus the shared head, ``r = b``).
 
 Run (the ``bench`` command's speculative mode)::
 
@@ -33,6 +39,7 @@ from ..api import LLM
 from ..kernels.common.jit import dispatch_tier
 from ..text.sampling import SamplingParams
 from .core import measure_dram_bandwidth
+from .weight_bytes import decode_read_bytes
 
 __all__ = ["run", "main"]
 
@@ -54,6 +61,20 @@ def _timed(eng, log: dict):
         return out
 
     eng.step, eng.draft = timed_step, timed_draft
+
+
+def byte_model(w: dict, cfg, batch: int) -> dict[str, float]:
+    """Weight bytes of a plain step, a verify step and a draft for ``batch`` sequences (see
+    the module docstring) and their ratios."""
+    def step(rb, rows):
+        k, e = rb["experts_per_tok"], rb["n_routed_experts"]
+        d = e * (1 - (1 - k / e) ** rows) if e else 0.0
+        return rb["dense"] + rows * rb["per_seq_rows"] + sum(v * d for v in rb["expert_bytes"].values())
+
+    main = decode_read_bytes({n: x for n, x in w.items() if not n.startswith("mtp.")}, cfg)
+    mtp = decode_read_bytes({n: x for n, x in w.items() if n.startswith("mtp.") or n == "head.weight"}, cfg)
+    t1, tv, td = step(main, batch), step(main, 2 * batch), step(mtp, batch)
+    return {"bytes_t1": t1, "bytes_tv": tv, "bytes_td": td, "bytes_tv_over_t1": tv / t1, "bytes_td_over_t1": td / t1}
 
 
 def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) -> dict:
@@ -101,7 +122,8 @@ def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) 
             "tokens_per_step": statistics.mean(t["tokens_per_step"] for t in acc),
             "t1_ms": t1, "tv_ms": tv, "td_ms": td, "tv_over_t1": tv / t1, "td_over_t1": td / t1,
             "break_even_acceptance": (tv + td) / t1 - 1,
-            "samples": {"t1": len(plain_steps), "tv": len(verify_steps), "td": len(drafts)}}
+            "samples": {"t1": len(plain_steps), "tv": len(verify_steps), "td": len(drafts)},
+            **byte_model(llm.engine.w, llm.cfg, batch)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU tier {dispatch_tier()}, threads {torch.get_num_threads()}, DRAM read {bw0:.1f} / {bw1:.1f} GB/s "
           f"(before / after), checkpoint {a.checkpoint}, quant {a.quant}, n {a.n_gen}, {a.repetitions} paired runs")
     print("| b | plain t/s | spec t/s | paired ratio | acceptance | tok/step | t1 ms | tv ms | tv/t1 | td ms "
-          "| td/t1 | break-even a* |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| td/t1 | break-even a* | bytes tv/t1 | bytes td/t1 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['batch']} | {r['plain_tok_s']:.2f} | {r['spec_tok_s']:.2f} | {r['paired_ratio']:.3f} | "
               f"{r['acceptance']:.3f} | {r['tokens_per_step']:.3f} | {r['t1_ms']:.1f} | {r['tv_ms']:.1f} | "
-              f"{r['tv_over_t1']:.3f} | {r['td_ms']:.1f} | {r['td_over_t1']:.3f} | {r['break_even_acceptance']:.3f} |")
+              f"{r['tv_over_t1']:.3f} | {r['td_ms']:.1f} | {r['td_over_t1']:.3f} | {r['break_even_acceptance']:.3f} | "
+              f"{r['bytes_tv_over_t1']:.3f} | {r['bytes_td_over_t1']:.3f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"tier": dispatch_tier(), "bandwidth_gbs": [bw0, bw1], "rows": rows}, f, indent=1)

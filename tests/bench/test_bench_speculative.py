@@ -25,4 +25,5 @@ def test_bench_speculative_mini(tmp_path, capsys):
     for r in rows:
         assert r["samples"]["t1"] > 0 and r["samples"]["tv"] > 0 and r["samples"]["td"] > 0
         assert r["t1_ms"] > 0 and r["tv_ms"] > 0 and r["td_ms"] > 0
+        assert r["bytes_tv_over_t1"] >= 1 and 0 < r["bytes_td_over_t1"] < 1
         assert abs(r["break_even_acceptance"] - ((r["tv_ms"] + r["td_ms"]) / r["t1_ms"] - 1)) < 1e-9

@@ -194,3 +194,15 @@ def test_flash_dims_speculative_greedy_equals_plain_greedy(tmp_path_factory, n_s
     plain = LLM(ck, quant="int8", max_seq_len=300).generate(prompts, params)
     spec = LLM(ck, quant="int8", max_seq_len=300, speculative="mtp").generate(prompts, params)
     assert [c.token_ids for c in plain] == [c.token_ids for c in spec]
+
+
+def test_chat_session_speculative_equals_plain(ckpt):
+    """A kept sequence (chat session): drafts run in every turn, the MTP rows stay current
+    across turns, and the replies equal plain decoding's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    replies = {}
+    for spec in (None, "mtp"):
+        chat = LLM(ckpt, quant="int8", speculative=spec).chat_session()
+        replies[spec] = [chat.send(m, params) for m in ("hello there", "and again")]
+    assert [r.token_ids for r in replies[None]] == [r.token_ids for r in replies["mtp"]]
+    assert all(r.timings["spec_steps"] >= 1 for r in replies["mtp"])

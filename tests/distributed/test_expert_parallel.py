@@ -113,7 +113,7 @@ def test_torchrun_runs_one_rank_per_process(mini, single, tmp_path):
     assert _bitwise(ref, load_file(str(out))) == []
 
 
-def test_nproc_must_divide_the_experts(mini, tmp_path, capsys):
+def test_nproc_needs_experts_it_can_divide(mini, tmp_path):
     from llm_kernels.cli import main
 
     with pytest.raises(SystemExit) as e:
@@ -121,6 +121,11 @@ def test_nproc_must_divide_the_experts(mini, tmp_path, capsys):
               "--nproc", "3"])
     assert "n_routed_experts=8, ranks=3; use one of [1, 2, 4, 8]" in str(e.value)
     assert not (tmp_path / "x").exists()
+    dense = write_random_checkpoint(preset("qwen3-mini"), tmp_path / "q3", seed=0, progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["logits", "--checkpoint", str(dense), "--input-ids", "1,2", "--out", str(tmp_path / "x"),
+              "--nproc", "2"])
+    assert "expert parallelism needs a model with routed experts: n_routed_experts=0" in str(e.value)
 
 
 def test_sharded_load_keeps_only_the_local_experts(mini):

@@ -169,11 +169,6 @@ class CommStats:
                 out += f" = {comm / step:.1%} of a {step * 1e3:.2f} ms step"
         return out
 
-    def total(self, T: int | None = None) -> dict:
-        rows = [r for r in self.log if T is None or r[0] == T]
-        return {"calls": len(rows), "bytes_sent": sum(r[1] for r in rows), "bytes_recv": sum(r[2] for r in rows),
-                "seconds": sum(r[3] for r in rows)}
-
 
 def _null_expert(D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A float SwiGLU expert of intermediate size 0: its output is exactly 0."""
@@ -332,11 +327,6 @@ def inject_fault(fault: tuple[int, int, str] | None, rank: int, call: int) -> No
         time.sleep(float(fault[2][5:]))
     else:
         os.kill(os.getpid(), signal.SIGKILL if fault[2] == "kill" else signal.SIGSTOP)
-
-
-def placeholder_count(weights: dict) -> int:
-    """Number of :class:`RemoteExpert` entries in ``weights``."""
-    return sum(isinstance(w, RemoteExpert) for w in weights.values())
 
 
 def local_bytes(weights: dict) -> int:

@@ -187,6 +187,23 @@ def _gate_kernel(logits, score_id, bias, has_bias, hash_idx, use_hash, k, norm, 
             wr[j] = _rnd(np.float32(wr[j] * factor), to_bf16)
 
 
+#: Steps of up to this many rows compute the router logits one row at a time.
+ROW_INVARIANT_ROWS = 64
+
+
+def router_logits(x: torch.Tensor, gate_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The router's float logits ``x @ gate_wᵀ`` [T, E] as the reference computes them
+    (torch's GEMM in ``dtype``). A decode-sized step (T <= :data:`ROW_INVARIANT_ROWS`) runs
+    one 1-row GEMM per row: torch's bf16/fp32 GEMM rounds a row differently depending on
+    how many rows share the call, and a router flip changes the experts; per row, a token's
+    routing is the same in a 1-row step and in a verify step of speculative decoding (and
+    bitwise the reference's at T = 1). Larger steps (prefill) run one GEMM, as the reference."""
+    T = x.shape[0]
+    if 1 < T <= ROW_INVARIANT_ROWS:
+        return torch.cat([_ref_linear(x[t:t + 1], gate_w, dtype) for t in range(T)], dim=0)
+    return _ref_linear(x, gate_w, dtype)
+
+
 def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
          input_ids: torch.Tensor, *, top_k: int, scoring_func: str, norm_topk_prob: bool,
          routed_scaling_factor: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +214,7 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     to_bf16 = dtype == torch.bfloat16
-    logits = _ref_linear(x, gate_w, dtype)          # bit-identical to the reference logits
+    logits = router_logits(x, gate_w, dtype)
     T, E = logits.shape
     lg = logits.contiguous().numpy()
     use_hash = tid2eid is not None

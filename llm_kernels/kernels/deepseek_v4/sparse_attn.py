@@ -129,21 +129,23 @@ def _gather(pool, idx, counts, Wm, to_bf16, out_u16, out_f32):
 # --------------------------------------------------------------------------- 4. softmax
 @njit_kernel(parallel=True)
 def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
-    """Softmax over each query's valid entries plus the head's sink, bit-identical to the
-    reference's dense form ``torch.softmax(cat([masked scores [N], sink]))`` on AVX-512
-    torch: ``v_j = rnd(rnd(s)·scale)``, ``m = max(v, sink)``, ``e = exp(v - m)`` (SLEEF
-    ``xexpf``), ``Σ`` in torch's ``reduce_all`` order (entry at pool row ``r`` goes to lane
-    ``r % 16``, lanes summed in ascending row order, the sink — dense position N — last,
-    then :func:`_tree16`; a dense row shorter than 16 is summed sequentially), ``p_j =
-    rnd(e_j·(1/Σ))``; padding entries get ``p = 0``. One (t, h) row per iteration, no
-    fastmath (the summation order is the point)."""
+    """Softmax over each query's valid entries plus the head's sink: ``v_j = rnd(rnd(s)·scale)``,
+    ``m = max(v, sink)``, ``e = exp(v - m)`` (SLEEF ``xexpf``), ``Σ`` summed in 16 lanes by
+    the entry's **place in the query's sorted valid list** (entry j to lane ``j % 16`` in
+    order, the sink — place c — last, then :func:`_tree16`; fewer than 16 terms: sequential),
+    ``p_j = rnd(e_j·(1/Σ))``; padding entries get ``p = 0``. One (t, h) row per iteration,
+    no fastmath (the summation order is the point).
+
+    The order depends on the query's own entries only, not on where the pool keeps them
+    (the reference's dense form sums by pool row, so the two can differ in the last bit of
+    Σ): a row gives the same bits in a 1-row decode step and in a multi-row step whose
+    other rows shift the pool (speculative decoding's verify step)."""
     T, H, Wm = s.shape
     for i in prange(T * H):
         t = i // H
         h = i - t * H
         c = counts[t]
         srow = s[t, h]
-        irow = idx[t]
         buf = np.empty(max(c, 1), np.float32)
         sk = np.float32(sink[h])
         m = sk
@@ -154,7 +156,7 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
         for j in range(c):
             buf[j] = _sleef_expf(np.float32(buf[j] - m))
         esk = _sleef_expf(np.float32(sk - m))
-        if N + 1 < 16:
+        if c + 1 < 16:
             tot = np.float32(0.0)
             for j in range(c):
                 tot = np.float32(tot + buf[j])
@@ -162,9 +164,9 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
         else:
             lanes = np.zeros(16, np.float32)
             for j in range(c):
-                ln = irow[j] & 15
+                ln = j & 15
                 lanes[ln] = np.float32(lanes[ln] + buf[j])
-            lanes[N & 15] = np.float32(lanes[N & 15] + esk)
+            lanes[c & 15] = np.float32(lanes[c & 15] + esk)
             tot = _tree16(lanes)
         inv = np.float32(np.float32(1.0) / tot)
         if to_bf16:
@@ -248,9 +250,10 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
         raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows")
     # The gathered width is the index lists' width, not the longest valid list of this
     # batch: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
-    # row's own sequence step only, never on the other rows of the call. A row's output is
-    # the same in a 1-row and a multi-row step (speculative decoding's verify step; tested
-    # bitwise in tests/runtime/deepseek_v4/test_speculative.py). Padded entries are zeros.
+    # row's own index list only, never on the other rows of the call. With the softmax's
+    # list-order sums, a row's output is the same in a 1-row and a multi-row step
+    # (speculative decoding's verify step; tested bitwise in
+    # tests/runtime/deepseek_v4/test_speculative.py). Padded entries are zeros.
     Wm = max(W, 1)
     pool = torch_kernel_view(kv_pool)
     cdt = torch.bfloat16 if to_bf16 else torch.float32

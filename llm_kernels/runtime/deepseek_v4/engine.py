@@ -51,22 +51,12 @@ class DeepSeekV4Engine(EngineCore):
             holds prepared weights).
     """
 
-    #: Rows every step's KV pool reserves for the step's own rows with the kernels'
-    #: attention (zeros past them, never indexed). The softmax sums in the pool's lane order
-    #: and the PV GEMM runs over the pool (the reference's dense form, which the kernel
-    #: matches bitwise), so a 1-row decode step and a 2-row speculative verify step (next
-    #: token + one draft) must lay the pool out alike for the verify step's first row to
-    #: equal the plain step bitwise. The reference attention keeps 1 (no padding): its pool
-    #: is then the one transformers' eager attention sees, bit-comparable in bf16.
-    STEP_SLOTS = 2
-
     def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
                  ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None,
                  consume_weights: bool = False):
         super().__init__(cfg, dtype, timer)
         self.max_seq_len, self.ops = max_seq_len, ops
-        self.step_slots = 1 if ops.sparse_attn_core is REFERENCE_OPS.sparse_attn_core else self.STEP_SLOTS
         self.seqs: dict[int, SequenceCache] = {}
         #: speculative decoding: journal every step (``journal``: seq id -> StepJournal of
         #: the last step) so that :meth:`rewind` can drop its rejected rows
@@ -248,9 +238,7 @@ class DeepSeekV4Engine(EngineCore):
             win = lc.window
             jr = journal.get(id(c)) if journal is not None else None
             with tm("kv_cache"):  # KV pool and index lists of this sequence
-                n_new = kv[sl].shape[0]
-                pad = max(self.step_slots - n_new, 0)  # see STEP_SLOTS: a T-independent pool layout
-                pool = torch.cat([win.rows, kv[sl]] + ([kv.new_zeros(pad, kv.shape[-1])] if pad else []), dim=0)
+                pool = torch.cat([win.rows, kv[sl]], dim=0)
                 # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
                 wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
                 idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))

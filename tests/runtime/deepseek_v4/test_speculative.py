@@ -2,7 +2,9 @@
 MTP draft, and greedy exactness end to end.
 
 * The fused INT8 engine computes a row of a 2-row step (next token + draft) bitwise as a
-  1-row step (``DeepSeekV4Engine.STEP_SLOTS``; INT8 GEMMs are exact per row), so a forced
+  1-row step (INT8 GEMMs are exact per row; the kernels' attention sums in the order of
+  the query's own entries; the router's float logits run per row in decode-sized steps),
+  so a forced
   accept/reject pattern must reproduce plain decoding's logits and caches bit for bit,
   including rejections whose rows closed a ratio-4 window (position 4k+3), the ratio-128
   window (127, 255) and rows past the sliding-window wrap (>= 128).

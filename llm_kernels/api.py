@@ -329,7 +329,7 @@ class LLM:
             if r.spec is None:
                 r.spec = SpecStats()
             if not r.state.finished:
-                r.draft, r.draft_q = propose(r.state, lg[0], r.state.token_ids[-1])
+                r.draft, r.draft_q = propose(r.state, lg[0])
 
     def _speculative_step(self, active: list[_Request], on_text: OnText | None, t0: float) -> None:
         """One verify step for every running sequence: feed ``[next, draft]`` (or ``[next]``),

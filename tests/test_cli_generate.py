@@ -70,3 +70,22 @@ def test_cold_kernel_cache_is_announced(mini, capsys, monkeypatch, tmp_path):
     (tmp_path / "x.nbi").write_text("")
     assert cli.main(["generate", "--checkpoint", str(mini), "--max-new-tokens", "2"]) == 0
     assert "compiling" not in capsys.readouterr().err
+
+
+def test_speculative_mtp_flag(tmp_path, capsys):
+    """``--speculative mtp``: the same greedy ids as plain decoding, the acceptance line; a
+    checkpoint without the block and ``--draft-tokens 2`` are clear errors."""
+    ck = write_random_checkpoint(models.preset("mini", num_hidden_layers=2, mtp_layers=1), tmp_path / "m", seed=5,
+                                 dtype=torch.float32, progress=False)
+    base = ["generate", "--checkpoint", str(ck), "--max-new-tokens", "8", "--temperature", "0", "--quant", "int8"]
+    assert cli.main(base) == 0
+    plain = _ids(capsys.readouterr().out)
+    assert cli.main(base + ["--speculative", "mtp"]) == 0
+    out = capsys.readouterr().out
+    assert _ids(out) == plain and "speculative (mtp): 7 verify steps" in out and "drafts accepted" in out
+    assert cli.main(base + ["--speculative", "mtp", "--draft-tokens", "2"]) != 0
+    assert "draft_tokens must be 1" in capsys.readouterr().err
+    no_mtp = write_random_checkpoint(models.preset("mini", num_hidden_layers=2), tmp_path / "n", seed=5,
+                                     dtype=torch.float32, progress=False)
+    assert cli.main(["generate", "--checkpoint", str(no_mtp), "--speculative", "mtp", "--max-new-tokens", "2"]) != 0
+    assert "num_nextn_predict_layers is 0" in capsys.readouterr().err

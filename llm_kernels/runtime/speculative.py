@@ -44,12 +44,12 @@ class SpecStats:
                 "tokens_per_step": self.tokens / self.steps if self.steps else 0.0}
 
 
-def propose(state: DecodeState, draft_logits: torch.Tensor, pending: int) -> tuple[int, torch.Tensor | None]:
+def propose(state: DecodeState, draft_logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """The draft token from the draft model's logits [V] (or [1, V]) of the position after
-    ``pending`` (the token about to be fed): greedy sequences take the argmax after their
-    penalties; sampling ones draw from their own processed distribution ``q``, returned
-    for :func:`verify` (None when greedy)."""
-    gen = state.token_ids  # ``pending`` is its last entry
+    the sequence's last generated token (the one about to be fed): greedy sequences take
+    the argmax after their penalties; sampling ones draw from their own processed
+    distribution ``q``, returned for :func:`verify` (None when greedy)."""
+    gen = state.token_ids
     if state.params.greedy:
         return state.sampler.next(draft_logits, state.prompt_ids, gen), None
     q = state.sampler.probs(draft_logits, state.prompt_ids, gen)

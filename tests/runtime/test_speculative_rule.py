@@ -28,7 +28,7 @@ def test_greedy_accepts_only_the_main_models_choice():
     logits = torch.tensor([0.1 * i for i in range(V)])
     assert verify(st, logits, V - 1, None) == (True, V - 1)
     assert verify(st, logits, 0, None) == (False, V - 1)
-    d, q = propose(st, torch.flip(logits, [0]), 5)
+    d, q = propose(st, torch.flip(logits, [0]))
     assert d == 0 and q is None
 
 
@@ -42,7 +42,7 @@ def test_sampling_rule_preserves_the_target_distribution(kw):
     p = torch.softmax(filter_logits(apply_penalties(target, st.params, st.prompt_ids, st.token_ids), st.params), -1)
     n, counts, acc = 20000, torch.zeros(V), 0
     for _ in range(n):
-        d, q = propose(st, draft, 5)
+        d, q = propose(st, draft)
         ok, tok = verify(st, target, d, q)
         counts[tok] += 1
         acc += ok

@@ -62,6 +62,10 @@ from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
 
 __all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
 
+#: Calls of up to this many query rows (one sequence's rows of a decode or verify step)
+#: gather every row to the index lists' full width (see :func:`sparse_attn_core`).
+ROW_INVARIANT_ROWS = 64
+
 _DUMMY_U16 = np.zeros(1, np.uint16)
 _DUMMY_F32 = np.zeros(1, np.float32)
 
@@ -248,13 +252,14 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     mx = _prep_indices(idx_in, N, idx, counts) if T and W else -1
     if mx >= N:
         raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows")
-    # The gathered width is the index lists' width, not the longest valid list of this
-    # batch: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
-    # row's own index list only, never on the other rows of the call. With the softmax's
-    # list-order sums, a row's output is the same in a 1-row and a multi-row step
-    # (speculative decoding's verify step; tested bitwise in
-    # tests/runtime/deepseek_v4/test_speculative.py). Padded entries are zeros.
-    Wm = max(W, 1)
+    # Decode-sized calls gather the index lists' width, not the longest valid list of the
+    # call: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
+    # row's own index list only, never on the other rows. With the softmax's list-order
+    # sums, a row's output is the same in a 1-row and a multi-row step (speculative
+    # decoding's verify step; tested bitwise in tests/runtime/deepseek_v4/test_speculative.py).
+    # Prefill-sized calls keep the longest valid list (early rows have short lists: less
+    # work). Padded entries are zeros.
+    Wm = max(W if T <= ROW_INVARIANT_ROWS else (int(counts.max()) if T else 0), 1)
     pool = torch_kernel_view(kv_pool)
     cdt = torch.bfloat16 if to_bf16 else torch.float32
     # 2. gather

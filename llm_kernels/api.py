@@ -336,6 +336,10 @@ class LLM:
         accept or reject the draft (:func:`~llm_kernels.runtime.speculative.verify`), rewind
         rejected rows, then draft the next token with the MTP block."""
         eng = self.engine
+        for r in active:  # a draft needs room for its row and a token left to win
+            if r.draft is not None and (eng.length(r.sid) + 2 > self.max_seq_len
+                                        or r.state.params.max_tokens - len(r.state.token_ids) < 2):
+                r.draft, r.draft_q = None, None
         feeds = [[r.state.token_ids[-1]] + ([r.draft] if r.draft is not None else []) for r in active]
         rows = eng.step([r.sid for r in active], feeds)
         kept = []

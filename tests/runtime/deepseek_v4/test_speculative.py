@@ -208,3 +208,14 @@ def test_chat_session_speculative_equals_plain(ckpt):
         replies[spec] = [chat.send(m, params) for m in ("hello there", "and again")]
     assert [r.token_ids for r in replies[None]] == [r.token_ids for r in replies["mtp"]]
     assert all(r.timings["spec_steps"] >= 1 for r in replies["mtp"])
+
+
+def test_speculative_fills_the_cache_exactly(ckpt):
+    """max_tokens clamped to the cache (max_seq_len): the last steps carry no draft row that
+    would not fit, and the output is plain decoding's."""
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    prompt = [[(5 * i + 1) % 500 for i in range(7)]]
+    plain = LLM(ckpt, quant="int8", max_seq_len=20).generate(prompt, params)[0]
+    spec = LLM(ckpt, quant="int8", max_seq_len=20, speculative="mtp").generate(prompt, params)[0]
+    assert spec.finish_reason == "length" and len(spec.token_ids) == 20 - 7 + 1
+    assert spec.token_ids == plain.token_ids

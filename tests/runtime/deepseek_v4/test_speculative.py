@@ -219,3 +219,15 @@ def test_speculative_fills_the_cache_exactly(ckpt):
     spec = LLM(ckpt, quant="int8", max_seq_len=20, speculative="mtp").generate(prompt, params)[0]
     assert spec.finish_reason == "length" and len(spec.token_ids) == 20 - 7 + 1
     assert spec.token_ids == plain.token_ids
+
+
+def test_speculative_sampling_runs_and_is_seeded(ckpt):
+    """Sampling through the rejection rule: a seeded request gives the same ids twice and
+    every id is in the vocabulary (the distribution itself: tests/runtime/test_speculative_rule.py)."""
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, ignore_eos=True, seed=3)
+    llm = LLM(ckpt, quant="int8", speculative="mtp")
+    a = llm.generate([[1, 2, 3], [4, 5]], params)
+    b = llm.generate([[1, 2, 3], [4, 5]], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(len(c.token_ids) == 24 and all(0 <= t < 512 for t in c.token_ids) for c in a)
+    assert all(c.timings["draft_tokens"] >= 10 for c in a)  # ~16 here: sampled drafts are sometimes accepted

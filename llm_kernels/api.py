@@ -241,9 +241,12 @@ class LLM:
         return Completion(s.text, list(s.token_ids), list(s.prompt_ids), s.finish_reason, timings, s.stop_reason)
 
     def _advance(self, r: _Request, logits: torch.Tensor, on_text: OnText | None, t0: float) -> None:
+        self._advance_with(r, r.state.sample(logits), on_text, t0)
+
+    def _advance_with(self, r: _Request, token: int, on_text: OnText | None, t0: float) -> None:
         if not r.state.token_ids:
             r.ttft_s = time.perf_counter() - t0
-        text = r.state.push(r.state.sample(logits))
+        text = r.state.push(token)
         if text and on_text is not None:
             on_text(r.index, text)
 
@@ -362,11 +365,6 @@ class LLM:
                 eng.rewind(r.sid, pushed)  # the rejected draft's row (or the one after the final token)
             kept.append(f[:pushed])
         self._draft(active, feeds, kept)
-
-    def _advance_with(self, r: _Request, token: int, on_text: OnText | None, t0: float) -> None:
-        text = r.state.push(token)
-        if text and on_text is not None:
-            on_text(r.index, text)
 
 
 class ChatSession:

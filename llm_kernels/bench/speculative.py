@@ -90,30 +90,24 @@ def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) 
 
     def once(mode):
         llm.speculative = mode
-        t = time.perf_counter()
-        out = llm.generate(prompts, params)
-        return out, time.perf_counter() - t
+        return llm.generate(prompts, params)
 
-    once(None), once("mtp")  # warm-up (kernel compile / cache load)
-    log["step"].clear(), log["draft"].clear()
+    ref = [o.token_ids for o in once(None)]  # warm-up (kernel compile / cache load) and the reference ids
+    once("mtp")
     res = {None: [], "mtp": []}
-    ids = {}
     plain_steps, verify_steps, drafts = [], [], []
     for r in range(reps):
         for mode in ((None, "mtp") if r % 2 == 0 else ("mtp", None)):
             log["step"].clear(), log["draft"].clear()
-            out, _ = once(mode)
-            dec = max(o.timings["decode_s"] for o in out)
-            res[mode].append(batch * (n - 1) / dec)
-            ids.setdefault(mode, [o.token_ids for o in out])
+            out = once(mode)
+            assert [o.token_ids for o in out] == ref, f"{mode or 'plain'} run {r}: ids differ from plain greedy"
+            res[mode].append(batch * (n - 1) / max(o.timings["decode_s"] for o in out))
             if mode is None:
                 plain_steps += [s for rows, lo, s in log["step"] if rows == 1]
             else:
                 verify_steps += [s for rows, lo, s in log["step"] if rows == 2 and lo == 2]
                 drafts += [s for b, rows, s in log["draft"] if b == batch and rows <= 2]
-            if mode == "mtp":
                 acc = [o.timings for o in out]
-    assert ids[None] == ids["mtp"], "speculative greedy output differs from plain greedy output"
     ratios = [b / a for a, b in zip(res[None], res["mtp"])]
     t1, tv, td = (statistics.median(x) * 1e3 if x else float("nan") for x in (plain_steps, verify_steps, drafts))
     return {"batch": batch, "plain_tok_s": statistics.median(res[None]), "spec_tok_s": statistics.median(res["mtp"]),

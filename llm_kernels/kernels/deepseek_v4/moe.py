@@ -89,6 +89,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
+from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
 
@@ -185,10 +186,6 @@ def _gate_kernel(logits, score_id, bias, has_bias, hash_idx, use_hash, k, norm, 
                 wr[j] = _rnd(np.float32(wr[j] / den), to_bf16)
         for j in range(k):
             wr[j] = _rnd(np.float32(wr[j] * factor), to_bf16)
-
-
-#: Steps of up to this many rows compute the router logits one row at a time.
-ROW_INVARIANT_ROWS = 64
 
 
 def router_logits(x: torch.Tensor, gate_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -59,12 +59,9 @@ from ..common.jit import njit_kernel
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
+from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
-
-#: Calls of up to this many query rows (one sequence's rows of a decode or verify step)
-#: gather every row to the index lists' full width (see :func:`sparse_attn_core`).
-ROW_INVARIANT_ROWS = 64
 
 _DUMMY_U16 = np.zeros(1, np.uint16)
 _DUMMY_F32 = np.zeros(1, np.float32)

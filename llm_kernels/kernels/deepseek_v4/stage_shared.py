@@ -24,6 +24,12 @@ from ..common.norm_rope import ceil_log2, sumsq_torch_order
 from ..common.linear import linear as fused_linear
 from ..common.prepared import is_int8_weight
 
+#: Calls of up to this many rows (decode and speculative verify steps) compute each row
+#: alone where a batched float op would round a row differently with other rows present:
+#: the router's logits (:func:`.moe.router_logits`) and the attention's gather width
+#: (:func:`.sparse_attn.sparse_attn_core`). Larger calls (prefill) run batched.
+ROW_INVARIANT_ROWS = 64
+
 # --------------------------------------------------------------------------- host helpers
 
 

@@ -79,12 +79,9 @@ class DeepSeekV4Engine(EngineCore):
         caches = [self.seqs[s] for s in seq_ids]
         for c, n in zip(caches, lens):
             c.check_room(n)
-        self._reserve_journal(seq_ids, lens, caches)
-        return caches
-
-    def _reserve_journal(self, seq_ids, lens, caches: list[SequenceCache]) -> None:
         # keyed by the cache object (the public sublayers see caches, not sequence ids)
         self.journal = {id(c): c.snapshot(n) for c, n in zip(caches, lens)} if self.journaling else None
+        return caches
 
     def _commit(self, seq_ids, tokens, caches: list[SequenceCache]) -> None:
         for c, ts in zip(caches, tokens):
@@ -192,20 +189,18 @@ class DeepSeekV4Engine(EngineCore):
                 x = self.ffn_block(mw, L, x, ids)
         finally:
             self.journal = saved
-        last = x[torch.tensor(offs[1:]) - 1]
         with tm("lm_head"):
-            y = ops.hc_head(last, mw["hc_head_fn"], mw["hc_head_scale"], mw["hc_head_base"], hc_eps=cfg.hc_eps,
-                            rms_eps=cfg.rms_norm_eps, dtype=dt)
-            y = ops.rms_norm(y, mw["norm.weight"], cfg.rms_norm_eps, dt)
-            logits = ops.linear(y, self.w["head.weight"], dt)
+            logits = self._lm_head(x[torch.tensor(offs[1:]) - 1], prefix="mtp.0.")
         return [logits[b:b + 1] for b in range(len(seq_ids))]
 
-    def _lm_head(self, x_hc: torch.Tensor) -> torch.Tensor:
-        cfg, ops, dt = self.cfg, self.ops, self.dtype
-        y = ops.hc_head(x_hc, self.w["hc_head_fn"], self.w["hc_head_scale"], self.w["hc_head_base"],
+    def _lm_head(self, x_hc: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        """``hc_head`` -> final norm -> the shared head; ``prefix`` ``"mtp.0."``: the MTP
+        block's own ``hc_head_*`` and norm (spec §12.1)."""
+        cfg, ops, dt, w = self.cfg, self.ops, self.dtype, self.w
+        y = ops.hc_head(x_hc, w[prefix + "hc_head_fn"], w[prefix + "hc_head_scale"], w[prefix + "hc_head_base"],
                         hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
-        y = ops.rms_norm(y, self.w["norm.weight"], cfg.rms_norm_eps, dt)
-        return ops.linear(y, self.w["head.weight"], dt)
+        y = ops.rms_norm(y, w[prefix + "norm.weight"], cfg.rms_norm_eps, dt)
+        return ops.linear(y, w["head.weight"], dt)
 
     # ------------------------------------------------------------------ sublayers
     def attention_block(self, lw, layer: int, x_hc: torch.Tensor, positions: torch.Tensor,
@@ -216,7 +211,7 @@ class DeepSeekV4Engine(EngineCore):
         (window rows, compressor state). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
         lt = cfg.layer_type(layer)
-        journal = self.journal if self.journaling else None
+        journal = self.journal  # None unless journaling
         with tm("hc_pre"):
             x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
                                              hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,

@@ -89,6 +89,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
+from .moe_multi import multi_expert_raw
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -290,11 +291,12 @@ class ExpertPack:
     """The packed form of one W8A8 SwiGLU expert: ``p13`` = ``[w1; w3]`` as one ``[2I, D]``
     weight (one GEMM for the gate and up projections), ``p2`` = w2 ``[D, I]``."""
 
-    __slots__ = ("inter", "p13", "p2")
+    __slots__ = ("inter", "p13", "p2", "slot", "stack")
     n_members = 3
 
     def __init__(self, p13: PackedW8A8, p2: PackedW8A8, inter: int):
         self.p13, self.p2, self.inter = p13, p2, inter
+        self.stack, self.slot = None, -1  # set by moe_multi.stack_experts (the layer's stacked packs)
 
 
 def _check_swiglu(w1, w3, w2) -> None:
@@ -400,6 +402,31 @@ def _expert_raw(x_rows: torch.Tensor, xq: np.ndarray | None, sx: np.ndarray | No
     return _ref_linear(torch.from_numpy(h), w2, dtype).contiguous().numpy()
 
 
+def _multi_experts(xq, sx, idx, used, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
+    """The step's routed experts and the shared one through :func:`.moe_multi.multi_expert_raw`
+    when all are prepared W8A8 experts of one stack: fills ``y[tok, slot]`` and returns the
+    shared expert's output [T, D]; None (``y`` untouched) otherwise."""
+    gs = stage_group(tuple(shared), ExpertPack)
+    st = getattr(gs, "stack", None)
+    if st is None:
+        return None
+    slots, rows, places = [], [], []
+    for e in used:
+        g = stage_group(tuple(experts[int(e)]), ExpertPack)
+        if g is None or g.stack is not st:
+            return None
+        tok, slot = np.nonzero(idx == e)
+        slots.append(g.slot)
+        rows.append(tok)
+        places.append((tok, slot))
+    outs = multi_expert_raw(xq, sx, slots + [gs.slot], rows + [np.arange(idx.shape[0])], st, limit, to_bf16)
+    if outs is None:
+        return None
+    for (tok, slot), ye in zip(places, outs):
+        y[tok, slot] = ye
+    return outs[-1]
+
+
 def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: list[tuple[torch.Tensor, ...]],
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, swiglu_limit: float,
         dtype: torch.dtype) -> torch.Tensor:
@@ -421,6 +448,9 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     if need_q:
         xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
     y = np.zeros((T, K, D), np.float32)
+    ysh = _multi_experts(xq, sx, idx, used, experts, shared, swiglu_limit, to_bf16, y) if need_q else None
+    if ysh is not None:  # every expert of the step in one parallel region per weight
+        used = used[:0]
     for e in used:
         tok, slot = np.nonzero(idx == e)
         ws = experts[int(e)]
@@ -429,7 +459,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
         else:
             ye = _expert_raw(xd[torch.from_numpy(tok)], None, None, ws, swiglu_limit, to_bf16, dtype)
         y[tok, slot] = ye
-    ysh = _expert_raw(xd, xq, sx, shared, swiglu_limit, to_bf16, dtype)
+    if ysh is None:
+        ysh = _expert_raw(xd, xq, sx, shared, swiglu_limit, to_bf16, dtype)
     out = np.empty((T, D), np.float32)
     if T:
         _combine(y, weights.detach().float().contiguous().numpy(), np.ascontiguousarray(ysh), to_bf16, out)

@@ -47,10 +47,13 @@ from ..common.bf16 import load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import pack_w8a8, w8a8_gemm_i32, w8a8_linear
 from ..common.gemm_group import group_gemm_linear, pack_group_w8
+from ..common.gemm_multi import stack_packs
+from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
 from ..common.prepared import PackedColumnGroups, PackedGroupLinear, PackedGroupRowGroups, PackedRowGroups
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile
+from .output_proj_int8 import fused_int8_output_proj, stacks_of
 
 __all__ = ["USE_BF16_DOT", "WO_A_NUMBA_MAX_T", "grouped_output_proj", "prepare_wo_a", "prepare_wo_b"]
 
@@ -249,8 +252,15 @@ def prepare_wo_b(wo_b: QuantWeight, o_groups: int) -> PackedColumnGroups:
     ol = GOL // o_groups
     qw = wo_b.qweight
     sc = wo_b.scale.float().contiguous()
-    return PackedColumnGroups([pack_w8a8(qw[:, g * ol:(g + 1) * ol].contiguous(), sc) for g in range(o_groups)],
-                              wo_b.scale)
+    return _with_stack(PackedColumnGroups([pack_w8a8(qw[:, g * ol:(g + 1) * ol].contiguous(), sc)
+                                           for g in range(o_groups)], wo_b.scale))
+
+
+def _with_stack(pw):
+    """``pw`` with ``stack``: its tiled group packs stacked for the one-region decode path
+    (:mod:`.output_proj_int8`), or None for the plain ``"nk"`` layout."""
+    object.__setattr__(pw, "stack", stack_packs(pw.packs) if is_tiled(pw.packs[0].layout) else None)
+    return pw
 
 
 def prepare_wo_a(wo_a: QuantWeight | GroupQuantWeight, o_groups: int) -> PackedRowGroups | PackedGroupRowGroups:
@@ -269,8 +279,9 @@ def prepare_wo_a(wo_a: QuantWeight | GroupQuantWeight, o_groups: int) -> PackedR
                                                                     sc[g * ol:(g + 1) * ol].contiguous(), gs))
                                      for g in range(o_groups)], wo_a.scale)
     qw, sc = wo_a.qweight, wo_a.scale.float().contiguous()
-    return PackedRowGroups([pack_w8a8(qw[g * ol:(g + 1) * ol].contiguous(), sc[g * ol:(g + 1) * ol].contiguous())
-                            for g in range(o_groups)], wo_a.scale)
+    return _with_stack(PackedRowGroups([pack_w8a8(qw[g * ol:(g + 1) * ol].contiguous(),
+                                                  sc[g * ol:(g + 1) * ol].contiguous())
+                                        for g in range(o_groups)], wo_a.scale))
 
 
 def _wo_a_int8(x: np.ndarray, wo_a: QuantWeight | GroupQuantWeight, o_groups: int, to_bf16: bool) -> np.ndarray:
@@ -374,5 +385,10 @@ def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: 
     o [T, H, HD] (dtype-rounded) -> [T, D] float32 holding dtype values."""
     T = o.shape[0]
     x = _np_f32(o).reshape(T, o_groups, o.shape[1] * o.shape[2] // o_groups)
+    st = stacks_of(wo_a, wo_b)
+    if st is not None:  # prepared INT8 wo_a and wo_b: one parallel region per weight
+        y = fused_int8_output_proj(x, *st, dtype == torch.bfloat16)
+        if y is not None:
+            return y
     r = _wo_a_project(x, wo_a, o_groups, dtype)
     return _wo_b_project(r, wo_b, o_groups, dtype)

@@ -8,10 +8,13 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   per-head layout (:func:`.w8a8_heads.prepare_heads`; read by ``qkv_proj_rope`` /
   ``indexer_query*``);
 * ``layers.*.attn.wo_b`` -> :class:`PackedColumnGroups`, one packed slice per output group
-  (:func:`.output_proj.prepare_wo_b`; ``grouped_output_proj``);
+  (:func:`.output_proj.prepare_wo_b`; ``grouped_output_proj``), the slices stacked for
+  the one-region decode path (:mod:`.output_proj_int8`);
 * ``layers.*.ffn.shared_experts.w1/w3/w2`` and ``layers.*.ffn.experts.<e>.w1/w3/w2`` ->
   three :class:`PackedRows` sharing one :class:`~.moe.ExpertPack` (``[w1; w3]`` as one
-  GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``);
+  GEMM weight, w2; :func:`.moe.prepare_expert`; ``moe``); then each layer's packs are
+  stacked (:func:`.moe_multi.stack_experts`: one ``[E+1, bytes]`` array per weight, the
+  packs become views of it) so a decode step runs all its experts in one region;
 * ``head.weight`` when it is W8A8 -> :class:`PackedLinear` (:func:`.linear.prepare_linear`);
 * group-scaled INT8 weights (the ``int8_g32`` scheme, :class:`GroupQuantWeight`): an
   expert's w1/w3 as two ``PackedGroupRows`` of one pack and w2 a ``PackedGroupLinear``, ``wo_a`` as
@@ -43,7 +46,9 @@ from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
 from ..common.prepared import is_int8_weight
-from .moe import prepare_expert
+from ..common.prepared import stage_group
+from .moe import ExpertPack, prepare_expert
+from .moe_multi import stack_experts
 from .output_proj import prepare_wo_a, prepare_wo_b
 from .w8a8_heads import prepare_heads
 
@@ -100,7 +105,26 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
             continue
         if consume:
             weights[name] = out[name]
+    _stack_layer_experts(out)
     return out
+
+
+def _stack_layer_experts(out: dict[str, Any]) -> None:
+    """Stack each layer's prepared W8A8 experts (routed and shared,
+    :func:`.moe_multi.stack_experts`) so a decode step runs them in one parallel region per
+    weight; layers already stacked, or whose experts cannot be (other kinds, plain layout),
+    are left as they are."""
+    by_layer: dict[str, list] = {}
+    for name, w in out.items():
+        m = _LAYER.match(name)
+        e = _EXPERT_W1.match(m.group(2)) if m is not None else None
+        g = stage_group((w, out.get(name[:-len("w1.weight")] + "w3.weight"),
+                         out.get(name[:-len("w1.weight")] + "w2.weight")), ExpertPack) if e else None
+        if g is not None:
+            by_layer.setdefault(m.group(1), []).append(g)
+    for packs in by_layer.values():
+        if all(p.stack is None for p in packs):
+            stack_experts(packs)
 
 
 def _kind(w: Any) -> type | None:

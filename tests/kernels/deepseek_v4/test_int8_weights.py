@@ -18,6 +18,7 @@ from llm_kernels.kernels.deepseek_v4 import compressor as KC
 from llm_kernels.kernels.deepseek_v4 import indexer as KI
 from llm_kernels.kernels.common import linear as KL
 from llm_kernels.kernels.deepseek_v4 import output_proj as KA
+from llm_kernels.kernels.deepseek_v4.output_proj_int8 import fused_int8_output_proj, stacks_of
 from llm_kernels.kernels.deepseek_v4 import qkv_proj_rope as KQ
 from llm_kernels.kernels.deepseek_v4.prepare import prepare_weights
 from llm_kernels.numerics.quant import quantize_weight
@@ -42,7 +43,7 @@ def _x(T, D, seed, dtype):
     return torch.randn(T, D, generator=_g(seed)).to(dtype).float()
 
 
-@pytest.mark.parametrize("T", [1, 3, 9])
+@pytest.mark.parametrize("T", [1, 3, 9, 16, 17])  # 17: past one register tile, the per-group calls
 @pytest.mark.parametrize("dtype", [BF16, F32])
 @pytest.mark.parametrize("G,OL,K", [(8, 64, 256), (2, 24, 40)])  # the second: odd tails
 def test_grouped_output_proj_int8_wo_a(T, dtype, G, OL, K):
@@ -54,6 +55,12 @@ def test_grouped_output_proj_int8_wo_a(T, dtype, G, OL, K):
     out = KA.grouped_output_proj(o, wo_a, wo_b, o_groups=G, dtype=dtype)
     pa, pb = KA.prepare_wo_a(wo_a, G), KA.prepare_wo_b(wo_b, G)
     prepared = KA.grouped_output_proj(o, pa, pb, o_groups=G, dtype=dtype)
+    if pa.packs[0].layout != "nk":  # tiled tiers: the one-region path over all groups (T <= 16)
+        x = o.reshape(T, G, -1).numpy()
+        fused = fused_int8_output_proj(x, *stacks_of(pa, pb), dtype == BF16)
+        assert (fused is None) == (T > 16)
+        if fused is not None:
+            assert torch.equal(fused, ref)
     assert torch.equal(out, ref)
     assert torch.equal(prepared, ref)
     assert torch.equal(pa.qweight, wo_a.qweight)          # the packed groups unpack to the weight

@@ -1,0 +1,140 @@
+"""The decode path of the W8A8 ``moe``: every expert of a step in ONE parallel region per
+weight (:mod:`..common.gemm_multi`) instead of two GEMM calls per expert.
+
+A decode step at Flash dims runs 6 routed experts and the shared one per layer: 14 GEMM
+calls of 8-17 MiB, each two parallel regions (packing, tiles) plus a SwiGLU region, with
+the threads waiting for each other at every end and the prefetchers restarting on every
+weight. Here the step's experts are the parts of one multi-GEMM:
+
+1. the token rows (quantised once, bit-exact golden per-row INT8) are packed per expert
+   (its routed tokens; the shared expert: all of them);
+2. ``[w1; w3]`` of every expert in one region (:func:`..common.gemm_multi.rows_core` over
+   the layer's stacked packs, :func:`stack_experts`), unrounded dequant as
+   :func:`..common.gemm.w8a8_gemm`;
+3. one kernel: SwiGLU (``rnd`` of g and u, the clamps, ``rnd(rnd(silu(g))·u)``) and the
+   per-row INT8 requantisation of h for every (expert, token) row, then the packing;
+4. every expert's w2 in one region.
+
+The results are bitwise those of :func:`.moe._expert_raw` per expert (same integers, the
+same fp32 epilogue order, the same SwiGLU arithmetic), so ``moe`` gives the same bits on
+either path. Used when every active expert and the shared one are prepared W8A8 experts
+of one stack and each runs at most 16 rows (one register tile per chunk); otherwise
+``moe`` runs its per-expert calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ..common.bf16 import round_f32 as _rnd
+from ..common.gemm import MAX_TILE_T, padded_tokens
+from ..common.gemm_multi import pack_rows_parts, rows_core, stack_packs
+from ..common.jit import njit_kernel
+from ..common.quant import quant_row_f32
+from ..common.vecmath import sleef_expf as _sleef_expf
+
+__all__ = ["ExpertStack", "multi_expert_raw", "stack_experts"]
+
+
+class ExpertStack:
+    """The stacked ``[w1; w3]`` and w2 packs of one layer's W8A8 experts (routed and
+    shared): ``p13``, ``p2`` (:class:`..common.gemm_multi.PackStack`), ``inter`` (I)."""
+
+    __slots__ = ("inter", "p13", "p2")
+
+    def __init__(self, p13, p2, inter: int):
+        self.p13, self.p2, self.inter = p13, p2, inter
+
+
+def stack_experts(packs: list) -> ExpertStack | None:
+    """Stack the :class:`.moe.ExpertPack` s of one layer (same shapes, a tiled layout) and
+    mark each with ``stack`` and its ``slot``; None (nothing changed) when they cannot be
+    stacked (mixed shapes, the plain ``"nk"`` layout, fewer than two experts)."""
+    if len(packs) < 2:
+        return None
+    try:
+        p13 = stack_packs([p.p13 for p in packs])
+    except ValueError:
+        return None
+    try:
+        p2 = stack_packs([p.p2 for p in packs])
+    except ValueError:  # pragma: no cover - p13 stacked, so the w2 packs match too
+        return None
+    st = ExpertStack(p13, p2, packs[0].inter)
+    for i, p in enumerate(packs):
+        p.stack, p.slot = st, i
+    return st
+
+
+@njit_kernel
+def _silu(g):
+    """torch's fp32 ``silu``: ``x / (1 + exp(-x))`` with the SLEEF ``exp`` (as :mod:`.moe`)."""
+    return np.float32(g / np.float32(np.float32(1.0) + _sleef_expf(-g)))
+
+
+@njit_kernel(parallel=True)
+def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh):
+    """Per (part j, row t < nrows[j]) of ``gu`` [J, T, 2I] (g | u, unrounded GEMM outputs):
+    ``h = rnd(rnd(silu(rnd g))·rnd u)`` with the ``swiglu_limit`` clamps, quantised per row
+    into ``hq[j, t, :I]`` (int8, zero-padded rows) and ``sh[j, t]``: :func:`.moe._swiglu`'s
+    arithmetic exactly."""
+    J, T, _ = gu.shape
+    for r in prange(J * T):
+        j = r // T
+        t = r - j * T
+        if t >= nrows[j]:
+            continue
+        row = gu[j, t]
+        buf = np.empty(I, np.float32)
+        for i in range(I):
+            g = _rnd(row[i], to_bf16)
+            u = _rnd(row[I + i], to_bf16)
+            if limit > 0:
+                g = min(g, limit)
+                u = min(max(u, -limit), limit)
+            buf[i] = _rnd(np.float32(_rnd(_silu(g), to_bf16) * u), to_bf16)
+        sh[j, t] = quant_row_f32(buf, hq[j, t, :I])
+
+
+def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: list[np.ndarray],
+                     st: ExpertStack, limit: float, to_bf16: bool) -> list[np.ndarray] | None:
+    """Experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of the quantised
+    activations ``xq`` [T, D] int8 / ``sx`` [T] float32 -> the w2 outputs, float32
+    ``[len(rows[j]), D]`` each (unrounded dequant, as :func:`.moe._expert_raw`). None when
+    a part has more than 16 rows (the caller runs its per-expert path)."""
+    J = len(slots)
+    nr = np.array([len(r) for r in rows], np.int64)
+    tmax = int(nr.max()) if J else 0
+    if J == 0 or tmax == 0 or tmax > MAX_TILE_T:
+        return None
+    p13, p2, I = st.p13, st.p2, st.inter
+    D = xq.shape[1]
+    TP = padded_tokens(tmax)
+    KG = p13.kp // 4
+    if D == 4 * KG:
+        q32 = np.ascontiguousarray(xq).view(np.uint32)
+    else:
+        qp = np.zeros((xq.shape[0], 4 * KG), np.int8)
+        qp[:, :D] = xq
+        q32 = qp.view(np.uint32)
+    ridx = np.zeros((J, tmax), np.int64)
+    sxp = np.zeros((J, tmax), np.float32)
+    for j, r in enumerate(rows):
+        ridx[j, :len(r)] = r
+        sxp[j, :len(r)] = sx[r]
+    sel = np.asarray(slots, np.int64)
+    xp = np.empty((J, 4 * KG * TP), np.uint8)
+    pack_rows_parts(q32, ridx, nr, xp, TP)
+    gu = np.empty((J, tmax, 2 * I), np.float32)
+    rows_core(xp, sel, nr, TP, KG, p13.data, p13.wsum128, p13.scale, 2 * I, sxp, False, gu)
+    KG2 = p2.kp // 4
+    hq = np.zeros((J, TP, 4 * KG2), np.int8)
+    sh = np.zeros((J, tmax), np.float32)
+    _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh)
+    hidx = (np.arange(J, dtype=np.int64)[:, None] * TP + np.arange(tmax, dtype=np.int64)[None, :])
+    xp2 = np.empty((J, 4 * KG2 * TP), np.uint8)
+    pack_rows_parts(hq.reshape(J * TP, 4 * KG2).view(np.uint32), hidx, nr, xp2, TP)
+    y = np.empty((J, tmax, p2.n), np.float32)
+    rows_core(xp2, sel, nr, TP, KG2, p2.data, p2.wsum128, p2.scale, p2.n, sh, False, y)
+    return [y[j, :len(r)] for j, r in enumerate(rows)]

@@ -1,0 +1,61 @@
+"""The decode path of the INT8 grouped output projection (``int8`` scheme: per-row INT8
+``wo_a`` as :class:`~llm_kernels.kernels.common.prepared.PackedRowGroups`, W8A8 ``wo_b`` as
+:class:`~llm_kernels.kernels.common.prepared.PackedColumnGroups`), each as ONE parallel
+region over all groups (:mod:`..common.gemm_multi`) instead of one GEMM call per group.
+
+``o`` [T, G, K] -> per (token, group) INT8 rows -> ``wo_a`` group g -> ``r`` [G, T, OL]
+rounded to the dtype -> per (token, group) INT8 rows -> ``wo_b`` (groups summed in order)
+-> [T, D]. Bitwise equal to the per-group path of :mod:`.output_proj` (and so to the
+reference's per-group ``rnd(w8a8_linear(o_g, wo_a_g))`` and W8A8 ``wo_b``): the same exact
+INT32 sums, quantisation recipe and fp32 epilogue order.
+
+Used when both weights are prepared with their stacks (tiled INT8 layouts, set up by
+:func:`.output_proj.prepare_wo_a` / :func:`.output_proj.prepare_wo_b`) and ``T <= 16``
+(one register tile per chunk); otherwise :mod:`.output_proj` runs its per-group calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..common.gemm import MAX_TILE_T, padded_tokens
+from ..common.gemm_multi import cols_core, quant_pack_parts, rows_core
+
+__all__ = ["fused_int8_output_proj", "stacks_of"]
+
+
+def stacks_of(wo_a, wo_b):
+    """``(wo_a stack, wo_b stack)`` when both weights carry the stacks the fused path
+    reads (prepared INT8 ``wo_a`` row groups and W8A8 ``wo_b`` column groups), else None."""
+    sa = getattr(wo_a, "stack", None)
+    sb = getattr(wo_b, "stack", None)
+    if sa is None or sb is None:
+        return None
+    return sa, sb
+
+
+def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor | None:
+    """``x`` [T, G, K] float32 (dtype-rounded attention output per group) through the
+    stacked ``wo_a`` (``sa``: G parts [OL, K]) and ``wo_b`` (``sb``: G parts [D, OL]) ->
+    float32 [T, D] holding dtype values. Returns None when the shapes do not fit the fused
+    path (``T > 16``, a group count or width that differs), so the caller falls back."""
+    T, G, K = x.shape
+    if not 0 < T <= MAX_TILE_T or sa.parts != G or sb.parts != G or sa.k != K or sb.k != sa.n:
+        return None
+    TP = padded_tokens(T)
+    OL, D = sa.n, sb.n
+    xa = np.ascontiguousarray(x.transpose(1, 0, 2))
+    nrows = np.full(G, T, np.int64)
+    xp = np.empty((G, sa.kp * TP), np.uint8)
+    sx = np.empty((G, T), np.float32)
+    quant_pack_parts(xa, nrows, xp, sx, TP, sa.kp // 4)
+    r = np.empty((G, T, OL), np.float32)
+    rows_core(xp, np.arange(G, dtype=np.int64), nrows, TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale, OL, sx,
+              to_bf16, r)
+    xq = np.empty((G, sb.kp * TP), np.uint8)
+    sr = np.empty((G, T), np.float32)
+    quant_pack_parts(r, nrows, xq, sr, TP, sb.kp // 4)
+    out = np.empty((T, D), np.float32)
+    cols_core(xq, T, TP, sb.kp // 4, sb.data, sb.wsum128, np.ascontiguousarray(sr.T), sb.scale[0], D, to_bf16, out)
+    return torch.from_numpy(out)

@@ -1,0 +1,119 @@
+"""The one-region decode path of the W8A8 ``moe`` (:mod:`llm_kernels.kernels.deepseek_v4.moe_multi`):
+every expert of a step (routed + shared) through stacked packs, asserted **bitwise equal**
+to the per-expert path and to the reference (the same exact INT32 sums, the same fp32
+epilogue and SwiGLU arithmetic), for decode-sized steps, ragged token counts per expert
+and the fall-back above 16 rows per expert."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llm_kernels.kernels.common import jit
+from llm_kernels.kernels.common.gemm_multi import stack_packs
+from llm_kernels.kernels.common.gemm import pack_w8a8
+from llm_kernels.kernels.deepseek_v4 import moe as KM
+from llm_kernels.kernels.deepseek_v4 import moe_multi as MM
+from llm_kernels.numerics.quant import QuantWeight
+from llm_kernels.reference.deepseek_v4 import moe as RM
+
+BF16, F32 = torch.bfloat16, torch.float32
+TILED = jit.INT8_TILE is not None
+needs_tiles = pytest.mark.skipif(not TILED, reason="needs an INT8 register tile: tier avx2 or avx512-vnni")
+
+
+def _qw(o, i, g):
+    return QuantWeight(torch.randint(-127, 128, (o, i), dtype=torch.int8, generator=g),
+                       torch.rand(o, generator=g) * 1e-3 + 1e-3)
+
+
+def _layer(E, D, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    experts = [(_qw(I, D, g), _qw(I, D, g), _qw(D, I, g)) for _ in range(E)]
+    shared = (_qw(I, D, g), _qw(I, D, g), _qw(D, I, g))
+    p_exp = [KM.prepare_expert(*ws) for ws in experts]
+    p_sh = KM.prepare_expert(*shared)
+    return experts, shared, p_exp, p_sh
+
+
+def _route(T, E, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    return w, idx
+
+
+@needs_tiles
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 40])  # 40 with 4 experts: > 16 rows per expert -> per-expert calls
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("D,I", [(128, 64), (70, 36)])  # the second: K not a multiple of 4, N not of 64
+def test_stacked_moe_bitwise(T, dtype, D, I, monkeypatch):
+    E, K = 4, 2
+    experts, shared, p_exp, p_sh = _layer(E, D, I)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dtype).float()
+    w, idx = _route(T, E, K, T)
+    plain = KM.moe(x, w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype)   # not stacked: per-expert calls
+    st = MM.stack_experts([KM.expert_pack(*ws) for ws in p_exp] + [KM.expert_pack(*p_sh)])
+    assert st is not None and st.p13.parts == E + 1
+    calls = []
+    real = MM.multi_expert_raw
+    monkeypatch.setattr(KM, "multi_expert_raw", lambda *a: calls.append(real(*a)) or calls[-1])
+    stacked = KM.moe(x, w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype)
+    ref = RM.moe(x, w, idx, experts, shared, swiglu_limit=0.5, dtype=dtype)
+    max_rows = max(int((idx == e).sum()) for e in range(E))
+    assert (calls[0] is not None) == (max(max_rows, T) <= 16)   # the shared expert runs all T rows
+    assert torch.equal(stacked, plain)
+    assert torch.equal(stacked, ref)
+    # the packs still unpack to the weights (their data are views of the stack now)
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(p_exp[1], experts[1]))
+
+
+@needs_tiles
+def test_stack_packs_views_and_errors():
+    g = torch.Generator().manual_seed(3)
+    packs = [pack_w8a8(torch.randint(-127, 128, (64, 32), dtype=torch.int8, generator=g), torch.rand(64) + 0.5)
+             for _ in range(3)]
+    before = [p.data.copy() for p in packs]
+    st = stack_packs(packs)
+    for i, p in enumerate(packs):
+        assert np.shares_memory(p.data, st.data) and np.array_equal(p.data, before[i])
+        assert st.data[i].ctypes.data % 64 == 0
+    other = pack_w8a8(torch.zeros(128, 32, dtype=torch.int8), torch.ones(128))
+    with pytest.raises(ValueError, match="share shape"):
+        stack_packs(packs + [other])
+    with pytest.raises(ValueError, match="at least one"):
+        stack_packs([])
+    with pytest.raises(ValueError, match="tiled layout"):
+        stack_packs([pack_w8a8(torch.zeros(64, 32, dtype=torch.int8), torch.ones(64), layout="nk")])
+
+
+@pytest.fixture(scope="module")
+def mini_checkpoint(tmp_path_factory):
+    from llm_kernels.checkpoint import write_random_checkpoint
+    from llm_kernels.models import preset
+
+    d = tmp_path_factory.mktemp("ckpt_mini_stack")
+    write_random_checkpoint(preset("mini"), d, seed=0, dtype=BF16, progress=False)
+    return d
+
+
+@needs_tiles
+def test_prepare_weights_stacks_each_layer(mini_checkpoint):
+    from llm_kernels.checkpoint import load_checkpoint
+    from llm_kernels.kernels.deepseek_v4.prepare import prepare_weights
+    from llm_kernels.kernels.common.prepared import stage_group
+
+    cfg, w = load_checkpoint(mini_checkpoint, dtype=BF16, progress=False, quant="int8")
+    out = prepare_weights(w, cfg)
+    for layer in range(cfg.num_hidden_layers):
+        p = f"layers.{layer}.ffn."
+        names = [p + f"experts.{e}." for e in range(cfg.n_routed_experts)] + [p + "shared_experts."]
+        groups = [stage_group(tuple(out[n + f"{j}.weight"] for j in ("w1", "w3", "w2")), KM.ExpertPack)
+                  for n in names]
+        assert len({id(g.stack) for g in groups}) == 1 and groups[0].stack.p13.parts == len(names)
+        assert sorted(g.slot for g in groups) == list(range(len(names)))
+        assert out[f"layers.{layer}.attn.wo_a.weight"].stack.parts == cfg.o_groups
+        assert out[f"layers.{layer}.attn.wo_b.weight"].stack.parts == cfg.o_groups
+    again = prepare_weights(out, cfg)                   # idempotent: the stacks are kept
+    assert again[p + "experts.0.w1.weight"].group.stack is out[p + "experts.0.w1.weight"].group.stack

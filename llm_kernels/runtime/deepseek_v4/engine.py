@@ -27,6 +27,7 @@ from ...numerics.quant import QuantWeight
 from ...numerics.rounding import rnd
 from ...reference.deepseek_v4 import model as _model
 from ..engine_core import EngineCore
+from ..rope_table import RopeTables
 from ..timing import StageTimer
 from .cache import CompressorState, SequenceCache, StepJournal
 from .stages import REFERENCE_OPS
@@ -62,6 +63,7 @@ class DeepSeekV4Engine(EngineCore):
         #: the last step) so that :meth:`rewind` can drop its rejected rows
         self.journaling, self.journal = False, None
         self.last_hidden: torch.Tensor | None = None
+        self.rope = RopeTables(ops.rope_cos_sin, dtype)  # cos/sin by position, tabulated once per profile
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
         self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
 
@@ -218,7 +220,7 @@ class DeepSeekV4Engine(EngineCore):
                                              hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
         with tm("qkv_proj_rope"):
             xn = ops.rms_norm(x_mixed, lw["attn_norm.weight"], cfg.rms_norm_eps, dt)
-            cos, sin = ops.rope_cos_sin(cfg.rope_for_layer(layer), cfg.qk_rope_head_dim, positions, dt)
+            cos, sin = self.rope(cfg.rope_for_layer(layer), cfg.qk_rope_head_dim, positions)
             q, kv, q_res = ops.qkv_proj_rope(xn, lw["attn.wq_a.weight"], lw["attn.q_norm.weight"],
                                              lw["attn.wq_b.weight"], lw["attn.wkv.weight"],
                                              lw["attn.norm.weight"], cos, sin,
@@ -255,7 +257,7 @@ class DeepSeekV4Engine(EngineCore):
                     with tm("indexer"):
                         new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos, jr,
                                              (layer, "indexer"))
-                        icos, isin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, pos, dt)
+                        icos, isin = self.rope(cfg.rope_compress, cfg.qk_rope_head_dim, pos)
                         wq_b = lw["attn.indexer.wq_b.weight"]
                         args = (q_res[sl], xn[sl], wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
                         kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
@@ -303,7 +305,7 @@ class DeepSeekV4Engine(EngineCore):
         if not n:
             return None
         wpos = (n0 + torch.arange(n)) * st.ratio
-        cos, sin = ops.rope_cos_sin(cfg.rope_compress, cfg.qk_rope_head_dim, wpos, dt)
+        cos, sin = self.rope(cfg.rope_compress, cfg.qk_rope_head_dim, wpos)
         new = ops.compress_windows(kvw, sw, prev_kv, prev_score, lw[prefix + "norm.weight"], cos, sin,
                                    overlap=st.overlap, eps=cfg.rms_norm_eps, dtype=dt)
         st.push_entries(new)

@@ -1,0 +1,38 @@
+"""``RopeTables``: cos/sin looked up by position are bitwise the direct ``rope_cos_sin`` call
+(both RoPE profiles of DeepSeek-V4, YaRN included, and Qwen3's), across table growth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_kernels.models import preset
+from llm_kernels.reference.deepseek_v4.common import rope_cos_sin as ds_rope
+from llm_kernels.reference.qwen3.common import rope_cos_sin as qwen_rope
+from llm_kernels.runtime.rope_table import RopeTables
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lookup_is_bitwise_direct(dtype):
+    cfg = preset("flash")
+    tab = RopeTables(ds_rope, dtype, initial=64)
+    g = torch.Generator().manual_seed(0)
+    for rope in (cfg.rope_main, cfg.rope_compress):
+        for pos in (torch.tensor([0]), torch.tensor([63]), torch.randint(0, 5000, (37,), generator=g),
+                    torch.arange(4090, 4100), torch.tensor([[3, 70000], [5, 9]])):
+            c, s = tab(rope, cfg.qk_rope_head_dim, pos)
+            c0, s0 = ds_rope(rope, cfg.qk_rope_head_dim, pos, dtype)
+            assert torch.equal(c, c0) and torch.equal(s, s0)
+    assert tab._tables[(cfg.rope_main, cfg.qk_rope_head_dim)][0].shape[0] == 64 * 2 ** 11  # doubled past 70000
+
+
+def test_qwen3_profile_and_errors():
+    cfg = preset("qwen3-mini")
+    tab = RopeTables(qwen_rope, torch.bfloat16)
+    pos = torch.tensor([0, 1, 2047, 3000])
+    c, s = tab(cfg.rope, cfg.head_dim, pos)
+    c0, s0 = qwen_rope(cfg.rope, cfg.head_dim, pos, torch.bfloat16)
+    assert torch.equal(c, c0) and torch.equal(s, s0)
+    assert tab(cfg.rope, cfg.head_dim, torch.zeros(0, dtype=torch.long))[0].shape[0] == 0
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        tab(cfg.rope, cfg.head_dim, torch.tensor([-1]))

@@ -53,7 +53,7 @@ from ..common.jit import njit_kernel
 from ..common.prepared import PackedColumnGroups, PackedGroupLinear, PackedGroupRowGroups, PackedRowGroups
 from ..common.quant import quant_row_f32
 from ..common.x86 import bf16_dot_tile
-from .output_proj_int8 import fused_int8_output_proj, stacks_of
+from .output_proj_int8 import fused_int8_output_proj, fused_wo_b, stacks_of
 
 __all__ = ["USE_BF16_DOT", "WO_A_NUMBA_MAX_T", "grouped_output_proj", "prepare_wo_a", "prepare_wo_b"]
 
@@ -326,6 +326,10 @@ def _wo_b_project(r: np.ndarray, wo_b, o_groups: int, dtype: torch.dtype) -> tor
         y = group_gemm_linear(r, PackedGroupLinear.of(wo_b).packed)
         return torch.from_numpy(y).to(torch.bfloat16).float() if to_bf16 else torch.from_numpy(y)
     if isinstance(wo_b, QuantWeight):
+        if getattr(wo_b, "stack", None) is not None:  # prepared: one parallel region for every group
+            y = fused_wo_b(r, wo_b.stack, to_bf16)
+            if y is not None:
+                return y
         packs = prepare_wo_b(wo_b, o_groups).packs
         D = wo_b.shape[0]
         ol = r.shape[1] // o_groups

@@ -9,6 +9,8 @@ rounded to the dtype -> per (token, group) INT8 rows -> ``wo_b`` (groups summed 
 reference's per-group ``rnd(w8a8_linear(o_g, wo_a_g))`` and W8A8 ``wo_b``): the same exact
 INT32 sums, quantisation recipe and fp32 epilogue order.
 
+:func:`fused_wo_b` is the ``wo_b`` half alone (the ``w8a8`` scheme keeps ``wo_a`` float).
+
 Used when both weights are prepared with their stacks (tiled INT8 layouts, set up by
 :func:`.output_proj.prepare_wo_a` / :func:`.output_proj.prepare_wo_b`) and ``T <= 16``
 (one register tile per chunk); otherwise :mod:`.output_proj` runs its per-group calls.
@@ -22,7 +24,7 @@ import torch
 from ..common.gemm import MAX_TILE_T, padded_tokens
 from ..common.gemm_multi import cols_core, quant_pack_parts, rows_core
 
-__all__ = ["fused_int8_output_proj", "stacks_of"]
+__all__ = ["fused_int8_output_proj", "fused_wo_b", "stacks_of"]
 
 
 def stacks_of(wo_a, wo_b):
@@ -44,7 +46,7 @@ def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor
     if not 0 < T <= MAX_TILE_T or sa.parts != G or sb.parts != G or sa.k != K or sb.k != sa.n:
         return None
     TP = padded_tokens(T)
-    OL, D = sa.n, sb.n
+    OL = sa.n
     xa = np.ascontiguousarray(x.transpose(1, 0, 2))
     nrows = np.full(G, T, np.int64)
     xp = np.empty((G, sa.kp * TP), np.uint8)
@@ -53,6 +55,26 @@ def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor
     r = np.empty((G, T, OL), np.float32)
     rows_core(xp, np.arange(G, dtype=np.int64), nrows, TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale, OL, sx,
               to_bf16, r)
+    return _wo_b(r, sb, to_bf16)
+
+
+def fused_wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor | None:
+    """W8A8 ``wo_b`` alone (the ``w8a8`` scheme keeps ``wo_a`` float): ``r`` [T, G·OL]
+    float32 (dtype-rounded) through the stacked column groups ``sb`` -> [T, D]; None when
+    ``T > 16`` or the widths differ (the caller runs its per-group calls)."""
+    T = r.shape[0]
+    G = sb.parts
+    if not 0 < T <= MAX_TILE_T or r.shape[1] != G * sb.k:
+        return None
+    return _wo_b(np.ascontiguousarray(r.reshape(T, G, sb.k).transpose(1, 0, 2)), sb, to_bf16)
+
+
+def _wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor:
+    """``r`` [G, T, OL] -> per (group, token) INT8 rows -> ``wo_b`` -> [T, D]."""
+    G, T, _ = r.shape
+    TP = padded_tokens(T)
+    D = sb.n
+    nrows = np.full(G, T, np.int64)
     xq = np.empty((G, sb.kp * TP), np.uint8)
     sr = np.empty((G, T), np.float32)
     quant_pack_parts(r, nrows, xq, sr, TP, sb.kp // 4)

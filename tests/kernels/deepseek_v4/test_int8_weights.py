@@ -18,7 +18,7 @@ from llm_kernels.kernels.deepseek_v4 import compressor as KC
 from llm_kernels.kernels.deepseek_v4 import indexer as KI
 from llm_kernels.kernels.common import linear as KL
 from llm_kernels.kernels.deepseek_v4 import output_proj as KA
-from llm_kernels.kernels.deepseek_v4.output_proj_int8 import fused_int8_output_proj, stacks_of
+from llm_kernels.kernels.deepseek_v4.output_proj_int8 import fused_int8_output_proj, fused_wo_b, stacks_of
 from llm_kernels.kernels.deepseek_v4 import qkv_proj_rope as KQ
 from llm_kernels.kernels.deepseek_v4.prepare import prepare_weights
 from llm_kernels.numerics.quant import quantize_weight
@@ -204,3 +204,18 @@ def test_prepare_weights_consume_replaces_entries(mini_checkpoint):
             assert type(eaten[n]) is type(plain[n]) and torch.equal(eaten[n].qweight, v.qweight)
         else:
             assert w[n] is v
+
+
+@pytest.mark.parametrize("T", [1, 4, 16, 17])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_wo_b_alone_one_region_bitwise(T, dtype):
+    """The ``w8a8`` scheme's W8A8 ``wo_b`` after a float ``wo_a``: the prepared (stacked)
+    weight's one-region path gives the per-group path's bits (T > 16: that path itself)."""
+    G, OL, D = 4, 40, 72
+    r = torch.randn(T, G * OL, generator=_g(T)).to(dtype).float().numpy()
+    wo_b = quantize_weight(_w((D, G * OL), 5))
+    per_group = KA._wo_b_project(r, wo_b, G, dtype)
+    pb = KA.prepare_wo_b(wo_b, G)
+    assert torch.equal(KA._wo_b_project(r, pb, G, dtype), per_group)
+    if pb.stack is not None:
+        assert (fused_wo_b(r, pb.stack, dtype == BF16) is None) == (T > 16)

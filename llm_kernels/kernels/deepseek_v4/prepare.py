@@ -27,7 +27,9 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
 * the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->
   :class:`PackedRowGroups` (one packed row slice per group, :func:`.output_proj.prepare_wo_a`),
   and every other INT8 linear (wq_a, wkv, compressor wkv/wgate, indexer weights_proj) ->
-  :class:`PackedLinear` (read through :func:`.stage_shared.linear_pair`).
+  :class:`PackedLinear` (read through :func:`.stage_shared.linear_pair`); the pairs
+  ``wq_a`` | ``wkv`` and each compressor's ``wkv`` | ``wgate`` then become two
+  :class:`PackedRows` of one :class:`.stage_shared.PairPack` (one GEMM per stage).
 
 Everything else (float weights, norms, HC parameters, ``tid2eid``) is passed through: the
 kernels read zero-copy views of float tensors. The prepared weights are still
@@ -49,6 +51,7 @@ from ..common.prepared import is_int8_weight
 from ..common.prepared import stage_group
 from .moe import ExpertPack, prepare_expert
 from .moe_multi import stack_experts
+from .stage_shared import PairPack, pack_pair
 from .output_proj import prepare_wo_a, prepare_wo_b
 from .w8a8_heads import prepare_heads
 
@@ -76,7 +79,7 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
                 _prepare_expert(weights, out, [m.group(1) + e.group(1) + f"{j}.weight" for j in ("w1", "w3", "w2")],
                                 consume)
             continue
-        if not is_int8_weight(w):
+        if not is_int8_weight(w) or isinstance(getattr(w, "group", None), PairPack):
             continue
         grouped = not isinstance(w, QuantWeight)
         m = _LAYER.match(name)
@@ -106,7 +109,28 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
         if consume:
             weights[name] = out[name]
     _stack_layer_experts(out)
+    _pack_pairs(out, weights if consume else None)
     return out
+
+
+#: ``linear_pair`` stages whose two INT8 weights run as one GEMM (:class:`.stage_shared.PairPack`)
+_PAIRS = (("attn.wq_a.weight", "attn.wkv.weight"),
+          ("attn.compressor.wkv.weight", "attn.compressor.wgate.weight"),
+          ("attn.indexer.compressor.wkv.weight", "attn.indexer.compressor.wgate.weight"))
+
+
+def _pack_pairs(out: dict[str, Any], consumed: dict[str, Any] | None) -> None:
+    """Replace each layer's per-row INT8 ``linear_pair`` weights by two rows of one pack
+    (:func:`.stage_shared.pack_pair`); pairs of other kinds are left as they are."""
+    prefixes = {m.group(1) for m in map(_LAYER.match, out) if m is not None}
+    for p in prefixes:
+        for a, b in _PAIRS:
+            if p + a in out and p + b in out:
+                pr = pack_pair(out[p + a], out[p + b])
+                if pr is not None:
+                    out[p + a], out[p + b] = pr
+                    if consumed is not None:
+                        consumed[p + a], consumed[p + b] = pr
 
 
 def _stack_layer_experts(out: dict[str, Any]) -> None:

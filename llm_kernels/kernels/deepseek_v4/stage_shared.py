@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
+from ...numerics.quant import QuantWeight
+
 from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
+from ..common.gemm import pack_w8a8, w8a8_linear
 from ..common.linear import linear as fused_linear
-from ..common.prepared import is_int8_weight
+from ..common.prepared import PackedLinear, PackedRows, is_int8_weight, stage_group
 
 #: Calls of up to this many rows (decode and speculative verify steps) compute each row
 #: alone where a batched float op would round a row differently with other rows present:
@@ -38,6 +41,32 @@ def f32_np(t: Any) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
     return t.detach().float().contiguous().numpy()
+
+
+class PairPack:
+    """The packed ``[w1; w2]`` of a :func:`linear_pair` stage whose two weights are per-row
+    INT8 with the same K (``wq_a`` | ``wkv``, a compressor's ``wkv`` | ``wgate``): one GEMM,
+    one activation quantisation, rows ``[0, n1)`` = w1 and ``[n1, n1 + n2)`` = w2."""
+
+    __slots__ = ("n1", "packed")
+    n_members = 2
+
+    def __init__(self, packed, n1: int):
+        self.packed, self.n1 = packed, int(n1)
+
+
+def pack_pair(w1: Any, w2: Any) -> tuple[PackedRows, PackedRows] | None:
+    """Load-time form of a :func:`linear_pair` stage's two per-row INT8 weights (prepared
+    ``PackedLinear`` or plain ``QuantWeight``, same K): two :class:`PackedRows` of one
+    :class:`PairPack`; None when they are not such a pair (float, group-scaled, other K)."""
+    ok = all(isinstance(w, (PackedLinear, QuantWeight)) and not isinstance(w, PackedRows) for w in (w1, w2))
+    if not ok or w1.shape[1] != w2.shape[1]:
+        return None
+    n1, n2 = w1.shape[0], w2.shape[0]
+    q = torch.cat([w1.qweight, w2.qweight], 0)
+    s = torch.cat([w1.scale.float(), w2.scale.float()], 0)
+    g = PairPack(pack_w8a8(q, s), n1)
+    return (PackedRows(g, 0, g.packed, w1.scale, n1), PackedRows(g, 1, g.packed, w2.scale, n2, start=n1))
 
 
 def _pair_linear(x: torch.Tensor, w: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -88,6 +117,14 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
     (per-token INT8 quantisation, exact INT32 GEMM, the golden's dequant order), bitwise
     equal to the reference's ``rnd(w8a8_linear(x, w))``."""
     T = x.shape[0]
+    g = stage_group((w1, w2), PairPack) if w2 is not None else None
+    if g is not None:  # a prepared INT8 pair: one GEMM over [w1; w2]
+        y = w8a8_linear(x.detach(), g.packed)
+        y = (y if dtype == torch.float32 else y.to(dtype).float()).numpy()
+        y2 = np.ascontiguousarray(y[:, g.n1:])
+        if ape is not None and T:
+            add_ape(y2, ape, slots)
+        return np.ascontiguousarray(y[:, :g.n1]), y2
     if is_int8_weight(w1) or is_int8_weight(w2):
         y1 = f32_np(_pair_linear(x, w1, dtype))
         if w2 is None:

@@ -11,6 +11,7 @@ give the same bits.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,11 @@ def test_prepare_weights_packs_int8_classes(mini_checkpoint):
     quant = [n for n, v in w.items() if isinstance(v, QuantWeight)]
     assert quant and all(isinstance(p[n], PreparedQuantWeight) for n in quant)
     assert isinstance(p["layers.0.attn.wo_a.weight"], PackedRowGroups)
+    for a, b in (("attn.wq_a", "attn.wkv"), ("attn.compressor.wkv", "attn.compressor.wgate")):
+        lay = next(i for i in range(cfg.num_hidden_layers) if f"layers.{i}.{a}.weight" in p)
+        assert p[f"layers.{lay}.{a}.weight"].group is p[f"layers.{lay}.{b}.weight"].group   # one GEMM
+    again = prepare_weights(p, cfg)                                # idempotent
+    assert all(again[n] is p[n] for n in quant if "wq_a" in n or "wkv" in n)
 
 
 def _engine_rows(w, cfg, ops, ids, prefill=40):
@@ -219,3 +225,23 @@ def test_wo_b_alone_one_region_bitwise(T, dtype):
     assert torch.equal(KA._wo_b_project(r, pb, G, dtype), per_group)
     if pb.stack is not None:
         assert (fused_wo_b(r, pb.stack, dtype == BF16) is None) == (T > 16)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_linear_pair_one_gemm_bitwise(T, dtype):
+    """A prepared per-row INT8 pair (``wq_a`` | ``wkv``, compressor ``wkv`` | ``wgate``) runs
+    as one GEMM over ``[w1; w2]`` and gives the two separate linears' bits (ape included)."""
+    from llm_kernels.kernels.deepseek_v4.stage_shared import PairPack, linear_pair, pack_pair
+
+    x = _x(T, 96, 7, dtype)
+    w1, w2 = quantize_weight(_w((40, 96), 8)), quantize_weight(_w((72, 96), 9))
+    ape = torch.randn(4, 72, generator=_g(10)).numpy()
+    slots = (torch.arange(T) % 4).numpy()
+    a1, a2 = linear_pair(x, w1, w2, dtype, ape, slots)
+    p1, p2 = pack_pair(w1, w2)
+    assert isinstance(p1.group, PairPack) and p1.group is p2.group
+    b1, b2 = linear_pair(x, p1, p2, dtype, ape, slots)
+    assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+    assert torch.equal(p2.qweight, w2.qweight)
+    assert pack_pair(p1, p2) is None and pack_pair(w1, quantize_weight(_w((8, 64), 1))) is None

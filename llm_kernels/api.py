@@ -12,8 +12,9 @@ print(chat.send("Hi!").text, chat.send("And then?").text)
 ```
 
 :meth:`LLM.generate` runs its prompts as one ragged batch: up to ``max_batch`` sequences at
-a time, each prefilled in one step (the head reads the last prompt row only,
-``logits_rows="last"``), then one decode step for all running sequences; a sequence leaves
+a time, prefilled together (the head reads the last prompt row only, ``logits_rows="last"``;
+more than ``prefill_chunk`` prompt rows run as successive steps of at most that many rows,
+see ``EngineCore.step``), then one decode step for all running sequences; a sequence leaves
 the batch (and frees its cache) as soon as it finishes, and a waiting prompt takes its place.
 The engine is the CLI's (:mod:`llm_kernels.runtime.builder`).
 """
@@ -31,6 +32,7 @@ import torch
 
 from .errors import TokenizerError
 from .runtime.builder import DTYPES, build_engine, load_model, set_threads
+from .runtime.engine_core import DEFAULT_PREFILL_CHUNK, check_chunk_tokens, plan_chunks
 from .runtime.speculative import SpecStats, propose, verify
 from .text.decoding import DecodeState
 from .text.sampling import SamplingParams
@@ -100,6 +102,10 @@ class LLM:
             ``acceptance_rate`` and ``tokens_per_step``.
         draft_tokens: drafts per step (only 1: the MTP block re-applied for k > 1 is not
             implemented, docs/speculative.md says why).
+        prefill_chunk: prompt rows per engine step (chunked prefill, llama.cpp's
+            ``--ubatch-size``; default :data:`~llm_kernels.runtime.engine_core.DEFAULT_PREFILL_CHUNK`;
+            0 / None: a whole prompt batch in one step). Bounds the prefill's activation
+            memory; the engine attribute ``engine.prefill_chunk`` may be changed later.
 
     Attributes: ``cfg``, ``engine``, ``tokenizer`` (None when the directory has no
     ``tokenizer.json``: ids in, ids out), ``default_params`` (from ``generation_config.json``),
@@ -111,7 +117,7 @@ class LLM:
     def __init__(self, path: str | Path | None = None, backend: str = "fused", quant: str | None = None,
                  dtype: str | torch.dtype = "bfloat16", max_seq_len: int | None = None, threads: int | None = None,
                  max_batch: int = 8, timer=None, progress: bool = False, speculative: str | None = None,
-                 draft_tokens: int = 1):
+                 draft_tokens: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -122,6 +128,7 @@ class LLM:
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if draft_tokens != 1:
             raise ValueError(f"draft_tokens must be 1 (one MTP draft per step), got {draft_tokens!r}")
+        check_chunk_tokens(prefill_chunk)
         if threads:
             set_threads(threads)
         self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
@@ -137,7 +144,8 @@ class LLM:
         self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
                               else frozenset(read_eos_token_ids(self.path)))
         self.default_params = SamplingParams.from_generation_config(self.path)
-        self.engine = build_engine(weights, self.cfg, dtype, max_seq_len, backend, timer, batch=max_batch)
+        self.engine = build_engine(weights, self.cfg, dtype, max_seq_len, backend, timer, batch=max_batch,
+                                   prefill_chunk=prefill_chunk)
         del weights
         self.speculative = speculative
         if speculative is not None:
@@ -272,7 +280,13 @@ class LLM:
                     admit.append(r)
                 if admit:
                     t = time.perf_counter()
-                    rows = eng.step([r.sid for r in admit], [r.feed for r in admit], logits_rows="last")
+                    hidden: list = []  # speculative: the main model's final rows of every sub-step
+
+                    def keep_hidden(sids, toks, hidden=hidden):
+                        hidden.append((sids, [len(x) for x in toks], eng.last_hidden))
+
+                    rows = eng.step([r.sid for r in admit], [r.feed for r in admit], logits_rows="last",
+                                    on_chunk=keep_hidden if self.speculative else None)
                     dt = time.perf_counter() - t
                     for r, lg in zip(admit, rows):
                         r.prefill_s = dt
@@ -280,7 +294,8 @@ class LLM:
                             self._advance(r, lg[-1], on_text, t0)
                         (self._finish(r, t0) if r.state.finished else active.append(r))
                     if self.speculative:
-                        self._draft(admit, [r.feed for r in admit], [r.feed for r in admit])
+                        self._draft(admit, [r.feed for r in admit], [r.feed for r in admit], _by_sequence(hidden))
+                    del hidden
                 if active and self.speculative:
                     t = time.perf_counter()
                     self._speculative_step(active, on_text, t0)
@@ -308,31 +323,44 @@ class LLM:
 
 
     # ------------------------------------------------------------------ speculative decoding
-    def _draft(self, reqs: list[_Request], fed: list[list[int]], kept: list[list[int]]) -> None:
+    def _draft(self, reqs: list[_Request], fed: list[list[int]], kept: list[list[int]],
+               hidden: dict[int, torch.Tensor] | None = None) -> None:
         """After a step that fed ``fed[i]`` to ``reqs[i]``, of which the first ``kept[i]``
         rows stayed: run the MTP block over the kept rows (next ids: the kept ids shifted by
         one, then the token sampled last) and set each running request's draft. Finished
         sequences are skipped unless kept (a chat session's: its MTP rows stay current). A
-        sequence whose MTP rows lag (a chat turn after a failed one) gets no draft."""
+        sequence whose MTP rows lag (a chat turn after a failed one) gets no draft.
+        ``hidden``: sequence id -> the step's final hidden rows of that sequence (a chunked
+        prefill's, gathered by its ``on_chunk``); default: ``engine.last_hidden`` of one
+        step. The MTP block runs in pieces of at most ``engine.prefill_chunk`` rows (each
+        piece computes one head row per sequence: the draft API's)."""
         eng = self.engine
-        hid, offs, o = eng.last_hidden, [], 0
-        for f in fed:  # row offsets of the step
-            offs.append(o)
-            o += len(f)
+        if hidden is None:
+            hidden, o = {}, 0
+            for r, f in zip(reqs, fed):  # row offsets of the step
+                hidden[r.sid] = eng.last_hidden[o:o + len(f)]
+                o += len(f)
         go = []
-        for r, off, k in zip(reqs, offs, kept):
+        for r, k in zip(reqs, kept):
             r.draft, r.draft_q = None, None
             if ((r.keep or (r.live and not r.state.finished)) and r.state.token_ids and k
                     and eng.mtp_length(r.sid) == eng.length(r.sid) - len(k)):
-                go.append((r, hid[off:off + len(k)], list(k[1:]) + [r.state.token_ids[-1]]))
+                go.append((r, hidden[r.sid][:len(k)], list(k[1:]) + [r.state.token_ids[-1]]))
         if not go:
             return
-        for (r, _, _), lg in zip(go, eng.draft([r.sid for r, _, _ in go], [h for _, h, _ in go],
-                                               [n for _, _, n in go])):
+        chunk = eng.prefill_chunk or sum(len(n) for _, _, n in go)
+        last: dict[int, torch.Tensor] = {}
+        for sub in plan_chunks([len(n) for _, _, n in go], chunk):
+            out = eng.draft([go[b][0].sid for b, _, _ in sub], [go[b][1][lo:hi] for b, lo, hi in sub],
+                            [go[b][2][lo:hi] for b, lo, hi in sub])
+            for (b, _, hi), lg in zip(sub, out):
+                if hi == len(go[b][2]):
+                    last[b] = lg
+        for b, (r, _, _) in enumerate(go):
             if r.spec is None:
                 r.spec = SpecStats()
             if not r.state.finished:
-                r.draft, r.draft_q = propose(r.state, lg[0])
+                r.draft, r.draft_q = propose(r.state, last[b][0])
 
     def _speculative_step(self, active: list[_Request], on_text: OnText | None, t0: float) -> None:
         """One verify step for every running sequence: feed ``[next, draft]`` (or ``[next]``),
@@ -344,7 +372,7 @@ class LLM:
                                         or r.state.params.max_tokens - len(r.state.token_ids) < 2):
                 r.draft, r.draft_q = None, None
         feeds = [[r.state.token_ids[-1]] + ([r.draft] if r.draft is not None else []) for r in active]
-        rows = eng.step([r.sid for r in active], feeds)
+        rows = eng.step([r.sid for r in active], feeds, chunk_tokens=0)  # one step: rewind() undoes its rows
         kept = []
         for r, f, lg in zip(active, feeds, rows):
             before = len(r.state.token_ids)
@@ -365,6 +393,19 @@ class LLM:
                 eng.rewind(r.sid, pushed)  # the rejected draft's row (or the one after the final token)
             kept.append(f[:pushed])
         self._draft(active, feeds, kept)
+
+
+def _by_sequence(chunks: list[tuple[list[int], list[int], torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Sequence id -> its rows of the sub-steps' hidden states ``(seq_ids, rows per
+    sequence, hidden [Σrows, ...])``, in order (concatenated when a sequence spans several
+    sub-steps)."""
+    parts: dict[int, list[torch.Tensor]] = {}
+    for sids, lens, h in chunks:
+        o = 0
+        for s, n in zip(sids, lens):
+            parts.setdefault(s, []).append(h[o:o + n])
+            o += n
+    return {s: p[0] if len(p) == 1 else torch.cat(p, dim=0) for s, p in parts.items()}
 
 
 class ChatSession:

@@ -59,11 +59,15 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
     return load_model(path, dtype, quant, progress=True)
 
 
-def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1):
-    """The runtime engine of ``cfg``'s model (:func:`llm_kernels.runtime.builder.build_engine`)."""
+def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1,
+            prefill_chunk: int | None | str = "default"):
+    """The runtime engine of ``cfg``'s model (:func:`llm_kernels.runtime.builder.build_engine`);
+    ``prefill_chunk``: rows per step of a chunked prefill ("default": the engine's default)."""
     from .runtime.builder import build_engine
 
-    return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch)
+    if prefill_chunk == "default":
+        return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch)
+    return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch, prefill_chunk=prefill_chunk)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -171,7 +175,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
     for x in decodes:
         _check_ids(x, cfg.vocab_size, "--decode-ids")
     max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
-    engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs))
+    engine = _engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs), prefill_chunk=args.prefill_chunk)
     del weights  # the engine holds the prepared weights
     tensors = _logits_tensors(engine, inputs, decodes, cfg.vocab_size)
     _save_logits(tensors, args.out, args.dtype)
@@ -205,7 +209,7 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
     threads = args.threads or default_threads()
     _set_threads(threads)
     settings = dict(command="logits", world=world, dtype=args.dtype, quant=args.quant, backend=args.backend,
-                    inputs=inputs, decodes=decodes, threads=threads)
+                    inputs=inputs, decodes=decodes, threads=threads, prefill_chunk=args.prefill_chunk)
 
     def body(ctx) -> int:
         cfg, weights = ctx.load(args.checkpoint, dtype, args.quant)
@@ -214,7 +218,8 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
         for x in decodes:
             _check_ids(x, cfg.vocab_size, "--decode-ids")
         max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
-        engine = ctx.wrap(_engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs)))
+        engine = ctx.wrap(_engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs),
+                                  prefill_chunk=args.prefill_chunk))
         print(ctx.memory_line(engine.w), file=sys.stderr, flush=True)
         del weights
         step_seconds: list[float] = []
@@ -435,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm_kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    from .cli_generate import add_generate_parser
+    from .cli_generate import add_generate_parser, add_prefill_chunk_arg
 
     add_generate_parser(sub, _ids, _backend_args)
 
@@ -456,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--ep-timeout", type=float, default=60.0,
                     help="seconds a rank waits for the others in a collective before naming the one that stopped "
                          "(default 60)")
+    add_prefill_chunk_arg(lg)
     _backend_args(lg)
     lg.set_defaults(func=cmd_logits)
 

@@ -52,6 +52,17 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
+    """``--prefill-chunk N`` (aliases ``-ub``, ``--ubatch-size``: llama.cpp's names) on ``p``:
+    prompt rows per engine step, 0 = the whole prompt in one step (dest ``prefill_chunk``)."""
+    from .runtime.engine_core import DEFAULT_PREFILL_CHUNK
+
+    p.add_argument("--prefill-chunk", "-ub", "--ubatch-size", dest="prefill_chunk", type=_non_negative_int,
+                   default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help=f"chunked prefill: prompt rows per engine step (default {DEFAULT_PREFILL_CHUNK}; 0 = the "
+                        "whole prompt in one step); bounds the prefill's activation memory (docs/runtime.md)")
+
+
 def add_generate_parser(sub, ids_type: Callable[[str], list[int]],
                         backend_args: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
     """Register ``generate`` on the CLI's subparsers (``ids_type``: the comma-separated ids
@@ -89,6 +100,7 @@ def add_generate_parser(sub, ids_type: Callable[[str], list[int]],
                    help="speculative decoding with the model's MTP block (DeepSeek-V4 checkpoints with mtp.*): "
                         "one draft per step, verified by the main model; greedy output is unchanged")
     g.add_argument("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (only 1)")
+    add_prefill_chunk_arg(g)
     backend_args(g, "fused")
     g.set_defaults(func=cmd_generate)
     return g
@@ -150,7 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     timer = StageTimer()
     # two sequences: the warm-up's throwaway one and the real one
     llm = LLM(ckpt, backend=args.backend, quant=args.quant, dtype=args.dtype, max_seq_len=max_len, max_batch=2,
-              timer=timer, progress=True, speculative=args.speculative, draft_tokens=args.draft_tokens)
+              timer=timer, progress=True, speculative=args.speculative, draft_tokens=args.draft_tokens,
+              prefill_chunk=args.prefill_chunk)
     if prompt_ids:
         llm.encode_prompts([prompt_ids])  # ids in the vocabulary, within max_seq_len (ValueError naming them)
     quiet = args.quiet

@@ -1,7 +1,7 @@
 """``python -m llm_kernels bench -p 512 -n 128 --checkpoint DIR``: the model-level benchmark,
 shaped like llama.cpp's ``llama-bench``.
 
-    python -m llm_kernels bench --checkpoint DIR -p 512 -n 128 [-d 0,4096] [-b 1,4] [-r 5]
+    python -m llm_kernels bench --checkpoint DIR -p 512 -n 128 [-d 0,4096] [-b 1,4] [-ub 256] [-r 5]
         [--backend fused|reference] [--quant none|w8a8|int8|int8_g32] [--dtype bfloat16|float32] [--json PATH]
 
 The driver (:mod:`.driver`) runs this mode when ``-p``/``-n``/``-d``/``-b`` or ``-m``/``--model``
@@ -13,11 +13,16 @@ model (DeepSeek-V4, Qwen3; random or real, float or W8A8) is loaded with
 Tests (the cartesian product of the lists, as llama-bench does):
 
 * ``pp<P>`` (``@ d<D>``): one prompt of P tokens as one step with logits for the last row only
-  (``engine.step([sid], [prompt], logits_rows="last")`` after ``add_sequence()``); with a depth
-  D, D tokens are prefilled first (untimed). t/s = P / time.
+  (``engine.step([sid], [prompt], logits_rows="last")`` after ``add_sequence()``), chunked into
+  steps of at most ``-ub`` rows (``n_ubatch``, llama-bench's name; 0 = one step); with a depth
+  D, D tokens are prefilled first (untimed, chunked the same way). t/s = P / time.
 * ``tg<N>`` (``@ d<D>``) (`` b<B>``): B sequences prefilled (untimed) with D tokens each (a short
   prompt of ``--tg-prompt`` tokens when D = 0), then N timed steps of one token per sequence
-  (logits of every sequence). t/s = N·B / time (aggregate over the batch).
+  (logits of every sequence). t/s = N·B / time (aggregate over the batch). The decode steps
+  are never chunked; ``-ub`` applies to the untimed prefill.
+
+Several ``-ub`` values multiply the tests (as every list does); each row records its
+``n_ubatch`` and the untimed setup seconds of each run (``setup_s``: the depth prefill).
 
 Each test: one untimed warm-up run (``--warmup``), then ``-r`` timed repetitions, each on fresh
 sequences (released afterwards). Reported: mean ± stddev of the per-repetition t/s (the
@@ -55,6 +60,7 @@ from .core import (
     measure_int8_peak,
     write_results,
 )
+from ..runtime.engine_core import DEFAULT_PREFILL_CHUNK
 from .trace import thread_info
 from .weight_bytes import bytes_per_step, decode_read_bytes, weight_storage
 
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context depth: tokens prefilled (untimed) before the timed part (default 0)")
     p.add_argument("-b", "--batch-size", type=_int_list(1), default=[1], metavar="B[,B...]",
                    help="sequences decoded together in the tg tests; t/s is the aggregate (default 1)")
+    p.add_argument("-ub", "--ubatch-size", type=_int_list(0), default=[DEFAULT_PREFILL_CHUNK], metavar="U[,U...]",
+                   help=f"chunked prefill: rows per engine step of a prompt or depth prefill (default "
+                        f"{DEFAULT_PREFILL_CHUNK}, the engine's; 0 = the whole prompt in one step)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per test (default 1)")
     p.add_argument("-t", "--threads", type=int, default=None,
@@ -142,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ============================================================================ tests
 class TestSpec:
-    """One test: kind "pp" (prompt P) or "tg" (N steps), depth D, batch B."""
+    """One test: kind "pp" (prompt P) or "tg" (N steps), depth D, batch B, prefill chunk
+    ``ubatch`` (rows per step of the prompt / depth prefill; 0 = whole)."""
 
-    def __init__(self, kind: str, n: int, depth: int, batch: int):
-        self.kind, self.n, self.depth, self.batch = kind, n, depth, batch
+    def __init__(self, kind: str, n: int, depth: int, batch: int, ubatch: int = DEFAULT_PREFILL_CHUNK):
+        self.kind, self.n, self.depth, self.batch, self.ubatch = kind, n, depth, batch, ubatch
 
     @property
     def name(self) -> str:
@@ -165,9 +175,13 @@ class TestSpec:
         return self.depth + self.n if self.kind == "pp" else (self.depth or tg_prompt) + self.n
 
 
-def plan_tests(n_prompt: list[int], n_gen: list[int], depths: list[int], batches: list[int]) -> list[TestSpec]:
-    tests = [TestSpec("pp", p, d, 1) for p in n_prompt for d in depths]
-    tests += [TestSpec("tg", n, d, b) for n in n_gen for d in depths for b in batches]
+def plan_tests(n_prompt: list[int], n_gen: list[int], depths: list[int], batches: list[int],
+               ubatches: list[int] | None = None) -> list[TestSpec]:
+    """The cartesian product of the lists (pp tests first), llama-bench's order; ``ubatches``
+    default: the engine's default chunk."""
+    ubs = ubatches or [DEFAULT_PREFILL_CHUNK]
+    tests = [TestSpec("pp", p, d, 1, u) for p in n_prompt for d in depths for u in ubs]
+    tests += [TestSpec("tg", n, d, b, u) for n in n_gen for d in depths for b in batches for u in ubs]
     return tests
 
 
@@ -202,22 +216,22 @@ class _Runner:
 
     def run(self, t: TestSpec) -> tuple[float, float]:
         """One run of test ``t`` on fresh sequences: (timed seconds, untimed setup seconds)."""
-        eng = self.engine
+        eng, ub = self.engine, t.ubatch
         sids = [eng.add_sequence() for _ in range(t.batch)]
         try:
             t0 = time.perf_counter()
             if t.kind == "pp":
                 if t.depth:
-                    eng.step(sids, [self._ids(t.depth)], logits_rows="last")
+                    eng.step(sids, [self._ids(t.depth)], logits_rows="last", chunk_tokens=ub)
                 prompt = [self._ids(t.n)]
                 t1 = time.perf_counter()
-                eng.step(sids, prompt, logits_rows="last")
+                eng.step(sids, prompt, logits_rows="last", chunk_tokens=ub)
                 return time.perf_counter() - t1, t1 - t0
-            eng.step(sids, [self._ids(t.depth or self.tg_prompt) for _ in sids], logits_rows="last")
+            eng.step(sids, [self._ids(t.depth or self.tg_prompt) for _ in sids], logits_rows="last", chunk_tokens=ub)
             toks = [[[x] for x in self._ids(t.batch)] for _ in range(t.n)]
             t1 = time.perf_counter()
             for step_toks in toks:
-                eng.step(sids, step_toks)
+                eng.step(sids, step_toks, chunk_tokens=0)
             return time.perf_counter() - t1, t1 - t0
         finally:
             for s in sids:
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     n_prompt, n_gen = args.n_prompt, args.n_gen
     if n_prompt is None and n_gen is None:
         n_prompt, n_gen = [512], [128]
-    tests = plan_tests(n_prompt or [], n_gen or [], args.n_depth, args.batch_size)
+    tests = plan_tests(n_prompt or [], n_gen or [], args.n_depth, args.batch_size, args.ubatch_size)
     from .. import models
     from ..errors import CheckpointError, ConfigError
 
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         for ti, t in enumerate(tests):
             label = f"[{ti + 1}/{len(tests)} {t.name}]"
             try:
-                warm = []
+                warm, setups = [], []
                 for w in range(args.warmup):
                     s, setup = runner.run(t)
                     warm.append(s)
@@ -382,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(args.repetitions):
                     s, setup = runner.run(t)
                     runs.append(s)
+                    setups.append(setup)
                     log(f"{label} rep {r + 1}/{args.repetitions}: {t.tokens() / s:.2f} t/s ({s:.3f} s"
                         + (f", +{setup:.1f} s untimed setup)" if setup >= 0.05 else ")"))
             except Exception as e:  # noqa: BLE001
@@ -390,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             tps = [t.tokens() / s for s in runs]
             row = {"test": t.name, "kind": t.kind, "n": t.n, "depth": t.depth, "batch": t.batch,
-                   "tokens": t.tokens(), "runs_s": runs, "warmup_s": warm, "t_s": tps, **{
+                   "n_ubatch": t.ubatch, "tokens": t.tokens(), "runs_s": runs, "warmup_s": warm, "setup_s": setups,
+                   "t_s": tps, **{
                        f"t_s_{k}": v for k, v in _stats(tps).items()},
                    "median_s": statistics.median(runs)}
             if warm:
@@ -419,17 +435,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- table
     size, params = fmt_bytes(rb["total_storage"]), _fmt_count(rb["params"])
-    headers = ["model", "size", "params", "backend", "threads", "test", "t/s", "median t/s", "spread",
+    headers = ["model", "size", "params", "backend", "threads", "n_ubatch", "test", "t/s", "median t/s", "spread",
                "B/step", "% roofline"]
     body = []
     for row in results:
-        body.append([model_label, size, params, backend_label, threads_label, row["test"],
+        body.append([model_label, size, params, backend_label, threads_label, str(row["n_ubatch"] or "whole"),
+                     row["test"],
                      f"{row['t_s_mean']:.2f} ± {row['t_s_stddev']:.2f}", f"{row['t_s_median']:.2f}",
                      f"{100 * row['t_s_spread']:.1f}%",
                      fmt_bytes(row["weight_bytes_per_step"]) if row["kind"] == "tg" else "-",
                      f"{row['pct_roofline']:.1f}%" if row["pct_roofline"] is not None else "-"])
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    right = {"size", "params", "threads", "t/s", "median t/s", "spread", "B/step", "% roofline"}
+    right = {"size", "params", "threads", "n_ubatch", "t/s", "median t/s", "spread", "B/step", "% roofline"}
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
@@ -485,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
            "numba_cache_files_before": cache_files_before,
            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": bw_after, "bandwidth_gbs": bw,
            "bandwidth_source": bw_src, "int8_peak_gops": int8_peak, "repetitions": args.repetitions, "warmup": args.warmup,
-           "tg_prompt": args.tg_prompt, "ctx_size": cap, "load_s": load_s, "engine_build_s": build_s,
+           "tg_prompt": args.tg_prompt, "n_ubatch": args.ubatch_size, "ctx_size": cap, "load_s": load_s, "engine_build_s": build_s,
            "first_call": ({"test": first_call[0], "warmup_s": first_call[1], "median_s": first_call[2]}
                           if first_call else None),
            "peak_rss_bytes": mem["peak"], "end_rss_bytes": mem["rss"],

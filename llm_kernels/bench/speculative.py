@@ -48,9 +48,9 @@ def _timed(eng, log: dict):
     """Wrap ``eng.step`` / ``eng.draft`` to log (rows per sequence, seconds)."""
     step, draft = eng.step, eng.draft
 
-    def timed_step(seq_ids, tokens, logits_rows="all"):
+    def timed_step(seq_ids, tokens, logits_rows="all", **kw):  # kw: chunk_tokens, on_chunk
         t = time.perf_counter()
-        out = step(seq_ids, tokens, logits_rows=logits_rows)
+        out = step(seq_ids, tokens, logits_rows=logits_rows, **kw)
         log["step"].append((max(len(x) for x in tokens), min(len(x) for x in tokens), time.perf_counter() - t))
         return out
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .engine_core import DEFAULT_PREFILL_CHUNK, check_chunk_tokens
+
 __all__ = ["DTYPES", "load_model", "build_engine", "set_threads", "warm_up", "BACKENDS"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -46,12 +48,14 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype, quant: str | 
 
 
 def build_engine(weights: dict, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None,
-                 batch: int = 1):
+                 batch: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
     """The runtime engine of ``cfg``'s model (its spec's ``make_engine``), sized for ``batch``
-    sequences of ``max_seq_len`` tokens. The engine consumes ``weights`` (their entries become
-    the prepared forms; raw INT8 copies are freed as they are packed).
+    sequences of ``max_seq_len`` tokens, running steps of more than ``prefill_chunk`` rows
+    as chunks of at most that many (0 / None: never; see ``EngineCore.step``). The engine
+    consumes ``weights`` (their entries become the prepared forms; raw INT8 copies are freed
+    as they are packed).
 
-    Raises ValueError for an unknown ``backend`` or a bad size."""
+    Raises ValueError for an unknown ``backend``, a bad size or a bad ``prefill_chunk``."""
     from .. import models
     from .memory import trim
 
@@ -59,9 +63,11 @@ def build_engine(weights: dict, cfg, dtype: torch.dtype, max_seq_len: int, backe
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if max_seq_len < 1 or batch < 1:
         raise ValueError(f"max_seq_len and batch must be >= 1, got {max_seq_len} and {batch}")
+    prefill_chunk = check_chunk_tokens(prefill_chunk)
     engine = models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
                                                      backend=backend, timer=timer, max_batch=batch,
                                                      consume_weights=True)
+    engine.prefill_chunk = prefill_chunk
     trim()
     return engine
 
@@ -81,8 +87,9 @@ def set_threads(n: int) -> None:
 
 
 def warm_up(engine, prompt: list[int], backend: str) -> float:
-    """Run the prompt's prefill shape and one decode step on a throwaway sequence so that
-    kernel compilation (or loading from the Numba cache) never enters a tok/s figure.
+    """Run the prompt's prefill shape (chunked as the engine chunks it) and one decode step
+    on a throwaway sequence so that kernel compilation (or loading from the Numba cache)
+    never enters a tok/s figure.
     Says so on stderr when the kernel cache is cold. Returns the seconds it took."""
     cold = False
     if backend == "fused":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.engine_core import DEFAULT_PREFILL_CHUNK
+
 __all__ = ["load_server", "serve_main", "add_serve_args"]
 
 
@@ -32,6 +34,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence, prompt + completion (default min(4096, the model's "
                         "max_position_embeddings))")
     p.add_argument("--model-name", default=None, help="the name clients pass as 'model' (default: the folder name)")
+    from ..cli_generate import add_prefill_chunk_arg
+
+    add_prefill_chunk_arg(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -47,9 +52,11 @@ def _check_sizes(max_batch: int, max_queue: int, max_seq_len: int | None, port: 
 
 def load_server(checkpoint: Path, *, backend: str = "fused", quant: str | None = None, dtype: str = "bfloat16",
                 max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                model_name: str | None = None, threads: int | None = None, warm: bool = True):
+                model_name: str | None = None, threads: int | None = None, warm: bool = True,
+                prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
     """Load ``checkpoint`` (through :class:`llm_kernels.api.LLM`, the engine sized for
-    ``max_batch`` sequences of ``max_seq_len`` tokens) and build the app. Returns
+    ``max_batch`` sequences of ``max_seq_len`` tokens; prompts prefilled in steps of at most
+    ``prefill_chunk`` rows, 0 / None: whole) and build the app. Returns
     ``(app, engine, tokenizer, ServeConfig)``.
 
     Raises ValueError naming the option for a bad size, TokenizerError when the folder has
@@ -68,7 +75,7 @@ def load_server(checkpoint: Path, *, backend: str = "fused", quant: str | None =
         raise TokenizerError(f"{checkpoint / 'tokenizer.json'}: missing; the server needs the model's tokenizer "
                              "files (tokenizer.json, tokenizer_config.json) in the checkpoint folder")
     llm = LLM(checkpoint, backend=backend, quant=quant, dtype=dtype, max_seq_len=max_seq_len, threads=threads,
-              max_batch=max_batch, progress=True)
+              max_batch=max_batch, progress=True, prefill_chunk=prefill_chunk)
     engine, tokenizer, cfg = llm.engine, llm.tokenizer, llm.cfg
     t_warm = warm_up(engine, [i % cfg.vocab_size for i in range(1, 9)], backend) if warm else 0.0
     scfg = ServeConfig(model_name=model_name or checkpoint.name, checkpoint=checkpoint, max_batch=max_batch,
@@ -101,7 +108,7 @@ def serve_main(args: argparse.Namespace) -> int:
     app, engine, tok, scfg = load_server(args.checkpoint, backend=args.backend, quant=args.quant, dtype=args.dtype,
                                          max_batch=args.max_batch, max_queue=args.max_queue,
                                          max_seq_len=args.max_seq_len, model_name=args.model_name,
-                                         threads=args.threads or None)
+                                         threads=args.threads or None, prefill_chunk=args.prefill_chunk)
     print(f"serving {scfg.model_name!r} ({scfg.info['model']}; backend {args.backend}, quant {args.quant}, "
           f"{scfg.info['threads']} threads) on http://{args.host}:{args.port}/v1 — max batch {scfg.max_batch}, "
           f"max queue {scfg.max_queue}, max seq len {scfg.max_seq_len}; warm-up {scfg.info['warm_up_s']:.1f} s",

@@ -4,7 +4,9 @@
    the next step boundary, i.e. within one step);
 2. admit waiting requests while fewer than ``max_batch`` run (each gets a new sequence);
 3. each newly admitted request's prompt is prefilled in a step of its own (its first
-   token), then one decode step feeds every running request the token it sampled last
+   token; a prompt longer than the engine's ``prefill_chunk`` runs as successive steps of
+   at most that many rows inside that ``step`` call, so its activations stay one chunk's),
+   then one decode step feeds every running request the token it sampled last
    (``logits_rows="last"``: the head reads one row per sequence). Prefills stay out of the
    decode step on purpose: a step's row count picks the kernel path of float (bf16)
    weights (bf16 GEMV up to 16 rows, oneDNN above, within 1 bf16 ulp of each other), so

@@ -26,7 +26,7 @@ import torch
 from ...errors import CacheOverflowError
 from ...models.qwen3.config import Qwen3Config
 from ...reference.qwen3 import model as _model
-from ..engine_core import EngineCore
+from ..engine_core import DEFAULT_PREFILL_CHUNK, EngineCore
 from ..paged_cache import PagedKVCache
 from ..timing import StageTimer
 from .stages import REFERENCE_OPS, STAGES
@@ -50,15 +50,17 @@ class Qwen3Engine(EngineCore):
         num_layers: run only the first N layers (benchmarks); default all.
         consume_weights: let ``prepare_weights`` replace the entries of ``weights`` by their
             packed forms as it goes (each raw INT8 tensor freed once packed).
+        prefill_chunk: rows per sub-step of a long step (see ``EngineCore.step``; 0 / None:
+            no chunking).
 
-    Raises ValueError for a bad dtype or cache geometry."""
+    Raises ValueError for a bad dtype, cache geometry or ``prefill_chunk``."""
 
     def __init__(self, weights: dict, cfg: Qwen3Config, dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 4096, max_batch: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, ops: SimpleNamespace = REFERENCE_OPS,
                  timer: StageTimer | None = None, num_layers: int | None = None,
-                 consume_weights: bool = False):
-        super().__init__(cfg, dtype, timer)
+                 consume_weights: bool = False, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+        super().__init__(cfg, dtype, timer, prefill_chunk=prefill_chunk)
         self.ops = ops
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if num_blocks is None:
@@ -86,6 +88,16 @@ class Qwen3Engine(EngineCore):
 
     def _rollback(self, seq_ids: Sequence[int], lens: Sequence[int], slots: torch.Tensor) -> None:
         self.cache.rollback(seq_ids, lens)
+
+    def _check_room(self, seq_ids: Sequence[int], starts: Sequence[int], lens: Sequence[int]) -> None:
+        self.cache.check_room(seq_ids, lens)  # max_seq_len and the free pages, for the whole step
+
+    def _save_state(self, seq_ids: Sequence[int]) -> dict[int, int]:
+        # a sequence's cache is its length and pages: rows past the length are never read
+        return {s: self.cache.lengths[s] for s in seq_ids}
+
+    def _restore_state(self, seq_ids: Sequence[int], saved: dict[int, int]) -> None:
+        self.cache.rollback(seq_ids, [self.cache.lengths[s] - saved[s] for s in seq_ids])
 
     def _forward(self, ids, seq_ids, starts, lens, slots) -> torch.Tensor:
         return self.forward_rows(ids, seq_ids, starts, lens, slots)

@@ -30,7 +30,9 @@ Same signatures, arguments and return types as
        per-row INT8 requantisation of h (bit-exact golden recipe),
     3. the w2 W8A8 GEMM into the per-(token, slot) buffer;
 
-    the shared expert runs the same three steps on all rows, and a final Numba kernel
+    the shared expert runs the same three steps on all rows (decode-sized steps of experts
+    prepared into one stack: all experts' step 1, 2 and 3 each as ONE parallel region,
+    :mod:`.moe_multi`, bitwise the same), and a final Numba kernel
     combines ``rnd(Σ_k rnd(rnd(y_k)·w_k) (fp32, slot order) ) + rnd(shared)`` -> ``rnd``.
     The packed experts are prepared at load (:func:`prepare_expert`, run by
     :mod:`.prepare`); unprepared ``QuantWeight`` experts are packed for the call. Float

@@ -23,9 +23,9 @@
 * The head runs only on rows somebody asked for: ``logits_rows="last"`` computes one head
   row per sequence in all, in the sub-step holding that row.
 * The error contract: a failed chunked prefill registers nothing; a failed chunked step on
-  empty sequences leaves them empty; on Qwen3 (``_save_state``) a failed chunked step on
-  non-empty sequences leaves them as they were; DeepSeek-V4 runs such a step whole. A
-  capacity overflow is raised before the first sub-step.
+  empty sequences leaves them empty; a failed chunked step on non-empty sequences
+  leaves them as they were (``_save_state``: DeepSeek-V4 every layer's cache snapshot,
+  Qwen3 lengths and pages). A capacity overflow is raised before the first sub-step.
 """
 
 from __future__ import annotations
@@ -286,19 +286,43 @@ def test_qwen3_failed_chunked_step_on_held_sequences_changes_nothing(ckpts):
     assert eng.cache.free_blocks == free
 
 
-def test_deepseek_step_on_held_sequences_runs_whole(ckpts):
-    """DeepSeek-V4 has no ``_save_state``: a long step on non-empty sequences is one step
-    (its error contract then needs no undo)."""
+def test_deepseek_failed_chunked_step_on_held_sequences_changes_nothing(ckpts):
+    """DeepSeek-V4's ``_save_state`` (every layer's cache snapshot): a chunked step on
+    non-empty sequences that fails in its second sub-step leaves every cache component as
+    it was, and the same step then gives the one-step prefill's logits bitwise."""
     eng = _engine(ckpts, "mini", "fused", "int8", BF16)
     p = _prompts()
-    sids, _ = eng.prefill([p[0][:20]], chunk_tokens=0)
-    calls = _fail_on_forward(eng, 99)
+    sids, _ = eng.prefill([p[0][:20], p[1][:5]], chunk_tokens=0)
+    before = [_cache_state(eng.seqs[s]) for s in sids]
+    calls = _fail_on_forward(eng, 2)
     try:
-        eng.step(sids, [p[0][20:]], chunk_tokens=16)
+        with pytest.raises(_Boom):
+            eng.step(sids, [p[0][20:], p[1][5:]], chunk_tokens=64)
+        assert calls == [64, 64]
     finally:
         del eng._forward
-    assert calls == [130]
-    eng.release(sids[0])
+    assert [eng.length(s) for s in sids] == [20, 5]
+    assert [_cache_state(eng.seqs[s]) for s in sids] == before
+    out = eng.step(sids, [p[0][20:], p[1][5:]], chunk_tokens=64)  # now it goes through, chunked
+    ref, full = eng.prefill(p, chunk_tokens=0)
+    for a, b, n in zip(out, full, (20, 5)):
+        assert torch.equal(a, b[n:])
+    for s in sids + ref:
+        eng.release(s)
+
+
+def _cache_state(c):
+    """Comparable bytes of a DeepSeek-V4 sequence cache (valid parts only)."""
+    out = [c.length, tuple(c.token_ids)]
+    for lc in c.layers:
+        out += [lc.window.end, lc.window.rows.numpy().tobytes()]
+        for st in (lc.compressor, lc.indexer):
+            if st is not None:
+                out += [st.n_entries, st.valid_entries().numpy().tobytes(), st.buf_kv.numpy().tobytes(),
+                        st.buf_score.numpy().tobytes(),
+                        None if st.prev_kv is None else st.prev_kv.numpy().tobytes()]
+                out += [k.numpy().tobytes() for k in st.valid_int8_keys()]
+    return out
 
 
 @pytest.mark.parametrize("name", ["mini", "qwen3-mini"])

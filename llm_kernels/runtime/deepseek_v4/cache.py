@@ -242,6 +242,20 @@ class SequenceCache:
                           lc.indexer.snapshot() if lc.indexer is not None else None))
         return StepJournal(n, self.length, snaps)
 
+    def restore(self, journal: StepJournal) -> None:
+        """Put every layer (decoder layers and MTP blocks) back to ``journal``'s state, as if
+        nothing had run since :meth:`snapshot`: the undo of a failed chunked step. Appends
+        replace the window / buffer tensors the snapshot references, and compressed entries
+        and INT8 keys past the restored counts are never read."""
+        for lc, (ws, cs, xs) in zip(self.layers, journal.snaps):
+            lc.window.restore(ws)
+            if lc.compressor is not None:
+                lc.compressor.restore(cs)
+            if lc.indexer is not None:
+                lc.indexer.restore(xs)
+        self.length = journal.length
+        del self.token_ids[journal.length:]
+
     def rewind(self, journal: StepJournal, keep: int, n_layers: int) -> None:
         """Undo the journaled step but its first ``keep`` rows, in the first ``n_layers``
         layers (the decoder layers): window rows, compressor and indexer states and entries

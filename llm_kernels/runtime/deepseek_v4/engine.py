@@ -85,6 +85,14 @@ class DeepSeekV4Engine(EngineCore):
         self.journal = {id(c): c.snapshot(n) for c, n in zip(caches, lens)} if self.journaling else None
         return caches
 
+    def _save_state(self, seq_ids: Sequence[int]) -> dict[int, StepJournal]:
+        # an undo point for a chunked step on sequences that hold tokens (EngineCore.step)
+        return {s: self.seqs[s].snapshot(0) for s in seq_ids}
+
+    def _restore_state(self, seq_ids: Sequence[int], saved: dict[int, StepJournal]) -> None:
+        for s in seq_ids:
+            self.seqs[s].restore(saved[s])
+
     def _commit(self, seq_ids, tokens, caches: list[SequenceCache]) -> None:
         for c, ts in zip(caches, tokens):
             c.length += len(ts)

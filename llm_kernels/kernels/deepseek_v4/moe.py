@@ -91,7 +91,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
-from .moe_multi import multi_expert_raw
+from .moe_multi import multi_expert_raw, swiglu_row
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -238,12 +238,6 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
 
 
 # --------------------------------------------------------------------------- SwiGLU kernel
-@njit_kernel
-def _silu(g):
-    """torch's fp32 ``silu``: ``x / (1 + exp(-x))`` with the SLEEF ``exp``."""
-    return np.float32(g / np.float32(np.float32(1.0) + _sleef_expf(-g)))
-
-
 @njit_kernel(parallel=True)
 def _swiglu(gu, I, limit, to_bf16, do_quant, hq, sh, h):
     """Per row of ``gu`` [n, 2I] (g | u, unrounded GEMM outputs): ``g, u = rnd(.)``,
@@ -252,15 +246,8 @@ def _swiglu(gu, I, limit, to_bf16, do_quant, hq, sh, h):
     h itself into ``h``."""
     n = gu.shape[0]
     for r in prange(n):
-        row = gu[r]
         buf = np.empty(I, np.float32)
-        for i in range(I):
-            g = _rnd(row[i], to_bf16)
-            u = _rnd(row[I + i], to_bf16)
-            if limit > 0:
-                g = min(g, limit)
-                u = min(max(u, -limit), limit)
-            buf[i] = _rnd(np.float32(_rnd(_silu(g), to_bf16) * u), to_bf16)
+        swiglu_row(gu[r], I, limit, to_bf16, buf)
         if do_quant:
             sh[r] = quant_row_f32(buf, hq[r])
         else:

@@ -34,7 +34,7 @@ from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 
-__all__ = ["ExpertStack", "multi_expert_raw", "stack_experts"]
+__all__ = ["ExpertStack", "multi_expert_raw", "stack_experts", "swiglu_row"]
 
 
 class ExpertStack:
@@ -69,8 +69,22 @@ def stack_experts(packs: list) -> ExpertStack | None:
 
 @njit_kernel
 def _silu(g):
-    """torch's fp32 ``silu``: ``x / (1 + exp(-x))`` with the SLEEF ``exp`` (as :mod:`.moe`)."""
+    """torch's fp32 ``silu``: ``x / (1 + exp(-x))`` with the SLEEF ``exp``."""
     return np.float32(g / np.float32(np.float32(1.0) + _sleef_expf(-g)))
+
+
+@njit_kernel
+def swiglu_row(row, I, limit, to_bf16, buf):
+    """``buf[i] = rnd(rnd(silu(g))·u)`` for one row ``row`` [2I] (g | u, unrounded GEMM
+    outputs): ``g, u = rnd(.)``, clamps (``limit > 0``: ``g <= L``, ``-L <= u <= L``).
+    The SwiGLU arithmetic of every W8A8 / float expert path (torch's op order)."""
+    for i in range(I):
+        g = _rnd(row[i], to_bf16)
+        u = _rnd(row[I + i], to_bf16)
+        if limit > 0:
+            g = min(g, limit)
+            u = min(max(u, -limit), limit)
+        buf[i] = _rnd(np.float32(_rnd(_silu(g), to_bf16) * u), to_bf16)
 
 
 @njit_kernel(parallel=True)
@@ -85,15 +99,8 @@ def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh):
         t = r - j * T
         if t >= nrows[j]:
             continue
-        row = gu[j, t]
         buf = np.empty(I, np.float32)
-        for i in range(I):
-            g = _rnd(row[i], to_bf16)
-            u = _rnd(row[I + i], to_bf16)
-            if limit > 0:
-                g = min(g, limit)
-                u = min(max(u, -limit), limit)
-            buf[i] = _rnd(np.float32(_rnd(_silu(g), to_bf16) * u), to_bf16)
+        swiglu_row(gu[j, t], I, limit, to_bf16, buf)
         sh[j, t] = quant_row_f32(buf, hq[j, t, :I])
 
 

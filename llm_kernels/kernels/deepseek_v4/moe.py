@@ -74,7 +74,7 @@ from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as _rnd
-from ..common.gemm import PackedW8A8, pack_w8a8, w8a8_gemm
+from ..common.gemm import MAX_TILE_T, PackedW8A8, pack_w8a8, w8a8_gemm
 from ..common.jit import njit_kernel
 from ..common.gemm_group import group_gemm_linear
 from ..common.gemm_mxfp4 import mxfp4_gemm_linear
@@ -397,7 +397,7 @@ def _multi_experts(xq, sx, idx, used, experts, shared, limit, to_bf16, y) -> np.
     shared expert's output [T, D]; None (``y`` untouched) otherwise."""
     gs = stage_group(tuple(shared), ExpertPack)
     st = getattr(gs, "stack", None)
-    if st is None:
+    if st is None or idx.shape[0] > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
         return None
     slots, rows, places = [], [], []
     for e in used:

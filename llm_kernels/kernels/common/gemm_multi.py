@@ -116,19 +116,15 @@ def quant_pack_parts(x, nrows, xp, sx, TP, KG):
 def pack_rows_parts(q32, rows, nrows, xp, TP):
     """Pack already-quantised token rows for each part: ``q32`` [T, KG] (int8 rows of
     width 4·KG, zero-padded, viewed as uint32), part j takes rows ``rows[j, :nrows[j]]``
-    -> ``xp`` [J, KG·TP·4] u8 (``u8 = q + 128``; padding rows q = 0)."""
+    -> ``xp`` [J, KG·TP·4] u8 (:func:`.gemm.pack_q32`'s layout on the gathered rows)."""
     J = rows.shape[0]
     KG = q32.shape[1]
     for j in prange(J):
-        xj = xp[j].view(np.uint32)
         n = nrows[j]
+        g = np.empty((n, KG), np.uint32)
         for t in range(n):
-            row = q32[rows[j, t]]
-            for kg in range(KG):
-                xj[kg * TP + t] = row[kg] ^ np.uint32(0x80808080)
-        for kg in range(KG):
-            for t in range(n, TP):
-                xj[kg * TP + t] = np.uint32(0x80808080)
+            g[t] = q32[rows[j, t]]
+        pack_q32(g, xp[j].view(np.uint32), n, TP)
 
 
 # --------------------------------------------------------------------------- GEMM cores

@@ -11,8 +11,8 @@ weight. Here the step's experts are the parts of one multi-GEMM:
 2. ``[w1; w3]`` of every expert in one region (:func:`..common.gemm_multi.rows_core` over
    the layer's stacked packs, :func:`stack_experts`), unrounded dequant as
    :func:`..common.gemm.w8a8_gemm`;
-3. one kernel: SwiGLU (``rnd`` of g and u, the clamps, ``rnd(rnd(silu(g))·u)``) and the
-   per-row INT8 requantisation of h for every (expert, token) row, then the packing;
+3. one kernel: SwiGLU (``rnd`` of g and u, the clamps, ``rnd(rnd(silu(g))·u)``), the
+   per-row INT8 requantisation of h for every (expert, token) row and the packing;
 4. every expert's w2 in one region.
 
 The results are bitwise those of :func:`.moe._expert_raw` per expert (same integers, the
@@ -28,7 +28,7 @@ import numpy as np
 from numba import prange
 
 from ..common.bf16 import round_f32 as _rnd
-from ..common.gemm import MAX_TILE_T, padded_tokens
+from ..common.gemm import MAX_TILE_T, pack_q32, padded_tokens
 from ..common.gemm_multi import pack_rows_parts, rows_core, stack_packs
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
@@ -88,11 +88,11 @@ def swiglu_row(row, I, limit, to_bf16, buf):
 
 
 @njit_kernel(parallel=True)
-def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh):
+def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh, xp, TP):
     """Per (part j, row t < nrows[j]) of ``gu`` [J, T, 2I] (g | u, unrounded GEMM outputs):
     ``h = rnd(rnd(silu(rnd g))·rnd u)`` with the ``swiglu_limit`` clamps, quantised per row
-    into ``hq[j, t, :I]`` (int8, zero-padded rows) and ``sh[j, t]``: :func:`.moe._swiglu`'s
-    arithmetic exactly."""
+    into ``hq[j, t, :I]`` (int8, zero-padded rows) and ``sh[j, t]`` (:func:`.moe._swiglu`'s
+    arithmetic exactly), then packed per part into ``xp`` [J, KG·TP·4] u8."""
     J, T, _ = gu.shape
     for r in prange(J * T):
         j = r // T
@@ -102,6 +102,8 @@ def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh):
         buf = np.empty(I, np.float32)
         swiglu_row(gu[j, t], I, limit, to_bf16, buf)
         sh[j, t] = quant_row_f32(buf, hq[j, t, :I])
+    for j in prange(J):
+        pack_q32(hq[j].view(np.uint32), xp[j].view(np.uint32), nrows[j], TP)
 
 
 def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: list[np.ndarray],
@@ -138,10 +140,8 @@ def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: lis
     KG2 = p2.kp // 4
     hq = np.zeros((J, TP, 4 * KG2), np.int8)
     sh = np.zeros((J, tmax), np.float32)
-    _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh)
-    hidx = (np.arange(J, dtype=np.int64)[:, None] * TP + np.arange(tmax, dtype=np.int64)[None, :])
     xp2 = np.empty((J, 4 * KG2 * TP), np.uint8)
-    pack_rows_parts(hq.reshape(J * TP, 4 * KG2).view(np.uint32), hidx, nr, xp2, TP)
+    _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh, xp2, TP)
     y = np.empty((J, tmax, p2.n), np.float32)
     rows_core(xp2, sel, nr, TP, KG2, p2.data, p2.wsum128, p2.scale, p2.n, sh, False, y)
     return [y[j, :len(r)] for j, r in enumerate(rows)]

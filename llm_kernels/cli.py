@@ -60,14 +60,16 @@ def _load(path: Path | None, dtype: torch.dtype, quant: str | None = None):
 
 
 def _engine(weights, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None, batch: int = 1,
-            prefill_chunk: int | None | str = "default"):
+            prefill_chunk: int | None | str = "default", layers: tuple[int, int] | None = None):
     """The runtime engine of ``cfg``'s model (:func:`llm_kernels.runtime.builder.build_engine`);
-    ``prefill_chunk``: rows per step of a chunked prefill ("default": the engine's default)."""
+    ``prefill_chunk``: rows per step of a chunked prefill ("default": the engine's default);
+    ``layers``: one pipeline stage's layers (``RankContext.engine_kwargs``)."""
     from .runtime.builder import build_engine
 
-    if prefill_chunk == "default":
-        return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch)
-    return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch, prefill_chunk=prefill_chunk)
+    kw = {} if layers is None else {"layers": layers}
+    if prefill_chunk != "default":
+        kw["prefill_chunk"] = prefill_chunk
+    return build_engine(weights, cfg, dtype, max_seq_len, backend, timer, batch, **kw)
 
 
 def _check_ids(ids: list[int], vocab: int, what: str) -> None:
@@ -147,26 +149,13 @@ def cmd_logits(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {len(inputs)} --input-ids but {len(decodes)} --decode-ids; give one "
                          "--decode-ids per --input-ids (or none)")
     decodes = decodes or [[] for _ in inputs]
-    if args.nproc < 0:
-        raise SystemExit(f"error: --nproc must be >= 1 (or 0: no expert parallelism), got {args.nproc}")
-    if args.ep_timeout <= 0:
-        raise SystemExit(f"error: --ep-timeout must be > 0 seconds, got {args.ep_timeout}")
-    from .distributed import env_world
+    from .cli_ranks import rank_entry
 
-    try:
-        world = env_world()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if world is None and args.nproc > 1:  # start the ranks; each one runs this command again
-        from .distributed import spawn_local
-
-        _check_expert_split(args.checkpoint, args.nproc, 0)
-        return spawn_local(args.raw_argv, args.nproc)
-    if world is not None and world[1] > 1:
-        if args.nproc not in (0, world[1]):
-            raise SystemExit(f"error: --nproc {args.nproc} but WORLD_SIZE={world[1]} (torchrun): give neither or "
-                             "the same number")
-        return _logits_ranks(args, dtype, inputs, decodes, *world)
+    where = rank_entry(args)
+    if isinstance(where, int):  # the local ranks ran (--nproc N): their exit code
+        return where
+    if where is not None:  # this process is one rank
+        return _logits_ranks(args, dtype, inputs, decodes, *where)
     if args.threads:
         _set_threads(args.threads)
     _, cfg, weights = _load(args.checkpoint, dtype, args.quant)
@@ -185,30 +174,20 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_expert_split(checkpoint: Path, world: int, rank: int) -> None:
-    """SystemExit unless ``world`` ranks can split the checkpoint's routed experts evenly."""
-    from .distributed import ExpertShard
-    from .models import load_config
-
-    cfg = load_config(checkpoint)
-    try:
-        ExpertShard(int(getattr(cfg, "n_routed_experts", 0) or 0), world, rank)
-    except ValueError as e:
-        raise SystemExit(f"error: --nproc / WORLD_SIZE: {e}") from None
-
-
 def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes, rank: int, world: int) -> int:
-    """``logits`` as one rank of an expert-parallel group (:mod:`llm_kernels.distributed`):
-    routed experts sharded, the rest replicated; rank 0 writes ``--out`` once every rank
-    finished (written beside it, renamed into place after the final barrier)."""
+    """``logits`` as one rank of a group (:mod:`llm_kernels.distributed`): layers split over
+    ``--pp`` pipeline stages, each stage's routed experts sharded over its ranks, the rest
+    replicated; rank 0 writes ``--out`` once every rank finished (written beside it, renamed
+    into place after the final barrier)."""
     import os
 
+    from .cli_ranks import check_layout
     from .distributed.runner import default_threads, run_rank
 
-    _check_expert_split(args.checkpoint, world, rank)  # before the rendezvous
+    layout = check_layout(args.checkpoint, world, args.pp, rank)  # before the rendezvous
     threads = args.threads or default_threads()
     _set_threads(threads)
-    settings = dict(command="logits", world=world, dtype=args.dtype, quant=args.quant, backend=args.backend,
+    settings = dict(command="logits", world=world, pp=layout.pp, dtype=args.dtype, quant=args.quant, backend=args.backend,
                     inputs=inputs, decodes=decodes, threads=threads, prefill_chunk=args.prefill_chunk)
 
     def body(ctx) -> int:
@@ -219,7 +198,7 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
             _check_ids(x, cfg.vocab_size, "--decode-ids")
         max_len = max(len(a) + len(b) for a, b in zip(inputs, decodes))
         engine = ctx.wrap(_engine(weights, cfg, dtype, max_len, args.backend, batch=len(inputs),
-                                  prefill_chunk=args.prefill_chunk))
+                                  prefill_chunk=args.prefill_chunk, **ctx.engine_kwargs()))
         print(ctx.memory_line(engine.w), file=sys.stderr, flush=True)
         del weights
         step_seconds: list[float] = []
@@ -228,15 +207,14 @@ def _logits_ranks(args: argparse.Namespace, dtype: torch.dtype, inputs, decodes,
             tmp = args.out.with_name(f".{args.out.name}.partial")
             _save_logits(tensors, tmp, args.dtype, {"ranks": str(world)})
             ctx.after_barrier.append(lambda: os.replace(tmp, args.out))
-            print(f"expert parallelism: {world} ranks x {threads} thread(s); "
-                  + ctx.ops.stats.summary(cfg.num_hidden_layers, step_seconds), flush=True)
+            print(f"{threads} thread(s) per rank; " + ctx.comm_summary(step_seconds), flush=True)
             for k, v in tensors.items():
                 print(f"{k}: {list(v.shape)}")
             ctx.after_barrier.append(lambda: print(f"wrote {args.out}", flush=True))
         return 0
 
     return run_rank(body, rank=rank, world_size=world, timeout=args.ep_timeout, settings=settings,
-                    checkpoint=args.checkpoint)
+                    checkpoint=args.checkpoint, layout=layout)
 
 
 def _shard_size(text: str) -> int | None:
@@ -454,13 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", type=Path, required=True)
     lg.add_argument("--threads", type=int, default=0,
                     help="torch and kernel threads per process (0: torch's default; with --nproc: CPUs / ranks)")
-    lg.add_argument("--nproc", type=int, default=0,
-                    help="expert parallelism over N local ranks (torch.distributed, gloo over TCP): routed experts "
-                         "sharded, rank 0 writes --out; under torchrun the ranks come from its environment "
-                         "(docs/distributed.md)")
-    lg.add_argument("--ep-timeout", type=float, default=60.0,
-                    help="seconds a rank waits for the others in a collective before naming the one that stopped "
-                         "(default 60)")
+    from .cli_ranks import add_rank_args
+
+    add_rank_args(lg, "logits")
     add_prefill_chunk_arg(lg)
     _backend_args(lg)
     lg.set_defaults(func=cmd_logits)

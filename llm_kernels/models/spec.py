@@ -25,7 +25,9 @@ class ModelSpec:
         default_preset: the preset of the embedded default checkpoint.
     Weights (``models/<name>/weights.py``; names are the checkpoint's canonical names):
         expected_float_tensors(cfg) -> {name: TensorInfo}; canonical_name(stored) -> name;
-        is_ignored(stored, cfg) -> bool; is_fp32_tensor(name) -> bool (kept fp32 at any dtype);
+        is_ignored(stored, cfg) -> bool; pipeline_part(name, cfg) -> the decoder layer index
+        of a tensor, ``"embed"`` / ``"head"`` / ``"embed_head"`` (first / last / both pipeline
+        stages) or None (every stage); is_fp32_tensor(name) -> bool (kept fp32 at any dtype);
         is_w8a8_weight(name) -> bool (INT8 in the W8A8 format); w8a8_modules: description
         written into ``quantization_config``; is_int8_weight(name) / int8_modules: the same
         for the ``int8`` scheme (every 2-D weight a Q8-class format quantises; default: the
@@ -40,8 +42,10 @@ class ModelSpec:
             (a function, so reading a config does not import the kernels); the methods
             :meth:`stages` / :meth:`backend_stages` look backends up in it;
         make_engine(weights, cfg, *, dtype, max_seq_len, backend, timer, max_batch,
-            consume_weights=False) -> engine (``consume_weights``: the engine may replace the
-            dict's entries by their prepared forms, freeing raw INT8 copies as it goes)
+            consume_weights=False, layers=None) -> engine (``consume_weights``: the engine may
+            replace the dict's entries by their prepared forms, freeing raw INT8 copies as it
+            goes; ``layers``: ``(first, stop)``, the decoder layers of one pipeline stage,
+            default all)
             with ``prefill``/``decode``/``step`` (:class:`~llm_kernels.runtime.engine_core.EngineCore`).
     Harness, bench, profile (optional):
         golden_builder(checkpoint or None) -> list of harness cases, and golden_env: the
@@ -72,6 +76,7 @@ class ModelSpec:
     release_scale_name: Callable[[str], str] | None = None
     release_scale_fmt: str = "ue8m0"
     release_quant_extra: Mapping[str, Any] = field(default_factory=dict)
+    pipeline_part: Callable[[str, Any], int | str | None] | None = None
 
     def quantized_weight(self, scheme: str) -> Callable[[str], bool]:
         """The predicate naming the weights stored INT8 under quantisation ``scheme``
@@ -107,7 +112,7 @@ class ModelSpec:
 
 # The ModelSpec fields a model's ``weights.py`` provides under the same names.
 WEIGHT_FIELDS = ("expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
-                 "init_tensor", "check_int_tensor")
+                 "init_tensor", "check_int_tensor", "pipeline_part")
 
 
 def weight_fields(weights_module: Any) -> dict[str, Any]:

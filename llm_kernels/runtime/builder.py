@@ -48,10 +48,12 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype, quant: str | 
 
 
 def build_engine(weights: dict, cfg, dtype: torch.dtype, max_seq_len: int, backend: str, timer=None,
-                 batch: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 batch: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 layers: tuple[int, int] | None = None):
     """The runtime engine of ``cfg``'s model (its spec's ``make_engine``), sized for ``batch``
     sequences of ``max_seq_len`` tokens, running steps of more than ``prefill_chunk`` rows
-    as chunks of at most that many (0 / None: never; see ``EngineCore.step``). The engine
+    as chunks of at most that many (0 / None: never; see ``EngineCore.step``); ``layers``:
+    ``(first, stop)``, one pipeline stage's decoder layers (default all). The engine
     consumes ``weights`` (their entries become the prepared forms; raw INT8 copies are freed
     as they are packed).
 
@@ -66,7 +68,8 @@ def build_engine(weights: dict, cfg, dtype: torch.dtype, max_seq_len: int, backe
     prefill_chunk = check_chunk_tokens(prefill_chunk)
     engine = models.spec_for_config(cfg).make_engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len,
                                                      backend=backend, timer=timer, max_batch=batch,
-                                                     consume_weights=True)
+                                                     consume_weights=True,
+                                                     **({} if layers is None else {"layers": layers}))
     engine.prefill_chunk = prefill_chunk
     trim()
     return engine

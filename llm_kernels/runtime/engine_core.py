@@ -18,6 +18,13 @@ checked before its first chunk; the default checks ``max_seq_len`` when the engi
 one) and ``_save_state(seq_ids)`` / ``_restore_state(seq_ids, saved)`` (undo a chunked
 step on sequences that already hold tokens; without them such a step runs as one step).
 
+Pipeline stages: an engine built for a layer range (``layers=(first, stop)``) holds the
+``pipe`` link of its stage (set by :mod:`llm_kernels.distributed`, a
+:class:`PipelineLink`): ``_forward`` takes its input rows from the previous stage instead of
+the embedding unless ``pipe.is_first``, sends its output to the next stage unless
+``pipe.is_last``, and :meth:`_step_chunk` gets the head's logits from the last stage
+(``pipe.share_logits``), so every stage returns the same logits.
+
 Chunked prefill (llama.cpp's ``--ubatch-size``, vLLM's ``max_num_batched_tokens``): a step
 of more than ``prefill_chunk`` rows (over all its sequences) runs as successive sub-steps
 of at most that many rows, so activations are allocated for one chunk, not for the whole
@@ -26,7 +33,7 @@ prompt. See :meth:`EngineCore.step` and ``docs/runtime.md`` ("Chunked prefill").
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -34,7 +41,7 @@ from ..errors import CacheOverflowError
 from ..numerics.rounding import check_dtype
 from .timing import StageTimer
 
-__all__ = ["EngineCore", "LOGITS_ROWS", "CacheOverflowError", "DEFAULT_PREFILL_CHUNK", "plan_chunks",
+__all__ = ["EngineCore", "PipelineLink", "LOGITS_ROWS", "CacheOverflowError", "DEFAULT_PREFILL_CHUNK", "plan_chunks",
            "check_chunk_tokens"]
 
 LOGITS_ROWS = ("all", "last")
@@ -80,6 +87,25 @@ def plan_chunks(lens: Sequence[int], chunk: int) -> list[list[tuple[int, int, in
     return plan
 
 
+class PipelineLink(Protocol):
+    """One pipeline stage's link to its neighbours (implemented in
+    :mod:`llm_kernels.distributed.pipeline`). ``is_first`` / ``is_last``: the stage holds the
+    embedding / the head."""
+
+    is_first: bool
+    is_last: bool
+
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The previous stage's output rows (``shape``, ``dtype``)."""
+
+    def send_hidden(self, x: torch.Tensor) -> None:
+        """Hand this stage's output rows to the next stage."""
+
+    def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+        """The last stage's float32 logits ``shape`` on every stage (``logits`` is given on
+        the last stage, None elsewhere)."""
+
+
 class EngineCore:
     """Sequences and steps of one model over its caches (see the module docstring).
 
@@ -100,6 +126,7 @@ class EngineCore:
         self.timer = timer or StageTimer(enabled=False)
         self._next_id = 0
         self.prefill_chunk = prefill_chunk
+        self.pipe: PipelineLink | None = None  # set on a pipeline stage (see the module docstring)
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -304,12 +331,16 @@ class EngineCore:
                     rows.append(offs[b + 1] - 1)
                 spans.append((r0, len(rows)) if h is not None else None)
             logits = None
-            if rows:
+            pipe = self.pipe
+            if rows and (pipe is None or pipe.is_last):
                 if len(rows) < x.shape[0]:
                     x = x[torch.tensor(rows)]
                 with self.timer("lm_head"):
                     logits = self._lm_head(x)
             del x
+            if rows and pipe is not None:
+                with self.timer("pipeline"):
+                    logits = pipe.share_logits(logits, (len(rows), self.cfg.vocab_size))
         except Exception:
             self._rollback(seq_ids, lens, state)
             raise

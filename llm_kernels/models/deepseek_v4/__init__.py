@@ -30,11 +30,11 @@ def _stage_table():
 
 
 def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1,
-                 consume_weights=False):
+                 consume_weights=False, layers=None):
     from ...runtime.deepseek_v4.engine import DeepSeekV4Engine
 
     return DeepSeekV4Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, ops=_stage_table().stages(backend),
-                            timer=timer, consume_weights=consume_weights)
+                            timer=timer, consume_weights=consume_weights, layers=layers)
 
 
 SPEC = ModelSpec(

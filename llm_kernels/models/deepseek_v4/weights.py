@@ -32,7 +32,7 @@ from ...checkpoint.tensor_info import TensorInfo
 from .. import random_init
 from .config import CSA, SLIDING, DeepSeekV4Config
 
-__all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "is_fp32_tensor", "is_w8a8_weight",
+__all__ = ["expected_float_tensors", "canonical_name", "is_ignored", "pipeline_part", "is_fp32_tensor", "is_w8a8_weight",
            "is_int8_weight", "INT8_WEIGHT_RE", "INT8_MODULES",
            "W8A8_WEIGHT_RE", "W8A8_MODULES", "FP32_TENSOR_SUFFIXES", "init_tensor", "check_int_tensor",
            "release_format", "release_scale_name", "RELEASE_SCALE_FMT", "RELEASE_QUANT_EXTRA"]
@@ -142,6 +142,26 @@ def canonical_name(name: str) -> str:
 
 
 _MTP_RE = re.compile(r"^(?:model\.)?mtp\.(\d+)\.")
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+_HEAD_PART = ("head.", "norm.", "hc_head_", "mtp.")
+
+
+def pipeline_part(name: str, cfg: DeepSeekV4Config | None = None) -> int | str | None:
+    """Where a canonical tensor name lives when the layers are split into pipeline stages:
+    the decoder layer index for ``layers.<i>.*``; ``"embed"`` (first stage) for
+    ``embed.weight``; ``"head"`` (last stage) for ``head.weight``, ``norm.weight``,
+    ``hc_head_*`` and the MTP blocks ``mtp.<k>.*`` (which read the last layer's output);
+    None: needed by every stage (none at present)."""
+    m = _LAYER_RE.match(name)
+    if m is not None:
+        return int(m.group(1))
+    if name.startswith("embed."):
+        return "embed"
+    if name.startswith(_HEAD_PART):
+        return "head"
+    return None
+
 
 
 def is_ignored(name: str, cfg: DeepSeekV4Config | None = None) -> bool:

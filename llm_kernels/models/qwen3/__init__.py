@@ -34,14 +34,15 @@ def _stage_table():
 
 
 def _make_engine(weights, cfg, *, dtype, max_seq_len, backend="reference", timer=None, max_batch=1,
-                 consume_weights=False):
+                 consume_weights=False, layers=None):
     from ...runtime.qwen3.engine import Qwen3Engine
 
     if max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"{max_seq_len} tokens exceed the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
     return Qwen3Engine(weights, cfg, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                       ops=_stage_table().stages(backend), timer=timer, consume_weights=consume_weights)
+                       ops=_stage_table().stages(backend), timer=timer, consume_weights=consume_weights,
+                       layers=layers)
 
 
 SPEC = ModelSpec(

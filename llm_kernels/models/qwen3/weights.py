@@ -22,7 +22,7 @@ from ...checkpoint.tensor_info import TensorInfo
 from .. import random_init
 from .config import Qwen3Config
 
-__all__ = ["W8A8_WEIGHT_RE", "W8A8_MODULES", "expected_float_tensors", "canonical_name", "is_ignored",
+__all__ = ["W8A8_WEIGHT_RE", "W8A8_MODULES", "expected_float_tensors", "canonical_name", "is_ignored", "pipeline_part",
            "is_fp32_tensor", "is_w8a8_weight", "is_int8_weight", "INT8_MODULES", "init_tensor",
            "check_int_tensor", "release_format", "release_scale_name", "RELEASE_SCALE_FMT", "RELEASE_QUANT_EXTRA"]
 
@@ -69,6 +69,25 @@ def release_scale_name(name: str) -> str:
 def canonical_name(name: str) -> str:
     """transformers' names are canonical for Qwen3 (identity)."""
     return name
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def pipeline_part(name: str, cfg=None) -> int | str | None:
+    """Where a tensor lives when the layers are split into pipeline stages: the decoder
+    layer index for ``model.layers.<i>.*``; ``"embed"`` (first stage) for the embedding,
+    ``"embed_head"`` (first and last stage) when ``cfg.tie_word_embeddings`` makes it the
+    head too; ``"head"`` (last stage) for ``model.norm.weight`` and ``lm_head.*``; None:
+    every stage."""
+    m = _LAYER_RE.match(name)
+    if m is not None:
+        return int(m.group(1))
+    if name.startswith("model.embed_tokens."):
+        return "embed_head" if cfg is not None and getattr(cfg, "tie_word_embeddings", False) else "embed"
+    if name.startswith(("model.norm.", "lm_head.")):
+        return "head"
+    return None
 
 
 def is_ignored(name: str, cfg=None) -> bool:

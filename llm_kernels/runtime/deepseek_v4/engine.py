@@ -50,13 +50,25 @@ class DeepSeekV4Engine(EngineCore):
             ``weights`` by their packed forms as it goes (frees each raw INT8 tensor once
             packed: the load peak stays near the weights' size; the caller's dict then
             holds prepared weights).
+        layers: ``(first, stop)``: this pipeline stage's decoder layers (``weights`` need hold
+            only those, plus the embedding on the first stage and ``hc_head`` / norm / head on
+            the last); its ``pipe`` link is set by :mod:`llm_kernels.distributed`. Default:
+            every layer. (Each sequence's cache keeps an entry per layer; the other stages'
+            stay empty.) MTP drafting needs every layer in one engine.
+
+    Raises ValueError for a bad ``layers`` or ``max_seq_len``.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config,
                  dtype: torch.dtype = torch.float32, max_seq_len: int = 4096,
                  ops: SimpleNamespace = REFERENCE_OPS, timer: StageTimer | None = None,
-                 consume_weights: bool = False):
+                 consume_weights: bool = False, layers: tuple[int, int] | None = None):
         super().__init__(cfg, dtype, timer)
+        first, stop = (0, cfg.num_hidden_layers) if layers is None else layers
+        if not 0 <= first < stop <= cfg.num_hidden_layers:
+            raise ValueError(f"layers must be (first, stop) with 0 <= first < stop <= num_hidden_layers="
+                             f"{cfg.num_hidden_layers}, got {layers}")
+        self.layer_ids = range(first, stop)
         self.max_seq_len, self.ops = max_seq_len, ops
         self.seqs: dict[int, SequenceCache] = {}
         #: speculative decoding: journal every step (``journal``: seq id -> StepJournal of
@@ -105,21 +117,30 @@ class DeepSeekV4Engine(EngineCore):
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)
-        with tm("embed"):
-            x_hc = ops.embed(self.w, cfg, ids, self.dtype)
-        for layer in range(cfg.num_hidden_layers):
+        pipe = self.pipe
+        if pipe is not None and not pipe.is_first:
+            with tm("pipeline"):
+                x_hc = pipe.recv_hidden((int(ids.numel()), cfg.hc_mult, cfg.hidden_size), self.dtype)
+        else:
+            with tm("embed"):
+                x_hc = ops.embed(self.w, cfg, ids, self.dtype)
+        for layer in self.layer_ids:
             with tm.layer(layer, cfg.layer_type(layer)):  # a trace scope; no-op unless tracing
                 lw = _model.LayerWeights(self.w, layer)
                 x_hc = self.attention_block(lw, layer, x_hc, positions, caches, offs)
                 x_hc = self.ffn_block(lw, layer, x_hc, ids)
+        if pipe is not None and not pipe.is_last:
+            with tm("pipeline"):
+                pipe.send_hidden(x_hc)
         self.last_hidden = x_hc  # the MTP block's input (speculative decoding)
         return x_hc
 
     # ------------------------------------------------------------------ speculative decoding
     @property
     def has_mtp(self) -> bool:
-        """True when the weights include MTP block 0 (loaded with ``mtp=True``)."""
-        return self.cfg.num_nextn_predict_layers > 0
+        """True when the weights include MTP block 0 (loaded with ``mtp=True``) and this
+        engine runs every layer (not one pipeline stage)."""
+        return self.cfg.num_nextn_predict_layers > 0 and len(self.layer_ids) == self.cfg.num_hidden_layers
 
     def rewind(self, seq_id: int, keep: int) -> None:
         """Drop all but the first ``keep`` tokens of sequence ``seq_id``'s last step: the

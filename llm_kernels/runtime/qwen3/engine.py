@@ -48,6 +48,9 @@ class Qwen3Engine(EngineCore):
         ops: stage implementations (default :data:`REFERENCE_OPS`).
         timer: optional StageTimer.
         num_layers: run only the first N layers (benchmarks); default all.
+        layers: ``(first, stop)``: this pipeline stage's decoder layers (``weights`` need hold
+            only those, plus the embedding on the first stage and the head on the last); its
+            ``pipe`` link is set by :mod:`llm_kernels.distributed`. Default: every layer.
         consume_weights: let ``prepare_weights`` replace the entries of ``weights`` by their
             packed forms as it goes (each raw INT8 tensor freed once packed).
         prefill_chunk: rows per sub-step of a long step (see ``EngineCore.step``; 0 / None:
@@ -59,15 +62,21 @@ class Qwen3Engine(EngineCore):
                  max_seq_len: int = 4096, max_batch: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, ops: SimpleNamespace = REFERENCE_OPS,
                  timer: StageTimer | None = None, num_layers: int | None = None,
-                 consume_weights: bool = False, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 consume_weights: bool = False, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 layers: tuple[int, int] | None = None):
         super().__init__(cfg, dtype, timer, prefill_chunk=prefill_chunk)
         self.ops = ops
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        first, stop = (0, self.num_layers) if layers is None else layers
+        if not 0 <= first < stop <= cfg.num_hidden_layers or (layers is not None and num_layers is not None):
+            raise ValueError(f"layers must be (first, stop) with 0 <= first < stop <= num_hidden_layers="
+                             f"{cfg.num_hidden_layers} (and no num_layers), got {layers}")
+        self.layer_ids = range(first, stop)
         if num_blocks is None:
             num_blocks = max_batch * math.ceil(max_seq_len / block_size)
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, max_seq_len, self.num_layers)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype, max_seq_len, stop - first)
         self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
-        self.layers = [_model.LayerWeights.from_weights(self.w, i) for i in range(self.num_layers)]
+        self.layers = [_model.LayerWeights.from_weights(self.w, i) for i in self.layer_ids]
 
     @property
     def max_seq_len(self) -> int:
@@ -116,21 +125,25 @@ class Qwen3Engine(EngineCore):
                                               torch.tensor(lens))
             ctx = (positions + 1).to(torch.int32)
             tables = cache.block_table(seq_ids)
-        if x is None:
+        pipe = self.pipe
+        if x is None and pipe is not None and not pipe.is_first:
+            with tm("pipeline"):
+                x = pipe.recv_hidden((int(positions.numel()), cfg.hidden_size), dt)
+        elif x is None:
             with tm("embed"):
                 x = ops.embed(self.w, ids, dt)
         with tm("rope_cos_sin"):
             cos, sin = ops.rope_cos_sin(cfg.rope, cfg.head_dim, positions, dt)
         eps = cfg.rms_norm_eps
-        for i, lw in enumerate(self.layers):
+        for j, (i, lw) in enumerate(zip(self.layer_ids, self.layers)):  # j: the cache's layer slot
             with tm.layer(i, "full_attention"):
                 with tm("input_norm_qkv"):
                     q, k, v = ops.input_norm_qkv(x, lw.input_layernorm, lw.q_proj, lw.k_proj, lw.v_proj, eps, dt)
                 with tm("qk_norm_rope"):
                     qh = ops.qk_norm_rope_cache(q, k, v, lw.q_norm, lw.k_norm, cos, sin, eps, dt,
-                                                cache.k[i], cache.v[i], slots)
+                                                cache.k[j], cache.v[j], slots)
                 with tm("attention"):
-                    a = ops.paged_attention(qh, cache.k[i], cache.v[i], tables, seq_idx, ctx,
+                    a = ops.paged_attention(qh, cache.k[j], cache.v[j], tables, seq_idx, ctx,
                                             cfg.softmax_scale, dt)
                 with tm("o_proj_residual_norm"):
                     h, hn = ops.o_proj_residual_norm(a, lw.o_proj, x, lw.post_attention_layernorm, eps, dt)
@@ -138,4 +151,7 @@ class Qwen3Engine(EngineCore):
                     act = ops.gate_up_swiglu(hn, lw.gate_proj, lw.up_proj, dt)
                 with tm("down_residual"):
                     x = ops.down_residual(act, lw.down_proj, h, dt)
+        if pipe is not None and not pipe.is_last:
+            with tm("pipeline"):
+                pipe.send_hidden(x)
         return x

@@ -1,0 +1,108 @@
+"""Pipeline parallelism (PP): contiguous layer ranges on successive stages, the hidden rows
+handed from one stage to the next with point-to-point ``send`` / ``recv``, the head's logits
+broadcast from the last stage to every rank.
+
+:class:`StageLink` is the engine's ``pipe`` (:class:`~llm_kernels.runtime.engine_core.PipelineLink`):
+per step, stage ``s > 0`` receives the rows of its counterpart (same expert shard) in stage
+``s - 1`` (``[ΣT, hidden]`` for Qwen3, the mHC streams ``[ΣT, hc_mult, D]`` for
+DeepSeek-V4, in the activation dtype, sent as raw bytes), runs its layers and sends its
+output on; the last stage runs the head, and one ``broadcast`` from the first rank of the
+last stage gives every rank the float32 logits of the step's head rows. Every rank
+therefore returns the same logits and can pick the same next token (``generate``).
+
+Exactness: a layer computes the same bits on whichever rank runs it (same code, inputs and
+thread count) and the transfers copy bytes, so the logits are bitwise the one-process
+logits on every path (tested). The schedule is synchronous: one step's stages run one after
+another (no micro-batching yet), so PP buys capacity (a rank holds ~1/pp of the layers),
+not speed.
+
+Failures of a transfer go through :meth:`RankGroup.fail`, which names the rank that died or
+stopped answering.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .layout import RankLayout
+
+__all__ = ["StageLink", "PipeStats"]
+
+
+class PipeStats:
+    """Bytes and seconds of the pipeline transfers (hidden rows sent / received, logits
+    received or broadcast), per call kind."""
+
+    def __init__(self):
+        self.sent = self.recv = self.logits = 0
+        self.seconds = 0.0
+        self.calls = 0
+
+    def summary(self, steps: int) -> str:
+        """``pipeline: X KiB hidden sent + Y KiB received, Z KiB logits per step, W ms per step``."""
+        n = max(steps, 1)
+        kib = 1024.0
+        return (f"pipeline: {self.sent / n / kib:.1f} KiB hidden sent + {self.recv / n / kib:.1f} KiB received, "
+                f"{self.logits / n / kib:.1f} KiB logits per step, {self.seconds / n * 1e3:.2f} ms per step in "
+                "transfers (waiting for the other stages included)")
+
+
+class StageLink:
+    """This rank's pipeline link (see the module docstring).
+
+    Args:
+        layout: this rank's :class:`RankLayout`.
+        on_fault: ``RankGroup.fail`` (raises RankFailure naming the rank) for a failed transfer.
+    """
+
+    def __init__(self, layout: RankLayout, on_fault):
+        self.layout = layout
+        self.is_first, self.is_last = layout.is_first_stage, layout.is_last_stage
+        self._fail = on_fault
+        self._src_logits = layout.stage_ranks(layout.pp - 1)[0]
+        self.stats = PipeStats()
+
+    def _run(self, what: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:
+            self._fail(e, what, time.perf_counter() - t0)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The rows stage ``stage - 1`` sent (``shape``, ``dtype``)."""
+        x = torch.empty(shape, dtype=dtype)
+        src = self.layout.peer(self.layout.stage - 1)
+        self._run(f"receiving the hidden rows from rank {src} (stage {self.layout.stage - 1})",
+                  lambda: dist.recv(x.view(-1).view(torch.uint8), src=src))
+        self.stats.recv += x.numel() * x.element_size()
+        return x
+
+    def send_hidden(self, x: torch.Tensor) -> None:
+        """Send this stage's output rows to stage ``stage + 1``."""
+        x = x.contiguous()
+        dst = self.layout.peer(self.layout.stage + 1)
+        self._run(f"sending the hidden rows to rank {dst} (stage {self.layout.stage + 1})",
+                  lambda: dist.send(x.view(-1).view(torch.uint8), dst=dst))
+        self.stats.sent += x.numel() * x.element_size()
+
+    def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+        """The last stage's float32 logits ``shape`` on every rank (one broadcast from the
+        last stage's first rank; the other ranks of that stage hold the same values)."""
+        src = self._src_logits
+        if self.layout.rank == src:
+            if logits is None or tuple(logits.shape) != tuple(shape) or logits.dtype != torch.float32:
+                raise ValueError(f"the last stage's logits must be float32 {list(shape)}, got "
+                                 f"{None if logits is None else (logits.dtype, list(logits.shape))}")
+            buf = logits.contiguous()
+        else:
+            buf = torch.empty(shape, dtype=torch.float32)
+        self._run(f"broadcasting the logits from rank {src} (the last stage)",
+                  lambda: dist.broadcast(buf, src=src))
+        self.stats.logits += buf.numel() * 4
+        return buf

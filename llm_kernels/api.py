@@ -106,6 +106,11 @@ class LLM:
             ``--ubatch-size``; default :data:`~llm_kernels.runtime.engine_core.DEFAULT_PREFILL_CHUNK`;
             0 / None: a whole prompt batch in one step). Bounds the prefill's activation
             memory; the engine attribute ``engine.prefill_chunk`` may be changed later.
+        ranks: None, or a :class:`~llm_kernels.distributed.runner.RankContext`: this process
+            is one rank of a group (``generate --nproc``): it loads its part of the checkpoint
+            (``ranks.load``), builds its stage's engine (``ranks.engine_kwargs()``) and wraps
+            it (``ranks.wrap``); every rank must then make the same calls. ``path`` must be
+            given; ``speculative`` is refused (ValueError: the rank loader has no MTP block).
 
     Attributes: ``cfg``, ``engine``, ``tokenizer`` (None when the directory has no
     ``tokenizer.json``: ids in, ids out), ``default_params`` (from ``generation_config.json``),
@@ -117,7 +122,7 @@ class LLM:
     def __init__(self, path: str | Path | None = None, backend: str = "fused", quant: str | None = None,
                  dtype: str | torch.dtype = "bfloat16", max_seq_len: int | None = None, threads: int | None = None,
                  max_batch: int = 8, timer=None, progress: bool = False, speculative: str | None = None,
-                 draft_tokens: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 draft_tokens: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, ranks=None):
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -131,7 +136,16 @@ class LLM:
         check_chunk_tokens(prefill_chunk)
         if threads:
             set_threads(threads)
-        self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
+        if ranks is not None:
+            if speculative is not None:
+                raise ValueError("speculative decoding does not run over ranks: the ranks' loader (RankContext.load) reads no MTP "
+                                 "block")
+            if path is None:
+                raise ValueError("ranks: give the checkpoint path (every rank must load the same one)")
+            self.path = Path(path).expanduser()
+            self.cfg, weights = ranks.load(self.path, dtype, quant)
+        else:
+            self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
         limit = getattr(self.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, limit)
@@ -145,8 +159,10 @@ class LLM:
                               else frozenset(read_eos_token_ids(self.path)))
         self.default_params = SamplingParams.from_generation_config(self.path)
         self.engine = build_engine(weights, self.cfg, dtype, max_seq_len, backend, timer, batch=max_batch,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, **(ranks.engine_kwargs() if ranks else {}))
         del weights
+        if ranks is not None:
+            self.engine = ranks.wrap(self.engine)
         self.speculative = speculative
         if speculative is not None:
             if not getattr(self.engine, "has_mtp", False):

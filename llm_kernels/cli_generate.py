@@ -16,6 +16,11 @@ and an interactive multi-turn ``--chat``.
   flags take ``generation_config.json``'s values (:meth:`SamplingParams.from_generation_config`).
   Generation stops on EOS (generation_config / tokenizer), a stop string or
   ``--max-new-tokens``.
+* ``--nproc N [--pp K]`` (or torchrun): every rank runs the same generation (same prompt,
+  same sampling seed: rank 0 draws it when ``--seed`` is not given), the model split as for
+  ``logits`` (docs/distributed.md); rank 0 alone prints, with its layout, memory and
+  communication. The output is the one-process output given the same ``--threads`` per
+  process. ``--chat`` and ``--speculative`` are refused over ranks.
 """
 
 from __future__ import annotations
@@ -95,13 +100,16 @@ def add_generate_parser(sub, ids_type: Callable[[str], list[int]],
     s.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--quiet", "-q", action="store_true", help="print the generated text only")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    g.add_argument("--threads", type=int, default=0, help="torch and kernel threads (0: all CPUs)")
+    g.add_argument("--threads", type=int, default=0, help="torch and kernel threads per process (0: all CPUs; with --nproc: CPUs / ranks)")
     g.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding with the model's MTP block (DeepSeek-V4 checkpoints with mtp.*): "
                         "one draft per step, verified by the main model; greedy output is unchanged")
     g.add_argument("--draft-tokens", type=int, default=1, help="drafts per step with --speculative (only 1)")
     add_prefill_chunk_arg(g)
     backend_args(g, "fused")
+    from .cli_ranks import add_rank_args
+
+    add_rank_args(g, "generate")
     g.set_defaults(func=cmd_generate)
     return g
 
@@ -124,17 +132,56 @@ def _sampling_params(args: argparse.Namespace, ckpt: Path) -> SamplingParams:
         raise ValueError(msg) from None
 
 
+def _ranks_wanted(args: argparse.Namespace) -> bool:
+    """True when this command runs over ranks (``--nproc`` > 1 or a torchrun environment of
+    more than one rank)."""
+    import os
+
+    try:
+        return args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return True  # rank_entry names the bad variable
+
+
+def _refuse_over_ranks(args: argparse.Namespace) -> None:
+    """The modes that do not run over ranks, refused before any rank starts (SystemExit
+    naming the option)."""
+    if args.chat:
+        raise SystemExit("error: --chat does not run over ranks (--nproc / torchrun): it reads stdin interactively "
+                         "in one process; use --prompt or --prompt-ids with --nproc")
+    if args.speculative is not None:
+        raise SystemExit(f"error: --speculative {args.speculative} does not run over ranks (--nproc / torchrun): the "
+                         "ranks' loader (RankContext.load) reads no MTP block (mtp.*) and an engine of a pipeline "
+                         "stage has none; run it in one process (without --nproc)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """The ``generate`` command (see the module docstring). Returns the exit code."""
-    from .api import LLM
+    """The ``generate`` command (see the module docstring). Returns the exit code. With
+    ``--nproc N`` (or under torchrun) every rank runs the same generation (same prompt,
+    same sampling seed: rank 0 draws one when ``--seed`` is not given) and rank 0 alone
+    prints; see docs/distributed.md."""
     from .checkpoint.defaults import default_checkpoint
-    from .runtime.builder import set_threads, warm_up
-    from .runtime.timing import StageTimer
+    from .cli_ranks import rank_entry
     from .text.tokenizer import Tokenizer
 
-    if args.threads:
+    where = None
+    if _ranks_wanted(args):
+        _refuse_over_ranks(args)
+        if args.checkpoint is None:  # written once here, before the ranks (each would write it)
+            args.checkpoint = default_checkpoint()
+        where = rank_entry(args)
+        if isinstance(where, int):  # the local ranks ran (--nproc N): their exit code
+            return where
+    threads = args.threads
+    if where is not None and not threads:
+        from .distributed.runner import default_threads
+
+        threads = default_threads()
+    if threads:
+        from .runtime.builder import set_threads
+
         try:
-            set_threads(args.threads)
+            set_threads(threads)
         except ValueError as e:
             raise SystemExit(f"error: --{e}") from None
     ckpt = Path(args.checkpoint).expanduser() if args.checkpoint is not None else default_checkpoint()
@@ -159,64 +206,143 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens {params.max_tokens}: the prompt ({len(prompt_ids)} tokens) plus the new "
                          f"tokens exceed the model's max_position_embeddings = {limit}")
     max_len = args.max_seq_len or (min(CHAT_MAX_SEQ_LEN, limit or CHAT_MAX_SEQ_LEN) if args.chat else need)
-    timer = StageTimer()
-    # two sequences: the warm-up's throwaway one and the real one
-    llm = LLM(ckpt, backend=args.backend, quant=args.quant, dtype=args.dtype, max_seq_len=max_len, max_batch=2,
-              timer=timer, progress=True, speculative=args.speculative, draft_tokens=args.draft_tokens,
-              prefill_chunk=args.prefill_chunk)
-    if prompt_ids:
-        llm.encode_prompts([prompt_ids])  # ids in the vocabulary, within max_seq_len (ValueError naming them)
-    quiet = args.quiet
-    if not quiet:
-        from .checkpoint.release import quant_label
-        from .checkpoint.safetensors_io import checkpoint_quant
+    run = _Run(args, ckpt, params, tok, prompt_ids, max_len)
+    if where is None:
+        return run(None)
+    from dataclasses import asdict
 
-        print(f"checkpoint: {ckpt}\nmodel: {llm.cfg.summary()}\ndtype: {args.dtype}, "
-              f"quant: {quant_label(checkpoint_quant(ckpt), args.quant)}, "
-              f"backend: {args.backend}, threads: {torch.get_num_threads()}")
-    t_warm = warm_up(llm.engine, prompt_ids or [0], args.backend)
-    if not quiet:
-        print(f"warm-up (kernel compile/load, one prefill + one decode step; not in the figures below): "
-              f"{t_warm:.2f} s", flush=True)
-    if args.chat:
-        return _chat_loop(llm, params, args)
-    timer.reset()
-    if tok is not None and not quiet:
-        print(tok.decode(prompt_ids), end="", flush=True)
-    prefill_stages: dict[str, float] = {}
+    from .distributed.runner import run_rank
 
-    def on_text(_i: int, text: str) -> None:
-        if not prefill_stages:  # the first text comes right after the prefill step
-            prefill_stages.update(timer.seconds)
-        print(text, end="", flush=True)
+    rank, world = where
+    layout = _check_layout(ckpt, world, args.pp, rank)
+    settings = dict(command="generate", world=world, pp=layout.pp, dtype=args.dtype, quant=args.quant,
+                    backend=args.backend, prompt_ids=prompt_ids, params=repr(asdict(params)), threads=threads,
+                    prefill_chunk=args.prefill_chunk, max_len=max_len)
+    return run_rank(run, rank=rank, world_size=world, timeout=args.ep_timeout, settings=settings, checkpoint=ckpt,
+                    layout=layout)
 
-    t0 = time.perf_counter()
-    (out,) = llm.generate([prompt_ids], params, on_text=on_text if tok is not None else None)
-    print("", flush=True)
-    if quiet:
+
+def _check_layout(ckpt: Path, world: int, pp: int, rank: int):
+    from .cli_ranks import check_layout
+
+    return check_layout(ckpt, world, pp, rank)
+
+
+class _Run:
+    """The generation after the argument checks: ``run(None)`` in one process, ``run(ctx)``
+    as one rank (the body of :func:`~llm_kernels.distributed.runner.run_rank`: the same
+    loop on every rank, stdout on rank 0 only)."""
+
+    def __init__(self, args, ckpt: Path, params: SamplingParams, tok, prompt_ids: list[int], max_len: int):
+        self.args, self.ckpt, self.params, self.tok = args, ckpt, params, tok
+        self.prompt_ids, self.max_len = prompt_ids, max_len
+
+    def __call__(self, ctx) -> int:
+        if ctx is None:
+            return self._generate(None)
+        from dataclasses import replace
+
+        from .distributed.commands import root_stdout, shared_seed
+
+        self.params = replace(self.params, seed=shared_seed(ctx, self.params.seed))
+        with root_stdout(ctx):
+            return self._generate(ctx)
+
+    def _generate(self, ctx) -> int:
+        from .api import LLM
+        from .runtime.builder import warm_up
+        from .runtime.timing import StageTimer
+
+        args, ckpt, params, tok, prompt_ids = self.args, self.ckpt, self.params, self.tok, self.prompt_ids
+        timer = StageTimer()
+        # two sequences: the warm-up's throwaway one and the real one
+        llm = LLM(ckpt, backend=args.backend, quant=args.quant, dtype=args.dtype, max_seq_len=self.max_len,
+                  max_batch=2, timer=timer, progress=ctx is None, speculative=args.speculative,
+                  draft_tokens=args.draft_tokens, prefill_chunk=args.prefill_chunk, ranks=ctx)
+        if prompt_ids:
+            llm.encode_prompts([prompt_ids])  # ids in the vocabulary, within max_seq_len (ValueError naming them)
+        quiet = args.quiet
+        if not quiet:
+            from .checkpoint.release import quant_label
+            from .checkpoint.safetensors_io import checkpoint_quant
+
+            print(f"checkpoint: {ckpt}\nmodel: {llm.cfg.summary()}\ndtype: {args.dtype}, "
+                  f"quant: {quant_label(checkpoint_quant(ckpt), args.quant)}, "
+                  f"backend: {args.backend}, threads: {torch.get_num_threads()}"
+                  + (" per rank" if ctx is not None else ""))
+            if ctx is not None:
+                print(f"ranks: {ctx.layout.describe()}; {ctx.memory_line(llm.engine.w)}")
+        t_warm = warm_up(llm.engine, prompt_ids or [0], args.backend)
+        if not quiet:
+            print(f"warm-up (kernel compile/load, one prefill + one decode step; not in the figures below): "
+                  f"{t_warm:.2f} s", flush=True)
+        if args.chat:
+            return _chat_loop(llm, params, args)
+        timer.reset()
+        meter = None
+        if ctx is not None:
+            from .distributed.commands import CommMeter
+
+            meter = CommMeter(ctx)
+            meter.start()
+        if tok is not None and not quiet:
+            print(tok.decode(prompt_ids), end="", flush=True)
+        prefill_stages: dict[str, float] = {}
+
+        def on_text(_i: int, text: str) -> None:
+            if not prefill_stages:  # the first text comes right after the prefill step
+                prefill_stages.update(timer.seconds)
+            print(text, end="", flush=True)
+
+        t0 = time.perf_counter()
+        (out,) = llm.generate([prompt_ids], params, on_text=on_text if tok is not None else None)
+        print("", flush=True)
+        if meter is not None:
+            meter.stop()
+        if quiet:
+            return 0
+        tm = out.timings
+        n_dec = max(len(out.token_ids) - 1, 0)  # the first new token comes from the prefill logits
+        print(f"prompt ids:    {','.join(map(str, prompt_ids))}")
+        print(f"generated ids: {','.join(map(str, out.token_ids))}")
+        print(f"finish reason: {out.finish_reason}" + (f" ({out.stop_reason!r})" if out.stop_reason is not None else ""))
+        print(f"prefill: {len(prompt_ids)} tokens in {tm['prefill_s'] * 1e3:.1f} ms = "
+              f"{len(prompt_ids) / max(tm['prefill_s'], 1e-9):.1f} tok/s")
+        if n_dec:
+            print(f"decode:  {n_dec} tokens in {tm['decode_s'] * 1e3:.1f} ms = {n_dec / tm['decode_s']:.1f} tok/s "
+                  f"({tm['decode_s'] / n_dec * 1e3:.2f} ms/token)")
+        if "spec_steps" in tm:
+            print(f"speculative (mtp): {int(tm['spec_steps'])} verify steps, {int(tm['accepted_tokens'])} of "
+                  f"{int(tm['draft_tokens'])} drafts accepted (acceptance {tm['acceptance_rate']:.1%}), "
+                  f"{tm['tokens_per_step']:.2f} tokens per step")
+        if meter is not None:
+            print(_comm_line(meter.take(), n_dec, tm))
+        print(f"total: {time.perf_counter() - t0:.2f} s (sampling, detokenization and printing included)")
+        print("time per stage (prefill ms | decode ms per step | decode share):")
+        dec = {k: v - prefill_stages.get(k, 0.0) for k, v in timer.seconds.items()}
+        total = sum(dec.values()) or 1.0
+        for stage, _sec, _calls, _share in timer.table():
+            print(f"  {stage:20s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
+                  f"{dec[stage] / max(n_dec, 1) * 1e3:9.3f} | {dec[stage] / total:6.1%}")
         return 0
-    tm = out.timings
-    n_dec = max(len(out.token_ids) - 1, 0)  # the first new token comes from the prefill logits
-    print(f"prompt ids:    {','.join(map(str, prompt_ids))}")
-    print(f"generated ids: {','.join(map(str, out.token_ids))}")
-    print(f"finish reason: {out.finish_reason}" + (f" ({out.stop_reason!r})" if out.stop_reason is not None else ""))
-    print(f"prefill: {len(prompt_ids)} tokens in {tm['prefill_s'] * 1e3:.1f} ms = "
-          f"{len(prompt_ids) / max(tm['prefill_s'], 1e-9):.1f} tok/s")
-    if n_dec:
-        print(f"decode:  {n_dec} tokens in {tm['decode_s'] * 1e3:.1f} ms = {n_dec / tm['decode_s']:.1f} tok/s "
-              f"({tm['decode_s'] / n_dec * 1e3:.2f} ms/token)")
-    if "spec_steps" in tm:
-        print(f"speculative (mtp): {int(tm['spec_steps'])} verify steps, {int(tm['accepted_tokens'])} of "
-              f"{int(tm['draft_tokens'])} drafts accepted (acceptance {tm['acceptance_rate']:.1%}), "
-              f"{tm['tokens_per_step']:.2f} tokens per step")
-    print(f"total: {time.perf_counter() - t0:.2f} s (sampling, detokenization and printing included)")
-    print("time per stage (prefill ms | decode ms per step | decode share):")
-    dec = {k: v - prefill_stages.get(k, 0.0) for k, v in timer.seconds.items()}
-    total = sum(dec.values()) or 1.0
-    for stage, _sec, _calls, _share in timer.table():
-        print(f"  {stage:20s} {prefill_stages.get(stage, 0.0) * 1e3:9.2f} | "
-              f"{dec[stage] / max(n_dec, 1) * 1e3:9.3f} | {dec[stage] / total:6.1%}")
-    return 0
+
+
+def _comm_line(c: dict, n_dec: int, tm: dict) -> str:
+    """Rank 0's communication during the generation (prefill + decode steps), per step."""
+    steps = n_dec + 1  # the prefill step, then one per decoded token
+    kib = 1024.0
+    run_s = tm["prefill_s"] + tm["decode_s"]
+    parts = []
+    if c["ep_calls"]:
+        parts.append(f"MoE combine {c['ep_sent'] / steps / kib:.1f} KiB sent + {c['ep_recv'] / steps / kib:.1f} KiB "
+                     f"received, {c['ep_s'] / steps * 1e3:.2f} ms")
+    if c["pipe_sent"] or c["pipe_recv"] or c["pipe_logits"]:
+        parts.append(f"pipeline {c['pipe_sent'] / steps / kib:.1f} KiB hidden sent + {c['pipe_recv'] / steps / kib:.1f}"
+                     f" KiB received, {c['pipe_logits'] / steps / kib:.1f} KiB logits, {c['pipe_s'] / steps * 1e3:.2f}"
+                     " ms")
+    share = (c["ep_s"] + c["pipe_s"]) / run_s if run_s > 0 else 0.0
+    return (f"communication (rank 0, mean per step over {steps} steps: the prefill + {n_dec} decode; waiting for the "
+            f"other ranks included): " + ("; ".join(parts) or "none") + f"; {share:.1%} of the run's step time")
 
 
 def _chat_loop(llm, params: SamplingParams, args: argparse.Namespace) -> int:

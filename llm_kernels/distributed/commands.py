@@ -1,0 +1,130 @@
+"""What ``generate`` and ``bench`` share when they run as one rank of a group (``--nproc N
+[--pp K]``, see docs/distributed.md): a seed drawn once for every rank, JSON gathered from
+every rank to all, rank 0 alone on stdout, communication counters read around a timed part
+and the decode bytes a rank reads from its own part of the model.
+
+Nothing here runs a model; the :class:`~.runner.RankContext` gives the group, the layout and
+(after ``wrap``) the expert-parallel ops and the pipeline link whose counters are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import sys
+from typing import Any, Iterator
+
+__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes", "ranks_line"]
+
+
+def gather_json(ctx, obj: Any, what: str) -> list[Any]:
+    """``obj`` (JSON-serialisable) of every rank, in rank order, on every rank (two
+    all-gathers: the lengths, then the texts padded to the longest). Raises
+    :class:`~.group.RankFailure` when a rank is gone."""
+    data = json.dumps(obj, sort_keys=True).encode()
+    lens = ctx.group.all_gather_bytes(len(data).to_bytes(8, "little"), what + " (sizes)")
+    n = max(int.from_bytes(x, "little") for x in lens)
+    outs = ctx.group.all_gather_bytes(data.ljust(n, b" "), what)
+    return [json.loads(o.decode()) for o in outs]
+
+
+def shared_seed(ctx, seed: int | None) -> int | None:
+    """``seed`` when given; else one fresh seed drawn by rank 0 and used by every rank (a
+    sampler seeded per rank from the OS would draw different tokens on each rank, and the
+    ranks must feed the same tokens). Returns an int in ``[0, 2**63)`` or the given seed."""
+    if seed is not None:
+        return seed
+    mine = random.SystemRandom().randrange(2 ** 63) if ctx.is_root else 0
+    return int(gather_json(ctx, mine, "sharing the sampling seed")[0])
+
+
+@contextlib.contextmanager
+def root_stdout(ctx) -> Iterator[None]:
+    """Rank 0 prints as usual; on the other ranks stdout goes nowhere (they run the same
+    loop and would print the same text). stderr is kept on every rank (errors)."""
+    if ctx.is_root:
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):
+        try:
+            yield
+        finally:
+            sink.truncate(0)
+
+
+class CommMeter:
+    """Sums this rank's communication over marked intervals (``start()`` ... ``stop()``):
+    the expert combine (``ctx.ops.stats.log``: bytes sent / received, seconds inside the
+    all-gather) and the pipeline transfers (``ctx.pipe.stats``: hidden rows sent / received,
+    logits, seconds). Seconds include waiting for the other ranks."""
+
+    KEYS = ("ep_sent", "ep_recv", "ep_s", "ep_calls", "pipe_sent", "pipe_recv", "pipe_logits", "pipe_s")
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.total = dict.fromkeys(self.KEYS, 0.0)
+        self._mark: dict[str, float] | None = None
+
+    def _now(self) -> dict[str, float]:
+        ops, pipe = self.ctx.ops, self.ctx.pipe
+        log = ops.stats.log if ops is not None else []
+        st = pipe.stats if pipe is not None else None
+        return {"ep_sent": sum(r[1] for r in log), "ep_recv": sum(r[2] for r in log),
+                "ep_s": sum(r[3] + r[4] for r in log), "ep_calls": len(log),
+                "pipe_sent": st.sent if st else 0, "pipe_recv": st.recv if st else 0,
+                "pipe_logits": st.logits if st else 0, "pipe_s": st.seconds if st else 0.0}
+
+    def start(self) -> None:
+        self._mark = self._now()
+
+    def stop(self) -> None:
+        if self._mark is None:
+            return
+        now = self._now()
+        for k in self.KEYS:
+            self.total[k] += now[k] - self._mark[k]
+        self._mark = None
+
+    def take(self) -> dict[str, float]:
+        """The sums since the last ``take`` (then zero)."""
+        out, self.total = self.total, dict.fromkeys(self.KEYS, 0.0)
+        return out
+
+
+def rank_read_bytes(weights: dict, cfg) -> dict[str, Any]:
+    """:func:`~llm_kernels.bench.weight_bytes.decode_read_bytes` of this rank's part of the
+    model (``weights``: the engine's prepared dict; a pipeline stage holds its layers only,
+    remote experts are placeholders and count 0). Routed experts: the expected reads of
+    this rank, i.e. each layer's mean local expert times the share of the layer's experts it
+    holds (uniform routing: a token's ``k`` experts are on this rank ``k * local / E`` times
+    on average), so that the sum over ranks is the bytes every rank together reads per
+    token. Same keys as ``decode_read_bytes`` plus ``local_experts`` (per layer prefix)."""
+    from ..bench.weight_bytes import _ROUTED, decode_read_bytes
+    from .expert_parallel import RemoteExpert
+
+    local = {k: w for k, w in weights.items() if not isinstance(w, RemoteExpert)}
+    rb = decode_read_bytes(local, cfg)
+    counts: dict[str, set[int]] = {}
+    for name in local:
+        m = _ROUTED.match(name)
+        if m is not None:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    E = rb["n_routed_experts"] or 1
+    rb["local_experts"] = {p: len(s) for p, s in counts.items()}
+    rb["expert_bytes"] = {p: v * len(counts[p]) / E for p, v in rb["expert_bytes"].items()}
+    routed = sum(v * rb["experts_per_tok"] for v in rb["expert_bytes"].values()) if rb["expert_bytes"] else 0
+    rb["per_token"] = int(round(rb["dense"] + rb["per_seq_rows"] + routed))
+    rb["routed_per_token"] = int(round(routed))
+    return rb
+
+
+def ranks_line(ctx, threads: int) -> str:
+    """``2 ranks = 1 pipeline stage x 2 expert shards; layers [0, 4); 1 thread(s) per rank``."""
+    return f"{ctx.layout.describe()}; {threads} thread(s) per rank"
+
+
+def print_err(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)

@@ -21,6 +21,9 @@ Tests (the cartesian product of the lists, as llama-bench does):
   (logits of every sequence). t/s = N·B / time (aggregate over the batch). The decode steps
   are never chunked; ``-ub`` applies to the untimed prefill.
 
+Over ranks (``--nproc N [--pp K]``, or torchrun): every rank runs the same tests on its part
+of the model, rank 0 reports; bytes are totals over the ranks (:mod:`.model_ranks`).
+
 Several ``-ub`` values multiply the tests (as every list does); each row records its
 ``n_ubatch`` and the untimed setup seconds of each run (``setup_s``: the depth prefill).
 
@@ -68,7 +71,8 @@ __all__ = ["MODE_FLAGS", "wants_model_mode", "build_parser", "main", "decode_rea
            "plan_tests", "TestSpec", "DEFAULT_JSON"]
 
 #: Flags that select the model-level mode of ``python -m llm_kernels bench``.
-MODE_FLAGS = ("-p", "--n-prompt", "-n", "--n-gen", "-d", "--n-depth", "-b", "--batch-size", "-m", "--model")
+MODE_FLAGS = ("-p", "--n-prompt", "-n", "--n-gen", "-d", "--n-depth", "-b", "--batch-size", "-m", "--model",
+              "--nproc", "--pp", "--pipeline-parallel-size")  # over ranks: this mode only (.model_ranks)
 DEFAULT_JSON = "bench_model.json"
 _DTYPES = ("bfloat16", "float32")
 
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array size of the bandwidth probe (default 1.5G)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--quiet", action="store_true", help="no progress lines (stderr)")
+    from ..cli_ranks import add_rank_args
+
+    add_rank_args(p, "bench")  # --nproc / --pp / --ep-timeout: over ranks, see .model_ranks
     return p
 
 
@@ -208,6 +215,7 @@ class _Runner:
 
         self.engine, self.vocab, self.tg_prompt = engine, vocab, tg_prompt
         self.gen = torch.Generator().manual_seed(seed)
+        self.meter = None  # over ranks: a CommMeter started / stopped around each timed part
 
     def _ids(self, n: int) -> list[int]:
         import torch
@@ -224,18 +232,29 @@ class _Runner:
                 if t.depth:
                     eng.step(sids, [self._ids(t.depth)], logits_rows="last", chunk_tokens=ub)
                 prompt = [self._ids(t.n)]
-                t1 = time.perf_counter()
+                t1 = self._start()
                 eng.step(sids, prompt, logits_rows="last", chunk_tokens=ub)
-                return time.perf_counter() - t1, t1 - t0
+                return self._stop(t1), t1 - t0
             eng.step(sids, [self._ids(t.depth or self.tg_prompt) for _ in sids], logits_rows="last", chunk_tokens=ub)
             toks = [[[x] for x in self._ids(t.batch)] for _ in range(t.n)]
-            t1 = time.perf_counter()
+            t1 = self._start()
             for step_toks in toks:
                 eng.step(sids, step_toks, chunk_tokens=0)
-            return time.perf_counter() - t1, t1 - t0
+            return self._stop(t1), t1 - t0
         finally:
             for s in sids:
                 eng.release(s)
+
+    def _start(self) -> float:
+        if self.meter is not None:
+            self.meter.start()
+        return time.perf_counter()
+
+    def _stop(self, t1: float) -> float:
+        dt = time.perf_counter() - t1
+        if self.meter is not None:
+            self.meter.stop()
+        return dt
 
 
 def _err(msg: str) -> int:
@@ -248,11 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     the memory is too small (a test that fails at run time is reported with exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    quiet = args.quiet
-
-    def log(*a: Any) -> None:
-        if not quiet:
-            print(*a, file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- validation (before loading)
     if args.checkpoint is None:
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         n_prompt, n_gen = [512], [128]
     tests = plan_tests(n_prompt or [], n_gen or [], args.n_depth, args.batch_size, args.ubatch_size)
     from .. import models
-    from ..errors import CheckpointError, ConfigError
+    from ..errors import ConfigError
 
     try:
         cfg0 = models.load_config(args.checkpoint)
@@ -296,17 +310,42 @@ def main(argv: list[str] | None = None) -> int:
     import numba
     import torch
 
-    from ..kernels.common import jit
-    from ..numerics.group_quant import GroupQuantWeight
-    from ..numerics.mxfp4 import MXFP4Weight
-    from ..numerics.quant import QuantWeight
+    from .model_ranks import rank_entry, run_ranks
 
+    where = rank_entry(args, argv)
+    if isinstance(where, int):  # the local ranks ran (--nproc N): their exit code
+        return where
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
             numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         except ValueError as e:
             return _err(f"-t/--threads: {e}")
+    if where is None:
+        return _bench(args, argv, tests, cap, cfg0, None)
+    settings = {"tests": [(t.name, t.ubatch) for t in tests], "cap": cap}
+    return run_ranks(args, where, settings, lambda ctx: _bench(args, argv, tests, cap, cfg0, ctx))
+
+
+def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) -> int:
+    """The benchmark after the argument checks: in one process (``ctx`` None) or as one
+    rank (``ctx``: its :class:`~llm_kernels.distributed.runner.RankContext`; errors raise
+    instead of returning 2 so that every rank stops; see :mod:`.model_ranks`)."""
+    import torch
+
+    from .. import models
+    from ..errors import CheckpointError, ConfigError
+    from ..kernels.common import jit
+    from ..numerics.group_quant import GroupQuantWeight
+    from ..numerics.mxfp4 import MXFP4Weight
+    from ..numerics.quant import QuantWeight
+
+    quiet = args.quiet
+
+    def log(*a: Any) -> None:
+        if not quiet:
+            print(*a, file=sys.stderr, flush=True)
+
     dinfo = jit.dispatch_info()
     cache_files_before = jit.cached_kernel_count()
     spec = models.spec_for_config(cfg0)
@@ -326,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
     try:
-        cfg, weights = load_checkpoint(args.checkpoint, dtype=dtype, progress=not quiet, quant=args.quant)
+        if ctx is not None:
+            cfg, weights = ctx.load(args.checkpoint, dtype, args.quant)
+        else:
+            cfg, weights = load_checkpoint(args.checkpoint, dtype=dtype, progress=not quiet, quant=args.quant)
     except (CheckpointError, ConfigError, ValueError) as e:
+        if ctx is not None:
+            raise
         return _err(str(e))
     load_s = time.perf_counter() - t0
     quantized = any(isinstance(w, (QuantWeight, GroupQuantWeight, MXFP4Weight)) for w in weights.values())
@@ -335,8 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         engine = spec.make_engine(weights, cfg, dtype=dtype, max_seq_len=cap, backend=args.backend, timer=None,
-                                  max_batch=max_batch, consume_weights=True)
+                                  max_batch=max_batch, consume_weights=True, **(ctx.engine_kwargs() if ctx else {}))
+        if ctx is not None:
+            engine = ctx.wrap(engine)
     except (ValueError, ConfigError) as e:
+        if ctx is not None:
+            raise
         return _err(str(e))
     build_s = time.perf_counter() - t0
     del weights  # the engine holds the prepared weights
@@ -344,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     prepared = getattr(engine, "w", None)
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
-    rb = decode_read_bytes(prepared, cfg)
+    if ctx is None:
+        rb = decode_read_bytes(prepared, cfg)
+    else:  # the total over the ranks (.model_ranks)
+        from ..distributed.commands import CommMeter, gather_json, rank_read_bytes
+        from .model_ranks import combine_read_bytes
+
+        per_rank = gather_json(ctx, rank_read_bytes(prepared, cfg), "gathering the bytes per token")
+        rb = combine_read_bytes(per_rank)
     stored = checkpoint_quant(args.checkpoint)
     scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else stored
     if stored == "release":  # FP8 -> the INT8 scheme at load, MXFP4 experts kept 4-bit
@@ -363,23 +418,29 @@ def main(argv: list[str] | None = None) -> int:
     moe = (f"; MoE: shared experts + {rb['experts_per_tok']} of {rb['n_routed_experts']} routed experts per layer"
            if rb["expert_bytes"] else "")
     log(f"weights {fmt_bytes(rb['total_storage'])} ({_fmt_count(rb['params'])} params); read per decoded token "
-        f"{fmt_bytes(rb['per_token'])}{moe}")
+        f"{fmt_bytes(rb['per_token'])}{moe}" + (" (totals over the ranks)" if ctx else ""))
 
     # ---------------------------------------------------------------- bandwidth (before)
     probe = args.bw_bytes
-    if args.bandwidth:
-        bw_before = bw_after = float(args.bandwidth)
-        bw_src = "given (--bandwidth)"
-    else:
+    root = ctx is None or ctx.is_root  # over ranks: rank 0 alone probes, the others wait (.model_ranks)
+    bw_before = bw_after = float(args.bandwidth or 0.0)
+    bw_src = "given (--bandwidth)"
+    int8_peak = None
+    if root and not args.bandwidth:
         bw_before = measure_dram_bandwidth(probe)
         bw_src = f"measured: median of 5 x torch.sum over a {fmt_bytes(probe)} float32 array, before and after"
         log(f"DRAM read bandwidth before the tests: {bw_before:.1f} GB/s")
-    int8_peak = measure_int8_peak() if quantized and any(t.kind == "pp" for t in tests) else None
-    if int8_peak is not None:
+    if root and quantized and any(t.kind == "pp" for t in tests):
+        int8_peak = measure_int8_peak()
         log(f"INT8 GEMM compute peak (L2-resident 1024x2048 weight, 256 tokens, this tier): {int8_peak:.0f} GOP/s")
+    if ctx is not None:
+        ctx.group.meet("wait for rank 0's DRAM probe")  # no collective timeout while rank 0 probes
+        ctx.group.barrier("start the tests together")
 
     # ---------------------------------------------------------------- tests
     runner = _Runner(engine, cfg.vocab_size, args.seed, args.tg_prompt)
+    if ctx is not None:
+        runner.meter = CommMeter(ctx)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     first_call = None
@@ -392,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                     s, setup = runner.run(t)
                     warm.append(s)
                     log(f"{label} warm-up {w + 1}/{args.warmup}: {s:.3f} s (+{setup:.1f} s untimed setup)")
+                if runner.meter is not None:
+                    runner.meter.take()  # the warm-ups' communication is not reported
                 runs = []
                 for r in range(args.repetitions):
                     s, setup = runner.run(t)
@@ -400,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{label} rep {r + 1}/{args.repetitions}: {t.tokens() / s:.2f} t/s ({s:.3f} s"
                         + (f", +{setup:.1f} s untimed setup)" if setup >= 0.05 else ")"))
             except Exception as e:  # noqa: BLE001
+                if ctx is not None:  # the ranks would fall out of step: stop every rank
+                    raise
                 errors.append(f"{t.name}: {type(e).__name__}: {e}")
                 log(f"{label} failed: {type(e).__name__}: {e}")
                 continue
@@ -409,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                    "t_s": tps, **{
                        f"t_s_{k}": v for k, v in _stats(tps).items()},
                    "median_s": statistics.median(runs)}
+            if runner.meter is not None:
+                from .model_ranks import comm_row
+
+                row["comm"] = comm_row(runner.meter.take(), args.repetitions, runs)
             if warm:
                 row["first_call_extra_s"] = warm[0] - row["median_s"]
                 if first_call is None:
@@ -419,9 +488,15 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
 
     # ---------------------------------------------------------------- bandwidth (after), roofline
-    if not args.bandwidth:
+    if ctx is not None:
+        memory = gather_json(ctx, ctx.memory_line(prepared), "gathering the memory lines")
+    if root and not args.bandwidth:
         bw_after = measure_dram_bandwidth(probe)
         log(f"DRAM read bandwidth after the tests: {bw_after:.1f} GB/s")
+    if ctx is not None:
+        ctx.group.meet("wait for rank 0's DRAM probe after the tests")
+        if not root:
+            return 0  # rank 0 reports
     bw = (bw_before + bw_after) / 2
     for row in results:
         if row["kind"] == "tg":
@@ -437,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     size, params = fmt_bytes(rb["total_storage"]), _fmt_count(rb["params"])
     headers = ["model", "size", "params", "backend", "threads", "n_ubatch", "test", "t/s", "median t/s", "spread",
                "B/step", "% roofline"]
+    if ctx is not None:  # ranks = pipeline stages x expert shards; comm = rank 0's share of a run
+        headers[5:5] = ["ranks"]
+        headers.append("comm")
     body = []
     for row in results:
         body.append([model_label, size, params, backend_label, threads_label, str(row["n_ubatch"] or "whole"),
@@ -445,8 +523,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * row['t_s_spread']:.1f}%",
                      fmt_bytes(row["weight_bytes_per_step"]) if row["kind"] == "tg" else "-",
                      f"{row['pct_roofline']:.1f}%" if row["pct_roofline"] is not None else "-"])
+        if ctx is not None:
+            body[-1][5:5] = [f"{ctx.world_size}={ctx.layout.pp}x{ctx.layout.ep}"]
+            body[-1].append(f"{100 * row['comm']['share']:.1f}%")
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    right = {"size", "params", "threads", "n_ubatch", "t/s", "median t/s", "spread", "B/step", "% roofline"}
+    right = {"size", "params", "threads", "ranks", "n_ubatch", "t/s", "median t/s", "spread", "B/step", "% roofline",
+             "comm"}
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
@@ -459,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line(r))
     print()
     print(f"CPU tier: {dinfo['tier']}; torch threads {th_torch}, numba threads {th_numba}")
+    if ctx is not None:
+        from .model_ranks import ranks_report
+
+        rank_lines, ranks_block = ranks_report(ctx, th_torch, per_rank, memory, results)
+        print("\n".join(rank_lines))
     bw_line = (f"DRAM read bandwidth: before {bw_before:.1f} GB/s, after {bw_after:.1f} GB/s, roofline uses the "
                f"mean {bw:.1f} GB/s" if not args.bandwidth else f"DRAM read bandwidth: {bw:.1f} GB/s (given)")
     print(bw_line)
@@ -467,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("pct_int8_peak") is not None:
                 print(f"{row['test']}: ~{row['gops']:.0f} GOP/s (2 x weight bytes per token x median t/s) = "
                       f"{row['pct_int8_peak']:.1f}% of the INT8 GEMM peak measured in this run, {int8_peak:.0f} GOP/s")
-    print(f"weights read per decoded token: {rb['per_token']:,} B ({fmt_bytes(rb['per_token'])})"
+    print(f"weights read per decoded token{' (total over the ranks)' if ctx else ''}: {rb['per_token']:,} B "
+          f"({fmt_bytes(rb['per_token'])})"
           + (f"; MoE assumption: shared experts + {rb['experts_per_tok']} routed experts per layer per token, "
              f"b sequences read min(b*{rb['experts_per_tok']}, {rb['n_routed_experts']}) routed experts per step"
              if rb["expert_bytes"] else "") + "; KV cache not counted")
@@ -482,10 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                               ("after", load_after)))
     print(f"load average (1 min): {la}; checkpoint load {load_s:.1f} s, engine build {build_s:.1f} s")
     mem = rss()
+    own = rb["total_storage"] if ctx is None else per_rank[0]["total_storage"]
     if mem["peak"] is not None:
-        print(f"memory: peak RSS {fmt_bytes(mem['peak'])} (load, build and tests), RSS at the end "
-              f"{fmt_bytes(mem['rss'])}; resident weights {fmt_bytes(rb['total_storage'])} -> peak - weights = "
-              f"{fmt_bytes(mem['peak'] - rb['total_storage'])}")
+        print(f"memory{' (rank 0)' if ctx is not None else ''}: peak RSS {fmt_bytes(mem['peak'])} (load, build and "
+              f"tests), RSS at the end {fmt_bytes(mem['rss'])}; resident weights {fmt_bytes(own)} -> peak - weights = "
+              f"{fmt_bytes(mem['peak'] - own)}")
     for e in errors:
         print(f"error: {e}")
 
@@ -509,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
            "tests": results, "errors": errors, "loadavg_1m_before": load_before, "loadavg_1m_after": load_after,
            "wall_s": time.perf_counter() - t_start}
     json_path = args.json or Path.cwd() / DEFAULT_JSON
-    path = write_results(json_path, out, machine=machine_info(bw, bw_src))
-    log(f"wrote {path}")
+    if ctx is None:
+        log(f"wrote {write_results(json_path, out, machine=machine_info(bw, bw_src))}")
+    else:  # size / params / bytes: totals over the ranks (.model_ranks); written once every rank finished
+        out["ranks"] = ranks_block
+        ctx.after_barrier.append(lambda: log(f"wrote {write_results(json_path, out, machine=machine_info(bw, bw_src))}"))
     return 1 if errors else 0

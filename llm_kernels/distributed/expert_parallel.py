@@ -307,7 +307,8 @@ def parse_fault(text: str | None) -> tuple[int, int, str] | None:
     """``"<rank>:<moe call>:<action>"`` (the :data:`FAULT_ENV` variable) -> a tuple, None for
     unset / empty. ``action``: ``kill`` (SIGKILL), ``stop`` (SIGSTOP) or ``sleep<seconds>``
     (e.g. ``sleep8``: a slow rank); call 0 = right after loading, before the ranks meet
-    (:meth:`.runner.RankContext.wrap`). Raises ValueError naming the variable otherwise."""
+    (:meth:`.runner.RankContext.wrap`). With one expert shard per pipeline stage the call
+    number counts the rank's pipeline transfers instead (:class:`.pipeline.StageLink`). Raises ValueError naming the variable otherwise."""
     if not text:
         return None
     parts = text.split(":")

@@ -4,8 +4,9 @@ broadcast from the last stage to every rank.
 
 :class:`StageLink` is the engine's ``pipe`` (:class:`~llm_kernels.runtime.engine_core.PipelineLink`):
 per step, stage ``s > 0`` receives the rows of its counterpart (same expert shard) in stage
-``s - 1`` (``[ΣT, hidden]`` for Qwen3, the mHC streams ``[ΣT, hc_mult, D]`` for
-DeepSeek-V4, in the activation dtype, sent as raw bytes), runs its layers and sends its
+``s - 1`` (Qwen3's residual stream ``[ΣT, hidden]``, DeepSeek-V4's mHC streams
+``[ΣT, hc_mult, D]``; float32 at any activation dtype, as the layers hand them on, with
+values rounded to the dtype; sent as raw bytes), runs its layers and sends its
 output on; the last stage runs the head, and one ``broadcast`` from the first rank of the
 last stage gives every rank the float32 logits of the step's head rows. Every rank
 therefore returns the same logits and can pick the same next token (``generate``).
@@ -27,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .expert_parallel import inject_fault
 from .layout import RankLayout
 
 __all__ = ["StageLink", "PipeStats"]
@@ -39,15 +41,17 @@ class PipeStats:
     def __init__(self):
         self.sent = self.recv = self.logits = 0
         self.seconds = 0.0
-        self.calls = 0
+        self.calls = 0  # transfers
+        self.steps = 0  # steps with head rows (one logits broadcast each)
 
-    def summary(self, steps: int) -> str:
-        """``pipeline: X KiB hidden sent + Y KiB received, Z KiB logits per step, W ms per step``."""
-        n = max(steps, 1)
+    def summary(self) -> str:
+        """``pipeline, this rank, mean of N steps (prefill included): X KiB hidden sent + Y KiB
+        received, Z KiB logits, W ms in transfers``."""
+        n = max(self.steps, 1)
         kib = 1024.0
-        return (f"pipeline: {self.sent / n / kib:.1f} KiB hidden sent + {self.recv / n / kib:.1f} KiB received, "
-                f"{self.logits / n / kib:.1f} KiB logits per step, {self.seconds / n * 1e3:.2f} ms per step in "
-                "transfers (waiting for the other stages included)")
+        return (f"pipeline, this rank, mean of {self.steps} steps (prefill included): {self.sent / n / kib:.1f} KiB "
+                f"hidden sent + {self.recv / n / kib:.1f} KiB received, {self.logits / n / kib:.1f} KiB logits, "
+                f"{self.seconds / n * 1e3:.2f} ms in transfers (waiting for the other stages included)")
 
 
 class StageLink:
@@ -56,16 +60,19 @@ class StageLink:
     Args:
         layout: this rank's :class:`RankLayout`.
         on_fault: ``RankGroup.fail`` (raises RankFailure naming the rank) for a failed transfer.
+        fault: a test fault (:func:`.expert_parallel.parse_fault`) whose call number counts
+            this rank's transfers (1 = the first), or None.
     """
 
-    def __init__(self, layout: RankLayout, on_fault):
-        self.layout = layout
+    def __init__(self, layout: RankLayout, on_fault, fault=None):
+        self.layout, self.fault = layout, fault
         self.is_first, self.is_last = layout.is_first_stage, layout.is_last_stage
         self._fail = on_fault
         self._src_logits = layout.stage_ranks(layout.pp - 1)[0]
         self.stats = PipeStats()
 
     def _run(self, what: str, fn) -> None:
+        inject_fault(self.fault, self.layout.rank, self.stats.calls + 1)
         t0 = time.perf_counter()
         try:
             fn()
@@ -83,8 +90,12 @@ class StageLink:
         self.stats.recv += x.numel() * x.element_size()
         return x
 
-    def send_hidden(self, x: torch.Tensor) -> None:
-        """Send this stage's output rows to stage ``stage + 1``."""
+    def send_hidden(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """Send this stage's output rows to stage ``stage + 1``, which receives them as
+        ``dtype``. Raises ValueError when ``x`` is of another dtype (the receiver's buffer
+        would not match: gloo aborts the process on a size mismatch)."""
+        if x.dtype != dtype:
+            raise ValueError(f"stage {self.layout.stage}: the hidden rows are {x.dtype}, the next stage expects {dtype}")
         x = x.contiguous()
         dst = self.layout.peer(self.layout.stage + 1)
         self._run(f"sending the hidden rows to rank {dst} (stage {self.layout.stage + 1})",
@@ -105,4 +116,5 @@ class StageLink:
         self._run(f"broadcasting the logits from rank {src} (the last stage)",
                   lambda: dist.broadcast(buf, src=src))
         self.stats.logits += buf.numel() * 4
+        self.stats.steps += 1
         return buf

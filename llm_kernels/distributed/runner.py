@@ -167,7 +167,7 @@ class RankContext:
                                          fault=fault, split_timing=timing == "split")
             engine.ops = self.ops
         if lay.pp > 1:
-            self.pipe = StageLink(lay, self.group.fail)
+            self.pipe = StageLink(lay, self.group.fail, fault=fault if lay.ep == 1 else None)
             engine.pipe = self.pipe
         inject_fault(fault, self.rank, 0)
         self.group.meet("finish loading")  # waits for slow loaders as long as they are alive
@@ -182,21 +182,21 @@ class RankContext:
             first, stop = lay.layers
             out.append(self.ops.stats.summary(stop - first, step_seconds))
         if self.pipe is not None:
-            out.append(self.pipe.stats.summary(len(step_seconds)))
+            out.append(self.pipe.stats.summary())
         return "\n".join(out)
 
     def memory_line(self, weights: dict) -> str:
-        """``rank r: layers [a, b), experts [c, d) of E, N remote expert weights, loaded X
-        MiB, RSS Y MiB (peak Z MiB)`` (loaded: the tensors as read, before the backend's
+        """``rank r: stage s (layers [a, b)), experts [c, d) of E, N remote expert weights,
+        loaded X MiB, RSS Y MiB (peak Z MiB)`` (stage / experts when split) (loaded: the tensors as read, before the backend's
         packing)."""
         from ..runtime.memory import rss
 
         m = rss()
         mib = 2.0 ** 20
-        parts = [f"rank {self.rank}"]
+        parts = []
         if self.layout is not None and self.layout.pp > 1:
             first, stop = self.layout.layers
-            parts.append(f"stage {self.layout.stage}: layers [{first}, {stop})")
+            parts.append(f"stage {self.layout.stage} (layers [{first}, {stop}))")
         sh = self.shard
         if sh is not None:
             remote = sum(isinstance(w, RemoteExpert) for w in weights.values())
@@ -204,7 +204,7 @@ class RankContext:
                          "weights")
         parts.append(f"loaded {self.loaded_bytes / mib:.1f} MiB, RSS {(m['rss'] or 0) / mib:.1f} MiB "
                      f"(peak {(m['peak'] or 0) / mib:.1f} MiB)")
-        return ", ".join(parts)
+        return f"rank {self.rank}: " + ", ".join(parts)
 
 
 def _die(code: int, msg: str | None) -> None:

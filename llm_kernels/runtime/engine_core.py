@@ -98,8 +98,9 @@ class PipelineLink(Protocol):
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The previous stage's output rows (``shape``, ``dtype``)."""
 
-    def send_hidden(self, x: torch.Tensor) -> None:
-        """Hand this stage's output rows to the next stage."""
+    def send_hidden(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """Hand this stage's output rows to the next stage, which receives them as ``dtype``
+        (ValueError when ``x`` is of another dtype)."""
 
     def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
         """The last stage's float32 logits ``shape`` on every stage (``logits`` is given on

@@ -7,11 +7,13 @@ group, so that the EP tests pay the start-up of N ranks once per N.
 * as a rank (launched by :func:`llm_kernels.distributed.spawn_local`): the expert-parallel
   path of the CLI (``RankContext.load`` / ``wrap``), rank 0 writing the files;
   ``EP_WORKER_PERTURB_RANK=r``: rank r scales its routing weights by 1 + 1e-7 (a replicated
-  computation that diverged).
+  computation that diverged); ``EP_WORKER_PP=k``: k pipeline stages (each stage's experts
+  sharded over its ranks; a dense model needs k = the ranks).
 
 Writes ``<out dir>/<i>.safetensors`` per configuration ``i`` (``prefill.<b>`` /
-``decode.<b>``) and ``<out dir>/<i>.stats.json`` (rank 0's combine records). One thread per
-process.
+``decode.<b>``) and ``<out dir>/<i>.stats.json`` (rank 0's combine records, with expert
+shards) or ``<out dir>/<i>.pipe.json`` (rank 0's pipeline transfer bytes, with stages). One
+thread per process.
 """
 
 from __future__ import annotations
@@ -57,12 +59,19 @@ def main() -> int:
             engine = build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs))
             save_file(logits(engine, inputs, decodes), str(out_dir / f"{i}.safetensors"))
         return 0
+    from llm_kernels.distributed.layout import RankLayout
     from llm_kernels.distributed.runner import run_rank
+    from llm_kernels.models import load_config
+
+    c = load_config(ckpt)
+    layout = RankLayout(world[0], world[1], int(os.environ.get("EP_WORKER_PP", "1")), c.num_hidden_layers,
+                        int(getattr(c, "n_routed_experts", 0) or 0))
 
     def body(ctx) -> int:
         for i, (dt, backend, quant) in enumerate(configs):
             cfg, w = ctx.load(ckpt, DTYPES[dt], quant)
-            engine = ctx.wrap(build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs)))
+            engine = ctx.wrap(build_engine(w, cfg, DTYPES[dt], max_len, backend, batch=len(inputs),
+                                           **ctx.engine_kwargs()))
             if os.environ.get("EP_WORKER_PERTURB_RANK") == str(ctx.rank):  # a rank whose routing diverges
                 gate = engine.ops.gate
 
@@ -74,11 +83,16 @@ def main() -> int:
             res = logits(engine, inputs, decodes)
             if ctx.is_root:
                 save_file(res, str(out_dir / f"{i}.safetensors"))
-                (out_dir / f"{i}.stats.json").write_text(json.dumps(ctx.ops.stats.log))
+                if ctx.ops is not None:
+                    (out_dir / f"{i}.stats.json").write_text(json.dumps(ctx.ops.stats.log))
+                if ctx.pipe is not None:
+                    st = ctx.pipe.stats
+                    (out_dir / f"{i}.pipe.json").write_text(json.dumps(dict(sent=st.sent, recv=st.recv,
+                                                                            logits=st.logits, calls=st.calls)))
         return 0
 
     return run_rank(body, rank=world[0], world_size=world[1], timeout=30.0,
-                    settings=dict(configs=configs, inputs=inputs, decodes=decodes), checkpoint=ckpt)
+                    settings=dict(configs=configs, inputs=inputs, decodes=decodes), checkpoint=ckpt, layout=layout)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_cli_nproc_writes_the_single_process_file(mini, single, tmp_path):
         args += ["--input-ids", ",".join(map(str, x)), "--decode-ids", ",".join(map(str, d))]
     r = subprocess.run([sys.executable, "-m", "llm_kernels", *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "expert parallelism: 2 ranks" in r.stdout and f"wrote {out}" in r.stdout
+    assert "2 ranks = 1 pipeline stage x 2 expert shards; layers [0, 4)" in r.stdout and f"wrote {out}" in r.stdout
     assert "rank 1: experts [4, 8) of 8" in r.stderr
     got = load_file(str(out))
     ref = load_file(str(single / "1.safetensors"))  # the same configuration in one process
@@ -107,7 +107,7 @@ def test_torchrun_runs_one_rank_per_process(mini, single, tmp_path):
                         str(free_port()), "-m", "llm_kernels", *args], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, TORCH_CPP_LOG_LEVEL="FATAL"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "expert parallelism: 2 ranks" in r.stdout and "rank 1: experts [4, 8) of 8" in r.stderr
+    assert "2 ranks = 1 pipeline stage x 2 expert shards" in r.stdout and "rank 1: experts [4, 8) of 8" in r.stderr
     ref = load_file(str(single / "0.safetensors"))  # float32 reference, one process
     ref = {k.replace("prefill.", "prefill_logits.").replace("decode.", "decode_logits."): v for k, v in ref.items()}
     assert _bitwise(ref, load_file(str(out))) == []
@@ -119,13 +119,14 @@ def test_nproc_needs_experts_it_can_divide(mini, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["logits", "--checkpoint", str(mini), "--input-ids", "1,2", "--out", str(tmp_path / "x"),
               "--nproc", "3"])
-    assert "n_routed_experts=8, ranks=3; use one of [1, 2, 4, 8]" in str(e.value)
+    assert "leave 3 expert shards per stage, which must divide n_routed_experts=8; shards per stage may be one " \
+        "of [1, 2, 4, 8]" in str(e.value)
     assert not (tmp_path / "x").exists()
     dense = write_random_checkpoint(preset("qwen3-mini"), tmp_path / "q3", seed=0, progress=False)
     with pytest.raises(SystemExit) as e:
         main(["logits", "--checkpoint", str(dense), "--input-ids", "1,2", "--out", str(tmp_path / "x"),
-              "--nproc", "2"])
-    assert "expert parallelism needs a model with routed experts: n_routed_experts=0" in str(e.value)
+              "--nproc", "2", "--pp", "1"])
+    assert "this model has no routed experts (n_routed_experts); give --pp 2" in str(e.value)
 
 
 def test_sharded_load_keeps_only_the_local_experts(mini):

@@ -120,7 +120,8 @@ class DeepSeekV4Engine(EngineCore):
         pipe = self.pipe
         if pipe is not None and not pipe.is_first:
             with tm("pipeline"):
-                x_hc = pipe.recv_hidden((int(ids.numel()), cfg.hc_mult, cfg.hidden_size), self.dtype)
+                # a layer hands the HC streams on in float32 (values rounded to the dtype)
+                x_hc = pipe.recv_hidden((int(ids.numel()), cfg.hc_mult, cfg.hidden_size), torch.float32)
         else:
             with tm("embed"):
                 x_hc = ops.embed(self.w, cfg, ids, self.dtype)
@@ -131,7 +132,7 @@ class DeepSeekV4Engine(EngineCore):
                 x_hc = self.ffn_block(lw, layer, x_hc, ids)
         if pipe is not None and not pipe.is_last:
             with tm("pipeline"):
-                pipe.send_hidden(x_hc)
+                pipe.send_hidden(x_hc, torch.float32)
         self.last_hidden = x_hc  # the MTP block's input (speculative decoding)
         return x_hc
 

@@ -128,7 +128,8 @@ class Qwen3Engine(EngineCore):
         pipe = self.pipe
         if x is None and pipe is not None and not pipe.is_first:
             with tm("pipeline"):
-                x = pipe.recv_hidden((int(positions.numel()), cfg.hidden_size), dt)
+                # a layer hands the residual stream on in float32 (values rounded to the dtype)
+                x = pipe.recv_hidden((int(positions.numel()), cfg.hidden_size), torch.float32)
         elif x is None:
             with tm("embed"):
                 x = ops.embed(self.w, ids, dt)
@@ -153,5 +154,5 @@ class Qwen3Engine(EngineCore):
                     x = ops.down_residual(act, lw.down_proj, h, dt)
         if pipe is not None and not pipe.is_last:
             with tm("pipeline"):
-                pipe.send_hidden(x)
+                pipe.send_hidden(x, torch.float32)
         return x

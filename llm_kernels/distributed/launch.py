@@ -6,6 +6,9 @@ each rank is ``python -m llm_kernels <command> ...`` with ``RANK``, ``WORLD_SIZE
 When one rank exits with an error, the others detect it themselves (see :mod:`.group`) and
 exit; the launcher waits up to ``grace`` seconds for that, then kills the rest (SIGKILL:
 also a stopped process) and returns 1 with an error naming the first rank that failed.
+Interrupted (Ctrl-C, which a terminal sends to every rank as well), it gives the ranks
+``grace`` seconds to stop by themselves, kills the rest, and returns 0 when every rank
+exited with 0 (a server over ranks stops cleanly), else 130.
 """
 
 from __future__ import annotations
@@ -107,11 +110,21 @@ def spawn_local(argv: list[str], nproc: int, grace: float = GRACE_S, env: dict |
                     procs[r].wait()
                 break
             time.sleep(0.05)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank too: give them ``grace`` s to stop (a server stops cleanly)
+        end = time.monotonic() + grace
+        try:
+            while any(p.poll() is None for p in procs) and time.monotonic() < end:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        raise
+                p.wait()
+        if all(p.returncode == 0 for p in procs):
+            return 0
+        print(f"error: interrupted; rank exit codes {[p.returncode for p in procs]}", file=sys.stderr)
+        return 130
     if first is None:
         return 0
     r, c = first

@@ -110,7 +110,8 @@ class LLM:
             is one rank of a group (``generate --nproc``): it loads its part of the checkpoint
             (``ranks.load``), builds its stage's engine (``ranks.engine_kwargs()``) and wraps
             it (``ranks.wrap``); every rank must then make the same calls. ``path`` must be
-            given; ``speculative`` is refused (ValueError: the rank loader has no MTP block).
+            given; ``speculative`` needs a ``RankContext.load`` that takes ``mtp=`` (ValueError
+            otherwise) and expert shards only (a pipeline stage's engine has no MTP block).
 
     Attributes: ``cfg``, ``engine``, ``tokenizer`` (None when the directory has no
     ``tokenizer.json``: ids in, ids out), ``default_params`` (from ``generation_config.json``),
@@ -137,13 +138,15 @@ class LLM:
         if threads:
             set_threads(threads)
         if ranks is not None:
-            if speculative is not None:
-                raise ValueError("speculative decoding does not run over ranks: the ranks' loader (RankContext.load) reads no MTP "
-                                 "block")
             if path is None:
                 raise ValueError("ranks: give the checkpoint path (every rank must load the same one)")
             self.path = Path(path).expanduser()
-            self.cfg, weights = ranks.load(self.path, dtype, quant)
+            from .distributed.commands import rank_loader_reads_mtp
+
+            if speculative is not None and not rank_loader_reads_mtp():
+                raise ValueError("speculative decoding over ranks: the ranks' loader (RankContext.load) reads no MTP "
+                                 "block (mtp.*)")
+            self.cfg, weights = ranks.load(self.path, dtype, quant, **({"mtp": True} if speculative else {}))
         else:
             self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
         limit = getattr(self.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN

@@ -20,7 +20,8 @@ and an interactive multi-turn ``--chat``.
   same sampling seed: rank 0 draws it when ``--seed`` is not given), the model split as for
   ``logits`` (docs/distributed.md); rank 0 alone prints, with its layout, memory and
   communication. The output is the one-process output given the same ``--threads`` per
-  process. ``--chat`` and ``--speculative`` are refused over ranks.
+  process. ``--chat`` is refused over ranks, ``--speculative mtp`` with pipeline stages
+  (and while the ranks' loader reads no MTP block).
 """
 
 from __future__ import annotations
@@ -145,14 +146,26 @@ def _ranks_wanted(args: argparse.Namespace) -> bool:
 
 def _refuse_over_ranks(args: argparse.Namespace) -> None:
     """The modes that do not run over ranks, refused before any rank starts (SystemExit
-    naming the option)."""
+    naming the option). Needs ``args.checkpoint``."""
+    import os
+
     if args.chat:
         raise SystemExit("error: --chat does not run over ranks (--nproc / torchrun): it reads stdin interactively "
                          "in one process; use --prompt or --prompt-ids with --nproc")
-    if args.speculative is not None:
-        raise SystemExit(f"error: --speculative {args.speculative} does not run over ranks (--nproc / torchrun): the "
-                         "ranks' loader (RankContext.load) reads no MTP block (mtp.*) and an engine of a pipeline "
-                         "stage has none; run it in one process (without --nproc)")
+    if args.speculative is None:
+        return
+    from .cli_ranks import check_layout
+    from .distributed.commands import rank_loader_reads_mtp
+
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    why = None
+    if check_layout(Path(args.checkpoint).expanduser(), world, args.pp).pp > 1:
+        why = "an engine of a pipeline stage has no MTP block (it runs with expert shards only: no --pp)"
+    elif not rank_loader_reads_mtp():
+        why = "the ranks' loader (RankContext.load) reads no MTP block (mtp.*) yet"
+    if why:
+        raise SystemExit(f"error: --speculative {args.speculative} does not run over these ranks (--nproc / torchrun): "
+                         f"{why}; run it in one process (without --nproc)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -166,9 +179,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     where = None
     if _ranks_wanted(args):
-        _refuse_over_ranks(args)
         if args.checkpoint is None:  # written once here, before the ranks (each would write it)
             args.checkpoint = default_checkpoint()
+        _refuse_over_ranks(args)
         where = rank_entry(args)
         if isinstance(where, int):  # the local ranks ran (--nproc N): their exit code
             return where
@@ -318,7 +331,8 @@ class _Run:
         if meter is not None:
             print(_comm_line(meter.take(), n_dec, tm))
         print(f"total: {time.perf_counter() - t0:.2f} s (sampling, detokenization and printing included)")
-        print("time per stage (prefill ms | decode ms per step | decode share):")
+        print("time per stage" + (" on rank 0" if ctx is not None else "")
+              + " (prefill ms | decode ms per step | decode share):")
         dec = {k: v - prefill_stages.get(k, 0.0) for k, v in timer.seconds.items()}
         total = sum(dec.values()) or 1.0
         for stage, _sec, _calls, _share in timer.table():

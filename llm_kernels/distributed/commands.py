@@ -13,10 +13,9 @@ import contextlib
 import io
 import json
 import random
-import sys
 from typing import Any, Iterator
 
-__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes", "ranks_line"]
+__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes", "rank_loader_reads_mtp"]
 
 
 def gather_json(ctx, obj: Any, what: str) -> list[Any]:
@@ -121,10 +120,11 @@ def rank_read_bytes(weights: dict, cfg) -> dict[str, Any]:
     return rb
 
 
-def ranks_line(ctx, threads: int) -> str:
-    """``2 ranks = 1 pipeline stage x 2 expert shards; layers [0, 4); 1 thread(s) per rank``."""
-    return f"{ctx.layout.describe()}; {threads} thread(s) per rank"
+def rank_loader_reads_mtp() -> bool:
+    """True when :meth:`RankContext.load <.runner.RankContext.load>`
+    takes ``mtp=`` (reads the ``mtp.*`` block, its routed experts sharded like the others')."""
+    import inspect
 
+    from .runner import RankContext
 
-def print_err(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)
+    return "mtp" in inspect.signature(RankContext.load).parameters

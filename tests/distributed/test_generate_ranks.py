@@ -1,7 +1,8 @@
 """``generate`` and the model-level ``bench`` over ranks (``--nproc N [--pp K]``): the
 generated ids of 2 ranks (expert shards, or 2 pipeline stages) equal one process's, greedy
 (DeepSeek-V4 mini) and seeded sampling (Qwen3 mini, 2 pipeline stages); rank 0 alone
-prints; the modes that cannot run over ranks are refused naming the option; a ``bench
+prints; the modes that cannot run over ranks are refused naming the option (``--chat``,
+``--speculative`` with pipeline stages or without an MTP-reading rank loader); a ``bench
 --nproc 2`` smoke run reports its ranks, bytes and communication. Every process runs one
 thread (the float32 GEMMs' results depend on the thread count)."""
 
@@ -65,9 +66,30 @@ def test_unseeded_sampling_draws_alike_on_every_rank(ckpts):
 
 
 def test_generate_refuses_what_cannot_run_over_ranks(ckpts):
-    for extra, flag in ((["--chat"], "--chat"), (["--prompt-ids", "1,2", "--speculative", "mtp"], "--speculative")):
-        r = _run("generate", "--checkpoint", str(ckpts["mini"]), "--nproc", "2", *extra, timeout=60)
-        assert r.returncode != 0 and flag in r.stderr and "over ranks" in r.stderr, r.stderr
+    r = _run("generate", "--checkpoint", str(ckpts["mini"]), "--nproc", "2", "--chat", timeout=60)
+    assert r.returncode != 0 and "--chat" in r.stderr and "over ranks" in r.stderr, r.stderr
+    r = _run("generate", "--checkpoint", str(ckpts["mini"]), "--nproc", "2", "--pp", "2", "--prompt-ids", "1,2",
+             "--speculative", "mtp", timeout=60)
+    assert r.returncode != 0 and "--speculative" in r.stderr and "pipeline stage" in r.stderr, r.stderr
+
+
+def test_speculative_mtp_over_expert_shards(tmp_path):
+    """Refused while RankContext.load reads no MTP block; once it does, the one-process ids
+    (seeded sampling: drafts accepted and rejected)."""
+    from llm_kernels.distributed.commands import rank_loader_reads_mtp
+
+    ckpt = write_random_checkpoint(preset("mini", mtp_layers=1), tmp_path / "mtp", seed=5, dtype=torch.float32,
+                                   progress=False)
+    spec = ["--speculative", "mtp", "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--seed", "4"]
+    if not rank_loader_reads_mtp():
+        r = _run("generate", "--checkpoint", str(ckpt), "--nproc", "2", "--prompt-ids", PROMPT, *spec, timeout=60)
+        assert r.returncode != 0 and "--speculative" in r.stderr and "RankContext.load" in r.stderr, r.stderr
+        return
+    ref, out1 = _generate(ckpt, *spec)
+    got, out2 = _generate(ckpt, *spec, "--nproc", "2")
+    assert got == ref
+    spec_line = [ln for ln in out1.splitlines() if ln.startswith("speculative (mtp)")]
+    assert spec_line and spec_line == [ln for ln in out2.splitlines() if ln.startswith("speculative (mtp)")]
 
 
 def test_bench_over_ranks_reports_layout_bytes_and_communication(ckpts, tmp_path):

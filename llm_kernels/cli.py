@@ -483,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", type=Path, required=True)
     _backend_args(pf)
     pf.set_defaults(func=cmd_profile)
-    sub.add_parser("bench", help="benchmarks: whole model llama-bench style (--checkpoint DIR -p 512 -n 128) or "
-                   "one layer per stage vs its roofline (--preset NAME); flags: see 'bench --help'")
+    sub.add_parser("bench", help="benchmarks: whole model llama-bench style (--checkpoint DIR -p 512 -n 128, "
+                   "over ranks with --nproc N [--pp K]) or one layer per stage vs its roofline (--preset NAME); "
+                   "flags: see 'bench --help'")
     gd = sub.add_parser("golden", help="golden cases: cached runtime vs stateless reference "
                         "(args after 'golden' go to the harness: -k, --save-data, --golden-data, --list)")
     gd.add_argument("harness_args", nargs=argparse.REMAINDER)

@@ -224,21 +224,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return run(None)
     from dataclasses import asdict
 
+    from .cli_ranks import check_layout
     from .distributed.runner import run_rank
 
     rank, world = where
-    layout = _check_layout(ckpt, world, args.pp, rank)
+    layout = check_layout(ckpt, world, args.pp, rank)  # before the rendezvous
     settings = dict(command="generate", world=world, pp=layout.pp, dtype=args.dtype, quant=args.quant,
                     backend=args.backend, prompt_ids=prompt_ids, params=repr(asdict(params)), threads=threads,
-                    prefill_chunk=args.prefill_chunk, max_len=max_len)
+                    prefill_chunk=args.prefill_chunk, max_len=max_len, speculative=args.speculative)
     return run_rank(run, rank=rank, world_size=world, timeout=args.ep_timeout, settings=settings, checkpoint=ckpt,
                     layout=layout)
-
-
-def _check_layout(ckpt: Path, world: int, pp: int, rank: int):
-    from .cli_ranks import check_layout
-
-    return check_layout(ckpt, world, pp, rank)
 
 
 class _Run:

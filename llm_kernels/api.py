@@ -141,12 +141,7 @@ class LLM:
             if path is None:
                 raise ValueError("ranks: give the checkpoint path (every rank must load the same one)")
             self.path = Path(path).expanduser()
-            from .distributed.commands import rank_loader_reads_mtp
-
-            if speculative is not None and not rank_loader_reads_mtp():
-                raise ValueError("speculative decoding over ranks: the ranks' loader (RankContext.load) reads no MTP "
-                                 "block (mtp.*)")
-            self.cfg, weights = ranks.load(self.path, dtype, quant, **({"mtp": True} if speculative else {}))
+            self.cfg, weights = ranks.load(self.path, dtype, quant, mtp=speculative is not None)
         else:
             self.path, self.cfg, weights = load_model(path, dtype, quant, progress, mtp=speculative == "mtp")
         limit = getattr(self.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN

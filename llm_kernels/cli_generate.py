@@ -155,17 +155,12 @@ def _refuse_over_ranks(args: argparse.Namespace) -> None:
     if args.speculative is None:
         return
     from .cli_ranks import check_layout
-    from .distributed.commands import rank_loader_reads_mtp
 
     world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    why = None
     if check_layout(Path(args.checkpoint).expanduser(), world, args.pp).pp > 1:
-        why = "an engine of a pipeline stage has no MTP block (it runs with expert shards only: no --pp)"
-    elif not rank_loader_reads_mtp():
-        why = "the ranks' loader (RankContext.load) reads no MTP block (mtp.*) yet"
-    if why:
-        raise SystemExit(f"error: --speculative {args.speculative} does not run over these ranks (--nproc / torchrun): "
-                         f"{why}; run it in one process (without --nproc)")
+        raise SystemExit(f"error: --speculative {args.speculative} does not run over pipeline stages (--pp): an "
+                         "engine of a pipeline stage has no MTP block (it runs with expert shards only: no --pp), or "
+                         "run it in one process (without --nproc)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

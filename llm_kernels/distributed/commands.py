@@ -15,7 +15,7 @@ import json
 import random
 from typing import Any, Iterator
 
-__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes", "rank_loader_reads_mtp"]
+__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes"]
 
 
 def gather_json(ctx, obj: Any, what: str) -> list[Any]:
@@ -118,13 +118,3 @@ def rank_read_bytes(weights: dict, cfg) -> dict[str, Any]:
     rb["per_token"] = int(round(rb["dense"] + rb["per_seq_rows"] + routed))
     rb["routed_per_token"] = int(round(routed))
     return rb
-
-
-def rank_loader_reads_mtp() -> bool:
-    """True when :meth:`RankContext.load <.runner.RankContext.load>`
-    takes ``mtp=`` (reads the ``mtp.*`` block, its routed experts sharded like the others')."""
-    import inspect
-
-    from .runner import RankContext
-
-    return "mtp" in inspect.signature(RankContext.load).parameters

@@ -108,11 +108,13 @@ class RankContext:
 
         return keep
 
-    def load(self, path: Path, dtype: torch.dtype, quant: str | None):
+    def load(self, path: Path, dtype: torch.dtype, quant: str | None, mtp: bool = False):
         """``(cfg, weights)``: this rank's part of the checkpoint: its stage's layers (plus
         the embedding on the first stage, the head on the last) and, of those layers' routed
         experts, its shard's; the other shards' experts are :class:`RemoteExpert`
-        placeholders.
+        placeholders. ``mtp``: read the MTP block too (``load_checkpoint(mtp=True)``; its
+        routed experts are sharded like the layers'; with pipeline stages it goes to the
+        last stage, whose engine cannot draft without the embedding).
 
         Raises ValueError when the layout does not fit the model; CheckpointError /
         ConfigError from the loader."""
@@ -133,7 +135,7 @@ class RankContext:
         else:
             select = stage_keep
         prompt_release()
-        cfg, weights = load_checkpoint(path, dtype=dtype, progress=False, quant=quant,
+        cfg, weights = load_checkpoint(path, dtype=dtype, progress=False, quant=quant, mtp=mtp,
                                        select=None if lay.world_size == 1 else select)
         self.loaded_bytes = local_bytes(weights)
         if self.shard is not None:

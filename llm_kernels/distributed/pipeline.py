@@ -13,9 +13,17 @@ therefore returns the same logits and can pick the same next token (``generate``
 
 Exactness: a layer computes the same bits on whichever rank runs it (same code, inputs and
 thread count) and the transfers copy bytes, so the logits are bitwise the one-process
-logits on every path (tested). The schedule is synchronous: one step's stages run one after
-another (no micro-batching yet), so PP buys capacity (a rank holds ~1/pp of the layers),
-not speed.
+logits on every path (tested).
+
+Schedule: a send does not wait for the receiver (``isend``; :meth:`StageLink.flush` waits
+before the logits broadcast), and a chunked step (a prefill longer than
+``prefill_chunk``) broadcasts its logits once after its last chunk, so stage ``s`` runs
+chunk ``k + 1`` while stage ``s + 1`` runs chunk ``k``: a prefill of ``C`` chunks over
+``P`` stages takes about ``(C + P - 1)`` chunk-stage times instead of ``C · P``. A decode
+step is one chunk: its stages run one after another. Splitting a decode batch into
+micro-batches would not pay on a CPU whose decode is bound by memory bandwidth (a stage
+reads its weights once per micro-batch, whatever its rows: ``M`` micro-batches cost ``M``
+reads for the same tokens); docs/distributed.md has the numbers.
 
 Failures of a transfer go through :meth:`RankGroup.fail`, which names the rank that died or
 stopped answering.
@@ -69,6 +77,7 @@ class StageLink:
         self.is_first, self.is_last = layout.is_first_stage, layout.is_last_stage
         self._fail = on_fault
         self._src_logits = layout.stage_ranks(layout.pp - 1)[0]
+        self._pending: list = []  # (work, buffer kept alive, what) of posted sends
         self.stats = PipeStats()
 
     def _run(self, what: str, fn) -> None:
@@ -91,20 +100,38 @@ class StageLink:
         return x
 
     def send_hidden(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        """Send this stage's output rows to stage ``stage + 1``, which receives them as
-        ``dtype``. Raises ValueError when ``x`` is of another dtype (the receiver's buffer
-        would not match: gloo aborts the process on a size mismatch)."""
+        """Post the send of this stage's output rows to stage ``stage + 1``, which receives
+        them as ``dtype``, and return without waiting for it (:meth:`flush` waits), so this
+        stage can go on with the next chunk of a pipelined prefill. Raises ValueError when
+        ``x`` is of another dtype (the receiver's buffer would not match: gloo aborts the
+        process on a size mismatch)."""
         if x.dtype != dtype:
             raise ValueError(f"stage {self.layout.stage}: the hidden rows are {x.dtype}, the next stage expects {dtype}")
-        x = x.contiguous()
+        buf = x.contiguous().view(-1).view(torch.uint8)
         dst = self.layout.peer(self.layout.stage + 1)
-        self._run(f"sending the hidden rows to rank {dst} (stage {self.layout.stage + 1})",
-                  lambda: dist.send(x.view(-1).view(torch.uint8), dst=dst))
-        self.stats.sent += x.numel() * x.element_size()
+        what = f"sending the hidden rows to rank {dst} (stage {self.layout.stage + 1})"
+        holder = []
+        self._run(what, lambda: holder.append(dist.isend(buf, dst=dst)))
+        self._pending.append((holder[0], buf, what))
+        self.stats.sent += buf.numel()
+
+    def flush(self) -> None:
+        """Wait for this stage's posted sends (in order); a failed one raises RankFailure."""
+        while self._pending:
+            work, _, what = self._pending.pop(0)
+            t0 = time.perf_counter()
+            try:
+                work.wait()
+            except Exception as e:
+                self._pending.clear()
+                self._fail(e, what, time.perf_counter() - t0)
+            self.stats.seconds += time.perf_counter() - t0
 
     def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
         """The last stage's float32 logits ``shape`` on every rank (one broadcast from the
-        last stage's first rank; the other ranks of that stage hold the same values)."""
+        last stage's first rank; the other ranks of that stage hold the same values), after
+        this stage's posted sends completed (:meth:`flush`)."""
+        self.flush()
         src = self._src_logits
         if self.layout.rank == src:
             if logits is None or tuple(logits.shape) != tuple(shape) or logits.dtype != torch.float32:

@@ -22,8 +22,10 @@ Pipeline stages: an engine built for a layer range (``layers=(first, stop)``) ho
 ``pipe`` link of its stage (set by :mod:`llm_kernels.distributed`, a
 :class:`PipelineLink`): ``_forward`` takes its input rows from the previous stage instead of
 the embedding unless ``pipe.is_first``, sends its output to the next stage unless
-``pipe.is_last``, and :meth:`_step_chunk` gets the head's logits from the last stage
-(``pipe.share_logits``), so every stage returns the same logits.
+``pipe.is_last``, and the head's logits come from the last stage (``pipe.share_logits``),
+so every stage returns the same logits. A chunked step shares its logits once, after its
+last chunk: sends do not wait for the next stage, so stage ``s`` runs chunk ``k + 1``
+while stage ``s + 1`` runs chunk ``k`` (a pipelined prefill).
 
 Chunked prefill (llama.cpp's ``--ubatch-size``, vLLM's ``max_num_batched_tokens``): a step
 of more than ``prefill_chunk`` rows (over all its sequences) runs as successive sub-steps
@@ -104,7 +106,10 @@ class PipelineLink(Protocol):
 
     def share_logits(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
         """The last stage's float32 logits ``shape`` on every stage (``logits`` is given on
-        the last stage, None elsewhere)."""
+        the last stage, None elsewhere); waits for this stage's pending sends first."""
+
+    def flush(self) -> None:
+        """Wait until this stage's sends have been received."""
 
 
 class EngineCore:
@@ -286,6 +291,9 @@ class EngineCore:
         else:
             plan = [[(b, 0, n) for b, n in enumerate(lens)]]
         parts: list[list[torch.Tensor]] = [[] for _ in lens]
+        pipe = self.pipe
+        defer = pipe is not None and len(plan) > 1  # one logits broadcast after the last chunk
+        held: list[tuple[int, torch.Tensor | int]] = []  # (b, this stage's logits or their row count)
         done = False  # a sub-step was committed
         try:
             for sub in plan:
@@ -293,13 +301,17 @@ class EngineCore:
                 toks = [tokens[b][lo:hi] for b, lo, hi in sub]
                 sub_heads = [heads[b] if heads[b] == "all" or hi == lens[b] else None for b, _, hi in sub]
                 out = self._step_chunk(sids, toks, [starts[b] + lo for b, lo, _ in sub],
-                                       [hi - lo for _, lo, hi in sub], sub_heads)
+                                       [hi - lo for _, lo, hi in sub], sub_heads, share=not defer)
                 done = True
                 if on_chunk is not None:
                     on_chunk(sids, toks)
                 for (b, _, _), lg in zip(sub, out):
                     if lg is not None:
-                        parts[b].append(lg)
+                        (held.append((b, lg)) if defer else parts[b].append(lg))
+            if held:
+                parts = self._share_held(held, parts)
+            if pipe is not None:
+                pipe.flush()
         except BaseException:
             if done and undo is _EMPTY:  # every sequence was empty: empty it again (same id)
                 for s in seq_ids:
@@ -310,11 +322,26 @@ class EngineCore:
             raise
         return [p[0] if len(p) == 1 else torch.cat(p, dim=0) for p in parts]
 
+    def _share_held(self, held: list[tuple[int, torch.Tensor | int]], parts: list[list[torch.Tensor]]):
+        """A pipelined chunked step's logits: the last stage's held chunks (every stage
+        holds their row counts) broadcast at once and split back per sequence."""
+        rows = [lg if isinstance(lg, int) else lg.shape[0] for _, lg in held]
+        local = torch.cat([lg for _, lg in held]) if self.pipe.is_last else None
+        with self.timer("pipeline"):
+            allg = self.pipe.share_logits(local, (sum(rows), self.cfg.vocab_size))
+        o = 0
+        for (b, _), n in zip(held, rows):
+            parts[b].append(allg[o:o + n])
+            o += n
+        return parts
+
     def _step_chunk(self, seq_ids: list[int], tokens: list[list[int]], starts: list[int], lens: list[int],
-                    heads: list[str | None]) -> list[torch.Tensor | None]:
+                    heads: list[str | None], share: bool = True) -> list[torch.Tensor | int | None]:
         """One validated step: reserve -> forward -> head -> commit (rollback on error).
         ``heads[b]``: "all" (logits of every row of sequence b), "last" (its last row) or
-        None (no head rows: its entry of the result is None)."""
+        None (no head rows: its entry of the result is None). On a pipeline stage with
+        ``share=False`` the logits stay where they are: the last stage returns its own, the
+        others the row counts (the caller shares them later, :meth:`_share_held`)."""
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         with self.timer("kv_cache"):  # capacity check / page allocation for the whole step
             state = self._reserve(seq_ids, lens)
@@ -339,11 +366,13 @@ class EngineCore:
                 with self.timer("lm_head"):
                     logits = self._lm_head(x)
             del x
-            if rows and pipe is not None:
+            if rows and pipe is not None and share:
                 with self.timer("pipeline"):
                     logits = pipe.share_logits(logits, (len(rows), self.cfg.vocab_size))
         except Exception:
             self._rollback(seq_ids, lens, state)
             raise
         self._commit(seq_ids, tokens, state)
+        if logits is None and rows:  # a stage before the last, its logits shared later
+            return [sp[1] - sp[0] if sp is not None else None for sp in spans]
         return [logits[sp[0]:sp[1]] if sp is not None else None for sp in spans]

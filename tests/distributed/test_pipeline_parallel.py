@@ -172,3 +172,22 @@ def test_killed_stage_is_named(ckpts, tmp_path):
     assert m and float(m.group(2)) < 30, r.stderr[-3000:]
     assert "rank 1 was killed by SIGKILL; the run of 2 ranks was aborted" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_pipelined_chunked_prefill_equals_one_process(ckpts, tmp_path):
+    """A prefill of 10 rows in chunks of 3 (``-ub 3``: 4 chunks, their logits broadcast once
+    after the last) over 2 stages gives the one-process logits of the same chunking; INT8
+    is bitwise the unchunked result too."""
+    base = ["logits", "--checkpoint", str(ckpts["mini"]), "--threads", "1", "--backend", "fused", "--quant", "int8"]
+    for x, d in zip(INPUTS, DECODES):
+        base += ["--input-ids", ",".join(map(str, x)), "--decode-ids", ",".join(map(str, d))]
+    outs = {}
+    for name, extra in (("whole", []), ("one", ["-ub", "3"]), ("pp", ["-ub", "3", "--nproc", "2", "--pp", "2"])):
+        out = tmp_path / f"{name}.safetensors"
+        r = subprocess.run([sys.executable, "-m", "llm_kernels", *base, "--out", str(out), *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = load_file(str(out))
+    # rank 0 sent the 16 rows once; 4 prefill chunks + 3 decode steps, one broadcast per step
+    assert re.search(r"mean of 4 steps \(prefill included\): 8\.0 KiB hidden sent", r.stdout), r.stdout
+    assert _bitwise(outs["one"], outs["pp"]) == [] and _bitwise(outs["whole"], outs["pp"]) == []

@@ -23,6 +23,11 @@ Per decode step of ``B`` sequences (``T = B`` tokens), with the design of
   + ``E/N`` experts per layer + 1 GiB of runtime (the KV cache comes on top): hosts where it
   does not fit RAM are marked.
 
+With ``--pp K`` (:func:`predict_pp`): ``K`` pipeline stages of ``N / K`` expert shards; a
+rank holds its stage's layers (dense part and ``E / (N/K)`` experts each) plus the
+embedding (first stage) or head (last); the stages run in turn, so a step costs the sum of
+the stages' reads and combines plus the hidden-row hops and the logits broadcast.
+
 Not modelled: the ranks' imbalance (a step waits for the busiest rank), attention's KV
 reads (small at short contexts), compute-bound prefill, ranks sharing one host's DRAM.
 ``docs/distributed.md`` compares it with the measured runs.
@@ -37,7 +42,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["ByteModel", "byte_model", "predict", "main"]
+__all__ = ["ByteModel", "byte_model", "predict", "predict_pp", "main"]
 
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 GIB = 2.0 ** 30
@@ -46,12 +51,17 @@ GIB = 2.0 ** 30
 class ByteModel:
     """Bytes of a config at a quant scheme: ``dense`` (all non-expert weights), ``dense_step``
     (what one decode step reads of them, without the embedding table), ``expert`` (one
-    routed expert of one layer) and the dims ``D``, ``L``, ``E``, ``K``."""
+    routed expert of one layer), ``layer_dense`` (a decoder layer's non-expert weights,
+    mean over layers), ``head`` (the last pipeline stage's: head, final norm, hc_head, MTP),
+    ``embed`` (the table), ``hidden_row`` (bytes of one token's hidden rows between pipeline
+    stages, float32) and the dims ``D``, ``L``, ``E``, ``K``, ``V``."""
 
     def __init__(self, dense: float, dense_step: float, embed_row: float, expert: float, D: int, L: int, E: int,
-                 K: int):
+                 K: int, layer_dense: float = 0.0, head: float = 0.0, embed: float = 0.0, hidden_row: float = 0.0,
+                 V: int = 0):
         self.dense, self.dense_step, self.embed_row, self.expert = dense, dense_step, embed_row, expert
         self.D, self.L, self.E, self.K = D, L, E, K
+        self.layer_dense, self.head, self.embed, self.hidden_row, self.V = layer_dense, head, embed, hidden_row, V
 
 
 def byte_model(cfg, scheme: str) -> ByteModel:
@@ -67,7 +77,8 @@ def byte_model(cfg, scheme: str) -> ByteModel:
     if not E:
         raise ValueError("the model has no routed experts (n_routed_experts): nothing to shard")
     quantized = spec.quantized_weight(scheme) if scheme != "none" else (lambda name: False)
-    dense = dense_step = embed_row = 0.0
+    dense = dense_step = embed_row = layers = head = embed = 0.0
+    part = spec.pipeline_part or (lambda name, cfg: None)
     experts: dict[str, float] = {}
     for name, info in spec.expected_float_tensors(cfg).items():
         shape = tuple(info.shape)
@@ -85,14 +96,23 @@ def byte_model(cfg, scheme: str) -> ByteModel:
             experts[m.group(1)] = experts.get(m.group(1), 0.0) + b
             continue
         dense += b
+        where = part(name, cfg)
+        if isinstance(where, int):
+            layers += b
+        elif where == "head":
+            head += b
+        elif where in ("embed", "embed_head"):
+            embed += b
         if name == "embed.weight":
             embed_row = b / shape[0]
         else:
             dense_step += b
     L = int(cfg.num_hidden_layers)
     per_expert_layer = sum(experts.values()) / (E * L)
+    hidden_row = 4 * int(getattr(cfg, "hc_mult", 1) or 1) * int(cfg.hidden_size)
     return ByteModel(dense, dense_step, embed_row, per_expert_layer, int(cfg.hidden_size), L, E,
-                     int(cfg.num_experts_per_tok))
+                     int(cfg.num_experts_per_tok), layer_dense=layers / L, head=head, embed=embed,
+                     hidden_row=hidden_row, V=int(cfg.vocab_size))
 
 
 def max_routes(T: int, K: int, E: int, N: int, samples: int = 2000, seed: int = 0) -> float:
@@ -120,6 +140,42 @@ def predict(bm: ByteModel, N: int, T: int, dram_gbs: float, link_gbps: float, la
                 mem_gib=mem / GIB, comm_bytes=s * bm.L if N > 1 else 0)
 
 
+def predict_pp(bm: ByteModel, N: int, pp: int, T: int, dram_gbs: float, link_gbps: float,
+               latency_us: float) -> dict:
+    """One row for ``N`` hosts as ``pp`` pipeline stages x ``N / pp`` expert shards
+    (:mod:`.layout`): the stages run in turn, so a step is the sum over stages of (the
+    stage's reads / ``dram_gbs`` + its layers' combines), plus ``pp - 1`` hops of the
+    ``T`` hidden rows and the logits broadcast (``T · V`` float32 over ``ceil(log2 N)``
+    hops). Keys as :func:`predict` (``bytes_read`` and ``mem_gib``: the busiest rank's)."""
+    from .layout import split_layers
+
+    ep = N // pp
+    active = bm.E / ep * (1 - (1 - bm.K / bm.E) ** T)
+    s = 16 + (max_routes(T, bm.K, bm.E, ep) if ep > 1 else 0) * bm.D * 2
+    combine = (ep - 1) * (latency_us * 1e-6 + s * 8 / (link_gbps * 1e9))
+    step = comm = 0.0
+    reads, mems = [], []
+    for k, (a, b) in enumerate(split_layers(bm.L, pp)):
+        n = b - a
+        read = n * (bm.layer_dense + active * bm.expert)
+        mem = n * (bm.layer_dense + bm.E / ep * bm.expert) + GIB
+        if k == 0:
+            read += T * bm.embed_row
+            mem += bm.embed
+        if k == pp - 1:
+            read += bm.head
+            mem += bm.head
+        reads.append(read)
+        mems.append(mem)
+        step += read / (dram_gbs * 1e9) + n * combine
+        comm += n * combine
+    hop = lambda nbytes: latency_us * 1e-6 + nbytes * 8 / (link_gbps * 1e9)  # noqa: E731
+    wire = (pp - 1) * hop(T * bm.hidden_row) + math.ceil(math.log2(N)) * hop(T * bm.V * 4) if N > 1 else 0.0
+    step += wire
+    return dict(bytes_read=max(reads), compute_ms=(step - comm - wire) * 1e3, comm_ms=(comm + wire) * 1e3,
+                tok_s=T / step, mem_gib=max(mems) / GIB, comm_bytes=s * bm.L / pp if ep > 1 else 0)
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -143,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-gbps", type=_floats, default=_floats("10,25"), help="link bandwidth, Gbit/s")
     p.add_argument("--latency-us", type=float, default=30.0, help="per-message latency of a link hop, us")
     p.add_argument("--batch", type=_ints, default=_ints("1"), help="sequences per decode step")
+    p.add_argument("--pp", type=_ints, default=_ints("1"),
+                   help="pipeline stages (each must divide the hosts; the rest shard the experts of a stage)")
     a = p.parse_args(argv)
     try:
         cfg = preset(a.preset, num_hidden_layers=a.layers, n_routed_experts=a.experts)
         bm = byte_model(cfg, a.quant)
+        from .layout import RankLayout
+
         for N in a.hosts:
-            if N < 1 or bm.E % N:
-                raise ValueError(f"--hosts: {N} does not divide n_routed_experts={bm.E}")
+            for pp in a.pp:
+                RankLayout(0, N, pp, bm.L, bm.E)  # ValueError: pp not dividing N, shards not dividing E, ...
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
           f"(read per step {bm.dense_step / GIB:.2f} GiB), one expert-layer {bm.expert / 2 ** 20:.1f} MiB, "
           f"experts in all {bm.E * bm.L * bm.expert / GIB:.1f} GiB; DRAM {a.dram_gbs:g} GB/s per host, "
           f"link latency {a.latency_us:g} us")
-    print(f"{'hosts':>5} {'batch':>5} {'link':>8} {'GiB/rank':>9} {'fits':>12} {'read/step':>10} {'compute':>9} "
-          f"{'combine':>9} {'sent/step':>10} {'tok/s':>8}")
+    print(f"{'hosts':>5} {'pp':>3} {'batch':>5} {'link':>8} {'GiB/rank':>9} {'fits':>12} {'read/step':>10} "
+          f"{'compute':>9} {'comm':>9} {'sent/step':>10} {'tok/s':>8}")
     for N in a.hosts:
-        for T in a.batch:
-            for link in a.link_gbps:
-                r = predict(bm, N, T, a.dram_gbs, link, a.latency_us)
-                fits = ",".join(f"{g:g}" for g in a.ram_gb if r["mem_gib"] * GIB <= g * 1e9) or "none"
-                print(f"{N:>5} {T:>5} {link:>5g}Gb {r['mem_gib']:>9.1f} {fits + ' GB':>12} "
-                      f"{r['bytes_read'] / GIB:>8.2f}Gi {r['compute_ms']:>7.1f}ms {r['comm_ms']:>7.2f}ms "
-                      f"{r['comm_bytes'] / 1024:>8.0f}Ki {r['tok_s']:>8.1f}")
+        for pp in a.pp:
+            for T in a.batch:
+                for link in a.link_gbps:
+                    r = predict(bm, N, T, a.dram_gbs, link, a.latency_us) if pp == 1 else \
+                        predict_pp(bm, N, pp, T, a.dram_gbs, link, a.latency_us)
+                    fits = ",".join(f"{g:g}" for g in a.ram_gb if r["mem_gib"] * GIB <= g * 1e9) or "none"
+                    print(f"{N:>5} {pp:>3} {T:>5} {link:>5g}Gb {r['mem_gib']:>9.1f} {fits + ' GB':>12} "
+                          f"{r['bytes_read'] / GIB:>8.2f}Gi {r['compute_ms']:>7.1f}ms {r['comm_ms']:>7.2f}ms "
+                          f"{r['comm_bytes'] / 1024:>8.0f}Ki {r['tok_s']:>8.1f}")
     return 0
 
 

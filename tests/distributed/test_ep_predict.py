@@ -50,6 +50,25 @@ def test_routes_and_flash_dims_combine_bytes():
 def test_predict_command_prints_a_table(capsys):
     assert main(["--preset", "flash", "--hosts", "16,32", "--link-gbps", "25"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^\s+32\s+1\s+25Gb\s+16\.\d\s+24,64,256 GB", out, re.M), out
+    assert re.search(r"^\s+32\s+1\s+1\s+25Gb\s+16\.\d\s+24,64,256 GB", out, re.M), out
     assert main(["--preset", "flash", "--hosts", "3"]) == 2
-    assert "--hosts: 3 does not divide n_routed_experts=256" in capsys.readouterr().err
+    assert "leave 3 expert shards per stage, which must divide n_routed_experts=256" in capsys.readouterr().err
+    assert main(["--preset", "pro", "--hosts", "96", "--pp", "8", "--link-gbps", "25"]) == 0
+    assert re.search(r"^\s+96\s+8\s+1\s+25Gb\s+21\.\d\s+24,64,256 GB", capsys.readouterr().out, re.M)
+
+
+def test_pipeline_prediction_accounts_every_byte():
+    """With one stage the pipeline model is the expert-parallel one (reads, memory); two
+    stages of one shard hold half the layers each: the busiest rank reads and holds less
+    than one of one stage x 2 shards."""
+    from llm_kernels.distributed.predict import byte_model, predict, predict_pp
+    from llm_kernels.models import preset
+
+    bm = byte_model(preset("flash", num_hidden_layers=4, n_routed_experts=16), "int8")
+    assert bm.layer_dense > 0 and bm.head > 0 and bm.embed > 0 and bm.hidden_row == 4 * 4 * 4096
+    for N in (1, 2, 4):
+        a, b = predict(bm, N, 1, 45.0, 25.0, 30.0), predict_pp(bm, N, 1, 1, 45.0, 25.0, 30.0)
+        assert b["bytes_read"] == pytest.approx(a["bytes_read"], rel=1e-12)
+        assert b["mem_gib"] == pytest.approx(a["mem_gib"], rel=1e-12)
+    one, two = predict_pp(bm, 2, 1, 1, 45.0, 25.0, 0.0), predict_pp(bm, 2, 2, 1, 45.0, 25.0, 0.0)
+    assert two["bytes_read"] < one["bytes_read"] and two["mem_gib"] < one["mem_gib"]

@@ -20,8 +20,7 @@ and an interactive multi-turn ``--chat``.
   same sampling seed: rank 0 draws it when ``--seed`` is not given), the model split as for
   ``logits`` (docs/distributed.md); rank 0 alone prints, with its layout, memory and
   communication. The output is the one-process output given the same ``--threads`` per
-  process. ``--chat`` is refused over ranks, ``--speculative mtp`` with pipeline stages
-  (and while the ranks' loader reads no MTP block).
+  process. ``--chat`` is refused over ranks, ``--speculative mtp`` with pipeline stages.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ from .core import (
 )
 from ..runtime.engine_core import DEFAULT_PREFILL_CHUNK
 from .trace import thread_info
+from .model_ranks import decode_steps
 from .weight_bytes import bytes_per_step, decode_read_bytes, weight_storage
 
 __all__ = ["MODE_FLAGS", "wants_model_mode", "build_parser", "main", "decode_read_bytes", "weight_storage",
@@ -238,8 +239,7 @@ class _Runner:
             eng.step(sids, [self._ids(t.depth or self.tg_prompt) for _ in sids], logits_rows="last", chunk_tokens=ub)
             toks = [[[x] for x in self._ids(t.batch)] for _ in range(t.n)]
             t1 = self._start()
-            for step_toks in toks:
-                eng.step(sids, step_toks, chunk_tokens=0)
+            decode_steps(eng, sids, toks)  # pipeline stages: sequence groups in flight together
             return self._stop(t1), t1 - t0
         finally:
             for s in sids:

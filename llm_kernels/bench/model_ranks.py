@@ -21,13 +21,42 @@ writes the JSON.
 * Communication: per test, rank 0's bytes and seconds in the expert combine (all-gather)
   and the pipeline transfers during the timed runs only, per run; its share of the run
   time is the ``comm`` column (waiting for the other ranks included).
+* Decode over ``K`` pipeline stages with ``b >= 2`` sequences (:func:`decode_steps`): the
+  sequences form ``min(K, b)`` groups whose steps stay in flight together (the engine's
+  ``submit``), so stage ``s`` runs one group while stage ``s + 1`` runs another; every
+  group still advances one token per step (t/s counts the same tokens).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["rank_entry", "run_ranks", "combine_read_bytes", "comm_row", "ranks_report"]
+__all__ = ["rank_entry", "run_ranks", "combine_read_bytes", "comm_row", "ranks_report", "decode_steps"]
+
+
+def decode_steps(eng, sids: list[int], toks: list[list[list[int]]]) -> None:
+    """Run the decode steps ``toks`` (per step, one token list per sequence of ``sids``):
+    one ``step`` over every sequence each time, or, on a pipeline stage (``eng.pipe``,
+    ``stages`` > 1) with several sequences, ``min(stages, len(sids))`` sequence groups
+    whose steps are kept in flight together (``eng.submit``, oldest result collected
+    before a group's next step). Every rank must run the same calls."""
+    import collections
+
+    pipe = getattr(eng, "pipe", None)
+    groups = min(getattr(pipe, "stages", 1), len(sids)) if pipe is not None else 1
+    if groups == 1:
+        for step_toks in toks:
+            eng.step(sids, step_toks, chunk_tokens=0)
+        return
+    members = [list(range(len(sids)))[g::groups] for g in range(groups)]
+    pending: collections.deque = collections.deque()
+    for step_toks in toks:
+        for m in members:
+            if len(pending) == groups:
+                pending.popleft().result()
+            pending.append(eng.submit([sids[b] for b in m], [step_toks[b] for b in m]))
+    while pending:
+        pending.popleft().result()
 
 
 def rank_entry(args, argv: list[str]):

@@ -74,6 +74,7 @@ class StageLink:
     def __init__(self, layout: RankLayout, on_fault, fault=None):
         self.layout, self.fault = layout, fault
         self.is_first, self.is_last = layout.is_first_stage, layout.is_last_stage
+        self.stages = layout.pp
         self._fail = on_fault
         self._src_logits = layout.stage_ranks(layout.pp - 1)[0]
         self._pending: list = []  # (work, buffer kept alive, what) of posted sends
@@ -144,3 +145,33 @@ class StageLink:
         self.stats.logits += buf.numel() * 4
         self.stats.steps += 1
         return buf
+
+    def share_logits_async(self, logits: torch.Tensor | None, shape: tuple[int, int]):
+        """:meth:`share_logits` posted, not waited for (the engine's ``submit``): returns a
+        callable that waits for the broadcast and this stage's sends, then returns the
+        logits. The broadcasts of several pending steps complete in posting order."""
+        src = self._src_logits
+        if self.layout.rank == src:
+            if logits is None or tuple(logits.shape) != tuple(shape) or logits.dtype != torch.float32:
+                raise ValueError(f"the last stage's logits must be float32 {list(shape)}, got "
+                                 f"{None if logits is None else (logits.dtype, list(logits.shape))}")
+            buf = logits.contiguous()
+        else:
+            buf = torch.empty(shape, dtype=torch.float32)
+        what = f"broadcasting the logits from rank {src} (the last stage)"
+        holder = []
+        self._run(what, lambda: holder.append(dist.broadcast(buf, src=src, async_op=True)))
+        self.stats.logits += buf.numel() * 4
+        self.stats.steps += 1
+
+        def get() -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                holder[0].wait()
+            except Exception as e:
+                self._fail(e, what, time.perf_counter() - t0)
+            self.stats.seconds += time.perf_counter() - t0
+            self.flush()
+            return buf
+
+        return get

@@ -43,7 +43,7 @@ from ..errors import CacheOverflowError
 from ..numerics.rounding import check_dtype
 from .timing import StageTimer
 
-__all__ = ["EngineCore", "PipelineLink", "LOGITS_ROWS", "CacheOverflowError", "DEFAULT_PREFILL_CHUNK", "plan_chunks",
+__all__ = ["EngineCore", "PendingStep", "PipelineLink", "LOGITS_ROWS", "CacheOverflowError", "DEFAULT_PREFILL_CHUNK", "plan_chunks",
            "check_chunk_tokens"]
 
 LOGITS_ROWS = ("all", "last")
@@ -92,10 +92,11 @@ def plan_chunks(lens: Sequence[int], chunk: int) -> list[list[tuple[int, int, in
 class PipelineLink(Protocol):
     """One pipeline stage's link to its neighbours (implemented in
     :mod:`llm_kernels.distributed.pipeline`). ``is_first`` / ``is_last``: the stage holds the
-    embedding / the head."""
+    embedding / the head; ``stages``: how many there are."""
 
     is_first: bool
     is_last: bool
+    stages: int
 
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The previous stage's output rows (``shape``, ``dtype``)."""
@@ -110,6 +111,24 @@ class PipelineLink(Protocol):
 
     def flush(self) -> None:
         """Wait until this stage's sends have been received."""
+
+    def share_logits_async(self, logits: torch.Tensor | None, shape: tuple[int, int]) -> Callable[[], torch.Tensor]:
+        """Post the logits broadcast of :meth:`share_logits` and return a callable that
+        waits for it (and for this stage's sends) and returns the logits."""
+
+
+class PendingStep:
+    """A submitted step (:meth:`EngineCore.submit`): :meth:`result` waits for its logits."""
+
+    def __init__(self, wait: Callable[[], list[torch.Tensor]]):
+        self._wait, self._out = wait, None
+
+    def result(self) -> list[torch.Tensor]:
+        """The step's float32 logits per sequence, [n_b, V] each (waits the first time)."""
+        if self._out is None:
+            self._out = self._wait()
+            self._wait = None
+        return self._out
 
 
 class EngineCore:
@@ -264,20 +283,7 @@ class EngineCore:
             check_chunk_tokens(chunk_tokens, "chunk_tokens")
         if logits_rows not in LOGITS_ROWS:
             raise ValueError(f"logits_rows must be one of {LOGITS_ROWS}, got {logits_rows!r}")
-        if len(seq_ids) != len(tokens):
-            raise ValueError(f"{len(seq_ids)} sequence ids but {len(tokens)} token lists")
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"a sequence may appear once per step, got {list(seq_ids)}")
-        starts = [self.length(s) for s in seq_ids]  # KeyError for an unknown id
-        lens = [len(t) for t in tokens]
-        for s, n in zip(seq_ids, lens):
-            if n == 0:
-                raise ValueError(f"sequence {s}: empty token list")
-        tokens = [[int(t) for t in ts] for ts in tokens]
-        V = self.cfg.vocab_size
-        bad = [t for ts in tokens for t in ts if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {V}), got {bad[:5]}")
+        starts, lens, tokens = self._check_step(seq_ids, tokens)
         heads = [logits_rows] * len(lens)
         chunked = chunk is not None and sum(lens) > chunk
         undo: Any = None  # how to undo the step after a committed sub-step: "empty" or _save_state's
@@ -322,6 +328,43 @@ class EngineCore:
             raise
         return [p[0] if len(p) == 1 else torch.cat(p, dim=0) for p in parts]
 
+    def _check_step(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]):
+        """``(starts, lens, tokens as int lists)`` of a step, or the errors :meth:`step` names."""
+        if len(seq_ids) != len(tokens):
+            raise ValueError(f"{len(seq_ids)} sequence ids but {len(tokens)} token lists")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"a sequence may appear once per step, got {list(seq_ids)}")
+        starts = [self.length(s) for s in seq_ids]  # KeyError for an unknown id
+        lens = [len(t) for t in tokens]
+        for s, n in zip(seq_ids, lens):
+            if n == 0:
+                raise ValueError(f"sequence {s}: empty token list")
+        tokens = [[int(t) for t in ts] for ts in tokens]
+        V = self.cfg.vocab_size
+        bad = [t for ts in tokens for t in ts if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {V}), got {bad[:5]}")
+        return starts, lens, tokens
+
+    def submit(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]) -> "PendingStep":
+        """Start a step (never chunked, logits of every row, like :meth:`decode`) and return
+        its :class:`PendingStep`; ``.result()`` gives the float32 logits per sequence.
+
+        On a pipeline stage the step's own work runs now (its layers, the send to the next
+        stage, the head on the last stage) and only the logits broadcast is left pending, so
+        a driver that keeps up to ``P`` steps of disjoint sequence groups in flight (submit
+        group A, submit group B, then A's result, submit A's next step, ...) keeps every
+        stage busy: stage ``s`` runs one group while stage ``s + 1`` runs another. Every
+        rank must submit and collect in the same order. Without a pipeline the step runs
+        at once (``result()`` returns it). The sequences are committed when ``submit``
+        returns. Raises what :meth:`step` raises."""
+        if self.pipe is None:
+            out = self.step(seq_ids, tokens, chunk_tokens=None)
+            return PendingStep(lambda: out)
+        starts, lens, toks = self._check_step(seq_ids, tokens)
+        wait = self._step_chunk(list(seq_ids), toks, starts, lens, ["all"] * len(lens), share="async")
+        return PendingStep(wait)
+
     def _share_held(self, held: list[tuple[int, torch.Tensor | int]], parts: list[list[torch.Tensor]]):
         """A pipelined chunked step's logits: the last stage's held chunks (every stage
         holds their row counts) broadcast at once and split back per sequence."""
@@ -336,12 +379,14 @@ class EngineCore:
         return parts
 
     def _step_chunk(self, seq_ids: list[int], tokens: list[list[int]], starts: list[int], lens: list[int],
-                    heads: list[str | None], share: bool = True) -> list[torch.Tensor | int | None]:
+                    heads: list[str | None], share: bool | str = True):
         """One validated step: reserve -> forward -> head -> commit (rollback on error).
         ``heads[b]``: "all" (logits of every row of sequence b), "last" (its last row) or
         None (no head rows: its entry of the result is None). On a pipeline stage with
         ``share=False`` the logits stay where they are: the last stage returns its own, the
-        others the row counts (the caller shares them later, :meth:`_share_held`)."""
+        others the row counts (the caller shares them later, :meth:`_share_held`); with
+        ``share="async"`` the broadcast is posted and a callable returning the list is
+        returned instead (:meth:`submit`)."""
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         with self.timer("kv_cache"):  # capacity check / page allocation for the whole step
             state = self._reserve(seq_ids, lens)
@@ -366,13 +411,17 @@ class EngineCore:
                 with self.timer("lm_head"):
                     logits = self._lm_head(x)
             del x
-            if rows and pipe is not None and share:
+            if share == "async":
+                get = pipe.share_logits_async(logits, (len(rows), self.cfg.vocab_size))
+            elif rows and pipe is not None and share:
                 with self.timer("pipeline"):
                     logits = pipe.share_logits(logits, (len(rows), self.cfg.vocab_size))
         except Exception:
             self._rollback(seq_ids, lens, state)
             raise
         self._commit(seq_ids, tokens, state)
+        if share == "async":
+            return lambda: [get()[sp[0]:sp[1]] for sp in spans]
         if logits is None and rows:  # a stage before the last, its logits shared later
             return [sp[1] - sp[0] if sp is not None else None for sp in spans]
         return [logits[sp[0]:sp[1]] if sp is not None else None for sp in spans]

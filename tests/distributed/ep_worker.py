@@ -8,7 +8,9 @@ group, so that the EP tests pay the start-up of N ranks once per N.
   path of the CLI (``RankContext.load`` / ``wrap``), rank 0 writing the files;
   ``EP_WORKER_PERTURB_RANK=r``: rank r scales its routing weights by 1 + 1e-7 (a replicated
   computation that diverged); ``EP_WORKER_PP=k``: k pipeline stages (each stage's experts
-  sharded over its ranks; a dense model needs k = the ranks).
+  sharded over its ranks; a dense model needs k = the ranks); ``EP_WORKER_GROUPS=g``: the
+  decode steps of g sequence groups kept in flight together (``engine.submit``; equal
+  decode lengths).
 
 Writes ``<out dir>/<i>.safetensors`` per configuration ``i`` (``prefill.<b>`` /
 ``decode.<b>``) and ``<out dir>/<i>.stats.json`` (rank 0's combine records, with expert
@@ -32,6 +34,23 @@ def logits(engine, inputs, decodes) -> dict:
     sids, pre = engine.prefill(inputs)
     out = {f"prefill.{b}": pre[b].float().contiguous() for b in range(len(inputs))}
     dec = [[] for _ in inputs]
+    groups = int(os.environ.get("EP_WORKER_GROUPS", "1"))
+    if groups > 1:  # the sequences in `groups` groups, their decode steps in flight together (engine.submit)
+        gs = [list(range(len(inputs)))[g::groups] for g in range(groups)]
+        pending = []
+        for i in range(len(decodes[0])):
+            for g in gs:
+                if len(pending) == groups:
+                    done_g, h = pending.pop(0)
+                    for b, o in zip(done_g, h.result()):
+                        dec[b].append(o)
+                pending.append((g, engine.submit([sids[b] for b in g], [[decodes[b][i]] for b in g])))
+        for done_g, h in pending:
+            for b, o in zip(done_g, h.result()):
+                dec[b].append(o)
+        for b in range(len(inputs)):
+            out[f"decode.{b}"] = torch.cat(dec[b]).float().contiguous()
+        return out
     for i in range(max(len(d) for d in decodes)):
         live = [b for b in range(len(inputs)) if i < len(decodes[b])]
         for b, o in zip(live, engine.decode([sids[b] for b in live], [decodes[b][i] for b in live])):

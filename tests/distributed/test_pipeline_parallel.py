@@ -39,15 +39,16 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
             for name in ("mini", "qwen3-mini")}
 
 
-def _run(ckpt: Path, out: Path, configs, nproc: int, pp: int = 1) -> None:
+def _run(ckpt: Path, out: Path, configs, nproc: int, pp: int = 1, inputs=INPUTS, decodes=DECODES,
+         env: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(WORKER), str(ckpt), str(out), json.dumps(configs), json.dumps(INPUTS),
-           json.dumps(DECODES)]
+    cmd = [sys.executable, str(WORKER), str(ckpt), str(out), json.dumps(configs), json.dumps(inputs),
+           json.dumps(decodes)]
     if nproc == 1:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **(env or {})))
         assert r.returncode == 0, r.stderr[-3000:]
     else:
-        assert spawn_local([], nproc, command=cmd, env={"EP_WORKER_PP": str(pp)}) == 0
+        assert spawn_local([], nproc, command=cmd, env={"EP_WORKER_PP": str(pp), **(env or {})}) == 0
 
 
 def _bitwise(a: dict, b: dict) -> list[str]:
@@ -191,3 +192,22 @@ def test_pipelined_chunked_prefill_equals_one_process(ckpts, tmp_path):
     # rank 0 sent the 16 rows once; 4 prefill chunks + 3 decode steps, one broadcast per step
     assert re.search(r"mean of 4 steps \(prefill included\): 8\.0 KiB hidden sent", r.stdout), r.stdout
     assert _bitwise(outs["one"], outs["pp"]) == [] and _bitwise(outs["whole"], outs["pp"]) == []
+
+
+@pytest.mark.parametrize("model,nproc,pp", [("qwen3-mini", 2, 2), ("mini", 4, 2)])
+def test_steps_in_flight_equal_one_process(ckpts, tmp_path, model, nproc, pp):
+    """Two sequence groups whose decode steps stay in flight together (``engine.submit``:
+    stage 0 runs one group while stage 1 runs the other) give the logits of the same
+    groups stepped one after another in one process, bitwise."""
+    inputs = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [4, 4], [5, 6, 7, 8]]
+    decodes = [[10, 11, 12, 13], [13, 14, 15, 16], [3, 2, 1, 0], [7, 7, 7, 7]]
+    configs = [["float32", "fused", "int8"], ["bfloat16", "reference", "none"]]
+    env = {"EP_WORKER_GROUPS": "2"}
+    _run(ckpts[model], tmp_path / "one", configs, 1, inputs=inputs, decodes=decodes, env=env)
+    _run(ckpts[model], tmp_path / "pp", configs, nproc, pp, inputs=inputs, decodes=decodes, env=env)
+    for i, c in enumerate(configs):
+        ref, got = load_file(str(tmp_path / "one" / f"{i}.safetensors")), load_file(str(tmp_path / "pp" / f"{i}.safetensors"))
+        assert ref["decode.3"].shape == (4, preset(model).vocab_size)
+        assert _bitwise(ref, got) == [], f"{model} {c}"
+        pipe = json.loads((tmp_path / "pp" / f"{i}.pipe.json").read_text())
+        assert pipe["calls"] == 2 + 2 * 4 * 2  # prefill: send + broadcast; 8 submitted steps: send + broadcast

@@ -50,6 +50,8 @@ class EngineMirror:
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str):
+        if name == "submit":  # a pending step would need its result() mirrored too
+            raise AttributeError("EngineMirror does not mirror submit(): the server's scheduler runs whole steps")
         attr = getattr(self._engine, name)
         if name not in MIRRORED:
             return attr

@@ -65,7 +65,7 @@ from .core import (
 )
 from ..runtime.engine_core import DEFAULT_PREFILL_CHUNK
 from .trace import thread_info
-from .model_ranks import decode_steps
+from .model_ranks import decode_steps, read_bytes
 from .weight_bytes import bytes_per_step, decode_read_bytes, weight_storage
 
 __all__ = ["MODE_FLAGS", "wants_model_mode", "build_parser", "main", "decode_read_bytes", "weight_storage",
@@ -365,10 +365,8 @@ def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) ->
     t0 = time.perf_counter()
     prompt_release()  # freed float / raw INT8 copies go back to the OS during load (peak RSS)
     try:
-        if ctx is not None:
-            cfg, weights = ctx.load(args.checkpoint, dtype, args.quant)
-        else:
-            cfg, weights = load_checkpoint(args.checkpoint, dtype=dtype, progress=not quiet, quant=args.quant)
+        cfg, weights = ctx.load(args.checkpoint, dtype, args.quant) if ctx is not None else \
+            load_checkpoint(args.checkpoint, dtype=dtype, progress=not quiet, quant=args.quant)
     except (CheckpointError, ConfigError, ValueError) as e:
         if ctx is not None:
             raise
@@ -380,8 +378,7 @@ def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) ->
     try:
         engine = spec.make_engine(weights, cfg, dtype=dtype, max_seq_len=cap, backend=args.backend, timer=None,
                                   max_batch=max_batch, consume_weights=True, **(ctx.engine_kwargs() if ctx else {}))
-        if ctx is not None:
-            engine = ctx.wrap(engine)
+        engine = ctx.wrap(engine) if ctx is not None else engine
     except (ValueError, ConfigError) as e:
         if ctx is not None:
             raise
@@ -392,14 +389,8 @@ def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) ->
     prepared = getattr(engine, "w", None)
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
-    if ctx is None:
-        rb = decode_read_bytes(prepared, cfg)
-    else:  # the total over the ranks (.model_ranks)
-        from ..distributed.commands import CommMeter, gather_json, rank_read_bytes
-        from .model_ranks import combine_read_bytes
-
-        per_rank = gather_json(ctx, rank_read_bytes(prepared, cfg), "gathering the bytes per token")
-        rb = combine_read_bytes(per_rank)
+    rb = read_bytes(ctx, prepared, cfg)  # over ranks: the total, per rank under "per_rank" (.model_ranks)
+    per_rank = rb.get("per_rank")
     stored = checkpoint_quant(args.checkpoint)
     scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else stored
     if stored == "release":  # FP8 -> the INT8 scheme at load, MXFP4 experts kept 4-bit
@@ -440,6 +431,8 @@ def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) ->
     # ---------------------------------------------------------------- tests
     runner = _Runner(engine, cfg.vocab_size, args.seed, args.tg_prompt)
     if ctx is not None:
+        from ..distributed.commands import CommMeter, gather_json
+
         runner.meter = CommMeter(ctx)
     results: list[dict[str, Any]] = []
     errors: list[str] = []

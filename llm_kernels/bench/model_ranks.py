@@ -7,7 +7,7 @@ writes the JSON.
   rank 0's step time is the step time of the group.
 * Bytes per decoded token / per step (the ``B/step`` column, ``bytes_per_token``): the
   **total over all ranks**, i.e. the sum of each rank's reads counted from its own prepared
-  weights (:func:`~llm_kernels.distributed.commands.rank_read_bytes`: its stage's layers,
+  weights (:func:`rank_read_bytes`: its stage's layers,
   the replicated dense part once per rank that holds it, its share ``local / E`` of the
   ``k`` routed experts a token picks). The per-rank figures are printed and kept in the
   JSON (``ranks.bytes_per_token_per_rank``).
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["rank_entry", "run_ranks", "combine_read_bytes", "comm_row", "ranks_report", "decode_steps"]
+__all__ = ["rank_entry", "run_ranks", "rank_read_bytes", "read_bytes", "combine_read_bytes", "comm_row", "ranks_report", "decode_steps"]
 
 
 def decode_steps(eng, sids: list[int], toks: list[list[list[int]]]) -> None:
@@ -99,8 +99,49 @@ def run_ranks(args, where: tuple[int, int], settings: dict, bench) -> int:
                     checkpoint=args.checkpoint, layout=layout)
 
 
+def rank_read_bytes(weights: dict, cfg) -> dict[str, Any]:
+    """:func:`~.weight_bytes.decode_read_bytes` of this rank's part of the
+    model (``weights``: the engine's prepared dict; a pipeline stage holds its layers only,
+    remote experts are placeholders and count 0). Routed experts: the expected reads of
+    this rank, i.e. each layer's mean local expert times the share of the layer's experts it
+    holds (uniform routing: a token's ``k`` experts are on this rank ``k * local / E`` times
+    on average), so that the sum over ranks is the bytes every rank together reads per
+    token. Same keys as ``decode_read_bytes`` plus ``local_experts`` (per layer prefix)."""
+    from ..distributed.expert_parallel import RemoteExpert
+    from .weight_bytes import ROUTED_EXPERT, decode_read_bytes
+
+    local = {k: w for k, w in weights.items() if not isinstance(w, RemoteExpert)}
+    rb = decode_read_bytes(local, cfg)
+    counts: dict[str, set[int]] = {}
+    for name in local:
+        m = ROUTED_EXPERT.match(name)
+        if m is not None:
+            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
+    E = rb["n_routed_experts"] or 1
+    rb["local_experts"] = {p: len(s) for p, s in counts.items()}
+    rb["expert_bytes"] = {p: v * len(counts[p]) / E for p, v in rb["expert_bytes"].items()}
+    routed = sum(v * rb["experts_per_tok"] for v in rb["expert_bytes"].values()) if rb["expert_bytes"] else 0
+    rb["per_token"] = int(round(rb["dense"] + rb["per_seq_rows"] + routed))
+    rb["routed_per_token"] = int(round(routed))
+    return rb
+
+
+def read_bytes(ctx, prepared: dict, cfg) -> dict[str, Any]:
+    """Bytes per decoded token of the model: :func:`~.weight_bytes.decode_read_bytes` in one
+    process (``ctx`` None); over ranks the total of every rank's :func:`rank_read_bytes`
+    (gathered: every rank calls this), with the per-rank dicts under ``"per_rank"``."""
+    from .weight_bytes import decode_read_bytes
+
+    if ctx is None:
+        return decode_read_bytes(prepared, cfg)
+    from ..distributed.commands import gather_json
+
+    per_rank = gather_json(ctx, rank_read_bytes(prepared, cfg), "gathering the bytes per token")
+    return dict(combine_read_bytes(per_rank), per_rank=per_rank)
+
+
 def combine_read_bytes(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """The sum over ranks of :func:`~llm_kernels.distributed.commands.rank_read_bytes`
+    """The sum over ranks of :func:`rank_read_bytes`
     breakdowns, shaped like :func:`~.weight_bytes.decode_read_bytes` so that
     :func:`~.weight_bytes.bytes_per_step` gives the bytes every rank together reads per step
     (``expert_bytes`` summed per layer prefix: each rank's expected share)."""

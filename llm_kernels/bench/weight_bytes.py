@@ -81,7 +81,7 @@ def _params(w: Any) -> int:
 
 _EMBED = re.compile(r"(^|\.)embed(_tokens)?\.weight$")
 _ROW_PER_TOKEN = re.compile(r"(^|\.)tid2eid$")
-_ROUTED = re.compile(r"^(.*\.)experts\.(\d+)\.(.+)$")
+ROUTED_EXPERT = re.compile(r"^(.*\.)experts\.(\d+)\.(.+)$")
 
 
 def decode_read_bytes(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def decode_read_bytes(weights: dict[str, Any], cfg: Any) -> dict[str, Any]:
     embed_name = None
     for name, w in weights.items():
         params += _params(w)
-        m = _ROUTED.match(name)
+        m = ROUTED_EXPERT.match(name)
         if m is not None:
             b = weight_storage(w, seen)
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), 0)

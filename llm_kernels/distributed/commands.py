@@ -15,7 +15,7 @@ import json
 import random
 from typing import Any, Iterator
 
-__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "rank_read_bytes"]
+__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter"]
 
 
 def gather_json(ctx, obj: Any, what: str) -> list[Any]:
@@ -91,30 +91,3 @@ class CommMeter:
         """The sums since the last ``take`` (then zero)."""
         out, self.total = self.total, dict.fromkeys(self.KEYS, 0.0)
         return out
-
-
-def rank_read_bytes(weights: dict, cfg) -> dict[str, Any]:
-    """:func:`~llm_kernels.bench.weight_bytes.decode_read_bytes` of this rank's part of the
-    model (``weights``: the engine's prepared dict; a pipeline stage holds its layers only,
-    remote experts are placeholders and count 0). Routed experts: the expected reads of
-    this rank, i.e. each layer's mean local expert times the share of the layer's experts it
-    holds (uniform routing: a token's ``k`` experts are on this rank ``k * local / E`` times
-    on average), so that the sum over ranks is the bytes every rank together reads per
-    token. Same keys as ``decode_read_bytes`` plus ``local_experts`` (per layer prefix)."""
-    from ..bench.weight_bytes import _ROUTED, decode_read_bytes
-    from .expert_parallel import RemoteExpert
-
-    local = {k: w for k, w in weights.items() if not isinstance(w, RemoteExpert)}
-    rb = decode_read_bytes(local, cfg)
-    counts: dict[str, set[int]] = {}
-    for name in local:
-        m = _ROUTED.match(name)
-        if m is not None:
-            counts.setdefault(m.group(1), set()).add(int(m.group(2)))
-    E = rb["n_routed_experts"] or 1
-    rb["local_experts"] = {p: len(s) for p, s in counts.items()}
-    rb["expert_bytes"] = {p: v * len(counts[p]) / E for p, v in rb["expert_bytes"].items()}
-    routed = sum(v * rb["experts_per_tok"] for v in rb["expert_bytes"].values()) if rb["expert_bytes"] else 0
-    rb["per_token"] = int(round(rb["dense"] + rb["per_seq_rows"] + routed))
-    rb["routed_per_token"] = int(round(routed))
-    return rb

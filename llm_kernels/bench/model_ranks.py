@@ -21,10 +21,10 @@ writes the JSON.
 * Communication: per test, rank 0's bytes and seconds in the expert combine (all-gather)
   and the pipeline transfers during the timed runs only, per run; its share of the run
   time is the ``comm`` column (waiting for the other ranks included).
-* Decode over ``K`` pipeline stages with ``b >= 2`` sequences (:func:`decode_steps`): the
-  sequences form ``min(K, b)`` groups whose steps stay in flight together (the engine's
-  ``submit``), so stage ``s`` runs one group while stage ``s + 1`` runs another; every
-  group still advances one token per step (t/s counts the same tokens).
+* Decode over ``K`` pipeline stages with ``b >= 4`` sequences (:func:`decode_steps`): the
+  sequences form ``min(K, b // 2)`` groups whose steps stay in flight together (the
+  engine's ``submit``), so stage ``s`` runs one group while stage ``s + 1`` runs another;
+  every group still advances one token per step (t/s counts the same tokens).
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ __all__ = ["rank_entry", "run_ranks", "rank_read_bytes", "read_bytes", "combine_
 def decode_steps(eng, sids: list[int], toks: list[list[list[int]]]) -> None:
     """Run the decode steps ``toks`` (per step, one token list per sequence of ``sids``):
     one ``step`` over every sequence each time, or, on a pipeline stage (``eng.pipe``,
-    ``stages`` > 1) with several sequences, ``min(stages, len(sids))`` sequence groups
-    whose steps are kept in flight together (``eng.submit``, oldest result collected
-    before a group's next step). Every rank must run the same calls."""
+    ``stages`` > 1) with at least 4 sequences, ``min(stages, len(sids) // 2)`` sequence
+    groups of at least 2 whose steps are kept in flight together (``eng.submit``, oldest
+    result collected before a group's next step). Groups of one sequence lost on one host
+    (Flash dims, 2 stages: b = 2 in flight 1.17x the step time, b = 4 0.90x;
+    docs/distributed.md, "Schedule"). Every rank must run the same calls."""
     import collections
 
     pipe = getattr(eng, "pipe", None)
-    groups = min(getattr(pipe, "stages", 1), len(sids)) if pipe is not None else 1
-    if groups == 1:
+    groups = min(getattr(pipe, "stages", 1), len(sids) // 2) if pipe is not None else 1
+    if groups < 2:
         for step_toks in toks:
             eng.step(sids, step_toks, chunk_tokens=0)
         return

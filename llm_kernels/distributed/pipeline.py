@@ -20,9 +20,9 @@ before the logits broadcast), and a chunked step (a prefill longer than
 ``prefill_chunk``) broadcasts its logits once after its last chunk, so stage ``s`` runs
 chunk ``k + 1`` while stage ``s + 1`` runs chunk ``k``: a prefill of ``C`` chunks over
 ``P`` stages takes about ``(C + P - 1)`` chunk-stage times instead of ``C · P``. A decode
-step is one chunk: its stages run one after another (several decode steps in flight, which
-would keep every stage busy, need an asynchronous step API: docs/distributed.md,
-"Schedule").
+step is one chunk: its stages run one after another, unless the driver keeps steps of
+several sequence groups in flight (``EngineCore.submit``: the logits broadcast posted with
+:meth:`StageLink.share_logits_async`); docs/distributed.md, "Schedule".
 
 Failures of a transfer go through :meth:`RankGroup.fail`, which names the rank that died or
 stopped answering.

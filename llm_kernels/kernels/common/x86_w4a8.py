@@ -47,11 +47,17 @@ re-reads those weights from L1/L2. One call site per sub-tile shape keeps the co
 short (unrolling every plan in IR took 95 s for the AVX2 heights).
 
 **Streaming** (VNNI only; AVX2 unchanged, not measured): every block of 32 inputs a
-sub-tile issues ``prefetcht0`` for its 4 lines of each nibble stream :func:`w4_prefetch`
-bytes ahead (2 KiB for one token, else 4 KiB) and 1 line of the chunk's scale stream a
-quarter of that ahead; the one-token sub-tile covers all 4 units of a chunk (4 streams in
-flight instead of 2). From DRAM (one Flash expert, 2 threads) this took T=1 from 0.68 to
-0.55 ms and T=8 from 1.14 to 0.54 ms (``docs/performance.md``, "MXFP4 experts, W4A8").
+sub-tile prefetches its 4 lines of each nibble stream :func:`w4_prefetch` bytes ahead
+(2 KiB for one token, else 4 KiB) and 1 line of the chunk's scale stream a quarter of that
+ahead, ``prefetcht1`` (into L2) for one token, else ``prefetcht0``; the one-token sub-tile
+covers all 4 units of a chunk (4 streams in flight instead of 2) with one int32 chain per
+unit. From DRAM (one Flash expert, 2 threads) this took T=1 from 0.68 to 0.55 ms and T=8
+from 1.14 to 0.54 ms on Zen 5; on Zen 4 ``prefetcht0`` at T=1 was 20-25 % slower than
+``prefetcht1`` or no software prefetch (``docs/performance.md``, "MXFP4 experts, W4A8").
+
+**Fold** (VNNI): ``vscalefps(fl(f32(isum)·s), e - 128)`` is the correctly rounded
+``y·2^(e-128)``, the same float32 as the multiply by the exact scale (subnormal results
+included, MXCSR default rounding), in 3 instructions per unit instead of 7.
 """
 
 from __future__ import annotations
@@ -104,9 +110,9 @@ def w4_units(isa: str, ts: int) -> int:
 def w4_prefetch(isa: str, ts: int) -> int:
     """Software-prefetch distance (bytes ahead in each nibble stream; the scale stream a
     quarter of it, it advances 64 B per block to the streams' 256 B) of a sub-tile of ``ts``
-    tokens: VNNI 2048 for ``ts == 1``, else 4096; AVX2 0 (not measured). Measured on the
-    2-core Zen 5 guest, weights streaming from DRAM (``benchmarks/bench_w4a8.py``,
-    ``docs/performance.md``)."""
+    tokens: VNNI 2048 for ``ts == 1`` (``prefetcht1``), else 4096 (``prefetcht0``); AVX2 0
+    (not measured). Measured on the 2-core Zen 5 and Zen 4 guests, weights streaming from
+    DRAM (``benchmarks/bench_w4a8.py``, ``docs/performance.md``)."""
     if isa not in UNIT:
         raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
     if isa != "vnni":
@@ -137,6 +143,7 @@ def _tile(isa: str, ts0: int, us0: int):
     VI16 = ir.VectorType(_I16, 2 * W)
     plan = [(0, ts0, 0, us0)]
     pfd = w4_prefetch(isa, ts0)             # bytes ahead in each nibble stream (0: none)
+    pfl = 2 if ts0 == 1 else 3              # llvm.prefetch locality: 2 = prefetcht1 (L2), 3 = prefetcht0
 
     def codegen(context, builder, sig, args):
         (xa, x_off, x_ks, wa, w_off, w_bs, ng, swa, sw_off, sxa, ca, sc_off, sc_ts, fa, f_off, f_ts, accum) = args
@@ -159,6 +166,8 @@ def _tile(isa: str, ts0: int, us0: int):
         if isa == "vnni":
             shuf = _fn(b, "llvm.x86.avx512.pshuf.b.512", VI8, [VI8, VI8])
             dot = _fn(b, "llvm.x86.avx512.vpdpbusd.512", VI32, [VI32, VI32, VI32])
+            # vscalefps a·2^floor(b) (b = e - 128, exact): correctly rounded, as fl(a · 2^(e-128))
+            scalef = _fn(b, "llvm.x86.avx512.mask.scalef.ps.512", VF, [VF, VF, VF, _I16, _I32])
         else:
             shuf = _fn(b, "llvm.x86.avx2.pshuf.b", VI8, [VI8, VI8])
             maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", VI16, [VI8, VI8])
@@ -181,7 +190,9 @@ def _tile(isa: str, ts0: int, us0: int):
         for (t0, ts, u0, us) in plan:
             units = list(range(u0, u0 + us))
             toks = list(range(t0, t0 + ts))
-            split = isa == "vnni" and ts * us <= 4       # two int32 chains (lo / hi nibbles)
+            # two int32 chains (lo / hi nibbles) for 2-4 register units of ts >= 2; T=1 (4 units, 4
+            # chains already) one: its 4 merges per block cost more than the latency (measured)
+            split = isa == "vnni" and ts * us <= 4 and ts > 1
             w_bases = {u: b.gep(wptr, [b.add(w_off, b.add(b.mul(w_bs, k(u // upb)), k(VB * (u % upb))))])
                        for u in units}
             f_offs = {(t, u): b.mul(k(4), b.add(f_off, b.add(b.mul(f_ts, k(t)), k(W * u))))
@@ -192,13 +203,13 @@ def _tile(isa: str, ts0: int, us0: int):
 
             def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys, pf=pf):
                 isum = {}
-                if pf is not None:   # prefetcht0 of the block pfd bytes ahead: 4 lines per stream, 1 of scales
+                if pf is not None:   # prefetch of the block pfd bytes ahead: 4 lines per stream, 1 of scales
                     for u in units:
                         for ln in range(0, 256, 64):
                             b.call(pf, [b.gep(w_bases[u], [b.add(b.mul(g, k(256)), k(pfd + ln))]),
-                                        k(0, _I32), k(3, _I32), k(1, _I32)])
+                                        k(0, _I32), k(pfl, _I32), k(1, _I32)])
                     b.call(pf, [b.gep(swptr, [b.add(sw_off, b.add(b.mul(g, k(64)), k(pfd // 4)))]),
-                                k(0, _I32), k(3, _I32), k(1, _I32)])
+                                k(0, _I32), k(pfl, _I32), k(1, _I32)])
                 for u in units:
                     # VNNI: chain 0 starts from corr = -ZP·Σq (broadcast): no subtraction in the fold
                     ch = [[bcast_sc(cptr, b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g)), _I32, VI32), zi]
@@ -226,11 +237,15 @@ def _tile(isa: str, ts0: int, us0: int):
                     if isa == "vnni":
                         for i, t in enumerate(toks):
                             isum[(t, u)] = b.add(ch[i][0], ch[i][1]) if split else ch[i][0]
-                # fold: UE8M0 bytes -> exact float32 scales, then fl(f + fl(fl(f32(isum - c)·s)·sw))
+                # fold: fl(f + fl(fl(f32(isum - c)·s)·2^(e-128))): VNNI vscalefps by the float e - 128,
+                # AVX2 a vmulps by the UE8M0 byte made into its exact float32 (subnormal for e <= 1)
                 swv = {}
                 for u in units:
                     e = b.zext(load(swptr, b.add(sw_off, b.add(b.mul(g, k(64)), k(W * u))), ir.VectorType(_I8, W)),
                                VI32)
+                    if isa == "vnni":
+                        swv[u] = b.sitofp(b.sub(e, ir.Constant(VI32, [128] * W)), VF)
+                        continue
                     normal = b.shl(b.sub(e, ir.Constant(VI32, [1] * W)), ir.Constant(VI32, [23] * W))
                     sub = b.shl(ir.Constant(VI32, [0x200000] * W), b.and_(e, ir.Constant(VI32, [1] * W)))
                     big = b.icmp_unsigned(">=", e, ir.Constant(VI32, [2] * W))
@@ -241,8 +256,12 @@ def _tile(isa: str, ts0: int, us0: int):
                     sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
                     sv = bcast_sc(sxptr, sc, _F32, VF)
                     iv = isum[key] if isa == "vnni" else b.add(isum[key], bcast_sc(cptr, sc, _I32, VI32))
-                    y = b.sitofp(iv, VF)
-                    out.append(b.fadd(fv, b.fmul(b.fmul(y, sv), swv[u])))
+                    y = b.fmul(b.sitofp(iv, VF), sv)
+                    if isa == "vnni":
+                        z = b.call(scalef, [y, swv[u], zf, k(-1, _I16), k(4, _I32)])
+                    else:
+                        z = b.fmul(y, swv[u])
+                    out.append(b.fadd(fv, z))
                 return out
 
             final = acc_loop(b, ng, finit, block, f"w4{isa}")
@@ -261,7 +280,7 @@ def _tile(isa: str, ts0: int, us0: int):
         sig = types.void(xp, ip, ip, wp, ip, ip, ip, sw, ip, sx, corr, ip, ip, facc, ip, ip, types.boolean)
         return sig, codegen
 
-    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}' if pfd else ''}"
+    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}l{pfl}' if pfd else ''}_v2"
     return _t
 
 

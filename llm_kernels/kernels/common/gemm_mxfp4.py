@@ -44,12 +44,15 @@ tile (padded to a tile height), the chunk's weights streamed once; ``T > 16`` K-
 Determinism: each output belongs to one ``prange`` iteration, blocks are folded in order,
 so results are bitwise identical across calls and thread counts.
 
-Streaming (VNNI): each sub-tile software-prefetches its nibble streams 2 KiB (T=1) / 4 KiB
-ahead and the scale stream a quarter of that, and the T=1 sub-tile walks all 4 streams of
-its chunk interleaved (:func:`.x86_w4a8.w4_prefetch`, :func:`.x86_w4a8.w4_units`). One Flash
-expert from DRAM, 2 threads, tier avx512-vnni-bf16 (2026-12-04, same-run BW 42.0 GB/s):
+Streaming (VNNI): each sub-tile software-prefetches its nibble streams 2 KiB (T=1, into L2)
+/ 4 KiB ahead and the scale stream a quarter of that, and the T=1 sub-tile walks all 4 streams
+of its chunk interleaved (:func:`.x86_w4a8.w4_prefetch`, :func:`.x86_w4a8.w4_units`). One Flash
+expert from DRAM, 2 threads, tier avx512-vnni-bf16 (2026-12-04, same-run BW 42.0 GB/s, Zen 5):
 T=1 0.552 ms (61 % of BW, 1.47x faster than per-row INT8), T=4 0.501 ms, T=8 0.537 ms
 (1.45x faster than per-row INT8); before the prefetch 0.677 / 0.697 / 1.139 ms (BW 42.8).
+Zen 4 (``prefetcht1`` at T=1, one chain per unit, ``vscalefps`` fold, serial quantisation
+for T <= 2): T=1 0.585 -> 0.495 ms (67 -> 78 % of a 35 GB/s probe), 0.508 -> 0.416 ms
+(41 -> 53 % of a 61 GB/s probe); T=4 / T=8 unchanged.
 
 Measured: ``docs/performance.md`` ("MXFP4 experts, W4A8"); ``benchmarks/bench_w4a8.py``.
 """

@@ -110,7 +110,8 @@ def w4_units(isa: str, ts: int) -> int:
 def w4_prefetch(isa: str, ts: int) -> int:
     """Software-prefetch distance (bytes ahead in each nibble stream; the scale stream a
     quarter of it, it advances 64 B per block to the streams' 256 B) of a sub-tile of ``ts``
-    tokens: VNNI 2048 for ``ts == 1`` (``prefetcht1``), else 4096 (``prefetcht0``); AVX2 0
+    tokens: VNNI 2048 for ``ts == 1`` (``prefetcht1`` of the first of the 4 lines per block),
+    else 4096 (``prefetcht0``, all 4 lines); AVX2 0
     (not measured). Measured on the 2-core Zen 5 and Zen 4 guests, weights streaming from
     DRAM (``benchmarks/bench_w4a8.py``, ``docs/performance.md``)."""
     if isa not in UNIT:
@@ -203,9 +204,9 @@ def _tile(isa: str, ts0: int, us0: int):
 
             def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys, pf=pf):
                 isum = {}
-                if pf is not None:   # prefetch of the block pfd bytes ahead: 4 lines per stream, 1 of scales
-                    for u in units:
-                        for ln in range(0, 256, 64):
+                if pf is not None:   # prefetch of the block pfd bytes ahead: 4 lines per stream (T=1: the
+                    for u in units:  # first; the hardware prefetcher fetches the rest), 1 of scales
+                        for ln in range(0, 64 if ts == 1 else 256, 64):
                             b.call(pf, [b.gep(w_bases[u], [b.add(b.mul(g, k(256)), k(pfd + ln))]),
                                         k(0, _I32), k(pfl, _I32), k(1, _I32)])
                     b.call(pf, [b.gep(swptr, [b.add(sw_off, b.add(b.mul(g, k(64)), k(pfd // 4)))]),
@@ -280,7 +281,7 @@ def _tile(isa: str, ts0: int, us0: int):
         sig = types.void(xp, ip, ip, wp, ip, ip, ip, sw, ip, sx, corr, ip, ip, facc, ip, ip, types.boolean)
         return sig, codegen
 
-    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}l{pfl}' if pfd else ''}_v2"
+    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}l{pfl}' if pfd else ''}_v3"
     return _t
 
 

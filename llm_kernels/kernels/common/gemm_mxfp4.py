@@ -50,9 +50,9 @@ of its chunk interleaved (:func:`.x86_w4a8.w4_prefetch`, :func:`.x86_w4a8.w4_uni
 expert from DRAM, 2 threads, tier avx512-vnni-bf16 (2026-12-04, same-run BW 42.0 GB/s, Zen 5):
 T=1 0.552 ms (61 % of BW, 1.47x faster than per-row INT8), T=4 0.501 ms, T=8 0.537 ms
 (1.45x faster than per-row INT8); before the prefetch 0.677 / 0.697 / 1.139 ms (BW 42.8).
-Zen 4 (``prefetcht1`` at T=1, one chain per unit, ``vscalefps`` fold, serial quantisation
-for T <= 2): T=1 0.585 -> 0.495 ms (67 -> 78 % of a 35 GB/s probe), 0.508 -> 0.416 ms
-(41 -> 53 % of a 61 GB/s probe); T=4 / T=8 unchanged.
+Zen 4 (T=1: ``prefetcht1`` of one line per stream and block, one chain per unit; ``vscalefps``
+fold; serial quantisation for T <= 2): T=1 0.573 -> 0.467 ms (65 -> 79 % of a ~36 GB/s
+probe), 0.501 -> 0.380 ms (44 -> 55 % of a ~62 GB/s probe); T=4 / T=8 unchanged.
 
 Measured: ``docs/performance.md`` ("MXFP4 experts, W4A8"); ``benchmarks/bench_w4a8.py``.
 """

@@ -49,8 +49,8 @@ short (unrolling every plan in IR took 95 s for the AVX2 heights).
 **Streaming** (VNNI only; AVX2 unchanged, not measured): every block of 32 inputs a
 sub-tile prefetches its 4 lines of each nibble stream :func:`w4_prefetch` bytes ahead
 (2 KiB for one token, else 4 KiB) and 1 line of the chunk's scale stream a quarter of that
-ahead, ``prefetcht1`` (into L2) for one token, else ``prefetcht0``; the one-token sub-tile
-covers all 4 units of a chunk (4 streams in flight instead of 2) with one int32 chain per
+ahead, ``prefetcht0``; the one-token sub-tile only the first of the 4 lines (the hardware
+prefetcher fetches the rest) and with ``prefetcht1`` (into L2), and it covers all 4 units of a chunk (4 streams in flight instead of 2) with one int32 chain per
 unit. From DRAM (one Flash expert, 2 threads) this took T=1 from 0.68 to 0.55 ms and T=8
 from 1.14 to 0.54 ms on Zen 5; on Zen 4 ``prefetcht0`` at T=1 was 20-25 % slower than
 ``prefetcht1`` or no software prefetch (``docs/performance.md``, "MXFP4 experts, W4A8").

@@ -333,16 +333,10 @@ class _Run:
 def _comm_line(c: dict, n_dec: int, tm: dict) -> str:
     """Rank 0's communication during the generation (prefill + decode steps), per step."""
     steps = n_dec + 1  # the prefill step, then one per decoded token
-    kib = 1024.0
+    from .distributed.commands import comm_parts
+
     run_s = tm["prefill_s"] + tm["decode_s"]
-    parts = []
-    if c["ep_calls"]:
-        parts.append(f"MoE combine {c['ep_sent'] / steps / kib:.1f} KiB sent + {c['ep_recv'] / steps / kib:.1f} KiB "
-                     f"received, {c['ep_s'] / steps * 1e3:.2f} ms")
-    if c["pipe_sent"] or c["pipe_recv"] or c["pipe_logits"]:
-        parts.append(f"pipeline {c['pipe_sent'] / steps / kib:.1f} KiB hidden sent + {c['pipe_recv'] / steps / kib:.1f}"
-                     f" KiB received, {c['pipe_logits'] / steps / kib:.1f} KiB logits, {c['pipe_s'] / steps * 1e3:.2f}"
-                     " ms")
+    parts = comm_parts(c, steps)
     share = (c["ep_s"] + c["pipe_s"]) / run_s if run_s > 0 else 0.0
     return (f"communication (rank 0, mean per step over {steps} steps: the prefill + {n_dec} decode; waiting for the "
             f"other ranks included): " + ("; ".join(parts) or "none") + f"; {share:.1%} of the run's step time")

@@ -170,10 +170,6 @@ def comm_row(c: dict[str, float], reps: int, run_s: list[float]) -> dict[str, fl
     return per
 
 
-def _kib(b: float) -> str:
-    return f"{b / 1024:.1f} KiB"
-
-
 def ranks_report(ctx, threads: int, per_rank: list[dict[str, Any]], memory: list[str],
                  results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     """Rank 0's extra lines under the table and the JSON ``ranks`` block."""
@@ -193,13 +189,9 @@ def ranks_report(ctx, threads: int, per_rank: list[dict[str, Any]], memory: list
         c = row.get("comm")
         if not c:
             continue
-        parts = []
-        if c["ep_calls"]:
-            parts.append(f"MoE combine {_kib(c['ep_sent'])} sent + {_kib(c['ep_recv'])} received in "
-                         f"{c['ep_calls']:.0f} all-gathers, {c['ep_s'] * 1e3:.2f} ms")
-        if c["pipe_sent"] or c["pipe_recv"] or c["pipe_logits"]:
-            parts.append(f"pipeline {_kib(c['pipe_sent'])} hidden sent + {_kib(c['pipe_recv'])} received, "
-                         f"{_kib(c['pipe_logits'])} logits, {c['pipe_s'] * 1e3:.2f} ms")
+        from ..distributed.commands import comm_parts
+
+        parts = comm_parts(c)
         lines.append(f"communication {row['test']} (rank 0, per timed run, waiting included): "
                      + ("; ".join(parts) or "none") + f" = {c['share']:.1%} of the run")
     block = {"world_size": lay.world_size, "pp": lay.pp, "ep": lay.ep, "layout": lay.describe(),

@@ -15,7 +15,7 @@ import json
 import random
 from typing import Any, Iterator
 
-__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter"]
+__all__ = ["shared_seed", "gather_json", "root_stdout", "CommMeter", "comm_parts"]
 
 
 def gather_json(ctx, obj: Any, what: str) -> list[Any]:
@@ -91,3 +91,17 @@ class CommMeter:
         """The sums since the last ``take`` (then zero)."""
         out, self.total = self.total, dict.fromkeys(self.KEYS, 0.0)
         return out
+
+
+def comm_parts(c: dict[str, float], per: float = 1.0) -> list[str]:
+    """A :meth:`CommMeter.take` record as text, each figure divided by ``per`` (e.g. the
+    steps): ``["MoE combine X KiB sent + Y KiB received in N all-gathers, Z ms", "pipeline
+    X KiB hidden sent + Y KiB received, W KiB logits, Z ms"]`` for the axes in use."""
+    kib, parts = 1024.0, []
+    if c["ep_calls"]:
+        parts.append(f"MoE combine {c['ep_sent'] / per / kib:.1f} KiB sent + {c['ep_recv'] / per / kib:.1f} KiB "
+                     f"received in {c['ep_calls'] / per:.0f} all-gathers, {c['ep_s'] / per * 1e3:.2f} ms")
+    if c["pipe_sent"] or c["pipe_recv"] or c["pipe_logits"]:
+        parts.append(f"pipeline {c['pipe_sent'] / per / kib:.1f} KiB hidden sent + {c['pipe_recv'] / per / kib:.1f} KiB "
+                     f"received, {c['pipe_logits'] / per / kib:.1f} KiB logits, {c['pipe_s'] / per * 1e3:.2f} ms")
+    return parts

@@ -131,20 +131,7 @@ class StageLink:
         """The last stage's float32 logits ``shape`` on every rank (one broadcast from the
         last stage's first rank; the other ranks of that stage hold the same values), after
         this stage's posted sends completed (:meth:`flush`)."""
-        self.flush()
-        src = self._src_logits
-        if self.layout.rank == src:
-            if logits is None or tuple(logits.shape) != tuple(shape) or logits.dtype != torch.float32:
-                raise ValueError(f"the last stage's logits must be float32 {list(shape)}, got "
-                                 f"{None if logits is None else (logits.dtype, list(logits.shape))}")
-            buf = logits.contiguous()
-        else:
-            buf = torch.empty(shape, dtype=torch.float32)
-        self._run(f"broadcasting the logits from rank {src} (the last stage)",
-                  lambda: dist.broadcast(buf, src=src))
-        self.stats.logits += buf.numel() * 4
-        self.stats.steps += 1
-        return buf
+        return self.share_logits_async(logits, shape)()
 
     def share_logits_async(self, logits: torch.Tensor | None, shape: tuple[int, int]):
         """:meth:`share_logits` posted, not waited for (the engine's ``submit``): returns a

@@ -317,27 +317,29 @@ def _group_core(xp, T, TP, KG, gkg, wp, NP, N, sw16, sx, corr, out):
             out[t, n0:n0 + m] = f[t * CHUNK_N:t * CHUNK_N + m]
 
 
-@njit_kernel(parallel=True)
-def quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
-    """Per-block quantisation of float32/bf16 ``x`` [T, K] (bit-exact golden), the
-    correction ``corr[t, g] = zp · Σ_{k in g} q`` and the serial pack into ``[K/4][TP][4]``
-    (each 4-byte word XOR ``xor``; padding rows hold q = 0)."""
-    T, K = x.shape
-    NG = K // G
+@njit_kernel
+def quant_group_row(xr, G, qrow, sx_row, corr_row, zp, buf):
+    """One token of :func:`quant_pack_groups`: per block of ``G`` inputs of ``xr`` [K] the
+    int8 ``qrow`` [K], the scale ``sx_row[g]`` (:func:`.quant.quant_row_f32`) and
+    ``corr_row[g] = zp · Σ q`` (``buf``: float32 [G] scratch)."""
+    NG = xr.shape[0] // G
+    for g in range(NG):
+        for i in range(G):
+            buf[i] = load_f32(xr[g * G + i])
+        qg = qrow[g * G:(g + 1) * G]
+        sx_row[g] = quant_row_f32(buf, qg)
+        s = np.int32(0)
+        for i in range(G):
+            s += np.int32(qg[i])
+        corr_row[g] = np.int32(zp * s)
+
+
+@njit_kernel
+def pack_words(q, xp32, TP, xor):
+    """The serial pack of int8 ``q`` [T, K] into ``xp32`` ``[K/4][TP]`` uint32 words (each
+    XOR ``xor``; rows ``T … TP-1`` hold q = 0, i.e. ``xor``)."""
+    T, K = q.shape
     KG = K // 4
-    q = np.zeros((T, K), np.int8)
-    for t in prange(T):
-        buf = np.empty(G, np.float32)
-        xr = x[t]
-        for g in range(NG):
-            for i in range(G):
-                buf[i] = load_f32(xr[g * G + i])
-            qg = q[t, g * G:(g + 1) * G]
-            sx[t, g] = quant_row_f32(buf, qg)
-            s = np.int32(0)
-            for i in range(G):
-                s += np.int32(qg[i])
-            corr[t, g] = np.int32(zp * s)
     q32 = q.view(np.uint32)
     for t in range(T):
         row = q32[t]
@@ -346,6 +348,20 @@ def quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
     for kg in range(KG):
         for t in range(T, TP):
             xp32[kg * TP + t] = xor
+
+
+@njit_kernel(parallel=True)
+def quant_pack_groups(x, G, xp32, sx, corr, TP, xor, zp):
+    """Per-block quantisation of float32/bf16 ``x`` [T, K] (bit-exact golden), the
+    correction ``corr[t, g] = zp · Σ_{k in g} q`` and the serial pack into ``[K/4][TP][4]``
+    (each 4-byte word XOR ``xor``; padding rows hold q = 0): :func:`quant_group_row` per
+    token in parallel, then :func:`pack_words`."""
+    T, K = x.shape
+    q = np.zeros((T, K), np.int8)
+    for t in prange(T):
+        buf = np.empty(G, np.float32)
+        quant_group_row(x[t], G, q[t], sx[t], corr[t], zp, buf)
+    pack_words(q, xp32, TP, xor)
 
 
 @njit_kernel(parallel=True)

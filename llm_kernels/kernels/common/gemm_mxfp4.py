@@ -67,12 +67,11 @@ from numba import prange
 
 from ...numerics.mxfp4 import E2M1_X2, MXFP4_BLOCK, MXFP4Weight
 from . import jit
-from .bf16 import kernel_rows, f32_from_bits, load_f32
+from .bf16 import kernel_rows, f32_from_bits
 from .gemm import K_CHUNK, MAX_TILE_T, TILE_HEIGHTS, dot_i8, padded_tokens
-from .gemm_group import quant_groups_rows, quant_pack_groups
+from .gemm_group import pack_words, quant_group_row, quant_groups_rows, quant_pack_groups
 from .gemm_pack import CHUNK_N, aligned_empty
 from .jit import njit_kernel
-from .quant import quant_row_f32
 from .x86_w4a8 import TS_MAX, UNIT, ZP, tile_isa, w4_plan, w4_tile, w4_units
 
 __all__ = ["PackedMXFP4", "e8m0_to_f32", "mxfp4_gemm_linear", "pack_mxfp4", "unpack_mxfp4"]
@@ -274,31 +273,14 @@ _SERIAL_QUANT_T = 2
 @njit_kernel
 def _quant_pack_serial(x, G, xp32, sx, corr, TP, zp):
     """:func:`.gemm_group.quant_pack_groups` (``xor = 0``) in one thread: the same
-    :func:`.quant.quant_row_f32` per block (bitwise the same ``xp``, ``sx``, ``corr``)."""
+    :func:`.gemm_group.quant_group_row` per token and :func:`.gemm_group.pack_words`
+    (bitwise the same ``xp``, ``sx``, ``corr``)."""
     T, K = x.shape
-    NG = K // G
-    KG = K // 4
     q = np.zeros((T, K), np.int8)
     buf = np.empty(G, np.float32)
     for t in range(T):
-        xr = x[t]
-        for g in range(NG):
-            for i in range(G):
-                buf[i] = load_f32(xr[g * G + i])
-            qg = q[t, g * G:(g + 1) * G]
-            sx[t, g] = quant_row_f32(buf, qg)
-            s = np.int32(0)
-            for i in range(G):
-                s += np.int32(qg[i])
-            corr[t, g] = np.int32(zp * s)
-    q32 = q.view(np.uint32)
-    for t in range(T):
-        row = q32[t]
-        for kg in range(KG):
-            xp32[kg * TP + t] = row[kg]
-    for kg in range(KG):
-        for t in range(T, TP):
-            xp32[kg * TP + t] = np.uint32(0)
+        quant_group_row(x[t], G, q[t], sx[t], corr[t], zp, buf)
+    pack_words(q, xp32, TP, np.uint32(0))
 
 
 @njit_kernel(parallel=True)

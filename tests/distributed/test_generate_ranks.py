@@ -1,8 +1,10 @@
 """``generate`` and the model-level ``bench`` over ranks (``--nproc N [--pp K]``): the
 generated ids of 2 ranks (expert shards, or 2 pipeline stages) equal one process's, greedy
 (DeepSeek-V4 mini) and seeded sampling (Qwen3 mini, 2 pipeline stages); rank 0 alone
-prints; the modes that cannot run over ranks are refused naming the option (``--chat``,
-``--speculative`` with pipeline stages or without an MTP-reading rank loader); a ``bench
+prints; under ``torchrun`` the plain command runs one rank per process with the same ids;
+the modes that cannot run over ranks are refused naming the option (``--chat``,
+``--speculative`` with pipeline stages); ``--speculative mtp`` over expert shards gives
+the one-process ids and acceptance; a ``bench
 --nproc 2`` smoke run reports its ranks, bytes and communication. Every process runs one
 thread (the float32 GEMMs' results depend on the thread count)."""
 
@@ -56,6 +58,23 @@ def test_generate_over_ranks_equals_one_process(ckpts, name, sampling, layouts):
         got, out = _generate(ckpts[name], *sampling, *lay)
         assert got == ref, f"{name} {lay}"
         assert "ranks: 2 ranks = " in out and "communication (rank 0" in out
+
+
+def test_torchrun_generate_runs_one_rank_per_process(ckpts):
+    """``torchrun`` sets RANK / WORLD_SIZE and hosts the store in its agent; the command has
+    no --nproc (Qwen3: 2 pipeline stages by default)."""
+    from llm_kernels.distributed.launch import free_port
+
+    ref, _ = _generate(ckpts["qwen3-mini"], "--temperature", "0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "llm_kernels", "generate", "--checkpoint", str(ckpts["qwen3-mini"]),
+                        "--prompt-ids", PROMPT, "--max-new-tokens", "10", "--ignore-eos", "--threads", "1",
+                        "--dtype", "float32", "--temperature", "0"], capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, TORCH_CPP_LOG_LEVEL="FATAL"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("generated ids:")]
+    assert lines == [f"generated ids: {','.join(map(str, ref))}"], r.stdout
+    assert "2 ranks = 2 pipeline stages x 1 expert shard" in r.stdout
 
 
 def test_unseeded_sampling_draws_alike_on_every_rank(ckpts):

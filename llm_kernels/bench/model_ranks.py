@@ -184,6 +184,9 @@ def ranks_report(ctx, threads: int, per_rank: list[dict[str, Any]], memory: list
              "share this host's DRAM)",
              "weights read per decoded token per rank: " + ", ".join(
                  f"rank {r}: {fmt_bytes(b['per_token'])}" for r, b in enumerate(per_rank))]
+    if lay.pp > 1:
+        lines.append(f"decode with b >= 4 over {lay.pp} stages: min({lay.pp}, b // 2) sequence groups in flight "
+                     "(engine.submit: stage s runs one group while stage s + 1 runs another)")
     lines += [f"  {m}" for m in memory]
     for row in results:
         c = row.get("comm")

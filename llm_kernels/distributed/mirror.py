@@ -3,8 +3,8 @@ rank 0's engine calls, in order, on its own part of the model.
 
 :class:`EngineMirror` (rank 0) wraps the engine: each call that changes sequences
 (``add_sequence``, ``release``, ``step``, ``prefill``, ``decode``) is first published through
-the rendezvous store (``llmk/mirror/<n>``: the method name and its arguments, pickled)
-and then run locally. :func:`follow` (the other ranks) waits for call ``n``, runs it, and
+the rendezvous store (``llmk/mirror/<n>``: the method name and its arguments as JSON: sequence
+ids, token ids, step options) and then run locally. :func:`follow` (the other ranks) waits for call ``n``, runs it, and
 goes on until rank 0 publishes ``stop``. The engines' steps meet in their collectives (the
 expert combine, the pipeline transfers), so every rank runs the same step at the same time
 and gets the same logits; calls that raise (a request past the cache, an unknown id) raise
@@ -20,7 +20,7 @@ few hundred bytes (token ids); the store keeps the last :data:`KEEP` of them.
 from __future__ import annotations
 
 import os
-import pickle
+import json
 import sys
 import threading
 import time
@@ -72,7 +72,7 @@ class EngineMirror:
     def _publish(self, call: tuple) -> None:
         self._n += 1
         try:
-            self._store.set(f"{_KEY}{self._n}", pickle.dumps(call))
+            self._store.set(f"{_KEY}{self._n}", json.dumps(call))
             if self._n > KEEP:
                 self._store.delete_key(f"{_KEY}{self._n - KEEP}")
         except Exception as e:
@@ -123,7 +123,7 @@ def follow(engine, group, on_call=None) -> int:
                 elif now - seen_at > 3 * HEARTBEAT_S:
                     raise RankFailure(f"rank {group.rank}: waiting for the server's next engine call: rank 0 stopped "
                                       f"answering (no heartbeat for {3 * HEARTBEAT_S:g} s)") from None
-        name, args, kwargs = pickle.loads(st.get(key))
+        name, args, kwargs = json.loads(st.get(key))
         n += 1
         if name == "stop":
             return n - 1

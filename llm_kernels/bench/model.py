@@ -390,7 +390,7 @@ def _bench(args, argv: list[str], tests: list[TestSpec], cap: int, cfg0, ctx) ->
     if not isinstance(prepared, dict):
         return _err(f"{type(engine).__name__} has no prepared weight dict (engine.w): cannot count bytes per token")
     rb = read_bytes(ctx, prepared, cfg)  # over ranks: the total, per rank under "per_rank" (.model_ranks)
-    per_rank = rb.get("per_rank")
+    per_rank = rb.pop("per_rank", None)  # kept once, in the JSON's ranks block
     stored = checkpoint_quant(args.checkpoint)
     scheme = args.quant if args.quant in ("w8a8", "int8", "int8_g32") else stored
     if stored == "release":  # FP8 -> the INT8 scheme at load, MXFP4 experts kept 4-bit

@@ -21,21 +21,26 @@ __all__ = ["hc_pre", "hc_post", "hc_head"]
 
 @njit_kernel(parallel=True, fastmath=True)
 def _mix(xf, fn, eps, out):
-    """out[t, m] = rsqrt(mean(xf[t]²) + eps) · (xf[t] · fn[m]); xf [T, K], fn [M, K]."""
+    """out[t, m] = rsqrt(mean(xf[t]²) + eps) · (xf[t] · fn[m]); xf [T, K], fn [M, K].
+    One parallel region for all tokens: the inverse RMS per token first, then one
+    output row m per iteration (deterministic for any thread count)."""
     T, K = xf.shape
     M = fn.shape[0]
-    for t in range(T):
+    r = np.empty(T, np.float32)
+    for t in prange(T):
         ss = np.float32(0.0)
         row = xf[t]
         for k in range(K):
             ss += row[k] * row[k]
-        r = np.float32(1.0) / np.sqrt(ss / np.float32(K) + np.float32(eps))
-        for m in prange(M):  # one output per iteration: deterministic for any thread count
+        r[t] = np.float32(1.0) / np.sqrt(ss / np.float32(K) + np.float32(eps))
+    for m in prange(M):  # fn[m] read once for all tokens
+        w = fn[m]
+        for t in range(T):
             acc = np.float32(0.0)
-            w = fn[m]
+            row = xf[t]
             for k in range(K):
                 acc += row[k] * w[k]
-            out[t, m] = acc * r
+            out[t, m] = acc * r[t]
 
 
 @njit_kernel
@@ -75,30 +80,54 @@ def _weights(m, scale, base, hc, iters, hc_eps, pre, post, comb):
                     c[i, j] = c[i, j] / (s + hc_eps)
 
 
+_BLOCK = 512  # columns per parallel iteration of the elementwise HC kernels
+
+
 @njit_kernel(parallel=True)
 def _collapse(x, pre, to_bf16, out):
-    """out[t, d] = Σ_h pre[t,h] · x[t,h,d], rounded."""
+    """out[t, d] = rnd(Σ_h pre[t,h] · x[t,h,d]) (summed in h order from 0). One iteration per
+    (token, block of columns); the inner column loops (from 0: no index wraparound) vectorise."""
     T, HC, D = x.shape
-    for i in prange(T * D):
-        t, d = i // D, i % D
-        acc = np.float32(0.0)
+    nb = (D + _BLOCK - 1) // _BLOCK
+    for n in prange(T * nb):
+        t, b = n // nb, n % nb
+        d0, d1 = b * _BLOCK, min(D, (b + 1) * _BLOCK)
+        o = out[t, d0:d1]
+        w = d1 - d0
+        for d in range(w):
+            o[d] = np.float32(0.0)
         for h in range(HC):
-            acc += pre[t, h] * x[t, h, d]
-        out[t, d] = _round(acc, to_bf16)
+            p = pre[t, h]
+            xr = x[t, h, d0:d1]
+            for d in range(w):
+                o[d] += p * xr[d]
+        for d in range(w):
+            o[d] = _round(o[d], to_bf16)
 
 
 @njit_kernel(parallel=True)
 def _post(x, res, post, comb, to_bf16, out):
-    """out[t,j,d] = rnd(rnd(rnd(post[t,j])·x[t,d]) + rnd(Σ_i rnd(comb[t,i,j])·res[t,i,d]))."""
+    """out[t,j,d] = rnd(rnd(rnd(post[t,j])·x[t,d]) + rnd(Σ_i rnd(comb[t,i,j])·res[t,i,d])),
+    the sum in i order from 0. One iteration per (token, stream, block of columns); the
+    inner column loops vectorise (out[t, j] holds the partial sums)."""
     T, HC, D = res.shape
-    for n in prange(T * HC):
-        t, j = n // HC, n % HC
+    nb = (D + _BLOCK - 1) // _BLOCK
+    for n in prange(T * HC * nb):
+        t, j, b = n // (HC * nb), (n // nb) % HC, n % nb
+        d0, d1 = b * _BLOCK, min(D, (b + 1) * _BLOCK)
+        o = out[t, j, d0:d1]
+        w = d1 - d0
+        for d in range(w):
+            o[d] = np.float32(0.0)
+        for i in range(HC):
+            c = _round(comb[t, i, j], to_bf16)
+            r = res[t, i, d0:d1]
+            for d in range(w):
+                o[d] += c * r[d]
         p = _round(post[t, j], to_bf16)
-        for d in range(D):
-            acc = np.float32(0.0)
-            for i in range(HC):
-                acc += _round(comb[t, i, j], to_bf16) * res[t, i, d]
-            out[t, j, d] = _round(_round(p * x[t, d], to_bf16) + _round(acc, to_bf16), to_bf16)
+        xr = x[t, d0:d1]
+        for d in range(w):
+            o[d] = _round(_round(p * xr[d], to_bf16) + _round(o[d], to_bf16), to_bf16)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -59,3 +59,26 @@ def test_hc_pre_deterministic_across_threads():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, c in zip(*outs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hc_rows_independent_of_the_call(dtype):
+    """Each token's outputs are the same bits alone or in a call of 5 tokens (what makes a
+    speculative verify row equal a 1-row decode step); D = 1100 is 2 full column blocks and
+    a partial one."""
+    g = torch.Generator().manual_seed(3)
+    T, D = 5, 1100
+    x = torch.randn(T, 4, D, generator=g).bfloat16().float()
+    fn = torch.randn(24, 4 * D, generator=g) / 64
+    sc, b = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+    y = torch.randn(T, D, generator=g).bfloat16().float()
+    xm, post, comb = K.hc_pre(x, fn, sc, b, dtype=dtype, **KW)
+    out = K.hc_post(y, x, post, comb, dtype)
+    head = K.hc_head(x, fn[:4], sc[:1], b[:4], hc_eps=1e-6, rms_eps=1e-6, dtype=dtype)
+    for t in range(T):
+        one = K.hc_pre(x[t:t + 1], fn, sc, b, dtype=dtype, **KW)
+        for a, c in zip(one, (xm, post, comb)):
+            assert torch.equal(a[0], c[t])
+        assert torch.equal(K.hc_post(y[t:t + 1], x[t:t + 1], post[t:t + 1], comb[t:t + 1], dtype)[0], out[t])
+        assert torch.equal(K.hc_head(x[t:t + 1], fn[:4], sc[:1], b[:4], hc_eps=1e-6, rms_eps=1e-6,
+                                     dtype=dtype)[0], head[t])

@@ -268,11 +268,18 @@ def _combine(y, w, ysh, to_bf16, out):
         t = i // nb
         d0 = (i - t * nb) * NB
         d1 = min(D, d0 + NB)
-        for d in range(d0, d1):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc = np.float32(acc + _rnd(np.float32(_rnd(y[t, k, d], to_bf16) * w[t, k]), to_bf16))
-            out[t, d] = _rnd(np.float32(_rnd(acc, to_bf16) + _rnd(ysh[t, d], to_bf16)), to_bf16)
+        n = d1 - d0
+        o = out[t, d0:d1]  # the partial sums; loops from 0 (no index wraparound) vectorise
+        for d in range(n):
+            o[d] = np.float32(0.0)
+        for k in range(K):
+            wk = w[t, k]
+            yk = y[t, k, d0:d1]
+            for d in range(n):
+                o[d] = np.float32(o[d] + _rnd(np.float32(_rnd(yk[d], to_bf16) * wk), to_bf16))
+        sh = ysh[t, d0:d1]
+        for d in range(n):
+            o[d] = _rnd(np.float32(_rnd(o[d], to_bf16) + _rnd(sh[d], to_bf16)), to_bf16)
 
 
 # --------------------------------------------------------------------------- packed experts

@@ -232,12 +232,18 @@ def _combine_groups(acc, s, sw, to_bf16, out):
         t = i // nb
         n0 = (i - t * nb) * NB
         n1 = min(N, n0 + NB)
-        orow = out[t]
-        for n in range(n0, n1):
-            v = np.float32(0.0)
-            for g in range(G):
-                v = np.float32(v + np.float32(np.float32(acc[g, t, n]) * s[t, g]))
-            orow[n] = _rnd(np.float32(v * sw[n]), to_bf16)
+        m = n1 - n0
+        o = out[t, n0:n1]  # the partial sums; loops from 0 (no index wraparound) vectorise
+        for n in range(m):
+            o[n] = np.float32(0.0)
+        for g in range(G):
+            sg = s[t, g]
+            a = acc[g, t, n0:n1]
+            for n in range(m):
+                o[n] = np.float32(o[n] + np.float32(np.float32(a[n]) * sg))
+        swr = sw[n0:n1]
+        for n in range(m):
+            o[n] = _rnd(np.float32(o[n] * swr[n]), to_bf16)
 
 
 # --------------------------------------------------------------------------- prepared wo_b

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from .. import models
 from ..errors import CheckpointError
 from ..numerics.group_quant import GroupQuantWeight, quantize_weight_grouped
-from ..numerics.quant import QuantWeight, quantize_weight
+from ..kernels.common.weight_quant import quantize_weight_fast
+from ..numerics.quant import QuantWeight
 from .names import GROUPED_SCHEMES, QUANT_METHOD_W8A8, QUANT_METHODS
 
 __all__ = ["quantize_weights", "assemble_w8a8", "quantization_config", "QUANTIZATION_CONFIG"]
@@ -53,12 +54,14 @@ def quantization_config(cfg, scheme: str = "w8a8") -> dict:
 
 
 def quantize_for(scheme: str):
-    """The weight quantiser of ``scheme``: :func:`quantize_weight` (per row) or the
+    """The weight quantiser of ``scheme``: the golden per-row
+    :func:`~llm_kernels.numerics.quant.quantize_weight`, computed bit for bit in one parallel
+    pass (:func:`~llm_kernels.kernels.common.weight_quant.quantize_weight_fast`), or the
     group-scaled :func:`quantize_weight_grouped`. Raises ValueError for an unknown scheme."""
     if scheme not in QUANT_METHODS:
         raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
     g = GROUPED_SCHEMES.get(scheme)
-    return quantize_weight if g is None else (lambda w: quantize_weight_grouped(w, g))
+    return quantize_weight_fast if g is None else (lambda w: quantize_weight_grouped(w, g))
 
 
 def quantize_weights(weights: dict[str, torch.Tensor], cfg, progress: bool = False,

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..errors import CheckpointError
-from ..numerics.group_quant import GroupQuantWeight, quantize_weight_grouped
-from ..kernels.common.weight_quant import quantize_weight_fast
+from ..kernels.common.weight_quant import quantize_weight_fast, quantize_weight_grouped_fast
+from ..numerics.group_quant import GroupQuantWeight
 from ..numerics.quant import QuantWeight
 from .names import GROUPED_SCHEMES, QUANT_METHOD_W8A8, QUANT_METHODS
 
@@ -57,11 +57,13 @@ def quantize_for(scheme: str):
     """The weight quantiser of ``scheme``: the golden per-row
     :func:`~llm_kernels.numerics.quant.quantize_weight`, computed bit for bit in one parallel
     pass (:func:`~llm_kernels.kernels.common.weight_quant.quantize_weight_fast`), or the
-    group-scaled :func:`quantize_weight_grouped`. Raises ValueError for an unknown scheme."""
+    group-scaled :func:`~llm_kernels.numerics.group_quant.quantize_weight_grouped`, likewise
+    (:func:`~llm_kernels.kernels.common.weight_quant.quantize_weight_grouped_fast`). Raises
+    ValueError for an unknown scheme."""
     if scheme not in QUANT_METHODS:
         raise ValueError(f"scheme must be one of {sorted(QUANT_METHODS)}, got {scheme!r}")
     g = GROUPED_SCHEMES.get(scheme)
-    return quantize_weight_fast if g is None else (lambda w: quantize_weight_grouped(w, g))
+    return quantize_weight_fast if g is None else (lambda w: quantize_weight_grouped_fast(w, g))
 
 
 def quantize_weights(weights: dict[str, torch.Tensor], cfg, progress: bool = False,

@@ -7,6 +7,11 @@ Both replace torch passes that dominated loading a checkpoint (a Flash-dims 3-la
 
 * :func:`count_nonfinite`: counts elements whose exponent bits are all ones (NaN or Inf) on
   the raw bits of an F16 / BF16 / F32 tensor; integer sums, so the count is exact.
+* :func:`quantize_weight_grouped_fast`: bit-identical to the golden
+  :func:`~llm_kernels.numerics.group_quant.quantize_weight_grouped`: the block ``amax``
+  (clamped at ``fl(1e-4)``) in one parallel pass, the float16 scales from it by the
+  golden's own :func:`~llm_kernels.numerics.group_quant.f16_scale` (torch, 1/G of the
+  elements), then ``q = clamp(rint(fl(w / scale)), ±127)`` in a second parallel pass.
 * :func:`quantize_weight_fast`: bit-identical to the golden
   :func:`~llm_kernels.numerics.quant.quantize_weight` (``amax = max|w[n]|`` clamped at
   ``fl(1e-4)``, ``q = clamp(rint(fl(w · fl(fl(1/amax) · 127))), ±127)`` — torch computes
@@ -21,11 +26,12 @@ import numpy as np
 import torch
 from numba import prange
 
+from ...numerics.group_quant import GroupQuantWeight, f16_scale, quantize_weight_grouped
 from ...numerics.quant import AMAX_EPS, INT8_MAX, QuantWeight, quantize_weight
 from .bf16 import f32_from_bits
 from .jit import njit_kernel
 
-__all__ = ["count_nonfinite", "quantize_weight_fast"]
+__all__ = ["count_nonfinite", "quantize_weight_fast", "quantize_weight_grouped_fast"]
 
 _EXP_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -120,3 +126,67 @@ def quantize_weight_fast(w: torch.Tensor) -> QuantWeight:
     if bad.any():
         return quantize_weight(w)
     return QuantWeight(torch.from_numpy(q), torch.from_numpy(s))
+
+
+@njit_kernel(parallel=True)
+def _group_amax(w, bf16, G, eps, amax, bad):
+    """``amax[r, g] = max(max |w[r, gG:(g+1)G]|, eps)``; ``bad[r] = 1`` for a row with NaN."""
+    n, k = w.shape
+    ng = k // G
+    for r in prange(n):
+        row = w[r]
+        for g in range(ng):
+            blk = row[g * G:(g + 1) * G]
+            m = np.float32(0.0)
+            for i in range(G):
+                v = _load(blk, i, bf16)
+                if v != v:
+                    bad[r] = 1
+                a = abs(v)
+                if a > m:
+                    m = a
+            amax[r, g] = m if m >= eps else eps
+
+
+@njit_kernel(parallel=True)
+def _group_q(w, bf16, G, sc, q):
+    """``q[r, i] = clamp(rint(fl(w[r, i] / sc[r, i // G])), ±127)`` (float32 division)."""
+    n, k = w.shape
+    ng = k // G
+    lim = np.float32(INT8_MAX)
+    for r in prange(n):
+        row = w[r]
+        qr = q[r]
+        for g in range(ng):
+            s = sc[r, g]
+            blk = row[g * G:(g + 1) * G]
+            qb = qr[g * G:(g + 1) * G]
+            for i in range(G):
+                x = np.rint(np.float32(_load(blk, i, bf16) / s))
+                if x > lim:
+                    x = lim
+                elif x < -lim:
+                    x = -lim
+                qb[i] = np.int8(x)
+
+
+def quantize_weight_grouped_fast(w: torch.Tensor, group_size: int) -> GroupQuantWeight:
+    """:func:`~llm_kernels.numerics.group_quant.quantize_weight_grouped` of ``w`` [out, in],
+    bit for bit (bf16 / float32 weights; other dtypes and weights holding NaN run the
+    golden, which also raises its ValueError for a bad shape or group size)."""
+    if (w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float32) or w.numel() == 0
+            or group_size <= 0 or group_size % 4 or w.shape[1] % group_size):
+        return quantize_weight_grouped(w, group_size)
+    n, k = w.shape
+    wc = w.detach().contiguous()
+    arr = wc.view(torch.int16).numpy() if w.dtype == torch.bfloat16 else wc.numpy()
+    bf = w.dtype == torch.bfloat16
+    amax = np.empty((n, k // group_size), np.float32)
+    bad = np.zeros(n, np.uint8)
+    _group_amax(arr, bf, group_size, np.float32(AMAX_EPS), amax, bad)
+    if bad.any():
+        return quantize_weight_grouped(w, group_size)
+    sc = f16_scale(torch.from_numpy(amax))
+    q = np.empty((n, k), np.int8)
+    _group_q(arr, bf, group_size, sc.float().numpy(), q)
+    return GroupQuantWeight(torch.from_numpy(q), sc.contiguous(), group_size)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_kernels.kernels.common.weight_quant import count_nonfinite, quantize_weight_fast
+from llm_kernels.kernels.common.weight_quant import count_nonfinite, quantize_weight_fast, quantize_weight_grouped_fast
+from llm_kernels.numerics.group_quant import quantize_weight_grouped
 from llm_kernels.numerics.quant import quantize_weight
 
 
@@ -60,3 +61,24 @@ def test_count_nonfinite_exact(dtype):
     assert count_nonfinite(torch.empty(0, dtype=dtype)) == 0
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         count_nonfinite(torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [32, 128])
+def test_quantize_weight_grouped_fast_is_the_golden_bit_for_bit(dtype, group):
+    w = _edge_weight(dtype)[:, :256]
+    w[6, :32] = 2e-3   # float16-subnormal scales (the golden's round-up case)
+    w[7, 32:64] = 7e-3
+    a, b = quantize_weight_grouped(w, group), quantize_weight_grouped_fast(w, group)
+    assert torch.equal(a.qweight, b.qweight)
+    assert torch.equal(a.scale.view(torch.int16), b.scale.view(torch.int16))
+    assert b.group_size == group
+
+
+def test_quantize_weight_grouped_fast_fallbacks():
+    w = _edge_weight(torch.float32)[:, :256].clone()
+    w[2, 40] = float("nan")
+    a, b = quantize_weight_grouped(w, 32), quantize_weight_grouped_fast(w, 32)
+    assert torch.equal(a.qweight, b.qweight)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_weight_grouped_fast(w[:, :250], 32)

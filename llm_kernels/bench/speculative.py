@@ -21,6 +21,11 @@ distinct routed experts of ``r`` uniformly routed tokens, ``E · (1 - (1 - k/E)^
 b`` for a plain step, ``2b`` for a verify step; the draft: the MTP block's own layer and
 experts plus the shared head, ``r = b``).
 
+Two drafts per step (``draft_tokens = 2``: the MTP block re-applied) are not implemented;
+their cost is measured: :func:`rows_cost` alternates main-model steps of 1, 2 and 3 rows
+per sequence in one engine state (rewinding the extra rows), and :func:`k2_break_even`
+gives the acceptance at which ``1 + a + a²`` tokens per ``tv2 + 2·td`` pay.
+
 Run (the ``bench`` command's speculative mode)::
 
     python -m llm_kernels bench --checkpoint /tmp/flash3_mtp --speculative mtp --quant int8 -n 64 -b 1,4 -r 5
@@ -63,9 +68,10 @@ def _timed(eng, log: dict):
     eng.step, eng.draft = timed_step, timed_draft
 
 
-def byte_model(w: dict, cfg, batch: int) -> dict[str, float]:
-    """Weight bytes of a plain step, a verify step and a draft for ``batch`` sequences (see
-    the module docstring) and their ratios."""
+def byte_model(w: dict, cfg, batch: int, rows_per_seq: int = 2) -> dict[str, float]:
+    """Weight bytes of a plain step, a verify step (``rows_per_seq`` rows per sequence: 2
+    for one draft) and a draft for ``batch`` sequences (see the module docstring) and their
+    ratios."""
     def step(rb, rows):
         k, e = rb["experts_per_tok"], rb["n_routed_experts"]
         d = e * (1 - (1 - k / e) ** rows) if e else 0.0
@@ -73,19 +79,62 @@ def byte_model(w: dict, cfg, batch: int) -> dict[str, float]:
 
     main = decode_read_bytes({n: x for n, x in w.items() if not n.startswith("mtp.")}, cfg)
     mtp = decode_read_bytes({n: x for n, x in w.items() if n.startswith("mtp.") or n == "head.weight"}, cfg)
-    t1, tv, td = step(main, batch), step(main, 2 * batch), step(mtp, batch)
+    t1, tv, td = step(main, batch), step(main, rows_per_seq * batch), step(mtp, batch)
     return {"bytes_t1": t1, "bytes_tv": tv, "bytes_td": td, "bytes_tv_over_t1": tv / t1, "bytes_td_over_t1": td / t1}
+
+
+def rows_cost(eng, prompts: list[list[int]], rounds: int, seed: int) -> dict[int, float]:
+    """Median seconds of a main-model step of 1, 2 and 3 rows per sequence (2: a verify
+    step with one draft; 3: with two, ``draft_tokens = 2``), alternated in the same engine
+    state: each multi-row step is journaled and rewound to its first row, so every step
+    sees the same cache. Returns {rows: seconds}."""
+    g = torch.Generator().manual_seed(seed)
+    sids = [eng.add_sequence() for _ in prompts]
+    try:
+        eng.step(sids, prompts, logits_rows="last")
+        times: dict[int, list[float]] = {1: [], 2: [], 3: []}
+        order = (1, 2, 3)
+        for r in range(rounds + 1):  # round 0: warm-up of the 3-row shapes
+            for rows in (order if r % 2 == 0 else order[::-1]):
+                toks = [torch.randint(0, eng.cfg.vocab_size, (rows,), generator=g).tolist() for _ in sids]
+                eng.journaling = rows > 1
+                t = time.perf_counter()
+                eng.step(sids, toks)
+                dt = time.perf_counter() - t
+                eng.journaling = False
+                if rows > 1:
+                    for sid in sids:
+                        eng.rewind(sid, 1)
+                if r:
+                    times[rows].append(dt)
+        return {k: statistics.median(v) for k, v in times.items()}
+    finally:
+        eng.journaling = False
+        for sid in sids:
+            eng.release(sid)
+
+
+def k2_break_even(t1: float, tv2: float, td: float) -> float:
+    """Acceptance ``a`` at which two drafts per step (tokens ``1 + a + a²``, cost
+    ``tv2 + 2·td``) match plain decoding: the root of ``a² + a + 1 = (tv2 + 2·td) / t1``
+    (nan above 1: never pays)."""
+    c = (tv2 + 2 * td) / t1
+    a = (-1 + (4 * c - 3) ** 0.5) / 2 if c >= 0.75 else 0.0
+    return a if a <= 1 else float("nan")
 
 
 def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) -> dict:
     """Paired plain / speculative greedy runs of ``n`` tokens for ``batch`` random prompts,
     ``reps`` times each; returns the medians and the cost-model terms (module docstring).
     Raises AssertionError when the two give different ids."""
-    llm = LLM(ckpt, quant=quant, speculative="mtp", max_batch=batch, max_seq_len=8 + n + 8)
+    rounds = max(4, 2 * reps)  # of rows_cost: each round keeps 3 rows per sequence
+    llm = LLM(ckpt, quant=quant, speculative="mtp", max_batch=batch,
+              max_seq_len=8 + max(n, 3 * (rounds + 1)) + 8)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, llm.cfg.vocab_size, (8,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     log = {"step": [], "draft": []}
+    step0, draft0 = llm.engine.step, llm.engine.draft
     _timed(llm.engine, log)
 
     def once(mode):
@@ -110,6 +159,9 @@ def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) 
                 acc = [o.timings for o in out]
     ratios = [b / a for a, b in zip(res[None], res["mtp"])]
     t1, tv, td = (statistics.median(x) * 1e3 if x else float("nan") for x in (plain_steps, verify_steps, drafts))
+    llm.engine.step, llm.engine.draft = step0, draft0
+    rc = rows_cost(llm.engine, prompts, rounds, seed + 1)
+    bm3 = byte_model(llm.engine.w, llm.cfg, batch, rows_per_seq=3)
     return {"batch": batch, "plain_tok_s": statistics.median(res[None]), "spec_tok_s": statistics.median(res["mtp"]),
             "paired_ratio": statistics.median(ratios),
             "acceptance": statistics.mean(t["acceptance_rate"] for t in acc),
@@ -117,6 +169,9 @@ def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) 
             "t1_ms": t1, "tv_ms": tv, "td_ms": td, "tv_over_t1": tv / t1, "td_over_t1": td / t1,
             "break_even_acceptance": (tv + td) / t1 - 1,
             "samples": {"t1": len(plain_steps), "tv": len(verify_steps), "td": len(drafts)},
+            "k2": {"step_ms": {str(k): v * 1e3 for k, v in rc.items()}, "tv2_over_t1": rc[3] / rc[1],
+                   "tv_over_t1": rc[2] / rc[1], "bytes_tv2_over_t1": bm3["bytes_tv_over_t1"],
+                   "break_even_acceptance": k2_break_even(rc[1], rc[3], td / 1e3 * rc[1] / (t1 / 1e3))},
             **byte_model(llm.engine.w, llm.cfg, batch)}
 
 
@@ -148,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['acceptance']:.3f} | {r['tokens_per_step']:.3f} | {r['t1_ms']:.1f} | {r['tv_ms']:.1f} | "
               f"{r['tv_over_t1']:.3f} | {r['td_ms']:.1f} | {r['td_over_t1']:.3f} | {r['break_even_acceptance']:.3f} | "
               f"{r['bytes_tv_over_t1']:.3f} | {r['bytes_td_over_t1']:.3f} |")
+    print("\nTwo drafts per step (draft_tokens = 2, not implemented; its cost measured): main-model steps of "
+          "1 / 2 / 3 rows per sequence alternated in one engine state, medians")
+    print("| b | t1 ms | 2-row ms | 3-row ms | tv2/t1 | bytes tv2/t1 | k=2 break-even a* |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        k = r["k2"]
+        print(f"| {r['batch']} | {k['step_ms']['1']:.1f} | {k['step_ms']['2']:.1f} | {k['step_ms']['3']:.1f} | "
+              f"{k['tv2_over_t1']:.3f} | {k['bytes_tv2_over_t1']:.3f} | {k['break_even_acceptance']:.3f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"tier": dispatch_tier(), "bandwidth_gbs": [bw0, bw1], "rows": rows}, f, indent=1)

@@ -27,3 +27,18 @@ def test_bench_speculative_mini(tmp_path, capsys):
         assert r["t1_ms"] > 0 and r["tv_ms"] > 0 and r["td_ms"] > 0
         assert r["bytes_tv_over_t1"] >= 1 and 0 < r["bytes_td_over_t1"] < 1
         assert abs(r["break_even_acceptance"] - ((r["tv_ms"] + r["td_ms"]) / r["t1_ms"] - 1)) < 1e-9
+        k = r["k2"]
+        assert set(k["step_ms"]) == {"1", "2", "3"} and all(v > 0 for v in k["step_ms"].values())
+        assert abs(k["tv2_over_t1"] - k["step_ms"]["3"] / k["step_ms"]["1"]) < 1e-9
+        assert k["bytes_tv2_over_t1"] >= r["bytes_tv_over_t1"]
+    assert "Two drafts per step" in text
+
+
+def test_k2_break_even():
+    from llm_kernels.bench.speculative import k2_break_even
+
+    # (1 + a + a^2) t1 = tv2 + 2 td: with t1 = 1, tv2 = 1.5, td = 0.125 the root is a = 0.5
+    assert abs(k2_break_even(1.0, 1.5, 0.125) - 0.5) < 1e-12
+    assert k2_break_even(1.0, 0.5, 0.1) == 0.0           # cheaper than a plain step: pays at a = 0
+    assert k2_break_even(1.0, 3.5, 0.5) != k2_break_even(1.0, 3.5, 0.5)  # nan: never pays
+

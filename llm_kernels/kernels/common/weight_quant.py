@@ -1,5 +1,6 @@
-"""Load-time passes over whole weights, in one parallel Numba sweep each: the NaN/Inf count of
-a float tensor and the per-output-channel INT8 quantisation of a bf16 / float32 weight.
+"""Load-time passes over whole weights, in parallel Numba sweeps: the NaN/Inf count of a float
+tensor and the INT8 quantisation (per output channel, or per block of G inputs) of a bf16 /
+float32 weight.
 
 Both replace torch passes that dominated loading a checkpoint (a Flash-dims 3-layer model,
 5.4 GB of bf16: ``torch.isfinite(...).all()`` and the 7 torch passes of

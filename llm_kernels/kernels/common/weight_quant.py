@@ -17,8 +17,9 @@ Both replace torch passes that dominated loading a checkpoint (a Flash-dims 3-la
   :func:`~llm_kernels.numerics.quant.quantize_weight` (``amax = max|w[n]|`` clamped at
   ``fl(1e-4)``, ``q = clamp(rint(fl(w · fl(fl(1/amax) · 127))), ±127)`` — torch computes
   ``127 / amax`` as ``amax.reciprocal() * 127`` — and ``scale = fl(amax / 127)``), one row
-  per ``prange`` iteration. Rows holding NaN, and dtypes other than bf16 / float32, go to
-  the golden itself. Tested bitwise against it (``tests/kernels/common/test_weight_quant.py``).
+  per ``prange`` iteration; ``max |w|`` is taken as an integer max over the bit patterns
+  with the sign cleared (the same value; the loop vectorises). Rows holding NaN or Inf,
+  and dtypes other than bf16 / float32, go to the golden itself. Tested bitwise against it (``tests/kernels/common/test_weight_quant.py``).
 """
 
 from __future__ import annotations
@@ -69,45 +70,51 @@ def count_nonfinite(t: torch.Tensor) -> int:
 
 
 @njit_kernel
-def _load(w, i, bf16):
-    """Element ``i`` of row ``w`` as float32 (bf16 bits widened, or the float32 itself)."""
+def _f32(b, bf16):
+    """float32 of the bits ``b`` (an int16 bf16 pattern widened, or an int32 float32 pattern)."""
     if bf16:
-        return f32_from_bits(np.uint32(np.uint16(w[i])) << np.uint32(16))
-    return np.float32(w[i])
+        return f32_from_bits(np.int32(b) << np.int32(16))
+    return f32_from_bits(np.int32(b))
+
+
+@njit_kernel
+def _mag_max(bits, bf16):
+    """Largest magnitude bit pattern (sign cleared) of ``bits`` (1-D int16 bf16 / int32 float32
+    patterns): for non-negative floats the integer order is the value order, so this is
+    ``max |v|``'s pattern; NaN and Inf give one at or above the exponent mask. An integer
+    max loop, which vectorises."""
+    m = np.int32(0)
+    if bf16:
+        for i in range(bits.size):
+            m = max(m, np.int32(bits[i]) & np.int32(0x7FFF))
+    else:
+        for i in range(bits.size):
+            m = max(m, np.int32(bits[i]) & np.int32(0x7FFFFFFF))
+    return m
 
 
 @njit_kernel(parallel=True)
 def _quant_rows(w, bf16, eps, q, s, bad):
-    """Per row of ``w`` [n, k] (int16 bf16 bits or float32): the golden recipe (module
-    docstring) into ``q`` [n, k] int8 and ``s`` [n] float32; ``bad[r] = 1`` when the row
-    holds a NaN (its outputs are then left for the golden)."""
+    """Per row of ``w`` [n, k] (int16 bf16 / int32 float32 bit patterns): the golden recipe
+    (module docstring) into ``q`` [n, k] int8 and ``s`` [n] float32; ``bad[r] = 1`` when
+    the row holds a NaN or Inf (its outputs are then left for the golden)."""
     n, k = w.shape
     lim = np.float32(INT8_MAX)
+    top = np.int32(0x7F80) if bf16 else np.int32(0x7F800000)
     for r in prange(n):
         row = w[r]
-        amax = np.float32(0.0)
-        nan = False
-        for i in range(k):
-            v = _load(row, i, bf16)
-            if v != v:
-                nan = True
-            a = abs(v)
-            if a > amax:
-                amax = a
-        if nan:
+        m = _mag_max(row, bf16)
+        if m >= top:
             bad[r] = 1
             continue
+        amax = _f32(m, bf16)
         if amax < eps:
             amax = eps
         inv = np.float32(np.float32(np.float32(1.0) / amax) * lim)
         qr = q[r]
         for i in range(k):
-            x = np.rint(np.float32(_load(row, i, bf16) * inv))
-            if x > lim:
-                x = lim
-            elif x < -lim:
-                x = -lim
-            qr[i] = np.int8(x)
+            x = np.rint(np.float32(_f32(row[i], bf16) * inv))
+            qr[i] = np.int8(min(max(x, -lim), lim))
         s[r] = np.float32(amax / lim)
 
 
@@ -119,7 +126,7 @@ def quantize_weight_fast(w: torch.Tensor) -> QuantWeight:
         return quantize_weight(w)
     n, k = w.shape
     wc = w.detach().contiguous()
-    arr = wc.view(torch.int16).numpy() if w.dtype == torch.bfloat16 else wc.numpy()
+    arr = wc.view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
     q = np.empty((n, k), np.int8)
     s = np.empty(n, np.float32)
     bad = np.zeros(n, np.uint8)
@@ -131,22 +138,19 @@ def quantize_weight_fast(w: torch.Tensor) -> QuantWeight:
 
 @njit_kernel(parallel=True)
 def _group_amax(w, bf16, G, eps, amax, bad):
-    """``amax[r, g] = max(max |w[r, gG:(g+1)G]|, eps)``; ``bad[r] = 1`` for a row with NaN."""
+    """``amax[r, g] = max(max |w[r, gG:(g+1)G]|, eps)`` (``w``: int16 bf16 / int32 float32
+    bit patterns); ``bad[r] = 1`` for a row with NaN or Inf."""
     n, k = w.shape
     ng = k // G
+    top = np.int32(0x7F80) if bf16 else np.int32(0x7F800000)
     for r in prange(n):
         row = w[r]
         for g in range(ng):
-            blk = row[g * G:(g + 1) * G]
-            m = np.float32(0.0)
-            for i in range(G):
-                v = _load(blk, i, bf16)
-                if v != v:
-                    bad[r] = 1
-                a = abs(v)
-                if a > m:
-                    m = a
-            amax[r, g] = m if m >= eps else eps
+            m = _mag_max(row[g * G:(g + 1) * G], bf16)
+            if m >= top:
+                bad[r] = 1
+            a = _f32(m, bf16)
+            amax[r, g] = a if a >= eps else eps
 
 
 @njit_kernel(parallel=True)
@@ -159,16 +163,12 @@ def _group_q(w, bf16, G, sc, q):
         row = w[r]
         qr = q[r]
         for g in range(ng):
-            s = sc[r, g]
+            sg = sc[r, g]
             blk = row[g * G:(g + 1) * G]
             qb = qr[g * G:(g + 1) * G]
             for i in range(G):
-                x = np.rint(np.float32(_load(blk, i, bf16) / s))
-                if x > lim:
-                    x = lim
-                elif x < -lim:
-                    x = -lim
-                qb[i] = np.int8(x)
+                x = np.rint(np.float32(_f32(blk[i], bf16) / sg))
+                qb[i] = np.int8(min(max(x, -lim), lim))
 
 
 def quantize_weight_grouped_fast(w: torch.Tensor, group_size: int) -> GroupQuantWeight:
@@ -180,8 +180,8 @@ def quantize_weight_grouped_fast(w: torch.Tensor, group_size: int) -> GroupQuant
         return quantize_weight_grouped(w, group_size)
     n, k = w.shape
     wc = w.detach().contiguous()
-    arr = wc.view(torch.int16).numpy() if w.dtype == torch.bfloat16 else wc.numpy()
     bf = w.dtype == torch.bfloat16
+    arr = wc.view(torch.int16 if bf else torch.int32).numpy()
     amax = np.empty((n, k // group_size), np.float32)
     bad = np.zeros(n, np.uint8)
     _group_amax(arr, bf, group_size, np.float32(AMAX_EPS), amax, bad)

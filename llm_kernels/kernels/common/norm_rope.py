@@ -32,7 +32,7 @@ from numba import prange
 from .bf16 import as_kernel_input, f32_to_bf16_bits, load_f32, u16_as_torch_bf16
 from .jit import njit_kernel
 
-__all__ = ["apply_rope", "ceil_log2", "rms_norm", "rms_norm_rope", "sumsq_torch_order"]
+__all__ = ["apply_rope", "ceil_log2", "rms_norm", "rms_norm_rope", "rms_norm_rows_f32", "sumsq_torch_order"]
 
 _ONE = np.float32(1.0)
 
@@ -156,7 +156,7 @@ def _rnd(v, to_bf16):
 
 
 @njit_kernel
-def _norm_rope_row(xr, w, has_w, cos, sin, t, eps, do_norm, do_rope, inverse, to_bf16, buf, acc,
+def _norm_rope_row(xr, w, has_w, cos, sin, t, eps, do_norm, do_rope, inverse, to_bf16, f32_out, buf, acc,
                    orow_f, orow_h):
     D = buf.size
     half = cos.shape[1]
@@ -192,7 +192,10 @@ def _norm_rope_row(xr, w, has_w, cos, sin, t, eps, do_norm, do_rope, inverse, to
             o = rot[2 * i + 1]
             rot[2 * i] = np.float32(np.float32(e * c) - np.float32(o * s))
             rot[2 * i + 1] = np.float32(np.float32(o * c) + np.float32(e * s))
-    if to_bf16:
+    if to_bf16 and f32_out:  # bf16 values widened to float32 (the torch ``.float()`` of the bits)
+        for i in range(D):
+            orow_f[i] = _rnd(buf[i], True)
+    elif to_bf16:
         for i in range(D):
             orow_h[i] = f32_to_bf16_bits(buf[i])
     else:
@@ -201,10 +204,11 @@ def _norm_rope_row(xr, w, has_w, cos, sin, t, eps, do_norm, do_rope, inverse, to
 
 
 @njit_kernel(parallel=True)
-def _norm_rope_kernel(x, w, has_w, cos, sin, H, eps, do_norm, do_rope, inverse, to_bf16,
+def _norm_rope_kernel(x, w, has_w, cos, sin, H, eps, do_norm, do_rope, inverse, to_bf16, f32_out,
                       out_f32, out_u16):
     """prange over blocks of rows (scratch allocated once per block, not per row); each
-    row is independent, so the split does not affect the result."""
+    row is independent, so the split does not affect the result. ``to_bf16`` with
+    ``f32_out`` writes the bf16 values widened into ``out_f32``."""
     R, D = x.shape
     nblk = min(R, 64)
     for b in prange(nblk):
@@ -213,10 +217,10 @@ def _norm_rope_kernel(x, w, has_w, cos, sin, H, eps, do_norm, do_rope, inverse, 
         buf = np.empty(D, np.float32)
         acc = np.empty((_LEVELS, _ILP * _LANES), np.float32)
         for r in range(r0, r1):
-            orow_f = out_f32[r] if not to_bf16 else out_f32[0]
-            orow_h = out_u16[r] if to_bf16 else out_u16[0]
+            orow_f = out_f32[r] if (not to_bf16 or f32_out) else out_f32[0]
+            orow_h = out_u16[r] if (to_bf16 and not f32_out) else out_u16[0]
             _norm_rope_row(x[r], w, has_w, cos, sin, r // H if do_rope else 0, eps, do_norm,
-                           do_rope, inverse, to_bf16, buf, acc, orow_f, orow_h)
+                           do_rope, inverse, to_bf16, f32_out, buf, acc, orow_f, orow_h)
 
 
 def _f32_vec(a: Any, name: str) -> np.ndarray:
@@ -295,7 +299,7 @@ def rms_norm_rope(x: Any, weight: Any | None = None, cos: Any | None = None,
     out_h = np.empty((R, D) if to_bf16 else (1, 1), np.uint16)
     if R and D:
         _norm_rope_kernel(x2, w, weight is not None, c2, s2, H, np.float32(eps), bool(norm),
-                          do_rope, bool(inverse), to_bf16, out_f, out_h)
+                          do_rope, bool(inverse), to_bf16, False, out_f, out_h)
     out = (out_h if to_bf16 else out_f).reshape(*lead, D) if R and D else (
         np.empty((*lead, D), np.uint16 if to_bf16 else np.float32))
     if isinstance(x, np.ndarray):
@@ -314,6 +318,29 @@ def _want_bf16(out_dtype: Any, default: bool) -> bool:
     if name in ("float32", "fp32", "<class 'numpy.float32'>"):
         return False
     raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype!r}")
+
+
+_NO_TABLE = np.zeros((1, 0), np.float32)
+_NO_U16 = np.zeros((1, 1), np.uint16)
+_NO_W = np.zeros(1, np.float32)
+
+
+def rms_norm_rows_f32(x: np.ndarray, weight: np.ndarray | None, eps: float, to_bf16: bool) -> np.ndarray:
+    """:func:`rms_norm` of float32 rows ``x`` [R, D] (C-contiguous numpy) with a float32
+    ``weight`` [D] (or None), returned as a new float32 [R, D] array holding the values the
+    ``out_dtype="bfloat16"`` path gives (rounded to bf16, widened) when ``to_bf16``, else
+    the float32 result: the same kernel, without the dtype conversions around it (the
+    fused decode's norm stages call it every layer). Raises ValueError for a shape mismatch."""
+    if x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"x must be C-contiguous float32 [R, D], got {x.dtype} {x.shape}")
+    R, D = x.shape
+    if weight is not None and (weight.shape != (D,) or weight.dtype != np.float32):
+        raise ValueError(f"weight must be float32 [D={D}], got {weight.dtype} {weight.shape}")
+    out = np.empty((R, D), np.float32)
+    if R and D:
+        _norm_rope_kernel(x, _NO_W if weight is None else weight, weight is not None, _NO_TABLE, _NO_TABLE, 1,
+                          np.float32(eps), True, False, False, bool(to_bf16), True, out, _NO_U16)
+    return out
 
 
 def rms_norm(x: Any, weight: Any | None, eps: float, *, out_dtype: Any = None) -> Any:

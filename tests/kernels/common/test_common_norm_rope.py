@@ -15,7 +15,8 @@ from llm_kernels.harness import (
     Uniform,
     run_case,
 )
-from llm_kernels.kernels.common.norm_rope import apply_rope, rms_norm, rms_norm_rope
+from llm_kernels.kernels.common.norm_rope import apply_rope, rms_norm, rms_norm_rope, rms_norm_rows_f32
+from llm_kernels.kernels.deepseek_v4.norm import rms_norm as ds_rms_norm
 from llm_kernels.reference.deepseek_v4 import common as ref
 
 
@@ -132,3 +133,23 @@ def test_norm_rope_errors():
         rms_norm_rope(x, None, c, c, out_dtype="float16")
     with pytest.raises(TypeError):
         rms_norm_rope(np.zeros((2, 4), np.float64))
+
+
+@pytest.mark.parametrize("R,D", [(1, 4096), (4, 4096), (7, 1000), (3, 5)])
+def test_rms_norm_rows_f32_equals_the_wrapper_bitwise(R, D):
+    """The decode path's float32-in / float32-out entry (``rms_norm_rows_f32``, used by the
+    DeepSeek-V4 fused ``rms_norm``) gives the bits of ``rms_norm`` + ``.float()``."""
+    g = torch.Generator().manual_seed(R * 31 + D)
+    x = torch.randn(R, D, generator=g) * 3
+    for w in (torch.rand(D, generator=g).bfloat16(), torch.rand(D, generator=g), None):
+        for bf in (True, False):
+            ref = rms_norm(x, w, 1e-6, out_dtype="bfloat16" if bf else "float32").float()
+            wf = None if w is None else w.float().numpy()
+            got = rms_norm_rows_f32(x.numpy(), wf, 1e-6, bf)
+            assert np.array_equal(got.view(np.int32), ref.numpy().view(np.int32))
+            ds = ds_rms_norm(x, w, 1e-6, torch.bfloat16 if bf else torch.float32)
+            assert torch.equal(ds.view(torch.int32), ref.view(torch.int32))
+    with pytest.raises(ValueError, match="float32"):
+        rms_norm_rows_f32(x.numpy().astype(np.float64), None, 1e-6, True)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_rows_f32(x.numpy(), np.ones(D + 1, np.float32), 1e-6, True)

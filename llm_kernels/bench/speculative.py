@@ -171,7 +171,7 @@ def run(ckpt: str, quant: str | None, n: int, batch: int, reps: int, seed: int) 
             "samples": {"t1": len(plain_steps), "tv": len(verify_steps), "td": len(drafts)},
             "k2": {"step_ms": {str(k): v * 1e3 for k, v in rc.items()}, "tv2_over_t1": rc[3] / rc[1],
                    "tv_over_t1": rc[2] / rc[1], "bytes_tv2_over_t1": bm3["bytes_tv_over_t1"],
-                   "break_even_acceptance": k2_break_even(rc[1], rc[3], td / 1e3 * rc[1] / (t1 / 1e3))},
+                   "break_even_acceptance": k2_break_even(rc[1], rc[3], td / t1 * rc[1])},
             **byte_model(llm.engine.w, llm.cfg, batch)}
 
 

@@ -69,6 +69,11 @@ def count_nonfinite(t: torch.Tensor) -> int:
     return int(_count_exp_ones(bits, (np.int32 if t.dtype == torch.float32 else np.int16)(mask)))
 
 
+def _bit_rows(w: torch.Tensor) -> np.ndarray:
+    """The bit patterns of a bf16 (int16) or float32 (int32) 2-D weight, C-contiguous numpy."""
+    return w.detach().contiguous().view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
+
+
 @njit_kernel
 def _f32(b, bf16):
     """float32 of the bits ``b`` (an int16 bf16 pattern widened, or an int32 float32 pattern)."""
@@ -125,8 +130,7 @@ def quantize_weight_fast(w: torch.Tensor) -> QuantWeight:
     if w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float32) or w.numel() == 0:
         return quantize_weight(w)
     n, k = w.shape
-    wc = w.detach().contiguous()
-    arr = wc.view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
+    arr = _bit_rows(w)
     q = np.empty((n, k), np.int8)
     s = np.empty(n, np.float32)
     bad = np.zeros(n, np.uint8)
@@ -179,9 +183,8 @@ def quantize_weight_grouped_fast(w: torch.Tensor, group_size: int) -> GroupQuant
             or group_size <= 0 or group_size % 4 or w.shape[1] % group_size):
         return quantize_weight_grouped(w, group_size)
     n, k = w.shape
-    wc = w.detach().contiguous()
     bf = w.dtype == torch.bfloat16
-    arr = wc.view(torch.int16 if bf else torch.int32).numpy()
+    arr = _bit_rows(w)
     amax = np.empty((n, k // group_size), np.float32)
     bad = np.zeros(n, np.uint8)
     _group_amax(arr, bf, group_size, np.float32(AMAX_EPS), amax, bad)

@@ -33,6 +33,7 @@ from numba.extending import intrinsic
 from .jit import njit_kernel
 
 __all__ = [
+    "TORCH_BF16_DOT",
     "as_kernel_input",
     "kernel_rows",
     "bf16_bits_to_f32",
@@ -48,6 +49,30 @@ __all__ = [
     "torch_bf16_as_u16",
     "u16_as_torch_bf16",
 ]
+
+
+
+def _torch_has_bf16_dot() -> bool:
+    """Whether torch's CPU kernels run bf16 matmuls on a native bf16 dot (AVX512_BF16 or
+    AMX), from torch's own CPU probes (False if this torch lacks them)."""
+    import torch
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)
+        try:
+            if f is not None and f():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+#: torch's bf16 matmuls have a native bf16 dot on this CPU. Without one (AVX2 CPUs such as
+#: Zen 3) oneDNN's bf16 ``bmm`` is a scalar loop: 6.6 ms for one Flash-dims attention PV
+#: (64 x 128 x 512) on Zen 3, 75x the fp32 ``bmm`` of the same bf16 values. Kernels that
+#: multiply two bf16 activations go through fp32 there (docs/kernels.md, "bf16 matmuls
+#: without a bf16 dot").
+TORCH_BF16_DOT: bool = _torch_has_bf16_dot()
 
 
 # --------------------------------------------------------------------------- intrinsics

@@ -48,6 +48,7 @@ import torch
 from numba import prange
 
 from ..common.bf16 import (
+    TORCH_BF16_DOT,
     f32_to_bf16_bits,
     load_f32,
     torch_bf16_as_u16,
@@ -62,6 +63,9 @@ from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
+
+#: bf16 ``bmm`` in torch's bf16 kernels (the CPU has a bf16 dot); otherwise through fp32.
+BF16_MATMUL: bool = TORCH_BF16_DOT
 
 _DUMMY_U16 = np.zeros(1, np.uint16)
 _DUMMY_F32 = np.zeros(1, np.float32)
@@ -258,18 +262,27 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     # work). Padded entries are zeros.
     Wm = max(W if T <= ROW_INVARIANT_ROWS else (int(counts.max()) if T else 0), 1)
     pool = torch_kernel_view(kv_pool)
-    cdt = torch.bfloat16 if to_bf16 else torch.float32
+    # bf16 scores and PV: torch's bf16 bmm where the CPU has a bf16 dot (AVX512_BF16); on
+    # other CPUs oneDNN's bf16 bmm is a scalar loop (Zen 3: 6.6 ms for one Flash-dims PV,
+    # 75x its fp32 bmm), so the bf16 operands go through an fp32 bmm instead: the same exact
+    # products and fp32 accumulation, one RNE rounding of each output to bf16, in the GEMM
+    # library's summation order (docs/kernels.md, "bf16 matmuls without a bf16 dot").
+    bf16_dot = to_bf16 and BF16_MATMUL
     # 2. gather
-    if to_bf16:
+    if bf16_dot:
         kvg_np = np.empty((T, Wm, HD), np.uint16)
         _gather(pool, idx, counts, Wm, True, kvg_np, _DUMMY_F32.reshape(1, 1, 1))
         kvg = u16_as_torch_bf16(kvg_np)
+        qc = q.detach().to(torch.bfloat16)
     else:
         kvg_np = np.empty((T, Wm, HD), np.float32)
         _gather(pool, idx, counts, Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np)
         kvg = torch.from_numpy(kvg_np)
+        qc = q.detach().float()
     # 3. scores
-    s = torch.bmm(q.detach().to(cdt), kvg.transpose(1, 2))                     # [T, H, Wm]
+    s = torch.bmm(qc, kvg.transpose(1, 2))                                     # [T, H, Wm]
+    if to_bf16 and not bf16_dot:
+        s = s.to(torch.bfloat16)
     sink = attn_sink.detach().float().contiguous().numpy()
     # 4. softmax with sink
     if to_bf16:
@@ -283,7 +296,10 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
                       _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
     # PV
-    o = torch.bmm(p, kvg)                                                      # [T, H, HD]
+    if to_bf16 and not bf16_dot:
+        o = torch.bmm(p.float(), kvg).to(torch.bfloat16)                      # [T, H, HD]
+    else:
+        o = torch.bmm(p, kvg)                                                  # [T, H, HD]
     # 5. inverse RoPE + rounding
     x = np.empty((T, H * HD), np.float32)
     if T:

@@ -56,6 +56,7 @@ from llm_kernels.kernels.deepseek_v4 import norm as KN
 from llm_kernels.kernels.deepseek_v4 import sparse_attn as KA
 from llm_kernels.reference.deepseek_v4 import moe as RM
 from llm_kernels.reference.deepseek_v4 import sparse_attn as RA
+from llm_kernels.kernels.common.bf16 import TORCH_BF16_DOT
 from llm_kernels.numerics.linear import linear as r_linear
 from llm_kernels.reference.deepseek_v4.common import rms_norm as r_rms_norm
 from llm_kernels.numerics.rounding import rnd
@@ -95,10 +96,25 @@ def _float_cmp(dtype):
 # that, ~3.5 % of that output scale (above the ~1 % an INT8 step can move); the MoE outputs
 # (scale up to 32) have been bit-exact, so any outlier there is a finding, not noise.
 W8A8_CMP = RatioAllClose(atol=1e-4, rtol=1 / 128, max_outlier_ratio=0.005, max_outlier_error=2 ** -6)
+# Without a bf16 dot (TORCH_BF16_DOT False: AVX2 CPUs such as Zen 3) the kernel computes
+# the bf16 scores and PV through an fp32 bmm, the reference through torch's bf16 matmul
+# (transformers' operation): the fp32 sums run in a different order, ~1.7e-4 of the bf16
+# scores land on the other bf16 neighbour and each such score renormalises its head's
+# probabilities (with a bf16 dot both run the same oneDNN dot and the scores agree
+# bitwise). After wo_b's INT8 requantisation that is 4.6 % outliers at Flash dims T=1
+# (Zen 3), the worst 9.8e-4 = 0.28 % of the output scale 0.35. Budget 10 %, cap 2^-8
+# (~1 % of that scale, about one INT8 step of the output).
+W8A8_CMP_FP32_SCORES = RatioAllClose(atol=1e-4, rtol=1 / 128, max_outlier_ratio=0.10, max_outlier_error=2 ** -8)
 
 
 def _cmp(dtype, quant):
     return W8A8_CMP if quant else _float_cmp(dtype)
+
+
+def _attn_cmp(dtype, quant):
+    if quant and dtype == BF16 and not TORCH_BF16_DOT:
+        return W8A8_CMP_FP32_SCORES
+    return _cmp(dtype, quant)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -211,7 +227,7 @@ def _attn_case(dims: str, T: int, dtype: torch.dtype, quant: bool, layout=None) 
         TensorSpec("indices", tuple(idx.shape), torch.int64, idx),
         TensorSpec("attn_sink", (H,), F32, Normal(seed=3)),
         TensorSpec("out", (T, D), F32, is_output=True),
-    ], run(RA), run(KA), {"out": _cmp(dtype, quant)})
+    ], run(RA), run(KA), {"out": _attn_cmp(dtype, quant)})
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["float", "w8a8"])

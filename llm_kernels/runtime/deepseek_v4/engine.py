@@ -258,6 +258,24 @@ class DeepSeekV4Engine(EngineCore):
                                              eps=cfg.rms_norm_eps, dtype=dt)
         outs = []
         W = cfg.sliding_window
+        # Row-wise projections of the compressors and the indexer query run once for all
+        # sequences' rows (each weight streams once per step, not once per sequence); the
+        # per-sequence loop below slices them. Every row is computed alone by these kernels
+        # (INT8: per-token quantisation + exact GEMM; float: per-row GEMV up to
+        # ROW_INVARIANT_ROWS), so a row's values do not depend on the other sequences.
+        cmp_rows = idx_rows = idx_q = None
+        if lt != SLIDING:
+            with tm("compressor"):
+                cmp_rows = self._project(lw, "attn.compressor.", xn, positions)
+            if lt != HCA:
+                with tm("indexer"):
+                    idx_rows = self._project(lw, "attn.indexer.compressor.", xn, positions)
+                    icos, isin = self.rope(cfg.rope_compress, cfg.qk_rope_head_dim, positions)
+                    wq_b = lw["attn.indexer.wq_b.weight"]
+                    args = (q_res, xn, wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
+                    kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
+                    idx_int8 = isinstance(wq_b, (QuantWeight, GroupQuantWeight))  # INT8 keys cached, INT8 scores
+                    idx_q = ops.indexer_query_int8(*args, **kw) if idx_int8 else ops.indexer_query(*args, **kw)
         for b, c in enumerate(caches):
             sl = slice(offs[b], offs[b + 1])
             lc = c.layers[layer]
@@ -272,7 +290,8 @@ class DeepSeekV4Engine(EngineCore):
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):
-                    self._compress(lc.compressor, lw, "attn.compressor.", xn[sl], pos, jr, (layer, "compressor"))
+                    self._compress(lc.compressor, lw, "attn.compressor.", [r[sl] for r in cmp_rows], pos, jr,
+                                   (layer, "compressor"))
                 with tm("kv_cache"):
                     entries = lc.compressor.valid_entries()
                     base = pool.shape[0]
@@ -285,19 +304,15 @@ class DeepSeekV4Engine(EngineCore):
                                            torch.full_like(cidx, -1))
                 else:
                     with tm("indexer"):
-                        new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", xn[sl], pos, jr,
-                                             (layer, "indexer"))
-                        icos, isin = self.rope(cfg.rope_compress, cfg.qk_rope_head_dim, pos)
-                        wq_b = lw["attn.indexer.wq_b.weight"]
-                        args = (q_res[sl], xn[sl], wq_b, lw["attn.indexer.weights_proj.weight"], icos, isin)
-                        kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
-                        if isinstance(wq_b, (QuantWeight, GroupQuantWeight)):  # INT8 keys cached, INT8 scores
+                        new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", [r[sl] for r in idx_rows], pos,
+                                             jr, (layer, "indexer"))
+                        if idx_int8:
                             if new is not None:
                                 lc.indexer.store_int8_keys(*ops.indexer_keys_int8(new))
-                            qi8, qs, wi = ops.indexer_query_int8(*args, **kw)
+                            qi8, qs, wi = (r[sl] for r in idx_q)
                             scores = ops.indexer_scores_int8(qi8, qs, wi, *lc.indexer.valid_int8_keys())
                         else:
-                            qi, wi = ops.indexer_query(*args, **kw)
+                            qi, wi = (r[sl] for r in idx_q)
                             scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
                         top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
                     with tm("kv_cache"):
@@ -317,17 +332,23 @@ class DeepSeekV4Engine(EngineCore):
         with tm("hc_post"):
             return ops.hc_post(out, x_hc, post, comb, dt)
 
-    def _compress(self, st: CompressorState, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor,
+    def _project(self, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressor ``prefix``'s projections of rows ``x`` [T, D] at positions ``pos``:
+        (kv [T, d], score [T, d] with ``ape`` added)."""
+        return self.ops.compressor_project(x, lw[prefix + "wkv.weight"], lw[prefix + "wgate.weight"],
+                                           lw[prefix + "ape"], pos, self.dtype)
+
+    def _compress(self, st: CompressorState, lw, prefix: str, rows: list[torch.Tensor], pos: torch.Tensor,
                   jr: StepJournal | None = None, key=None) -> torch.Tensor | None:
-        """Project this step's rows, close every complete window, append its entries;
-        returns the new entries [m, d] (None if no window closed). ``jr``: the step's
-        journal, which records the projected rows under ``key``."""
+        """Absorb this sequence's rows ``rows = [kv, score]`` of compressor ``prefix``
+        (:meth:`_project`, positions ``pos``), close every complete window, append its
+        entries; returns the new entries [m, d] (None if no window closed). ``jr``: the
+        step's journal, which records the projected rows under ``key``."""
         cfg, dt, ops = self.cfg, self.dtype, self.ops
         expected = st.next_window_start + st.buf_kv.shape[0]
         if int(pos[0]) != expected:
             raise RuntimeError(f"compressor state expects position {expected}, got {int(pos[0])}")
-        kv, score = ops.compressor_project(x, lw[prefix + "wkv.weight"], lw[prefix + "wgate.weight"],
-                                           lw[prefix + "ape"], pos, dt)
+        kv, score = rows
         if jr is not None:
             jr.rows[key] = (kv, score)
         n0 = st.n_entries

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Iterator, NamedTuple
+from contextlib import nullcontext
+from typing import Any, ContextManager, NamedTuple
 
 __all__ = ["StageTimer", "TraceEvent", "LAYER_TYPE_SHORT"]
 
@@ -51,20 +51,14 @@ class StageTimer:
     def __call__(self, stage: str) -> ContextManager[None]:
         if not self.enabled:
             return _NULL
-        return self._stage(stage)
+        return _Stage(self, stage)
 
-    @contextmanager
-    def _stage(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            t1 = time.perf_counter_ns()
-            self.seconds[stage] += (t1 - t0) * 1e-9
-            self.calls[stage] += 1
-            if self.tracing:  # args: the merged args of the open scopes (shared, not copied)
-                sc = self._scopes
-                self.events.append(TraceEvent(stage, t0, t1, len(sc), "stage", sc[-1] if sc else {}))
+    def _record(self, stage: str, t0: int, t1: int) -> None:
+        self.seconds[stage] += (t1 - t0) * 1e-9
+        self.calls[stage] += 1
+        if self.tracing:  # args: the merged args of the open scopes (shared, not copied)
+            sc = self._scopes
+            self.events.append(TraceEvent(stage, t0, t1, len(sc), "stage", sc[-1] if sc else {}))
 
     def scope(self, name: str, kind: str = "scope", **args: Any) -> ContextManager[None]:
         """A named trace interval enclosing stages (a step, a layer); no-op unless tracing."""
@@ -79,17 +73,8 @@ class StageTimer:
         return self._scope(f"layer {layer} {LAYER_TYPE_SHORT.get(layer_type, layer_type)}", "layer",
                            {"layer": layer, "layer_type": layer_type})
 
-    @contextmanager
-    def _scope(self, name: str, kind: str, args: dict) -> Iterator[None]:
-        depth = len(self._scopes)
-        self._scopes.append({**self._scopes[-1], **args} if self._scopes else dict(args))
-        t0 = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            t1 = time.perf_counter_ns()
-            self._scopes.pop()
-            self.events.append(TraceEvent(name, t0, t1, depth, kind, dict(args)))
+    def _scope(self, name: str, kind: str, args: dict) -> ContextManager[None]:
+        return _Scope(self, name, kind, args)
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -101,3 +86,43 @@ class StageTimer:
         total = sum(self.seconds.values()) or 1.0
         return sorted(((k, v, self.calls[k], v / total) for k, v in self.seconds.items()),
                       key=lambda r: -r[1])
+
+
+class _Stage:
+    """The context manager of one timed stage call: a plain class, not a generator-based
+    ``@contextmanager``, so that the Python time spent entering and leaving it (outside
+    the recorded interval, seen as driver overhead in a trace) stays a few attribute
+    accesses."""
+
+    __slots__ = ("timer", "stage", "t0")
+
+    def __init__(self, timer: StageTimer, stage: str):
+        self.timer = timer
+        self.stage = stage
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter_ns()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer._record(self.stage, self.t0, time.perf_counter_ns())
+
+
+class _Scope:
+    """The context manager of one trace scope (a step, a layer): pushes the merged args of
+    the open scopes on enter, records a :class:`TraceEvent` of ``kind`` on exit."""
+
+    __slots__ = ("timer", "name", "kind", "args", "depth", "t0")
+
+    def __init__(self, timer: StageTimer, name: str, kind: str, args: dict):
+        self.timer, self.name, self.kind, self.args = timer, name, kind, args
+
+    def __enter__(self) -> None:
+        sc = self.timer._scopes
+        self.depth = len(sc)
+        sc.append({**sc[-1], **self.args} if sc else dict(self.args))
+        self.t0 = time.perf_counter_ns()
+
+    def __exit__(self, *exc: Any) -> None:
+        t1 = time.perf_counter_ns()
+        self.timer._scopes.pop()
+        self.timer.events.append(TraceEvent(self.name, self.t0, t1, self.depth, self.kind, dict(self.args)))

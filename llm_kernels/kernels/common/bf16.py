@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 
-
 def _torch_has_bf16_dot() -> bool:
     """Whether torch's CPU kernels run bf16 matmuls on a native bf16 dot (AVX512_BF16 or
     AMX), from torch's own CPU probes (False if this torch lacks them)."""

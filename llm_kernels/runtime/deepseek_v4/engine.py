@@ -260,9 +260,9 @@ class DeepSeekV4Engine(EngineCore):
         W = cfg.sliding_window
         # Row-wise projections of the compressors and the indexer query run once for all
         # sequences' rows (each weight streams once per step, not once per sequence); the
-        # per-sequence loop below slices them. Every row is computed alone by these kernels
-        # (INT8: per-token quantisation + exact GEMM; float: per-row GEMV up to
-        # ROW_INVARIANT_ROWS), so a row's values do not depend on the other sequences.
+        # per-sequence loop below slices them. With INT8 weights every row is exact on its
+        # own (per-token quantisation, INT32 GEMM), so a row's values do not depend on the
+        # other sequences; float weights share one GEMM for all rows, like wq_a / wkv above.
         cmp_rows = idx_rows = idx_q = None
         if lt != SLIDING:
             with tm("compressor"):

@@ -65,6 +65,7 @@ from .stage_shared import ROW_INVARIANT_ROWS
 __all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
 
 #: bf16 ``bmm`` in torch's bf16 kernels (the CPU has a bf16 dot); otherwise through fp32.
+#: Module-level so that the tests run the fp32 path on every CPU.
 BF16_MATMUL: bool = TORCH_BF16_DOT
 
 _DUMMY_U16 = np.zeros(1, np.uint16)
@@ -267,9 +268,9 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     # 75x its fp32 bmm), so the bf16 operands go through an fp32 bmm instead: the same exact
     # products and fp32 accumulation, one RNE rounding of each output to bf16, in the GEMM
     # library's summation order (docs/kernels.md, "bf16 matmuls without a bf16 dot").
-    bf16_dot = to_bf16 and BF16_MATMUL
+    via_f32 = to_bf16 and not BF16_MATMUL
     # 2. gather
-    if bf16_dot:
+    if to_bf16 and not via_f32:
         kvg_np = np.empty((T, Wm, HD), np.uint16)
         _gather(pool, idx, counts, Wm, True, kvg_np, _DUMMY_F32.reshape(1, 1, 1))
         kvg = u16_as_torch_bf16(kvg_np)
@@ -281,7 +282,7 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
         qc = q.detach().float()
     # 3. scores
     s = torch.bmm(qc, kvg.transpose(1, 2))                                     # [T, H, Wm]
-    if to_bf16 and not bf16_dot:
+    if via_f32:
         s = s.to(torch.bfloat16)
     sink = attn_sink.detach().float().contiguous().numpy()
     # 4. softmax with sink
@@ -296,7 +297,7 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
                       _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
     # PV
-    if to_bf16 and not bf16_dot:
+    if via_f32:
         o = torch.bmm(p.float(), kvg).to(torch.bfloat16)                      # [T, H, HD]
     else:
         o = torch.bmm(p, kvg)                                                  # [T, H, HD]

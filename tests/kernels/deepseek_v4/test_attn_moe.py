@@ -238,6 +238,19 @@ def test_sparse_attn_matches_reference(dims, T, dtype, quant):
     assert run_case(_attn_case(dims, T, dtype, quant)).passed
 
 
+@pytest.mark.parametrize("quant", [False, True], ids=["float", "w8a8"])
+@pytest.mark.parametrize("T", [1, 8])
+def test_sparse_attn_fp32_bmm_path_on_every_cpu(T, quant, monkeypatch):
+    """The scores/PV path of CPUs without a bf16 dot (fp32 ``bmm`` of the bf16 values, one
+    rounding), forced on whatever CPU runs the test, against the reference at Flash dims
+    with the bound stated for that path (``W8A8_CMP_FP32_SCORES``; float weights: the bf16
+    comparator)."""
+    monkeypatch.setattr(KA, "BF16_MATMUL", False)
+    case = _attn_case("flash", T, BF16, quant)
+    case.comparators["out"] = W8A8_CMP_FP32_SCORES if quant else _float_cmp(BF16)
+    assert run_case(case).passed
+
+
 def test_sparse_attn_edge_cases():
     """Duplicate indices (the reference's dense mask counts a row once), an all-padding
     query (output 0 after the projections), indices beyond a short pool, and the range

@@ -223,13 +223,17 @@ def _mtile(tt, xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off,
     """Float32 ``[tt, 64]`` tile over ``ng`` blocks (``tt`` in TILE_HEIGHTS; ``f`` rows of 64):
     the sub-tiles of :func:`.x86_w4a8.w4_plan`, units-major."""
     groups = (tt + _TSMAX - 1) // _TSMAX
-    tsf = (tt + groups - 1) // groups
-    us = _US[tsf]
+    q = tt // groups
+    r = tt - q * groups               # the first r token groups have q + 1 tokens
+    us = _US[q + (r > 0)]
     for u0 in range(0, _NU, us):
         wo = w_off + (u0 // _UPB) * wbs + (u0 % _UPB) * _VB
-        for t0 in range(0, tt, tsf):
-            _stile(min(tsf, tt - t0), xp, x_off + 4 * t0, xks, wp, wo, wbs, ng, sw, sw_off + _W * u0, sx, corr,
+        t0 = 0
+        for gi in range(groups):
+            ts = q + (gi < r)
+            _stile(ts, xp, x_off + 4 * t0, xks, wp, wo, wbs, ng, sw, sw_off + _W * u0, sx, corr,
                    sc_off + t0 * NG, NG, f, f_off + t0 * CHUNK_N + _W * u0, accum)
+            t0 += ts
 
 
 @njit_kernel(parallel=True)

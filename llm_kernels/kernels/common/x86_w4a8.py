@@ -46,14 +46,24 @@ zmm, 8 on ymm) over ``ng`` blocks, its float accumulators in registers; the kern
 re-reads those weights from L1/L2. One call site per sub-tile shape keeps the compile
 short (unrolling every plan in IR took 95 s for the AVX2 heights).
 
-**Streaming** (VNNI only; AVX2 unchanged, not measured): every block of 32 inputs a
-sub-tile prefetches its 4 lines of each nibble stream :func:`w4_prefetch` bytes ahead
-(2 KiB for one token, else 4 KiB) and 1 line of the chunk's scale stream a quarter of that
-ahead, ``prefetcht0``; the one-token sub-tile only the first of the 4 lines (the hardware
-prefetcher fetches the rest) and with ``prefetcht1`` (into L2), and it covers all 4 units of a chunk (4 streams in flight instead of 2) with one int32 chain per
-unit. From DRAM (one Flash expert, 2 threads) this took T=1 from 0.68 to 0.55 ms and T=8
-from 1.14 to 0.54 ms on Zen 5; on Zen 4 ``prefetcht0`` at T=1 was 20-25 % slower than
-``prefetcht1`` or no software prefetch (``docs/performance.md``, "MXFP4 experts, W4A8").
+**Streaming**: every block of 32 inputs a sub-tile prefetches its 4 lines of each nibble
+stream :func:`w4_prefetch` bytes ahead (VNNI: 2 KiB for one token, else 4 KiB) and 1 line of
+the chunk's scale stream a quarter of that ahead, ``prefetcht0``; the VNNI one-token
+sub-tile only the first of the 4 lines (the hardware prefetcher fetches the rest) and with
+``prefetcht1`` (into L2), and it covers all 4 units of a chunk (4 streams in flight instead
+of 2) with one int32 chain per unit. From DRAM (one Flash expert, 2 threads) this took T=1
+from 0.68 to 0.55 ms and T=8 from 1.14 to 0.54 ms on Zen 5; on Zen 4 ``prefetcht0`` at T=1
+was 20-25 % slower than ``prefetcht1`` or no software prefetch. The AVX2 one-token
+sub-tile covers 4 units of 8 channels (two 16-channel streams, both halves of each 64-byte
+line in one pass instead of a second pass from L2) and prefetches all 4 lines of each
+stream 1 KiB ahead with ``prefetcht1``: one Flash expert from DRAM on Zen 3 0.66 -> 0.50 ms
+(median of 3 processes each; 2 units without prefetch 0.60, 0.5 KiB 0.54). The other AVX2
+sub-tiles are unchanged (``docs/performance.md``, "MXFP4 experts, W4A8").
+
+**Units fold one at a time**: each unit's block sum is folded into its float accumulator
+right after its 4 nibble blocks, so only the float accumulators stay live across units.
+AVX2 makes the UE8M0 scale's float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second
+is the subnormal ``2^-128`` / ``2^-127`` for ``e = 0, 1`` and smaller for ``e >= 2``).
 
 **Fold** (VNNI): ``vscalefps(fl(f32(isum)·s), e - 128)`` is the correctly rounded
 ``y·2^(e-128)``, the same float32 as the multiply by the exact scale (subnormal results
@@ -99,11 +109,12 @@ UNIT = {"vnni": 16, "avx2": 8}
 def w4_units(isa: str, ts: int) -> int:
     """Register units (of :data:`UNIT` channels) per sub-tile of ``ts`` tokens: VNNI 4 for
     ``ts == 1`` (all four 16-channel streams of a 64-column chunk interleaved, so twice the
-    DRAM lines are in flight at T=1), 2 for ``ts <= 4``, else 1; AVX2 1."""
+    DRAM lines are in flight at T=1), 2 for ``ts <= 4``, else 1; AVX2 4 for ``ts == 1`` (two
+    16-channel streams, both halves of each line), else 1."""
     if isa not in UNIT:
         raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
     if isa != "vnni":
-        return 1
+        return 4 if ts == 1 else 1
     return 4 if ts == 1 else (2 if ts <= 4 else 1)
 
 
@@ -111,24 +122,27 @@ def w4_prefetch(isa: str, ts: int) -> int:
     """Software-prefetch distance (bytes ahead in each nibble stream; the scale stream a
     quarter of it, it advances 64 B per block to the streams' 256 B) of a sub-tile of ``ts``
     tokens: VNNI 2048 for ``ts == 1`` (``prefetcht1`` of the first of the 4 lines per block),
-    else 4096 (``prefetcht0``, all 4 lines); AVX2 0
-    (not measured). Measured on the 2-core Zen 5 and Zen 4 guests, weights streaming from
-    DRAM (``benchmarks/bench_w4a8.py``, ``docs/performance.md``)."""
+    else 4096 (``prefetcht0``, all 4 lines); AVX2 1024 for ``ts == 1`` (``prefetcht1``, all 4
+    lines of each of its 2 streams), else 0. Measured on the 2-core Zen 5 and Zen 4 guests
+    (VNNI) and Zen 3 (AVX2), weights streaming from DRAM (``benchmarks/bench_w4a8.py``,
+    ``docs/performance.md``)."""
     if isa not in UNIT:
         raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
     if isa != "vnni":
-        return 0
+        return 1024 if ts == 1 else 0
     return 2048 if ts == 1 else 4096
 
 
 def w4_plan(isa: str, tt: int) -> list[tuple[int, int, int, int]]:
     """Sub-tiles ``(t0, ts, u0, us)`` of a ``tt x 64`` tile, units-major (the order of
     :mod:`.gemm_mxfp4`'s loop): the fewest token groups of at most :data:`TS_MAX` tokens,
-    equal sizes but the last, and :func:`w4_units` units each."""
+    sizes differing by at most one (largest first), and :func:`w4_units` units each."""
     groups = -(-tt // TS_MAX[isa])
-    ts = -(-tt // groups)
-    us = w4_units(isa, ts)
-    return [(t0, min(ts, tt - t0), u0, us) for u0 in range(0, 64 // UNIT[isa], us) for t0 in range(0, tt, ts)]
+    q, r = divmod(tt, groups)
+    sizes = [q + 1] * r + [q] * (groups - r)
+    starts = [sum(sizes[:i]) for i in range(groups)]
+    us = w4_units(isa, sizes[0])
+    return [(t0, ts, u0, us) for u0 in range(0, 64 // UNIT[isa], us) for t0, ts in zip(starts, sizes)]
 
 
 def _fn(builder, name, ret, args):
@@ -203,15 +217,18 @@ def _tile(isa: str, ts0: int, us0: int):
             pf = _fn(b, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, _I32, _I32, _I32]) if pfd else None
 
             def block(g, fcur, units=units, toks=toks, split=split, w_bases=w_bases, keys=keys, pf=pf):
-                isum = {}
-                if pf is not None:   # prefetch of the block pfd bytes ahead: 4 lines per stream (T=1: the
-                    for u in units:  # first; the hardware prefetcher fetches the rest), 1 of scales
-                        for ln in range(0, 64 if ts == 1 else 256, 64):
+                if pf is not None:   # prefetch of the block pfd bytes ahead: 4 lines per stream (T=1 VNNI: the
+                    # first; the hardware prefetcher fetches the rest), 1 of scales; AVX2 units share lines
+                    for u in [u for u in units if u % upb == 0 or u == units[0]]:
+                        for ln in range(0, 64 if ts == 1 and isa == "vnni" else 256, 64):
                             b.call(pf, [b.gep(w_bases[u], [b.add(b.mul(g, k(256)), k(pfd + ln))]),
                                         k(0, _I32), k(pfl, _I32), k(1, _I32)])
                     b.call(pf, [b.gep(swptr, [b.add(sw_off, b.add(b.mul(g, k(64)), k(pfd // 4)))]),
                                 k(0, _I32), k(pfl, _I32), k(1, _I32)])
+                fnew = {}
+                fold = dict(zip(keys, fcur))
                 for u in units:
+                    isum = {}
                     # VNNI: chain 0 starts from corr = -ZP·Σq (broadcast): no subtraction in the fold
                     ch = [[bcast_sc(cptr, b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g)), _I32, VI32), zi]
                           for t in toks] if isa == "vnni" else None
@@ -234,36 +251,33 @@ def _tile(isa: str, ts0: int, us0: int):
                                 s16[i] = pr if p % 2 == 0 else b.add(s16[i], pr)
                                 if p % 2 == 1:
                                     w32 = b.call(maddwd, [s16[i], ones])
-                                    isum[(t, u)] = w32 if p == 1 else b.add(isum[(t, u)], w32)
+                                    isum[t] = w32 if p == 1 else b.add(isum[t], w32)
                     if isa == "vnni":
                         for i, t in enumerate(toks):
-                            isum[(t, u)] = b.add(ch[i][0], ch[i][1]) if split else ch[i][0]
-                # fold: fl(f + fl(fl(f32(isum - c)·s)·2^(e-128))): VNNI vscalefps by the float e - 128,
-                # AVX2 a vmulps by the UE8M0 byte made into its exact float32 (subnormal for e <= 1)
-                swv = {}
-                for u in units:
+                            isum[t] = b.add(ch[i][0], ch[i][1]) if split else ch[i][0]
+                    # fold of this unit: fl(f + fl(fl(f32(isum - c)·s)·2^(e-128))): VNNI vscalefps by the
+                    # float e - 128, AVX2 a vmulps by the UE8M0 byte made into its exact float32
                     e = b.zext(load(swptr, b.add(sw_off, b.add(b.mul(g, k(64)), k(W * u))), ir.VectorType(_I8, W)),
                                VI32)
                     if isa == "vnni":
-                        swv[u] = b.sitofp(b.sub(e, ir.Constant(VI32, [128] * W)), VF)
-                        continue
-                    normal = b.shl(b.sub(e, ir.Constant(VI32, [1] * W)), ir.Constant(VI32, [23] * W))
-                    sub = b.shl(ir.Constant(VI32, [0x200000] * W), b.and_(e, ir.Constant(VI32, [1] * W)))
-                    big = b.icmp_unsigned(">=", e, ir.Constant(VI32, [2] * W))
-                    swv[u] = b.bitcast(b.select(big, normal, sub), VF)
-                out = []
-                for key, fv in zip(keys, fcur):
-                    t, u = key
-                    sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
-                    sv = bcast_sc(sxptr, sc, _F32, VF)
-                    iv = isum[key] if isa == "vnni" else b.add(isum[key], bcast_sc(cptr, sc, _I32, VI32))
-                    y = b.fmul(b.sitofp(iv, VF), sv)
-                    if isa == "vnni":
-                        z = b.call(scalef, [y, swv[u], zf, k(-1, _I16), k(4, _I32)])
+                        swv = b.sitofp(b.sub(e, ir.Constant(VI32, [128] * W)), VF)
                     else:
-                        z = b.fmul(y, swv[u])
-                    out.append(b.fadd(fv, z))
-                return out
+                        # 2^(e-128) as bits: max((e-1)·2^23, (e+1)·2^21); the second wins only for e <= 1,
+                        # the subnormals 2^-128 = 2^21 and 2^-127 = 2^22
+                        normal = b.sub(b.shl(e, ir.Constant(VI32, [23] * W)), ir.Constant(VI32, [1 << 23] * W))
+                        sub = b.add(b.shl(e, ir.Constant(VI32, [21] * W)), ir.Constant(VI32, [1 << 21] * W))
+                        swv = b.bitcast(b.select(b.icmp_signed(">", normal, sub), normal, sub), VF)
+                    for t in toks:
+                        sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
+                        sv = bcast_sc(sxptr, sc, _F32, VF)
+                        iv = isum[t] if isa == "vnni" else b.add(isum[t], bcast_sc(cptr, sc, _I32, VI32))
+                        y = b.fmul(b.sitofp(iv, VF), sv)
+                        if isa == "vnni":
+                            z = b.call(scalef, [y, swv, zf, k(-1, _I16), k(4, _I32)])
+                        else:
+                            z = b.fmul(y, swv)
+                        fnew[(t, u)] = b.fadd(fold[(t, u)], z)
+                return [fnew[key] for key in keys]
 
             final = acc_loop(b, ng, finit, block, f"w4{isa}")
             for key, v in zip(keys, final):
@@ -281,7 +295,7 @@ def _tile(isa: str, ts0: int, us0: int):
         sig = types.void(xp, ip, ip, wp, ip, ip, ip, sw, ip, sx, corr, ip, ip, facc, ip, ip, types.boolean)
         return sig, codegen
 
-    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}l{pfl}' if pfd else ''}_v3"
+    _t.__name__ = f"w4_tile_{isa}_{ts0}x{us0}{f'_pf{pfd}l{pfl}' if pfd else ''}_v4"
     return _t
 
 

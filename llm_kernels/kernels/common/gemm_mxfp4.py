@@ -74,7 +74,8 @@ from .gemm_pack import CHUNK_N, aligned_empty
 from .jit import njit_kernel
 from .x86_w4a8 import TS_MAX, UNIT, ZP, tile_isa, w4_plan, w4_tile, w4_units
 
-__all__ = ["PackedMXFP4", "e8m0_to_f32", "mxfp4_gemm_linear", "pack_mxfp4", "unpack_mxfp4"]
+__all__ = ["MXFP4Stack", "PackedMXFP4", "e8m0_to_f32", "mxfp4_gemm_linear", "pack_mxfp4", "quant_pack_w4_parts",
+           "stack_mxfp4", "unpack_mxfp4", "w4_parts_core"]
 
 _LUT = np.array(E2M1_X2, np.int8)
 
@@ -267,6 +268,93 @@ def _w4_core(xp, T, TP, K, wp, NP, N, sw8, sx, corr, out):
         m = min(N, n0 + CHUNK_N) - n0
         for t in range(T):
             out[t, n0:n0 + m] = f[t * CHUNK_N:t * CHUNK_N + m]
+
+
+# --------------------------------------------------------------------------- several weights
+class MXFP4Stack:
+    """Same-shape ``"w4"`` :class:`PackedMXFP4` weights stacked for :func:`w4_parts_core`:
+    ``data`` uint8 ``[G, Np·K/2]``, ``sw8`` uint8 ``[G, Np·K/32]``; ``n``, ``k``, ``np_``."""
+
+    __slots__ = ("data", "k", "n", "np_", "sw8")
+
+    def __init__(self, data, sw8, n, k, np_):  # noqa: D107
+        self.data, self.sw8, self.n, self.k, self.np_ = data, sw8, int(n), int(k), int(np_)
+
+    @property
+    def parts(self) -> int:
+        """Number of stacked weights G."""
+        return int(self.data.shape[0])
+
+    def __repr__(self) -> str:
+        return f"MXFP4Stack(G={self.parts}, N={self.n}, K={self.k})"
+
+
+def stack_mxfp4(packs: list[PackedMXFP4]) -> MXFP4Stack:
+    """Stack ``packs`` (same ``n``, ``k``, layout ``"w4"``) into one :class:`MXFP4Stack` and
+    re-point every pack's ``data`` / ``sw8`` at its row of the stack (views: nothing is
+    stored twice once the old arrays are dropped, one pack at a time). Raises ValueError for
+    an empty list, mixed shapes or the ``"nk"`` layout."""
+    if not packs:
+        raise ValueError("stack_mxfp4 needs at least one packed weight")
+    p0 = packs[0]
+    for p in packs:
+        if p.layout != "w4" or (p.n, p.k, p.np_) != (p0.n, p0.k, p0.np_):
+            raise ValueError(f"MXFP4 packs to stack must share shape and the 'w4' layout: {p0!r} vs {p!r}")
+    G = len(packs)
+    data = aligned_empty(G * p0.data.size, np.uint8).reshape(G, p0.data.size)
+    sw8 = np.empty((G, p0.sw8.size), np.uint8)
+    for g, p in enumerate(packs):
+        data[g] = p.data
+        sw8[g] = p.sw8.reshape(-1)
+        p.data, p.sw8 = data[g], sw8[g].reshape(p.sw8.shape)
+    return MXFP4Stack(data, sw8, p0.n, p0.k, p0.np_)
+
+
+@njit_kernel(parallel=True)
+def quant_pack_w4_parts(x, rows, nrows, TP, xp, sx, corr):
+    """The activations of several W4A8 GEMMs: part j takes token rows ``rows[j, :nrows[j]]``
+    of float32 / bf16-bits ``x`` [T, K] -> ``xp`` int8 ``[J, K·TP]`` (the ``[K/4][TP][4]``
+    layout per part, padding rows q = 0), ``sx`` float32 / ``corr`` int32 ``[J, TP·K/32]``
+    (token t's block g at ``t·K/32 + g``; ``corr = -ZP·Σq``): the quantiser of
+    :func:`mxfp4_gemm_linear` per row, so every part's operands are bitwise its own call's."""
+    J, tmax = rows.shape
+    K = x.shape[1]
+    NG = K // MXFP4_BLOCK
+    q = np.zeros((J, TP, K), np.int8)
+    for i in prange(J * tmax):
+        j = i // tmax
+        t = i - j * tmax
+        if t < nrows[j]:
+            buf = np.empty(MXFP4_BLOCK, np.float32)
+            quant_group_row(x[rows[j, t]], MXFP4_BLOCK, q[j, t], sx[j, t * NG:(t + 1) * NG],
+                            corr[j, t * NG:(t + 1) * NG], -ZP, buf)
+    for j in prange(J):
+        pack_words(q[j], xp[j].view(np.uint32), TP, np.uint32(0))
+
+
+@njit_kernel(parallel=True)
+def w4_parts_core(xp, sel, nrows, TP, K, wst, NP, N, swst, sx, corr, out):
+    """Several W4A8 GEMMs in ONE parallel region: part j = activations ``xp[j]`` (from
+    :func:`quant_pack_w4_parts`, ``TP`` a tile height <= 16) times stacked weight ``sel[j]``
+    of ``wst`` / ``swst`` (:class:`MXFP4Stack` ``data`` / ``sw8``, ``NP`` padded rows, ``K``
+    inputs) -> float32 ``out[j, t, :N]`` for ``t < nrows[j]``. One work item per (part,
+    64-column chunk), the register tiles and fold of :func:`mxfp4_gemm_linear`: each part
+    bitwise its own call."""
+    NG = K // MXFP4_BLOCK
+    wbs = K * 8
+    xks = TP * 4
+    cg = NP // CHUNK_N
+    for c in prange(sel.shape[0] * cg):
+        j = c // cg
+        cl = c - j * cg
+        g = sel[j]
+        f = np.empty(TP * CHUNK_N, np.float32)
+        _mtile(TP, xp[j], 0, xks, wst[g], cl * 4 * wbs, wbs, NG, swst[g], cl * NG * CHUNK_N, sx[j], corr[j], 0, NG,
+               f, 0, False)
+        n0 = cl * CHUNK_N
+        m = min(N, n0 + CHUNK_N) - n0
+        for t in range(nrows[j]):
+            out[j, t, n0:n0 + m] = f[t * CHUNK_N:t * CHUNK_N + m]
 
 
 #: Token counts up to which the activations are quantised serially (:func:`_quant_pack_serial`:

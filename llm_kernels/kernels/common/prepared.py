@@ -348,11 +348,12 @@ class MXFP4RowsPack:
     """MXFP4 weights with the same K concatenated by rows as ONE packed W4A8 weight
     (``pack``; member i is rows ``starts[i] : starts[i] + rows[i]``): an expert's w1|w3."""
 
-    __slots__ = ("pack", "rows", "starts")
+    __slots__ = ("pack", "rows", "slot", "stack", "starts")
 
     def __init__(self, pack: PackedMXFP4, rows: list[int]):
         self.pack, self.rows = pack, list(rows)
         self.starts = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.stack, self.slot = None, -1  # an expert's w1|w3: set by moe_multi.stack_mxfp4_experts
 
 
 class PackedMXFP4Rows(PreparedMXFP4Weight):

@@ -91,7 +91,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
-from .moe_multi import multi_expert_raw, swiglu_row
+from .moe_multi import multi_expert_raw, multi_mxfp4_raw, swiglu_row
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -423,6 +423,33 @@ def _multi_experts(xq, sx, idx, used, experts, shared, limit, to_bf16, y) -> np.
     return outs[-1]
 
 
+def _multi_mxfp4(xd, idx, used, experts, limit, to_bf16, y) -> bool:
+    """The step's routed experts through :func:`.moe_multi.multi_mxfp4_raw` when all are
+    prepared MXFP4 experts of one stack: fills ``y[tok, slot]`` and returns True; False
+    (``y`` untouched) otherwise."""
+    st = None
+    slots, rows, places = [], [], []
+    for e in used:
+        ws = experts[int(e)]
+        g = mxfp4_rows_pack(ws[:2])
+        s = getattr(g, "stack", None)
+        if s is None or (st is not None and s is not st) or not isinstance(ws[2], PackedMXFP4Linear) \
+                or s.w2_packs[g.slot] is not ws[2].pack:
+            return False
+        st = s
+        tok, slot = np.nonzero(idx == e)
+        slots.append(g.slot)
+        rows.append(tok)
+        places.append((tok, slot))
+    xf = xd if xd.dtype == torch.float32 else xd.float()
+    outs = multi_mxfp4_raw(xf.contiguous().numpy(), slots, rows, st, limit, to_bf16)
+    if outs is None:
+        return False
+    for (tok, slot), ye in zip(places, outs):
+        y[tok, slot] = ye
+    return True
+
+
 def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: list[tuple[torch.Tensor, ...]],
         shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, swiglu_limit: float,
         dtype: torch.dtype) -> torch.Tensor:
@@ -447,6 +474,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     ysh = _multi_experts(xq, sx, idx, used, experts, shared, swiglu_limit, to_bf16, y) if need_q else None
     if ysh is not None:  # every expert of the step in one parallel region per weight
         used = used[:0]
+    elif used.size and _multi_mxfp4(xd, idx, used, experts, swiglu_limit, to_bf16, y):
+        used = used[:0]  # the routed MXFP4 experts in one W4A8 region per weight
     for e in used:
         tok, slot = np.nonzero(idx == e)
         ws = experts[int(e)]

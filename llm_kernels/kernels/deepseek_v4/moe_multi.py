@@ -20,6 +20,14 @@ same fp32 epilogue order, the same SwiGLU arithmetic), so ``moe`` gives the same
 either path. Used when every active expert and the shared one are prepared W8A8 experts
 of one stack and each runs at most 16 rows (one register tile per chunk); otherwise
 ``moe`` runs its per-expert calls.
+
+MXFP4 routed experts (kept 4-bit, a release checkpoint's) run the same way
+(:func:`multi_mxfp4_raw`): the token rows quantised per 32 inputs for each part
+(:func:`..common.gemm_mxfp4.quant_pack_w4_parts`), every routed expert's ``[w1; w3]`` in one
+W4A8 region (:func:`..common.gemm_mxfp4.w4_parts_core` over the layer's
+:class:`MXFP4ExpertStack`), one kernel for SwiGLU and the per-32 quantisation of h, every w2
+in one region: bitwise :func:`.moe._expert_raw`'s per-expert W4A8 calls. The shared
+expert (FP8 -> INT8 in a release) keeps its own path.
 """
 
 from __future__ import annotations
@@ -27,14 +35,19 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from ...numerics.mxfp4 import MXFP4_BLOCK
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import MAX_TILE_T, pack_q32, padded_tokens
+from ..common.gemm_group import pack_words, quant_group_row
+from ..common.gemm_mxfp4 import MXFP4Stack, quant_pack_w4_parts, stack_mxfp4, w4_parts_core
 from ..common.gemm_multi import pack_rows_parts, rows_core, stack_packs
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
+from ..common.x86_w4a8 import ZP
 
-__all__ = ["ExpertStack", "multi_expert_raw", "stack_experts", "swiglu_row"]
+__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_raw", "multi_mxfp4_raw", "stack_experts",
+           "stack_mxfp4_experts", "swiglu_row"]
 
 
 class ExpertStack:
@@ -144,4 +157,91 @@ def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: lis
     _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh, xp2, TP)
     y = np.empty((J, tmax, p2.n), np.float32)
     rows_core(xp2, sel, nr, TP, KG2, p2.data, p2.wsum128, p2.scale, p2.n, sh, False, y)
+    return [y[j, :len(r)] for j, r in enumerate(rows)]
+
+
+# --------------------------------------------------------------------------- MXFP4 experts
+class MXFP4ExpertStack:
+    """The stacked ``[w1; w3]`` and w2 W4A8 packs of one layer's MXFP4 routed experts:
+    ``p13``, ``p2`` (:class:`..common.gemm_mxfp4.MXFP4Stack`), ``inter`` (I)."""
+
+    __slots__ = ("inter", "p13", "p2", "w2_packs")
+
+    def __init__(self, p13: MXFP4Stack, p2: MXFP4Stack, inter: int, w2_packs: list):
+        self.p13, self.p2, self.inter = p13, p2, inter
+        self.w2_packs = w2_packs  # slot -> the w2 PackedMXFP4 stacked there (identity checks)
+
+
+def stack_mxfp4_experts(experts: list[tuple]) -> MXFP4ExpertStack | None:
+    """Stack one layer's prepared MXFP4 experts ``(g13, p2)`` (``g13`` the
+    :class:`..common.prepared.MXFP4RowsPack` of w1|w3, ``p2`` w2's
+    :class:`..common.gemm_mxfp4.PackedMXFP4`) and mark each ``g13`` with ``stack`` and its
+    ``slot``; None (nothing changed) when they cannot be stacked (fewer than two, mixed
+    shapes, the plain ``"nk"`` layout)."""
+    if len(experts) < 2:
+        return None
+    p13s = [g.pack for g, _ in experts]
+    p2s = [p for _, p in experts]
+    for ps in (p13s, p2s):
+        p0 = ps[0]
+        if any(p.layout != "w4" or (p.n, p.k, p.np_) != (p0.n, p0.k, p0.np_) for p in ps):
+            return None
+    st = MXFP4ExpertStack(stack_mxfp4(p13s), stack_mxfp4(p2s), p13s[0].n // 2, p2s)
+    for i, (g, _) in enumerate(experts):
+        g.stack, g.slot = st, i
+    return st
+
+
+@njit_kernel(parallel=True)
+def _swiglu_quant_w4_parts(gu, nrows, I, limit, to_bf16, TP, xp, sx, corr):
+    """Per (part j, row t < nrows[j]) of ``gu`` [J, T, 2I]: :func:`swiglu_row`, then h
+    quantised per 32 inputs into part j's W4A8 operands (``xp`` [J, I·TP] int8, ``sx`` /
+    ``corr`` [J, TP·I/32]; :func:`..common.gemm_mxfp4.quant_pack_w4_parts`'s layout and
+    quantiser)."""
+    J, T, _ = gu.shape
+    NG = I // MXFP4_BLOCK
+    q = np.zeros((J, TP, I), np.int8)
+    for r in prange(J * T):
+        j = r // T
+        t = r - j * T
+        if t >= nrows[j]:
+            continue
+        buf = np.empty(I, np.float32)
+        swiglu_row(gu[j, t], I, limit, to_bf16, buf)
+        qb = np.empty(MXFP4_BLOCK, np.float32)
+        quant_group_row(buf, MXFP4_BLOCK, q[j, t], sx[j, t * NG:(t + 1) * NG], corr[j, t * NG:(t + 1) * NG], -ZP, qb)
+    for j in prange(J):
+        pack_words(q[j], xp[j].view(np.uint32), TP, np.uint32(0))
+
+
+def multi_mxfp4_raw(x: np.ndarray, slots: list[int], rows: list[np.ndarray], st: MXFP4ExpertStack,
+                    limit: float, to_bf16: bool) -> list[np.ndarray] | None:
+    """MXFP4 experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of float32 ``x``
+    [T, D] -> the w2 outputs, float32 ``[len(rows[j]), D]`` each, bitwise those of
+    :func:`.moe._expert_raw` per expert. None when a part has more than 16 rows (the caller
+    runs its per-expert path)."""
+    J = len(slots)
+    nr = np.array([len(r) for r in rows], np.int64)
+    tmax = int(nr.max()) if J else 0
+    if J == 0 or tmax == 0 or tmax > MAX_TILE_T:
+        return None
+    p13, p2, I = st.p13, st.p2, st.inter
+    D = x.shape[1]
+    TP = padded_tokens(tmax)
+    ridx = np.zeros((J, tmax), np.int64)
+    for j, r in enumerate(rows):
+        ridx[j, :len(r)] = r
+    sel = np.asarray(slots, np.int64)
+    xp = np.empty((J, D * TP), np.int8)
+    sx = np.zeros((J, TP * (D // MXFP4_BLOCK)), np.float32)
+    corr = np.zeros((J, TP * (D // MXFP4_BLOCK)), np.int32)
+    quant_pack_w4_parts(x, ridx, nr, TP, xp, sx, corr)
+    gu = np.empty((J, tmax, 2 * I), np.float32)
+    w4_parts_core(xp, sel, nr, TP, D, p13.data, p13.np_, 2 * I, p13.sw8, sx, corr, gu)
+    xp2 = np.empty((J, I * TP), np.int8)
+    sx2 = np.zeros((J, TP * (I // MXFP4_BLOCK)), np.float32)
+    corr2 = np.zeros((J, TP * (I // MXFP4_BLOCK)), np.int32)
+    _swiglu_quant_w4_parts(gu, nr, I, np.float32(limit), to_bf16, TP, xp2, sx2, corr2)
+    y = np.empty((J, tmax, p2.n), np.float32)
+    w4_parts_core(xp2, sel, nr, TP, I, p2.data, p2.np_, p2.n, p2.sw8, sx2, corr2, y)
     return [y[j, :len(r)] for j, r in enumerate(rows)]

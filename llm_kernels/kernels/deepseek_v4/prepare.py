@@ -22,8 +22,10 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   stages run the group-scaled GEMM, then the float path's epilogue) as ``PackedGroupLinear``;
 * MXFP4 routed experts (:class:`~llm_kernels.numerics.mxfp4.MXFP4Weight`, kept 4-bit):
   w1/w3 as two ``PackedMXFP4Rows`` of one W4A8 pack, w2 a ``PackedMXFP4Linear``
-  (:mod:`..common.gemm_mxfp4`'s layout: still 4 bits per weight + 1 scale byte per 32);
-  the other weights may be of any kind;
+  (:mod:`..common.gemm_mxfp4`'s layout: still 4 bits per weight + 1 scale byte per 32),
+  then each layer's MXFP4 experts stacked (:func:`.moe_multi.stack_mxfp4_experts`) so a
+  decode step runs all its routed experts in one W4A8 region per weight; the other
+  weights may be of any kind;
 * the ``int8`` scheme's further INT8 weights: ``layers.*.attn.wo_a`` ->
   :class:`PackedRowGroups` (one packed row slice per group, :func:`.output_proj.prepare_wo_a`),
   and every other INT8 linear (wq_a, wkv, compressor wkv/wgate, indexer weights_proj) ->
@@ -47,10 +49,10 @@ from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
 from ..common.linear import prepare_linear
-from ..common.prepared import is_int8_weight
+from ..common.prepared import PackedMXFP4Linear, is_int8_weight, mxfp4_rows_pack
 from ..common.prepared import stage_group
 from .moe import ExpertPack, prepare_expert
-from .moe_multi import stack_experts
+from .moe_multi import stack_experts, stack_mxfp4_experts
 from .stage_shared import PairPack, pack_pair
 from .output_proj import prepare_wo_a, prepare_wo_b
 from .w8a8_heads import prepare_heads
@@ -135,20 +137,30 @@ def _pack_pairs(out: dict[str, Any], consumed: dict[str, Any] | None) -> None:
 
 def _stack_layer_experts(out: dict[str, Any]) -> None:
     """Stack each layer's prepared W8A8 experts (routed and shared,
-    :func:`.moe_multi.stack_experts`) so a decode step runs them in one parallel region per
-    weight; layers already stacked, or whose experts cannot be (other kinds, plain layout),
-    are left as they are."""
+    :func:`.moe_multi.stack_experts`) and its prepared MXFP4 experts
+    (:func:`.moe_multi.stack_mxfp4_experts`) so a decode step runs them in one parallel
+    region per weight; layers already stacked, or whose experts cannot be (other kinds,
+    plain layout), are left as they are."""
     by_layer: dict[str, list] = {}
+    mx_layer: dict[str, list] = {}
     for name, w in out.items():
         m = _LAYER.match(name)
         e = _EXPERT_W1.match(m.group(2)) if m is not None else None
-        g = stage_group((w, out.get(name[:-len("w1.weight")] + "w3.weight"),
-                         out.get(name[:-len("w1.weight")] + "w2.weight")), ExpertPack) if e else None
+        if not e:
+            continue
+        w3, w2 = out.get(name[:-len("w1.weight")] + "w3.weight"), out.get(name[:-len("w1.weight")] + "w2.weight")
+        g = stage_group((w, w3, w2), ExpertPack)
         if g is not None:
             by_layer.setdefault(m.group(1), []).append(g)
+        g4 = mxfp4_rows_pack((w, w3)) if w3 is not None else None
+        if g4 is not None and isinstance(w2, PackedMXFP4Linear):
+            mx_layer.setdefault(m.group(1), []).append((g4, w2.pack))
     for packs in by_layer.values():
         if all(p.stack is None for p in packs):
             stack_experts(packs)
+    for experts in mx_layer.values():  # MXFP4 experts (a release's routed ones) kept 4-bit
+        if all(g.stack is None for g, _ in experts):
+            stack_mxfp4_experts(experts)
 
 
 def _kind(w: Any) -> type | None:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llm_kernels.kernels.common import jit
 from llm_kernels.kernels.common.prepared import PackedMXFP4Linear, PackedMXFP4Rows, PreparedMXFP4Weight
 from llm_kernels.kernels.deepseek_v4 import moe as KM
 from llm_kernels.kernels.deepseek_v4.prepare import prepare_weights
@@ -74,6 +75,64 @@ def test_fused_moe_is_bitwise_the_reference(D, I, E, K, shared_kind, dtype):
                        RM.moe(x, w, i, experts, shared, swiglu_limit=10.0, dtype=dtype))
 
 
+@pytest.mark.skipif(not jit.USE_INT8_TILES, reason="needs an INT8 register tile: tier avx2 or avx512-vnni "
+                    "(the plain tier's 'nk' MXFP4 packs are not stacked)")
+@pytest.mark.parametrize("T", [1, 2, 4, 16, 40])  # 40 with 4 experts, top-2: > 16 rows per expert -> per-expert calls
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("D,I", [(128, 64), (96, 160)])  # the second: N = 2I and D not multiples of 64
+def test_stacked_mxfp4_moe_is_bitwise_the_per_expert_path(T, dtype, D, I, monkeypatch):
+    """The one-region path (:func:`.moe_multi.multi_mxfp4_raw` over a stack) gives the same
+    bits as the per-expert W4A8 calls and the reference, runs exactly when every expert has
+    at most 16 rows, and leaves the packs unpacking to their weights."""
+    from llm_kernels.kernels.deepseek_v4 import moe_multi as MM
+
+    E, K = 4, 2
+    experts, shared = _experts(D, I, E, "g32")
+    prepared = [KM.prepare_expert(*ws) for ws in experts]
+    x = rnd(torch.randn(T, D, generator=_g(T)) * 2, dtype)
+    w, i = _route(x, E, K, dtype, 7)
+    plain = KM.moe(x, w, i, prepared, shared, swiglu_limit=0.5, dtype=dtype)     # not stacked yet
+    st = MM.stack_mxfp4_experts([(p1.group, p2.pack) for p1, _, p2 in prepared])
+    assert st is not None and st.p13.parts == E and st.p2.parts == E and st.inter == I
+    calls = []
+    real = MM.multi_mxfp4_raw
+    monkeypatch.setattr(KM, "multi_mxfp4_raw", lambda *a: calls.append(real(*a)) or calls[-1])
+    stacked = KM.moe(x, w, i, prepared, shared, swiglu_limit=0.5, dtype=dtype)
+    max_rows = max(int((i == e).sum()) for e in range(E))
+    assert bool(calls) and (calls[0] is not None) == (max_rows <= 16), (T, max_rows)
+    assert torch.equal(stacked, plain)
+    assert torch.equal(stacked, RM.moe(x, w, i, experts, shared, swiglu_limit=0.5, dtype=dtype))
+    for (p1, p3, p2), ws in zip(prepared, experts):    # views of the stack now
+        assert torch.equal(p1.packed, ws[0].packed) and torch.equal(p3.packed, ws[1].packed)
+        assert torch.equal(p2.packed, ws[2].packed) and torch.equal(p2.scale, ws[2].scale)
+    # a mixed step (one expert not of this stack) runs per expert, same bits
+    calls.clear()
+    other = list(prepared)
+    other[int(i[0, 0])] = KM.prepare_expert(*experts[int(i[0, 0])])
+    assert torch.equal(KM.moe(x, w, i, other, shared, swiglu_limit=0.5, dtype=dtype), plain) and not calls
+
+
+def test_stack_mxfp4_experts_refuses_what_it_cannot_stack():
+    from llm_kernels.kernels.common.gemm_mxfp4 import pack_mxfp4, stack_mxfp4
+    from llm_kernels.kernels.deepseek_v4 import moe_multi as MM
+
+    experts, _ = _experts(64, 32, 3, "float")
+    one = KM.prepare_expert(*experts[0])
+    assert MM.stack_mxfp4_experts([(one[0].group, one[2].pack)]) is None          # fewer than two
+    nk = [pack_mxfp4(ws[0], "nk") for ws in experts[:2]]
+    with pytest.raises(ValueError, match="'w4' layout"):
+        stack_mxfp4(nk)
+    with pytest.raises(ValueError, match="at least one"):
+        stack_mxfp4([])
+    if jit.USE_INT8_TILES:
+        a, b = pack_mxfp4(experts[0][0]), pack_mxfp4(experts[0][2])                 # [32, 64] vs [64, 32]
+        with pytest.raises(ValueError, match="share shape"):
+            stack_mxfp4([a, b])
+        two = [KM.prepare_expert(*ws) for ws in experts[:2]]
+        bad = [(two[0][0].group, two[0][2].pack), (two[1][0].group, pack_mxfp4(experts[1][2], "nk"))]
+        assert MM.stack_mxfp4_experts(bad) is None and two[0][0].group.stack is None
+
+
 def test_prepare_expert_keeps_four_bits_and_is_idempotent():
     I, D = 64, 128
     ws = tuple(quantize_mxfp4(_f(s, j)) for j, s in enumerate(((I, D), (I, D), (D, I))))
@@ -128,6 +187,10 @@ def test_engine_mxfp4_experts_fused_vs_reference(mxfp4_model):
     assert all(isinstance(pw[n], PreparedMXFP4Weight) for n in routed)
     assert all(isinstance(pw[n], GroupQuantWeight) for n in pw if ".ffn.shared_experts." in n and "weight" in n)
     assert not any(isinstance(v, MXFP4Weight) for n, v in pw.items() if n not in routed)
+    for layer in range(cfg.num_hidden_layers):           # each layer's routed experts stacked once
+        gs = [pw[f"layers.{layer}.ffn.experts.{e}.w1.weight"].group for e in range(cfg.n_routed_experts)]
+        assert (len({id(g.stack) for g in gs}) == 1 and gs[0].stack is not None) == jit.USE_INT8_TILES
+        assert sorted(g.slot for g in gs) == (list(range(len(gs))) if jit.USE_INT8_TILES else [-1] * len(gs))
     ids = torch.randint(0, cfg.vocab_size, (36,), generator=_g(3)).tolist()
     ref = _rows(dict(w), cfg, REFERENCE_OPS, ids)
     ops = SimpleNamespace(**vars(FUSED_OPS))

@@ -3,7 +3,7 @@ per-row INT8 (W8A8) GEMM on DeepSeek-V4 Flash routed-expert shapes, against the 
 bandwidth measured in the same run.
 
     python benchmarks/bench_w4a8.py [OUT.json] [--rounds 7] [--reps 9] [--T 1,4,8]
-                                    [--D 4096] [--I 2048]
+                                    [--D 4096] [--I 2048] [--experts E]
 
 What is measured (``docs/performance.md``, "MXFP4 experts, W4A8", has a run's figures):
 
@@ -13,6 +13,12 @@ What is measured (``docs/performance.md``, "MXFP4 experts, W4A8", has a run's fi
   process's tier), ``int8_g32`` (:mod:`.gemm_group`), ``int8`` (per-row W8A8,
   :mod:`.gemm`). Each variant's experts rotate over copies totalling >= 320 MB, so every
   call streams its weights from DRAM (L3 32 MiB).
+* ``--experts E`` (E >= 2): one call = a decode step's E experts, every one on all T tokens,
+  as the fused ``moe`` runs them: the stacked one-region paths
+  (:func:`llm_kernels.kernels.deepseek_v4.moe_multi.multi_mxfp4_raw` /
+  ``multi_expert_raw``: ``[w1; w3]`` of all E in one region, SwiGLU, all w2 in one), the
+  activations' quantisation included; ``int8_g32`` (no such path) is left out. Bytes = E
+  experts'.
 * **Bytes** = what the kernel reads: packed weights + scales (MXFP4: ``D·I·3/2`` nibble
   bytes + one UE8M0 byte per 32 weights; int8_g32: 1 B/weight + 2 B per 32; int8: 1 B/weight
   + 4 B per row). "% of BW" = ``bytes / t`` over the same round's bandwidth.
@@ -81,6 +87,42 @@ def _expert(kind: str, D: int, I: int, rng: np.random.Generator):
     return (lambda x: w8a8_linear(x, p13)), (lambda h: w8a8_linear(h, p2)), nb
 
 
+def _moe_step(kind: str, D: int, I: int, E: int, rng: np.random.Generator):
+    """(step(x), bytes read) of one decode step of ``E`` stacked experts of ``kind`` (the
+    one-region paths of the fused ``moe``), every expert on all rows of ``x`` [T, D]."""
+    from llm_kernels.kernels.common.quant import quant_rows
+    from llm_kernels.kernels.deepseek_v4.moe import expert_pack, prepare_expert
+    from llm_kernels.kernels.deepseek_v4.moe_multi import (multi_expert_raw, multi_mxfp4_raw, stack_experts,
+                                                           stack_mxfp4_experts)
+    from llm_kernels.numerics.quant import QuantWeight
+
+    if kind == "mxfp4":
+        def mk(n, k):
+            return MXFP4Weight(torch.from_numpy(rng.integers(0, 256, (n, k // 2), dtype=np.uint8)),
+                               torch.from_numpy(rng.integers(118, 128, (n, k // 32), dtype=np.uint8)))
+        ps = [prepare_expert(mk(I, D), mk(I, D), mk(D, I)) for _ in range(E)]
+        st = stack_mxfp4_experts([(p1.group, p2.pack) for p1, _, p2 in ps])
+        nb = st.p13.data.nbytes + st.p13.sw8.nbytes + st.p2.data.nbytes + st.p2.sw8.nbytes
+
+        def step(x):
+            r = np.arange(x.shape[0])
+            return multi_mxfp4_raw(x.numpy(), list(range(E)), [r] * E, st, 0.0, True)
+        return step, nb
+
+    def mk(n, k):
+        return QuantWeight(torch.from_numpy(rng.integers(-127, 128, (n, k), dtype=np.int8)),
+                           torch.full((n,), 1e-3, dtype=torch.float32))
+    packs = [expert_pack(mk(I, D), mk(I, D), mk(D, I)) for _ in range(E)]
+    st = stack_experts(packs)
+    nb = sum(int(p.data.nbytes) + 4 * p.n for pk in packs for p in (pk.p13, pk.p2))
+
+    def step(x):
+        xq, sx = quant_rows(x)
+        r = np.arange(x.shape[0])
+        return multi_expert_raw(xq, sx, list(range(E)), [r] * E, st, 0.0, True)
+    return step, nb
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default=None, help="result JSON (optional)")
@@ -89,24 +131,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=9, help="timed calls per (round, T, variant)")
+    ap.add_argument("--experts", type=int, default=1,
+                    help="experts per call: >= 2 runs a decode step's E experts through the stacked one-region "
+                         "paths (mxfp4 and int8 only)")
     ap.add_argument("--wait-quiet", type=float, default=20.0)
     ap.add_argument("--max-retries", type=int, default=6)
     a = ap.parse_args(argv)
     Ts = [int(v) for v in a.T.split(",")]
-    D, I = a.D, a.I
+    D, I, E = a.D, a.I, a.experts
+    variants = VARIANTS if E < 2 else ("mxfp4", "int8")
     print(f"tier {jit.TIER} (path {jit.dispatch_path()}, CPU best {jit.CPU_TIER}), "
-          f"{numba.get_num_threads()} threads; expert D={D} I={I}", flush=True)
+          f"{numba.get_num_threads()} threads; expert D={D} I={I}"
+          f"{f', {E} experts per call (stacked, one region per weight)' if E >= 2 else ''}", flush=True)
     rng = np.random.default_rng(0)
     experts, nbytes, copies = {}, {}, {}
-    for v in VARIANTS:
-        first = _expert(v, D, I, rng)
+    for v in variants:
+        if E >= 2:
+            def make(v=v):
+                step, nb = _moe_step(v, D, I, E, rng)
+                return step, (lambda h: None), nb
+        else:
+            def make(v=v):
+                return _expert(v, D, I, rng)
+        first = make()
         n = max(2, math.ceil(COLD_BYTES / first[2]))
-        experts[v] = [first] + [_expert(v, D, I, rng) for _ in range(n - 1)]
+        experts[v] = [first] + [make() for _ in range(n - 1)]
         nbytes[v], copies[v] = first[2], n
         print(f"  {v}: {n} copies x {first[2] / 1e6:.2f} MB", flush=True)
     xs = {T: torch.from_numpy(rng.standard_normal((T, D), dtype=np.float32)) for T in Ts}
     hs = {T: torch.from_numpy(rng.standard_normal((T, I), dtype=np.float32)) for T in Ts}
-    idx = dict.fromkeys(VARIANTS, 0)
+    idx = dict.fromkeys(variants, 0)
 
     def call(v, T):
         g13, g2, _ = experts[v][idx[v] % len(experts[v])]
@@ -116,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         g2(hs[T])
         return time.perf_counter() - t0
 
-    for v in VARIANTS:  # compile / first touch
+    for v in variants:  # compile / first touch
         for T in Ts:
             for _ in range(3):
                 call(v, T)
@@ -128,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             b = bw.measure()["bw"]
             med = {}
             for T in Ts:
-                ts = {v: [] for v in VARIANTS}
-                for v in VARIANTS:
+                ts = {v: [] for v in variants}
+                for v in variants:
                     call(v, T)                               # untimed: thread wake-up
                 for i in range(a.reps):
-                    order = VARIANTS[i % 3:] + VARIANTS[:i % 3]
+                    order = variants[i % len(variants):] + variants[:i % len(variants)]
                     for v in order:
                         ts[v].append(call(v, T))
-                for v in VARIANTS:
+                for v in variants:
                     med[f"{v}/{T}"] = statistics.median(ts[v])
         ok = c.foreign <= CONTENTION_LIMIT
         rounds.append({"round": r, "bw_gbs": b, "median_s": med, "foreign_cpu": c.foreign, "clean": ok})
@@ -152,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'T':>3} {'variant':>9} {'MB':>7} {'median ms':>10} {'GB/s':>7} {'% BW':>6} {'t / t_mxfp4':>12}")
     summary = []
     for T in Ts:
-        for v in VARIANTS:
+        for v in variants:
             t = statistics.median(x["median_s"][f"{v}/{T}"] for x in use)
             pct = statistics.median(nbytes[v] / x["median_s"][f"{v}/{T}"] / 1e9 / x["bw_gbs"] for x in use)
             ratio = statistics.median(x["median_s"][f"{v}/{T}"] / x["median_s"][f"mxfp4/{T}"] for x in use)
@@ -162,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * pct:>6.1f} {ratio:>12.2f}")
     if a.out:
         Path(a.out).write_text(json.dumps({"tier": jit.TIER, "dispatch": jit.dispatch_info(), "D": D, "I": I,
-                                           "copies": copies, "bw_median_gbs": bw_med, "summary": summary,
+                                           "experts": E, "copies": copies, "bw_median_gbs": bw_med, "summary": summary,
                                            "rounds": rounds, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                                           indent=1))
     return 0

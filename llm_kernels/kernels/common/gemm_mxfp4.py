@@ -53,6 +53,13 @@ T=1 0.552 ms (61 % of BW, 1.47x faster than per-row INT8), T=4 0.501 ms, T=8 0.5
 Zen 4 (T=1: ``prefetcht1`` of one line per stream and block, one chain per unit; ``vscalefps``
 fold; serial quantisation for T <= 2): T=1 0.573 -> 0.467 ms (65 -> 79 % of a ~36 GB/s
 probe), 0.501 -> 0.380 ms (44 -> 55 % of a ~62 GB/s probe); T=4 / T=8 unchanged.
+AVX2 (Zen 3): the one-token sub-tile covers two 16-channel streams with a 1 KiB
+``prefetcht1``: T=1 0.66 -> 0.50 ms per Flash expert from DRAM.
+
+**Several weights in one region** (:class:`MXFP4Stack`, :func:`quant_pack_w4_parts`,
+:func:`w4_parts_core`): the MoE's decode path runs every routed expert of a step as one
+``prange`` over (expert, 64-column chunk) with the same tiles, so the ~43 µs fixed cost of a
+call (two parallel regions) is paid once per weight kind and step, not per expert.
 
 Measured: ``docs/performance.md`` ("MXFP4 experts, W4A8"); ``benchmarks/bench_w4a8.py``.
 """

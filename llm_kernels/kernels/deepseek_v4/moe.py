@@ -41,7 +41,9 @@ Same signatures, arguments and return types as
     (``MXFP4Weight``, routed experts kept 4-bit) experts run the float path's steps around
     one ``[w1; w3]`` GEMM and the w2 GEMM of their kind, both quantising activations per 32
     inputs (:mod:`common.gemm_group`, the W4A8 :mod:`common.gemm_mxfp4`): bitwise the
-    reference's ``numerics.linear`` (exact block sums, the goldens' fold order).
+    reference's ``numerics.linear`` (exact block sums, the goldens' fold order). A
+    decode-sized step of prepared MXFP4 experts of one layer stack runs them all in one
+    W4A8 region per weight (:func:`.moe_multi.multi_mxfp4_raw`, bitwise the same).
 
 Measured (Flash dims, bf16, 2-core Zen 4 VM, DRAM ~80 GB/s by ``torch.sum``, common's
 W8A8 GEMM streams at 43-46 GB/s): ``moe`` with 256 W8A8 experts, T=1 (6 routed + shared)

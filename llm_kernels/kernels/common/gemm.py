@@ -64,6 +64,7 @@ from numba import prange
 from . import jit
 from .bf16 import kernel_rows, load_f32
 from .gemm_pack import (
+    ACT_OFFSET,
     CHUNK_N,
     MAX_K_PLAIN,
     PackedW8A8,
@@ -251,11 +252,18 @@ def _vnni_core(xp, T, TP, KG, wp, NP, N, wsum128, sx, sw, want_f32, out_i32, out
             _epilogue_i32(acc, wsum128, out_i32, T, n0, n1)
 
 
+#: Each packed activation word XOR this: ``q + 128`` per byte for the VNNI tile (``q + 128``
+#: of a two's-complement byte is ``q ^ 0x80``), the signed ``q`` itself for the AVX2 tile
+#: (:data:`.gemm_pack.ACT_OFFSET`).
+_ACT_XOR32 = np.uint32(0x80808080 if ACT_OFFSET else 0)
+
+
 @njit_kernel
 def pack_q32(q32, xp32, T, TP):
     """Serial pack of row-major padded int8 rows (viewed as uint32 ``[T, KG]``, one word =
-    4 consecutive k) into the ``[KG][TP][4]`` u8 layout as ``q + 128`` (``q + 128`` of a
-    two's-complement byte is ``q ^ 0x80``); padding rows T..TP-1 get q = 0 (0x80).
+    4 consecutive k) into the ``[KG][TP][4]`` layout of this process's INT8 tile: u8
+    ``q + 128`` (VNNI) or the signed ``q`` (AVX2; :data:`.gemm_pack.ACT_OFFSET`); padding
+    rows T..TP-1 get q = 0.
 
     Serial and in output order on purpose: the layout interleaves all tokens in every
     64-byte line, so a row-parallel scatter makes both cores write every line (false
@@ -264,10 +272,10 @@ def pack_q32(q32, xp32, T, TP):
     for t in range(T):  # contiguous reads, strided writes: 2x faster than the other order
         row = q32[t]
         for kg in range(KG):
-            xp32[kg * TP + t] = row[kg] ^ np.uint32(0x80808080)
+            xp32[kg * TP + t] = row[kg] ^ _ACT_XOR32
     for kg in range(KG):
         for t in range(T, TP):
-            xp32[kg * TP + t] = np.uint32(0x80808080)
+            xp32[kg * TP + t] = _ACT_XOR32
 
 
 @njit_kernel(parallel=True)

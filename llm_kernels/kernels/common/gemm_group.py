@@ -22,7 +22,7 @@ weights), so:
   correction ``c[t, g] = 128·Σ_{k in g} q_x[t, k]`` is a per-token, per-block integer made
   when the activations are quantised.
 * AVX2 (``"avx2"``): the AVX2 tile's own sign folding returns the exact ``isum`` from
-  ``u8 = q + 128`` activations and signed weights: ``c = 0``.
+  the raw signed activations and signed weights: ``c = 0``.
 
 Weight scales are kept as float16 bits (2 bytes per 32 weights: Q8_0's byte count),
 chunk-major ``[Np/64][K/G][64]`` so that each 64-column chunk reads its scales as one
@@ -416,8 +416,7 @@ def group_gemm_linear(x: Any, w: PackedGroupW8) -> Any:
             xp = np.empty(w.k * TP, np.int8 if vnni else np.uint8)
             sx = np.zeros((TP, NG), np.float32)
             corr = np.zeros((TP, NG), np.int32)
-            quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP,
-                              np.uint32(0 if vnni else 0x80808080), 128 if vnni else 0)
+            quant_pack_groups(a2, G, xp.view(np.uint32), sx, corr, TP, np.uint32(0), 128 if vnni else 0)
             core = _group_core_vnni if vnni else _group_core
             core(xp, T, TP, w.k // 4, G // 4, w.data, w.np_, w.n, w.sw16, sx, corr, out)
         else:

@@ -31,8 +31,8 @@ from . import jit
 from .jit import njit_kernel
 from .x86 import VNNI_NB
 
-__all__ = ["CHUNK_N", "MAX_K_PLAIN", "MAX_K_VNNI", "TILED_LAYOUTS", "PackedW8A8", "as_numpy", "is_tiled",
-           "pack_w8a8", "unpack_w8a8", "zero_point"]
+__all__ = ["ACT_OFFSET", "CHUNK_N", "MAX_K_PLAIN", "MAX_K_VNNI", "TILED_LAYOUTS", "PackedW8A8", "act_offset",
+           "as_numpy", "is_tiled", "pack_w8a8", "unpack_w8a8", "zero_point"]
 
 #: Packed (broadcast) layouts, one per INT8 register tile; ``"nk"`` is the plain one.
 TILED_LAYOUTS = ("vnni", "avx2")
@@ -48,6 +48,19 @@ def zero_point(layout: str | None) -> int:
     for ``"avx2"`` (sign-folded, exact ``Σ q·w``) and ``"nk"``; ``None`` (no INT8 tile on
     this CPU) gives 128, the VNNI tile's (never compiled then)."""
     return 0 if layout in ("avx2", "nk") else 128
+
+
+def act_offset(tile: str | None) -> int:
+    """The byte added to an activation ``q`` in the packed ``[K/4][T][4]`` broadcast layout
+    of an INT8 tile: 128 for ``"vnni"`` (``u8 = q + 128 = q ^ 0x80``, ``vpdpbusd``'s
+    unsigned operand), 0 for ``"avx2"`` (the signed ``q`` itself: the sign-folding tile
+    needs no conversion per token); ``None`` gives the VNNI one (never read then). Equal
+    to :func:`zero_point` of the tile's layout."""
+    return zero_point(tile)
+
+
+#: :func:`act_offset` of this process's INT8 tile (``jit.INT8_TILE``).
+ACT_OFFSET = act_offset(jit.INT8_TILE)
 
 #: Output columns per parallel work item of the VNNI kernel (4 zmm blocks of 16); the
 #: ``"vnni"`` layout pads N to a multiple of it.

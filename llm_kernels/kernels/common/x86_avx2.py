@@ -3,14 +3,16 @@ tile of the process (:func:`int8_bcast_tile`).
 
 The AVX2 tile reads exactly the operands of the VNNI tile (:func:`.x86.vnni_bcast_tile`):
 broadcast-packed weights ``[Np/16][Kp/4][16][4]`` int8 (a 64-byte block = two ymm halves of
-8 channels x 4 k) and packed activations ``u8 = q + 128``, and has the same Numba signature,
-so every INT8 kernel runs on either tile without another copy of its code.
+8 channels x 4 k) and activations in the same ``[K/4][T][4]`` layout, and has the same Numba
+signature, so every INT8 kernel runs on either tile without another copy of its code. The
+activation bytes are the tile's own: the VNNI tile reads ``u8 = q + 128``, this one the
+signed ``q`` itself (:data:`.gemm_pack.ACT_OFFSET`; every packer writes the process's).
 
 **Sign folding** (AVX2 has no ``vpdpbusd``; ``vpmaddubsw`` multiplies u8 by s8 and
 *saturates* its int16 pair sums, so ``u8 = q + 128`` would overflow: 2·255·127 > 32767).
-Per 4-byte k-group, for each weight half ``w`` (32 bytes) and token broadcast ``x``::
+Per 4-byte k-group, for each weight half ``w`` (32 bytes) and token broadcast ``q``
+(the signed activation, ``|q| <= 127``)::
 
-    q   = x ^ 0x80                         # back to the signed activation, |q| <= 127
     wa  = |w|                              # u8; |-128| = 128 is exact as u8
     qs  = vpsignb(q, w)                    # q·sign(w) (0 where w = 0)
     p16 = vpmaddubsw(wa, qs)               # |w|·q·sgn(w) = w·q, pair sums <= 2·128·127 = 32512: exact
@@ -93,10 +95,11 @@ def avx2_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, pf_locality: 
 
         tile(xp, x_off, x_kstride, wp, w_off, w_bstride, nkg, acc, acc_off, acc_tstride, accumulate)
 
-    but the result is the exact signed product (no ``+128`` zero point): for ``t < tt``,
-    ``j < nb``, lane ``l < 16``: ``acc[acc_off + t*acc_tstride + 16*j + l] = (acc[...] if
-    accumulate else 0) + Σ_{kg<nkg} Σ_{b<4} (xp[x_off + kg*x_kstride + 4*t + b] - 128) *
-    wp[w_off + j*w_bstride + 64*kg + 4*l + b]``, for activations in [-127, 127] (u8 1..255).
+    but the activations are the signed bytes ``q`` (not ``q + 128``) and the result is the
+    exact signed product (no zero point): for ``t < tt``, ``j < nb``, lane ``l < 16``:
+    ``acc[acc_off + t*acc_tstride + 16*j + l] = (acc[...] if accumulate else 0) +
+    Σ_{kg<nkg} Σ_{b<4} int8(xp[x_off + kg*x_kstride + 4*t + b]) *
+    wp[w_off + j*w_bstride + 64*kg + 4*l + b]``, for activations in [-127, 127].
     ``prefetch`` > 0: ``llvm.prefetch`` of each weight block that many bytes ahead (first
     token group only). ``regs``: the register budget of :func:`avx2_plan`. Bounds are not
     checked."""
@@ -121,7 +124,6 @@ def avx2_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, pf_locality: 
         psignb = _fn(builder, "llvm.x86.avx2.psign.b", _VB, [_VB, _VB])
         pf = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, _I32, _I32, _I32]) if prefetch else None
         ones = ir.Constant(_VW, [1] * 16)
-        sign80 = ir.Constant(_VB, [0x80] * 32)
         zb = ir.Constant(_VB, [0] * 32)
         zd = ir.Constant(_VD, [0] * 8)
         idx0 = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
@@ -149,7 +151,7 @@ def avx2_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, pf_locality: 
                     s = _load(builder, x_base, builder.add(xk, c(4 * t)), _I32)
                     v = builder.insert_element(ir.Constant(ir.VectorType(_I32, 8), None), s, c(0, _I32))
                     v = builder.shuffle_vector(v, ir.Constant(ir.VectorType(_I32, 8), None), idx0)
-                    q = builder.xor(builder.bitcast(v, _VB), sign80)
+                    q = builder.bitcast(v, _VB)
                     for h in halves:
                         qs = builder.call(psignb, [q, ws[h]])
                         p16 = builder.call(pmaddubsw, [wabs[h], qs])
@@ -162,7 +164,7 @@ def avx2_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0, pf_locality: 
         return context.get_dummy_value()
 
     return bcast_tile_intrinsic(codegen, types.uint8, types.int8,
-                                f"avx2_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}_r{regs}")
+                                f"avx2_bcast_tile_{tt}x{nb}{'_pf' if prefetch else ''}_r{regs}_s")
 
 
 def int8_bcast_tile(tt: int, nb: int = VNNI_NB, prefetch: int = 0):

@@ -38,7 +38,7 @@ from numba import prange
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import dot_i8
-from ..common.gemm_pack import zero_point
+from ..common.gemm_pack import ACT_OFFSET, zero_point
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
 from ..common.topk import topk_indices
@@ -186,10 +186,10 @@ def _score_token(acc, corr, t, c0, nc, qs, w, ks, H, scale, vals, colsum, out):
 
 @njit_kernel
 def _pack_q(q8, T, H, Hp, KG):
-    """int8 queries [T·H, D] -> broadcast layout ``[KG][T·Hp][4]`` u8 (``q + 128``); rows
-    ``t·Hp + h``, padding heads/lanes = 128 (q = 0)."""
+    """int8 queries [T·H, D] -> broadcast layout ``[KG][T·Hp][4]`` (the tile's bytes:
+    ``q + ACT_OFFSET``); rows ``t·Hp + h``, padding heads/lanes q = 0."""
     RP = T * Hp
-    qp = np.full(KG * RP * 4, np.uint8(128))
+    qp = np.full(KG * RP * 4, np.uint8(ACT_OFFSET))
     for t in range(T):
         for h in range(H):
             pack_row(q8[t * H + h], qp, t * Hp + h, RP, KG)

@@ -14,7 +14,7 @@ from numba import prange
 from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import PackedW8A8, dot_i8, pack_w8a8, pad_to_tile
-from ..common.gemm_pack import is_tiled
+from ..common.gemm_pack import ACT_OFFSET, is_tiled
 from ..common.jit import njit_kernel
 from ..common.prepared import PackedLinear
 from ..common.quant import quant_row_f32
@@ -102,22 +102,23 @@ def acc_cols_plain(xq, T, wq, n0, ncols, acc):
 
 @njit_kernel
 def pack_row(q, xp, t, TP, KG):
-    """Scatter int8 row ``q`` into the ``[KG][TP][4]`` u8 layout as ``q + 128``."""
+    """Scatter int8 row ``q`` into the ``[KG][TP][4]`` layout of this process's INT8 tile
+    (byte ``q + ACT_OFFSET``: u8 ``q + 128`` for VNNI, the signed ``q`` for AVX2)."""
     K = q.size
     xks = TP * 4
     for k in range(K):
-        xp[(k >> 2) * xks + t * 4 + (k & 3)] = np.uint8(np.int32(q[k]) + 128)
+        xp[(k >> 2) * xks + t * 4 + (k & 3)] = np.uint8((np.int32(q[k]) + ACT_OFFSET) & 255)
     for k in range(K, KG * 4):
-        xp[(k >> 2) * xks + t * 4 + (k & 3)] = np.uint8(128)
+        xp[(k >> 2) * xks + t * 4 + (k & 3)] = np.uint8(ACT_OFFSET)
 
 
 @njit_kernel
 def pack_pad(xp, T, TP, KG):
-    """Token rows ``T..TP-1`` of the packed layout = u8 128 (q = 0)."""
+    """Token rows ``T..TP-1`` of the packed layout = q = 0 (byte ``ACT_OFFSET``)."""
     xks = TP * 4
     for kg in range(KG):
         for i in range(T * 4, TP * 4):
-            xp[kg * xks + i] = np.uint8(128)
+            xp[kg * xks + i] = np.uint8(ACT_OFFSET)
 
 
 @njit_kernel

@@ -51,9 +51,10 @@ def _pack_w(w: np.ndarray, kg: int) -> np.ndarray:
 
 
 def _pack_x(q: np.ndarray, kg: int) -> np.ndarray:
-    """int8 [T, 4·kg] -> u8 ``q + 128`` in the [kg][T][4] layout."""
+    """int8 [T, 4·kg] -> the AVX2 tile's activation bytes (the signed ``q``, as u8 bits) in
+    the [kg][T][4] layout."""
     T = q.shape[0]
-    u = (q.astype(np.int16) + 128).astype(np.uint8)
+    u = np.ascontiguousarray(q).view(np.uint8)
     return np.ascontiguousarray(u.reshape(T, kg, 4).transpose(1, 0, 2)).reshape(-1)
 
 

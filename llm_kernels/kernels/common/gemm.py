@@ -123,7 +123,13 @@ def prefetch_for(tt: int) -> int:
     Measured on the 2-core Zen 5 guest with weights streaming from DRAM (see
     ``benchmarks/bench_gemm.py``): the hardware prefetcher alone keeps up while the tile
     does little work per weight byte (T <= 6: within +-5 %), but not when it does a lot:
-    T=8 +30 % with 4 KiB, T=16 +50-80 % with 8 KiB (1.1 -> 1.65-2.0 TOP/s)."""
+    T=8 +30 % with 4 KiB, T=16 +50-80 % with 8 KiB (1.1 -> 1.65-2.0 TOP/s). The AVX2 tile
+    at T=2 walks one 16-channel stream at a time (its ymm budget holds 2 halves x 2 tokens,
+    :func:`.x86_avx2.avx2_plan`), which the hardware prefetcher alone does not keep fed:
+    2 KiB there (Zen 3, tier avx2, K=4096 N=14336 from DRAM, alternating processes: T=2
+    2.06-2.26 -> 1.72-1.78 ms, T=1 1.72-1.79 ms)."""
+    if tt == 2 and jit.INT8_TILE == "avx2":
+        return 2048
     return 0 if tt <= 2 else (2048 if tt <= 6 else (4096 if tt <= 12 else 8192))
 
 

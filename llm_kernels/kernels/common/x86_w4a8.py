@@ -60,9 +60,9 @@ stream 1 KiB ahead with ``prefetcht1``: one Flash expert from DRAM on Zen 3 0.66
 (median of 3 processes each; 2 units without prefetch 0.60, 0.5 KiB 0.54). The other AVX2
 sub-tiles are unchanged (``docs/performance.md``, "MXFP4 experts, W4A8").
 
-**Units fold one at a time**: each unit's block sum is folded into its float accumulator
-right after its 4 nibble blocks, so only the float accumulators stay live across units.
-AVX2 makes the UE8M0 scale's float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second
+**AVX2 units fold one at a time**: each unit's block sum is folded into its float
+accumulator right after its 4 nibble blocks, so only the float accumulators stay live
+across units (VNNI folds after all units, as it was tuned). AVX2 makes the UE8M0 scale's float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second
 is the subnormal ``2^-128`` / ``2^-127`` for ``e = 0, 1`` and smaller for ``e >= 2``).
 
 **Fold** (VNNI): ``vscalefps(fl(f32(isum)·s), e - 128)`` is the correctly rounded
@@ -226,9 +226,34 @@ def _tile(isa: str, ts0: int, us0: int):
                     b.call(pf, [b.gep(swptr, [b.add(sw_off, b.add(b.mul(g, k(64)), k(pfd // 4)))]),
                                 k(0, _I32), k(pfl, _I32), k(1, _I32)])
                 fnew = {}
-                fold = dict(zip(keys, fcur))
+                fold_in = dict(zip(keys, fcur))
+                isum = {}
+
+                def scale_vec(u):
+                    """The unit's UE8M0 scales of block g: VNNI the float e - 128 (for vscalefps),
+                    AVX2 the exact float32 2^(e-128), as bits max((e-1)·2^23, (e+1)·2^21) (the
+                    second wins only for e <= 1: the subnormals 2^-128 = 2^21, 2^-127 = 2^22)."""
+                    e = b.zext(load(swptr, b.add(sw_off, b.add(b.mul(g, k(64)), k(W * u))), ir.VectorType(_I8, W)),
+                               VI32)
+                    if isa == "vnni":
+                        return b.sitofp(b.sub(e, ir.Constant(VI32, [128] * W)), VF)
+                    normal = b.sub(b.shl(e, ir.Constant(VI32, [23] * W)), ir.Constant(VI32, [1 << 23] * W))
+                    sub = b.add(b.shl(e, ir.Constant(VI32, [21] * W)), ir.Constant(VI32, [1 << 21] * W))
+                    return b.bitcast(b.select(b.icmp_signed(">", normal, sub), normal, sub), VF)
+
+                def fold(t, u, swv):
+                    """fl(f + fl(fl(f32(isum - c)·s)·2^(e-128))) of token t, unit u."""
+                    sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
+                    sv = bcast_sc(sxptr, sc, _F32, VF)
+                    iv = isum[(t, u)] if isa == "vnni" else b.add(isum[(t, u)], bcast_sc(cptr, sc, _I32, VI32))
+                    y = b.fmul(b.sitofp(iv, VF), sv)
+                    if isa == "vnni":
+                        z = b.call(scalef, [y, swv, zf, k(-1, _I16), k(4, _I32)])
+                    else:
+                        z = b.fmul(y, swv)
+                    fnew[(t, u)] = b.fadd(fold_in[(t, u)], z)
+
                 for u in units:
-                    isum = {}
                     # VNNI: chain 0 starts from corr = -ZP·Σq (broadcast): no subtraction in the fold
                     ch = [[bcast_sc(cptr, b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g)), _I32, VI32), zi]
                           for t in toks] if isa == "vnni" else None
@@ -251,32 +276,18 @@ def _tile(isa: str, ts0: int, us0: int):
                                 s16[i] = pr if p % 2 == 0 else b.add(s16[i], pr)
                                 if p % 2 == 1:
                                     w32 = b.call(maddwd, [s16[i], ones])
-                                    isum[t] = w32 if p == 1 else b.add(isum[t], w32)
+                                    isum[(t, u)] = w32 if p == 1 else b.add(isum[(t, u)], w32)
                     if isa == "vnni":
                         for i, t in enumerate(toks):
-                            isum[t] = b.add(ch[i][0], ch[i][1]) if split else ch[i][0]
-                    # fold of this unit: fl(f + fl(fl(f32(isum - c)·s)·2^(e-128))): VNNI vscalefps by the
-                    # float e - 128, AVX2 a vmulps by the UE8M0 byte made into its exact float32
-                    e = b.zext(load(swptr, b.add(sw_off, b.add(b.mul(g, k(64)), k(W * u))), ir.VectorType(_I8, W)),
-                               VI32)
-                    if isa == "vnni":
-                        swv = b.sitofp(b.sub(e, ir.Constant(VI32, [128] * W)), VF)
-                    else:
-                        # 2^(e-128) as bits: max((e-1)·2^23, (e+1)·2^21); the second wins only for e <= 1,
-                        # the subnormals 2^-128 = 2^21 and 2^-127 = 2^22
-                        normal = b.sub(b.shl(e, ir.Constant(VI32, [23] * W)), ir.Constant(VI32, [1 << 23] * W))
-                        sub = b.add(b.shl(e, ir.Constant(VI32, [21] * W)), ir.Constant(VI32, [1 << 21] * W))
-                        swv = b.bitcast(b.select(b.icmp_signed(">", normal, sub), normal, sub), VF)
-                    for t in toks:
-                        sc = b.add(sc_off, b.add(b.mul(sc_ts, k(t)), g))
-                        sv = bcast_sc(sxptr, sc, _F32, VF)
-                        iv = isum[t] if isa == "vnni" else b.add(isum[t], bcast_sc(cptr, sc, _I32, VI32))
-                        y = b.fmul(b.sitofp(iv, VF), sv)
-                        if isa == "vnni":
-                            z = b.call(scalef, [y, swv, zf, k(-1, _I16), k(4, _I32)])
-                        else:
-                            z = b.fmul(y, swv)
-                        fnew[(t, u)] = b.fadd(fold[(t, u)], z)
+                            isum[(t, u)] = b.add(ch[i][0], ch[i][1]) if split else ch[i][0]
+                    else:  # AVX2: fold this unit now (only the float accumulators stay live across units)
+                        swv = scale_vec(u)
+                        for t in toks:
+                            fold(t, u, swv)
+                if isa == "vnni":  # after all units, tokens-major (the order the VNNI tile was tuned with)
+                    swvs = {u: scale_vec(u) for u in units}
+                    for t, u in keys:
+                        fold(t, u, swvs[u])
                 return [fnew[key] for key in keys]
 
             final = acc_loop(b, ng, finit, block, f"w4{isa}")

@@ -119,20 +119,33 @@ def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh, xp, TP):
         pack_q32(hq[j].view(np.uint32), xp[j].view(np.uint32), nrows[j], TP)
 
 
+def _part_rows(rows: list[np.ndarray]) -> tuple | None:
+    """``(nr, tmax, TP, ridx)`` of the parts' token rows: row counts, the largest, its padded
+    tile height and the rows as a zero-padded ``[J, tmax]`` int64 array; None when there is
+    no row or a part has more than 16 (one register tile per chunk)."""
+    nr = np.array([len(r) for r in rows], np.int64)
+    tmax = int(nr.max()) if len(rows) else 0
+    if tmax == 0 or tmax > MAX_TILE_T:
+        return None
+    ridx = np.zeros((len(rows), tmax), np.int64)
+    for j, r in enumerate(rows):
+        ridx[j, :len(r)] = r
+    return nr, tmax, padded_tokens(tmax), ridx
+
+
 def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: list[np.ndarray],
                      st: ExpertStack, limit: float, to_bf16: bool) -> list[np.ndarray] | None:
     """Experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of the quantised
     activations ``xq`` [T, D] int8 / ``sx`` [T] float32 -> the w2 outputs, float32
     ``[len(rows[j]), D]`` each (unrounded dequant, as :func:`.moe._expert_raw`). None when
     a part has more than 16 rows (the caller runs its per-expert path)."""
-    J = len(slots)
-    nr = np.array([len(r) for r in rows], np.int64)
-    tmax = int(nr.max()) if J else 0
-    if J == 0 or tmax == 0 or tmax > MAX_TILE_T:
+    plan = _part_rows(rows)
+    if plan is None:
         return None
+    nr, tmax, TP, ridx = plan
+    J = len(slots)
     p13, p2, I = st.p13, st.p2, st.inter
     D = xq.shape[1]
-    TP = padded_tokens(tmax)
     KG = p13.kp // 4
     if D == 4 * KG:
         q32 = np.ascontiguousarray(xq).view(np.uint32)
@@ -140,10 +153,8 @@ def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: lis
         qp = np.zeros((xq.shape[0], 4 * KG), np.int8)
         qp[:, :D] = xq
         q32 = qp.view(np.uint32)
-    ridx = np.zeros((J, tmax), np.int64)
     sxp = np.zeros((J, tmax), np.float32)
     for j, r in enumerate(rows):
-        ridx[j, :len(r)] = r
         sxp[j, :len(r)] = sx[r]
     sel = np.asarray(slots, np.int64)
     xp = np.empty((J, 4 * KG * TP), np.uint8)
@@ -220,17 +231,13 @@ def multi_mxfp4_raw(x: np.ndarray, slots: list[int], rows: list[np.ndarray], st:
     [T, D] -> the w2 outputs, float32 ``[len(rows[j]), D]`` each, bitwise those of
     :func:`.moe._expert_raw` per expert. None when a part has more than 16 rows (the caller
     runs its per-expert path)."""
-    J = len(slots)
-    nr = np.array([len(r) for r in rows], np.int64)
-    tmax = int(nr.max()) if J else 0
-    if J == 0 or tmax == 0 or tmax > MAX_TILE_T:
+    plan = _part_rows(rows)
+    if plan is None:
         return None
+    nr, tmax, TP, ridx = plan
+    J = len(slots)
     p13, p2, I = st.p13, st.p2, st.inter
     D = x.shape[1]
-    TP = padded_tokens(tmax)
-    ridx = np.zeros((J, tmax), np.int64)
-    for j, r in enumerate(rows):
-        ridx[j, :len(r)] = r
     sel = np.asarray(slots, np.int64)
     xp = np.empty((J, D * TP), np.int8)
     sx = np.zeros((J, TP * (D // MXFP4_BLOCK)), np.float32)

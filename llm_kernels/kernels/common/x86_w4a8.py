@@ -57,13 +57,16 @@ was 20-25 % slower than ``prefetcht1`` or no software prefetch. The AVX2 one-tok
 sub-tile covers 4 units of 8 channels (two 16-channel streams, both halves of each 64-byte
 line in one pass instead of a second pass from L2) and prefetches all 4 lines of each
 stream 1 KiB ahead with ``prefetcht1``: one Flash expert from DRAM on Zen 3 0.66 -> 0.50 ms
-(median of 3 processes each; 2 units without prefetch 0.60, 0.5 KiB 0.54). The other AVX2
-sub-tiles are unchanged (``docs/performance.md``, "MXFP4 experts, W4A8").
+(median of 3 processes each; 2 units without prefetch 0.60, 0.5 KiB 0.54). The 2- and
+3-token AVX2 sub-tiles prefetch 2 KiB ahead (``prefetcht0``): one expert from DRAM, medians
+of 3 alternating processes, T=2 0.842 -> 0.794 ms, T=3 1.009 -> 0.844 ms
+(``docs/performance.md``, "MXFP4 experts, W4A8").
 
 **AVX2 units fold one at a time**: each unit's block sum is folded into its float
 accumulator right after its 4 nibble blocks, so only the float accumulators stay live
-across units (VNNI folds after all units, as it was tuned). AVX2 makes the UE8M0 scale's float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second
-is the subnormal ``2^-128`` / ``2^-127`` for ``e = 0, 1`` and smaller for ``e >= 2``).
+across units (VNNI folds after all units, as it was tuned). AVX2 makes the UE8M0 scale's
+float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second is the subnormal ``2^-128`` /
+``2^-127`` for ``e = 0, 1`` and smaller for ``e >= 2``).
 
 **Fold** (VNNI): ``vscalefps(fl(f32(isum)·s), e - 128)`` is the correctly rounded
 ``y·2^(e-128)``, the same float32 as the multiply by the exact scale (subnormal results
@@ -123,13 +126,13 @@ def w4_prefetch(isa: str, ts: int) -> int:
     quarter of it, it advances 64 B per block to the streams' 256 B) of a sub-tile of ``ts``
     tokens: VNNI 2048 for ``ts == 1`` (``prefetcht1`` of the first of the 4 lines per block),
     else 4096 (``prefetcht0``, all 4 lines); AVX2 1024 for ``ts == 1`` (``prefetcht1``, all 4
-    lines of each of its 2 streams), else 0. Measured on the 2-core Zen 5 and Zen 4 guests
-    (VNNI) and Zen 3 (AVX2), weights streaming from DRAM (``benchmarks/bench_w4a8.py``,
-    ``docs/performance.md``)."""
+    lines of each of its 2 streams), else 2048 (``prefetcht0``, all 4 lines). Measured on
+    the 2-core Zen 5 and Zen 4 guests (VNNI) and Zen 3 (AVX2), weights streaming from DRAM
+    (``benchmarks/bench_w4a8.py``, ``docs/performance.md``)."""
     if isa not in UNIT:
         raise ValueError(f"unknown ISA {isa!r} (expected 'vnni' or 'avx2')")
     if isa != "vnni":
-        return 1024 if ts == 1 else 0
+        return 1024 if ts == 1 else 2048
     return 2048 if ts == 1 else 4096
 
 

@@ -100,6 +100,20 @@ def swiglu_row(row, I, limit, to_bf16, buf):
         buf[i] = _rnd(np.float32(_rnd(_silu(g), to_bf16) * u), to_bf16)
 
 
+@njit_kernel
+def _swiglu_part_row(gu, r, nrows, I, limit, to_bf16, buf):
+    """Item ``r`` of the (part j, row t) grid of ``gu`` [J, T, 2I]: ``(j, t, True)`` with
+    ``buf`` = :func:`swiglu_row` of ``gu[j, t]`` when ``t < nrows[j]``, else ``(j, t, False)``
+    (a padding row, ``buf`` untouched)."""
+    T = gu.shape[1]
+    j = r // T
+    t = r - j * T
+    if t >= nrows[j]:
+        return j, t, False
+    swiglu_row(gu[j, t], I, limit, to_bf16, buf)
+    return j, t, True
+
+
 @njit_kernel(parallel=True)
 def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh, xp, TP):
     """Per (part j, row t < nrows[j]) of ``gu`` [J, T, 2I] (g | u, unrounded GEMM outputs):
@@ -108,13 +122,10 @@ def _swiglu_quant_parts(gu, nrows, I, limit, to_bf16, hq, sh, xp, TP):
     arithmetic exactly), then packed per part into ``xp`` [J, KG·TP·4] u8."""
     J, T, _ = gu.shape
     for r in prange(J * T):
-        j = r // T
-        t = r - j * T
-        if t >= nrows[j]:
-            continue
         buf = np.empty(I, np.float32)
-        swiglu_row(gu[j, t], I, limit, to_bf16, buf)
-        sh[j, t] = quant_row_f32(buf, hq[j, t, :I])
+        j, t, ok = _swiglu_part_row(gu, r, nrows, I, limit, to_bf16, buf)
+        if ok:
+            sh[j, t] = quant_row_f32(buf, hq[j, t, :I])
     for j in prange(J):
         pack_q32(hq[j].view(np.uint32), xp[j].view(np.uint32), nrows[j], TP)
 
@@ -213,14 +224,12 @@ def _swiglu_quant_w4_parts(gu, nrows, I, limit, to_bf16, TP, xp, sx, corr):
     NG = I // MXFP4_BLOCK
     q = np.zeros((J, TP, I), np.int8)
     for r in prange(J * T):
-        j = r // T
-        t = r - j * T
-        if t >= nrows[j]:
-            continue
         buf = np.empty(I, np.float32)
-        swiglu_row(gu[j, t], I, limit, to_bf16, buf)
-        qb = np.empty(MXFP4_BLOCK, np.float32)
-        quant_group_row(buf, MXFP4_BLOCK, q[j, t], sx[j, t * NG:(t + 1) * NG], corr[j, t * NG:(t + 1) * NG], -ZP, qb)
+        j, t, ok = _swiglu_part_row(gu, r, nrows, I, limit, to_bf16, buf)
+        if ok:
+            qb = np.empty(MXFP4_BLOCK, np.float32)
+            quant_group_row(buf, MXFP4_BLOCK, q[j, t], sx[j, t * NG:(t + 1) * NG], corr[j, t * NG:(t + 1) * NG],
+                            -ZP, qb)
     for j in prange(J):
         pack_words(q[j], xp[j].view(np.uint32), TP, np.uint32(0))
 

@@ -322,21 +322,26 @@ def quant_pack_w4_parts(x, rows, nrows, TP, xp, sx, corr):
     """The activations of several W4A8 GEMMs: part j takes token rows ``rows[j, :nrows[j]]``
     of float32 / bf16-bits ``x`` [T, K] -> ``xp`` int8 ``[J, K·TP]`` (the ``[K/4][TP][4]``
     layout per part, padding rows q = 0), ``sx`` float32 / ``corr`` int32 ``[J, TP·K/32]``
-    (token t's block g at ``t·K/32 + g``; ``corr = -ZP·Σq``): the quantiser of
-    :func:`mxfp4_gemm_linear` per row, so every part's operands are bitwise its own call's."""
-    J, tmax = rows.shape
-    K = x.shape[1]
+    (token t's block g at ``t·K/32 + g``; ``corr = -ZP·Σq``). Each token row is quantised
+    once (the quantiser of :func:`mxfp4_gemm_linear`), then gathered into every part that
+    takes it, so every part's operands are bitwise its own call's."""
+    T, K = x.shape
+    J = rows.shape[0]
     NG = K // MXFP4_BLOCK
-    q = np.zeros((J, TP, K), np.int8)
-    for i in prange(J * tmax):
-        j = i // tmax
-        t = i - j * tmax
-        if t < nrows[j]:
-            buf = np.empty(MXFP4_BLOCK, np.float32)
-            quant_group_row(x[rows[j, t]], MXFP4_BLOCK, q[j, t], sx[j, t * NG:(t + 1) * NG],
-                            corr[j, t * NG:(t + 1) * NG], -ZP, buf)
+    q = np.zeros((T, K), np.int8)
+    sxt = np.empty((T, NG), np.float32)
+    ct = np.empty((T, NG), np.int32)
+    for t in prange(T):
+        buf = np.empty(MXFP4_BLOCK, np.float32)
+        quant_group_row(x[t], MXFP4_BLOCK, q[t], sxt[t], ct[t], -ZP, buf)
     for j in prange(J):
-        pack_words(q[j], xp[j].view(np.uint32), TP, np.uint32(0))
+        g = np.zeros((TP, K), np.int8)
+        for i in range(nrows[j]):
+            r = rows[j, i]
+            g[i] = q[r]
+            sx[j, i * NG:(i + 1) * NG] = sxt[r]
+            corr[j, i * NG:(i + 1) * NG] = ct[r]
+        pack_words(g, xp[j].view(np.uint32), TP, np.uint32(0))
 
 
 @njit_kernel(parallel=True)

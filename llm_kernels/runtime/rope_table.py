@@ -6,7 +6,9 @@ step: at DeepSeek-V4 Flash dims the recomputation (YaRN inverse frequencies incl
 The table holds exactly the values the wrapped ``rope_cos_sin`` gives for positions
 ``0 .. n-1`` (it is computed by that function), and the angle ``pos · inv_freq`` and its
 cos/sin are element-wise, so a lookup is bitwise the direct call (tested). The table
-grows by doubling when a position past its end is asked for.
+grows by doubling when a position past its end is asked for. The last lookup of each table
+is memoised by identity (every layer of a step passes the same positions tensor); an
+in-place change of that tensor or of the returned ones (their ``_version``) voids it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ class RopeTables:
     def __init__(self, rope_cos_sin: Callable, dtype: torch.dtype, initial: int = 1024) -> None:
         self._fn, self._dtype, self._initial = rope_cos_sin, dtype, int(initial)
         self._tables: dict = {}
+        # the last lookup per table, by identity: every layer of a step asks with the same
+        # positions tensor (held here, so its id is not reused while memoised)
+        self._last: dict = {}
 
     def __call__(self, rope, rope_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last.get((id(rope), rope_dim))
+        if last is not None and last[0] is rope and last[1] is positions and last[2] == positions._version \
+                and last[4] == (last[3][0]._version, last[3][1]._version):
+            return last[3]
         pos = positions.long()
         if pos.numel() == 0:
             return self._fn(rope, rope_dim, positions, self._dtype)
@@ -48,4 +57,7 @@ class RopeTables:
                 n *= 2
             cos, sin = self._fn(rope, rope_dim, torch.arange(n), self._dtype)
             tab = self._tables[key] = (cos.contiguous(), sin.contiguous())
-        return tab[0][pos], tab[1][pos]
+        out = tab[0][pos], tab[1][pos]
+        self._last[(id(rope), rope_dim)] = (rope, positions, positions._version, out,
+                                            (out[0]._version, out[1]._version))
+        return out

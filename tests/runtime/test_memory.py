@@ -4,6 +4,7 @@ no tensor returned by ``load_checkpoint`` keeps the safetensors file mapped."""
 from __future__ import annotations
 
 import gc
+import mmap
 import sys
 
 import pytest
@@ -18,10 +19,13 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs L
 def test_rss_reports_bytes_and_sees_an_allocation():
     before = memory.rss()
     assert before["rss"] > 0 and before["peak"] >= before["rss"]
-    x = torch.ones(64 << 20, dtype=torch.uint8)     # 64 MiB, touched
+    # 64 MiB of fresh anonymous pages, touched: an allocator's heap could hand back pages that
+    # are already resident (seen after other tests in one process), a new mapping cannot
+    buf = mmap.mmap(-1, 64 << 20)
+    buf.write(b"\x01" * (64 << 20))
     after = memory.rss()
     assert after["rss"] - before["rss"] > 48 << 20
-    del x
+    buf.close()
 
 
 @linux

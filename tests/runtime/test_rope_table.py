@@ -36,3 +36,24 @@ def test_qwen3_profile_and_errors():
     assert tab(cfg.rope, cfg.head_dim, torch.zeros(0, dtype=torch.long))[0].shape[0] == 0
     with pytest.raises(ValueError, match="positions must be >= 0"):
         tab(cfg.rope, cfg.head_dim, torch.tensor([-1]))
+
+
+def test_memo_by_identity_and_version():
+    """A repeated lookup with the same positions tensor returns the memoised tensors; an
+    in-place change of the positions (or of a returned tensor) gives a fresh, correct lookup."""
+    cfg = preset("flash")
+    tab = RopeTables(ds_rope, torch.bfloat16, initial=64)
+    pos = torch.tensor([5, 9])
+    c1, s1 = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
+    c2, s2 = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
+    assert c2 is c1 and s2 is s1
+    c3, _ = tab(cfg.rope_compress, cfg.qk_rope_head_dim, pos)  # another profile: its own entry
+    assert not torch.equal(c3, c1)
+    assert tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)[0] is c1
+    pos[0] = 7
+    c4, s4 = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
+    c0, s0 = ds_rope(cfg.rope_main, cfg.qk_rope_head_dim, pos, torch.bfloat16)
+    assert c4 is not c1 and torch.equal(c4, c0) and torch.equal(s4, s0)
+    c4.zero_()
+    c5, _ = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
+    assert torch.equal(c5, c0)

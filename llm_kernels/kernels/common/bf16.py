@@ -23,6 +23,7 @@ equivalents for wrappers and tests.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -231,7 +232,7 @@ def as_kernel_input(x: Any, name: str = "x") -> tuple[np.ndarray, bool]:
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(x, torch.Tensor):
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise TypeError(f"{name}: expected a CPU tensor, got device {x.device}")
         x = x.detach()
         if x.dtype == torch.bfloat16:
@@ -254,7 +255,7 @@ def kernel_rows(x: Any, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
     if a.ndim == 0 or a.shape[-1] != k:
         raise ValueError(f"input last dim must be K={k}, got shape {a.shape}")
     lead = a.shape[:-1]
-    return a.reshape(int(np.prod(lead, dtype=np.int64)), k), lead
+    return a.reshape(math.prod(lead), k), lead
 
 def load_f32(v):  # pragma: no cover - replaced by the Numba overload below
     """Numba-only: ``float32`` value of an element that is float32 or bf16 bits (uint16)."""

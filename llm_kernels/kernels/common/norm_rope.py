@@ -24,6 +24,7 @@ Rows are independent and each is owned by one ``prange`` iteration (deterministi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -283,14 +284,14 @@ def rms_norm_rope(x: Any, weight: Any | None = None, cos: Any | None = None,
         clead = c.shape[:-1]
         if tuple(lead[:len(clead)]) != tuple(clead):
             raise ValueError(f"cos/sin leading dims {clead} must be a prefix of x's {lead}")
-        T = int(np.prod(clead)) if clead else 1
+        T = math.prod(clead)
         c2 = c.reshape(T, c.shape[-1])
         s2 = s.reshape(T, c.shape[-1])
     else:
         T = 1
         c2 = np.zeros((1, 0), np.float32)
         s2 = c2
-    x2 = xa.reshape(int(np.prod(lead, dtype=np.int64)), D)
+    x2 = xa.reshape(math.prod(lead), D)
     R = x2.shape[0]
     H = max(1, R // T) if do_rope else 1
     if do_rope and T * H != R:

@@ -21,6 +21,7 @@ Two fp32 subtleties decide bitwise equality:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,7 @@ def quant_rows(x: Any) -> tuple[np.ndarray, np.ndarray]:
     if a.ndim == 0:
         raise ValueError("quant_rows needs at least a 1-D input [..., K]")
     lead, K = a.shape[:-1], a.shape[-1]
-    a2 = a.reshape(int(np.prod(lead, dtype=np.int64)), K)
+    a2 = a.reshape(math.prod(lead), K)
     q = np.empty(a2.shape, np.int8)
     s = np.empty(a2.shape[0], np.float32)
     if a2.shape[0]:

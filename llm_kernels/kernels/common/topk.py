@@ -16,6 +16,7 @@ plus the lowest-indexed entries equal to it are gathered in index order, and onl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -124,7 +125,7 @@ def topk_indices(scores: Any, k: int) -> Any:
     if is_bf16:
         a = (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
     lead, N = a.shape[:-1], a.shape[-1]
-    a2 = np.ascontiguousarray(a.reshape(int(np.prod(lead, dtype=np.int64)), N))
+    a2 = np.ascontiguousarray(a.reshape(math.prod(lead), N))
     out = np.empty((a2.shape[0], int(k)), np.int64)
     if out.size:
         if N == 0:

@@ -62,7 +62,7 @@ from ..common.vecmath import tree16 as _tree16
 from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
 from .stage_shared import ROW_INVARIANT_ROWS
 
-__all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
+__all__ = ["sparse_attn", "sparse_attn_core", "sparse_attn_core_ragged", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
 
 #: bf16 ``bmm`` in torch's bf16 kernels (the CPU has a bf16 dot); otherwise through fp32.
 #: Module-level so that the tests run the fp32 path on every CPU.
@@ -242,12 +242,19 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     of :func:`grouped_output_proj`. Same contract as the reference ``sparse_attn_core``."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    to_bf16 = dtype == torch.bfloat16
-    T, H, HD = q.shape
-    N = kv_pool.shape[0]
+    T = q.shape[0]
     idx_in = indices.detach().to(torch.int64).contiguous().numpy()
     if idx_in.ndim != 2 or idx_in.shape[0] != T:
         raise ValueError(f"indices must be [T={T}, W], got {tuple(indices.shape)}")
+    return _core(q, kv_pool, idx_in, attn_sink, cos, sin, softmax_scale, dtype)
+
+
+def _core(q: torch.Tensor, kv_pool: torch.Tensor, idx_in: np.ndarray, attn_sink: torch.Tensor, cos: torch.Tensor,
+          sin: torch.Tensor, softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`sparse_attn_core` with validated int64 index lists ``idx_in`` [T, W]."""
+    to_bf16 = dtype == torch.bfloat16
+    T, H, HD = q.shape
+    N = kv_pool.shape[0]
     W = idx_in.shape[1]
     idx = np.empty((T, max(W, 1)), np.int64)
     counts = np.zeros(T, np.int64)
@@ -307,3 +314,61 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
         _rope_inv_round(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1),
                         to_bf16, x)
     return torch.from_numpy(x).view(T, H, HD)
+
+
+def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], indices: list[torch.Tensor],
+                            attn_sink: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                            softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`sparse_attn_core` of a ragged batch (same contract as the reference
+    ``sparse_attn_core_ragged``): sequence ``b`` owns ``indices[b].shape[0]`` consecutive rows
+    of ``q`` [ΣT_b, H, HD] (and of ``cos``/``sin`` [ΣT_b, RD/2]) and attends the concatenation
+    of the pieces ``pools[b]`` (each [n, HD]) through ``indices[b]`` [T_b, W_b] (-1 =
+    padding). Returns o [ΣT_b, H, HD] float32 holding ``dtype``-rounded values.
+
+    Decode-sized batches (ΣT_b <= ``ROW_INVARIANT_ROWS``) run one kernel call per index
+    width: the sequences' pools are concatenated and their index lists shifted onto it.
+    Each row's result is the one a call of its sequence alone gives, bit for bit: the gather
+    follows the row's own list, the softmax sums in the list's order, the GEMM depth is the
+    list width (hence one call per width). Larger batches (prefill) run one call per
+    sequence. Raises ValueError for a ragged layout that does not add up, IndexError for an
+    index past its own sequence's pool."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    if len(pools) != len(indices):
+        raise ValueError(f"pools and indices need one entry per sequence, got {len(pools)} and {len(indices)}")
+    idx_np, offs = [], [0]
+    for ib in indices:
+        a = ib.detach().to(torch.int64).contiguous().numpy()
+        if a.ndim != 2:
+            raise ValueError(f"indices must be [T_b, W_b] per sequence, got {tuple(ib.shape)}")
+        idx_np.append(a)
+        offs.append(offs[-1] + a.shape[0])
+    T = q.shape[0]
+    if offs[-1] != T:
+        raise ValueError(f"the sequences' index rows sum to {offs[-1]} but q has {T} rows")
+    if len(pools) == 1 or T > ROW_INVARIANT_ROWS:
+        outs = [_core(q[offs[b]:offs[b + 1]], torch.cat(list(pools[b]), dim=0), idx_np[b], attn_sink,
+                      cos[offs[b]:offs[b + 1]], sin[offs[b]:offs[b + 1]], softmax_scale, dtype)
+                for b in range(len(pools))]
+        return torch.cat(outs, dim=0) if outs else torch.zeros(q.shape)
+    groups: dict[int, list[int]] = {}
+    for b, a in enumerate(idx_np):
+        groups.setdefault(a.shape[1], []).append(b)
+    out = None if len(groups) == 1 else torch.empty(q.shape)
+    for members in groups.values():
+        pieces, parts, base = [], [], 0
+        for b in members:
+            n_b = sum(int(p.shape[0]) for p in pools[b])
+            a = idx_np[b]
+            if a.size and int(a.max()) >= n_b:
+                raise IndexError(f"sequence {b}: indices reference row {int(a.max())} but its kv pool has {n_b} rows")
+            parts.append(np.where(a >= 0, a + base, -1))
+            pieces.extend(pools[b])
+            base += n_b
+        idx = np.ascontiguousarray(np.concatenate(parts))
+        pool = torch.cat(pieces, dim=0)
+        if out is None:
+            return _core(q, pool, idx, attn_sink, cos, sin, softmax_scale, dtype)
+        rows = torch.cat([torch.arange(offs[b], offs[b + 1]) for b in members])
+        out[rows] = _core(q[rows], pool, idx, attn_sink, cos[rows], sin[rows], softmax_scale, dtype)
+    return out

@@ -18,7 +18,7 @@ from ...numerics.quant import QuantWeight, int8_matmul, quant_per_row, w8a8_line
 from ...numerics.rounding import rnd
 from .common import apply_rope
 
-__all__ = ["sparse_attn", "sparse_attn_core", "grouped_output_proj"]
+__all__ = ["sparse_attn", "sparse_attn_core", "sparse_attn_core_ragged", "grouped_output_proj"]
 
 
 def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b, *, o_groups: int,
@@ -113,3 +113,35 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     o = matmul(p, pool, dtype).transpose(0, 1)                             # [T, H, HD]
     o = apply_rope(o, cos[:, None, :], sin[:, None, :], dtype, inverse=True)
     return o
+
+
+def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], indices: list[torch.Tensor],
+                            attn_sink: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                            softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`sparse_attn_core` of a ragged batch: sequence ``b`` owns ``indices[b].shape[0]``
+    consecutive rows of ``q`` (and of ``cos``/``sin``) and attends its own KV pool, the
+    concatenation of the pieces ``pools[b]`` (e.g. window rows, the step's new rows,
+    compressed entries), through ``indices[b]`` [T_b, W_b] (rows of that pool, -1 = padding;
+    widths may differ between sequences). Returns o [ΣT_b, H, HD] in the order of ``q``.
+
+    Here: one :func:`sparse_attn_core` call per sequence. Raises ValueError when the lists'
+    lengths differ or ``ΣT_b != q.shape[0]``; IndexError as :func:`sparse_attn_core`."""
+    offs = _ragged_offsets(q, pools, indices)
+    outs = [sparse_attn_core(q[offs[b]:offs[b + 1]], torch.cat(list(pools[b]), dim=0), indices[b], attn_sink,
+                             cos[offs[b]:offs[b + 1]], sin[offs[b]:offs[b + 1]], softmax_scale=softmax_scale,
+                             dtype=dtype) for b in range(len(pools))]
+    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+
+
+def _ragged_offsets(q: torch.Tensor, pools, indices) -> list[int]:
+    """Row offsets of each sequence in ``q`` (len(pools) + 1); validates the ragged layout."""
+    if len(pools) != len(indices):
+        raise ValueError(f"pools and indices need one entry per sequence, got {len(pools)} and {len(indices)}")
+    offs = [0]
+    for ib in indices:
+        if ib.dim() != 2:
+            raise ValueError(f"indices must be [T_b, W_b] per sequence, got {tuple(ib.shape)}")
+        offs.append(offs[-1] + int(ib.shape[0]))
+    if offs[-1] != q.shape[0]:
+        raise ValueError(f"the sequences' index rows sum to {offs[-1]} but q has {q.shape[0]} rows")
+    return offs

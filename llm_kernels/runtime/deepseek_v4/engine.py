@@ -18,6 +18,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ...errors import CacheOverflowError
@@ -256,7 +257,6 @@ class DeepSeekV4Engine(EngineCore):
                                              lw["attn.norm.weight"], cos, sin,
                                              num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
                                              eps=cfg.rms_norm_eps, dtype=dt)
-        outs = []
         W = cfg.sliding_window
         # Row-wise projections of the compressors and the indexer query run once for all
         # sequences' rows (each weight streams once per step, not once per sequence); the
@@ -276,17 +276,20 @@ class DeepSeekV4Engine(EngineCore):
                     kw = dict(n_heads=cfg.index_n_heads, head_dim=cfg.index_head_dim, dtype=dt)
                     idx_int8 = isinstance(wq_b, (QuantWeight, GroupQuantWeight))  # INT8 keys cached, INT8 scores
                     idx_q = ops.indexer_query_int8(*args, **kw) if idx_int8 else ops.indexer_query(*args, **kw)
+        # Each sequence's KV pool (window rows, this step's rows, compressed entries) and the
+        # rows of it each of its queries attends; one ragged attention call for all sequences.
+        pos_np = positions.numpy()
+        pools, idxs = [], []
         for b, c in enumerate(caches):
             sl = slice(offs[b], offs[b + 1])
             lc = c.layers[layer]
             pos = positions[sl]
             win = lc.window
             jr = journal.get(id(c)) if journal is not None else None
-            with tm("kv_cache"):  # KV pool and index lists of this sequence
-                pool = torch.cat([win.rows, kv[sl]], dim=0)
-                # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
-                wpos = pos.view(-1, 1) - W + 1 + torch.arange(W).view(1, -1)
-                idx = torch.where(wpos >= max(win.start, 0), wpos - win.start, torch.full_like(wpos, -1))
+            with tm("kv_cache"):  # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
+                pieces = [win.rows, kv[sl]]
+                wpos = pos_np[sl, None] + np.arange(1 - W, 1)
+                idx = np.where(wpos >= max(win.start, 0), wpos - win.start, -1)
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):
@@ -294,14 +297,13 @@ class DeepSeekV4Engine(EngineCore):
                                    (layer, "compressor"))
                 with tm("kv_cache"):
                     entries = lc.compressor.valid_entries()
-                    base = pool.shape[0]
-                    pool = torch.cat([pool, entries], dim=0)
+                    base = win.rows.shape[0] + (sl.stop - sl.start)
+                    pieces.append(entries)
                     n = entries.shape[0]
                 if lt == HCA:
                     with tm("kv_cache"):
-                        cidx = torch.arange(n).view(1, -1).expand(pos.shape[0], -1)
-                        comp = torch.where(cidx < ((pos + 1) // ratio).view(-1, 1), cidx + base,
-                                           torch.full_like(cidx, -1))
+                        cidx = np.arange(n)
+                        comp = np.where(cidx[None, :] < ((pos_np[sl] + 1) // ratio)[:, None], cidx + base, -1)
                 else:
                     with tm("indexer"):
                         new = self._compress(lc.indexer, lw, "attn.indexer.compressor.", [r[sl] for r in idx_rows], pos,
@@ -314,20 +316,25 @@ class DeepSeekV4Engine(EngineCore):
                         else:
                             qi, wi = (r[sl] for r in idx_q)
                             scores = ops.indexer_scores(qi, wi, lc.indexer.valid_entries())
-                        top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk)
+                        top = ops.indexer_topk(scores, pos, ratio, cfg.index_topk).to(torch.int64).numpy()
                     with tm("kv_cache"):
-                        comp = torch.where(top >= 0, top + base, top)
+                        comp = np.where(top >= 0, top + base, top)
                 with tm("kv_cache"):
-                    idx = torch.cat([idx, comp], dim=1)
-            with tm("sparse_attn"):  # per sequence: its own KV pool
-                outs.append(ops.sparse_attn_core(q[sl], pool, idx, lw["attn.attn_sink"], cos[sl], sin[sl],
-                                                 softmax_scale=cfg.softmax_scale, dtype=dt))
-            with tm("kv_cache"):
-                win.append(kv[sl])
+                    idx = np.concatenate([idx, comp], axis=1)
+            pools.append(pieces)
+            idxs.append(torch.from_numpy(idx))
+        with tm("sparse_attn"):
+            o = ops.sparse_attn_core_ragged(q, pools, idxs, lw["attn.attn_sink"], cos, sin,
+                                            softmax_scale=cfg.softmax_scale, dtype=dt)
+        with tm("kv_cache"):
+            for b, c in enumerate(caches):
+                sl = slice(offs[b], offs[b + 1])
+                c.layers[layer].window.append(kv[sl])
+                jr = journal.get(id(c)) if journal is not None else None
                 if jr is not None:
                     jr.rows[(layer, "window")] = kv[sl]
         with tm("sparse_attn"):  # the output projection streams wo_a/wo_b once for all sequences
-            out = ops.grouped_output_proj(torch.cat(outs, dim=0), lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
+            out = ops.grouped_output_proj(o, lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
                                           o_groups=cfg.o_groups, dtype=dt)
         with tm("hc_post"):
             return ops.hc_post(out, x_hc, post, comb, dt)

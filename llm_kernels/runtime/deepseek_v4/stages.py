@@ -53,6 +53,7 @@ _REFERENCE = dict(
     indexer_query_int8=_idx.indexer_query_int8, indexer_keys_int8=_idx.indexer_keys_int8,
     indexer_scores_int8=_idx.indexer_scores_int8,
     sparse_attn=_attn.sparse_attn, sparse_attn_core=_attn.sparse_attn_core,
+    sparse_attn_core_ragged=_attn.sparse_attn_core_ragged,
     grouped_output_proj=_attn.grouped_output_proj, gate=_moe.gate, moe=_moe.moe,
     prepare_weights=reference_weights,
 )
@@ -65,6 +66,7 @@ _FUSED = dict(
     indexer_query_int8=k_idx.indexer_query_int8, indexer_keys_int8=k_idx.indexer_keys_int8,
     indexer_scores_int8=k_idx.indexer_scores_int8,
     sparse_attn=k_attn.sparse_attn, sparse_attn_core=k_attn.sparse_attn_core,
+    sparse_attn_core_ragged=k_attn.sparse_attn_core_ragged,
     grouped_output_proj=k_oproj.grouped_output_proj,
     gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
     prepare_weights=k_prep.prepare_weights,

@@ -400,54 +400,67 @@ def _expert_raw(x_rows: torch.Tensor, xq: np.ndarray | None, sx: np.ndarray | No
     return _ref_linear(torch.from_numpy(h), w2, dtype).contiguous().numpy()
 
 
-def _multi_experts(xq, sx, idx, used, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
+def _route(idx: np.ndarray, n_experts: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The step's experts and their rows: ``used`` (ascending expert ids that ``idx`` [T, K]
+    routes to) and, per used expert, ``(tok, slot)`` with ``idx[tok, slot] == e`` in row-major
+    order (what ``np.nonzero(idx == e)`` gives), from one stable sort. Raises IndexError for
+    an id outside ``[0, n_experts)``."""
+    flat = idx.reshape(-1)
+    if flat.size == 0:
+        return np.zeros(0, np.int64), []
+    if int(flat.min()) < 0 or int(flat.max()) >= n_experts:
+        raise IndexError(f"expert index outside [0, {n_experts})")
+    counts = np.bincount(flat, minlength=n_experts)
+    used = np.flatnonzero(counts)
+    tok, slot = np.divmod(np.argsort(flat, kind="stable"), idx.shape[1])
+    ends = np.cumsum(counts[used]).tolist()
+    starts = [0] + ends[:-1]
+    return used, [(tok[a:b], slot[a:b]) for a, b in zip(starts, ends)]
+
+
+def _multi_experts(xq, sx, T, used, parts, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
     """The step's routed experts and the shared one through :func:`.moe_multi.multi_expert_raw`
     when all are prepared W8A8 experts of one stack: fills ``y[tok, slot]`` and returns the
     shared expert's output [T, D]; None (``y`` untouched) otherwise."""
     gs = stage_group(tuple(shared), ExpertPack)
     st = getattr(gs, "stack", None)
-    if st is None or idx.shape[0] > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
+    if st is None or T > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
         return None
-    slots, rows, places = [], [], []
-    for e in used:
-        g = stage_group(tuple(experts[int(e)]), ExpertPack)
+    slots = []
+    for e in used.tolist():
+        g = stage_group(tuple(experts[e]), ExpertPack)
         if g is None or g.stack is not st:
             return None
-        tok, slot = np.nonzero(idx == e)
         slots.append(g.slot)
-        rows.append(tok)
-        places.append((tok, slot))
-    outs = multi_expert_raw(xq, sx, slots + [gs.slot], rows + [np.arange(idx.shape[0])], st, limit, to_bf16)
+    outs = multi_expert_raw(xq, sx, slots + [gs.slot], [tok for tok, _ in parts] + [np.arange(T)], st, limit,
+                            to_bf16)
     if outs is None:
         return None
-    for (tok, slot), ye in zip(places, outs):
+    for (tok, slot), ye in zip(parts, outs):
         y[tok, slot] = ye
     return outs[-1]
 
 
-def _multi_mxfp4(xd, idx, used, experts, limit, to_bf16, y) -> bool:
+def _multi_mxfp4(xd, used, parts, experts, limit, to_bf16, y) -> bool:
     """The step's routed experts through :func:`.moe_multi.multi_mxfp4_raw` when all are
     prepared MXFP4 experts of one stack: fills ``y[tok, slot]`` and returns True; False
     (``y`` untouched) otherwise."""
     st = None
-    slots, rows, places = [], [], []
-    for e in used:
-        ws = experts[int(e)]
+    slots = []
+    for e in used.tolist():
+        ws = experts[e]
         g = mxfp4_rows_pack(ws[:2])
         s = getattr(g, "stack", None)
         if s is None or (st is not None and s is not st) or not isinstance(ws[2], PackedMXFP4Linear) \
                 or s.w2_packs[g.slot] is not ws[2].pack:
             return False
         st = s
-        tok, slot = np.nonzero(idx == e)
         slots.append(g.slot)
-        rows.append(tok)
-        places.append((tok, slot))
     xf = xd if xd.dtype == torch.float32 else xd.float()
-    outs = multi_mxfp4_raw(xf.contiguous().numpy(), slots, rows, st, limit, to_bf16)
+    outs = multi_mxfp4_raw(xf.contiguous().numpy(), slots, [tok for tok, _ in parts], st, limit, to_bf16)
     if outs is None:
         return False
-    for (tok, slot), ye in zip(places, outs):
+    for (tok, slot), ye in zip(parts, outs):
         y[tok, slot] = ye
     return True
 
@@ -465,22 +478,19 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     D = x.shape[-1]
     xd = x.detach()
     idx = indices.detach().long().contiguous().numpy()
-    used = np.unique(idx) if idx.size else np.zeros(0, np.int64)
-    if used.size and (used[0] < 0 or used[-1] >= len(experts)):
-        raise IndexError(f"expert index outside [0, {len(experts)})")
-    need_q = any(_is_quant(experts[int(e)]) for e in used) or _is_quant(shared)
+    used, parts = _route(idx, len(experts))
+    need_q = any(_is_quant(experts[e]) for e in used.tolist()) or _is_quant(shared)
     xq = sx = None
     if need_q:
         xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
     y = np.zeros((T, K, D), np.float32)
-    ysh = _multi_experts(xq, sx, idx, used, experts, shared, swiglu_limit, to_bf16, y) if need_q else None
+    ysh = _multi_experts(xq, sx, T, used, parts, experts, shared, swiglu_limit, to_bf16, y) if need_q else None
     if ysh is not None:  # every expert of the step in one parallel region per weight
         used = used[:0]
-    elif used.size and _multi_mxfp4(xd, idx, used, experts, swiglu_limit, to_bf16, y):
+    elif used.size and _multi_mxfp4(xd, used, parts, experts, swiglu_limit, to_bf16, y):
         used = used[:0]  # the routed MXFP4 experts in one W4A8 region per weight
-    for e in used:
-        tok, slot = np.nonzero(idx == e)
-        ws = experts[int(e)]
+    for e, (tok, slot) in zip(used.tolist(), parts):
+        ws = experts[e]
         if isinstance(ws[0], QuantWeight):
             ye = _expert_raw(None, xq[tok], sx[tok], ws, swiglu_limit, to_bf16, dtype)
         else:

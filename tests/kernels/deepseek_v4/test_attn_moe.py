@@ -360,6 +360,19 @@ def test_moe_small_limit_and_no_clamp():
                 assert _cmp(dtype, quant)(b, a).passed, (dtype, quant, lim)
 
 
+def test_moe_expert_index_out_of_range_raises():
+    """An expert id outside [0, E) in the routing indices is refused, never clamped."""
+    D, I, E, K = MOE_DIMS["odd"]
+    experts, shared = _moe_weights("odd", BF16, True)
+    x = rnd(torch.randn(3, D, generator=_gen(61)), BF16)
+    w = torch.full((3, K), 1.0 / K)
+    for bad in (E, -1):
+        i = torch.arange(3 * K).view(3, K) % E
+        i[1, K - 1] = bad
+        with pytest.raises(IndexError, match=f"expert index outside \\[0, {E}\\)"):
+            KM.moe(x, w, i, experts, shared, swiglu_limit=0.0, dtype=BF16)
+
+
 # --------------------------------------------------------------------------- norm / linear
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_rms_norm_and_linear_match_reference(dtype):

@@ -41,6 +41,7 @@ class LayerWeights:
 
     def __init__(self, weights: dict[str, torch.Tensor], layer: int, prefix: str | None = None):
         self._w, self._p = weights, prefix if prefix is not None else f"layers.{layer}."
+        self._experts: dict[int, list] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         key = self._p + name
@@ -52,8 +53,13 @@ class LayerWeights:
         return self._w.get(self._p + name)
 
     def experts(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return [(self[f"ffn.experts.{e}.w1.weight"], self[f"ffn.experts.{e}.w3.weight"],
-                 self[f"ffn.experts.{e}.w2.weight"]) for e in range(n)]
+        """``[(w1, w3, w2)]`` of routed experts ``0 … n-1``; built once per view (the weight
+        dict is not changed after load). Raises KeyError for a missing tensor."""
+        ex = self._experts.get(n)
+        if ex is None:
+            ex = self._experts[n] = [(self[f"ffn.experts.{e}.w1.weight"], self[f"ffn.experts.{e}.w3.weight"],
+                                      self[f"ffn.experts.{e}.w2.weight"]) for e in range(n)]
+        return ex
 
 
 def embed(weights: dict[str, torch.Tensor], cfg: DeepSeekV4Config, input_ids: torch.Tensor,

@@ -79,6 +79,7 @@ class DeepSeekV4Engine(EngineCore):
         self.rope = RopeTables(ops.rope_cos_sin, dtype)  # cos/sin by position, tabulated once per profile
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
         self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
+        self._layer_views: dict[int, _model.LayerWeights] = {}  # by layer id (MTP block: its id)
 
     # ------------------------------------------------------------------ EngineCore hooks
     def _new_sequence(self, sid: int) -> None:
@@ -128,7 +129,9 @@ class DeepSeekV4Engine(EngineCore):
                 x_hc = ops.embed(self.w, cfg, ids, self.dtype)
         for layer in self.layer_ids:
             with tm.layer(layer, cfg.layer_type(layer)):  # a trace scope; no-op unless tracing
-                lw = _model.LayerWeights(self.w, layer)
+                lw = self._layer_views.get(layer)
+                if lw is None:  # one view per layer: it keeps the layer's expert list
+                    lw = self._layer_views[layer] = _model.LayerWeights(self.w, layer)
                 x_hc = self.attention_block(lw, layer, x_hc, positions, caches, offs)
                 x_hc = self.ffn_block(lw, layer, x_hc, ids)
         if pipe is not None and not pipe.is_last:
@@ -205,7 +208,9 @@ class DeepSeekV4Engine(EngineCore):
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)
-        mw = _model.LayerWeights(self.w, L, prefix="mtp.0.")
+        mw = self._layer_views.get(L)
+        if mw is None:
+            mw = self._layer_views[L] = _model.LayerWeights(self.w, L, prefix="mtp.0.")
         x = torch.cat(list(hidden), dim=0)
         T, HC, D = x.shape
         saved, self.journal = self.journal, None  # MTP rows are committed rows: nothing to rewind

@@ -9,6 +9,9 @@ cos/sin are element-wise, so a lookup is bitwise the direct call (tested). The t
 grows by doubling when a position past its end is asked for. The last lookup of each table
 is memoised by identity (every layer of a step passes the same positions tensor); an
 in-place change of that tensor or of the returned ones (their ``_version``) voids it.
+Inference tensors (``torch.inference_mode``, the benchmarks) have no change counter: for
+them the memo rests on identity alone (nothing in the engines writes positions or cos/sin
+in place).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ class RopeTables:
 
     def __call__(self, rope, rope_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last = self._last.get((id(rope), rope_dim))
-        if last is not None and last[0] is rope and last[1] is positions and last[2] == positions._version \
-                and last[4] == (last[3][0]._version, last[3][1]._version):
+        if last is not None and last[0] is rope and last[1] is positions and last[2] == _version(positions) \
+                and last[4] == (_version(last[3][0]), _version(last[3][1])):
             return last[3]
         pos = positions.long()
         if pos.numel() == 0:
@@ -58,6 +61,12 @@ class RopeTables:
             cos, sin = self._fn(rope, rope_dim, torch.arange(n), self._dtype)
             tab = self._tables[key] = (cos.contiguous(), sin.contiguous())
         out = tab[0][pos], tab[1][pos]
-        self._last[(id(rope), rope_dim)] = (rope, positions, positions._version, out,
-                                            (out[0]._version, out[1]._version))
+        self._last[(id(rope), rope_dim)] = (rope, positions, _version(positions), out,
+                                            (_version(out[0]), _version(out[1])))
         return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place change counter of ``t``; None for an inference tensor (made under
+    ``torch.inference_mode``, which keeps no counter: the memo then relies on identity)."""
+    return None if t.is_inference() else t._version

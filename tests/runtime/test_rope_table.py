@@ -57,3 +57,18 @@ def test_memo_by_identity_and_version():
     c4.zero_()
     c5, _ = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
     assert torch.equal(c5, c0)
+
+
+def test_memo_under_inference_mode():
+    """Inference tensors keep no version counter (the model bench runs in inference_mode):
+    the memo works by identity there, and a new positions tensor gets its own lookup."""
+    cfg = preset("flash")
+    tab = RopeTables(ds_rope, torch.bfloat16, initial=64)
+    with torch.inference_mode():
+        pos = torch.tensor([5, 9])
+        c1, _ = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)
+        assert tab(cfg.rope_main, cfg.qk_rope_head_dim, pos)[0] is c1
+        pos2 = torch.tensor([6, 10])
+        c2, s2 = tab(cfg.rope_main, cfg.qk_rope_head_dim, pos2)
+        c0, s0 = ds_rope(cfg.rope_main, cfg.qk_rope_head_dim, pos2, torch.bfloat16)
+        assert torch.equal(c2, c0) and torch.equal(s2, s0)

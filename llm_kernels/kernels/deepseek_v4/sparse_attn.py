@@ -134,13 +134,15 @@ def _gather(pool, idx, counts, Wm, to_bf16, out_u16, out_f32):
 
 # --------------------------------------------------------------------------- 4. softmax
 @njit_kernel(parallel=True)
-def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
-    """Softmax over each query's valid entries plus the head's sink: ``v_j = rnd(rnd(s)·scale)``,
+def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, out_u16, p_u16, p_f32):
+    """Softmax over each query's valid entries plus the head's sink: ``v_j = rnd(rnd(s)·scale)``
+    (``s`` float32 GEMM outputs or bf16 bits; ``rnd`` of a bf16 value is itself),
     ``m = max(v, sink)``, ``e = exp(v - m)`` (SLEEF ``xexpf``), ``Σ`` summed in 16 lanes by
     the entry's **place in the query's sorted valid list** (entry j to lane ``j % 16`` in
     order, the sink — place c — last, then :func:`_tree16`; fewer than 16 terms: sequential),
-    ``p_j = rnd(e_j·(1/Σ))``; padding entries get ``p = 0``. One (t, h) row per iteration,
-    no fastmath (the summation order is the point).
+    ``p_j = rnd(e_j·(1/Σ))``; padding entries get ``p = 0``. ``p`` is stored as bf16 bits in
+    ``p_u16`` when ``out_u16``, else as float32 values in ``p_f32``. One (t, h) row per
+    iteration, no fastmath (the summation order is the point).
 
     The order depends on the query's own entries only, not on where the pool keeps them
     (the reference's dense form sums by pool row, so the two can differ in the last bit of
@@ -156,7 +158,7 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
         sk = np.float32(sink[h])
         m = sk
         for j in range(c):
-            buf[j] = _rnd(np.float32(load_f32(srow[j]) * scale), to_bf16)
+            buf[j] = _rnd(np.float32(_rnd(load_f32(srow[j]), to_bf16) * scale), to_bf16)
         for j in range(c):
             m = max(m, buf[j])
         for j in range(c):
@@ -175,7 +177,7 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
             lanes[c & 15] = np.float32(lanes[c & 15] + esk)
             tot = _tree16(lanes)
         inv = np.float32(np.float32(1.0) / tot)
-        if to_bf16:
+        if out_u16:
             prow = p_u16[t, h]
             for j in range(c):
                 prow[j] = f32_to_bf16_bits(np.float32(buf[j] * inv))
@@ -184,7 +186,7 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
         else:
             prow32 = p_f32[t, h]
             for j in range(c):
-                prow32[j] = np.float32(buf[j] * inv)
+                prow32[j] = _rnd(np.float32(buf[j] * inv), to_bf16)
             for j in range(c, Wm):
                 prow32[j] = np.float32(0.0)
 
@@ -193,8 +195,9 @@ def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, p_u16, p_f32):
 @njit_kernel(parallel=True)
 def _rope_inv_round(o, cos, sin, to_bf16, out):
     """``out[t, h*HD + d]`` = rnd(o[t, h, d]) with the trailing ``2·len(cos)`` lanes rotated
-    by ``-θ`` (interleaved pairs): ``e' = e·c + o·s``, ``o' = o·c − e·s`` (each product
-    rounded, no FMA, as the reference)."""
+    by ``-θ`` (interleaved pairs) from the rounded ``e = rnd(o[2k])``, ``o = rnd(o[2k+1])``:
+    ``e' = e·c + o·s``, ``o' = o·c − e·s`` (each product rounded, no FMA, as the reference).
+    ``o`` float32 GEMM outputs or bf16 bits (``rnd`` of a bf16 value is itself)."""
     T, H, HD = o.shape
     half = cos.shape[1]
     nope = HD - 2 * half
@@ -210,8 +213,8 @@ def _rope_inv_round(o, cos, sin, to_bf16, out):
         for k in range(half):
             c = cr[k]
             sn = -sr[k]
-            e = load_f32(src[nope + 2 * k])
-            od = load_f32(src[nope + 2 * k + 1])
+            e = _rnd(load_f32(src[nope + 2 * k]), to_bf16)
+            od = _rnd(load_f32(src[nope + 2 * k + 1]), to_bf16)
             dst[nope + 2 * k] = _rnd(np.float32(np.float32(e * c) - np.float32(od * sn)), to_bf16)
             dst[nope + 2 * k + 1] = _rnd(np.float32(np.float32(od * c) + np.float32(e * sn)), to_bf16)
 
@@ -287,27 +290,24 @@ def _core(q: torch.Tensor, kv_pool: torch.Tensor, idx_in: np.ndarray, attn_sink:
         _gather(pool, idx, counts, Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np)
         kvg = torch.from_numpy(kvg_np)
         qc = q.detach().float()
-    # 3. scores
+    # 3. scores: bf16 outputs (bf16 bmm) or float32 (the fp32 bmm: the bf16 rounding of each
+    # score happens in the softmax kernel, the same RNE as a .to(bfloat16))
     s = torch.bmm(qc, kvg.transpose(1, 2))                                     # [T, H, Wm]
-    if via_f32:
-        s = s.to(torch.bfloat16)
     sink = attn_sink.detach().float().contiguous().numpy()
-    # 4. softmax with sink
-    if to_bf16:
+    # 4. softmax with sink; p as bf16 bits for the bf16 bmm, else float32 values (bf16-rounded
+    # for a bf16 dtype)
+    if to_bf16 and not via_f32:
         p_np = np.empty((T, H, Wm), np.uint16)
-        _softmax_sink(torch_bf16_as_u16(s), idx, counts, N, sink, np.float32(softmax_scale), True, p_np,
+        _softmax_sink(torch_bf16_as_u16(s), idx, counts, N, sink, np.float32(softmax_scale), True, True, p_np,
                       _DUMMY_F32.reshape(1, 1, 1))
         p = u16_as_torch_bf16(p_np)
     else:
         p_np = np.empty((T, H, Wm), np.float32)
-        _softmax_sink(s.numpy(), idx, counts, N, sink, np.float32(softmax_scale), False,
+        _softmax_sink(s.numpy(), idx, counts, N, sink, np.float32(softmax_scale), to_bf16, False,
                       _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
-    # PV
-    if via_f32:
-        o = torch.bmm(p.float(), kvg).to(torch.bfloat16)                      # [T, H, HD]
-    else:
-        o = torch.bmm(p, kvg)                                                  # [T, H, HD]
+    # PV (float32 outputs of the fp32 bmm are rounded to bf16 by the next kernel)
+    o = torch.bmm(p, kvg)                                                      # [T, H, HD]
     # 5. inverse RoPE + rounding
     x = np.empty((T, H * HD), np.float32)
     if T:

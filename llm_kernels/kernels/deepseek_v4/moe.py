@@ -93,7 +93,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
-from .moe_multi import multi_expert_raw, multi_mxfp4_raw, swiglu_row
+from .moe_multi import multi_expert_parts, multi_mxfp4_raw, route_parts, scatter_parts, swiglu_row
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -418,27 +418,30 @@ def _route(idx: np.ndarray, n_experts: int) -> tuple[np.ndarray, list[tuple[np.n
     return used, [(tok[a:b], slot[a:b]) for a, b in zip(starts, ends)]
 
 
-def _multi_experts(xq, sx, T, used, parts, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
-    """The step's routed experts and the shared one through :func:`.moe_multi.multi_expert_raw`
-    when all are prepared W8A8 experts of one stack: fills ``y[tok, slot]`` and returns the
-    shared expert's output [T, D]; None (``y`` untouched) otherwise."""
+def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
+    """The step's routed experts and the shared one through
+    :func:`.moe_multi.multi_expert_parts` when all are prepared W8A8 experts of one stack:
+    routes ``idx`` [T, K] (:func:`.moe_multi.route_parts`, ids already validated), fills
+    ``y[tok, slot]`` and returns the shared expert's output [T, D]; None (``y`` untouched)
+    otherwise."""
+    T = idx.shape[0]
     gs = stage_group(tuple(shared), ExpertPack)
     st = getattr(gs, "stack", None)
-    if st is None or T > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
+    if st is None or T == 0 or T > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
         return None
-    slots = []
-    for e in used.tolist():
+    used, nr, ridx, kslot, sxp = route_parts(idx, len(experts), sx)
+    sel = np.empty(len(used) + 1, np.int64)
+    for j, e in enumerate(used.tolist()):
         g = stage_group(tuple(experts[e]), ExpertPack)
         if g is None or g.stack is not st:
             return None
-        slots.append(g.slot)
-    outs = multi_expert_raw(xq, sx, slots + [gs.slot], [tok for tok, _ in parts] + [np.arange(T)], st, limit,
-                            to_bf16)
-    if outs is None:
+        sel[j] = g.slot
+    sel[-1] = gs.slot
+    yp = multi_expert_parts(xq, sel, nr, ridx, sxp, st, limit, to_bf16)
+    if yp is None:
         return None
-    for (tok, slot), ye in zip(parts, outs):
-        y[tok, slot] = ye
-    return outs[-1]
+    scatter_parts(yp, ridx, kslot, nr, len(used), y)
+    return yp[len(used), :T]
 
 
 def _multi_mxfp4(xd, used, parts, experts, limit, to_bf16, y) -> bool:
@@ -478,16 +481,18 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     D = x.shape[-1]
     xd = x.detach()
     idx = indices.detach().long().contiguous().numpy()
-    used, parts = _route(idx, len(experts))
-    need_q = any(_is_quant(experts[e]) for e in used.tolist()) or _is_quant(shared)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(experts)):
+        raise IndexError(f"expert index outside [0, {len(experts)})")
     xq = sx = None
-    if need_q:
-        xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
     y = np.zeros((T, K, D), np.float32)
-    ysh = _multi_experts(xq, sx, T, used, parts, experts, shared, swiglu_limit, to_bf16, y) if need_q else None
-    if ysh is not None:  # every expert of the step in one parallel region per weight
-        used = used[:0]
-    elif used.size and _multi_mxfp4(xd, used, parts, experts, swiglu_limit, to_bf16, y):
+    ysh = None
+    if _is_quant(shared):  # every W8A8 expert of the step in one parallel region per weight
+        xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
+        ysh = _multi_experts(xq, sx, idx, experts, shared, swiglu_limit, to_bf16, y)
+    used, parts = (np.zeros(0, np.int64), []) if ysh is not None else _route(idx, len(experts))
+    if xq is None and any(_is_quant(experts[e]) for e in used.tolist()):
+        xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
+    if used.size and _multi_mxfp4(xd, used, parts, experts, swiglu_limit, to_bf16, y):
         used = used[:0]  # the routed MXFP4 experts in one W4A8 region per weight
     for e, (tok, slot) in zip(used.tolist(), parts):
         ws = experts[e]

@@ -6,6 +6,8 @@ calls of 8-17 MiB, each two parallel regions (packing, tiles) plus a SwiGLU regi
 the threads waiting for each other at every end and the prefetchers restarting on every
 weight. Here the step's experts are the parts of one multi-GEMM:
 
+0. the step's routing becomes the parts in one serial pass (:func:`route_parts`: used
+   experts, each one's token rows and slots, their scales; no numpy call per expert);
 1. the token rows (quantised once, bit-exact golden per-row INT8) are packed per expert
    (its routed tokens; the shared expert: all of them);
 2. ``[w1; w3]`` of every expert in one region (:func:`..common.gemm_multi.rows_core` over
@@ -13,7 +15,8 @@ weight. Here the step's experts are the parts of one multi-GEMM:
    :func:`..common.gemm.w8a8_gemm`;
 3. one kernel: SwiGLU (``rnd`` of g and u, the clamps, ``rnd(rnd(silu(g))·u)``), the
    per-row INT8 requantisation of h for every (expert, token) row and the packing;
-4. every expert's w2 in one region.
+4. every expert's w2 in one region; the outputs go back to their (token, slot) places in
+   one pass (:func:`scatter_parts`).
 
 The results are bitwise those of :func:`.moe._expert_raw` per expert (same integers, the
 same fp32 epilogue order, the same SwiGLU arithmetic), so ``moe`` gives the same bits on
@@ -46,8 +49,8 @@ from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.x86_w4a8 import ZP
 
-__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_raw", "multi_mxfp4_raw", "stack_experts",
-           "stack_mxfp4_experts", "swiglu_row"]
+__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_raw",
+           "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "swiglu_row"]
 
 
 class ExpertStack:
@@ -144,17 +147,74 @@ def _part_rows(rows: list[np.ndarray]) -> tuple | None:
     return nr, tmax, padded_tokens(tmax), ridx
 
 
-def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: list[np.ndarray],
-                     st: ExpertStack, limit: float, to_bf16: bool) -> list[np.ndarray] | None:
-    """Experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of the quantised
-    activations ``xq`` [T, D] int8 / ``sx`` [T] float32 -> the w2 outputs, float32
-    ``[len(rows[j]), D]`` each (unrounded dequant, as :func:`.moe._expert_raw`). None when
-    a part has more than 16 rows (the caller runs its per-expert path)."""
-    plan = _part_rows(rows)
-    if plan is None:
+@njit_kernel
+def route_parts(idx, n_experts, sx):
+    """A decode step's routing as parts of one multi-GEMM: ``idx`` [T, K] expert ids ->
+    ``(used, nr, ridx, kslot, sxp)``: the used experts ascending (parts 0 … J-1) plus the
+    shared expert (part J, every row); ``nr`` [J+1] rows per part; ``ridx`` / ``kslot``
+    [J+1, tmax] each part's token rows and routing slots in row-major ``(t, k)`` order (what
+    ``np.nonzero(idx == e)`` gives), zero-padded; ``sxp`` [J+1, tmax] those rows' activation
+    scales ``sx`` [T]. ``used`` is empty and ``nr[0] = -1`` when an id lies outside
+    ``[0, n_experts)``."""
+    T, K = idx.shape
+    counts = np.zeros(n_experts, np.int64)
+    for t in range(T):
+        for k in range(K):
+            e = idx[t, k]
+            if e < 0 or e >= n_experts:
+                return np.zeros(0, np.int64), np.full(1, -1, np.int64), np.zeros((1, 1), np.int64), \
+                    np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)
+            counts[e] += 1
+    part = np.full(n_experts, -1, np.int64)
+    J = 0
+    tmax = T
+    for e in range(n_experts):
+        if counts[e]:
+            part[e] = J
+            J += 1
+            tmax = max(tmax, counts[e])
+    used = np.empty(J, np.int64)
+    for e in range(n_experts):
+        if part[e] >= 0:
+            used[part[e]] = e
+    nr = np.zeros(J + 1, np.int64)
+    ridx = np.zeros((J + 1, tmax), np.int64)
+    kslot = np.zeros((J + 1, tmax), np.int64)
+    sxp = np.zeros((J + 1, tmax), np.float32)
+    for t in range(T):
+        for k in range(K):
+            j = part[idx[t, k]]
+            r = nr[j]
+            ridx[j, r] = t
+            kslot[j, r] = k
+            sxp[j, r] = sx[t]
+            nr[j] = r + 1
+        ridx[J, t] = t
+        sxp[J, t] = sx[t]
+    nr[J] = T
+    return used, nr, ridx, kslot, sxp
+
+
+@njit_kernel
+def scatter_parts(yp, ridx, kslot, nr, J, y):
+    """``y[ridx[j, r], kslot[j, r]] = yp[j, r]`` for the routed parts ``j < J``, rows
+    ``r < nr[j]`` (the inverse of :func:`route_parts`)."""
+    for j in range(J):
+        for r in range(nr[j]):
+            y[ridx[j, r], kslot[j, r]] = yp[j, r]
+
+
+def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np.ndarray, sxp: np.ndarray,
+                       st: ExpertStack, limit: float, to_bf16: bool) -> np.ndarray | None:
+    """Experts ``sel[j]`` (stack slots) of stack ``st`` on token rows ``ridx[j, :nr[j]]`` of
+    the quantised activations ``xq`` [T, D] int8 whose scales are ``sxp[j, :nr[j]]`` ->
+    the w2 outputs ``[J, tmax, D]`` float32 (rows past ``nr[j]`` unspecified; unrounded
+    dequant, as :func:`.moe._expert_raw`). None when a part has more than 16 rows or none
+    has a row (the caller runs its per-expert path)."""
+    J, tmax = ridx.shape
+    if tmax == 0 or tmax > MAX_TILE_T:
         return None
-    nr, tmax, TP, ridx = plan
-    J = len(slots)
+    TP = padded_tokens(tmax)
     p13, p2, I = st.p13, st.p2, st.inter
     D = xq.shape[1]
     KG = p13.kp // 4
@@ -164,10 +224,6 @@ def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: lis
         qp = np.zeros((xq.shape[0], 4 * KG), np.int8)
         qp[:, :D] = xq
         q32 = qp.view(np.uint32)
-    sxp = np.zeros((J, tmax), np.float32)
-    for j, r in enumerate(rows):
-        sxp[j, :len(r)] = sx[r]
-    sel = np.asarray(slots, np.int64)
     xp = np.empty((J, 4 * KG * TP), np.uint8)
     pack_rows_parts(q32, ridx, nr, xp, TP)
     gu = np.empty((J, tmax, 2 * I), np.float32)
@@ -179,7 +235,25 @@ def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: lis
     _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh, xp2, TP)
     y = np.empty((J, tmax, p2.n), np.float32)
     rows_core(xp2, sel, nr, TP, KG2, p2.data, p2.wsum128, p2.scale, p2.n, sh, False, y)
-    return [y[j, :len(r)] for j, r in enumerate(rows)]
+    return y
+
+
+def multi_expert_raw(xq: np.ndarray, sx: np.ndarray, slots: list[int], rows: list[np.ndarray],
+                     st: ExpertStack, limit: float, to_bf16: bool) -> list[np.ndarray] | None:
+    """Experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of the quantised
+    activations ``xq`` [T, D] int8 / ``sx`` [T] float32 -> the w2 outputs, float32
+    ``[len(rows[j]), D]`` each (unrounded dequant, as :func:`.moe._expert_raw`). None when
+    a part has more than 16 rows (the caller runs its per-expert path).
+    :func:`multi_expert_parts` on the rows given as lists."""
+    plan = _part_rows(rows)
+    if plan is None:
+        return None
+    nr, tmax, _, ridx = plan
+    sxp = np.zeros((len(rows), tmax), np.float32)
+    for j, r in enumerate(rows):
+        sxp[j, :len(r)] = sx[r]
+    y = multi_expert_parts(xq, np.asarray(slots, np.int64), nr, ridx, sxp, st, limit, to_bf16)
+    return None if y is None else [y[j, :len(r)] for j, r in enumerate(rows)]
 
 
 # --------------------------------------------------------------------------- MXFP4 experts

@@ -57,8 +57,8 @@ def test_stacked_moe_bitwise(T, dtype, D, I, monkeypatch):
     assert (st is not None) == TILED                    # the plain tier's "nk" packs are not stacked
     assert st is None or st.p13.parts == E + 1
     calls = []
-    real = MM.multi_expert_raw
-    monkeypatch.setattr(KM, "multi_expert_raw", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = MM.multi_expert_parts
+    monkeypatch.setattr(KM, "multi_expert_parts", lambda *a: calls.append(real(*a)) or calls[-1])
     stacked = KM.moe(x, w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype)
     ref = RM.moe(x, w, idx, experts, shared, swiglu_limit=0.5, dtype=dtype)
     max_rows = max(int((idx == e).sum()) for e in range(E))
@@ -71,6 +71,33 @@ def test_stacked_moe_bitwise(T, dtype, D, I, monkeypatch):
     assert torch.equal(stacked, ref)
     # the packs still unpack to the weights (their data are views of the stack now)
     assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(p_exp[1], experts[1]))
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 8, 3), (4, 16, 6), (5, 4, 4), (16, 64, 6)])
+def test_route_parts_is_nonzero_per_expert(T, E, K):
+    """route_parts: the used experts ascending, each one's (token, slot) rows in the order
+    np.nonzero(idx == e) gives, their scales, and the shared part with every row."""
+    w, idx = _route(T, E, K, 7 * T + E)
+    idx = idx.numpy()
+    sx = np.random.default_rng(T).random(T).astype(np.float32)
+    used, nr, ridx, kslot, sxp = MM.route_parts(idx, E, sx)
+    assert used.tolist() == np.unique(idx).tolist()
+    J = len(used)
+    for j, e in enumerate(used.tolist()):
+        tok, slot = np.nonzero(idx == e)
+        n = int(nr[j])
+        assert n == len(tok) and ridx[j, :n].tolist() == tok.tolist() and kslot[j, :n].tolist() == slot.tolist()
+        assert np.array_equal(sxp[j, :n], sx[tok])
+    assert nr[J] == T and ridx[J, :T].tolist() == list(range(T)) and np.array_equal(sxp[J, :T], sx)
+    y = np.zeros((T, K, 3), np.float32)
+    yp = np.random.default_rng(0).random((J + 1, ridx.shape[1], 3)).astype(np.float32)
+    MM.scatter_parts(yp, ridx, kslot, nr, J, y)
+    for j in range(J):
+        for r in range(int(nr[j])):
+            assert np.array_equal(y[ridx[j, r], kslot[j, r]], yp[j, r])
+    bad = idx.copy()
+    bad[0, 0] = E
+    assert MM.route_parts(bad, E, sx)[1][0] == -1 and len(MM.route_parts(bad, E, sx)[0]) == 0
 
 
 @needs_tiles

@@ -2,9 +2,9 @@
 sequences of different lengths.
 
 Tokens of all sequences in a step are packed into one [ΣT] axis for the per-token stages
-(hc_pre/hc_post, norms, qkv_proj_rope, gate, experts, lm_head); attention runs per
-sequence over a KV pool laid out as ``[window rows | this step's rows | compressed
-entries]``. The stage functions come from an ``ops`` namespace (:mod:`.stages`:
+(hc_pre/hc_post, norms, qkv_proj_rope, gate, experts, lm_head); each sequence attends its
+own KV pool laid out as ``[window rows | this step's rows | compressed entries]``, all
+sequences in one ragged attention call per layer (``sparse_attn_core_ragged``). The stage functions come from an ``ops`` namespace (:mod:`.stages`:
 ``REFERENCE_OPS``, the torch reference, or ``FUSED_OPS``, the kernels). Sequence
 bookkeeping, validation and logits rows are the shared :class:`EngineCore`'s; the
 per-layer sublayers :meth:`DeepSeekV4Engine.attention_block` and
@@ -243,8 +243,9 @@ class DeepSeekV4Engine(EngineCore):
     # ------------------------------------------------------------------ sublayers
     def attention_block(self, lw, layer: int, x_hc: torch.Tensor, positions: torch.Tensor,
                         caches: list[SequenceCache], offs: list[int]) -> torch.Tensor:
-        """hc_pre -> qkv_proj_rope -> (compressor, indexer) -> sparse_attn per sequence ->
-        grouped output projection -> hc_post for layer ``layer``. ``x_hc`` [ΣT, hc, D];
+        """hc_pre -> qkv_proj_rope -> (compressor, indexer) per sequence -> one ragged
+        sparse attention call for all sequences -> grouped output projection -> hc_post for
+        layer ``layer``. ``x_hc`` [ΣT, hc, D];
         ``offs`` the row offsets of each sequence (len(caches) + 1); the caches are advanced
         (window rows, compressor state). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer

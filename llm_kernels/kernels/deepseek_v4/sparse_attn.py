@@ -104,18 +104,23 @@ def _prep_indices(indices, N, out, counts):
 
 # --------------------------------------------------------------------------- 2. gather
 @njit_kernel(parallel=True)
-def _gather(pool, idx, counts, Wm, to_bf16, out_u16, out_f32):
-    """Rows ``pool[idx[t, j]]`` -> ``out[t, j]`` (``[T, Wm, HD]``), zeros for ``j >=
-    counts[t]``; bf16 bits (RNE from float32, exact for bf16-valued input) or float32."""
+def _gather(pieces, starts, idx, counts, Wm, to_bf16, out_u16, out_f32):
+    """Rows ``idx[t, j]`` of the KV pool that is the concatenation of ``pieces`` (a tuple of
+    ``[n_k, HD]`` arrays, read in place: pool row ``v`` is row ``v - starts[k]`` of piece
+    ``k`` with ``starts[k] <= v < starts[k + 1]``) -> ``out[t, j]`` (``[T, Wm, HD]``), zeros
+    for ``j >= counts[t]``; bf16 bits (RNE from float32, exact for bf16-valued input) or
+    float32."""
     T = idx.shape[0]
-    HD = pool.shape[1]
+    HD = pieces[0].shape[1]
     for i in prange(T * Wm):
         t = i // Wm
         j = i - t * Wm
         if to_bf16:
             o16 = out_u16[t, j]
             if j < counts[t]:
-                src = pool[idx[t, j]]
+                v = idx[t, j]
+                k = _piece_of(starts, v)
+                src = pieces[k][v - starts[k]]
                 for d in range(HD):
                     o16[d] = f32_to_bf16_bits(load_f32(src[d]))
             else:
@@ -124,12 +129,38 @@ def _gather(pool, idx, counts, Wm, to_bf16, out_u16, out_f32):
         else:
             o32 = out_f32[t, j]
             if j < counts[t]:
-                src = pool[idx[t, j]]
+                v = idx[t, j]
+                k = _piece_of(starts, v)
+                src = pieces[k][v - starts[k]]
                 for d in range(HD):
                     o32[d] = load_f32(src[d])
             else:
                 for d in range(HD):
                     o32[d] = np.float32(0.0)
+
+
+@njit_kernel
+def _piece_of(starts, v):
+    """The piece ``k`` holding pool row ``v``: ``starts[k] <= v < starts[k + 1]``."""
+    k = 0
+    while k + 2 < starts.shape[0] and v >= starts[k + 1]:
+        k += 1
+    return k
+
+
+def _pieces(tensors) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+    """Kernel views of a pool's pieces (one element type: float32, or bf16 bits when all are
+    bf16), their start rows ``[n_pieces + 1]`` and the pool's row count."""
+    ts = [t for t in tensors]
+    if not ts:
+        raise ValueError("a kv pool needs at least one piece")
+    if len({t.dtype for t in ts}) > 1:
+        ts = [t.float() for t in ts]
+    arrs = tuple(torch_kernel_view(t) for t in ts)
+    starts = np.zeros(len(arrs) + 1, np.int64)
+    for k, a in enumerate(arrs):
+        starts[k + 1] = starts[k] + a.shape[0]
+    return arrs, starts, int(starts[-1])
 
 
 # --------------------------------------------------------------------------- 4. softmax
@@ -249,21 +280,26 @@ def sparse_attn_core(q: torch.Tensor, kv_pool: torch.Tensor, indices: torch.Tens
     idx_in = indices.detach().to(torch.int64).contiguous().numpy()
     if idx_in.ndim != 2 or idx_in.shape[0] != T:
         raise ValueError(f"indices must be [T={T}, W], got {tuple(indices.shape)}")
-    return _core(q, kv_pool, idx_in, attn_sink, cos, sin, softmax_scale, dtype)
+    return _core(q, [(0, T, _pieces([kv_pool]), None)], idx_in, attn_sink, cos, sin, softmax_scale, dtype)
 
 
-def _core(q: torch.Tensor, kv_pool: torch.Tensor, idx_in: np.ndarray, attn_sink: torch.Tensor, cos: torch.Tensor,
+def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tensor, cos: torch.Tensor,
           sin: torch.Tensor, softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`sparse_attn_core` with validated int64 index lists ``idx_in`` [T, W]."""
+    """:func:`sparse_attn_core` with int64 index lists ``idx_in`` [T, W] whose rows
+    ``t0 … t1-1`` index the KV pool made of the pieces ``P`` (:func:`_pieces`), for each
+    segment ``(t0, t1, P, seq)`` of ``segs`` (``seq``: the sequence's number in an error
+    message, None for a single pool). Raises IndexError for an index past its own pool."""
     to_bf16 = dtype == torch.bfloat16
     T, H, HD = q.shape
-    N = kv_pool.shape[0]
     W = idx_in.shape[1]
     idx = np.empty((T, max(W, 1)), np.int64)
     counts = np.zeros(T, np.int64)
-    mx = _prep_indices(idx_in, N, idx, counts) if T and W else -1
-    if mx >= N:
-        raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows")
+    for t0, t1, (_, _, N), seq in segs:
+        mx = _prep_indices(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1]) if t1 > t0 and W else -1
+        if mx >= N:
+            raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows" if seq is None else
+                             f"sequence {seq}: indices reference row {mx} but its kv pool has {N} rows")
+    N = max(p[2] for _, _, p, _ in segs) if segs else 0
     # Decode-sized calls gather the index lists' width, not the longest valid list of the
     # call: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
     # row's own index list only, never on the other rows. With the softmax's list-order
@@ -272,7 +308,6 @@ def _core(q: torch.Tensor, kv_pool: torch.Tensor, idx_in: np.ndarray, attn_sink:
     # Prefill-sized calls keep the longest valid list (early rows have short lists: less
     # work). Padded entries are zeros.
     Wm = max(W if T <= ROW_INVARIANT_ROWS else (int(counts.max()) if T else 0), 1)
-    pool = torch_kernel_view(kv_pool)
     # bf16 scores and PV: torch's bf16 bmm where the CPU has a bf16 dot (AVX512_BF16); on
     # other CPUs oneDNN's bf16 bmm is a scalar loop (Zen 3: 6.6 ms for one Flash-dims PV,
     # 75x its fp32 bmm), so the bf16 operands go through an fp32 bmm instead: the same exact
@@ -282,12 +317,14 @@ def _core(q: torch.Tensor, kv_pool: torch.Tensor, idx_in: np.ndarray, attn_sink:
     # 2. gather
     if to_bf16 and not via_f32:
         kvg_np = np.empty((T, Wm, HD), np.uint16)
-        _gather(pool, idx, counts, Wm, True, kvg_np, _DUMMY_F32.reshape(1, 1, 1))
+        for t0, t1, (pieces, starts, _), _ in segs:  # each pool read in place, never concatenated
+            _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, True, kvg_np[t0:t1], _DUMMY_F32.reshape(1, 1, 1))
         kvg = u16_as_torch_bf16(kvg_np)
         qc = q.detach().to(torch.bfloat16)
     else:
         kvg_np = np.empty((T, Wm, HD), np.float32)
-        _gather(pool, idx, counts, Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np)
+        for t0, t1, (pieces, starts, _), _ in segs:
+            _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np[t0:t1])
         kvg = torch.from_numpy(kvg_np)
         qc = q.detach().float()
     # 3. scores: bf16 outputs (bf16 bmm) or float32 (the fp32 bmm: the bf16 rounding of each
@@ -325,13 +362,15 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
     of the pieces ``pools[b]`` (each [n, HD]) through ``indices[b]`` [T_b, W_b] (-1 =
     padding). Returns o [ΣT_b, H, HD] float32 holding ``dtype``-rounded values.
 
-    Decode-sized batches (ΣT_b <= ``ROW_INVARIANT_ROWS``) run one kernel call per index
-    width: the sequences' pools are concatenated and their index lists shifted onto it.
-    Each row's result is the one a call of its sequence alone gives, bit for bit: the gather
-    follows the row's own list, the softmax sums in the list's order, the GEMM depth is the
-    list width (hence one call per width). Larger batches (prefill) run one call per
-    sequence. Raises ValueError for a ragged layout that does not add up, IndexError for an
-    index past its own sequence's pool."""
+    The pools are never concatenated: each sequence's rows are gathered from its pieces in
+    place (a decode step used to copy the whole compressed-entry cache of every CSA/HCA
+    layer). Decode-sized batches (ΣT_b <= ``ROW_INVARIANT_ROWS``) run one scores / softmax /
+    PV call per index width over all their sequences. Each row's result is the one a call of
+    its sequence alone gives, bit for bit: the gather follows the row's own list, the
+    softmax sums in the list's order, the GEMM depth is the list width (hence one call per
+    width). Larger batches (prefill) run one call per sequence. Raises ValueError for a
+    ragged layout that does not add up, IndexError for an index past its own sequence's
+    pool."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     if len(pools) != len(indices):
@@ -347,7 +386,7 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
     if offs[-1] != T:
         raise ValueError(f"the sequences' index rows sum to {offs[-1]} but q has {T} rows")
     if len(pools) == 1 or T > ROW_INVARIANT_ROWS:
-        outs = [_core(q[offs[b]:offs[b + 1]], torch.cat(list(pools[b]), dim=0), idx_np[b], attn_sink,
+        outs = [_core(q[offs[b]:offs[b + 1]], [(0, offs[b + 1] - offs[b], _pieces(pools[b]), b)], idx_np[b], attn_sink,
                       cos[offs[b]:offs[b + 1]], sin[offs[b]:offs[b + 1]], softmax_scale, dtype)
                 for b in range(len(pools))]
         return torch.cat(outs, dim=0) if outs else torch.zeros(q.shape)
@@ -356,19 +395,15 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
         groups.setdefault(a.shape[1], []).append(b)
     out = None if len(groups) == 1 else torch.empty(q.shape)
     for members in groups.values():
-        pieces, parts, base = [], [], 0
-        for b in members:
-            n_b = sum(int(p.shape[0]) for p in pools[b])
-            a = idx_np[b]
-            if a.size and int(a.max()) >= n_b:
-                raise IndexError(f"sequence {b}: indices reference row {int(a.max())} but its kv pool has {n_b} rows")
-            parts.append(np.where(a >= 0, a + base, -1))
-            pieces.extend(pools[b])
-            base += n_b
-        idx = np.ascontiguousarray(np.concatenate(parts))
-        pool = torch.cat(pieces, dim=0)
+        segs, r0 = [], 0
+        for b in members:  # the group's rows: its members' rows in member order
+            n = offs[b + 1] - offs[b]
+            segs.append((r0, r0 + n, _pieces(pools[b]), b))
+            r0 += n
+        idx = idx_np[members[0]] if len(members) == 1 else np.concatenate([idx_np[b] for b in members])
         if out is None:
-            return _core(q, pool, idx, attn_sink, cos, sin, softmax_scale, dtype)
+            return _core(q, segs, np.ascontiguousarray(idx), attn_sink, cos, sin, softmax_scale, dtype)
         rows = torch.cat([torch.arange(offs[b], offs[b + 1]) for b in members])
-        out[rows] = _core(q[rows], pool, idx, attn_sink, cos[rows], sin[rows], softmax_scale, dtype)
+        out[rows] = _core(q[rows], segs, np.ascontiguousarray(idx), attn_sink, cos[rows], sin[rows], softmax_scale,
+                          dtype)
     return out

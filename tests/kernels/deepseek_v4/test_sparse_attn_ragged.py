@@ -90,3 +90,10 @@ def test_ragged_errors(mod):
     bad[0, 0] = 11  # past sequence 0's pool of 11 rows, inside the 42 rows of both pools
     with pytest.raises(IndexError, match="11"):
         mod.sparse_attn_core_ragged(q, pools, [bad, idxs[1]], sink, cos, sin, **kw)
+
+
+def test_fused_pool_needs_a_piece():
+    q, pools, idxs, sink, cos, sin = _batch([(1, 10, 0, 12), (1, 30, 0, 12)], torch.float32)
+    with pytest.raises(ValueError, match="at least one piece"):
+        KA.sparse_attn_core_ragged(q, [[], pools[1]], idxs, sink, cos, sin, softmax_scale=0.125,
+                                   dtype=torch.float32)

@@ -151,7 +151,7 @@ def _piece_of(starts, v):
 def _pieces(tensors) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
     """Kernel views of a pool's pieces (one element type: float32, or bf16 bits when all are
     bf16), their start rows ``[n_pieces + 1]`` and the pool's row count."""
-    ts = [t for t in tensors]
+    ts = list(tensors)
     if not ts:
         raise ValueError("a kv pool needs at least one piece")
     if len({t.dtype for t in ts}) > 1:
@@ -165,7 +165,7 @@ def _pieces(tensors) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
 
 # --------------------------------------------------------------------------- 4. softmax
 @njit_kernel(parallel=True)
-def _softmax_sink(s, idx, counts, N, sink, scale, to_bf16, out_u16, p_u16, p_f32):
+def _softmax_sink(s, counts, sink, scale, to_bf16, out_u16, p_u16, p_f32):
     """Softmax over each query's valid entries plus the head's sink: ``v_j = rnd(rnd(s)·scale)``
     (``s`` float32 GEMM outputs or bf16 bits; ``rnd`` of a bf16 value is itself),
     ``m = max(v, sink)``, ``e = exp(v - m)`` (SLEEF ``xexpf``), ``Σ`` summed in 16 lanes by
@@ -299,7 +299,6 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
         if mx >= N:
             raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows" if seq is None else
                              f"sequence {seq}: indices reference row {mx} but its kv pool has {N} rows")
-    N = max(p[2] for _, _, p, _ in segs) if segs else 0
     # Decode-sized calls gather the index lists' width, not the longest valid list of the
     # call: the PV GEMM's depth (and so its fp32 summation blocking) then depends on the
     # row's own index list only, never on the other rows. With the softmax's list-order
@@ -335,12 +334,12 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     # for a bf16 dtype)
     if to_bf16 and not via_f32:
         p_np = np.empty((T, H, Wm), np.uint16)
-        _softmax_sink(torch_bf16_as_u16(s), idx, counts, N, sink, np.float32(softmax_scale), True, True, p_np,
+        _softmax_sink(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
                       _DUMMY_F32.reshape(1, 1, 1))
         p = u16_as_torch_bf16(p_np)
     else:
         p_np = np.empty((T, H, Wm), np.float32)
-        _softmax_sink(s.numpy(), idx, counts, N, sink, np.float32(softmax_scale), to_bf16, False,
+        _softmax_sink(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False,
                       _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
     # PV (float32 outputs of the fp32 bmm are rounded to bf16 by the next kernel)
@@ -385,7 +384,7 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
     T = q.shape[0]
     if offs[-1] != T:
         raise ValueError(f"the sequences' index rows sum to {offs[-1]} but q has {T} rows")
-    if len(pools) == 1 or T > ROW_INVARIANT_ROWS:
+    if T > ROW_INVARIANT_ROWS:
         outs = [_core(q[offs[b]:offs[b + 1]], [(0, offs[b + 1] - offs[b], _pieces(pools[b]), b)], idx_np[b], attn_sink,
                       cos[offs[b]:offs[b + 1]], sin[offs[b]:offs[b + 1]], softmax_scale, dtype)
                 for b in range(len(pools))]
@@ -402,8 +401,7 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
             r0 += n
         idx = idx_np[members[0]] if len(members) == 1 else np.concatenate([idx_np[b] for b in members])
         if out is None:
-            return _core(q, segs, np.ascontiguousarray(idx), attn_sink, cos, sin, softmax_scale, dtype)
+            return _core(q, segs, idx, attn_sink, cos, sin, softmax_scale, dtype)
         rows = torch.cat([torch.arange(offs[b], offs[b + 1]) for b in members])
-        out[rows] = _core(q[rows], segs, np.ascontiguousarray(idx), attn_sink, cos[rows], sin[rows], softmax_scale,
-                          dtype)
+        out[rows] = _core(q[rows], segs, idx, attn_sink, cos[rows], sin[rows], softmax_scale, dtype)
     return out

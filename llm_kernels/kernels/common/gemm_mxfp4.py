@@ -87,8 +87,8 @@ __all__ = ["MXFP4Stack", "PackedMXFP4", "e8m0_to_f32", "mxfp4_gemm_linear", "pac
 _LUT = np.array(E2M1_X2, np.int8)
 
 #: Sub-tile intrinsics of this process's ISA (:func:`.x86_w4a8.w4_tile`), by token count; an
-#: AVX2 process calls only the first three (``TS_MAX["avx2"] == 3``; the others' branches are
-#: constant-false there).
+#: AVX2 process calls those of at most 8 tokens (``TS_MAX["avx2"] == 8``; the 12-token
+#: branch is constant-false there).
 _SUB_T = (1, 2, 3, 4, 5, 6, 8, 12)
 (_S1, _S2, _S3, _S4, _S5, _S6, _S8, _S12) = [w4_tile(ts) for ts in _SUB_T]
 _ISA = tile_isa()
@@ -212,7 +212,7 @@ def _stile(ts, xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off,
         _S1(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
     elif ts == 2:
         _S2(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
-    elif ts == 3 or _TSMAX == 3:
+    elif ts == 3:
         _S3(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
     elif ts == 4:
         _S4(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
@@ -220,7 +220,7 @@ def _stile(ts, xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off,
         _S5(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
     elif ts == 6:
         _S6(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
-    elif ts == 8:
+    elif ts == 8 or _TSMAX == 8:
         _S8(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)
     else:
         _S12(xp, x_off, xks, wp, w_off, wbs, ng, sw, sw_off, sx, corr, sc_off, NG, f, f_off, CHUNK_N, accum)

@@ -70,8 +70,9 @@ then each token runs its 8 ``vpmaddubsw`` and is folded before the next, so one 
 int16/int32 sums are live instead of every token's, and one group of up to 8 tokens decodes
 each nibble once (before: groups of at most 3 tokens, each decoding again). One Flash
 expert hot in L3 on Zen 3, int8/mxfp4 time ratio in the same process: T=4 0.81-0.85 ->
-0.99, T=8 0.86-0.98 -> 1.06-1.08, T=16 0.83-0.87 -> 1.01-1.06 (``docs/performance.md``). AVX2 makes the UE8M0 scale's
-float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second is the subnormal ``2^-128`` /
+0.99, T=8 0.86-0.98 -> 1.06-1.08, T=16 0.83-0.87 -> 1.01-1.06 (``docs/performance.md``).
+The 2-token sub-tile covers 2 units (both halves of each line in one pass, as the 1-token
+one covers 4). AVX2 makes the UE8M0 scale's float32 bits as ``max((e-1)·2^23, (e+1)·2^21)`` (the second is the subnormal ``2^-128`` /
 ``2^-127`` for ``e = 0, 1`` and smaller for ``e >= 2``).
 
 **Fold** (VNNI): ``vscalefps(fl(f32(isum)·s), e - 128)`` is the correctly rounded

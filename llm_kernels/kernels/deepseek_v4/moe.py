@@ -43,7 +43,7 @@ Same signatures, arguments and return types as
     inputs (:mod:`common.gemm_group`, the W4A8 :mod:`common.gemm_mxfp4`): bitwise the
     reference's ``numerics.linear`` (exact block sums, the goldens' fold order). A
     decode-sized step of prepared MXFP4 experts of one layer stack runs them all in one
-    W4A8 region per weight (:func:`.moe_multi.multi_mxfp4_raw`, bitwise the same).
+    W4A8 region per weight (:func:`.moe_multi.multi_mxfp4_parts`, bitwise the same).
 
 Measured (Flash dims, bf16, 2-core Zen 4 VM, DRAM ~80 GB/s by ``torch.sum``, common's
 W8A8 GEMM streams at 43-46 GB/s): ``moe`` with 256 W8A8 experts, T=1 (6 routed + shared)
@@ -93,7 +93,7 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
-from .moe_multi import multi_expert_parts, multi_mxfp4_raw, route_parts, scatter_parts, swiglu_row
+from .moe_multi import multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, swiglu_row
 from .stage_shared import ROW_INVARIANT_ROWS
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -442,13 +442,18 @@ def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarra
     return yp[len(used), :T]
 
 
-def _multi_mxfp4(xd, used, parts, experts, limit, to_bf16, y) -> bool:
-    """The step's routed experts through :func:`.moe_multi.multi_mxfp4_raw` when all are
-    prepared MXFP4 experts of one stack: fills ``y[tok, slot]`` and returns True; False
-    (``y`` untouched) otherwise."""
+def _multi_mxfp4(xd, idx, experts, limit, to_bf16, y) -> bool:
+    """The step's routed experts through :func:`.moe_multi.multi_mxfp4_parts` when all are
+    prepared MXFP4 experts of one stack and no expert takes more than 16 rows: routes
+    ``idx`` [T, K] (:func:`.moe_multi.route_parts`, ids already validated), fills
+    ``y[tok, slot]`` and returns True; False (``y`` untouched) otherwise."""
+    T = idx.shape[0]
+    if T == 0:
+        return False
+    used, nr, ridx, kslot, _ = route_parts(idx, len(experts), np.zeros(T, np.float32))
     st = None
-    slots = []
-    for e in used.tolist():
+    sel = np.empty(len(used), np.int64)
+    for j, e in enumerate(used.tolist()):
         ws = experts[e]
         g = mxfp4_rows_pack(ws[:2])
         s = getattr(g, "stack", None)
@@ -456,13 +461,14 @@ def _multi_mxfp4(xd, used, parts, experts, limit, to_bf16, y) -> bool:
                 or s.w2_packs[g.slot] is not ws[2].pack:
             return False
         st = s
-        slots.append(g.slot)
-    xf = xd if xd.dtype == torch.float32 else xd.float()
-    outs = multi_mxfp4_raw(xf.contiguous().numpy(), slots, [tok for tok, _ in parts], st, limit, to_bf16)
-    if outs is None:
+        sel[j] = g.slot
+    if st is None:
         return False
-    for (tok, slot), ye in zip(parts, outs):
-        y[tok, slot] = ye
+    xf = xd if xd.dtype == torch.float32 else xd.float()
+    yp = multi_mxfp4_parts(xf.contiguous().numpy(), sel, nr, ridx, st, limit, to_bf16)
+    if yp is None:
+        return False
+    scatter_parts(yp, ridx, kslot, nr, len(used), y)
     return True
 
 
@@ -487,11 +493,11 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     if _is_quant(shared):  # every W8A8 expert of the step in one parallel region per weight
         xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
         ysh = _multi_experts(xq, sx, idx, experts, shared, swiglu_limit, to_bf16, y)
-    used, parts = (np.zeros(0, np.int64), []) if ysh is not None else _route(idx, len(experts))
+    # the routed MXFP4 experts in one W4A8 region per weight
+    done = ysh is not None or _multi_mxfp4(xd, idx, experts, swiglu_limit, to_bf16, y)
+    used, parts = (np.zeros(0, np.int64), []) if done else _route(idx, len(experts))
     if xq is None and any(_is_quant(experts[e]) for e in used.tolist()):
         xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
-    if used.size and _multi_mxfp4(xd, used, parts, experts, swiglu_limit, to_bf16, y):
-        used = used[:0]  # the routed MXFP4 experts in one W4A8 region per weight
     for e, (tok, slot) in zip(used.tolist(), parts):
         ws = experts[e]
         if isinstance(ws[0], QuantWeight):

@@ -49,8 +49,8 @@ from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.x86_w4a8 import ZP
 
-__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_raw",
-           "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "swiglu_row"]
+__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_parts",
+           "multi_mxfp4_raw", "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "swiglu_row"]
 
 
 class ExpertStack:
@@ -313,15 +313,32 @@ def multi_mxfp4_raw(x: np.ndarray, slots: list[int], rows: list[np.ndarray], st:
     """MXFP4 experts ``slots[j]`` of stack ``st`` on token rows ``rows[j]`` of float32 ``x``
     [T, D] -> the w2 outputs, float32 ``[len(rows[j]), D]`` each, bitwise those of
     :func:`.moe._expert_raw` per expert. None when a part has more than 16 rows (the caller
-    runs its per-expert path)."""
+    runs its per-expert path). The list form of :func:`multi_mxfp4_parts`."""
     plan = _part_rows(rows)
     if plan is None:
         return None
-    nr, tmax, TP, ridx = plan
-    J = len(slots)
+    nr, _, _, ridx = plan
+    y = multi_mxfp4_parts(x, np.asarray(slots, np.int64), nr, ridx, st, limit, to_bf16)
+    return [y[j, :len(r)] for j, r in enumerate(rows)]
+
+
+def multi_mxfp4_parts(x: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np.ndarray, st: MXFP4ExpertStack,
+                      limit: float, to_bf16: bool) -> np.ndarray | None:
+    """MXFP4 experts ``sel[j]`` (stack slots, int64 [J]) of stack ``st`` on token rows
+    ``ridx[j, :nr[j]]`` (int64 ``[J, >= max nr]``, e.g. the routed parts of
+    :func:`route_parts`) of float32 ``x`` [T, D] -> the w2 outputs ``[J, max nr, D]`` float32
+    (rows past ``nr[j]`` unspecified), each part bitwise :func:`.moe._expert_raw` of its
+    expert. None when a part has more than 16 rows or none has a row (the caller runs its
+    per-expert path)."""
+    J = sel.shape[0]
+    nr = np.ascontiguousarray(nr[:J])
+    ridx = np.ascontiguousarray(ridx[:J])
+    tmax = int(nr.max()) if J else 0
+    if tmax == 0 or tmax > MAX_TILE_T:
+        return None
+    TP = padded_tokens(tmax)
     p13, p2, I = st.p13, st.p2, st.inter
     D = x.shape[1]
-    sel = np.asarray(slots, np.int64)
     xp = np.empty((J, D * TP), np.int8)
     sx = np.zeros((J, TP * (D // MXFP4_BLOCK)), np.float32)
     corr = np.zeros((J, TP * (D // MXFP4_BLOCK)), np.int32)
@@ -334,4 +351,4 @@ def multi_mxfp4_raw(x: np.ndarray, slots: list[int], rows: list[np.ndarray], st:
     _swiglu_quant_w4_parts(gu, nr, I, np.float32(limit), to_bf16, TP, xp2, sx2, corr2)
     y = np.empty((J, tmax, p2.n), np.float32)
     w4_parts_core(xp2, sel, nr, TP, I, p2.data, p2.np_, p2.n, p2.sw8, sx2, corr2, y)
-    return [y[j, :len(r)] for j, r in enumerate(rows)]
+    return y

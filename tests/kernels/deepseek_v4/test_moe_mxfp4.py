@@ -81,7 +81,7 @@ def test_fused_moe_is_bitwise_the_reference(D, I, E, K, shared_kind, dtype):
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("D,I", [(128, 64), (96, 160)])  # the second: N = 2I and D not multiples of 64
 def test_stacked_mxfp4_moe_is_bitwise_the_per_expert_path(T, dtype, D, I, monkeypatch):
-    """The one-region path (:func:`.moe_multi.multi_mxfp4_raw` over a stack) gives the same
+    """The one-region path (:func:`.moe_multi.multi_mxfp4_parts` over a stack) gives the same
     bits as the per-expert W4A8 calls and the reference, runs exactly when every expert has
     at most 16 rows, and leaves the packs unpacking to their weights."""
     from llm_kernels.kernels.deepseek_v4 import moe_multi as MM
@@ -95,8 +95,8 @@ def test_stacked_mxfp4_moe_is_bitwise_the_per_expert_path(T, dtype, D, I, monkey
     st = MM.stack_mxfp4_experts([(p1.group, p2.pack) for p1, _, p2 in prepared])
     assert st is not None and st.p13.parts == E and st.p2.parts == E and st.inter == I
     calls = []
-    real = MM.multi_mxfp4_raw
-    monkeypatch.setattr(KM, "multi_mxfp4_raw", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = MM.multi_mxfp4_parts
+    monkeypatch.setattr(KM, "multi_mxfp4_parts", lambda *a: calls.append(real(*a)) or calls[-1])
     stacked = KM.moe(x, w, i, prepared, shared, swiglu_limit=0.5, dtype=dtype)
     max_rows = max(int((i == e).sum()) for e in range(E))
     assert bool(calls) and (calls[0] is not None) == (max_rows <= 16), (T, max_rows)

@@ -448,7 +448,7 @@ def _multi_mxfp4(xd, idx, experts, limit, to_bf16, y) -> bool:
     ``idx`` [T, K] (:func:`.moe_multi.route_parts`, ids already validated), fills
     ``y[tok, slot]`` and returns True; False (``y`` untouched) otherwise."""
     T = idx.shape[0]
-    if T == 0 or getattr(mxfp4_rows_pack(experts[int(idx[0, 0])][:2]), "stack", None) is None:
+    if idx.size == 0 or getattr(mxfp4_rows_pack(experts[int(idx[0, 0])][:2]), "stack", None) is None:
         return False  # (not a stacked MXFP4 layer: no routing pass spent)
     used, nr, ridx, kslot, _ = route_parts(idx, len(experts), np.zeros(T, np.float32))
     st = None

@@ -112,6 +112,23 @@ def test_stacked_mxfp4_moe_is_bitwise_the_per_expert_path(T, dtype, D, I, monkey
     assert torch.equal(KM.moe(x, w, i, other, shared, swiglu_limit=0.5, dtype=dtype), plain) and not calls
 
 
+@pytest.mark.parametrize("T", [0, 3])
+def test_stacked_mxfp4_moe_without_routes_is_the_shared_expert(T):
+    """A call with no routing slots (K = 0: the expert-parallel wrapper's shared-only call)
+    or no rows runs the shared expert alone, as the reference, on a stacked MXFP4 layer."""
+    from llm_kernels.kernels.deepseek_v4 import moe_multi as MM
+
+    D, I, E = 128, 64, 4
+    experts, shared = _experts(D, I, E, "g32")
+    prepared = [KM.prepare_expert(*ws) for ws in experts]
+    assert MM.stack_mxfp4_experts([(p1.group, p2.pack) for p1, _, p2 in prepared]) is not None
+    x = rnd(torch.randn(T, D, generator=_g(5)), BF16)
+    w, i = torch.zeros(T, 0), torch.zeros(T, 0, dtype=torch.long)
+    got = KM.moe(x, w, i, prepared, shared, swiglu_limit=0.5, dtype=BF16)
+    assert got.shape == (T, D)
+    assert torch.equal(got, RM.moe(x, w, i, experts, shared, swiglu_limit=0.5, dtype=BF16))
+
+
 def test_stack_mxfp4_experts_refuses_what_it_cannot_stack():
     from llm_kernels.kernels.common.gemm_mxfp4 import pack_mxfp4, stack_mxfp4
     from llm_kernels.kernels.deepseek_v4 import moe_multi as MM

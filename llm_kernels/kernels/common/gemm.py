@@ -311,6 +311,16 @@ def _quant_pack_x(x, xp, sx, TP, KG):
 
 _DUMMY_I32 = np.zeros((1, 1), np.int32)
 _DUMMY_F32 = np.zeros((1, 1), np.float32)
+#: :func:`padded_tokens` of T = 0 … 63 (the decode-sized calls skip the Python lookup)
+_PADDED_T = np.array([padded_tokens(t) for t in range(64)], np.int64)
+
+
+@njit_kernel
+def _linear_f32(a2, xp, sx, TP, KG, wp, NP, N, wsum128, sw, dummy_i32, out):
+    """:func:`_quant_pack_x` then :func:`_vnni_core` (float32 out) in one dispatch: the
+    same two kernels, one Python -> Numba call fewer per :func:`w8a8_linear`."""
+    _quant_pack_x(a2, xp, sx, TP, KG)
+    _vnni_core(xp, a2.shape[0], TP, KG, wp, NP, N, wsum128, sx, sw, True, dummy_i32, out)
 
 
 # --------------------------------------------------------------------------- fallback kernels
@@ -537,12 +547,9 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
         if is_tiled(w.layout):
             _require_tiled(w)
             T = a2.shape[0]
-            TP = padded_tokens(T)
-            xp = np.empty(w.kp * TP, np.uint8)
-            sx = np.empty(T, np.float32)
-            _quant_pack_x(a2, xp, sx, TP, w.kp // 4)
-            _vnni_core(xp, T, TP, w.kp // 4, w.data, w.np_, w.n, w.wsum128, sx, w.scale,
-                       True, _DUMMY_I32, out)
+            TP = _PADDED_T[T] if T < _PADDED_T.size else padded_tokens(T)
+            _linear_f32(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP, w.kp // 4, w.data,
+                        w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
         else:
             xq, sx = quant_rows(a2)
             _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)

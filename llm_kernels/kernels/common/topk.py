@@ -25,7 +25,7 @@ from numba import prange
 from .bf16 import as_kernel_input, f32_bits
 from .jit import njit_kernel
 
-__all__ = ["topk_indices"]
+__all__ = ["topk_rows_f32", "topk_indices"]
 
 _NEG_INF_BITS = np.uint32(0xFF800000)
 
@@ -100,6 +100,11 @@ def _topk_rows(scores, k, out):
     for r in prange(R):
         keys = np.empty(N, np.uint32)
         _topk_row(scores[r], k, keys, out[r])
+
+
+#: The Numba kernel of :func:`topk_indices` for callers that hold its checked inputs
+#: already: ``(scores [R, N] C-contiguous float32 with N >= 1, k, out [R, k] int64)``.
+topk_rows_f32 = _topk_rows
 
 
 def topk_indices(scores: Any, k: int) -> Any:

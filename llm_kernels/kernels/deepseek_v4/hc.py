@@ -130,7 +130,19 @@ def _post(x, res, post, comb, to_bf16, out):
             o[d] = _round(_round(p * xr[d], to_bf16) + _round(o[d], to_bf16), to_bf16)
 
 
+@njit_kernel
+def _pre_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, post, comb, out):
+    """:func:`_mix`, :func:`_weights` and :func:`_collapse` of ``hc_pre`` in one dispatch
+    (the same kernels in the same order: bitwise the three calls)."""
+    T, HC, D = x.shape
+    _mix(x.reshape(T, HC * D), fn, eps, m)
+    _weights(m, scale, base, hc, iters, hc_eps, pre, post, comb)
+    _collapse(x, pre, to_bf16, out)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
+        return t.numpy()
     return t.detach().float().contiguous().numpy()
 
 
@@ -142,14 +154,12 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
     T, HC, D = x_hc.shape
     x = _np(x_hc)
     M = hc_fn.shape[0]
-    m = np.empty((T, M), np.float32)
-    _mix(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
-    pre = np.empty((T, HC), np.float32)
     post = np.empty((T, HC), np.float32)
     comb = np.empty((T, HC, HC), np.float32)
-    _weights(m, _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters, np.float32(hc_eps), pre, post, comb)
     out = np.empty((T, D), np.float32)
-    _collapse(x, pre, dtype == torch.bfloat16, out)
+    _pre_all(x, _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
+             np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, M), np.float32), np.empty((T, HC), np.float32),
+             post, comb, out)
     return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
 
 
@@ -169,7 +179,7 @@ def hc_head(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_
     x = _np(x_hc)
     m = np.empty((T, HC), np.float32)
     _mix(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
-    s, b = float(hc_scale.reshape(-1)[0]), _np(hc_base)
+    s, b = _np(hc_scale).reshape(-1)[0], _np(hc_base)
     pre = (1.0 / (1.0 + np.exp(-(m * np.float32(s) + b)))).astype(np.float32) + np.float32(hc_eps)
     out = np.empty((T, D), np.float32)
     _collapse(x, pre, dtype == torch.bfloat16, out)

@@ -41,7 +41,7 @@ from ..common.gemm import dot_i8
 from ..common.gemm_pack import ACT_OFFSET, zero_point
 from ..common.jit import njit_kernel
 from ..common.quant import quant_row_f32
-from ..common.topk import topk_indices
+from ..common.topk import topk_rows_f32
 from ..common.x86_avx2 import int8_bcast_tile
 from .stage_shared import (
     column_sums,
@@ -343,7 +343,10 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk
     k = min(int(topk), n)
     if k == 0:
         return torch.empty(T, 0, dtype=torch.int64)
-    limit = ((positions.long() + 1) // ratio).contiguous().numpy()
+    limit = (positions.detach().to(torch.int64).contiguous().numpy() + 1) // int(ratio)
     masked = np.empty((T, n), np.float32)
     _mask_future(f32_np(scores), limit, masked)
-    return torch.from_numpy(topk_indices(masked, k))
+    out = np.empty((T, k), np.int64)
+    if T:
+        topk_rows_f32(masked, k, out)  # topk_indices' kernel (its checks hold here by construction)
+    return torch.from_numpy(out)

@@ -94,11 +94,13 @@ from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .moe_multi import multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, swiglu_row
-from .stage_shared import ROW_INVARIANT_ROWS
+from .stage_shared import ROW_INVARIANT_ROWS, f32_np
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
 
 _SCORE_IDS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+_NO_TABLE = np.zeros((1, 1), np.int64)  # the kernel's hash-table arguments when routing by score
+_NO_IDS = np.zeros(1, np.int64)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,13 +112,39 @@ def _softplus(x):
     return np.float32(np.log1p(np.exp(np.float64(x))))
 
 
+@njit_kernel
+def _ids_in_range(idx, n):
+    """True when every entry of ``idx`` [T, K] lies in [0, n)."""
+    T, K = idx.shape
+    for t in range(T):
+        for k in range(K):
+            if idx[t, k] < 0 or idx[t, k] >= n:
+                return False
+    return True
+
+
 # --------------------------------------------------------------------------- gate kernel
 @njit_kernel(parallel=True)
-def _gate_kernel(logits, score_id, bias, has_bias, hash_idx, use_hash, k, norm, factor, to_bf16,
-                 w_out, i_out):
-    """Per token row: scores (in the storage dtype), selection, gather, normalisation."""
+def _gate_kernel(logits, score_id, bias, has_bias, tid2eid, ids, use_hash, k, norm, factor, to_bf16,
+                 w_out, i_out, bad):
+    """Per token row: scores (in the storage dtype), selection, gather, normalisation.
+    Hash routing reads ``tid2eid[ids[t]]``; a row whose id is outside ``tid2eid`` gets
+    ``bad[t] = 1``, one whose table row holds an expert outside [0, E) ``bad[t] = 2`` (the
+    caller raises)."""
     T, E = logits.shape
     for t in prange(T):
+        bad[t] = 0
+        if use_hash:
+            tid = ids[t]
+            if tid < 0 or tid >= tid2eid.shape[0]:
+                bad[t] = 1
+                continue
+            for j in range(k):
+                e = tid2eid[tid, j]
+                if e < 0 or e >= E:
+                    bad[t] = 2
+            if bad[t]:
+                continue
         lr = logits[t]
         sc = np.empty(E, np.float32)
         if score_id == 0:      # sqrt(softplus(l)), each op rounded
@@ -149,7 +177,7 @@ def _gate_kernel(logits, score_id, bias, has_bias, hash_idx, use_hash, k, norm, 
         sel = i_out[t]
         if use_hash:
             for j in range(k):
-                sel[j] = hash_idx[t, j]
+                sel[j] = tid2eid[ids[t], j]
         else:
             # top-k of score + bias (fp32), descending, ties -> lower id, NaN never chosen
             key = np.empty(E, np.float32)
@@ -221,21 +249,29 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
     lg = logits.contiguous().numpy()
     use_hash = tid2eid is not None
     if use_hash:
-        hidx = tid2eid[input_ids.long()].long().contiguous().numpy()
-        if hidx.shape != (T, top_k):
-            raise ValueError(f"tid2eid rows must have top_k={top_k} entries, got {hidx.shape}")
-        if hidx.size and (hidx.min() < 0 or hidx.max() >= E):
-            raise IndexError(f"tid2eid holds an expert id outside [0, {E})")
+        if tid2eid.dim() != 2 or tid2eid.shape[1] != top_k or tid2eid.dtype.is_floating_point:
+            raise ValueError(f"tid2eid must be an integer table [vocab, top_k={top_k}], got "
+                             f"{tuple(tid2eid.shape)} {tid2eid.dtype}")
+        table = tid2eid.detach().contiguous().numpy()
+        ids = input_ids.detach().reshape(-1).to(torch.int64).contiguous().numpy()
+        if ids.shape[0] != T:
+            raise ValueError(f"input_ids must hold one id per row of x ({T}), got {ids.shape[0]}")
     else:
-        hidx = np.zeros((1, 1), np.int64)
+        table, ids = _NO_TABLE, _NO_IDS
     b = (bias.detach().float().contiguous().numpy() if bias is not None and not use_hash
          else np.zeros(1, np.float32))
     w_out = np.empty((T, top_k), np.float32)
     i_out = np.empty((T, top_k), np.int64)
     if T and top_k:
-        _gate_kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, hidx, use_hash,
+        bad = np.empty(T, np.int64)
+        _gate_kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
                      int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16,
-                     w_out, i_out)
+                     w_out, i_out, bad)
+        if bad.any():
+            t = int(np.flatnonzero(bad)[0])
+            if bad[t] == 1:
+                raise IndexError(f"input_ids[{t}] = {int(ids[t])} is outside the tid2eid table [0, {table.shape[0]})")
+            raise IndexError(f"tid2eid holds an expert id outside [0, {E}) (row of token id {int(ids[t])})")
     return torch.from_numpy(w_out), torch.from_numpy(i_out)
 
 
@@ -485,7 +521,7 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     D = x.shape[-1]
     xd = x.detach()
     idx = indices.detach().long().contiguous().numpy()
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(experts)):
+    if not _ids_in_range(idx, len(experts)):
         raise IndexError(f"expert index outside [0, {len(experts)})")
     xq = sx = None
     y = np.zeros((T, K, D), np.float32)
@@ -509,5 +545,5 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
         ysh = _expert_raw(xd, xq, sx, shared, swiglu_limit, to_bf16, dtype)
     out = np.empty((T, D), np.float32)
     if T:
-        _combine(y, weights.detach().float().contiguous().numpy(), np.ascontiguousarray(ysh), to_bf16, out)
+        _combine(y, f32_np(weights), np.ascontiguousarray(ysh), to_bf16, out)
     return torch.from_numpy(out)

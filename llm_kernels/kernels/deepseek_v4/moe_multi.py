@@ -224,17 +224,26 @@ def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np
         qp = np.zeros((xq.shape[0], 4 * KG), np.int8)
         qp[:, :D] = xq
         q32 = qp.view(np.uint32)
+    return _parts_program(q32, sel, nr, ridx, sxp, TP, KG, p13.data, p13.wsum128, p13.scale, I,
+                          p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
+
+
+@njit_kernel
+def _parts_program(q32, sel, nr, ridx, sxp, TP, KG, w13, wsum13, sw13, I, KG2, w2, wsum2, sw2, N2, limit, to_bf16):
+    """:func:`multi_expert_parts`' four kernels in one dispatch (pack the rows of every part,
+    the ``[w1; w3]`` multi-GEMM, SwiGLU + requantisation, the w2 multi-GEMM), with their
+    buffers; the same kernels in the same order: bitwise the four calls."""
+    J, tmax = ridx.shape
     xp = np.empty((J, 4 * KG * TP), np.uint8)
     pack_rows_parts(q32, ridx, nr, xp, TP)
     gu = np.empty((J, tmax, 2 * I), np.float32)
-    rows_core(xp, sel, nr, TP, KG, p13.data, p13.wsum128, p13.scale, 2 * I, sxp, False, gu)
-    KG2 = p2.kp // 4
+    rows_core(xp, sel, nr, TP, KG, w13, wsum13, sw13, 2 * I, sxp, False, gu)
     hq = np.zeros((J, TP, 4 * KG2), np.int8)
     sh = np.zeros((J, tmax), np.float32)
     xp2 = np.empty((J, 4 * KG2 * TP), np.uint8)
-    _swiglu_quant_parts(gu, nr, I, np.float32(limit), to_bf16, hq, sh, xp2, TP)
-    y = np.empty((J, tmax, p2.n), np.float32)
-    rows_core(xp2, sel, nr, TP, KG2, p2.data, p2.wsum128, p2.scale, p2.n, sh, False, y)
+    _swiglu_quant_parts(gu, nr, I, limit, to_bf16, hq, sh, xp2, TP)
+    y = np.empty((J, tmax, N2), np.float32)
+    rows_core(xp2, sel, nr, TP, KG2, w2, wsum2, sw2, N2, sh, False, y)
     return y
 
 

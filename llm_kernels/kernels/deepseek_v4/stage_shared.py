@@ -40,6 +40,8 @@ def f32_np(t: Any) -> np.ndarray:
     """C-contiguous float32 numpy view (copy only when needed) of a CPU tensor."""
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
+    if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
+        return t.numpy()  # the common case without three no-op tensor calls
     return t.detach().float().contiguous().numpy()
 
 
@@ -119,12 +121,15 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
     T = x.shape[0]
     g = stage_group((w1, w2), PairPack) if w2 is not None else None
     if g is not None:  # a prepared INT8 pair: one GEMM over [w1; w2]
-        y = w8a8_linear(x.detach(), g.packed)
-        y = (y if dtype == torch.float32 else y.to(dtype).float()).numpy()
-        y2 = np.ascontiguousarray(y[:, g.n1:])
+        xin = x.detach()
+        y = w8a8_linear(f32_np(xin) if xin.dtype == torch.float32 else xin, g.packed)
+        y = y if isinstance(y, np.ndarray) else y.numpy()
+        y1 = np.empty((T, g.n1), np.float32)
+        y2 = np.empty((T, y.shape[1] - g.n1), np.float32)
+        _split_round(y, dtype == torch.bfloat16, y1, y2)
         if ape is not None and T:
             add_ape(y2, ape, slots)
-        return np.ascontiguousarray(y[:, :g.n1]), y2
+        return y1, y2
     if is_int8_weight(w1) or is_int8_weight(w2):
         y1 = f32_np(_pair_linear(x, w1, dtype))
         if w2 is None:
@@ -157,6 +162,21 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
     if ape is not None and T:
         add_ape(y2, ape, slots)
     return y1, y2
+
+
+@njit_kernel
+def _split_round(y, to_bf16, o1, o2):
+    """``o1 = rnd(y[:, :n1])``, ``o2 = rnd(y[:, n1:])`` with ``n1 = o1.shape[1]`` (``rnd``:
+    round to nearest even bf16 when ``to_bf16``, torch's ``.to(bfloat16)``, else a copy)."""
+    T, n1 = o1.shape
+    n2 = o2.shape[1]
+    for t in range(T):
+        a, b1, b2 = y[t], o1[t], o2[t]
+        for i in range(n1):
+            b1[i] = rnd(a[i], to_bf16)
+        c = a[n1:]
+        for i in range(n2):
+            b2[i] = rnd(c[i], to_bf16)
 
 
 @njit_kernel

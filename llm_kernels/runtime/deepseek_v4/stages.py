@@ -2,7 +2,7 @@
 
 * :data:`REFERENCE_OPS`: the torch reference (:mod:`llm_kernels.reference.deepseek_v4`).
 * :data:`FUSED_OPS`: the Numba kernels (:mod:`llm_kernels.kernels.deepseek_v4`) for every
-  stage that has one, the reference for the rest (``embed``, ``rope_cos_sin``).
+  stage that has one, the reference for the rest (``rope_cos_sin``).
   :data:`FUSED_STAGES` lists which; :func:`stages` / :func:`backend_stages` serve the
   model spec.
 
@@ -17,6 +17,7 @@ module loads, never a silent fallback to the reference.
 from __future__ import annotations
 
 from ...kernels.deepseek_v4 import compressor as k_cmp
+from ...kernels.deepseek_v4 import embed as k_emb
 from ...kernels.deepseek_v4 import hc as k_hc
 from ...kernels.deepseek_v4 import indexer as k_idx
 from ...kernels.common import linear as k_linear
@@ -59,7 +60,7 @@ _REFERENCE = dict(
 )
 
 _FUSED = dict(
-    hc_pre=k_hc.hc_pre, hc_post=k_hc.hc_post, hc_head=k_hc.hc_head,
+    embed=k_emb.embed, hc_pre=k_hc.hc_pre, hc_post=k_hc.hc_post, hc_head=k_hc.hc_head,
     qkv_proj_rope=k_qkv.qkv_proj_rope,
     compressor_project=k_cmp.compressor_project, compress_windows=k_cmp.compress_windows,
     indexer_query=k_idx.indexer_query, indexer_scores=k_idx.indexer_scores, indexer_topk=k_idx.indexer_topk,

@@ -82,3 +82,25 @@ def test_hc_rows_independent_of_the_call(dtype):
         assert torch.equal(K.hc_post(y[t:t + 1], x[t:t + 1], post[t:t + 1], comb[t:t + 1], dtype)[0], out[t])
         assert torch.equal(K.hc_head(x[t:t + 1], fn[:4], sc[:1], b[:4], hc_eps=1e-6, rms_eps=1e-6,
                                      dtype=dtype)[0], head[t])
+
+
+@pytest.mark.parametrize("T,D", [(1, 4096), (3, 1100)])
+def test_hc_pre_one_dispatch_is_the_three_kernels(T, D):
+    """``hc_pre`` runs ``_mix``, ``_weights`` and ``_collapse`` through one Numba dispatch
+    (``_pre_all``); its outputs are the bits of the three kernels called one by one."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, 4, D, generator=g).bfloat16().float().numpy()
+    fn = (torch.randn(24, 4 * D, generator=g) / 64).numpy()
+    sc, b = (torch.rand(3, generator=g) + 0.5).numpy(), torch.randn(24, generator=g).numpy()
+    for to_bf16 in (True, False):
+        bufs = [[np.empty((T, 24), np.float32), np.empty((T, 4), np.float32), np.empty((T, 4), np.float32),
+                 np.empty((T, 4, 4), np.float32), np.empty((T, D), np.float32)] for _ in range(2)]
+        m, pre, post, comb, out = bufs[0]
+        K._mix(x.reshape(T, 4 * D), fn, np.float32(1e-6), m)
+        K._weights(m, sc, b, 4, 20, np.float32(1e-6), pre, post, comb)
+        K._collapse(x, pre, to_bf16, out)
+        K._pre_all(x, fn, np.float32(1e-6), sc, b, 4, 20, np.float32(1e-6), to_bf16, *bufs[1])
+        for a, c in zip(*bufs):
+            assert np.array_equal(a, c)

@@ -46,9 +46,9 @@ class RopeTables:
         if last is not None and last[0] is rope and last[1] is positions and last[2] == _version(positions) \
                 and last[4] == (_version(last[3][0]), _version(last[3][1])):
             return last[3]
-        pos = positions.long()
-        if pos.numel() == 0:
+        if positions.numel() == 0:
             return self._fn(rope, rope_dim, positions, self._dtype)
+        pos = positions.detach().to(torch.int64).numpy()  # numpy: a few µs less per lookup than torch ops
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0:
             raise ValueError(f"RoPE positions must be >= 0, got {lo}")
@@ -59,8 +59,8 @@ class RopeTables:
             while n <= hi:
                 n *= 2
             cos, sin = self._fn(rope, rope_dim, torch.arange(n), self._dtype)
-            tab = self._tables[key] = (cos.contiguous(), sin.contiguous())
-        out = tab[0][pos], tab[1][pos]
+            tab = self._tables[key] = (cos.contiguous().numpy(), sin.contiguous().numpy())
+        out = torch.from_numpy(tab[0][pos]), torch.from_numpy(tab[1][pos])
         self._last[(id(rope), rope_dim)] = (rope, positions, _version(positions), out,
                                             (_version(out[0]), _version(out[1])))
         return out

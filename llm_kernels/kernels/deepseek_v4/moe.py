@@ -258,7 +258,7 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
             raise ValueError(f"input_ids must hold one id per row of x ({T}), got {ids.shape[0]}")
     else:
         table, ids = _NO_TABLE, _NO_IDS
-    b = (bias.detach().float().contiguous().numpy() if bias is not None and not use_hash
+    b = (f32_np(bias) if bias is not None and not use_hash
          else np.zeros(1, np.float32))
     w_out = np.empty((T, top_k), np.float32)
     i_out = np.empty((T, top_k), np.int64)

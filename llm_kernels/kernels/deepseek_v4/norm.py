@@ -13,6 +13,7 @@ import torch
 
 from ..common.norm_rope import rms_norm as _rms_norm_kernel
 from ..common.norm_rope import rms_norm_rows_f32
+from .stage_shared import f32_np
 
 __all__ = ["rms_norm"]
 
@@ -25,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: to
     if (xin.dtype == torch.float32 and xin.dim() == 2 and xin.is_contiguous()
             and (weight is None or (weight.dim() == 1 and weight.dtype in (torch.float32, torch.bfloat16)))):
         # the decode path: float32 rows in, float32 rows out, no dtype conversions around the kernel
-        wf = None if weight is None else weight.detach().float().contiguous().numpy()
+        wf = None if weight is None else f32_np(weight)
         return torch.from_numpy(rms_norm_rows_f32(xin.numpy(), wf, float(eps), dtype == torch.bfloat16))
     if xin.dtype not in (torch.float32, torch.bfloat16):
         xin = xin.float()

@@ -60,7 +60,7 @@ from ..common.jit import njit_kernel
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
-from .stage_shared import ROW_INVARIANT_ROWS
+from .stage_shared import ROW_INVARIANT_ROWS, f32_np
 
 __all__ = ["sparse_attn", "sparse_attn_core", "sparse_attn_core_ragged", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
 
@@ -99,6 +99,15 @@ def _prep_indices(indices, N, out, counts):
         for j in range(u, W):
             out[t, j] = -1
         counts[t] = u
+    return mx
+
+
+@njit_kernel
+def _prep_gather(indices, N, idx, counts, pieces, starts, Wm, to_bf16, out_u16, out_f32):
+    """:func:`_prep_indices` then :func:`_gather` of one pool in one dispatch (decode-sized
+    calls, whose gather width ``Wm`` is the index width); returns the largest index seen."""
+    mx = _prep_indices(indices, N, idx, counts) if indices.shape[1] else np.int64(-1)
+    _gather(pieces, starts, idx, counts, Wm, to_bf16, out_u16, out_f32)
     return mx
 
 
@@ -294,8 +303,19 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     W = idx_in.shape[1]
     idx = np.empty((T, max(W, 1)), np.int64)
     counts = np.zeros(T, np.int64)
-    for t0, t1, (_, _, N), seq in segs:
-        mx = _prep_indices(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1]) if t1 > t0 and W else -1
+    via_f32 = to_bf16 and not BF16_MATMUL
+    u16 = to_bf16 and not via_f32  # the gather writes bf16 bits (else float32)
+    kvg_np = None
+    if T <= ROW_INVARIANT_ROWS:  # decode-sized: the gather width is W, known before the index prep
+        Wm = max(W, 1)
+        kvg_np = np.empty((T, Wm, HD), np.uint16 if u16 else np.float32)
+        o16, o32 = (kvg_np, _DUMMY_F32.reshape(1, 1, 1)) if u16 else (_DUMMY_U16.reshape(1, 1, 1), kvg_np)
+    for t0, t1, (pieces, starts, N), seq in segs:
+        if kvg_np is not None:  # index prep and gather in one dispatch (the gather reads valid rows only)
+            mx = _prep_gather(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1], pieces, starts, Wm, u16, o16[t0:t1],
+                              o32[t0:t1]) if t1 > t0 else -1
+        else:
+            mx = _prep_indices(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1]) if t1 > t0 and W else -1
         if mx >= N:
             raise IndexError(f"indices reference row {mx} but kv_pool has {N} rows" if seq is None else
                              f"sequence {seq}: indices reference row {mx} but its kv pool has {N} rows")
@@ -306,30 +326,30 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     # decoding's verify step; tested bitwise in tests/runtime/deepseek_v4/test_speculative.py).
     # Prefill-sized calls keep the longest valid list (early rows have short lists: less
     # work). Padded entries are zeros.
-    Wm = max(W if T <= ROW_INVARIANT_ROWS else (int(counts.max()) if T else 0), 1)
     # bf16 scores and PV: torch's bf16 bmm where the CPU has a bf16 dot (AVX512_BF16); on
     # other CPUs oneDNN's bf16 bmm is a scalar loop (Zen 3: 6.6 ms for one Flash-dims PV,
     # 75x its fp32 bmm), so the bf16 operands go through an fp32 bmm instead: the same exact
     # products and fp32 accumulation, one RNE rounding of each output to bf16, in the GEMM
     # library's summation order (docs/kernels.md, "bf16 matmuls without a bf16 dot").
-    via_f32 = to_bf16 and not BF16_MATMUL
-    # 2. gather
-    if to_bf16 and not via_f32:
-        kvg_np = np.empty((T, Wm, HD), np.uint16)
+    # 2. gather (done above for decode-sized calls)
+    if kvg_np is None:
+        Wm = max(int(counts.max()) if T else 0, 1)
+        kvg_np = np.empty((T, Wm, HD), np.uint16 if u16 else np.float32)
         for t0, t1, (pieces, starts, _), _ in segs:  # each pool read in place, never concatenated
-            _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, True, kvg_np[t0:t1], _DUMMY_F32.reshape(1, 1, 1))
+            if u16:
+                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, True, kvg_np[t0:t1], _DUMMY_F32.reshape(1, 1, 1))
+            else:
+                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np[t0:t1])
+    if u16:
         kvg = u16_as_torch_bf16(kvg_np)
         qc = q.detach().to(torch.bfloat16)
     else:
-        kvg_np = np.empty((T, Wm, HD), np.float32)
-        for t0, t1, (pieces, starts, _), _ in segs:
-            _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np[t0:t1])
         kvg = torch.from_numpy(kvg_np)
         qc = q.detach().float()
     # 3. scores: bf16 outputs (bf16 bmm) or float32 (the fp32 bmm: the bf16 rounding of each
     # score happens in the softmax kernel, the same RNE as a .to(bfloat16))
     s = torch.bmm(qc, kvg.transpose(1, 2))                                     # [T, H, Wm]
-    sink = attn_sink.detach().float().contiguous().numpy()
+    sink = f32_np(attn_sink)
     # 4. softmax with sink; p as bf16 bits for the bf16 bmm, else float32 values (bf16-rounded
     # for a bf16 dtype)
     if to_bf16 and not via_f32:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ...errors import CacheOverflowError
@@ -33,37 +34,60 @@ from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
 __all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache", "StepJournal"]
 
 
-@dataclass
 class WindowKV:
     """Rolling raw-KV rows [n <= size, HD] (float32 holding storage-dtype values) of the
-    positions ``end - n … end - 1``."""
+    positions ``end - n … end - 1``.
 
-    size: int
-    head_dim: int
-    rows: torch.Tensor = None  # type: ignore[assignment]
-    end: int = 0  # number of positions seen
+    ``rows`` is a view into a buffer of ``2 · size`` rows: an append writes the new rows
+    just past the valid ones and moves the view (no copy of the window per step); when
+    the buffer's end is reached the kept rows move to a new buffer (once every ~``size``
+    rows). Rows a view covers are never written again, so every :meth:`snapshot` stays
+    valid while later steps append (the rewind of speculative decoding); after a
+    :meth:`restore` or an assignment of ``rows`` (the layer benchmark loads a window so)
+    the next append starts a new buffer."""
 
-    def __post_init__(self) -> None:
-        if self.rows is None:
-            self.rows = torch.zeros(0, self.head_dim)
+    def __init__(self, size: int, head_dim: int, rows: torch.Tensor | None = None, end: int = 0) -> None:
+        self.size, self.head_dim, self.end = int(size), int(head_dim), int(end)
+        self.rows = torch.zeros(0, self.head_dim) if rows is None else rows
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The window's rows [n, HD] float32, oldest first."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: torch.Tensor) -> None:
+        self._rows, self._buf, self._at = value, None, 0  # _buf [cap, HD] numpy; rows = _buf[_at:_at + n]
 
     @property
     def start(self) -> int:
         """Position of ``rows[0]``."""
-        return self.end - self.rows.shape[0]
+        return self.end - self._rows.shape[0]
 
     def append(self, kv: torch.Tensor) -> None:
         """Add rows [n, HD] for positions ``end … end+n-1``, keep the newest ``size``."""
-        if kv.shape[-1] != self.head_dim:
+        if kv.dim() != 2 or kv.shape[-1] != self.head_dim:
             raise ValueError(f"window KV rows must have {self.head_dim} lanes, got {tuple(kv.shape)}")
-        full = torch.cat([self.rows, kv.float()], dim=0)
-        self.rows = full[max(0, full.shape[0] - self.size):].clone()
-        self.end += kv.shape[0]
+        n, have = kv.shape[0], self._rows.shape[0]
+        new = kv.detach().float()[max(0, n - self.size):].numpy()  # the rows that can stay
+        keep = min(have, self.size - new.shape[0])  # old rows that stay
+        buf, at = self._buf, self._at
+        if buf is None or at + have + new.shape[0] > buf.shape[0]:
+            nb = np.empty((max(2 * self.size, keep + new.shape[0]), self.head_dim), np.float32)
+            nb[:keep] = self._rows[have - keep:].detach().float().numpy()
+            buf, at, have = nb, 0, keep
+        buf[at + have:at + have + new.shape[0]] = new
+        at += have - keep
+        self._buf, self._at = buf, at
+        self._rows = torch.from_numpy(buf[at:at + keep + new.shape[0]])
+        self.end += n
 
     def snapshot(self) -> tuple:
-        return self.rows, self.end
+        return self._rows, self.end
 
     def restore(self, snap: tuple) -> None:
+        # a restored view may end before rows other snapshots cover: the next append starts
+        # a new buffer (assigning rows does), so no snapshot's rows are ever written over
         self.rows, self.end = snap
 
 

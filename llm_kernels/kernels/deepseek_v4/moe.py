@@ -93,7 +93,8 @@ from ..common.prepared import (
 from ..common.quant import quant_row_f32, quant_rows
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
-from .moe_multi import multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, swiglu_row
+from .moe_multi import (multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, stack_slots,
+                        stacked_moe_program, swiglu_row)
 from .stage_shared import ROW_INVARIANT_ROWS, f32_np
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
@@ -129,21 +130,24 @@ def _gate_kernel(logits, score_id, bias, has_bias, tid2eid, ids, use_hash, k, no
                  w_out, i_out, bad):
     """Per token row: scores (in the storage dtype), selection, gather, normalisation.
     Hash routing reads ``tid2eid[ids[t]]``; a row whose id is outside ``tid2eid`` gets
-    ``bad[t] = 1``, one whose table row holds an expert outside [0, E) ``bad[t] = 2`` (the
-    caller raises)."""
+    ``bad[t] = 1``, one whose table row holds an expert outside [0, E) ``bad[t] = 2``.
+    Returns the number of such rows (the caller raises)."""
     T, E = logits.shape
+    nbad = 0
     for t in prange(T):
         bad[t] = 0
         if use_hash:
             tid = ids[t]
             if tid < 0 or tid >= tid2eid.shape[0]:
                 bad[t] = 1
+                nbad += 1
                 continue
             for j in range(k):
                 e = tid2eid[tid, j]
                 if e < 0 or e >= E:
                     bad[t] = 2
             if bad[t]:
+                nbad += 1
                 continue
         lr = logits[t]
         sc = np.empty(E, np.float32)
@@ -219,6 +223,7 @@ def _gate_kernel(logits, score_id, bias, has_bias, tid2eid, ids, use_hash, k, no
                 wr[j] = _rnd(np.float32(wr[j] / den), to_bf16)
         for j in range(k):
             wr[j] = _rnd(np.float32(wr[j] * factor), to_bf16)
+    return nbad
 
 
 def router_logits(x: torch.Tensor, gate_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,7 +258,9 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
             raise ValueError(f"tid2eid must be an integer table [vocab, top_k={top_k}], got "
                              f"{tuple(tid2eid.shape)} {tid2eid.dtype}")
         table = tid2eid.detach().contiguous().numpy()
-        ids = input_ids.detach().reshape(-1).to(torch.int64).contiguous().numpy()
+        ids = input_ids.detach()
+        ids = (ids if ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_contiguous()
+               else ids.reshape(-1).to(torch.int64).contiguous()).numpy()
         if ids.shape[0] != T:
             raise ValueError(f"input_ids must hold one id per row of x ({T}), got {ids.shape[0]}")
     else:
@@ -264,10 +271,9 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
     i_out = np.empty((T, top_k), np.int64)
     if T and top_k:
         bad = np.empty(T, np.int64)
-        _gate_kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
-                     int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16,
-                     w_out, i_out, bad)
-        if bad.any():
+        if _gate_kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
+                        int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16,
+                        w_out, i_out, bad):
             t = int(np.flatnonzero(bad)[0])
             if bad[t] == 1:
                 raise IndexError(f"input_ids[{t}] = {int(ids[t])} is outside the tid2eid table [0, {table.shape[0]})")
@@ -452,6 +458,12 @@ def _route(idx: np.ndarray, n_experts: int) -> tuple[np.ndarray, list[tuple[np.n
     return used, [(tok[a:b], slot[a:b]) for a, b in zip(starts, ends)]
 
 
+def _slot_in(ws, st) -> int:
+    """Stack slot of the prepared W8A8 expert ``ws`` = (w1, w3, w2) in ``st``, else -1."""
+    g = stage_group(tuple(ws), ExpertPack)
+    return g.slot if g is not None and g.stack is st else -1
+
+
 def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
     """The step's routed experts and the shared one through
     :func:`.moe_multi.multi_expert_parts` when all are prepared W8A8 experts of one stack:
@@ -463,6 +475,13 @@ def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarra
     st = getattr(gs, "stack", None)
     if st is None or T == 0 or T > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
         return None
+    slots = stack_slots(st, experts, lambda ws: _slot_in(ws, st))
+    if slots is not None:  # the engine's per-layer list: routing, both GEMMs and the scatter in one dispatch
+        p13, p2 = st.p13, st.p2
+        yp, J = stacked_moe_program(xq, sx, idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale, p13.kp // 4,
+                                    st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit),
+                                    to_bf16, y)
+        return None if J < 0 else yp[J, :T]
     used, nr, ridx, kslot, sxp = route_parts(idx, len(experts), sx)
     sel = np.empty(len(used) + 1, np.int64)
     for j, e in enumerate(used.tolist()):

@@ -49,7 +49,7 @@ from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.x86_w4a8 import ZP
 
-__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_parts",
+__all__ = ["stack_slots", "stacked_moe_program", "ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_parts",
            "multi_mxfp4_raw", "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "swiglu_row"]
 
 
@@ -57,10 +57,27 @@ class ExpertStack:
     """The stacked ``[w1; w3]`` and w2 packs of one layer's W8A8 experts (routed and
     shared): ``p13``, ``p2`` (:class:`..common.gemm_multi.PackStack`), ``inter`` (I)."""
 
-    __slots__ = ("inter", "p13", "p2")
+    __slots__ = ("inter", "p13", "p2", "slot_cache")
 
     def __init__(self, p13, p2, inter: int):
         self.p13, self.p2, self.inter = p13, p2, inter
+        #: ``(experts list, slots or None)``: the stack slot of each routed expert of the
+        #: last expert list seen (:func:`stack_slots`)
+        self.slot_cache = None
+
+
+def stack_slots(st: ExpertStack, experts: list, slot_of) -> np.ndarray | None:
+    """The stack slot of every routed expert of ``experts`` [E] int64 (-1: not a member of
+    ``st``), built on the second call with the same list object (an engine passes one list
+    per layer every step; a list seen once gets None, and the caller looks its used experts
+    up itself). ``slot_of(ws)`` gives the slot of expert ``ws`` in ``st`` or -1."""
+    c = st.slot_cache
+    if c is None or c[0] is not experts:
+        st.slot_cache = (experts, None)
+        return None
+    if c[1] is None:
+        st.slot_cache = c = (experts, np.array([slot_of(ws) for ws in experts], np.int64))
+    return c[1]
 
 
 def stack_experts(packs: list) -> ExpertStack | None:
@@ -226,6 +243,44 @@ def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np
         q32 = qp.view(np.uint32)
     return _parts_program(q32, sel, nr, ridx, sxp, TP, KG, p13.data, p13.wsum128, p13.scale, I,
                           p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
+
+
+#: :func:`padded_tokens` of 0 … MAX_TILE_T (read inside the Numba programs)
+_PADDED = np.array([padded_tokens(t) for t in range(MAX_TILE_T + 1)], np.int64)
+
+
+@njit_kernel
+def stacked_moe_program(xq, sx, idx, slots, shared_slot, w13, wsum13, sw13, KG, I, w2, wsum2, sw2, KG2, N2,
+                        limit, to_bf16, y):
+    """A decode step's W8A8 MoE on one expert stack in one dispatch: :func:`route_parts`,
+    the parts' stack slots (``slots[e]`` per routed expert, ``shared_slot`` last),
+    :func:`_parts_program`, :func:`scatter_parts` into ``y`` [T, K, D]. Returns the w2
+    outputs ``[J+1, tmax, D]`` (the shared expert's rows at ``[J, :T]``) and J; J = -1 (``y``
+    untouched) when a used expert is not in the stack or a part exceeds one register tile
+    (the caller falls back)."""
+    used, nr, ridx, kslot, sxp = route_parts(idx, slots.shape[0], sx)
+    J = used.shape[0]
+    tmax = ridx.shape[1]
+    none = np.empty((0, 0, 0), np.float32)
+    if nr[0] < 0 or tmax == 0 or tmax > _PADDED.shape[0] - 1:
+        return none, -1
+    sel = np.empty(J + 1, np.int64)
+    for j in range(J):
+        sel[j] = slots[used[j]]
+        if sel[j] < 0:
+            return none, -1
+    sel[J] = shared_slot
+    T, D = xq.shape
+    if D == 4 * KG:
+        q32 = np.ascontiguousarray(xq).view(np.uint32)
+    else:
+        qp = np.zeros((T, 4 * KG), np.int8)
+        qp[:, :D] = xq
+        q32 = qp.view(np.uint32)
+    yp = _parts_program(q32, sel, nr, ridx, sxp, _PADDED[tmax], KG, w13, wsum13, sw13, I, KG2, w2, wsum2, sw2, N2,
+                        limit, to_bf16)
+    scatter_parts(yp, ridx, kslot, nr, J, y)
+    return yp, J
 
 
 @njit_kernel

@@ -23,6 +23,7 @@ import torch
 
 from ..common.gemm import MAX_TILE_T, padded_tokens
 from ..common.gemm_multi import cols_core, quant_pack_parts, rows_core
+from ..common.jit import njit_kernel
 
 __all__ = ["fused_int8_output_proj", "fused_wo_b", "stacks_of"]
 
@@ -46,16 +47,37 @@ def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor
     if not 0 < T <= MAX_TILE_T or sa.parts != G or sb.parts != G or sa.k != K or sb.k != sa.n:
         return None
     TP = padded_tokens(T)
-    OL = sa.n
-    xa = np.ascontiguousarray(x.transpose(1, 0, 2))
+    out = np.empty((T, sb.n), np.float32)
+    _output_proj_program(np.ascontiguousarray(x.transpose(1, 0, 2)), TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale,
+                         sa.n, sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
+    return torch.from_numpy(out)
+
+
+@njit_kernel
+def _output_proj_program(xa, TP, KG, wa, wsum_a, sw_a, OL, KGb, wb, wsum_b, sw_b, to_bf16, out):
+    """:func:`fused_int8_output_proj`'s kernels in one dispatch: quantise + pack the G
+    groups' rows, the ``wo_a`` multi-GEMM into ``r`` [G, T, OL] (dtype-rounded), then
+    :func:`_wo_b_program`; the same kernels in the same order as separate calls."""
+    G, T, _ = xa.shape
     nrows = np.full(G, T, np.int64)
-    xp = np.empty((G, sa.kp * TP), np.uint8)
+    xp = np.empty((G, KG * 4 * TP), np.uint8)
     sx = np.empty((G, T), np.float32)
-    quant_pack_parts(xa, nrows, xp, sx, TP, sa.kp // 4)
+    quant_pack_parts(xa, nrows, xp, sx, TP, KG)
     r = np.empty((G, T, OL), np.float32)
-    rows_core(xp, np.arange(G, dtype=np.int64), nrows, TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale, OL, sx,
-              to_bf16, r)
-    return _wo_b(r, sb, to_bf16)
+    rows_core(xp, np.arange(G), nrows, TP, KG, wa, wsum_a, sw_a, OL, sx, to_bf16, r)
+    _wo_b_program(r, TP, KGb, wb, wsum_b, sw_b, to_bf16, out)
+
+
+@njit_kernel
+def _wo_b_program(r, TP, KG, wb, wsum_b, sw_b, to_bf16, out):
+    """``r`` [G, T, OL] -> per (group, token) INT8 rows -> the stacked ``wo_b`` column
+    groups (summed in group order) -> ``out`` [T, D]."""
+    G, T, _ = r.shape
+    nrows = np.full(G, T, np.int64)
+    xq = np.empty((G, KG * 4 * TP), np.uint8)
+    sr = np.empty((G, T), np.float32)
+    quant_pack_parts(r, nrows, xq, sr, TP, KG)
+    cols_core(xq, T, TP, KG, wb, wsum_b, np.ascontiguousarray(sr.T), sw_b, out.shape[1], to_bf16, out)
 
 
 def fused_wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor | None:
@@ -71,13 +93,7 @@ def fused_wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor | None:
 
 def _wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor:
     """``r`` [G, T, OL] -> per (group, token) INT8 rows -> ``wo_b`` -> [T, D]."""
-    G, T, _ = r.shape
-    TP = padded_tokens(T)
-    D = sb.n
-    nrows = np.full(G, T, np.int64)
-    xq = np.empty((G, sb.kp * TP), np.uint8)
-    sr = np.empty((G, T), np.float32)
-    quant_pack_parts(r, nrows, xq, sr, TP, sb.kp // 4)
-    out = np.empty((T, D), np.float32)
-    cols_core(xq, T, TP, sb.kp // 4, sb.data, sb.wsum128, np.ascontiguousarray(sr.T), sb.scale[0], D, to_bf16, out)
+    T = r.shape[1]
+    out = np.empty((T, sb.n), np.float32)
+    _wo_b_program(r, padded_tokens(T), sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
     return torch.from_numpy(out)

@@ -69,6 +69,22 @@ def test_stacked_moe_bitwise(T, dtype, D, I, monkeypatch):
         assert not calls
     assert torch.equal(stacked, plain)
     assert torch.equal(stacked, ref)
+    # the same list again (as an engine passes each step): the stack's slot table, then the
+    # routing, both multi-GEMMs and the scatter as one dispatch; the same bits
+    prog = []
+    real_prog = MM.stacked_moe_program
+    monkeypatch.setattr(KM, "stacked_moe_program", lambda *a: prog.append(real_prog(*a)) or prog[-1])
+    for _ in range(2):
+        assert torch.equal(KM.moe(x, w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype), ref)
+    if TILED:
+        assert len(prog) == (2 if T <= 16 else 0) and all((J >= 0) == (max_rows <= 16) for _, J in prog)
+        if T <= 16:
+            assert st.slot_cache[0] is p_exp and st.slot_cache[1].tolist() == list(range(E))
+    # a list with an expert outside the stack falls back to the per-expert calls
+    other = list(p_exp)
+    other[1] = KM.prepare_expert(*experts[1])
+    for _ in range(2):
+        assert torch.equal(KM.moe(x, w, idx, other, p_sh, swiglu_limit=0.5, dtype=dtype), ref)
     # the packs still unpack to the weights (their data are views of the stack now)
     assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(p_exp[1], experts[1]))
 

@@ -29,8 +29,10 @@ import torch
 from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.linear import linear as _ref_linear
 from ...numerics.quant import QuantWeight
+from .bf16 import round_f32
 from .gemm import pack_w8a8, w8a8_linear
 from .gemm_group import group_gemm_linear
+from .jit import njit_kernel
 from .prepared import PackedGroupLinear, PackedLinear
 
 __all__ = ["linear", "prepare_linear"]
@@ -46,8 +48,21 @@ def prepare_linear(w: QuantWeight | GroupQuantWeight) -> PackedLinear | PackedGr
     return PackedLinear(pack_w8a8(w.qweight, w.scale.float()), w.scale)
 
 
+@njit_kernel
+def _round_bf16_inplace(a):
+    """``a`` (1-D float32) rounded to bf16 values in place (RNE: torch's ``.to(bfloat16)``)."""
+    for i in range(a.size):
+        a[i] = round_f32(a[i], True)
+
+
 def _round(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return y if dtype == torch.float32 else y.to(dtype).float()
+    """``y`` (a float32 tensor this module just made and owns) holding ``dtype`` values."""
+    if dtype == torch.float32:
+        return y
+    if y.is_contiguous():
+        _round_bf16_inplace(y.numpy().reshape(-1))  # no torch conversion pair per call
+        return y
+    return y.to(dtype).float()
 
 
 def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:

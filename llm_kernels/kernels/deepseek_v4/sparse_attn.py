@@ -396,7 +396,8 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
         raise ValueError(f"pools and indices need one entry per sequence, got {len(pools)} and {len(indices)}")
     idx_np, offs = [], [0]
     for ib in indices:
-        a = ib.detach().to(torch.int64).contiguous().numpy()
+        a = ib.detach()
+        a = (a if a.dtype == torch.int64 and a.is_contiguous() else a.to(torch.int64).contiguous()).numpy()
         if a.ndim != 2:
             raise ValueError(f"indices must be [T_b, W_b] per sequence, got {tuple(ib.shape)}")
         idx_np.append(a)

@@ -36,6 +36,20 @@ from .stages import REFERENCE_OPS
 __all__ = ["DeepSeekV4Engine", "CacheOverflowError"]
 
 
+def _window_rows(pos: np.ndarray, W: int, start: int) -> np.ndarray:
+    """Pool rows of each query's window: query at position p attends positions p-W+1 … p,
+    which sit at pool row ``position - start`` (the window's first row is position
+    ``start``); -1 for positions before ``max(start, 0)``. ``pos`` [T] int64 -> [T, W] int64."""
+    offsets = _WINDOW_OFFSETS.get(W)
+    if offsets is None:
+        offsets = _WINDOW_OFFSETS[W] = np.arange(1 - W, 1)
+    wpos = pos[:, None] + offsets
+    return np.where(wpos >= max(start, 0), wpos - start, -1)
+
+
+_WINDOW_OFFSETS: dict[int, np.ndarray] = {}  # W -> [1-W … 0]
+
+
 class DeepSeekV4Engine(EngineCore):
     """Runs DeepSeek-V4 incrementally over per-sequence caches.
 
@@ -289,13 +303,12 @@ class DeepSeekV4Engine(EngineCore):
         for b, c in enumerate(caches):
             sl = slice(offs[b], offs[b + 1])
             lc = c.layers[layer]
-            pos = positions[sl]
+            pos = positions[sl] if len(caches) > 1 else positions
             win = lc.window
             jr = journal.get(id(c)) if journal is not None else None
             with tm("kv_cache"):  # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
-                pieces = [win.rows, kv[sl]]
-                wpos = pos_np[sl, None] + np.arange(1 - W, 1)
-                idx = np.where(wpos >= max(win.start, 0), wpos - win.start, -1)
+                pieces = [win.rows, kv[sl] if len(caches) > 1 else kv]
+                idx = _window_rows(pos_np[sl], W, win.start)
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):

@@ -324,6 +324,9 @@ def _want_bf16(out_dtype: Any, default: bool) -> bool:
 _NO_TABLE = np.zeros((1, 0), np.float32)
 _NO_U16 = np.zeros((1, 1), np.uint16)
 _NO_W = np.zeros(1, np.float32)
+#: :func:`rms_norm_rows_f32`'s kernel and its empty-table / empty-output arguments, for
+#: fused callers that run the same norm inside their own Numba dispatch
+NORM_ROPE_KERNEL, NO_TABLE, NO_U16 = _norm_rope_kernel, _NO_TABLE, _NO_U16
 
 
 def rms_norm_rows_f32(x: np.ndarray, weight: np.ndarray | None, eps: float, to_bf16: bool) -> np.ndarray:

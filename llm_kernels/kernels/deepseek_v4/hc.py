@@ -15,8 +15,9 @@ from numba import prange
 
 from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel
+from ..common.norm_rope import NO_TABLE, NO_U16, NORM_ROPE_KERNEL
 
-__all__ = ["hc_pre", "hc_post", "hc_head"]
+__all__ = ["hc_pre", "hc_pre_norm", "hc_post", "hc_head"]
 
 
 @njit_kernel(parallel=True, fastmath=True)
@@ -140,6 +141,15 @@ def _pre_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, post, 
     _collapse(x, pre, to_bf16, out)
 
 
+@njit_kernel
+def _pre_norm_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, post, comb, out, norm_w, no_table,
+                  no_u16, xn):
+    """:func:`_pre_all` then the RMSNorm of its output rows into ``xn`` (the kernel and
+    arguments of :func:`..common.norm_rope.rms_norm_rows_f32`) in one dispatch."""
+    _pre_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, post, comb, out)
+    NORM_ROPE_KERNEL(out, norm_w, True, no_table, no_table, 1, eps, True, False, False, to_bf16, True, xn, no_u16)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
         return t.numpy()
@@ -161,6 +171,28 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
              np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, M), np.float32), np.empty((T, HC), np.float32),
              post, comb, out)
     return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
+
+
+def hc_pre_norm(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+                norm_w: torch.Tensor, *, hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``hc_pre_norm`` (the reference's ``hc_pre`` then ``rms_norm(x_mixed, norm_w)``):
+    x_hc [T, HC, D] -> normed rows [T, D], post [T, HC], comb [T, HC, HC], float32; bitwise
+    :func:`hc_pre` then the fused ``rms_norm`` (one Numba dispatch instead of two wrapper
+    calls). Raises ValueError for a ``norm_w`` that is not [D]."""
+    T, HC, D = x_hc.shape
+    if tuple(norm_w.shape) != (D,):
+        raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
+    x = _np(x_hc)
+    M = hc_fn.shape[0]
+    post = np.empty((T, HC), np.float32)
+    comb = np.empty((T, HC, HC), np.float32)
+    xn = np.empty((T, D), np.float32)
+    _pre_norm_all(x, _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
+                  np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, M), np.float32),
+                  np.empty((T, HC), np.float32), post, comb, np.empty((T, D), np.float32), _np(norm_w), NO_TABLE,
+                  NO_U16, xn)
+    return torch.from_numpy(xn), torch.from_numpy(post), torch.from_numpy(comb)
 
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from ...numerics.rounding import rnd
 from .common import rms_norm
 
-__all__ = ["sinkhorn", "hc_pre", "hc_post", "hc_head"]
+__all__ = ["sinkhorn", "hc_pre", "hc_pre_norm", "hc_post", "hc_head"]
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -58,6 +58,18 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
     comb = sinkhorn(comb_logits, sinkhorn_iters, hc_eps)
     x_mixed = rnd((pre.unsqueeze(-1) * x_hc.float()).sum(dim=-2), dtype)
     return x_mixed, post, comb
+
+
+def hc_pre_norm(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+                norm_w: torch.Tensor, *, hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`hc_pre` followed by the sublayer's input RMSNorm (``attn_norm`` / ``ffn_norm``,
+    spec §3.1 then §2): returns ``rms_norm(x_mixed, norm_w)`` [T, D] (``dtype``-rounded),
+    post [T, HC], comb [T, HC, HC]. Every sublayer starts so; the fused kernels run both in
+    one dispatch."""
+    x_mixed, post, comb = hc_pre(x_hc, hc_fn, hc_scale, hc_base, hc_mult=hc_mult, sinkhorn_iters=sinkhorn_iters,
+                                 hc_eps=hc_eps, rms_eps=rms_eps, dtype=dtype)
+    return rms_norm(x_mixed, norm_w, rms_eps, dtype), post, comb
 
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

@@ -265,12 +265,12 @@ class DeepSeekV4Engine(EngineCore):
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
         lt = cfg.layer_type(layer)
         journal = self.journal  # None unless journaling
-        with tm("hc_pre"):
-            x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
-                                             hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
-                                             hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+        with tm("hc_pre"):  # hc_pre and attn_norm
+            xn, post, comb = ops.hc_pre_norm(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
+                                             lw["attn_norm.weight"], hc_mult=cfg.hc_mult,
+                                             sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                                             rms_eps=cfg.rms_norm_eps, dtype=dt)
         with tm("qkv_proj_rope"):
-            xn = ops.rms_norm(x_mixed, lw["attn_norm.weight"], cfg.rms_norm_eps, dt)
             cos, sin = self.rope(cfg.rope_for_layer(layer), cfg.qk_rope_head_dim, positions)
             q, kv, q_res = ops.qkv_proj_rope(xn, lw["attn.wq_a.weight"], lw["attn.q_norm.weight"],
                                              lw["attn.wq_b.weight"], lw["attn.wkv.weight"],
@@ -392,13 +392,13 @@ class DeepSeekV4Engine(EngineCore):
         """hc_pre -> gate -> moe (routed + shared experts) -> hc_post for layer ``layer``.
         ``ids`` [ΣT] token ids (hash routing). Returns the new HC stream [ΣT, hc, D]."""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
-        with tm("hc_pre"):
-            x_mixed, post, comb = ops.hc_pre(x_hc, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],
-                                             hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters,
-                                             hc_eps=cfg.hc_eps, rms_eps=cfg.rms_norm_eps, dtype=dt)
+        with tm("hc_pre"):  # hc_pre and ffn_norm
+            xn, post, comb = ops.hc_pre_norm(x_hc, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],
+                                             lw["ffn_norm.weight"], hc_mult=cfg.hc_mult,
+                                             sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                                             rms_eps=cfg.rms_norm_eps, dtype=dt)
         hash_layer = cfg.is_hash_layer(layer)
         with tm("gate"):
-            xn = ops.rms_norm(x_mixed, lw["ffn_norm.weight"], cfg.rms_norm_eps, dt)
             w, idx = ops.gate(xn, lw["ffn.gate.weight"], None if hash_layer else lw["ffn.gate.bias"],
                               lw["ffn.gate.tid2eid"] if hash_layer else None, ids,
                               top_k=cfg.num_experts_per_tok, scoring_func=cfg.scoring_func,

@@ -104,3 +104,32 @@ def test_hc_pre_one_dispatch_is_the_three_kernels(T, D):
         K._pre_all(x, fn, np.float32(1e-6), sc, b, 4, 20, np.float32(1e-6), to_bf16, *bufs[1])
         for a, c in zip(*bufs):
             assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,D", [(1, 4096), (3, 1100)])
+def test_hc_pre_norm_is_hc_pre_then_rms_norm(T, D, dtype):
+    """``hc_pre_norm`` (one dispatch) gives the bits of the fused ``hc_pre`` then the fused
+    ``rms_norm``, and the reference's composition within the hc tolerances above."""
+    from llm_kernels.kernels.deepseek_v4 import norm as KN
+    from llm_kernels.reference.deepseek_v4.common import rms_norm as r_norm
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, 4, D, generator=g).bfloat16().float()
+    fn = torch.randn(24, 4 * D, generator=g) / 64
+    sc, b = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+    nw = (torch.rand(D, generator=g) + 0.5).bfloat16().float()
+    xn, post, comb = K.hc_pre_norm(x, fn, sc, b, nw, dtype=dtype, **KW)
+    xm, post1, comb1 = K.hc_pre(x, fn, sc, b, dtype=dtype, **KW)
+    assert torch.equal(xn, KN.rms_norm(xm, nw, 1e-6, dtype))
+    assert torch.equal(post, post1) and torch.equal(comb, comb1)
+    rxn, rpost, rcomb = R.hc_pre_norm(x, fn, sc, b, nw, dtype=dtype, **KW)
+    rm, _, _ = R.hc_pre(x, fn, sc, b, dtype=dtype, **KW)
+    assert torch.equal(rxn, r_norm(rm, nw, 1e-6, dtype))
+    # bf16: x_mixed may sit one bf16 ulp off the reference's (a tie edge, as above) and the
+    # norm rounds once more: two ulps (2^-6 relative)
+    tol = dict(rtol=2 ** -6 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(xn, rxn, **tol)
+    torch.testing.assert_close(post, rpost, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"norm_w must be \[D="):
+        K.hc_pre_norm(x, fn, sc, b, nw[:-1], dtype=dtype, **KW)

@@ -95,6 +95,9 @@ __all__ = [
     "padded_tokens",
     "unpack_w8a8",
     "w8a8_linear",
+    "w8a8_rows_f32",
+    "PADDED_T",
+    "DUMMY_I32",
     "w8a8_gemm",
     "w8a8_gemm_fallback",
     "w8a8_gemm_i32",
@@ -311,14 +314,18 @@ def _quant_pack_x(x, xp, sx, TP, KG):
 
 _DUMMY_I32 = np.zeros((1, 1), np.int32)
 _DUMMY_F32 = np.zeros((1, 1), np.float32)
+DUMMY_I32 = _DUMMY_I32  # the unused int32 output of the float-output entry points
 #: :func:`padded_tokens` of T = 0 … 63 (the decode-sized calls skip the Python lookup)
-_PADDED_T = np.array([padded_tokens(t) for t in range(64)], np.int64)
+PADDED_T = np.array([padded_tokens(t) for t in range(64)], np.int64)
 
 
 @njit_kernel
-def _linear_f32(a2, xp, sx, TP, KG, wp, NP, N, wsum128, sw, dummy_i32, out):
+def w8a8_rows_f32(a2, xp, sx, TP, KG, wp, NP, N, wsum128, sw, dummy_i32, out):
     """:func:`_quant_pack_x` then :func:`_vnni_core` (float32 out) in one dispatch: the
-    same two kernels, one Python -> Numba call fewer per :func:`w8a8_linear`."""
+    same two kernels, one Python -> Numba call fewer per :func:`w8a8_linear`. ``a2`` [T, K]
+    float32 (or bf16 bits) rows, ``xp`` / ``sx`` scratch of ``kp · TP`` bytes and T scales
+    (``TP = padded_tokens(T)``, ``KG = kp / 4``), the packed weight's fields, ``out``
+    [T, N] float32. Callable from other Numba code (a fused stage's program)."""
     _quant_pack_x(a2, xp, sx, TP, KG)
     _vnni_core(xp, a2.shape[0], TP, KG, wp, NP, N, wsum128, sx, sw, True, dummy_i32, out)
 
@@ -547,8 +554,8 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
         if is_tiled(w.layout):
             _require_tiled(w)
             T = a2.shape[0]
-            TP = _PADDED_T[T] if T < _PADDED_T.size else padded_tokens(T)
-            _linear_f32(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP, w.kp // 4, w.data,
+            TP = PADDED_T[T] if T < PADDED_T.size else padded_tokens(T)
+            w8a8_rows_f32(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP, w.kp // 4, w.data,
                         w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
         else:
             xq, sx = quant_rows(a2)

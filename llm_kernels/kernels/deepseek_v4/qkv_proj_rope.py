@@ -42,9 +42,11 @@ import numpy as np
 import torch
 
 from ...numerics.quant import QuantWeight
+from ..common.gemm import DUMMY_I32, PADDED_T, padded_tokens, w8a8_rows_f32
 from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
-from .stage_shared import f32_np, linear_pair, norm_weighted, rope
+from ..common.prepared import stage_group
+from .stage_shared import PairPack, f32_np, linear_pair, norm_weighted, rope, split_round
 from .w8a8_heads import (
     MODE_QNORM_ROPE,
     NO_I8,
@@ -57,6 +59,7 @@ from .w8a8_heads import (
     pack_pad,
     padded_rows,
     quant_into,
+    heads_vnni,
     run_heads_w8a8,
 )
 
@@ -103,6 +106,9 @@ def qkv_proj_rope(x: torch.Tensor, wq_a: torch.Tensor, q_norm_w: torch.Tensor, w
     T = x.shape[0]
     H, HD = int(num_heads), int(head_dim)
     to_bf16 = dtype == torch.bfloat16
+    prog = _program_weights(x, wq_a, wkv, wq_b, H, HD)
+    if prog is not None:
+        return _qkv_int8(x, prog, q_norm_w, kv_norm_w, cos, sin, H, HD, eps, to_bf16)
     aq, akv = linear_pair(x, wq_a, wkv, dtype)
     QL = aq.shape[1]
     c, s = f32_np(cos), f32_np(sin)
@@ -138,3 +144,59 @@ def qkv_proj_rope(x: torch.Tensor, wq_a: torch.Tensor, q_norm_w: torch.Tensor, w
             heads_float(y, T, H, HD, MODE_QNORM_ROPE, to_bf16, eps32, c, s, np.float32(1.0), q,
                         NO_Q, NO_S)
     return torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(qres)
+
+
+# --------------------------------------------------------------------------- INT8 decode program
+def _program_weights(x, wq_a, wkv, wq_b, H: int, HD: int):
+    """``(pair pack, per-head wq_b pack)`` when the whole stage can run as
+    :func:`_qkv_program`: float32 rows, ``wq_a`` | ``wkv`` prepared as one INT8 pair and
+    ``wq_b`` per-row INT8, both in the register-tile layout; else None."""
+    g = stage_group((wq_a, wkv), PairPack)
+    if g is None or not isinstance(wq_b, QuantWeight) or not is_tiled(g.packed.layout) or x.dtype != torch.float32:
+        return None
+    check_quant_weight(wq_b, H * HD, g.n1, "wq_b")
+    pw = heads_weight(wq_b, HD)
+    return (g, pw) if is_tiled(pw.layout) else None
+
+
+def _qkv_int8(x, prog, q_norm_w, kv_norm_w, cos, sin, H, HD, eps, to_bf16):
+    g, pw = prog
+    xr = f32_np(x.detach())
+    T = xr.shape[0]
+    c, s = f32_np(cos), f32_np(sin)
+    if c.shape != (T, c.shape[1]) or s.shape != c.shape or 2 * c.shape[1] > HD:
+        raise ValueError(f"cos/sin must be [T={T}, RD/2 <= HD/2], got {c.shape} / {s.shape}")
+    QL, pp = g.n1, g.packed
+    if xr.shape[1] != pp.k:
+        raise ValueError(f"x has {xr.shape[1]} input features, wq_a has {pp.k}")
+    qres = np.empty((T, QL), np.float32)
+    kv = np.empty((T, HD), np.float32)
+    q = np.empty((T, H, HD), np.float32)
+    if T:
+        TP1 = PADDED_T[T] if T < PADDED_T.size else padded_tokens(T)
+        TP = padded_rows(T)
+        _qkv_program(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
+                     f32_np(q_norm_w), f32_np(kv_norm_w), c, s, np.float32(eps), TP, pw.kp // 4, pw.data,
+                     pw.wsum128, pw.scale, H, HD, MODE_QNORM_ROPE, NO_I8, NO_Q, NO_S, qres, kv, q)
+    return torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(qres)
+
+
+@njit_kernel
+def _qkv_program(x, TP1, KG1, w1, NP1, N1, wsum1, sw1, dummy_i32, to_bf16, qnw, kvnw, c, s, eps, TP, KG, wp,
+                 wsum, sw, H, HD, mode, no_i8, no_q, no_s, qres, kv, q):
+    """The INT8 ``qkv_proj_rope`` in one dispatch, the kernels the stage calls one by one:
+    the ``[wq_a; wkv]`` W8A8 GEMM (:func:`..common.gemm.w8a8_rows_f32`), the dtype rounding
+    and split (:func:`.stage_shared.split_round`), the q-latent norm + INT8 pack and the kv
+    norm + RoPE (:func:`_qkv_pre`), then the per-head ``wq_b`` GEMM with q norm + RoPE
+    (:func:`.w8a8_heads.heads_vnni`)."""
+    T = x.shape[0]
+    y = np.empty((T, N1), np.float32)
+    w8a8_rows_f32(x, np.empty(KG1 * 4 * TP1, np.uint8), np.empty(T, np.float32), TP1, KG1, w1, NP1, N1, wsum1, sw1,
+                  dummy_i32, y)
+    aq = np.empty((T, qres.shape[1]), np.float32)
+    akv = np.empty((T, N1 - qres.shape[1]), np.float32)
+    split_round(y, to_bf16, aq, akv)
+    xp = np.empty(KG * 4 * TP, np.uint8)
+    sx = np.empty(T, np.float32)
+    _qkv_pre(aq, akv, qnw, kvnw, c, s, eps, to_bf16, 1, TP, KG, qres, kv, xp, no_i8, sx)
+    heads_vnni(xp, TP, KG, wp, wsum, sx, sw, T, H, HD, mode, to_bf16, eps, c, s, np.float32(1.0), q, no_q, no_s)

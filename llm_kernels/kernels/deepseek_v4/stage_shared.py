@@ -126,7 +126,7 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
         y = y if isinstance(y, np.ndarray) else y.numpy()
         y1 = np.empty((T, g.n1), np.float32)
         y2 = np.empty((T, y.shape[1] - g.n1), np.float32)
-        _split_round(y, dtype == torch.bfloat16, y1, y2)
+        split_round(y, dtype == torch.bfloat16, y1, y2)
         if ape is not None and T:
             add_ape(y2, ape, slots)
         return y1, y2
@@ -165,7 +165,7 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
 
 
 @njit_kernel
-def _split_round(y, to_bf16, o1, o2):
+def split_round(y, to_bf16, o1, o2):
     """``o1 = rnd(y[:, :n1])``, ``o2 = rnd(y[:, n1:])`` with ``n1 = o1.shape[1]`` (``rnd``:
     round to nearest even bf16 when ``to_bf16``, torch's ``.to(bfloat16)``, else a copy)."""
     T, n1 = o1.shape

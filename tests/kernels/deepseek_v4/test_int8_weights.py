@@ -245,3 +245,35 @@ def test_linear_pair_one_gemm_bitwise(T, dtype):
     assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
     assert torch.equal(p2.qweight, w2.qweight)
     assert pack_pair(p1, p2) is None and pack_pair(w1, quantize_weight(_w((8, 64), 1))) is None
+
+
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_qkv_int8_program_is_the_stage_calls(T, dtype, monkeypatch):
+    """With ``wq_a`` | ``wkv`` prepared as one INT8 pair and a prepared per-head ``wq_b``,
+    ``qkv_proj_rope`` runs as one Numba program (tiled tiers); its q / kv / q_residual are
+    the bits of the stage's kernels called one by one (unprepared weights)."""
+    from llm_kernels.kernels.common.gemm_pack import is_tiled
+    from llm_kernels.kernels.deepseek_v4.stage_shared import pack_pair
+    from llm_kernels.kernels.deepseek_v4.w8a8_heads import prepare_heads
+    from llm_kernels.reference.deepseek_v4.common import rope_cos_sin
+    from llm_kernels.models import preset
+
+    D, QL, H, HD = 96, 64, 4, 32
+    x = _x(T, D, 21, dtype)
+    wq_a, wkv = quantize_weight(_w((QL, D), 22)), quantize_weight(_w((HD, D), 23))
+    wq_b = quantize_weight(_w((H * HD, QL), 24))
+    qn, kvn = torch.rand(QL, generator=_g(25)) + 0.5, torch.rand(HD, generator=_g(26)) + 0.5
+    cfg = preset("flash", num_hidden_layers=1)
+    cos, sin = rope_cos_sin(cfg.rope_main, 16, torch.arange(T) + 5, dtype)
+    kw = dict(num_heads=H, head_dim=HD, eps=1e-6, dtype=dtype)
+    plain = KQ.qkv_proj_rope(x, wq_a, qn, wq_b, wkv, kvn, cos, sin, **kw)
+    calls = []
+    real = KQ._qkv_program
+    monkeypatch.setattr(KQ, "_qkv_program", lambda *a: calls.append(1) or real(*a))
+    pa, pkv = pack_pair(wq_a, wkv)
+    pb = prepare_heads(wq_b, HD)
+    prog = KQ.qkv_proj_rope(x, pa, qn, pb, pkv, kvn, cos, sin, **kw)
+    assert len(calls) == (1 if is_tiled(pa.group.packed.layout) else 0)
+    for a, b in zip(plain, prog):
+        assert torch.equal(a, b)

@@ -151,7 +151,10 @@ class CompressorState:
                 prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
                 prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
                 self.prev_kv, self.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
-        self.buf_kv, self.buf_score = all_kv[m * r:].clone(), all_score[m * r:].clone()
+        if m:  # the open rows alone (not a view keeping the closed windows alive)
+            self.buf_kv, self.buf_score = all_kv[m * r:].clone(), all_score[m * r:].clone()
+        else:  # the concatenations are new tensors nothing else references
+            self.buf_kv, self.buf_score = all_kv, all_score
         return kvw, sw, prev_kv, prev_score, m
 
     def reclaim(self, m: int) -> None:

@@ -161,15 +161,9 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ``hc_pre`` (spec §3.1): x_hc [T, HC, D] -> x_mixed [T, D], post [T, HC],
     comb [T, HC, HC], float32. Same contract as the reference."""
-    T, HC, D = x_hc.shape
-    x = _np(x_hc)
-    M = hc_fn.shape[0]
-    post = np.empty((T, HC), np.float32)
-    comb = np.empty((T, HC, HC), np.float32)
-    out = np.empty((T, D), np.float32)
-    _pre_all(x, _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
-             np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, M), np.float32), np.empty((T, HC), np.float32),
-             post, comb, out)
+    args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
+    _pre_all(*args)
+    post, comb, out = args[-3:]
     return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
 
 
@@ -183,16 +177,21 @@ def hc_pre_norm(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     T, HC, D = x_hc.shape
     if tuple(norm_w.shape) != (D,):
         raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
-    x = _np(x_hc)
-    M = hc_fn.shape[0]
-    post = np.empty((T, HC), np.float32)
-    comb = np.empty((T, HC, HC), np.float32)
+    args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
     xn = np.empty((T, D), np.float32)
-    _pre_norm_all(x, _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
-                  np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, M), np.float32),
-                  np.empty((T, HC), np.float32), post, comb, np.empty((T, D), np.float32), _np(norm_w), NO_TABLE,
-                  NO_U16, xn)
+    _pre_norm_all(*args, _np(norm_w), NO_TABLE, NO_U16, xn)
+    post, comb = args[-3:-1]
     return torch.from_numpy(xn), torch.from_numpy(post), torch.from_numpy(comb)
+
+
+def _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype) -> tuple:
+    """The arguments of :func:`_pre_all` with fresh output buffers; the last three are
+    ``post`` [T, HC], ``comb`` [T, HC, HC] and ``x_mixed`` [T, D]."""
+    T, HC, D = x_hc.shape
+    return (_np(x_hc), _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
+            np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, hc_fn.shape[0]), np.float32),
+            np.empty((T, HC), np.float32), np.empty((T, HC), np.float32), np.empty((T, HC, HC), np.float32),
+            np.empty((T, D), np.float32))
 
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

@@ -36,15 +36,16 @@ from .stages import REFERENCE_OPS
 __all__ = ["DeepSeekV4Engine", "CacheOverflowError"]
 
 
-def _window_rows(pos: np.ndarray, W: int, start: int) -> np.ndarray:
+def _window_rows(pos: np.ndarray, W: int, start) -> np.ndarray:
     """Pool rows of each query's window: query at position p attends positions p-W+1 … p,
     which sit at pool row ``position - start`` (the window's first row is position
-    ``start``); -1 for positions before ``max(start, 0)``. ``pos`` [T] int64 -> [T, W] int64."""
+    ``start``); -1 for positions before ``max(start, 0)``. ``pos`` [T] int64, ``start`` an
+    int or one per query [T, 1] int64 -> [T, W] int64."""
     offsets = _WINDOW_OFFSETS.get(W)
     if offsets is None:
         offsets = _WINDOW_OFFSETS[W] = np.arange(1 - W, 1)
     wpos = pos[:, None] + offsets
-    return np.where(wpos >= max(start, 0), wpos - start, -1)
+    return np.where(wpos >= np.maximum(start, 0), wpos - start, -1)
 
 
 _WINDOW_OFFSETS: dict[int, np.ndarray] = {}  # W -> [1-W … 0]
@@ -300,6 +301,10 @@ class DeepSeekV4Engine(EngineCore):
         # rows of it each of its queries attends; one ragged attention call for all sequences.
         pos_np = positions.numpy()
         pools, idxs = [], []
+        with tm("kv_cache"):  # window rows of every query (one numpy pass for all sequences)
+            starts = [c.layers[layer].window.start for c in caches]
+            win_idx = _window_rows(pos_np, W, starts[0] if len(caches) == 1 else
+                                   np.repeat(np.array(starts), np.diff(offs))[:, None])
         for b, c in enumerate(caches):
             sl = slice(offs[b], offs[b + 1])
             lc = c.layers[layer]
@@ -308,7 +313,7 @@ class DeepSeekV4Engine(EngineCore):
             jr = journal.get(id(c)) if journal is not None else None
             with tm("kv_cache"):  # window rows of query p: positions p-W+1 … p, at pool row (position - win.start)
                 pieces = [win.rows, kv[sl] if len(caches) > 1 else kv]
-                idx = _window_rows(pos_np[sl], W, win.start)
+                idx = win_idx[sl]
             if lt != SLIDING:
                 ratio = cfg.compress_ratio(layer)
                 with tm("compressor"):

@@ -158,8 +158,13 @@ def pad_to_tile(T: int, heights: tuple) -> int:
 
 def padded_tokens(T: int) -> int:
     """Rows of the packed activation buffer of the GEMM for ``T`` tokens: tiles of 16 plus
-    one remainder tile padded up to the next entry of :data:`TILE_HEIGHTS`."""
-    return pad_to_tile(T, TILE_HEIGHTS)
+    one remainder tile padded up to the next entry of :data:`TILE_HEIGHTS` (decode-sized
+    ``T`` read from :data:`PADDED_T`)."""
+    return int(PADDED_T[T]) if 0 <= T < PADDED_T.size else pad_to_tile(T, TILE_HEIGHTS)
+
+
+#: :func:`padded_tokens` of T = 0 … 63 (also read inside the Numba stage programs)
+PADDED_T = np.array([pad_to_tile(t, TILE_HEIGHTS) for t in range(64)], np.int64)
 
 
 # --------------------------------------------------------------------------- register-tile kernels (VNNI / AVX2)
@@ -315,8 +320,6 @@ def _quant_pack_x(x, xp, sx, TP, KG):
 _DUMMY_I32 = np.zeros((1, 1), np.int32)
 _DUMMY_F32 = np.zeros((1, 1), np.float32)
 DUMMY_I32 = _DUMMY_I32  # the unused int32 output of the float-output entry points
-#: :func:`padded_tokens` of T = 0 … 63 (the decode-sized calls skip the Python lookup)
-PADDED_T = np.array([padded_tokens(t) for t in range(64)], np.int64)
 
 
 @njit_kernel
@@ -554,9 +557,9 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
         if is_tiled(w.layout):
             _require_tiled(w)
             T = a2.shape[0]
-            TP = PADDED_T[T] if T < PADDED_T.size else padded_tokens(T)
+            TP = padded_tokens(T)
             w8a8_rows_f32(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP, w.kp // 4, w.data,
-                        w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
+                          w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
         else:
             xq, sx = quant_rows(a2)
             _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)

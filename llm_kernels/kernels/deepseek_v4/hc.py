@@ -16,6 +16,7 @@ from numba import prange
 from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel
 from ..common.norm_rope import NO_TABLE, NO_U16, NORM_ROPE_KERNEL
+from .stage_shared import f32_np
 
 __all__ = ["hc_pre", "hc_pre_norm", "hc_post", "hc_head"]
 
@@ -150,10 +151,7 @@ def _pre_norm_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, p
     NORM_ROPE_KERNEL(out, norm_w, True, no_table, no_table, 1, eps, True, False, False, to_bf16, True, xn, no_u16)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
-        return t.numpy()
-    return t.detach().float().contiguous().numpy()
+_np = f32_np  # float32 numpy view of a tensor (copy only when needed)
 
 
 def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,

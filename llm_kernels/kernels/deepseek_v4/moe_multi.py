@@ -40,7 +40,7 @@ from numba import prange
 
 from ...numerics.mxfp4 import MXFP4_BLOCK
 from ..common.bf16 import round_f32 as _rnd
-from ..common.gemm import MAX_TILE_T, pack_q32, padded_tokens
+from ..common.gemm import MAX_TILE_T, PADDED_T, pack_q32, padded_tokens
 from ..common.gemm_group import pack_words, quant_group_row
 from ..common.gemm_mxfp4 import MXFP4Stack, quant_pack_w4_parts, stack_mxfp4, w4_parts_core
 from ..common.gemm_multi import pack_rows_parts, rows_core, stack_packs
@@ -49,8 +49,9 @@ from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.x86_w4a8 import ZP
 
-__all__ = ["stack_slots", "stacked_moe_program", "ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_parts",
-           "multi_mxfp4_raw", "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "swiglu_row"]
+__all__ = ["ExpertStack", "MXFP4ExpertStack", "multi_expert_parts", "multi_expert_raw", "multi_mxfp4_parts",
+           "multi_mxfp4_raw", "route_parts", "scatter_parts", "stack_experts", "stack_mxfp4_experts", "stack_slots",
+           "stacked_moe_program", "swiglu_row"]
 
 
 class ExpertStack:
@@ -233,20 +234,8 @@ def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np
         return None
     TP = padded_tokens(tmax)
     p13, p2, I = st.p13, st.p2, st.inter
-    D = xq.shape[1]
-    KG = p13.kp // 4
-    if D == 4 * KG:
-        q32 = np.ascontiguousarray(xq).view(np.uint32)
-    else:
-        qp = np.zeros((xq.shape[0], 4 * KG), np.int8)
-        qp[:, :D] = xq
-        q32 = qp.view(np.uint32)
-    return _parts_program(q32, sel, nr, ridx, sxp, TP, KG, p13.data, p13.wsum128, p13.scale, I,
-                          p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
-
-
-#: :func:`padded_tokens` of 0 … MAX_TILE_T (read inside the Numba programs)
-_PADDED = np.array([padded_tokens(t) for t in range(MAX_TILE_T + 1)], np.int64)
+    return _parts_program(np.ascontiguousarray(xq), sel, nr, ridx, sxp, TP, p13.kp // 4, p13.data, p13.wsum128,
+                          p13.scale, I, p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
 
 
 @njit_kernel
@@ -262,7 +251,7 @@ def stacked_moe_program(xq, sx, idx, slots, shared_slot, w13, wsum13, sw13, KG, 
     J = used.shape[0]
     tmax = ridx.shape[1]
     none = np.empty((0, 0, 0), np.float32)
-    if nr[0] < 0 or tmax == 0 or tmax > _PADDED.shape[0] - 1:
+    if nr[0] < 0 or tmax == 0 or tmax > MAX_TILE_T:
         return none, -1
     sel = np.empty(J + 1, np.int64)
     for j in range(J):
@@ -270,25 +259,26 @@ def stacked_moe_program(xq, sx, idx, slots, shared_slot, w13, wsum13, sw13, KG, 
         if sel[j] < 0:
             return none, -1
     sel[J] = shared_slot
-    T, D = xq.shape
-    if D == 4 * KG:
-        q32 = np.ascontiguousarray(xq).view(np.uint32)
-    else:
-        qp = np.zeros((T, 4 * KG), np.int8)
-        qp[:, :D] = xq
-        q32 = qp.view(np.uint32)
-    yp = _parts_program(q32, sel, nr, ridx, sxp, _PADDED[tmax], KG, w13, wsum13, sw13, I, KG2, w2, wsum2, sw2, N2,
-                        limit, to_bf16)
+    yp = _parts_program(np.ascontiguousarray(xq), sel, nr, ridx, sxp, PADDED_T[tmax], KG, w13, wsum13, sw13, I, KG2,
+                        w2, wsum2, sw2, N2, limit, to_bf16)
     scatter_parts(yp, ridx, kslot, nr, J, y)
     return yp, J
 
 
 @njit_kernel
-def _parts_program(q32, sel, nr, ridx, sxp, TP, KG, w13, wsum13, sw13, I, KG2, w2, wsum2, sw2, N2, limit, to_bf16):
+def _parts_program(xq, sel, nr, ridx, sxp, TP, KG, w13, wsum13, sw13, I, KG2, w2, wsum2, sw2, N2, limit, to_bf16):
     """:func:`multi_expert_parts`' four kernels in one dispatch (pack the rows of every part,
     the ``[w1; w3]`` multi-GEMM, SwiGLU + requantisation, the w2 multi-GEMM), with their
-    buffers; the same kernels in the same order: bitwise the four calls."""
+    buffers; the same kernels in the same order: bitwise the four calls. ``xq`` [T, D] int8
+    C-contiguous (zero-padded here to ``4·KG`` inputs when D is not)."""
     J, tmax = ridx.shape
+    T, D = xq.shape
+    if D == 4 * KG:
+        q32 = xq.view(np.uint32)
+    else:
+        qp = np.zeros((T, 4 * KG), np.int8)
+        qp[:, :D] = xq
+        q32 = qp.view(np.uint32)
     xp = np.empty((J, 4 * KG * TP), np.uint8)
     pack_rows_parts(q32, ridx, nr, xp, TP)
     gu = np.empty((J, tmax, 2 * I), np.float32)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ...numerics.quant import QuantWeight
-from ..common.gemm import DUMMY_I32, PADDED_T, padded_tokens, w8a8_rows_f32
+from ..common.gemm import DUMMY_I32, padded_tokens, w8a8_rows_f32
 from ..common.gemm_pack import is_tiled
 from ..common.jit import njit_kernel
 from ..common.prepared import stage_group
@@ -173,7 +173,7 @@ def _qkv_int8(x, prog, q_norm_w, kv_norm_w, cos, sin, H, HD, eps, to_bf16):
     kv = np.empty((T, HD), np.float32)
     q = np.empty((T, H, HD), np.float32)
     if T:
-        TP1 = PADDED_T[T] if T < PADDED_T.size else padded_tokens(T)
+        TP1 = padded_tokens(T)
         TP = padded_rows(T)
         _qkv_program(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
                      f32_np(q_norm_w), f32_np(kv_norm_w), c, s, np.float32(eps), TP, pw.kp // 4, pw.data,

@@ -48,8 +48,9 @@ class RopeTables:
             return last[3]
         if positions.numel() == 0:
             return self._fn(rope, rope_dim, positions, self._dtype)
-        pos = positions.detach().to(torch.int64).numpy()  # numpy: a few µs less per lookup than torch ops
-        lo, hi = int(pos.min()), int(pos.max())
+        pos = positions.detach()
+        pos = (pos if pos.dtype == torch.int64 else pos.to(torch.int64)).numpy()  # numpy: fewer µs than torch ops
+        lo, hi = (int(pos[0]), int(pos[0])) if pos.size == 1 else (int(pos.min()), int(pos.max()))
         if lo < 0:
             raise ValueError(f"RoPE positions must be >= 0, got {lo}")
         key = (rope, int(rope_dim))

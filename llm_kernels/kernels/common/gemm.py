@@ -73,7 +73,7 @@ from .gemm_pack import (
     pack_w8a8,
     unpack_w8a8,
 )
-from .jit import njit_kernel
+from .jit import njit_kernel, sized
 from .quant import quant_row_f32, quant_rows
 from .x86 import VNNI_NB
 from .x86_avx2 import int8_bcast_tile
@@ -558,11 +558,11 @@ def w8a8_linear(x: Any, w: PackedW8A8) -> Any:
             _require_tiled(w)
             T = a2.shape[0]
             TP = padded_tokens(T)
-            w8a8_rows_f32(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP, w.kp // 4, w.data,
-                          w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
+            sized(w8a8_rows_f32, T * w.k * w.n)(a2, np.empty(w.kp * TP, np.uint8), np.empty(T, np.float32), TP,
+                                                w.kp // 4, w.data, w.np_, w.n, w.wsum128, w.scale, _DUMMY_I32, out)
         else:
             xq, sx = quant_rows(a2)
-            _plain_core(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)
+            sized(_plain_core, xq.size * w.n)(xq, sx, w.data, w.scale, True, _DUMMY_I32, out)
     out = out.reshape(*lead, w.n)
     if not isinstance(x, np.ndarray):
         import torch

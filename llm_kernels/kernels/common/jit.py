@@ -65,6 +65,9 @@ __all__ = [
     "USE_BF16",
     "USE_INT8_TILES",
     "select_tier",
+    "SERIAL_WORK",
+    "serial_twin",
+    "sized",
     "cached_kernel_count",
     "dispatch_tier",
     "FORCE_FALLBACK",
@@ -321,3 +324,75 @@ def njit_kernel(fn: Callable | None = None, *, parallel: bool = False, fastmath:
         return numba.njit(**opts)(f)
 
     return deco(fn) if fn is not None else deco
+
+
+# --------------------------------------------------------------------------- serial twins
+SERIAL_WORK_ENV = "LLM_KERNELS_SERIAL_WORK"
+#: Work (multiply-adds, or elements read and written, as the caller estimates it) below which
+#: :func:`sized` hands out a kernel's serial twin. A parallel region costs ~2-3 µs to launch
+#: on the 2-core machines (an empty ``prange`` 2.4 µs vs a serial call 0.4 µs, Zen 3) and a
+#: decode step of a small model launched ~135 of them; at DeepSeek-V4 Flash dims and T = 1
+#: the serial twin wins below ~2^16 elements (``hc`` collapse 16 Ki: 7.2 -> 2.8 µs, the INT8
+#: quantisation of one 4096-row 5.4 -> 2.3 µs) and loses above (``hc_post``, 82 Ki: 17 vs 29
+#: µs). ``LLM_KERNELS_SERIAL_WORK=0`` (read at import) never uses a twin.
+SERIAL_WORK: int = int(os.environ.get(SERIAL_WORK_ENV, "65536") or 0)
+_TWINS: dict = {}
+
+
+def serial_twin(kernel: Any) -> Any:
+    """The serial twin of the Numba dispatcher ``kernel``: the same Python function compiled
+    with ``parallel=False`` (each ``prange`` runs as a plain loop on the calling thread), with
+    every jitted function it calls by a global or closure name replaced by that function's own
+    twin (recursively), so no parallel region is launched anywhere below it. Every output is
+    bitwise the parallel kernel's: each ``prange`` iteration owns its outputs and no ``prange``
+    carries a floating-point reduction (the rule of this module), so running the iterations in
+    order on one thread computes the same values. A kernel that launches nothing is its own
+    twin. Compiled lazily on first use, into the same on-disk cache as the kernel (the twin's
+    name is the kernel's with ``__serial`` appended; an uncached kernel's twin is uncached)."""
+    twin = _TWINS.get(kernel)
+    if twin is not None:
+        return twin
+    import types
+
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    if not isinstance(kernel, CPUDispatcher):  # e.g. a test's Python wrapper: called as it is
+        return kernel
+    _TWINS[kernel] = kernel  # a recursive call sees the kernel itself (no cycle)
+    f = kernel.py_func
+    glb = f.__globals__
+    remap = {}
+    for name in f.__code__.co_names:
+        v = glb.get(name)
+        if isinstance(v, CPUDispatcher):
+            tv = serial_twin(v)
+            if tv is not v:
+                remap[name] = tv
+    cells = f.__closure__
+    if cells:
+        new_cells = []
+        for c in cells:
+            v = c.cell_contents
+            tv = serial_twin(v) if isinstance(v, CPUDispatcher) else v
+            new_cells.append(types.CellType(tv) if tv is not v else c)
+        if any(n is not c for n, c in zip(new_cells, cells)):
+            cells = tuple(new_cells)
+    opts = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+    if not remap and cells is f.__closure__ and not opts.get("parallel", False):
+        return kernel
+    g = dict(glb)
+    g.update(remap)
+    nf = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, cells)
+    nf.__qualname__, nf.__module__, nf.__doc__ = f.__qualname__ + "__serial", f.__module__, f.__doc__
+    opts["parallel"] = False
+    twin = _TWINS[kernel] = numba.njit(cache=not isinstance(kernel._cache, NullCache), **opts)(nf)
+    return twin
+
+
+def sized(kernel: Any, work: int) -> Any:
+    """``kernel`` for a call of ``work`` multiply-adds (or elements touched), or its
+    :func:`serial_twin` when ``work < SERIAL_WORK``: a small call (a decode-sized step of a
+    small stage) skips the parallel-region launches, whose cost there exceeds the work;
+    either gives the same bits."""
+    return serial_twin(kernel) if work < SERIAL_WORK else kernel

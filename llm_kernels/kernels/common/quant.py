@@ -28,7 +28,7 @@ import numpy as np
 from numba import prange
 
 from .bf16 import as_kernel_input, bf16_bits_to_f32, f32_bits, f32_from_bits
-from .jit import njit_kernel
+from .jit import njit_kernel, sized
 
 __all__ = ["AMAX_EPS", "quant_row_f32", "quant_rows", "row_absmax_f32"]
 
@@ -112,5 +112,5 @@ def quant_rows(x: Any) -> tuple[np.ndarray, np.ndarray]:
     q = np.empty(a2.shape, np.int8)
     s = np.empty(a2.shape[0], np.float32)
     if a2.shape[0]:
-        (_quant_rows_bf16 if is_bf16 else _quant_rows_f32)(a2, q, s)
+        sized(_quant_rows_bf16 if is_bf16 else _quant_rows_f32, a2.size)(a2, q, s)
     return q.reshape(*lead, K), s.reshape(lead)

@@ -23,7 +23,7 @@ import numpy as np
 from numba import prange
 
 from .bf16 import as_kernel_input, f32_bits
-from .jit import njit_kernel
+from .jit import njit_kernel, sized
 
 __all__ = ["topk_rows_f32", "topk_indices"]
 
@@ -136,7 +136,7 @@ def topk_indices(scores: Any, k: int) -> Any:
         if N == 0:
             out[:] = -1
         else:
-            _topk_rows(a2, int(k), out)
+            sized(_topk_rows, a2.size)(a2, int(k), out)
     out = out.reshape(*lead, int(k))
     if isinstance(scores, np.ndarray):
         return out

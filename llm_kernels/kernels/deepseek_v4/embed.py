@@ -14,7 +14,7 @@ from numba import prange
 
 from ..common.bf16 import load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _round
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 
 __all__ = ["embed"]
 
@@ -60,7 +60,7 @@ def embed(weights: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor, dtype:
     ids = input_ids.detach().to(torch.int64).contiguous().numpy()
     V = min(int(cfg.vocab_size), table.shape[0])
     out = np.empty((ids.shape[0], cfg.hc_mult, table.shape[1]), np.float32)
-    if ids.shape[0] and _embed_rows(table[:V], ids, dtype == torch.bfloat16, out):
+    if ids.shape[0] and sized(_embed_rows, out.size)(table[:V], ids, dtype == torch.bfloat16, out):
         raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got min {int(ids.min())} "
                          f"max {int(ids.max())}")
     return torch.from_numpy(out)

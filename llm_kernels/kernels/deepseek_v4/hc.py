@@ -14,7 +14,7 @@ import torch
 from numba import prange
 
 from ..common.bf16 import round_f32 as _round
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.norm_rope import NO_TABLE, NO_U16, NORM_ROPE_KERNEL
 from .stage_shared import f32_np
 
@@ -160,7 +160,7 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
     """Fused ``hc_pre`` (spec §3.1): x_hc [T, HC, D] -> x_mixed [T, D], post [T, HC],
     comb [T, HC, HC], float32. Same contract as the reference."""
     args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
-    _pre_all(*args)
+    sized(_pre_all, x_hc.shape[0] * hc_fn.numel())(*args)
     post, comb, out = args[-3:]
     return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
 
@@ -177,7 +177,7 @@ def hc_pre_norm(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
         raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
     args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
     xn = np.empty((T, D), np.float32)
-    _pre_norm_all(*args, _np(norm_w), NO_TABLE, NO_U16, xn)
+    sized(_pre_norm_all, T * hc_fn.numel())(*args, _np(norm_w), NO_TABLE, NO_U16, xn)
     post, comb = args[-3:-1]
     return torch.from_numpy(xn), torch.from_numpy(post), torch.from_numpy(comb)
 
@@ -197,7 +197,7 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     """Fused ``hc_post`` (spec §3.2): [T, D], [T, HC, D], [T, HC], [T, HC, HC] -> [T, HC, D]."""
     res = _np(residual)
     out = np.empty_like(res)
-    _post(_np(x), res, _np(post), _np(comb), dtype == torch.bfloat16, out)
+    sized(_post, res.size * (res.shape[1] + 1))(_np(x), res, _np(post), _np(comb), dtype == torch.bfloat16, out)
     return torch.from_numpy(out)
 
 
@@ -207,11 +207,11 @@ def hc_head(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_
     T, HC, D = x_hc.shape
     x = _np(x_hc)
     m = np.empty((T, HC), np.float32)
-    _mix(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
+    sized(_mix, T * hc_fn.numel())(x.reshape(T, HC * D), _np(hc_fn), np.float32(rms_eps), m)
     s, b = _np(hc_scale).reshape(-1)[0], _np(hc_base)
     pre = (1.0 / (1.0 + np.exp(-(m * np.float32(s) + b)))).astype(np.float32) + np.float32(hc_eps)
     out = np.empty((T, D), np.float32)
-    _collapse(x, pre, dtype == torch.bfloat16, out)
+    sized(_collapse, x.size)(x, pre, dtype == torch.bfloat16, out)
     return torch.from_numpy(out)
 
 

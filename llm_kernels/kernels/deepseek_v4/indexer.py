@@ -39,7 +39,7 @@ from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import dot_i8
 from ..common.gemm_pack import ACT_OFFSET, zero_point
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.quant import quant_row_f32
 from ..common.topk import topk_rows_f32
 from ..common.x86_avx2 import int8_bcast_tile
@@ -150,7 +150,7 @@ def indexer_keys_int8(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k8 = np.empty((N, D), np.int8)
     ks = np.empty(N, np.float32)
     if N:
-        _keys_int8(k, scale, k8, ks)
+        sized(_keys_int8, k.size * 8)(k, scale, k8, ks)
     return torch.from_numpy(k8), torch.from_numpy(ks).view(N, 1)
 
 
@@ -281,9 +281,9 @@ def indexer_scores_int8(q_i8: torch.Tensor, q_scale: torch.Tensor, w: torch.Tens
             q8 = np.ascontiguousarray(np.pad(q8, ((0, 0), (0, KG * 4 - D))))
         Hp = -(-H // _SC_TT) * _SC_TT
         qp = _pack_q(q8, T, H, Hp, KG)
-        _scores_int8_vnni(k8.view(np.int32), qp, T, H, Hp, KG, qs, wf, ks, scale, out)
+        sized(_scores_int8_vnni, T * H * N * D)(k8.view(np.int32), qp, T, H, Hp, KG, qs, wf, ks, scale, out)
     else:
-        _scores_int8_plain(k8, q8, T, H, qs, wf, ks, scale, out)
+        sized(_scores_int8_plain, T * H * N * D)(k8, q8, T, H, qs, wf, ks, scale, out)
     return torch.from_numpy(out)
 
 

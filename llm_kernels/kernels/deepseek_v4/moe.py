@@ -77,7 +77,7 @@ from ...numerics.quant import QuantWeight
 from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import MAX_TILE_T, PackedW8A8, pack_w8a8, w8a8_gemm
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.gemm_group import group_gemm_linear
 from ..common.gemm_mxfp4 import mxfp4_gemm_linear
 from ..common.prepared import (
@@ -271,7 +271,7 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
     i_out = np.empty((T, top_k), np.int64)
     if T and top_k:
         bad = np.empty(T, np.int64)
-        if _gate_kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
+        if sized(_gate_kernel, T * E)(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
                         int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16,
                         w_out, i_out, bad):
             t = int(np.flatnonzero(bad)[0])
@@ -478,7 +478,8 @@ def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarra
     slots = stack_slots(st, experts, lambda ws: _slot_in(ws, st))
     if slots is not None:  # the engine's per-layer list: routing, both GEMMs and the scatter in one dispatch
         p13, p2 = st.p13, st.p2
-        yp, J = stacked_moe_program(xq, sx, idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale, p13.kp // 4,
+        work = (idx.size + 1) * 3 * st.inter * xq.shape[1]  # the routed and shared experts' multiply-adds
+        yp, J = sized(stacked_moe_program, work)(xq, sx, idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale, p13.kp // 4,
                                     st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit),
                                     to_bf16, y)
         return None if J < 0 else yp[J, :T]
@@ -564,5 +565,5 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
         ysh = _expert_raw(xd, xq, sx, shared, swiglu_limit, to_bf16, dtype)
     out = np.empty((T, D), np.float32)
     if T:
-        _combine(y, f32_np(weights), np.ascontiguousarray(ysh), to_bf16, out)
+        sized(_combine, y.size)(y, f32_np(weights), np.ascontiguousarray(ysh), to_bf16, out)
     return torch.from_numpy(out)

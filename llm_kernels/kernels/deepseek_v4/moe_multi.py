@@ -44,7 +44,7 @@ from ..common.gemm import MAX_TILE_T, PADDED_T, pack_q32, padded_tokens
 from ..common.gemm_group import pack_words, quant_group_row
 from ..common.gemm_mxfp4 import MXFP4Stack, quant_pack_w4_parts, stack_mxfp4, w4_parts_core
 from ..common.gemm_multi import pack_rows_parts, rows_core, stack_packs
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.quant import quant_row_f32
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.x86_w4a8 import ZP
@@ -234,7 +234,8 @@ def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np
         return None
     TP = padded_tokens(tmax)
     p13, p2, I = st.p13, st.p2, st.inter
-    return _parts_program(np.ascontiguousarray(xq), sel, nr, ridx, sxp, TP, p13.kp // 4, p13.data, p13.wsum128,
+    work = int(nr.sum()) * 3 * I * xq.shape[1]
+    return sized(_parts_program, work)(np.ascontiguousarray(xq), sel, nr, ridx, sxp, TP, p13.kp // 4, p13.data, p13.wsum128,
                           p13.scale, I, p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..common.gemm import MAX_TILE_T, padded_tokens
 from ..common.gemm_multi import cols_core, quant_pack_parts, rows_core
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 
 __all__ = ["fused_int8_output_proj", "fused_wo_b", "stacks_of"]
 
@@ -48,7 +48,8 @@ def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor
         return None
     TP = padded_tokens(T)
     out = np.empty((T, sb.n), np.float32)
-    _output_proj_program(np.ascontiguousarray(x.transpose(1, 0, 2)), TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale,
+    work = T * G * sa.n * (K + sb.n)  # wo_a and wo_b multiply-adds
+    sized(_output_proj_program, work)(np.ascontiguousarray(x.transpose(1, 0, 2)), TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale,
                          sa.n, sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
     return torch.from_numpy(out)
 
@@ -95,5 +96,5 @@ def _wo_b(r: np.ndarray, sb, to_bf16: bool) -> torch.Tensor:
     """``r`` [G, T, OL] -> per (group, token) INT8 rows -> ``wo_b`` -> [T, D]."""
     T = r.shape[1]
     out = np.empty((T, sb.n), np.float32)
-    _wo_b_program(r, padded_tokens(T), sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
+    sized(_wo_b_program, r.size * sb.n)(r, padded_tokens(T), sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
     return torch.from_numpy(out)

@@ -44,7 +44,7 @@ import torch
 from ...numerics.quant import QuantWeight
 from ..common.gemm import DUMMY_I32, padded_tokens, w8a8_rows_f32
 from ..common.gemm_pack import is_tiled
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.prepared import stage_group
 from .stage_shared import PairPack, f32_np, linear_pair, norm_weighted, rope, split_round
 from .w8a8_heads import (
@@ -175,7 +175,8 @@ def _qkv_int8(x, prog, q_norm_w, kv_norm_w, cos, sin, H, HD, eps, to_bf16):
     if T:
         TP1 = padded_tokens(T)
         TP = padded_rows(T)
-        _qkv_program(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
+        work = T * (pp.k * pp.n + QL * H * HD)  # the two GEMMs' multiply-adds
+        sized(_qkv_program, work)(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
                      f32_np(q_norm_w), f32_np(kv_norm_w), c, s, np.float32(eps), TP, pw.kp // 4, pw.data,
                      pw.wsum128, pw.scale, H, HD, MODE_QNORM_ROPE, NO_I8, NO_Q, NO_S, qres, kv, q)
     return torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(qres)

@@ -56,7 +56,7 @@ from ..common.bf16 import (
     u16_as_torch_bf16,
 )
 from ..common.bf16 import round_f32 as _rnd
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
@@ -312,8 +312,8 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
         o16, o32 = (kvg_np, _DUMMY_F32.reshape(1, 1, 1)) if u16 else (_DUMMY_U16.reshape(1, 1, 1), kvg_np)
     for t0, t1, (pieces, starts, N), seq in segs:
         if kvg_np is not None:  # index prep and gather in one dispatch (the gather reads valid rows only)
-            mx = _prep_gather(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1], pieces, starts, Wm, u16, o16[t0:t1],
-                              o32[t0:t1]) if t1 > t0 else -1
+            mx = sized(_prep_gather, (t1 - t0) * Wm * HD)(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1], pieces,
+                                                          starts, Wm, u16, o16[t0:t1], o32[t0:t1]) if t1 > t0 else -1
         else:
             mx = _prep_indices(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1]) if t1 > t0 and W else -1
         if mx >= N:
@@ -354,12 +354,12 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     # for a bf16 dtype)
     if to_bf16 and not via_f32:
         p_np = np.empty((T, H, Wm), np.uint16)
-        _softmax_sink(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
+        sized(_softmax_sink, 8 * s.numel())(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
                       _DUMMY_F32.reshape(1, 1, 1))
         p = u16_as_torch_bf16(p_np)
     else:
         p_np = np.empty((T, H, Wm), np.float32)
-        _softmax_sink(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False,
+        sized(_softmax_sink, 8 * s.numel())(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False,
                       _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
     # PV (float32 outputs of the fp32 bmm are rounded to bf16 by the next kernel)
@@ -367,7 +367,7 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     # 5. inverse RoPE + rounding
     x = np.empty((T, H * HD), np.float32)
     if T:
-        _rope_inv_round(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1),
+        sized(_rope_inv_round, o.numel())(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1),
                         to_bf16, x)
     return torch.from_numpy(x).view(T, H, HD)
 

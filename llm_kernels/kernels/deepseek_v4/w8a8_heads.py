@@ -15,7 +15,7 @@ from ...numerics.quant import QuantWeight
 from ..common import jit
 from ..common.gemm import PackedW8A8, dot_i8, pack_w8a8, pad_to_tile
 from ..common.gemm_pack import ACT_OFFSET, is_tiled
-from ..common.jit import njit_kernel
+from ..common.jit import njit_kernel, sized
 from ..common.prepared import PackedLinear
 from ..common.quant import quant_row_f32
 from ..common.x86_avx2 import int8_bcast_tile
@@ -262,11 +262,12 @@ def run_heads_w8a8(act: tuple, pw: PackedW8A8, T: int, H: int, HD: int, mode: in
     (from :func:`quantize_activations`)."""
     xa, sx, TP = act
     if is_tiled(pw.layout):
-        heads_vnni(xa, TP, pw.kp // 4, pw.data, pw.wsum128, sx, pw.scale, T, H, HD, mode,
-                   to_bf16, np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
+        sized(heads_vnni, T * pw.k * H * HD)(xa, TP, pw.kp // 4, pw.data, pw.wsum128, sx, pw.scale, T, H, HD, mode,
+                                             to_bf16, np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q,
+                                             out_s)
     else:
-        heads_generic(True, NO_Y, xa, sx, pw.data, pw.scale, T, H, HD, mode, to_bf16,
-                      np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
+        sized(heads_generic, T * pw.k * H * HD)(True, NO_Y, xa, sx, pw.data, pw.scale, T, H, HD, mode, to_bf16,
+                                                np.float32(eps), cos, sin, np.float32(had_scale), out_f, out_q, out_s)
 
 
 def check_quant_weight(w: QuantWeight, n_out: int, k_in: int, name: str) -> None:

@@ -44,6 +44,8 @@ def _window_rows(pos: np.ndarray, W: int, start) -> np.ndarray:
     offsets = _WINDOW_OFFSETS.get(W)
     if offsets is None:
         offsets = _WINDOW_OFFSETS[W] = np.arange(1 - W, 1)
+    if pos.shape[0] == 1 and isinstance(start, int) and int(pos[0]) - W + 1 >= max(start, 0):
+        return (offsets + (int(pos[0]) - start))[None, :]  # a full window (decode): one numpy op
     wpos = pos[:, None] + offsets
     return np.where(wpos >= np.maximum(start, 0), wpos - start, -1)
 
@@ -130,7 +132,8 @@ class DeepSeekV4Engine(EngineCore):
     def _forward(self, ids: torch.Tensor, seq_ids, starts, lens, caches: list[SequenceCache]) -> torch.Tensor:
         """Embedding and every decoder layer; returns the HC stream [ΣT, hc_mult, D]."""
         cfg, ops, tm = self.cfg, self.ops, self.timer
-        positions = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)])
+        positions = (torch.arange(starts[0], starts[0] + lens[0]) if len(lens) == 1 else
+                     torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(starts, lens)]))
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)

@@ -95,7 +95,7 @@ def test_fused_engine_matches_the_reference(ckpt):
         from llm_kernels.runtime.deepseek_v4.stages import FUSED_OPS, REFERENCE_OPS
 
         ops = SimpleNamespace(**vars(FUSED_OPS))
-        for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_head"):
+        for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_post_pre_norm", "hc_head"):
             setattr(ops, s, getattr(REFERENCE_OPS, s))
         pw = prepare_weights(dict(w), cfg)
         assert _names(pw, PreparedGroupWeight) == _names(w, GroupQuantWeight)  # all packed at load

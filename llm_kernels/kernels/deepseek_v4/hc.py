@@ -18,7 +18,7 @@ from ..common.jit import njit_kernel, sized
 from ..common.norm_rope import NO_TABLE, NO_U16, NORM_ROPE_KERNEL
 from .stage_shared import f32_np
 
-__all__ = ["hc_pre", "hc_pre_norm", "hc_post", "hc_head"]
+__all__ = ["hc_pre", "hc_pre_norm", "hc_post", "hc_post_pre_norm", "hc_head"]
 
 
 @njit_kernel(parallel=True, fastmath=True)
@@ -151,6 +151,16 @@ def _pre_norm_all(x, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, p
     NORM_ROPE_KERNEL(out, norm_w, True, no_table, no_table, 1, eps, True, False, False, to_bf16, True, xn, no_u16)
 
 
+@njit_kernel
+def _post_pre_norm_all(x, res, post_in, comb_in, xhc, fn, eps, scale, base, hc, iters, hc_eps,
+                       to_bf16, m, pre, post, comb, out, norm_w, no_table, no_u16, xn):
+    """:func:`_post` into ``xhc`` then :func:`_pre_norm_all` of ``xhc`` in one dispatch (the
+    same kernels in the same order: bitwise the two calls)."""
+    _post(x, res, post_in, comb_in, to_bf16, xhc)
+    _pre_norm_all(xhc, fn, eps, scale, base, hc, iters, hc_eps, to_bf16, m, pre, post, comb, out, norm_w, no_table,
+                  no_u16, xn)
+
+
 _np = f32_np  # float32 numpy view of a tensor (copy only when needed)
 
 
@@ -199,6 +209,30 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     out = np.empty_like(res)
     sized(_post, res.size * (res.shape[1] + 1))(_np(x), res, _np(post), _np(comb), dtype == torch.bfloat16, out)
     return torch.from_numpy(out)
+
+
+def hc_post_pre_norm(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                     hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, norm_w: torch.Tensor, *,
+                     hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused sublayer boundary (the reference's ``hc_post`` then ``hc_pre_norm``): x [T, D],
+    residual [T, HC, D], post [T, HC], comb [T, HC, HC] of the sublayer that ends, the next
+    sublayer's ``hc_fn`` / ``hc_scale`` / ``hc_base`` / ``norm_w`` -> new HC streams [T, HC, D],
+    normed rows [T, D], post [T, HC], comb [T, HC, HC], float32; bitwise :func:`hc_post` then
+    :func:`hc_pre_norm` (one Numba dispatch instead of two wrapper calls). Raises ValueError
+    for a ``norm_w`` that is not [D]."""
+    res = _np(residual)
+    T, HC, D = res.shape
+    if tuple(norm_w.shape) != (D,):
+        raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
+    xhc = np.empty_like(res)
+    args = _pre_args(residual, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)[1:]
+    xn = np.empty((T, D), np.float32)
+    work = max(res.size * (HC + 1), T * hc_fn.numel())
+    sized(_post_pre_norm_all, work)(_np(x), res, _np(post), _np(comb), xhc, *args, _np(norm_w), NO_TABLE, NO_U16,
+                                    xn)
+    post2, comb2 = args[-3:-1]
+    return torch.from_numpy(xhc), torch.from_numpy(xn), torch.from_numpy(post2), torch.from_numpy(comb2)
 
 
 def hc_head(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, *,

@@ -166,11 +166,11 @@ def weight_table(cfg: DeepSeekV4Config, layer_type: str, quant: str = "w8a8", *,
             _t(x + "compressor.ape", "indexer", "csa_extra", (ratio, 2 * IHD), "fp32", q),
             _t(x + "compressor.norm.weight", "indexer", "csa_extra", (IHD,), "bf16", q),
         ]
-    t += [
-        _t("hc_ffn_fn", "hc_pre", me, (MIX, HC * D), "fp32", q),
-        _t("hc_ffn_scale", "hc_pre", me, (3,), "fp32", q),
-        _t("hc_ffn_base", "hc_pre", me, (MIX,), "fp32", q),
-        _t("ffn_norm.weight", "gate", me, (D,), "bf16", q),
+    t += [  # the attention's hc_post call runs the FFN's hc_pre + ffn_norm (the engine's hc_post_pre_norm)
+        _t("hc_ffn_fn", "hc_post", me, (MIX, HC * D), "fp32", q),
+        _t("hc_ffn_scale", "hc_post", me, (3,), "fp32", q),
+        _t("hc_ffn_base", "hc_post", me, (MIX,), "fp32", q),
+        _t("ffn_norm.weight", "hc_post", me, (D,), "bf16", q),
         _t("ffn.gate.weight", "gate", me, (E, D), "fp32", q),
     ]
     if not hash_layer:

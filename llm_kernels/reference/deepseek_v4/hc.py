@@ -14,7 +14,7 @@ import torch
 from ...numerics.rounding import rnd
 from .common import rms_norm
 
-__all__ = ["sinkhorn", "hc_pre", "hc_pre_norm", "hc_post", "hc_head"]
+__all__ = ["sinkhorn", "hc_pre", "hc_pre_norm", "hc_post", "hc_post_pre_norm", "hc_head"]
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -85,6 +85,20 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     expand = rnd(p.unsqueeze(-1) * x.float().unsqueeze(-2), dtype)
     mix = rnd(torch.matmul(c.transpose(-1, -2), residual.float()), dtype)
     return rnd(expand + mix, dtype)
+
+
+def hc_post_pre_norm(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                     hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, norm_w: torch.Tensor, *,
+                     hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sublayer boundary: :func:`hc_post` of the sublayer that ends (``x``, ``residual``,
+    ``post``, ``comb``) then :func:`hc_pre_norm` of the one that starts (``hc_fn``, ``hc_scale``,
+    ``hc_base``, ``norm_w``): returns the new HC streams [T, HC, D] and the next sublayer's
+    normed rows [T, D], post [T, HC], comb [T, HC, HC]. The fused kernels run it in one
+    dispatch."""
+    x_hc = hc_post(x, residual, post, comb, dtype)
+    return (x_hc, *hc_pre_norm(x_hc, hc_fn, hc_scale, hc_base, norm_w, hc_mult=hc_mult,
+                               sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps, rms_eps=rms_eps, dtype=dtype))
 
 
 def hc_head(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,

@@ -97,6 +97,10 @@ class DeepSeekV4Engine(EngineCore):
         SequenceCache.create(cfg, max_seq_len)  # validates max_seq_len early
         self.w = ops.prepare_weights(weights, cfg, consume=consume_weights)  # load-time kernel form
         self._layer_views: dict[int, _model.LayerWeights] = {}  # by layer id (MTP block: its id)
+        #: ``(x_hc, xn, post, comb)``: a sublayer's output streams and the next sublayer's
+        #: hc_pre + norm, computed in the same call (``hc_post_pre_norm``); the next sublayer
+        #: uses them when it is called with that very ``x_hc``
+        self._handoff: tuple | None = None
 
     # ------------------------------------------------------------------ EngineCore hooks
     def _new_sequence(self, sid: int) -> None:
@@ -157,6 +161,32 @@ class DeepSeekV4Engine(EngineCore):
                 pipe.send_hidden(x_hc, torch.float32)
         self.last_hidden = x_hc  # the MTP block's input (speculative decoding)
         return x_hc
+
+    def _pre_norm(self, lw, x_hc: torch.Tensor, sub: str, norm: str):
+        """The sublayer's ``hc_pre`` + input norm (``sub`` "attn" / "ffn", ``norm`` its norm
+        weight's name): the values the previous sublayer computed with its ``hc_post`` when it
+        handed on this very ``x_hc``, else one ``hc_pre_norm`` call."""
+        h, self._handoff = self._handoff, None
+        if h is not None and h[0] is x_hc:
+            return h[1:]
+        cfg = self.cfg
+        with self.timer("hc_pre"):
+            return self.ops.hc_pre_norm(x_hc, lw[f"hc_{sub}_fn"], lw[f"hc_{sub}_scale"], lw[f"hc_{sub}_base"], lw[norm],
+                                        hc_mult=cfg.hc_mult, sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                                        rms_eps=cfg.rms_norm_eps, dtype=self.dtype)
+
+    def _post_ffn_pre(self, out: torch.Tensor, x_hc: torch.Tensor, post, comb, lw) -> torch.Tensor:
+        """The attention sublayer's ``hc_post`` and the FFN sublayer's hc_pre + ffn_norm (layer
+        weights ``lw``) in one call (timed as ``hc_post``); the latter handed on to
+        :meth:`_pre_norm`. Returns the new HC streams."""
+        cfg = self.cfg
+        with self.timer("hc_post"):
+            h = self.ops.hc_post_pre_norm(out, x_hc, post, comb, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],
+                                          lw["ffn_norm.weight"], hc_mult=cfg.hc_mult,
+                                          sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                                          rms_eps=cfg.rms_norm_eps, dtype=self.dtype)
+        self._handoff = h
+        return h[0]
 
     # ------------------------------------------------------------------ speculative decoding
     @property
@@ -269,11 +299,7 @@ class DeepSeekV4Engine(EngineCore):
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
         lt = cfg.layer_type(layer)
         journal = self.journal  # None unless journaling
-        with tm("hc_pre"):  # hc_pre and attn_norm
-            xn, post, comb = ops.hc_pre_norm(x_hc, lw["hc_attn_fn"], lw["hc_attn_scale"], lw["hc_attn_base"],
-                                             lw["attn_norm.weight"], hc_mult=cfg.hc_mult,
-                                             sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
-                                             rms_eps=cfg.rms_norm_eps, dtype=dt)
+        xn, post, comb = self._pre_norm(lw, x_hc, "attn", "attn_norm.weight")  # hc_pre and attn_norm
         with tm("qkv_proj_rope"):
             cos, sin = self.rope(cfg.rope_for_layer(layer), cfg.qk_rope_head_dim, positions)
             q, kv, q_res = ops.qkv_proj_rope(xn, lw["attn.wq_a.weight"], lw["attn.q_norm.weight"],
@@ -363,8 +389,8 @@ class DeepSeekV4Engine(EngineCore):
         with tm("sparse_attn"):  # the output projection streams wo_a/wo_b once for all sequences
             out = ops.grouped_output_proj(o, lw["attn.wo_a.weight"], lw["attn.wo_b.weight"],
                                           o_groups=cfg.o_groups, dtype=dt)
-        with tm("hc_post"):
-            return ops.hc_post(out, x_hc, post, comb, dt)
+        # hc_post, and the FFN sublayer's hc_pre + ffn_norm in the same call (handed on)
+        return self._post_ffn_pre(out, x_hc, post, comb, lw)
 
     def _project(self, lw, prefix: str, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The compressor ``prefix``'s projections of rows ``x`` [T, D] at positions ``pos``:
@@ -398,13 +424,11 @@ class DeepSeekV4Engine(EngineCore):
 
     def ffn_block(self, lw, layer: int, x_hc: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """hc_pre -> gate -> moe (routed + shared experts) -> hc_post for layer ``layer``.
-        ``ids`` [ΣT] token ids (hash routing). Returns the new HC stream [ΣT, hc, D]."""
+        ``ids`` [ΣT] token ids (hash routing). Returns the new HC stream [ΣT, hc, D]. (Called
+        with the output of this layer's :meth:`attention_block`, its hc_pre + ffn_norm were
+        computed there.)"""
         cfg, dt, ops, tm = self.cfg, self.dtype, self.ops, self.timer
-        with tm("hc_pre"):  # hc_pre and ffn_norm
-            xn, post, comb = ops.hc_pre_norm(x_hc, lw["hc_ffn_fn"], lw["hc_ffn_scale"], lw["hc_ffn_base"],
-                                             lw["ffn_norm.weight"], hc_mult=cfg.hc_mult,
-                                             sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
-                                             rms_eps=cfg.rms_norm_eps, dtype=dt)
+        xn, post, comb = self._pre_norm(lw, x_hc, "ffn", "ffn_norm.weight")  # hc_pre and ffn_norm
         hash_layer = cfg.is_hash_layer(layer)
         with tm("gate"):
             w, idx = ops.gate(xn, lw["ffn.gate.weight"], None if hash_layer else lw["ffn.gate.bias"],
@@ -417,5 +441,5 @@ class DeepSeekV4Engine(EngineCore):
                       lw["ffn.shared_experts.w2.weight"])
             y = ops.moe(xn, w, idx, lw.experts(cfg.n_routed_experts), shared, swiglu_limit=cfg.swiglu_limit,
                         dtype=dt)
-        with tm("hc_post"):
+        with tm("hc_post"):  # (the next layer's hc_pre stays in its own layer's trace scope)
             return ops.hc_post(y, x_hc, post, comb, dt)

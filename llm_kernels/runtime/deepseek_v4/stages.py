@@ -47,7 +47,8 @@ def reference_weights(weights: dict, cfg, consume: bool = False) -> dict:
 
 
 _REFERENCE = dict(
-    embed=_model.embed, hc_pre=_hc.hc_pre, hc_pre_norm=_hc.hc_pre_norm, hc_post=_hc.hc_post, hc_head=_hc.hc_head, rms_norm=rms_norm,
+    embed=_model.embed, hc_pre=_hc.hc_pre, hc_pre_norm=_hc.hc_pre_norm, hc_post=_hc.hc_post,
+    hc_post_pre_norm=_hc.hc_post_pre_norm, hc_head=_hc.hc_head, rms_norm=rms_norm,
     linear=linear, rope_cos_sin=rope_cos_sin, qkv_proj_rope=_qkv.qkv_proj_rope,
     compressor_project=_cmp.compressor_project, compress_windows=_cmp.compress_windows,
     indexer_query=_idx.indexer_query, indexer_scores=_idx.indexer_scores, indexer_topk=_idx.indexer_topk,
@@ -60,7 +61,8 @@ _REFERENCE = dict(
 )
 
 _FUSED = dict(
-    embed=k_emb.embed, hc_pre=k_hc.hc_pre, hc_pre_norm=k_hc.hc_pre_norm, hc_post=k_hc.hc_post, hc_head=k_hc.hc_head,
+    embed=k_emb.embed, hc_pre=k_hc.hc_pre, hc_pre_norm=k_hc.hc_pre_norm, hc_post=k_hc.hc_post,
+    hc_post_pre_norm=k_hc.hc_post_pre_norm, hc_head=k_hc.hc_head,
     qkv_proj_rope=k_qkv.qkv_proj_rope,
     compressor_project=k_cmp.compressor_project, compress_windows=k_cmp.compress_windows,
     indexer_query=k_idx.indexer_query, indexer_scores=k_idx.indexer_scores, indexer_topk=k_idx.indexer_topk,

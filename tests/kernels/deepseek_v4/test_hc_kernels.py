@@ -133,3 +133,29 @@ def test_hc_pre_norm_is_hc_pre_then_rms_norm(T, D, dtype):
     torch.testing.assert_close(post, rpost, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"norm_w must be \[D="):
         K.hc_pre_norm(x, fn, sc, b, nw[:-1], dtype=dtype, **KW)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,D", [(1, 4096), (2, 64), (3, 1100)])
+def test_hc_post_pre_norm_is_hc_post_then_hc_pre_norm(T, D, dtype):
+    """``hc_post_pre_norm`` (one dispatch; (2, 64) runs the serial twin) gives the bits of the
+    fused ``hc_post`` then the fused ``hc_pre_norm``; the reference's is its own composition."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(T, D, generator=g).bfloat16().float()
+    res = torch.randn(T, 4, D, generator=g).bfloat16().float()
+    post, comb = torch.rand(T, 4, generator=g) * 2, torch.rand(T, 4, 4, generator=g)
+    fn = torch.randn(24, 4 * D, generator=g) / 64
+    sc, b = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+    nw = (torch.rand(D, generator=g) + 0.5).bfloat16().float()
+    x_hc, xn, post2, comb2 = K.hc_post_pre_norm(y, res, post, comb, fn, sc, b, nw, dtype=dtype, **KW)
+    x1 = K.hc_post(y, res, post, comb, dtype)
+    assert torch.equal(x_hc, x1)
+    for a, c in zip((xn, post2, comb2), K.hc_pre_norm(x1, fn, sc, b, nw, dtype=dtype, **KW)):
+        assert torch.equal(a, c)
+    r = R.hc_post_pre_norm(y, res, post, comb, fn, sc, b, nw, dtype=dtype, **KW)
+    rx = R.hc_post(y, res, post, comb, dtype)
+    assert torch.equal(r[0], rx)
+    for a, c in zip(r[1:], R.hc_pre_norm(rx, fn, sc, b, nw, dtype=dtype, **KW)):
+        assert torch.equal(a, c)
+    with pytest.raises(ValueError, match=r"norm_w must be \[D="):
+        K.hc_post_pre_norm(y, res, post, comb, fn, sc, b, nw[:-1], dtype=dtype, **KW)

@@ -183,7 +183,7 @@ def test_engine_int8_fused_vs_reference(mini_checkpoint):
     ids = torch.randint(0, 512, (60,), generator=_g(90)).tolist()
     ref = _engine_rows(w, cfg, REFERENCE_OPS, ids)
     ops = SimpleNamespace(**vars(FUSED_OPS))
-    for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_head"):
+    for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_post_pre_norm", "hc_head"):
         setattr(ops, s, getattr(REFERENCE_OPS, s))
     assert torch.equal(_engine_rows(w, cfg, ops, ids), ref)
     fused = _engine_rows(w, cfg, FUSED_OPS, ids)

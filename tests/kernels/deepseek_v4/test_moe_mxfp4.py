@@ -211,7 +211,7 @@ def test_engine_mxfp4_experts_fused_vs_reference(mxfp4_model):
     ids = torch.randint(0, cfg.vocab_size, (36,), generator=_g(3)).tolist()
     ref = _rows(dict(w), cfg, REFERENCE_OPS, ids)
     ops = SimpleNamespace(**vars(FUSED_OPS))
-    for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_head"):
+    for s in ("hc_pre", "hc_pre_norm", "hc_post", "hc_post_pre_norm", "hc_head"):
         setattr(ops, s, getattr(REFERENCE_OPS, s))
     assert torch.equal(_rows(dict(w), cfg, ops, ids), ref)
     fused = _rows(dict(w), cfg, FUSED_OPS, ids)

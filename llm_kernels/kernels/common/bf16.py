@@ -201,6 +201,8 @@ def torch_kernel_view(t: Any) -> np.ndarray:
     kernels read with :func:`load_f32` (other dtypes are converted to float32)."""
     import torch
 
+    if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
+        return t.numpy()  # the common case without three no-op tensor calls
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return torch_bf16_as_u16(t.contiguous())

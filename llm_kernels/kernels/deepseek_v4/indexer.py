@@ -75,7 +75,8 @@ def _head_weights(x: torch.Tensor, weights_proj: torch.Tensor, n_heads: int,
     """``w = (x @ weights_projᵀ) · IH^-0.5`` (the reference's ``linear`` and scalar multiply;
     a float or INT8 ``weights_proj``, see :func:`.stage_shared.linear_pair`)."""
     w, _ = linear_pair(x, weights_proj, None, dtype)
-    return torch.from_numpy(w).mul_(n_heads ** -0.5)
+    w *= np.float32(n_heads ** -0.5)  # torch's float32 tensor x Python-float multiply: the scalar as float32
+    return torch.from_numpy(w)
 
 
 def _query(q_residual, wq_b, cos, sin, n_heads, head_dim, dtype, mode):

@@ -259,8 +259,7 @@ def _rope_inv_round(o, cos, sin, to_bf16, out):
             dst[nope + 2 * k + 1] = _rnd(np.float32(np.float32(od * c) + np.float32(e * sn)), to_bf16)
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
+_f32 = f32_np  # float32 numpy view of a tensor (copy only when needed)
 
 
 # --------------------------------------------------------------------------- sparse_attn

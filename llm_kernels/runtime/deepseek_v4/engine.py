@@ -44,8 +44,8 @@ def _window_rows(pos: np.ndarray, W: int, start) -> np.ndarray:
     offsets = _WINDOW_OFFSETS.get(W)
     if offsets is None:
         offsets = _WINDOW_OFFSETS[W] = np.arange(1 - W, 1)
-    if pos.shape[0] == 1 and isinstance(start, int) and int(pos[0]) - W + 1 >= max(start, 0):
-        return (offsets + (int(pos[0]) - start))[None, :]  # a full window (decode): one numpy op
+    if pos.shape[0] == 1 and isinstance(start, int) and start >= 0:  # one query (decode): two numpy ops
+        return np.maximum(offsets + (int(pos[0]) - start), -1)[None, :]  # rows before start: < 0 -> -1
     wpos = pos[:, None] + offsets
     return np.where(wpos >= np.maximum(start, 0), wpos - start, -1)
 

@@ -299,8 +299,9 @@ def rms_norm_rope(x: Any, weight: Any | None = None, cos: Any | None = None,
     out_f = np.empty((R, D) if not to_bf16 else (1, 1), np.float32)
     out_h = np.empty((R, D) if to_bf16 else (1, 1), np.uint16)
     if R and D:
-        sized(_norm_rope_kernel, x2.size)(x2, w, weight is not None, c2, s2, H, np.float32(eps), bool(norm),
-                          do_rope, bool(inverse), to_bf16, False, out_f, out_h)
+        kernel = sized(_norm_rope_kernel, x2.size)
+        kernel(x2, w, weight is not None, c2, s2, H, np.float32(eps), bool(norm),
+               do_rope, bool(inverse), to_bf16, False, out_f, out_h)
     out = (out_h if to_bf16 else out_f).reshape(*lead, D) if R and D else (
         np.empty((*lead, D), np.uint16 if to_bf16 else np.float32))
     if isinstance(x, np.ndarray):
@@ -342,9 +343,9 @@ def rms_norm_rows_f32(x: np.ndarray, weight: np.ndarray | None, eps: float, to_b
         raise ValueError(f"weight must be float32 [D={D}], got {weight.dtype} {weight.shape}")
     out = np.empty((R, D), np.float32)
     if R and D:
-        sized(_norm_rope_kernel, x.size)(x, _NO_W if weight is None else weight, weight is not None, _NO_TABLE,
-                                         _NO_TABLE, 1, np.float32(eps), True, False, False, bool(to_bf16), True, out,
-                                         _NO_U16)
+        kernel = sized(_norm_rope_kernel, x.size)
+        kernel(x, _NO_W if weight is None else weight, weight is not None, _NO_TABLE, _NO_TABLE, 1,
+               np.float32(eps), True, False, False, bool(to_bf16), True, out, _NO_U16)
     return out
 
 

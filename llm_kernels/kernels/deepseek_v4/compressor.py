@@ -139,6 +139,7 @@ def compress_windows(kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tenso
     c, s = f32_np(cos), f32_np(sin)
     out = np.empty((N, d), np.float32)
     if N and d:
-        sized(_compress_kernel, k_np.size * 4)(k_np, s_np, pk, ps, has_prev, bool(overlap), f32_np(norm_w), c, s,
-                         np.float32(eps), dtype == torch.bfloat16, out)
+        kernel = sized(_compress_kernel, k_np.size * 4)
+        kernel(k_np, s_np, pk, ps, has_prev, bool(overlap), f32_np(norm_w), c, s,
+               np.float32(eps), dtype == torch.bfloat16, out)
     return torch.from_numpy(out)

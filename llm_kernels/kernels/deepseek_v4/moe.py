@@ -282,9 +282,9 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
     i_out = np.empty((T, top_k), np.int64)
     if T and top_k:
         bad = np.empty(T, np.int64)
-        if sized(_gate_kernel, T * E)(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
-                        int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16,
-                        w_out, i_out, bad):
+        kernel = sized(_gate_kernel, T * E)
+        if kernel(lg, _SCORE_IDS[scoring_func], b, bias is not None and not use_hash, table, ids, use_hash,
+                  int(top_k), bool(norm_topk_prob), np.float32(routed_scaling_factor), to_bf16, w_out, i_out, bad):
             t = int(np.flatnonzero(bad)[0])
             if bad[t] == 1:
                 raise IndexError(f"input_ids[{t}] = {int(ids[t])} is outside the tid2eid table [0, {table.shape[0]})")
@@ -489,10 +489,9 @@ def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarra
     slots = stack_slots(st, experts, lambda ws: _slot_in(ws, st))
     if slots is not None:  # the engine's per-layer list: routing, both GEMMs and the scatter in one dispatch
         p13, p2 = st.p13, st.p2
-        work = (idx.size + 1) * 3 * st.inter * xq.shape[1]  # the routed and shared experts' multiply-adds
-        yp, J = sized(stacked_moe_program, work)(xq, sx, idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale, p13.kp // 4,
-                                    st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit),
-                                    to_bf16, y)
+        program = sized(stacked_moe_program, (idx.size + 1) * 3 * st.inter * xq.shape[1])  # the experts' MACs
+        yp, J = program(xq, sx, idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale, p13.kp // 4,
+                        st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit), to_bf16, y)
         return None if J < 0 else yp[J, :T]
     used, nr, ridx, kslot, sxp = route_parts(idx, len(experts), sx)
     sel = np.empty(len(used) + 1, np.int64)

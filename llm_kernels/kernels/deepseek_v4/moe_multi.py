@@ -234,9 +234,9 @@ def multi_expert_parts(xq: np.ndarray, sel: np.ndarray, nr: np.ndarray, ridx: np
         return None
     TP = padded_tokens(tmax)
     p13, p2, I = st.p13, st.p2, st.inter
-    work = int(nr.sum()) * 3 * I * xq.shape[1]
-    return sized(_parts_program, work)(np.ascontiguousarray(xq), sel, nr, ridx, sxp, TP, p13.kp // 4, p13.data, p13.wsum128,
-                          p13.scale, I, p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
+    program = sized(_parts_program, int(nr.sum()) * 3 * I * xq.shape[1])  # the parts' multiply-adds
+    return program(np.ascontiguousarray(xq), sel, nr, ridx, sxp, TP, p13.kp // 4, p13.data, p13.wsum128,
+                   p13.scale, I, p2.kp // 4, p2.data, p2.wsum128, p2.scale, p2.n, np.float32(limit), to_bf16)
 
 
 @njit_kernel

@@ -48,9 +48,9 @@ def fused_int8_output_proj(x: np.ndarray, sa, sb, to_bf16: bool) -> torch.Tensor
         return None
     TP = padded_tokens(T)
     out = np.empty((T, sb.n), np.float32)
-    work = T * G * sa.n * (K + sb.n)  # wo_a and wo_b multiply-adds
-    sized(_output_proj_program, work)(np.ascontiguousarray(x.transpose(1, 0, 2)), TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale,
-                         sa.n, sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
+    program = sized(_output_proj_program, T * G * sa.n * (K + sb.n))  # wo_a and wo_b multiply-adds
+    program(np.ascontiguousarray(x.transpose(1, 0, 2)), TP, sa.kp // 4, sa.data, sa.wsum128, sa.scale,
+            sa.n, sb.kp // 4, sb.data, sb.wsum128, sb.scale[0], to_bf16, out)
     return torch.from_numpy(out)
 
 

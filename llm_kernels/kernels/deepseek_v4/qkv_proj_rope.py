@@ -175,10 +175,10 @@ def _qkv_int8(x, prog, q_norm_w, kv_norm_w, cos, sin, H, HD, eps, to_bf16):
     if T:
         TP1 = padded_tokens(T)
         TP = padded_rows(T)
-        work = T * (pp.k * pp.n + QL * H * HD)  # the two GEMMs' multiply-adds
-        sized(_qkv_program, work)(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
-                     f32_np(q_norm_w), f32_np(kv_norm_w), c, s, np.float32(eps), TP, pw.kp // 4, pw.data,
-                     pw.wsum128, pw.scale, H, HD, MODE_QNORM_ROPE, NO_I8, NO_Q, NO_S, qres, kv, q)
+        program = sized(_qkv_program, T * (pp.k * pp.n + QL * H * HD))  # the two GEMMs' multiply-adds
+        program(xr, TP1, pp.kp // 4, pp.data, pp.np_, pp.n, pp.wsum128, pp.scale, DUMMY_I32, to_bf16,
+                f32_np(q_norm_w), f32_np(kv_norm_w), c, s, np.float32(eps), TP, pw.kp // 4, pw.data,
+                pw.wsum128, pw.scale, H, HD, MODE_QNORM_ROPE, NO_I8, NO_Q, NO_S, qres, kv, q)
     return torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(qres)
 
 

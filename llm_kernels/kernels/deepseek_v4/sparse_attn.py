@@ -353,21 +353,22 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     # for a bf16 dtype)
     if to_bf16 and not via_f32:
         p_np = np.empty((T, H, Wm), np.uint16)
-        sized(_softmax_sink, 8 * s.numel())(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
-                      _DUMMY_F32.reshape(1, 1, 1))
+        softmax = sized(_softmax_sink, 8 * s.numel())  # (exp and the rest: ~8 operations per entry)
+        softmax(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
+                _DUMMY_F32.reshape(1, 1, 1))
         p = u16_as_torch_bf16(p_np)
     else:
         p_np = np.empty((T, H, Wm), np.float32)
-        sized(_softmax_sink, 8 * s.numel())(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False,
-                      _DUMMY_U16.reshape(1, 1, 1), p_np)
+        softmax = sized(_softmax_sink, 8 * s.numel())
+        softmax(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False, _DUMMY_U16.reshape(1, 1, 1), p_np)
         p = torch.from_numpy(p_np)
     # PV (float32 outputs of the fp32 bmm are rounded to bf16 by the next kernel)
     o = torch.bmm(p, kvg)                                                      # [T, H, HD]
     # 5. inverse RoPE + rounding
     x = np.empty((T, H * HD), np.float32)
     if T:
-        sized(_rope_inv_round, o.numel())(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1),
-                        to_bf16, x)
+        rope_inv = sized(_rope_inv_round, o.numel())
+        rope_inv(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1), to_bf16, x)
     return torch.from_numpy(x).view(T, H, HD)
 
 

@@ -169,7 +169,8 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_b
            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ``hc_pre`` (spec §3.1): x_hc [T, HC, D] -> x_mixed [T, D], post [T, HC],
     comb [T, HC, HC], float32. Same contract as the reference."""
-    args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
+    args = (_np(x_hc), *_pre_args(x_hc.shape, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps,
+                                  dtype))
     sized(_pre_all, x_hc.shape[0] * hc_fn.numel())(*args)
     post, comb, out = args[-3:]
     return torch.from_numpy(out), torch.from_numpy(post), torch.from_numpy(comb)
@@ -185,18 +186,19 @@ def hc_pre_norm(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     T, HC, D = x_hc.shape
     if tuple(norm_w.shape) != (D,):
         raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
-    args = _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
+    args = _pre_args(x_hc.shape, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
     xn = np.empty((T, D), np.float32)
-    sized(_pre_norm_all, T * hc_fn.numel())(*args, _np(norm_w), NO_TABLE, NO_U16, xn)
+    sized(_pre_norm_all, T * hc_fn.numel())(_np(x_hc), *args, _np(norm_w), NO_TABLE, NO_U16, xn)
     post, comb = args[-3:-1]
     return torch.from_numpy(xn), torch.from_numpy(post), torch.from_numpy(comb)
 
 
-def _pre_args(x_hc, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype) -> tuple:
-    """The arguments of :func:`_pre_all` with fresh output buffers; the last three are
-    ``post`` [T, HC], ``comb`` [T, HC, HC] and ``x_mixed`` [T, D]."""
-    T, HC, D = x_hc.shape
-    return (_np(x_hc), _np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
+def _pre_args(shape, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype) -> tuple:
+    """The arguments of :func:`_pre_all` after its input ``x`` [T, HC, D] (``shape``), with
+    fresh output buffers; the last three are ``post`` [T, HC], ``comb`` [T, HC, HC] and
+    ``x_mixed`` [T, D]."""
+    T, HC, D = shape
+    return (_np(hc_fn), np.float32(rms_eps), _np(hc_scale), _np(hc_base), hc_mult, sinkhorn_iters,
             np.float32(hc_eps), dtype == torch.bfloat16, np.empty((T, hc_fn.shape[0]), np.float32),
             np.empty((T, HC), np.float32), np.empty((T, HC), np.float32), np.empty((T, HC, HC), np.float32),
             np.empty((T, D), np.float32))
@@ -226,7 +228,7 @@ def hc_post_pre_norm(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor
     if tuple(norm_w.shape) != (D,):
         raise ValueError(f"norm_w must be [D={D}], got {tuple(norm_w.shape)}")
     xhc = np.empty_like(res)
-    args = _pre_args(residual, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)[1:]
+    args = _pre_args(res.shape, hc_fn, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps, rms_eps, dtype)
     xn = np.empty((T, D), np.float32)
     work = max(res.size * (HC + 1), T * hc_fn.numel())
     sized(_post_pre_norm_all, work)(_np(x), res, _np(post), _np(comb), xhc, *args, _np(norm_w), NO_TABLE, NO_U16,

@@ -235,12 +235,12 @@ def router_logits(x: torch.Tensor, gate_w: torch.Tensor, dtype: torch.dtype) -> 
     routing is the same in a 1-row step and in a verify step of speculative decoding (and
     bitwise the reference's at T = 1). Larger steps (prefill) run one GEMM, as the reference."""
     T = x.shape[0]
-    if not isinstance(gate_w, torch.Tensor) or dtype not in (torch.float32, torch.bfloat16):
+    if not isinstance(gate_w, torch.Tensor):  # a quantized router weight (no scheme makes one today)
         if 1 < T <= ROW_INVARIANT_ROWS:
             return torch.cat([_ref_linear(x[t:t + 1], gate_w, dtype) for t in range(T)], dim=0)
         return _ref_linear(x, gate_w, dtype)
-    # the reference's ``F.linear(x.to(dtype), w.to(dtype)).float()`` with the conversions
-    # done once for all rows (element-wise: the same values), the GEMM per row
+    # the reference's float ``linear`` (``F.linear(x.to(dtype), w.to(dtype)).float()``) with the
+    # conversions done once for all rows (element-wise: the same values), the GEMM per row
     xd, wd = x.to(dtype), gate_w.to(dtype)
     if 1 < T <= ROW_INVARIANT_ROWS:
         out = torch.empty((T, wd.shape[0]), dtype=dtype)

@@ -50,7 +50,8 @@ class RopeTables:
             return self._fn(rope, rope_dim, positions, self._dtype)
         pos = positions.detach()
         pos = (pos if pos.dtype == torch.int64 else pos.to(torch.int64)).numpy()  # numpy: fewer µs than torch ops
-        lo, hi = (int(pos[0]), int(pos[0])) if pos.size == 1 else (int(pos.min()), int(pos.max()))
+        one = pos.size == 1 and pos.ndim == 1
+        lo, hi = (int(pos[0]), int(pos[0])) if one else (int(pos.min()), int(pos.max()))
         if lo < 0:
             raise ValueError(f"RoPE positions must be >= 0, got {lo}")
         key = (rope, int(rope_dim))
@@ -61,7 +62,10 @@ class RopeTables:
                 n *= 2
             cos, sin = self._fn(rope, rope_dim, torch.arange(n), self._dtype)
             tab = self._tables[key] = (cos.contiguous().numpy(), sin.contiguous().numpy())
-        out = torch.from_numpy(tab[0][pos]), torch.from_numpy(tab[1][pos])
+        if one:  # a decode step: a row slice (copied: the caller owns its tensors)
+            out = torch.from_numpy(tab[0][lo:lo + 1].copy()), torch.from_numpy(tab[1][lo:lo + 1].copy())
+        else:
+            out = torch.from_numpy(tab[0][pos]), torch.from_numpy(tab[1][pos])
         self._last[(id(rope), rope_dim)] = (rope, positions, _version(positions), out,
                                             (_version(out[0]), _version(out[1])))
         return out

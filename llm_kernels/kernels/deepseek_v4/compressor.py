@@ -32,6 +32,7 @@ from ..common.jit import njit_kernel, sized
 from .stage_shared import (
     column_sums,
     f32_np,
+    i64_np,
     linear_pair,
     norm_weighted,
     rnd,
@@ -50,7 +51,7 @@ def compressor_project(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, 
     Returns kv [T, coff·d] (``dtype``-rounded) and score [T, coff·d] float32 (gate logits +
     ``ape[pos mod ratio]``)."""
     ratio = ape.shape[0]
-    slots = positions.detach().to(torch.int64).contiguous().numpy() % ratio  # numpy: floor-mod like torch's %
+    slots = i64_np(positions) % ratio  # numpy: floor-mod like torch's %
     kv, score = linear_pair(x, wkv, wgate, dtype, f32_np(ape), slots)
     return torch.from_numpy(kv), torch.from_numpy(score)
 

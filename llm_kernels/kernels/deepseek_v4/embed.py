@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import load_f32, torch_bf16_as_u16
+from ..common.bf16 import KERNEL_VIEW_ATTR, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel, sized
+from .stage_shared import f32_np, i64_np
 
 __all__ = ["embed"]
 
@@ -52,12 +53,12 @@ def embed(weights: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor, dtype:
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
-    w = weights["embed.weight"].detach()
+    w = weights["embed.weight"]
     if w.dtype == torch.bfloat16:
-        table = torch_bf16_as_u16(w.contiguous())
+        table = torch_bf16_as_u16(w if hasattr(w, KERNEL_VIEW_ATTR) else w.detach().contiguous())
     else:
-        table = w.float().contiguous().numpy()
-    ids = input_ids.detach().to(torch.int64).contiguous().numpy()
+        table = f32_np(w)
+    ids = i64_np(input_ids)
     V = min(int(cfg.vocab_size), table.shape[0])
     out = np.empty((ids.shape[0], cfg.hc_mult, table.shape[1]), np.float32)
     if ids.shape[0] and sized(_embed_rows, out.size)(table[:V], ids, dtype == torch.bfloat16, out):

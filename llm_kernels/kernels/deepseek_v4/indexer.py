@@ -46,6 +46,7 @@ from ..common.x86_avx2 import int8_bcast_tile
 from .stage_shared import (
     column_sums,
     f32_np,
+    i64_np,
     fwht,
     hadamard_scale,
     linear_pair,
@@ -344,7 +345,7 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk
     k = min(int(topk), n)
     if k == 0:
         return torch.empty(T, 0, dtype=torch.int64)
-    limit = (positions.detach().to(torch.int64).contiguous().numpy() + 1) // int(ratio)
+    limit = (i64_np(positions) + 1) // int(ratio)
     masked = np.empty((T, n), np.float32)
     _mask_future(f32_np(scores), limit, masked)
     out = np.empty((T, k), np.int64)

@@ -96,7 +96,7 @@ from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .moe_multi import (multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, stack_slots,
                         stacked_moe_program, swiglu_row)
-from .stage_shared import ROW_INVARIANT_ROWS, f32_np
+from .stage_shared import ROW_INVARIANT_ROWS, f32_np, i64_np
 
 __all__ = ["ExpertPack", "expert_pack", "gate", "moe", "mxfp4_expert_packs", "pack_expert", "prepare_expert"]
 
@@ -268,7 +268,7 @@ def gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, tid2e
         if tid2eid.dim() != 2 or tid2eid.shape[1] != top_k or tid2eid.dtype.is_floating_point:
             raise ValueError(f"tid2eid must be an integer table [vocab, top_k={top_k}], got "
                              f"{tuple(tid2eid.shape)} {tid2eid.dtype}")
-        table = tid2eid.detach().contiguous().numpy()
+        table = (tid2eid if tid2eid.is_contiguous() else tid2eid.contiguous()).numpy()  # integer: no grad
         ids = input_ids.detach()
         ids = (ids if ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_contiguous()
                else ids.reshape(-1).to(torch.int64).contiguous()).numpy()
@@ -550,7 +550,7 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     T, K = indices.shape
     D = x.shape[-1]
     xd = x.detach()
-    idx = indices.detach().long().contiguous().numpy()
+    idx = i64_np(indices)
     if not _ids_in_range(idx, len(experts)):
         raise IndexError(f"expert index outside [0, {len(experts)})")
     xq = sx = None

@@ -34,7 +34,9 @@ every W8A8 weight a fused kernel reads is replaced by its packed form
   :class:`PackedRows` of one :class:`.stage_shared.PairPack` (one GEMM per stage).
 
 Everything else (float weights, norms, HC parameters, ``tid2eid``) is passed through: the
-kernels read zero-copy views of float tensors. The prepared weights are still
+kernels read zero-copy views of float tensors, made once here (float32, or bf16 bits)
+(:func:`..common.bf16.attach_kernel_views`; the wrappers then skip a tensor conversion per
+weight and call). The prepared weights are still
 ``QuantWeight`` instances (same ``shape`` and ``scale``), so the engine's dispatch is
 unchanged; they do not keep the raw int8 tensors unless the kernel layout is that tensor
 (plain ``"nk"`` layout of a single weight, e.g. without VNNI).
@@ -48,6 +50,7 @@ from typing import Any
 from ...numerics.group_quant import GroupQuantWeight
 from ...numerics.mxfp4 import MXFP4Weight
 from ...numerics.quant import QuantWeight
+from ..common.bf16 import attach_kernel_views
 from ..common.linear import prepare_linear
 from ..common.prepared import PackedMXFP4Linear, is_int8_weight, mxfp4_rows_pack
 from ..common.prepared import stage_group
@@ -112,6 +115,7 @@ def prepare_weights(weights: dict[str, Any], cfg: Any, consume: bool = False) ->
             weights[name] = out[name]
     _stack_layer_experts(out)
     _pack_pairs(out, weights if consume else None)
+    attach_kernel_views(out.values())
     return out
 
 

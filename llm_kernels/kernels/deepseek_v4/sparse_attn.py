@@ -70,6 +70,8 @@ BF16_MATMUL: bool = TORCH_BF16_DOT
 
 _DUMMY_U16 = np.zeros(1, np.uint16)
 _DUMMY_F32 = np.zeros(1, np.float32)
+_DUMMY_U16_3 = _DUMMY_U16.reshape(1, 1, 1)  # the unused output of a kernel with two output kinds
+_DUMMY_F32_3 = _DUMMY_F32.reshape(1, 1, 1)
 
 
 # --------------------------------------------------------------------------- 1. indices
@@ -166,10 +168,10 @@ def _pieces(tensors) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
     if len({t.dtype for t in ts}) > 1:
         ts = [t.float() for t in ts]
     arrs = tuple(torch_kernel_view(t) for t in ts)
-    starts = np.zeros(len(arrs) + 1, np.int64)
-    for k, a in enumerate(arrs):
-        starts[k + 1] = starts[k] + a.shape[0]
-    return arrs, starts, int(starts[-1])
+    ends = [0]
+    for a in arrs:
+        ends.append(ends[-1] + a.shape[0])
+    return arrs, np.array(ends, np.int64), ends[-1]
 
 
 # --------------------------------------------------------------------------- 4. softmax
@@ -308,7 +310,7 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     if T <= ROW_INVARIANT_ROWS:  # decode-sized: the gather width is W, known before the index prep
         Wm = max(W, 1)
         kvg_np = np.empty((T, Wm, HD), np.uint16 if u16 else np.float32)
-        o16, o32 = (kvg_np, _DUMMY_F32.reshape(1, 1, 1)) if u16 else (_DUMMY_U16.reshape(1, 1, 1), kvg_np)
+        o16, o32 = (kvg_np, _DUMMY_F32_3) if u16 else (_DUMMY_U16_3, kvg_np)
     for t0, t1, (pieces, starts, N), seq in segs:
         if kvg_np is not None:  # index prep and gather in one dispatch (the gather reads valid rows only)
             mx = sized(_prep_gather, (t1 - t0) * Wm * HD)(idx_in[t0:t1], N, idx[t0:t1], counts[t0:t1], pieces,
@@ -336,15 +338,15 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
         kvg_np = np.empty((T, Wm, HD), np.uint16 if u16 else np.float32)
         for t0, t1, (pieces, starts, _), _ in segs:  # each pool read in place, never concatenated
             if u16:
-                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, True, kvg_np[t0:t1], _DUMMY_F32.reshape(1, 1, 1))
+                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, True, kvg_np[t0:t1], _DUMMY_F32_3)
             else:
-                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, False, _DUMMY_U16.reshape(1, 1, 1), kvg_np[t0:t1])
+                _gather(pieces, starts, idx[t0:t1], counts[t0:t1], Wm, False, _DUMMY_U16_3, kvg_np[t0:t1])
     if u16:
         kvg = u16_as_torch_bf16(kvg_np)
         qc = q.detach().to(torch.bfloat16)
     else:
         kvg = torch.from_numpy(kvg_np)
-        qc = q.detach().float()
+        qc = q if q.dtype == torch.float32 and not q.requires_grad else q.detach().float()
     # 3. scores: bf16 outputs (bf16 bmm) or float32 (the fp32 bmm: the bf16 rounding of each
     # score happens in the softmax kernel, the same RNE as a .to(bfloat16))
     s = torch.bmm(qc, kvg.transpose(1, 2))                                     # [T, H, Wm]
@@ -354,13 +356,12 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     if to_bf16 and not via_f32:
         p_np = np.empty((T, H, Wm), np.uint16)
         softmax = sized(_softmax_sink, 8 * s.numel())  # (exp and the rest: ~8 operations per entry)
-        softmax(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np,
-                _DUMMY_F32.reshape(1, 1, 1))
+        softmax(torch_bf16_as_u16(s), counts, sink, np.float32(softmax_scale), True, True, p_np, _DUMMY_F32_3)
         p = u16_as_torch_bf16(p_np)
     else:
         p_np = np.empty((T, H, Wm), np.float32)
         softmax = sized(_softmax_sink, 8 * s.numel())
-        softmax(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False, _DUMMY_U16.reshape(1, 1, 1), p_np)
+        softmax(s.numpy(), counts, sink, np.float32(softmax_scale), to_bf16, False, _DUMMY_U16_3, p_np)
         p = torch.from_numpy(p_np)
     # PV (float32 outputs of the fp32 bmm are rounded to bf16 by the next kernel)
     o = torch.bmm(p, kvg)                                                      # [T, H, HD]
@@ -369,7 +370,7 @@ def _core(q: torch.Tensor, segs: list, idx_in: np.ndarray, attn_sink: torch.Tens
     if T:
         rope_inv = sized(_rope_inv_round, o.numel())
         rope_inv(torch_kernel_view(o), _f32(cos).reshape(T, -1), _f32(sin).reshape(T, -1), to_bf16, x)
-    return torch.from_numpy(x).view(T, H, HD)
+    return torch.from_numpy(x.reshape(T, H, HD))
 
 
 def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], indices: list[torch.Tensor],
@@ -396,8 +397,8 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
         raise ValueError(f"pools and indices need one entry per sequence, got {len(pools)} and {len(indices)}")
     idx_np, offs = [], [0]
     for ib in indices:
-        a = ib.detach()
-        a = (a if a.dtype == torch.int64 and a.is_contiguous() else a.to(torch.int64).contiguous()).numpy()
+        # (integer tensors never require grad: numpy() needs no detach)
+        a = (ib if ib.dtype == torch.int64 and ib.is_contiguous() else ib.to(torch.int64).contiguous()).numpy()
         if a.ndim != 2:
             raise ValueError(f"indices must be [T_b, W_b] per sequence, got {tuple(ib.shape)}")
         idx_np.append(a)

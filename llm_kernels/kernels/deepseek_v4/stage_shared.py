@@ -19,7 +19,7 @@ from numba import prange
 
 from ...numerics.quant import QuantWeight
 
-from ..common.bf16 import load_f32
+from ..common.bf16 import KERNEL_VIEW_ATTR, load_f32
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
@@ -37,12 +37,24 @@ ROW_INVARIANT_ROWS = 64
 
 
 def f32_np(t: Any) -> np.ndarray:
-    """C-contiguous float32 numpy view (copy only when needed) of a CPU tensor."""
+    """C-contiguous float32 numpy view (copy only when needed) of a CPU tensor; a weight's
+    view attached at load (:func:`~..common.bf16.attach_kernel_views`) without a tensor call."""
+    v = getattr(t, KERNEL_VIEW_ATTR, None)
+    if v is not None and v.dtype == np.float32:
+        return v
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
     if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
         return t.numpy()  # the common case without three no-op tensor calls
     return t.detach().float().contiguous().numpy()
+
+
+def i64_np(t: Any) -> np.ndarray:
+    """C-contiguous int64 numpy view (copy only when needed) of a CPU integer tensor
+    (positions, token ids, index lists; integer tensors never require grad)."""
+    if t.dtype == torch.int64 and t.is_contiguous():
+        return t.numpy()
+    return t.detach().to(torch.int64).contiguous().numpy()
 
 
 class PairPack:

@@ -69,7 +69,8 @@ class WindowKV:
         if kv.dim() != 2 or kv.shape[-1] != self.head_dim:
             raise ValueError(f"window KV rows must have {self.head_dim} lanes, got {tuple(kv.shape)}")
         n, have = kv.shape[0], self._rows.shape[0]
-        new = kv.detach().float()[max(0, n - self.size):].numpy()  # the rows that can stay
+        a = kv.numpy() if kv.dtype == torch.float32 and not kv.requires_grad else kv.detach().float().numpy()
+        new = a[n - self.size:] if n > self.size else a  # the rows that can stay
         keep = min(have, self.size - new.shape[0])  # old rows that stay
         buf, at = self._buf, self._at
         if buf is None or at + have + new.shape[0] > buf.shape[0]:

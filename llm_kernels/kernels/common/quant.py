@@ -30,7 +30,7 @@ from numba import prange
 from .bf16 import as_kernel_input, bf16_bits_to_f32, f32_bits, f32_from_bits
 from .jit import njit_kernel, sized
 
-__all__ = ["AMAX_EPS", "quant_row_f32", "quant_rows", "row_absmax_f32"]
+__all__ = ["AMAX_EPS", "quant_row_f32", "quant_rows", "quant_rows_f32_kernel", "row_absmax_f32"]
 
 AMAX_EPS = np.float32(1e-4)
 _I127 = np.float32(127.0)
@@ -77,6 +77,11 @@ def quant_row_f32(x, q):
 def _quant_rows_f32(x, q, s):
     for t in prange(x.shape[0]):
         s[t] = quant_row_f32(x[t], q[t])
+
+
+#: The float32 kernel of :func:`quant_rows` (``x`` [T, K] float32 C-contiguous, ``q`` [T, K]
+#: int8 and ``s`` [T] float32 outputs), for Numba programs that quantise their own input.
+quant_rows_f32_kernel = _quant_rows_f32
 
 
 @njit_kernel(parallel=True)

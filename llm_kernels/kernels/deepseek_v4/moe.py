@@ -91,7 +91,7 @@ from ..common.prepared import (
     pack_mxfp4_rows,
     stage_group,
 )
-from ..common.quant import quant_row_f32, quant_rows
+from ..common.quant import quant_row_f32, quant_rows, quant_rows_f32_kernel
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .moe_multi import (multi_expert_parts, multi_mxfp4_parts, route_parts, scatter_parts, stack_slots,
@@ -475,18 +475,28 @@ def _slot_in(ws, st) -> int:
     return g.slot if g is not None and g.stack is st else -1
 
 
-def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarray | None:
-    """The step's routed experts and the shared one through
-    :func:`.moe_multi.multi_expert_parts` when all are prepared W8A8 experts of one stack:
-    routes ``idx`` [T, K] (:func:`.moe_multi.route_parts`, ids already validated), fills
-    ``y[tok, slot]`` and returns the shared expert's output [T, D]; None (``y`` untouched)
-    otherwise."""
+def _stack_plan(idx, experts, shared) -> tuple | None:
+    """``(gs, st, slots)`` of a decode-sized step whose shared expert is a prepared W8A8
+    expert of a stack ``st`` (``gs`` its pack, ``slots`` the routed experts' stack slots from
+    :func:`.moe_multi.stack_slots`, None on a list's first sight); None otherwise."""
     T = idx.shape[0]
     gs = stage_group(tuple(shared), ExpertPack)
     st = getattr(gs, "stack", None)
     if st is None or T == 0 or T > MAX_TILE_T:  # the shared expert runs every row: a prefill never fits
         return None
-    slots = stack_slots(st, experts, lambda ws: _slot_in(ws, st))
+    return gs, st, stack_slots(st, experts, lambda ws: _slot_in(ws, st))
+
+
+def _multi_experts(xq, sx, idx, experts, plan, limit, to_bf16, y) -> np.ndarray | None:
+    """The step's routed experts and the shared one through
+    :func:`.moe_multi.multi_expert_parts` when all are prepared W8A8 experts of one stack
+    (``plan`` from :func:`_stack_plan`): routes ``idx`` [T, K] (:func:`.moe_multi.route_parts`,
+    ids already validated), fills ``y[tok, slot]`` and returns the shared expert's output
+    [T, D]; None (``y`` untouched) otherwise."""
+    T = idx.shape[0]
+    if plan is None:
+        return None
+    gs, st, slots = plan
     if slots is not None:  # the engine's per-layer list: routing, both GEMMs and the scatter in one dispatch
         p13, p2 = st.p13, st.p2
         program = sized(stacked_moe_program, (idx.size + 1) * 3 * st.inter * xq.shape[1])  # the experts' MACs
@@ -506,6 +516,43 @@ def _multi_experts(xq, sx, idx, experts, shared, limit, to_bf16, y) -> np.ndarra
         return None
     scatter_parts(yp, ridx, kslot, nr, len(used), y)
     return yp[len(used), :T]
+
+
+@njit_kernel
+def _stacked_decode_program(x, w, idx, slots, shared_slot, w13, wsum13, sw13, KG, I, w2, wsum2, sw2, KG2, N2,
+                            limit, to_bf16, y, out):
+    """A decode step's whole W8A8 MoE on one expert stack in one dispatch: the per-token
+    INT8 quantisation of ``x`` [T, D] float32 (:func:`..common.quant.quant_rows`' kernel),
+    :func:`.moe_multi.stacked_moe_program` (routing, both multi-GEMMs, the scatter into
+    ``y`` [T, K, D]) and :func:`_combine` of ``y``, the routing weights ``w`` [T, K] and the
+    shared expert's rows into ``out`` [T, D]: the same kernels in the same order, bitwise
+    the separate calls. Returns ``(xq, sx, J)``; J = -1 when the stacked program falls
+    back (``y`` and ``out`` untouched; the caller runs its other path on ``xq``/``sx``)."""
+    T = x.shape[0]
+    xq = np.empty(x.shape, np.int8)
+    sx = np.empty(T, np.float32)
+    quant_rows_f32_kernel(x, xq, sx)
+    yp, J = stacked_moe_program(xq, sx, idx, slots, shared_slot, w13, wsum13, sw13, KG, I, w2, wsum2, sw2, KG2,
+                                N2, limit, to_bf16, y)
+    if J >= 0:
+        _combine(y, w, np.ascontiguousarray(yp[J, :T]), to_bf16, out)
+    return xq, sx, J
+
+
+def _stacked_decode(xd, weights, idx, plan, limit, to_bf16, y, out) -> tuple | None:
+    """:func:`_stacked_decode_program` when the shared and routed experts are prepared W8A8
+    experts of one stack with known slots (``plan`` from :func:`_stack_plan`: the engine's
+    per-layer list in a decode-sized step) and ``xd`` is float32: returns ``(xq, sx, done)``
+    (``done``: ``out`` holds the MoE output); None (nothing computed) otherwise."""
+    if plan is None or plan[2] is None or xd.dtype != torch.float32:
+        return None
+    gs, st, slots = plan
+    p13, p2 = st.p13, st.p2
+    program = sized(_stacked_decode_program, (idx.size + 1) * 3 * st.inter * xd.shape[1])  # the experts' MACs
+    xq, sx, J = program(f32_np(xd), f32_np(weights), idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale,
+                        p13.kp // 4, st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit),
+                        to_bf16, y, out)
+    return xq, sx, J >= 0
 
 
 def _multi_mxfp4(xd, idx, experts, limit, to_bf16, y) -> bool:
@@ -556,9 +603,15 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
     xq = sx = None
     y = np.zeros((T, K, D), np.float32)
     ysh = None
+    out = np.empty((T, D), np.float32)
     if _is_quant(shared):  # every W8A8 expert of the step in one parallel region per weight
-        xq, sx = quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16) else xd.float())
-        ysh = _multi_experts(xq, sx, idx, experts, shared, swiglu_limit, to_bf16, y)
+        plan = _stack_plan(idx, experts, shared)
+        r = _stacked_decode(xd, weights, idx, plan, swiglu_limit, to_bf16, y, out)
+        if r is not None and r[2]:  # the whole MoE in one dispatch
+            return torch.from_numpy(out)
+        xq, sx = r[:2] if r is not None else quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16)
+                                                       else xd.float())
+        ysh = _multi_experts(xq, sx, idx, experts, plan, swiglu_limit, to_bf16, y)
     # the routed MXFP4 experts in one W4A8 region per weight
     done = ysh is not None or _multi_mxfp4(xd, idx, experts, swiglu_limit, to_bf16, y)
     used, parts = (np.zeros(0, np.int64), []) if done else _route(idx, len(experts))
@@ -573,7 +626,6 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
         y[tok, slot] = ye
     if ysh is None:
         ysh = _expert_raw(xd, xq, sx, shared, swiglu_limit, to_bf16, dtype)
-    out = np.empty((T, D), np.float32)
     if T:
         sized(_combine, y.size)(y, f32_np(weights), np.ascontiguousarray(ysh), to_bf16, out)
     return torch.from_numpy(out)

@@ -70,16 +70,26 @@ def test_stacked_moe_bitwise(T, dtype, D, I, monkeypatch):
     assert torch.equal(stacked, plain)
     assert torch.equal(stacked, ref)
     # the same list again (as an engine passes each step): the stack's slot table, then the
-    # routing, both multi-GEMMs and the scatter as one dispatch; the same bits
-    prog = []
-    real_prog = MM.stacked_moe_program
-    monkeypatch.setattr(KM, "stacked_moe_program", lambda *a: prog.append(real_prog(*a)) or prog[-1])
+    # quantisation, routing, both multi-GEMMs, the scatter and the combine as one dispatch
+    # (float32 activations); the same bits
+    dec = []
+    real_dec = KM._stacked_decode
+    monkeypatch.setattr(KM, "_stacked_decode", lambda *a: dec.append(real_dec(*a)) or dec[-1])
     for _ in range(2):
         assert torch.equal(KM.moe(x, w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype), ref)
     if TILED:
-        assert len(prog) == (2 if T <= 16 else 0) and all((J >= 0) == (max_rows <= 16) for _, J in prog)
+        assert len(dec) == 2 and all((r is not None and r[2]) == (T <= 16) for r in dec)
         if T <= 16:
             assert st.slot_cache[0] is p_exp and st.slot_cache[1].tolist() == list(range(E))
+    # bf16 activations (the same values, so a bf16 run): routing, multi-GEMMs and scatter in
+    # one dispatch, the quantisation and the combine called around it; the same bits
+    prog = []
+    real_prog = MM.stacked_moe_program
+    monkeypatch.setattr(KM, "stacked_moe_program", lambda *a: prog.append(real_prog(*a)) or prog[-1])
+    for _ in range(2 if dtype == BF16 else 0):
+        assert torch.equal(KM.moe(x.to(BF16), w, idx, p_exp, p_sh, swiglu_limit=0.5, dtype=dtype), ref)
+    if TILED and dtype == BF16:
+        assert len(prog) == (2 if T <= 16 else 0) and all((J >= 0) == (max_rows <= 16) for _, J in prog)
     # a list with an expert outside the stack falls back to the per-expert calls
     other = list(p_exp)
     other[1] = KM.prepare_expert(*experts[1])

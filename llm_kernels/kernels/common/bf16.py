@@ -177,9 +177,9 @@ def torch_bf16_as_u16(t: Any) -> np.ndarray:
     tensor or one that requires grad."""
     import torch
 
-    v = getattr(t, KERNEL_VIEW_ATTR, None)  # a weight's view attached at load
-    if v is not None and v.dtype == np.uint16:
-        return v
+    e = KERNEL_VIEWS.get(id(t))  # a weight's view registered at load
+    if e is not None and e[1].dtype == np.uint16 and e[0]() is t:
+        return e[1]
     if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16:
         raise TypeError(f"expected a torch.bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
     if t.device.type != "cpu":
@@ -199,30 +199,49 @@ def u16_as_torch_bf16(a: np.ndarray) -> Any:
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
 
 
-#: Attribute under which :func:`attach_kernel_views` keeps a weight's kernel view.
-KERNEL_VIEW_ATTR = "_llm_kernels_view"
+#: ``id(tensor)`` -> (weak reference to the tensor, its kernel view) of the weights given
+#: to :func:`attach_kernel_views`; an entry goes when its tensor does. (A registry, not a
+#: tensor attribute: ``torch.save`` pickles a tensor's attributes, and a numpy array there
+#: would make the file unloadable with ``weights_only=True``.)
+KERNEL_VIEWS: dict[int, tuple[Any, np.ndarray]] = {}
+
+
+def _forget(k: int, r: Any) -> None:
+    e = KERNEL_VIEWS.get(k)
+    if e is not None and e[0] is r:
+        del KERNEL_VIEWS[k]
 
 
 def attach_kernel_views(tensors: Any) -> int:
     """Load-time preparation of float weights: each C-contiguous float32 or bfloat16 CPU
     tensor of ``tensors`` (an iterable; other objects are skipped) gets its zero-copy
-    :func:`torch_kernel_view` (float32, or bf16 bits as ``uint16``) as the attribute
-    :data:`KERNEL_VIEW_ATTR`, which :func:`torch_kernel_view`, :func:`torch_bf16_as_u16` and
-    the DeepSeek-V4 wrappers' ``f32_np`` (float32 views only) return instead of converting
-    the tensor on every call (~1-4 µs each; ~60 weight conversions per DeepSeek-V4 decode
-    step). The view shares the tensor's memory, so in-place writes stay visible; a tensor
-    re-pointed to other storage (``t.data = …``, ``set_``) would keep a stale view: weights
-    are never re-pointed after load. Returns the number of tensors given a view."""
+    :func:`torch_kernel_view` (float32, or bf16 bits as ``uint16``) registered in
+    :data:`KERNEL_VIEWS`, which :func:`kernel_view_of` (and through it
+    :func:`torch_kernel_view`, :func:`torch_bf16_as_u16`, :func:`as_kernel_input` and the
+    DeepSeek-V4 wrappers' ``f32_np``) returns instead of converting the tensor on every call
+    (~1-4 µs each; ~60 weight conversions per DeepSeek-V4 decode step). The view shares the
+    tensor's memory, so in-place writes stay visible; a tensor re-pointed to other storage
+    (``t.data = …``, ``set_``) would keep a stale view: weights are never re-pointed after
+    load. The registry holds no tensor alive. Returns the number of tensors registered."""
+    import weakref
+
     import torch
 
     n = 0
     for t in tensors:
         if (isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu"
                 and not t.requires_grad and t.is_contiguous()):
-            setattr(t, KERNEL_VIEW_ATTR, t.numpy() if t.dtype == torch.float32 else
-                    t.view(torch.int16).numpy().view(np.uint16))
+            v = t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+            k = id(t)
+            KERNEL_VIEWS[k] = (weakref.ref(t, lambda r, k=k: _forget(k, r)), v)
             n += 1
     return n
+
+
+def kernel_view_of(t: Any) -> np.ndarray | None:
+    """The kernel view :func:`attach_kernel_views` registered for tensor ``t``, else None."""
+    e = KERNEL_VIEWS.get(id(t))
+    return e[1] if e is not None and e[0]() is t else None
 
 
 def torch_kernel_view(t: Any) -> np.ndarray:
@@ -230,9 +249,9 @@ def torch_kernel_view(t: Any) -> np.ndarray:
     kernels read with :func:`load_f32` (other dtypes are converted to float32)."""
     import torch
 
-    v = getattr(t, KERNEL_VIEW_ATTR, None)  # a weight's view attached at load
-    if v is not None:
-        return v
+    e = KERNEL_VIEWS.get(id(t))  # a weight's view registered at load
+    if e is not None and e[0]() is t:
+        return e[1]
     if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
         return t.numpy()  # the common case without three no-op tensor calls
     t = t.detach()

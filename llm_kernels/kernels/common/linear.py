@@ -71,7 +71,7 @@ def linear(x: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, QuantWeight):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"x has {x.shape[-1]} input features, weight has {w.shape[1]}")
-        y = w8a8_linear(x.detach(), prepare_linear(w).packed)
+        y = w8a8_linear(x, prepare_linear(w).packed)  # (detached by its input normalisation)
         return _round(y, dtype)
     if isinstance(w, GroupQuantWeight):
         if x.shape[-1] != w.shape[1]:

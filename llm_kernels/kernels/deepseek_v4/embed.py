@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import KERNEL_VIEW_ATTR, load_f32, torch_bf16_as_u16
+from ..common.bf16 import kernel_view_of, load_f32, torch_bf16_as_u16
 from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel, sized
 from .stage_shared import f32_np, i64_np
@@ -55,7 +55,9 @@ def embed(weights: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor, dtype:
         raise ValueError(f"input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
     w = weights["embed.weight"]
     if w.dtype == torch.bfloat16:
-        table = torch_bf16_as_u16(w if hasattr(w, KERNEL_VIEW_ATTR) else w.detach().contiguous())
+        table = kernel_view_of(w)  # registered at load
+        if table is None:
+            table = torch_bf16_as_u16(w.detach().contiguous())
     else:
         table = f32_np(w)
     ids = i64_np(input_ids)

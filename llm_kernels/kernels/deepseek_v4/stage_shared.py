@@ -19,7 +19,7 @@ from numba import prange
 
 from ...numerics.quant import QuantWeight
 
-from ..common.bf16 import KERNEL_VIEW_ATTR, load_f32
+from ..common.bf16 import KERNEL_VIEWS, load_f32
 from ..common.bf16 import round_f32 as rnd
 from ..common.jit import njit_kernel
 from ..common.norm_rope import ceil_log2, sumsq_torch_order
@@ -38,10 +38,11 @@ ROW_INVARIANT_ROWS = 64
 
 def f32_np(t: Any) -> np.ndarray:
     """C-contiguous float32 numpy view (copy only when needed) of a CPU tensor; a weight's
-    view attached at load (:func:`~..common.bf16.attach_kernel_views`) without a tensor call."""
-    v = getattr(t, KERNEL_VIEW_ATTR, None)
-    if v is not None and v.dtype == np.float32:
-        return v
+    view registered at load (:func:`~..common.bf16.attach_kernel_views`) without a tensor
+    call."""
+    e = KERNEL_VIEWS.get(id(t))
+    if e is not None and e[1].dtype == np.float32 and e[0]() is t:
+        return e[1]
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(t, dtype=np.float32)
     if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
@@ -133,8 +134,7 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, dtyp
     T = x.shape[0]
     g = stage_group((w1, w2), PairPack) if w2 is not None else None
     if g is not None:  # a prepared INT8 pair: one GEMM over [w1; w2]
-        xin = x.detach()
-        y = w8a8_linear(f32_np(xin) if xin.dtype == torch.float32 else xin, g.packed)
+        y = w8a8_linear(f32_np(x) if x.dtype == torch.float32 else x.detach(), g.packed)
         y = y if isinstance(y, np.ndarray) else y.numpy()
         y1 = np.empty((T, g.n1), np.float32)
         y2 = np.empty((T, y.shape[1] - g.n1), np.float32)

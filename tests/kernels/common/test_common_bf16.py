@@ -98,3 +98,35 @@ def test_bridge_errors():
         B.bf16_to_f32(np.zeros(2, np.int32))
     with pytest.raises(TypeError):
         B.as_kernel_input(np.zeros(2, np.int8))
+
+
+def test_kernel_views_registered_at_load():
+    """attach_kernel_views: the registered view is what the bridges return (no new array),
+    shares memory, keeps no tensor alive, and leaves torch.save / weights_only loads alone."""
+    import gc
+    import io
+    import weakref
+
+    from llm_kernels.kernels.deepseek_v4.stage_shared import f32_np
+
+    w32 = torch.randn(4, 8)
+    w16 = torch.randn(4, 8).to(torch.bfloat16)
+    skipped = [torch.randn(8, 4).t(), torch.zeros(3, dtype=torch.int64), torch.randn(3, requires_grad=True), "x"]
+    assert B.attach_kernel_views([w32, w16, *skipped]) == 2
+    v32, v16 = B.kernel_view_of(w32), B.kernel_view_of(w16)
+    assert v32 is not None and v16 is not None and all(B.kernel_view_of(t) is None for t in skipped[:3])
+    assert B.torch_kernel_view(w32) is v32 and f32_np(w32) is v32
+    assert B.torch_kernel_view(w16) is v16 and B.torch_bf16_as_u16(w16) is v16 and v16.dtype == np.uint16
+    w32[1, 2] = 7.0                                   # in-place writes show through the view
+    assert v32[1, 2] == np.float32(7.0)
+    assert np.array_equal(v16, w16.view(torch.int16).numpy().view(np.uint16))
+    buf = io.BytesIO()
+    torch.save({"w32": w32, "w16": w16}, buf)          # nothing attached to the tensors themselves
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert torch.equal(back["w32"], w32) and torch.equal(back["w16"], w16)
+    assert B.kernel_view_of(back["w32"]) is None       # a new tensor is not a registered weight
+    n, ref = len(B.KERNEL_VIEWS), weakref.ref(w32)
+    del w32, v32
+    gc.collect()
+    assert ref() is None and len(B.KERNEL_VIEWS) == n - 1

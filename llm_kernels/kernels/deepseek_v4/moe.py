@@ -78,7 +78,7 @@ from ...numerics.quant import QuantWeight
 from ..common.bf16 import load_f32
 from ..common.bf16 import round_f32 as _rnd
 from ..common.gemm import MAX_TILE_T, PackedW8A8, pack_w8a8, w8a8_gemm
-from ..common.jit import njit_kernel, sized
+from ..common.jit import njit_kernel, serial_twin, sized
 from ..common.gemm_group import group_gemm_linear
 from ..common.gemm_mxfp4 import mxfp4_gemm_linear
 from ..common.prepared import (
@@ -518,24 +518,37 @@ def _multi_experts(xq, sx, idx, experts, plan, limit, to_bf16, y) -> np.ndarray 
     return yp[len(used), :T]
 
 
+_quant_rows_serial = serial_twin(quant_rows_f32_kernel)
+_combine_serial = serial_twin(_combine)
+
+
 @njit_kernel
 def _stacked_decode_program(x, w, idx, slots, shared_slot, w13, wsum13, sw13, KG, I, w2, wsum2, sw2, KG2, N2,
-                            limit, to_bf16, y, out):
+                            limit, to_bf16, y, out, quant_serial, combine_serial):
     """A decode step's whole W8A8 MoE on one expert stack in one dispatch: the per-token
     INT8 quantisation of ``x`` [T, D] float32 (:func:`..common.quant.quant_rows`' kernel),
     :func:`.moe_multi.stacked_moe_program` (routing, both multi-GEMMs, the scatter into
     ``y`` [T, K, D]) and :func:`_combine` of ``y``, the routing weights ``w`` [T, K] and the
     shared expert's rows into ``out`` [T, D]: the same kernels in the same order, bitwise
     the separate calls. Returns ``(xq, sx, J)``; J = -1 when the stacked program falls
-    back (``y`` and ``out`` untouched; the caller runs its other path on ``xq``/``sx``)."""
+    back (``y`` and ``out`` untouched; the caller runs its other path on ``xq``/``sx``).
+    ``quant_serial`` / ``combine_serial``: run those two on their serial twins (what
+    :func:`..common.jit.sized` picks for their own work; no parallel region for a small one
+    inside a parallel program)."""
     T = x.shape[0]
     xq = np.empty(x.shape, np.int8)
     sx = np.empty(T, np.float32)
-    quant_rows_f32_kernel(x, xq, sx)
+    if quant_serial:
+        _quant_rows_serial(x, xq, sx)
+    else:
+        quant_rows_f32_kernel(x, xq, sx)
     yp, J = stacked_moe_program(xq, sx, idx, slots, shared_slot, w13, wsum13, sw13, KG, I, w2, wsum2, sw2, KG2,
                                 N2, limit, to_bf16, y)
     if J >= 0:
-        _combine(y, w, np.ascontiguousarray(yp[J, :T]), to_bf16, out)
+        if combine_serial:
+            _combine_serial(y, w, np.ascontiguousarray(yp[J, :T]), to_bf16, out)
+        else:
+            _combine(y, w, np.ascontiguousarray(yp[J, :T]), to_bf16, out)
     return xq, sx, J
 
 
@@ -551,7 +564,8 @@ def _stacked_decode(xd, weights, idx, plan, limit, to_bf16, y, out) -> tuple | N
     program = sized(_stacked_decode_program, (idx.size + 1) * 3 * st.inter * xd.shape[1])  # the experts' MACs
     xq, sx, J = program(f32_np(xd), f32_np(weights), idx, slots, gs.slot, p13.data, p13.wsum128, p13.scale,
                         p13.kp // 4, st.inter, p2.data, p2.wsum128, p2.scale, p2.kp // 4, p2.n, np.float32(limit),
-                        to_bf16, y, out)
+                        to_bf16, y, out, sized(quant_rows_f32_kernel, xd.numel()) is not quant_rows_f32_kernel,
+                        sized(_combine, y.size) is not _combine)
     return xq, sx, J >= 0
 
 

@@ -54,14 +54,14 @@ class RopeTables:
         lo, hi = (int(pos[0]), int(pos[0])) if one else (int(pos.min()), int(pos.max()))
         if lo < 0:
             raise ValueError(f"RoPE positions must be >= 0, got {lo}")
-        key = (rope, int(rope_dim))
+        key = (id(rope), rope_dim)  # (by identity: hashing the profile's fields costs more)
         tab = self._tables.get(key)
-        if tab is None or hi >= tab[0].shape[0]:
-            n = max(self._initial, tab[0].shape[0] if tab is not None else 0)
+        if tab is None or tab[2] is not rope or hi >= tab[0].shape[0]:
+            n = max(self._initial, tab[0].shape[0] if tab is not None and tab[2] is rope else 0)
             while n <= hi:
                 n *= 2
             cos, sin = self._fn(rope, rope_dim, torch.arange(n), self._dtype)
-            tab = self._tables[key] = (cos.contiguous().numpy(), sin.contiguous().numpy())
+            tab = self._tables[key] = (cos.contiguous().numpy(), sin.contiguous().numpy(), rope)  # holds rope: no id reuse
         if one:  # a decode step: a row slice (copied: the caller owns its tensors)
             out = torch.from_numpy(tab[0][lo:lo + 1].copy()), torch.from_numpy(tab[1][lo:lo + 1].copy())
         else:

@@ -34,6 +34,11 @@ from ...models.deepseek_v4.config import CSA, SLIDING, DeepSeekV4Config
 __all__ = ["CacheOverflowError", "WindowKV", "CompressorState", "LayerCache", "SequenceCache", "StepJournal"]
 
 
+def _f32(t: torch.Tensor) -> np.ndarray:
+    """float32 numpy view (or copy) of rows ``t``."""
+    return t.numpy() if t.dtype == torch.float32 and not t.requires_grad else t.detach().float().numpy()
+
+
 class WindowKV:
     """Rolling raw-KV rows [n <= size, HD] (float32 holding storage-dtype values) of the
     positions ``end - n … end - 1``.
@@ -113,6 +118,9 @@ class CompressorState:
     n_entries: int = 0
     keys_i8: torch.Tensor | None = None      # W8A8 indexer: INT8 keys [capacity, d]
     keys_scale: torch.Tensor | None = None   # and their dequant scales [capacity, 1]
+    # (buf_kv, buf_score, their numpy backing [ratio, coff·d] each) while the open window's
+    # rows are views of those buffers: a row that closes no window is written past them
+    _open: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         w = (2 if self.overlap else 1) * self.head_dim
@@ -137,7 +145,19 @@ class CompressorState:
         windows [m, ratio, coff·d] and (overlap) the front halves of the window before each
         [m, ratio, d] (None without overlap), ready for ``compress_windows``. The caller
         pushes their entries (:meth:`push_entries`) or, when rewinding, reclaims them
-        (:meth:`reclaim`). ``buf``/``prev`` are updated here."""
+        (:meth:`reclaim`). ``buf``/``prev`` are updated here.
+
+        Rows that close no window (a decode step's) are written into the open window's
+        buffer just past its valid rows and ``buf`` becomes the longer view: no earlier view
+        (a :meth:`snapshot`'s) is written over, as with :class:`WindowKV`."""
+        n, k, o = self.buf_kv.shape[0], kv.shape[0], self._open
+        if n + k < self.ratio and o is not None and o[0] is self.buf_kv and o[1] is self.buf_score:
+            bk, bs = o[2], o[3]
+            bk[n:n + k] = _f32(kv)
+            bs[n:n + k] = _f32(score)
+            self.buf_kv, self.buf_score = torch.from_numpy(bk[:n + k]), torch.from_numpy(bs[:n + k])
+            self._open = (self.buf_kv, self.buf_score, bk, bs)
+            return None, None, None, None, 0
         all_kv = torch.cat([self.buf_kv, kv], dim=0)
         all_score = torch.cat([self.buf_score, score], dim=0)
         r, d = self.ratio, self.head_dim
@@ -152,10 +172,14 @@ class CompressorState:
                 prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
                 prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
                 self.prev_kv, self.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
-        if m:  # the open rows alone (not a view keeping the closed windows alive)
-            self.buf_kv, self.buf_score = all_kv[m * r:].clone(), all_score[m * r:].clone()
-        else:  # the concatenations are new tensors nothing else references
-            self.buf_kv, self.buf_score = all_kv, all_score
+        # the open rows alone, in new buffers (not views keeping the closed windows alive)
+        left = all_kv.shape[0] - m * r
+        bk = np.empty((r, all_kv.shape[-1]), np.float32)
+        bs = np.empty((r, all_score.shape[-1]), np.float32)
+        bk[:left] = _f32(all_kv[m * r:])
+        bs[:left] = _f32(all_score[m * r:])
+        self.buf_kv, self.buf_score = torch.from_numpy(bk[:left]), torch.from_numpy(bs[:left])
+        self._open = (self.buf_kv, self.buf_score, bk, bs)
         return kvw, sw, prev_kv, prev_score, m
 
     def reclaim(self, m: int) -> None:

@@ -150,14 +150,29 @@ class CompressorState:
         Rows that close no window (a decode step's) are written into the open window's
         buffer just past its valid rows and ``buf`` becomes the longer view: no earlier view
         (a :meth:`snapshot`'s) is written over, as with :class:`WindowKV`."""
-        n, k, o = self.buf_kv.shape[0], kv.shape[0], self._open
-        if n + k < self.ratio and o is not None and o[0] is self.buf_kv and o[1] is self.buf_score:
+        n, k, o, r = self.buf_kv.shape[0], kv.shape[0], self._open, self.ratio
+        if n + k <= r and o is not None and o[0] is self.buf_kv and o[1] is self.buf_score:
             bk, bs = o[2], o[3]
             bk[n:n + k] = _f32(kv)
             bs[n:n + k] = _f32(score)
-            self.buf_kv, self.buf_score = torch.from_numpy(bk[:n + k]), torch.from_numpy(bs[:n + k])
+            if n + k < r:
+                self.buf_kv, self.buf_score = torch.from_numpy(bk[:n + k]), torch.from_numpy(bs[:n + k])
+                self._open = (self.buf_kv, self.buf_score, bk, bs)
+                return None, None, None, None, 0
+            # the rows close exactly one window: it is the buffer (never written again: the
+            # next rows go to a new one), the general path's values without its copies
+            kvw, sw = torch.from_numpy(bk[None]), torch.from_numpy(bs[None])
+            prev_kv = prev_score = None
+            if self.overlap:
+                d = self.head_dim
+                prev_kv = (self.prev_kv if self.prev_kv is not None else torch.zeros(r, d))[None]
+                prev_score = (self.prev_score if self.prev_score is not None
+                              else torch.full((r, d), float("-inf")))[None]
+                self.prev_kv, self.prev_score = torch.from_numpy(bk[:, :d].copy()), torch.from_numpy(bs[:, :d].copy())
+            bk, bs = np.empty_like(bk), np.empty_like(bs)
+            self.buf_kv, self.buf_score = torch.from_numpy(bk[:0]), torch.from_numpy(bs[:0])
             self._open = (self.buf_kv, self.buf_score, bk, bs)
-            return None, None, None, None, 0
+            return kvw, sw, prev_kv, prev_score, 1
         all_kv = torch.cat([self.buf_kv, kv], dim=0)
         all_score = torch.cat([self.buf_score, score], dim=0)
         r, d = self.ratio, self.head_dim

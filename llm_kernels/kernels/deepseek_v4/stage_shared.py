@@ -29,7 +29,7 @@ from ..common.prepared import PackedLinear, PackedRows, is_int8_weight, stage_gr
 
 #: Calls of up to this many rows (decode and speculative verify steps) compute each row
 #: alone where a batched float op would round a row differently with other rows present:
-#: the router's logits (:func:`.moe.router_logits`) and the attention's gather width
+#: the router's logits (:func:`.gate.router_logits`) and the attention's gather width
 #: (:func:`.sparse_attn.sparse_attn_core`). Larger calls (prefill) run batched.
 ROW_INVARIANT_ROWS = 64
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ...kernels.deepseek_v4 import compressor as k_cmp
 from ...kernels.deepseek_v4 import embed as k_emb
+from ...kernels.deepseek_v4 import gate as k_gate
 from ...kernels.deepseek_v4 import hc as k_hc
 from ...kernels.deepseek_v4 import indexer as k_idx
 from ...kernels.common import linear as k_linear
@@ -71,7 +72,7 @@ _FUSED = dict(
     sparse_attn=k_attn.sparse_attn, sparse_attn_core=k_attn.sparse_attn_core,
     sparse_attn_core_ragged=k_attn.sparse_attn_core_ragged,
     grouped_output_proj=k_oproj.grouped_output_proj,
-    gate=k_moe.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
+    gate=k_gate.gate, moe=k_moe.moe, rms_norm=k_norm.rms_norm, linear=k_linear.linear,
     prepare_weights=k_prep.prepare_weights,
 )
 TABLE = StageTable(_REFERENCE, _FUSED)

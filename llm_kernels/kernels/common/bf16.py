@@ -177,9 +177,9 @@ def torch_bf16_as_u16(t: Any) -> np.ndarray:
     tensor or one that requires grad."""
     import torch
 
-    e = KERNEL_VIEWS.get(id(t))  # a weight's view registered at load
-    if e is not None and e[1].dtype == np.uint16 and e[0]() is t:
-        return e[1]
+    v = kernel_view_of(t)  # a weight's view registered at load
+    if v is not None and v.dtype == np.uint16:
+        return v
     if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16:
         raise TypeError(f"expected a torch.bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
     if t.device.type != "cpu":
@@ -249,9 +249,9 @@ def torch_kernel_view(t: Any) -> np.ndarray:
     kernels read with :func:`load_f32` (other dtypes are converted to float32)."""
     import torch
 
-    e = KERNEL_VIEWS.get(id(t))  # a weight's view registered at load
-    if e is not None and e[0]() is t:
-        return e[1]
+    v = kernel_view_of(t)  # a weight's view registered at load
+    if v is not None:
+        return v
     if t.dtype == torch.float32 and not t.requires_grad and t.is_contiguous():
         return t.numpy()  # the common case without three no-op tensor calls
     t = t.detach()

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from numba import prange
 
-from ..common.bf16 import kernel_view_of, load_f32, torch_bf16_as_u16
+from ..common.bf16 import load_f32, torch_kernel_view
 from ..common.bf16 import round_f32 as _round
 from ..common.jit import njit_kernel, sized
-from .stage_shared import f32_np, i64_np
+from .stage_shared import i64_np
 
 __all__ = ["embed"]
 
@@ -54,12 +54,7 @@ def embed(weights: dict[str, torch.Tensor], cfg, input_ids: torch.Tensor, dtype:
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
     w = weights["embed.weight"]
-    if w.dtype == torch.bfloat16:
-        table = kernel_view_of(w)  # registered at load
-        if table is None:
-            table = torch_bf16_as_u16(w.detach().contiguous())
-    else:
-        table = f32_np(w)
+    table = torch_kernel_view(w)  # bf16 bits or float32 (registered at load: no conversion)
     ids = i64_np(input_ids)
     V = min(int(cfg.vocab_size), table.shape[0])
     out = np.empty((ids.shape[0], cfg.hc_mult, table.shape[1]), np.float32)

@@ -428,7 +428,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: 
             return torch.from_numpy(out)
         xq, sx = r[:2] if r is not None else quant_rows(xd if xd.dtype in (torch.float32, torch.bfloat16)
                                                        else xd.float())
-        ysh = _multi_experts(xq, sx, idx, experts, plan, swiglu_limit, to_bf16, y)
+        # (a decode program that fell back found an expert outside the stack: so would this)
+        ysh = _multi_experts(xq, sx, idx, experts, plan, swiglu_limit, to_bf16, y) if r is None else None
     # the routed MXFP4 experts in one W4A8 region per weight
     done = ysh is not None or _multi_mxfp4(xd, idx, experts, swiglu_limit, to_bf16, y)
     used, parts = (np.zeros(0, np.int64), []) if done else _route(idx, len(experts))

@@ -60,7 +60,7 @@ from ..common.jit import njit_kernel, sized
 from ..common.vecmath import sleef_expf as _sleef_expf
 from ..common.vecmath import tree16 as _tree16
 from .output_proj import WO_A_NUMBA_MAX_T, grouped_output_proj
-from .stage_shared import ROW_INVARIANT_ROWS, f32_np
+from .stage_shared import ROW_INVARIANT_ROWS, f32_np, i64_np
 
 __all__ = ["sparse_attn", "sparse_attn_core", "sparse_attn_core_ragged", "grouped_output_proj", "WO_A_NUMBA_MAX_T"]
 
@@ -397,8 +397,7 @@ def sparse_attn_core_ragged(q: torch.Tensor, pools: list[list[torch.Tensor]], in
         raise ValueError(f"pools and indices need one entry per sequence, got {len(pools)} and {len(indices)}")
     idx_np, offs = [], [0]
     for ib in indices:
-        # (integer tensors never require grad: numpy() needs no detach)
-        a = (ib if ib.dtype == torch.int64 and ib.is_contiguous() else ib.to(torch.int64).contiguous()).numpy()
+        a = i64_np(ib)
         if a.ndim != 2:
             raise ValueError(f"indices must be [T_b, W_b] per sequence, got {tuple(ib.shape)}")
         idx_np.append(a)

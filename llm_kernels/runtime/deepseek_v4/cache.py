@@ -74,7 +74,7 @@ class WindowKV:
         if kv.dim() != 2 or kv.shape[-1] != self.head_dim:
             raise ValueError(f"window KV rows must have {self.head_dim} lanes, got {tuple(kv.shape)}")
         n, have = kv.shape[0], self._rows.shape[0]
-        a = kv.numpy() if kv.dtype == torch.float32 and not kv.requires_grad else kv.detach().float().numpy()
+        a = _f32(kv)
         new = a[n - self.size:] if n > self.size else a  # the rows that can stay
         keep = min(have, self.size - new.shape[0])  # old rows that stay
         buf, at = self._buf, self._at
@@ -165,9 +165,8 @@ class CompressorState:
             prev_kv = prev_score = None
             if self.overlap:
                 d = self.head_dim
-                prev_kv = (self.prev_kv if self.prev_kv is not None else torch.zeros(r, d))[None]
-                prev_score = (self.prev_score if self.prev_score is not None
-                              else torch.full((r, d), float("-inf")))[None]
+                first_kv, first_sc = self._first_halves()
+                prev_kv, prev_score = first_kv[None], first_sc[None]
                 self.prev_kv, self.prev_score = torch.from_numpy(bk[:, :d].copy()), torch.from_numpy(bs[:, :d].copy())
             bk, bs = np.empty_like(bk), np.empty_like(bs)
             self.buf_kv, self.buf_score = torch.from_numpy(bk[:0]), torch.from_numpy(bs[:0])
@@ -182,8 +181,7 @@ class CompressorState:
             kvw = all_kv[: m * r].view(m, r, all_kv.shape[-1])
             sw = all_score[: m * r].view(m, r, all_score.shape[-1])
             if self.overlap:
-                first_kv = self.prev_kv if self.prev_kv is not None else torch.zeros(r, d)
-                first_sc = self.prev_score if self.prev_score is not None else torch.full((r, d), float("-inf"))
+                first_kv, first_sc = self._first_halves()
                 prev_kv = torch.cat([first_kv[None], kvw[:-1, :, :d]], dim=0)
                 prev_score = torch.cat([first_sc[None], sw[:-1, :, :d]], dim=0)
                 self.prev_kv, self.prev_score = kvw[-1, :, :d].clone(), sw[-1, :, :d].clone()
@@ -196,6 +194,13 @@ class CompressorState:
         self.buf_kv, self.buf_score = torch.from_numpy(bk[:left]), torch.from_numpy(bs[:left])
         self._open = (self.buf_kv, self.buf_score, bk, bs)
         return kvw, sw, prev_kv, prev_score, m
+
+    def _first_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front halves before the next closed window: the last closed window's, or
+        (none closed yet) zeros and ``-inf`` scores."""
+        r, d = self.ratio, self.head_dim
+        return (self.prev_kv if self.prev_kv is not None else torch.zeros(r, d),
+                self.prev_score if self.prev_score is not None else torch.full((r, d), float("-inf")))
 
     def reclaim(self, m: int) -> None:
         """Count ``m`` more entries as valid whose values are already in place (a rewind
